@@ -1,0 +1,12 @@
+"""wq_memo: call async functions many times, compute each distinct call once.
+
+``WorkerQueue`` deduplicates, bounds and caches the computations of an async worker;
+``@worker_queue`` memoizes any async function through a hidden WorkerQueue.
+"""
+
+from ._errors import QueueShutDown, ShutdownTimeout
+from ._queue import WorkerQueue
+
+__version__ = "0.1.0"
+
+__all__ = ("QueueShutDown", "ShutdownTimeout", "WorkerQueue")

@@ -1,0 +1,82 @@
+"""The asynchronous cache protocol that @worker_queue accepts besides a MutableMapping."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Awaitable, Callable, Hashable
+from typing import Any, Final, NamedTuple, Protocol, TypeVar, runtime_checkable
+
+__all__ = ("MISSING", "AsyncCache", "CallKey", "Missing", "SingleFlightCache")
+
+V = TypeVar("V")
+
+
+class Missing(enum.Enum):
+    """The type of MISSING."""
+
+    MISSING = enum.auto()
+
+    def __repr__(self) -> str:
+        return "MISSING"
+
+
+MISSING: Final = Missing.MISSING
+"""What AsyncCache.get returns for a key it does not hold, so that None can be a cached value."""
+
+
+class CallKey(NamedTuple):
+    """The key @worker_queue hands an AsyncCache: the function's qualified name and the call's key.
+
+    ``function`` is ``f"{func.__module__}.{func.__qualname__}"``; ``key`` is what the decorator's
+    key function (``cachetools.keys.hashkey`` by default) built from the call's arguments. One
+    AsyncCache can therefore serve several decorated functions without their entries colliding.
+    """
+
+    function: str
+    key: Hashable
+
+
+@runtime_checkable
+class AsyncCache(Protocol):
+    """A cache whose operations are coroutines, such as one kept in Redis.
+
+    Implementations must not raise for a miss: ``get`` returns ``MISSING``. Errors of the store
+    itself may propagate; @worker_queue logs them and carries on as if the cache were empty.
+    """
+
+    async def get(self, key: Hashable) -> Any:
+        """Return the value stored under key, or MISSING."""
+        ...
+
+    async def set(self, key: Hashable, value: Any, ttl: float | None = None) -> None:
+        """Store value under key, expiring after ttl seconds (None: the cache's default)."""
+        ...
+
+    async def delete(self, key: Hashable) -> bool:
+        """Remove key; return whether an entry was removed."""
+        ...
+
+    async def clear(self) -> None:
+        """Remove every entry this cache holds."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release the cache's connections."""
+        ...
+
+
+@runtime_checkable
+class SingleFlightCache(AsyncCache, Protocol):
+    """An AsyncCache that can also make sure one computation runs across processes.
+
+    When the cache given to @worker_queue has this method, the decorator's worker calls it instead
+    of calling the function directly, and does not store the result itself afterwards.
+    """
+
+    async def get_or_compute(self, key: Hashable, compute: Callable[[], Awaitable[V]]) -> V:
+        """Return the value under key, computing and storing it with compute() if absent.
+
+        Across every process sharing the store, at most one compute() for a key runs at a time.
+        An exception from compute() propagates to the caller and nothing is stored.
+        """
+        ...

@@ -1,0 +1,126 @@
+"""Model-based tests of @worker_queue: a TTLCache on a fake clock, and deduplication only."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Coroutine, Hashable
+from typing import Any
+
+import cachetools
+from _machinery import FINISH_TIMEOUT, KEYS, QueueModelMachine, Value, keys
+from cachetools.keys import hashkey
+from hypothesis import strategies as st
+from hypothesis.stateful import initialize, invariant, rule, run_state_machine_as_test
+
+from wq_memo import Memoized, worker_queue
+from wq_memo._flight import FlightTable
+
+TTL = 10.5
+"""Entries expire TTL after they are stored; the clock moves in whole steps, never onto a tie."""
+
+
+class RecordingTTLCache(cachetools.TTLCache[Hashable, Any]):
+    """A TTLCache that tells the machine when a caller's lookup finds a value."""
+
+    def __init__(self, machine: QueueModelMachine) -> None:
+        super().__init__(maxsize=100, ttl=TTL, timer=lambda: machine.fake_now)
+        self.machine = machine
+
+    def __getitem__(self, key: Hashable) -> Any:
+        value = super().__getitem__(key)
+        self.machine.record_hit()
+        return value
+
+
+class DecoratorMachine(QueueModelMachine):
+    """Drives f(key), memoized by @worker_queue with a TTLCache on a fake clock."""
+
+    none_results = True
+
+    def make_cache(self) -> cachetools.TTLCache[Hashable, Any] | None:
+        return RecordingTTLCache(self)
+
+    @initialize(maxsize=st.integers(1, 3))
+    def decorate(self, maxsize: int) -> None:
+        self.maxsize = maxsize
+        self.cache = self.make_cache()
+
+        @worker_queue(maxsize=maxsize, cache=self.cache, finish_timeout=FINISH_TIMEOUT)
+        async def f(key: str) -> Value | None:
+            return await self.work(key)
+
+        self.f: Memoized[[str], Value | None] = f
+
+    def call(self, key: str) -> Coroutine[Any, Any, Value | None]:
+        return self.f(key)
+
+    async def aclose(self) -> None:
+        await self.f.queue.aclose()
+
+    def queue_table(self) -> FlightTable[Any, Any] | None:
+        return self.f.queue._table
+
+    def counters(self) -> tuple[int, int, int]:
+        info = self.f.cache_info()
+        return info.hits, info.misses, info.joined
+
+    def real_cache(self) -> dict[str, Any]:
+        if self.cache is None:
+            return {}
+        found = {}
+        for key in KEYS:
+            with contextlib.suppress(KeyError):
+                found[key] = cachetools.TTLCache.__getitem__(self.cache, hashkey(key))
+        return found
+
+    @rule(key=keys, use_async=st.booleans())
+    def invalidate(self, key: str, use_async: bool) -> None:
+        """Invalidate one call, with cache_invalidate() or acache_invalidate()."""
+        if use_async:
+            removed = self.loop.run_until_complete(self.f.acache_invalidate(key))
+        else:
+            removed = self.f.cache_invalidate(key)
+        assert removed == self.uncache(key), f"cache_invalidate({key!r}) returned {removed}"
+
+    @rule(use_async=st.booleans())
+    def clear(self, use_async: bool) -> None:
+        """Empty the cache, with cache_clear() or acache_clear()."""
+        if use_async:
+            self.loop.run_until_complete(self.f.acache_clear())
+        else:
+            self.f.cache_clear()
+        for key in list(self.cached):
+            self.uncache(key)
+
+    @rule(seconds=st.sampled_from([1, 4, 11]))
+    def advance_clock(self, seconds: int) -> None:
+        """Move the TTLCache's clock on: entries older than the ttl expire."""
+        self.fake_now += seconds
+        for key, comp in list(self.cached.items()):
+            if comp.cached_time + TTL <= self.fake_now:
+                self.uncache(key)
+
+    @invariant()
+    def cache_info_sizes(self) -> None:
+        info = self.f.cache_info()
+        if self.cache is None:
+            assert (info.maxsize, info.currsize) == (None, 0)
+        else:
+            assert (info.maxsize, info.currsize) == (self.cache.maxsize, self.cache.currsize)
+
+
+class DedupOnlyMachine(DecoratorMachine):
+    """Drives f(key) under @worker_queue(cache=None): calls join, results are not kept."""
+
+    caches_results = False
+
+    def make_cache(self) -> None:
+        return None
+
+
+def test_decorator_machine() -> None:
+    run_state_machine_as_test(DecoratorMachine)
+
+
+def test_dedup_only_machine() -> None:
+    run_state_machine_as_test(DedupOnlyMachine)

@@ -5,14 +5,12 @@ from __future__ import annotations
 from collections.abc import Coroutine
 from typing import Any
 
-from _machinery import QueueModelMachine, Value, keys
+from _machinery import FINISH_TIMEOUT, QueueModelMachine, Value, keys
 from hypothesis import strategies as st
 from hypothesis.stateful import initialize, rule, run_state_machine_as_test
 
 from wq_memo import WorkerQueue
 from wq_memo._flight import FlightTable
-
-FINISH_TIMEOUT = 0.01
 
 
 class WorkerQueueMachine(QueueModelMachine):

@@ -142,6 +142,9 @@ class QueueModelMachine(RuleBasedStateMachine):
         self.fake_now = 0.0
         self.instant = False
         """While set, computations finish as soon as they start, with a result."""
+        self.yielding = False
+        """Whether the cache under test suspends in its operations, as a remote cache would."""
+        self.lookup_delay: dict[asyncio.Task[Any] | None, int] = {}
 
     # -- what a concrete machine provides -------------------------------------------------------
 
@@ -264,6 +267,11 @@ class QueueModelMachine(RuleBasedStateMachine):
             return
         comp.cached_time = self.fake_now
         self.cached[key] = comp
+
+    async def answer_late(self) -> None:
+        """A yielding cache's answer travels back: one turn of the loop, more for slow calls."""
+        for _ in range(1 + self.lookup_delay.get(asyncio.current_task(), 0)):
+            await asyncio.sleep(0)
 
     def uncache(self, key: str) -> bool:
         """The model's side of an invalidation: the key's generation ends."""
@@ -392,6 +400,18 @@ class QueueModelMachine(RuleBasedStateMachine):
         self.set_outcome(comp, fail, False)
         self.start_calls(batch, finishing=comp)
         self.drive()
+
+    @precondition(lambda self: CHECK_SLOW_LOOKUPS and self.yielding)
+    @rule(batch=st.lists(st.tuples(keys, st.integers(0, 2)), min_size=2, max_size=4))
+    def calls_with_slow_lookups(self, batch: list[tuple[str, int]]) -> None:
+        """Concurrent calls whose lookups answer after different delays; computations started
+        meanwhile finish at once, so a result may be stored while a lookup is on its way."""
+        self.instant = True
+        callers = self.start_calls([key for key, _ in batch])
+        for caller, (_, delay) in zip(callers, batch, strict=True):
+            self.lookup_delay[caller.task] = delay
+        self.drive()
+        self.instant = False
 
     def set_outcome(self, comp: Computation, fail: bool, none: bool) -> None:
         if fail:

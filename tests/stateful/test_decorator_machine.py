@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import Coroutine, Hashable
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine, Hashable
+from typing import Any, ClassVar, TypeVar
 
 import cachetools
+import pytest
 from _machinery import FINISH_TIMEOUT, KEYS, QueueModelMachine, Value, keys
 from cachetools.keys import hashkey
 from hypothesis import strategies as st
@@ -14,7 +16,9 @@ from hypothesis.stateful import initialize, invariant, rule, run_state_machine_a
 
 from wq_memo import Memoized, worker_queue
 from wq_memo._flight import FlightTable
+from wq_memo.backends import MISSING, CallKey
 
+V = TypeVar("V")
 TTL = 10.5
 """Entries expire TTL after they are stored; the clock moves in whole steps, never onto a tie."""
 
@@ -36,13 +40,16 @@ class DecoratorMachine(QueueModelMachine):
     """Drives f(key), memoized by @worker_queue with a TTLCache on a fake clock."""
 
     none_results = True
+    async_cache: ClassVar[bool] = False
+    """Whether the cache is an AsyncCache, whose operations may suspend (``yielding``)."""
 
     def make_cache(self) -> cachetools.TTLCache[Hashable, Any] | None:
         return RecordingTTLCache(self)
 
-    @initialize(maxsize=st.integers(1, 3))
-    def decorate(self, maxsize: int) -> None:
+    @initialize(maxsize=st.integers(1, 3), yielding=st.booleans())
+    def decorate(self, maxsize: int, yielding: bool) -> None:
         self.maxsize = maxsize
+        self.yielding = yielding and self.async_cache
         self.cache = self.make_cache()
 
         @worker_queue(maxsize=maxsize, cache=self.cache, finish_timeout=FINISH_TIMEOUT)
@@ -109,6 +116,113 @@ class DecoratorMachine(QueueModelMachine):
             assert (info.maxsize, info.currsize) == (self.cache.maxsize, self.cache.currsize)
 
 
+class MemoryAsyncCache:
+    """An AsyncCache in memory, on the machine's fake clock; with ``yielding``, every operation
+    suspends as a remote cache's would (a lookup reads at once and answers late)."""
+
+    def __init__(self, machine: QueueModelMachine) -> None:
+        self.machine = machine
+        self.data: dict[Hashable, tuple[Any, float]] = {}
+
+    def peek(self, key: Hashable) -> Any:
+        value, expires = self.data.get(key, (MISSING, 0.0))
+        return value if self.machine.fake_now < expires else MISSING
+
+    async def get(self, key: Hashable) -> Any:
+        value = self.peek(key)
+        if self.machine.yielding:
+            await self.machine.answer_late()
+        if value is not MISSING:
+            self.machine.record_hit()
+        return value
+
+    async def set(self, key: Hashable, value: Any, ttl: float | None = None) -> None:
+        if self.machine.yielding:
+            await asyncio.sleep(0)
+        assert isinstance(key, CallKey), key
+        self.data[key] = (value, self.machine.fake_now + (TTL if ttl is None else ttl))
+        self.machine.stored(key.key[0], value)  # type: ignore[index]
+
+    async def delete(self, key: Hashable) -> bool:
+        if self.machine.yielding:
+            await asyncio.sleep(0)
+        found = self.peek(key) is not MISSING
+        self.data.pop(key, None)
+        return found
+
+    async def clear(self) -> None:
+        self.data.clear()
+
+    async def aclose(self) -> None:
+        pass
+
+
+class MemorySingleFlightCache(MemoryAsyncCache):
+    """A MemoryAsyncCache that computes through get_or_compute, as a SingleFlightCache does."""
+
+    async def get_or_compute(self, key: Hashable, compute: Callable[[], Awaitable[V]]) -> V:
+        value = self.peek(key)
+        if value is not MISSING:
+            return value  # type: ignore[no-any-return]
+        result = await compute()
+        await self.set(key, result)
+        return result
+
+
+class AsyncCacheMachine(DecoratorMachine):
+    """Drives f(key) under @worker_queue with an AsyncCache (which may suspend)."""
+
+    stored_by_worker = False
+    async_cache = True
+
+    def make_cache(self) -> Any:
+        return MemoryAsyncCache(self)
+
+    def real_cache(self) -> dict[str, Any]:
+        assert not self.storing, f"results returned but never stored: {self.storing}"
+        assert isinstance(self.cache, MemoryAsyncCache)
+        found = {}
+        for key in self.cache.data:
+            value = self.cache.peek(key)
+            if value is not MISSING:
+                assert isinstance(key, CallKey)
+                found[key.key[0]] = value
+        return found
+
+    @rule(key=keys, use_async=st.booleans())
+    def invalidate(self, key: str, use_async: bool) -> None:
+        """Invalidate one call: only acache_invalidate() works on an async cache."""
+        if not use_async:
+            with pytest.raises(TypeError, match="acache_invalidate"):
+                self.f.cache_invalidate(key)
+            return
+        removed = self.loop.run_until_complete(self.f.acache_invalidate(key))
+        assert removed == self.uncache(key), f"acache_invalidate({key!r}) returned {removed}"
+
+    @rule(use_async=st.booleans())
+    def clear(self, use_async: bool) -> None:
+        """Empty the cache: only acache_clear() works on an async cache."""
+        if not use_async:
+            with pytest.raises(TypeError, match="acache_clear"):
+                self.f.cache_clear()
+            return
+        self.loop.run_until_complete(self.f.acache_clear())
+        for key in list(self.cached):
+            self.uncache(key)
+
+    @invariant()
+    def cache_info_sizes(self) -> None:
+        info = self.f.cache_info()
+        assert (info.maxsize, info.currsize) == (None, None)
+
+
+class SingleFlightMachine(AsyncCacheMachine):
+    """As AsyncCacheMachine, with a cache that computes through get_or_compute."""
+
+    def make_cache(self) -> Any:
+        return MemorySingleFlightCache(self)
+
+
 class DedupOnlyMachine(DecoratorMachine):
     """Drives f(key) under @worker_queue(cache=None): calls join, results are not kept."""
 
@@ -124,3 +238,11 @@ def test_decorator_machine() -> None:
 
 def test_dedup_only_machine() -> None:
     run_state_machine_as_test(DedupOnlyMachine)
+
+
+def test_async_cache_machine() -> None:
+    run_state_machine_as_test(AsyncCacheMachine)
+
+
+def test_single_flight_machine() -> None:
+    run_state_machine_as_test(SingleFlightMachine)

@@ -6,9 +6,9 @@ import asyncio
 from collections.abc import Coroutine
 from typing import Any
 
-from _machinery import CHECK_SLOW_LOOKUPS, FINISH_TIMEOUT, QueueModelMachine, Value, keys
+from _machinery import FINISH_TIMEOUT, QueueModelMachine, Value, keys
 from hypothesis import strategies as st
-from hypothesis.stateful import initialize, precondition, rule, run_state_machine_as_test
+from hypothesis.stateful import initialize, rule, run_state_machine_as_test
 
 from wq_memo import WorkerQueue
 from wq_memo._flight import FlightTable
@@ -30,7 +30,6 @@ class WorkerQueueMachine(QueueModelMachine):
         self.maxsize = maxsize
         self.yielding = yielding
         self.store: dict[str, Value] = {}
-        self.lookup_delay: dict[asyncio.Task[Any] | None, int] = {}
 
         async def worker(key: str) -> Value:
             value = await self.work(key)
@@ -41,8 +40,7 @@ class WorkerQueueMachine(QueueModelMachine):
             # The store answers at once; the answer arrives one or more turns of the loop later.
             value = self.store.get(key)
             if yielding:
-                for _ in range(1 + self.lookup_delay.get(asyncio.current_task(), 0)):
-                    await asyncio.sleep(0)
+                await self.answer_late()
             if value is not None:
                 self.record_hit()
             return value
@@ -70,18 +68,6 @@ class WorkerQueueMachine(QueueModelMachine):
     def real_cache(self) -> dict[str, Any]:
         assert not self.storing, f"results returned but never stored: {self.storing}"
         return dict(self.store)
-
-    @precondition(lambda self: CHECK_SLOW_LOOKUPS and self.yielding)
-    @rule(batch=st.lists(st.tuples(keys, st.integers(0, 2)), min_size=2, max_size=4))
-    def calls_with_slow_lookups(self, batch: list[tuple[str, int]]) -> None:
-        """Concurrent calls whose lookups answer after different delays; computations started
-        meanwhile finish at once, so a result may be stored while a lookup is on its way."""
-        self.instant = True
-        callers = self.start_calls([key for key, _ in batch])
-        for caller, (_, delay) in zip(callers, batch, strict=True):
-            self.lookup_delay[caller.task] = delay
-        self.drive()
-        self.instant = False
 
     @rule(key=keys)
     def invalidate(self, key: str) -> None:

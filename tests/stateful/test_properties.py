@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Callable, Coroutine, Hashable
 from typing import Any, TypeVar
 
 import cachetools
@@ -36,14 +36,34 @@ T = TypeVar("T")
 arguments = st.lists(st.tuples(scalars, scalars), min_size=1, max_size=12)
 
 
-def run(coro: Awaitable[T]) -> T:
-    """Run one example on a fresh loop, bounded."""
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run one example on a fresh loop; fail at once if it can no longer make progress.
 
-    async def bounded() -> T:
-        async with asyncio.timeout(5):
-            return await coro
-
-    return asyncio.run(bounded())
+    Nothing here waits on a timer, so a loop with nothing ready to run and nothing scheduled
+    while the example is unfinished is stuck for good (a lost wake-up, say): no need to wait
+    out a timeout, which would make shrinking a failure very slow.
+    """
+    loop = asyncio.new_event_loop()
+    task = loop.create_task(coro)
+    try:
+        for _ in range(100_000):
+            loop.call_soon(loop.stop)
+            loop.run_forever()
+            if task.done():
+                return task.result()
+            if not loop._ready and not loop._scheduled:  # type: ignore[attr-defined]
+                raise AssertionError("the calls wait for something that will never happen")
+        raise AssertionError("the example did not finish")
+    finally:
+        task.cancel()
+        loop.run_until_complete(asyncio.gather(task, return_exceptions=True))
+        tasks = asyncio.all_tasks(loop)
+        while tasks:
+            for t in tasks:
+                t.cancel()
+            loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+            tasks = asyncio.all_tasks(loop)
+        loop.close()
 
 
 def check_counts(info: CacheInfo, calls: int, computed: int) -> None:

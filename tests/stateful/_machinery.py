@@ -36,10 +36,6 @@ computation stored the item starts a second computation (a known bug, reported).
 WQ_MEMO_CHECK_SLOW_LOOKUPS=1 to run the rule.
 """
 
-KEYS = ("a", "b", "c", "d")
-keys = st.sampled_from(KEYS)
-FINISH_TIMEOUT = 1.0
-"""What a close gives unfinished computations, in loop time: the machine's loop skips it."""
 CHECK_LOOP_END = os.environ.get("WQ_MEMO_CHECK_LOOP_END", "") == "1"
 """Check that ending an event loop, as asyncio.run() does, starts no computation on it.
 
@@ -47,6 +43,12 @@ Off by default: on the current code, cancelling a running computation at the end
 starts the next waiting one, whose task is then destroyed pending (a known bug, reported).
 Set WQ_MEMO_CHECK_LOOP_END=1 to check it.
 """
+
+
+KEYS = ("a", "b", "c", "d")
+keys = st.sampled_from(KEYS)
+FINISH_TIMEOUT = 1.0
+"""What a close gives unfinished computations, in loop time: the machine's loop skips it."""
 
 
 class FastForwardLoop(asyncio.SelectorEventLoop):

@@ -149,7 +149,11 @@ class WorkerQueue(Generic[T, R]):
             await table.wait_for_room(again=woken)
             woken = True
             # While we waited, the item may have been computed and cached.
-            value = await self._lookup(item)
+            try:
+                value = await self._lookup(item)
+            except BaseException:
+                table.pass_room()  # cancelled while holding a wake-up: hand it on
+                raise
             if value is not self._miss:
                 self._hits += 1
                 table.pass_room()

@@ -239,11 +239,11 @@ class WorkerQueue(Generic[T, R]):
             _registry.unregister(self)
             return
         if self._closing is None:
+            table.close()  # now, not when the shutdown task first runs
             self._closing = loop.create_task(self._shutdown(table))
         await asyncio.shield(self._closing)
 
     async def _shutdown(self, table: FlightTable[T, R]) -> None:
-        table.close()
         try:
             try:
                 async with asyncio.timeout(self.finish_timeout):

@@ -1,0 +1,195 @@
+"""WorkerQueue across event loops: successive asyncio.run() calls (issue 2: 9).
+
+These tests are plain functions that run event loops of their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import pytest
+from _queue_harness import WAIT, Harness, make
+
+from wq_memo import QueueShutDown, ShutdownTimeout, WorkerQueue
+
+X = TypeVar("X")
+
+
+def run(main: Callable[[], Awaitable[X]]) -> X:
+    """asyncio.run(main()), bounded."""
+
+    async def bounded() -> X:
+        async with asyncio.timeout(WAIT):
+            return await main()
+
+    return asyncio.run(bounded())
+
+
+def test_a_queue_keeps_working_and_keeps_its_cache_in_a_second_asyncio_run() -> None:
+    h = make(maxsize=2)
+
+    async def burst() -> list[str]:
+        return await asyncio.gather(*(h.queue.require(i % 5) for i in range(30)))
+
+    expected = [f"r{i % 5}" for i in range(30)]
+    assert run(burst) == expected
+    assert sorted(h.worker.calls) == list(range(5))
+    assert run(burst) == expected
+    assert sorted(h.worker.calls) == list(range(5))  # all from the cache
+
+    async def fresh() -> str:
+        return await h.queue.require(99)
+
+    assert run(fresh) == "r99"
+    assert h.queue.running
+
+
+def test_the_same_queue_under_asyncio_runners() -> None:
+    h = make(maxsize=1)
+
+    async def contended(n: int) -> list[str]:
+        gate = h.worker.gate(n)
+        tasks = [asyncio.create_task(h.queue.require(i)) for i in (n, 10 + n, n, n)]
+        await h.worker.started(n).wait()
+        gate.set()
+        return await asyncio.gather(*tasks)
+
+    for n in range(3):
+        with asyncio.Runner() as runner:
+            expected = [f"r{n}", f"r{10 + n}", f"r{n}", f"r{n}"]
+            assert runner.run(asyncio.wait_for(contended(n), WAIT)) == expected
+    assert sorted(h.worker.calls) == [0, 1, 2, 10, 11, 12]
+
+
+def test_a_loop_that_ended_mid_computation_does_not_poison_the_next_one() -> None:
+    h = make()
+
+    async def abandon() -> None:
+        h.worker.gate(1)  # never opened in this loop
+        task = asyncio.create_task(h.queue.require(1))
+        await h.worker.started(1).wait()
+        assert not task.done()
+        # asyncio.run() cancels the computation and its caller when this returns
+
+    run(abandon)
+    assert h.worker.cancelled == [1]
+
+    async def again() -> str:
+        h.worker.gate(1).set()
+        h.worker.started(1).clear()
+        return await h.queue.require(1)
+
+    assert run(again) == "r1"  # no "bound to a different event loop", no hang
+    assert h.worker.calls == [1, 1]
+    assert_clean(h)
+
+
+def test_a_loop_left_with_a_computation_pending_is_left_behind() -> None:
+    """run_until_complete() returning while a computation is pending, loop not closed."""
+    h = make()
+    first = asyncio.new_event_loop()
+    try:
+        gate = h.worker.gate(1)
+
+        async def start() -> asyncio.Task[str]:
+            task = asyncio.create_task(h.queue.require(1))
+            await h.worker.started(1).wait()
+            return task
+
+        caller = first.run_until_complete(start())
+
+        async def meanwhile() -> list[str]:
+            h.worker.gate(1).set()
+            return list(await asyncio.gather(h.queue.require(1), h.queue.require(2)))
+
+        assert run(meanwhile) == ["r1", "r2"]
+        assert h.worker.calls == [1, 1, 2]
+    finally:
+        # Let the first loop finish what it left pending, then close it.
+        gate.set()
+        pending = asyncio.all_tasks(first)
+        first.run_until_complete(asyncio.wait(pending, timeout=WAIT))
+        first.close()
+    assert all(t.done() for t in pending)
+    assert caller.result() == "r1"  # the first loop's caller got its result in the end
+
+
+def test_shutdown_timeout_in_one_loop_then_a_fresh_start_in_the_next() -> None:
+    h = make(finish_timeout=0.01)
+
+    async def close_with_leftovers() -> Any:
+        h.worker.gate(1)
+        task = asyncio.create_task(h.queue.require(1))
+        await h.worker.started(1).wait()
+        await h.queue.aclose()
+        return (await asyncio.gather(task, return_exceptions=True))[0]
+
+    assert isinstance(run(close_with_leftovers), ShutdownTimeout)
+
+    async def again() -> str:
+        h.worker.gate(1).set()
+        return await h.queue.require(1)
+
+    assert run(again) == "r1"
+
+
+def test_aclose_in_a_later_loop_forgets_a_queue_of_a_closed_loop() -> None:
+    h = make()
+
+    async def use() -> str:
+        return await h.queue.require(1)
+
+    run(use)
+    assert h.queue.running  # started in a loop that is now closed
+
+    async def close() -> None:
+        await h.queue.aclose()
+
+    run(close)
+    assert not h.queue.running
+    assert h.queue._table is None
+    assert run(use) == "r1"
+
+
+def test_aclose_all_in_a_later_loop_closes_a_queue_of_a_closed_loop() -> None:
+    h = make()
+
+    async def use() -> str:
+        return await h.queue.require(1)
+
+    run(use)
+
+    async def close_all() -> None:
+        await WorkerQueue.aclose_all()
+
+    run(close_all)
+    assert not h.queue.running
+
+
+def test_a_closing_queue_refuses_requires_but_a_new_loop_starts_it_again() -> None:
+    h = make()
+
+    async def close_while_requiring() -> None:
+        gate = h.worker.gate(1)
+        task = asyncio.create_task(h.queue.require(1))
+        await h.worker.started(1).wait()
+        closing = asyncio.create_task(h.queue.aclose())
+        await asyncio.sleep(0)
+        with pytest.raises(QueueShutDown):
+            await h.queue.require(2)
+        gate.set()
+        assert await task == "r1"
+        await closing
+
+    run(close_while_requiring)
+
+    async def use() -> str:
+        return await h.queue.require(2)
+
+    assert run(use) == "r2"
+
+
+def assert_clean(h: Harness) -> None:
+    h.assert_no_bookkeeping()

@@ -160,6 +160,12 @@ class FlightTable(Generic[T, R]):
             except asyncio.CancelledError:
                 if not future.done():
                     future.cancel()
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    # Cancelled from outside the queue: its loop is cancelling every task, as
+                    # asyncio.run() does on its way out. Starting waiting items now would make
+                    # tasks it never cancels; cancel them instead.
+                    self._cancel_waiting()
                 raise
             except Exception as exc:
                 self._fail(flight, exc)
@@ -177,6 +183,12 @@ class FlightTable(Generic[T, R]):
                     "cache_set failed for %r; the result was returned uncached", flight.item
                 )
         finally:
+            self._finish(flight)
+
+    def _cancel_waiting(self) -> None:
+        while self._waiting:
+            flight = self._waiting.popleft()
+            flight.future.cancel()
             self._finish(flight)
 
     def _fail(self, flight: Flight[T, R], exc: BaseException) -> None:

@@ -6,6 +6,7 @@ These tests are plain functions that run event loops of their own.
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -84,6 +85,36 @@ def test_a_loop_that_ended_mid_computation_does_not_poison_the_next_one() -> Non
     assert run(again) == "r1"  # no "bound to a different event loop", no hang
     assert h.worker.calls == [1, 1]
     assert_clean(h)
+
+
+def test_asyncio_run_ending_with_items_running_and_waiting_leaves_no_task_behind() -> None:
+    """The end of asyncio.run() cancels the running computation: the waiting one must not start
+    then, as a task asyncio.run() would not cancel and would destroy pending."""
+    h = make(maxsize=1)
+    reported: list[dict[str, Any]] = []
+
+    async def abandon() -> None:
+        asyncio.get_running_loop().set_exception_handler(lambda _, c: reported.append(c))
+        h.worker.gate(0)  # never opened in this loop
+        h.worker.gate(1)
+        callers = [asyncio.create_task(h.queue.require(i)) for i in (0, 1)]
+        await h.worker.started(0).wait()
+        assert [f.item for f in h.queue._table._waiting] == [1]  # type: ignore[union-attr]
+        assert not any(c.done() for c in callers)
+
+    run(abandon)
+    assert h.worker.calls == [0]  # item 1 never started
+    assert h.worker.cancelled == [0]
+
+    async def again() -> list[str]:
+        for i in (0, 1):
+            h.worker.gate(i).set()
+        return list(await asyncio.gather(h.queue.require(0), h.queue.require(1)))
+
+    assert run(again) == ["r0", "r1"]
+    assert_clean(h)
+    gc.collect()  # the first loop's leftovers, if any, are destroyed now
+    assert reported == []
 
 
 def test_a_loop_left_with_a_computation_pending_is_left_behind() -> None:

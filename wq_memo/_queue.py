@@ -124,6 +124,10 @@ class WorkerQueue(Generic[T, R]):
             if value is not self._miss:
                 self._hits += 1
                 return value  # type: ignore[no-any-return]
+            if table.closing:  # aclose() ran while we looked: don't start the queue again
+                raise QueueShutDown(
+                    "the queue is shutting down; require() again once aclose() ends"
+                )
             return await self._compute(item)
         self._joined += 1
         return await table.join(flight)

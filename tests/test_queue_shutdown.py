@@ -57,6 +57,31 @@ async def test_a_require_right_after_aclose_began_is_refused() -> None:
     assert h.worker.calls == [1]
 
 
+async def test_a_require_still_checking_the_cache_when_aclose_ends_does_not_restart_the_queue() -> (
+    None
+):
+    h = make()
+    looking = asyncio.Event()
+    answer = asyncio.Event()
+
+    async def cache_get(item: int) -> str | None:
+        looking.set()
+        await answer.wait()
+        return None
+
+    queue: WorkerQueue[int, str] = WorkerQueue(h.worker, cache_get, h.cache.set)
+    task = asyncio.create_task(queue.require(1))
+    await until(looking)
+    await bounded(queue.aclose())
+    assert not queue.running
+    answer.set()
+    with pytest.raises(QueueShutDown):
+        await bounded(task)
+    assert not queue.running
+    assert queue._table is None
+    assert h.worker.calls == []
+
+
 async def test_queue_shut_down_is_a_runtime_error() -> None:
     assert issubclass(QueueShutDown, RuntimeError)
 

@@ -89,14 +89,20 @@ class FlightTable(Generic[T, R]):
     # -- accepting ------------------------------------------------------------------------------
 
     def admit(self, item: T) -> Flight[T, R] | None:
-        """Accept item and start it if a slot is free; None when running and waiting are full."""
+        """Accept item and start it if a slot is free; None when running and waiting are full.
+
+        The flight counts its admitting caller already, who must ``join(flight, counted=True)``:
+        an eager task factory can run, even fail, the computation before admit() returns.
+        """
         if self.running < self.maxsize:
             flight: Flight[T, R] = Flight(item, self.loop.create_future())
+            flight.callers = 1
             self.flights[item] = flight
             self._start(flight)
             return flight
         if len(self._waiting) < self.maxsize:
             flight = Flight(item, self.loop.create_future())
+            flight.callers = 1
             self.flights[item] = flight
             self._waiting.append(flight)
             return flight
@@ -137,9 +143,10 @@ class FlightTable(Generic[T, R]):
                 waiter.set_result(None)
                 return
 
-    async def join(self, flight: Flight[T, R]) -> R:
+    async def join(self, flight: Flight[T, R], counted: bool = False) -> R:
         """Await flight's outcome without letting this caller's cancellation reach it."""
-        flight.callers += 1
+        if not counted:
+            flight.callers += 1
         try:
             return await asyncio.shield(flight.future)
         finally:

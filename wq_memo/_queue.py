@@ -149,7 +149,7 @@ class WorkerQueue(Generic[T, R]):
             flight = table.admit(item)
             if flight is not None:
                 self._misses += 1
-                return await table.join(flight)
+                return await table.join(flight, counted=True)
             await table.wait_for_room(again=woken)
             woken = True
             # While we waited, the item may have been computed and cached.

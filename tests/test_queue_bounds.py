@@ -86,6 +86,28 @@ async def test_a_caller_waiting_for_room_joins_its_item_once_another_caller_queu
     h.assert_no_bookkeeping()
 
 
+async def test_a_waiter_that_joins_instead_of_queuing_hands_its_wake_up_on() -> None:
+    h = make(maxsize=1)
+    gates = {i: h.worker.gate(i) for i in range(4)}
+    t0 = asyncio.create_task(h.queue.require(0))
+    t1 = asyncio.create_task(h.queue.require(1))
+    await eventually(lambda: waiting_items(h) == [1])
+    w2a = asyncio.create_task(h.queue.require(2))
+    w2b = asyncio.create_task(h.queue.require(2))
+    w3 = asyncio.create_task(h.queue.require(3))
+    await eventually(lambda: room_waiters(h) == 3)
+    gates[0].set()  # item 1 runs; w2a queues item 2
+    await eventually(lambda: waiting_items(h) == [2])
+    gates[1].set()  # item 2 runs; w2b is woken, joins item 2 and must wake w3
+    await until(h.worker.started(2))
+    await eventually(lambda: waiting_items(h) == [3])  # while item 2 still runs
+    for gate in gates.values():
+        gate.set()
+    assert await gathered(t0, t1, w2a, w2b, w3) == ["r0", "r1", "r2", "r2", "r3"]
+    assert h.worker.calls == [0, 1, 2, 3]
+    h.assert_no_bookkeeping()
+
+
 async def test_a_waiter_finds_its_item_cached_once_it_gets_room() -> None:
     h = make(maxsize=1)
     gate0 = h.worker.gate(0)

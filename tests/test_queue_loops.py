@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -224,3 +225,55 @@ def test_a_closing_queue_refuses_requires_but_a_new_loop_starts_it_again() -> No
 
 def assert_clean(h: Harness) -> None:
     h.assert_no_bookkeeping()
+
+
+# -- the eager task factory (Python 3.12+) ---------------------------------------------------------
+
+eager_only = pytest.mark.skipif(
+    not hasattr(asyncio, "eager_task_factory"), reason="asyncio.eager_task_factory is 3.12+"
+)
+
+
+def run_eager(main: Callable[[], Awaitable[X]]) -> X:
+    async def eager() -> X:
+        asyncio.get_running_loop().set_task_factory(asyncio.eager_task_factory)  # type: ignore[attr-defined,unused-ignore]
+        return await main()
+
+    return run(eager)
+
+
+@eager_only
+def test_the_queue_works_when_tasks_start_eagerly() -> None:
+    """Computations may then run, even finish, inside require() before it awaits anything."""
+    h = make(maxsize=2)
+    h.worker.fail(9, ValueError("nine"))
+
+    async def mixed() -> list[object]:
+        gate = h.worker.gate(5)
+        tasks = [asyncio.create_task(h.queue.require(i % 6)) for i in range(30)]
+        tasks.append(asyncio.create_task(h.queue.require(9)))
+        await h.worker.started(5).wait()
+        gate.set()
+        return list(await asyncio.gather(*tasks, return_exceptions=True))
+
+    got = run_eager(mixed)
+    assert got[:30] == [f"r{i % 6}" for i in range(30)]
+    assert isinstance(got[30], ValueError)
+    assert sorted(h.worker.calls) == [0, 1, 2, 3, 4, 5, 9]
+    assert h.worker.max_active <= 2
+    assert_clean(h)
+
+
+@eager_only
+def test_an_error_delivered_at_once_is_not_logged_as_lost_when_tasks_start_eagerly(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    h = make()
+    h.worker.fail(1, ValueError("one"))
+
+    async def fail() -> object:
+        return (await asyncio.gather(h.queue.require(1), return_exceptions=True))[0]
+
+    with caplog.at_level(logging.ERROR, logger="wq_memo"):
+        assert isinstance(run_eager(fail), ValueError)
+    assert not [r for r in caplog.records if "no caller" in r.getMessage()]

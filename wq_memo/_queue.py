@@ -242,10 +242,13 @@ class WorkerQueue(Generic[T, R]):
             self._closing = None
             _registry.unregister(self)
             return
-        if self._closing is None:
+        closing = self._closing
+        if closing is None:
             table.close()  # now, not when the shutdown task first runs
-            self._closing = loop.create_task(self._shutdown(table))
-        await asyncio.shield(self._closing)
+            closing = loop.create_task(self._shutdown(table))
+            if self._table is table:  # else an eager task factory has run the shutdown already
+                self._closing = closing
+        await asyncio.shield(closing)
 
     async def _shutdown(self, table: FlightTable[T, R]) -> None:
         try:

@@ -277,3 +277,22 @@ def test_an_error_delivered_at_once_is_not_logged_as_lost_when_tasks_start_eager
     with caplog.at_level(logging.ERROR, logger="wq_memo"):
         assert isinstance(run_eager(fail), ValueError)
     assert not [r for r in caplog.records if "no caller" in r.getMessage()]
+
+
+@eager_only
+def test_aclose_closes_the_queue_every_time_when_tasks_start_eagerly() -> None:
+    """The shutdown task may then finish before aclose() even stores it."""
+    h = make()
+
+    async def cycles() -> None:
+        for i in range(3):
+            assert await h.queue.require(i) == f"r{i}"
+            assert h.queue.running
+            await h.queue.aclose()
+            assert not h.queue.running
+            assert h.queue._closing is None
+        await h.queue.require(9)
+        await WorkerQueue.aclose_all()
+        assert not h.queue.running
+
+    run_eager(cycles)

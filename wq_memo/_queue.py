@@ -152,6 +152,10 @@ class WorkerQueue(Generic[T, R]):
                 return await table.join(flight, counted=True)
             await table.wait_for_room(again=woken)
             woken = True
+            if table.closing:
+                raise QueueShutDown(
+                    "the queue is shutting down; require() again once aclose() ends"
+                )
             # While we waited, the item may have been computed and cached.
             try:
                 value = await self._lookup(item)

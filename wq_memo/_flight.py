@@ -126,7 +126,8 @@ class FlightTable(Generic[T, R]):
                 # Woken, then cancelled before using the room: hand the wake-up on.
                 self.pass_room()
             else:
-                waiter.cancel()
+                # Leave the line. Every waiter taken out of it is completed, so no cancel()
+                # is needed, which would schedule callbacks on a loop that may be closed.
                 with contextlib.suppress(ValueError):
                     self._room_waiters.remove(waiter)
             raise
@@ -177,6 +178,8 @@ class FlightTable(Generic[T, R]):
             except Exception as exc:
                 self._fail(flight, exc)
                 return
+            except GeneratorExit:  # destroyed pending, its loop closed: nobody to tell
+                raise
             except BaseException as exc:  # KeyboardInterrupt, SystemExit: callers must not hang
                 self._fail(flight, exc)
                 raise
@@ -224,8 +227,10 @@ class FlightTable(Generic[T, R]):
             del self.flights[flight.item]
         if was_running:
             self.running -= 1
-            if self._waiting:
-                self._start(self._waiting.popleft())
+        if self.loop.is_closed():  # destroyed with its loop: nothing can start or wake now
+            return
+        if was_running and self._waiting:
+            self._start(self._waiting.popleft())
         self._wake_room_waiter()
         if not self.flights and self._drained is not None and not self._drained.done():
             self._drained.set_result(None)

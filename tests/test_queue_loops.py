@@ -148,6 +148,41 @@ def test_a_loop_left_with_a_computation_pending_is_left_behind() -> None:
     assert caller.result() == "r1"  # the first loop's caller got its result in the end
 
 
+def test_a_loop_closed_with_computations_pending_is_forgotten_quietly(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """asyncio itself reports the tasks destroyed pending; the queue adds no error of its own."""
+    h = make(maxsize=1)
+    first = asyncio.new_event_loop()
+    reported: list[dict[str, Any]] = []
+    first.set_exception_handler(lambda _, context: reported.append(context))
+
+    async def start() -> None:
+        h.worker.gate(0)  # never opened
+        h.worker.gate(1)
+        for i in (0, 1, 2):  # running, waiting, waiting for room
+            asyncio.create_task(h.queue.require(i))  # noqa: RUF006 - left pending on purpose
+        await h.worker.started(0).wait()
+        await asyncio.sleep(0)
+        assert h.queue._table is not None
+        assert len(h.queue._table._room_waiters) == 1
+
+    first.run_until_complete(start())
+    first.close()
+
+    async def again() -> list[str]:
+        for i in (0, 1):
+            h.worker.gate(i).set()
+        return list(await asyncio.gather(*(h.queue.require(i) for i in (0, 1, 2))))
+
+    with caplog.at_level(logging.WARNING, logger="wq_memo"):
+        assert run(again) == ["r0", "r1", "r2"]
+        gc.collect()  # the first loop's tasks are destroyed now
+    assert [r.getMessage() for r in caplog.records if r.name == "wq_memo"] == []
+    assert {str(c["message"]) for c in reported} == {"Task was destroyed but it is pending!"}
+    assert h.worker.calls == [0, 0, 1, 2]  # items 1 and 2 never started on the closed loop
+
+
 def test_shutdown_timeout_in_one_loop_then_a_fresh_start_in_the_next() -> None:
     h = make(finish_timeout=0.01)
 

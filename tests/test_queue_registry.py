@@ -45,6 +45,25 @@ async def test_aclose_all_lets_accepted_items_finish() -> None:
         await bounded(tb)
 
 
+async def test_aclose_all_waits_for_a_queue_already_closing() -> None:
+    h = make(finish_timeout=5.0)
+    gate = h.worker.gate(1)
+    task = asyncio.create_task(h.queue.require(1))
+    await until(h.worker.started(1))
+    closing = asyncio.create_task(h.queue.aclose())
+    await eventually(lambda: not h.queue.running)
+    closing_all = asyncio.create_task(WorkerQueue.aclose_all())
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not closing_all.done()  # it waits for the shutdown under way
+    gate.set()
+    assert await returned(closing_all) is None
+    assert h.queue._table is None
+    assert task.done()
+    assert await bounded(task) == "r1"
+    assert await returned(closing) is None
+
+
 async def test_aclose_all_with_nothing_running_does_nothing() -> None:
     await bounded(WorkerQueue.aclose_all())
     await bounded(WorkerQueue.aclose_all())

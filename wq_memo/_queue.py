@@ -210,6 +210,10 @@ class WorkerQueue(Generic[T, R]):
         _registry.register(self)
         return table
 
+    def _started(self) -> bool:
+        """Whether the queue has been started and not yet fully closed (it may be closing)."""
+        return self._table is not None
+
     def _bound_elsewhere(self) -> bool:
         """Whether the queue's computations belong to another event loop that is still running."""
         table = self._table

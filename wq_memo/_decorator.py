@@ -214,6 +214,17 @@ def _memoize(
     return wrapper
 
 
+def _args_are_key(key: Callable[..., Hashable]) -> bool:
+    """Whether the positional arguments' tuple can stand in for key(*args) without keywords.
+
+    ``hashkey(*args)`` is a tuple subclass equal to ``args`` and hashing alike, so either finds
+    the other's entries; the plain tuple is already built and hashes in C, where hashkey's
+    tuple is built anew and hashes through a Python method on every lookup. Only for
+    in-process caches: an async cache may serialize keys, and a tuple serializes differently.
+    """
+    return key is cachetools.keys.hashkey
+
+
 def _call_worker(func: Callable[..., Awaitable[R]]) -> Callable[[_Call[R]], Awaitable[R]]:
     def work(call: _Call[R]) -> Awaitable[R]:
         return func(*call.args, **call.kwargs)
@@ -246,11 +257,12 @@ def _with_mapping(
     queue._miss = MISSING
     compute = queue._compute
     hits = 0
+    args_are_key = _args_are_key(key)
 
     # The hot path: one key build, one lookup; no task, no future, no queue.
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         nonlocal hits
-        k = key(*args, **kwargs)
+        k = args if args_are_key and not kwargs else key(*args, **kwargs)
         try:
             value = cache[k]
         except KeyError:
@@ -316,10 +328,12 @@ def _dedup_only(
     )
     queue._miss = MISSING
     compute = queue._compute
+    args_are_key = _args_are_key(key)
 
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
-            call: _Call[R] = _Call(key(*args, **kwargs), args, kwargs)
+            k = args if args_are_key and not kwargs else key(*args, **kwargs)
+            call: _Call[R] = _Call(k, args, kwargs)
         except TypeError as exc:
             raise _unhashable(func, exc) from exc
         return await compute(call)

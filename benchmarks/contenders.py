@@ -113,8 +113,29 @@ def reference_over(cache: MutableMapping[Any, Any], fn: AsyncFn) -> AsyncFn:
     return memoized
 
 
+def tuple_key_reference_over(cache: MutableMapping[Any, Any], fn: AsyncFn) -> AsyncFn:
+    """The same, keyed by the arguments' tuple (equal to hashkey's key) when no keywords."""
+
+    async def memoized(*args: Any, **kwargs: Any) -> Any:
+        k = hashkey(*args, **kwargs) if kwargs else args
+        try:
+            return cache[k]
+        except KeyError:
+            pass
+        value = await fn(*args, **kwargs)
+        with contextlib.suppress(ValueError):  # larger than the cache
+            cache[k] = value
+        return value
+
+    return memoized
+
+
 def _reference(_: Any, fn: AsyncFn, setup: Setup) -> AsyncFn:
     return reference_over(make_cache(setup), fn)
+
+
+def _tuple_key_reference(_: Any, fn: AsyncFn, setup: Setup) -> AsyncFn:
+    return tuple_key_reference_over(make_cache(setup), fn)
 
 
 # -- the peers ----------------------------------------------------------------------------------
@@ -170,6 +191,9 @@ def _cashews(mod: Any, fn: AsyncFn, setup: Setup) -> AsyncFn:
 
 WQ_MEMO = Contender("wq_memo", "wq_memo", "wq_memo", True, _wq_memo)
 REFERENCE = Contender("hand-written", "cachetools", "cachetools", False, _reference)
+TUPLE_KEY_REFERENCE = Contender(
+    "hand-written, tuple key", "cachetools", "cachetools", False, _tuple_key_reference
+)
 ASYNC_LRU = Contender("async-lru", "async_lru", "async-lru", True, _async_lru)
 PEERS: tuple[Contender, ...] = (
     ASYNC_LRU,
@@ -189,7 +213,10 @@ def label(contender: Contender, setup: Setup | None = None) -> str:
     if setup is None:
         return contender.name
     cache = CACHE_NAMES[setup.cache]
-    if contender in (WQ_MEMO, REFERENCE) or contender.module in ("asyncache", "cachetools_async"):
+    if contender in (WQ_MEMO, REFERENCE, TUPLE_KEY_REFERENCE) or contender.module in (
+        "asyncache",
+        "cachetools_async",
+    ):
         return f"{contender.name} ({cache})"
     if contender is ASYNC_LRU:
         return {

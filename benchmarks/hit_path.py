@@ -23,7 +23,17 @@ from ._harness import (
     paired_ratio,
     ratio,
 )
-from .contenders import ASYNC_LRU, PEERS, REFERENCE, WQ_MEMO, AsyncFn, Contender, Setup, label
+from .contenders import (
+    ASYNC_LRU,
+    PEERS,
+    REFERENCE,
+    TUPLE_KEY_REFERENCE,
+    WQ_MEMO,
+    AsyncFn,
+    Contender,
+    Setup,
+    label,
+)
 
 KINDS = (Setup(cache="dict"), Setup(cache="lru"), Setup(cache="ttl"))
 
@@ -54,26 +64,33 @@ class Row:
     setup: Setup
     reference: str
     """The row of the hand-written reference over the same kind of cache."""
+    tuple_key: str
+    """The row of the hand-written reference keyed by the arguments' tuple."""
     async_lru: str
     """The row of async-lru configured alike."""
 
 
 def rows() -> list[Row]:
     out: list[Row] = []
+
+    def row(contender: Contender, s: Setup) -> Row:
+        return Row(
+            label(contender, s),
+            contender,
+            s,
+            label(REFERENCE, s),
+            label(TUPLE_KEY_REFERENCE, s),
+            label(ASYNC_LRU, s),
+        )
+
     for s in KINDS:
-        ref, alru = label(REFERENCE, s), label(ASYNC_LRU, s)
-        out.append(Row(label(REFERENCE, s), REFERENCE, s, ref, alru))
-        out.append(Row(label(WQ_MEMO, s), WQ_MEMO, s, ref, alru))
-    out.extend(
-        Row(label(ASYNC_LRU, s), ASYNC_LRU, s, label(REFERENCE, s), label(ASYNC_LRU, s))
-        for s in KINDS
-    )
+        out += [row(REFERENCE, s), row(TUPLE_KEY_REFERENCE, s), row(WQ_MEMO, s)]
+    out += [row(ASYNC_LRU, s) for s in KINDS]
     lru = Setup(cache="lru")
     for peer in PEERS:
         if peer is ASYNC_LRU or peer.name == "aiocache stampede":  # same hit path as aiocache
             continue
-        s = lru if peer.module in ("asyncache", "cachetools_async") else Setup(cache="dict")
-        out.append(Row(label(peer, s), peer, s, label(REFERENCE, s), label(ASYNC_LRU, s)))
+        out.append(row(peer, lru if peer.module in ("asyncache", "cachetools_async") else Setup()))
     return out
 
 
@@ -81,7 +98,13 @@ async def measure(config: Config) -> Table:
     table = Table(
         "hit_path",
         "Hit path: ns per call on a warm key (lower is better)",
-        ["contender", "ns/call", "x hand-written (same cache)", "x async-lru (alike)"],
+        [
+            "contender",
+            "ns/call",
+            "x hand-written (same cache)",
+            "x hand-written, tuple key",
+            "x async-lru (alike)",
+        ],
     )
     all_rows = rows()
     trials = []
@@ -104,7 +127,7 @@ async def measure(config: Config) -> Table:
     medians: dict[str, float] = {}
     for row in all_rows:
         if row.name in missing:
-            table.add(row.name, missing[row.name], "-", "-")
+            table.add(row.name, missing[row.name], "-", "-", "-")
             continue
         medians[row.name] = median(samples[row.name])
         vs_ref = paired_ratio(samples, row.name, row.reference)
@@ -113,7 +136,8 @@ async def measure(config: Config) -> Table:
             if row.async_lru in samples
             else "-"
         )
-        table.add(row.name, ns(medians[row.name]), ratio(vs_ref), vs_alru)
+        vs_tuple = paired_ratio(samples, row.name, row.tuple_key)
+        table.add(row.name, ns(medians[row.name]), ratio(vs_ref), ratio(vs_tuple), vs_alru)
         if row.contender is WQ_MEMO:
             table.targets.append(Target(f"hit path, {row.name} vs {row.reference}", vs_ref, 1.2))
             if row.async_lru in samples:
@@ -128,6 +152,10 @@ async def measure(config: Config) -> Table:
     table.notes.append(
         "each figure includes the `for` loop and the `await f(1)` itself; the hand-written "
         "reference is `async def` + `hashkey(*args, **kwargs)` + `try: return cache[k]`"
+    )
+    table.notes.append(
+        "the tuple-key reference keys the cache by the arguments' tuple, which equals "
+        "hashkey(*args) and hashes alike; wq_memo does the same with its default key"
     )
     table.notes.append(
         "aiocache's cached_stampede has the same hit path as its cached, so it is left out here"

@@ -18,7 +18,16 @@ from dataclasses import dataclass, field
 from cachetools.keys import hashkey
 
 from ._harness import Config, Table, Target, ratio
-from .contenders import PEERS, WQ_MEMO, AsyncFn, Contender, Setup, label, make_cache
+from .contenders import (
+    CACHE_NAMES,
+    PEERS,
+    WQ_MEMO,
+    AsyncFn,
+    Contender,
+    Setup,
+    label,
+    make_cache,
+)
 
 BASE = 1_000_000
 """Arguments start here, so that no argument is one of Python's preallocated small ints."""
@@ -58,13 +67,18 @@ async def per_entry(f: AsyncFn, args: Sequence[int]) -> float:
         tracemalloc.stop()
 
 
-def by_hand(setup: Setup, values: Values, args: Sequence[int]) -> float:
+def by_hand(setup: Setup, values: Values, args: Sequence[int], hashkeys: bool) -> float:
+    """Bytes per entry of the cache filled directly: keys ``(a,)``, or ``hashkey(a)``."""
     cache = make_cache(setup)
     tracemalloc.start()
     try:
         before = traced()
-        for a in args:
-            cache[hashkey(a)] = values.values[a]
+        if hashkeys:
+            for a in args:
+                cache[hashkey(a)] = values.values[a]
+        else:
+            for a in args:
+                cache[(a,)] = values.values[a]
         return (traced() - before) / len(args)
     finally:
         tracemalloc.stop()
@@ -91,35 +105,44 @@ async def memory(config: Config) -> Table:
     table = Table(
         "memory",
         f"Memory: bytes per cached entry and per call in flight ({n:,} of each)",
-        ["contender", "bytes", "x reference"],
+        ["contender", "bytes", "reference", "x reference"],
     )
     values = Values({a: object() for a in [*args, 0]})
     data: dict[str, float] = {}
 
-    # Per cached entry.
+    # Per cached entry. wq_memo stores the arguments' tuple as the key (equal to hashkey's),
+    # so its reference is the same cache filled with those tuples; the hashkey-filled cache
+    # is the reference of the peers that store hashkey keys.
+    def reference(s: Setup, hashkeys: bool) -> str:
+        keys = "hashkey keys" if hashkeys else "tuple keys"
+        name = f"filled by hand, {keys} ({CACHE_NAMES[s.cache]})"
+        data[name] = bytes_ = by_hand(s, values, args, hashkeys)
+        table.add(f"per entry: {name}", f"{bytes_:,.0f}", "-", "-")
+        return name
+
+    refs: dict[tuple[str, bool], str] = {}
     for s in (Setup(cache="dict"), Setup(cache="lru", size=n)):
-        ref_name = label(WQ_MEMO, s).replace("wq_memo", "filled by hand")
-        ref = data[ref_name] = by_hand(s, values, args)
-        table.add(f"per entry: {ref_name}", f"{ref:,.0f}", "1.00x")
+        refs[s.cache, False] = ref = reference(s, hashkeys=False)
+        refs[s.cache, True] = reference(s, hashkeys=True)
         name = f"per entry: {label(WQ_MEMO, s)}"
         got = data[name] = await per_entry(WQ_MEMO.wrap(values.call, s), args)
-        table.add(name, f"{got:,.0f}", ratio(got / ref))
-        table.targets.append(Target(f"memory {name} vs {ref_name}", got / ref, 1.1))
+        table.add(name, f"{got:,.0f}", ref, ratio(got / data[ref]))
+        table.targets.append(Target(f"memory {name} vs {ref}", got / data[ref], 1.1))
     for peer in PEERS:
         cachetools_based = peer.module in ("asyncache", "cachetools_async")
         s = Setup(cache="lru", size=n) if cachetools_based else Setup(cache="dict")
         name = f"per entry: {label(peer, s)}"
         if (status := peer.status()) is not None:
-            table.add(name, status, "-")
+            table.add(name, status, "-", "-")
             continue
         got = data[name] = await per_entry(peer.wrap(values.call, s), args)
-        reference = data[label(WQ_MEMO, s).replace("wq_memo", "filled by hand")]
-        table.add(name, f"{got:,.0f}", ratio(got / reference))
+        ref = refs[s.cache, cachetools_based]
+        table.add(name, f"{got:,.0f}", ref, ratio(got / data[ref]))
 
     # Per call in flight.
     v = _fresh_gate(values)
     bare = data["in flight: bare call"] = await per_call_in_flight(v.held, v, args)
-    table.add("in flight: bare call, no memoizer", f"{bare:,.0f}", "1.00x")
+    table.add("in flight: bare call, no memoizer", f"{bare:,.0f}", "-", "-")
     rows: list[tuple[str, Contender, Setup]] = [
         (f"in flight: wq_memo (maxsize={n:,}, all running)", WQ_MEMO, Setup(maxsize=n)),
         ("in flight: wq_memo (maxsize=3, the rest waiting)", WQ_MEMO, Setup(maxsize=3)),
@@ -127,16 +150,19 @@ async def memory(config: Config) -> Table:
     ]
     for name, contender, s in rows:
         if (status := contender.status()) is not None:
-            table.add(name, status, "-")
+            table.add(name, status, "-", "-")
             continue
         v = _fresh_gate(values)
         got = data[name] = await per_call_in_flight(contender.wrap(v.held, s), v, args)
-        table.add(name, f"{got:,.0f}", ratio(got / bare))
+        table.add(name, f"{got:,.0f}", "bare call", ratio(got / bare))
     joined = data["in flight: wq_memo, joined callers"] = await per_call_in_flight(
         WQ_MEMO.wrap((v := _fresh_gate(values)).held, Setup()), v, [0] * n
     )
     table.add(
-        "in flight: wq_memo, callers joined on one key", f"{joined:,.0f}", ratio(joined / bare)
+        "in flight: wq_memo, callers joined on one key",
+        f"{joined:,.0f}",
+        "bare call",
+        ratio(joined / bare),
     )
     table.data = {"bytes": data, "entries": n}
     table.notes.append(

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from . import bursts, growth, head_of_line, hit_path, memory
+from . import bursts, features, growth, head_of_line, hit_path, memory
 from ._harness import Config, Table
 from .contenders import versions
 
@@ -36,6 +36,7 @@ SCENARIOS: dict[str, Callable[[Config], Awaitable[Table]]] = {
     "memory": memory.memory,
     "hit_growth": growth.hit_growth,
     "stampede_growth": growth.stampede_growth,
+    "features": features.features,
 }
 
 

@@ -87,7 +87,7 @@ def test_head_of_line_keeps_wq_memo_within_its_slots(
 def test_memory_and_growth_report_every_size(run: tuple[int, Path, dict[str, Any]]) -> None:
     tables = run[2]["tables"]
     memory = tables["memory"]["data"]["bytes"]
-    assert memory["filled by hand (dict)"] > 0
+    assert memory["filled by hand, tuple keys (dict)"] > 0
     assert memory["per entry: wq_memo (dict)"] > 0
     hits = tables["hit_growth"]["data"]["median_seconds_per_call"]
     assert set(hits["wq_memo"]) == {str(s) for s in TINY.growth_sizes}  # JSON keys are strings
@@ -137,3 +137,20 @@ def test_contenders_build_working_memoizers() -> None:
     for contender in [WQ_MEMO, *PEERS]:
         if contender.status() is None:
             asyncio.run(check(contender))
+
+
+def test_feature_probes_find_what_wq_memo_promises(run: tuple[int, Path, dict[str, Any]]) -> None:
+    probes = run[2]["tables"]["features"]["data"]["probes"]
+    wq = {feature: cells["wq_memo"] for feature, cells in probes.items()}
+    assert wq == {
+        "deduplication": "yes (1 computation for 10 callers)",
+        "bounded concurrency": "yes (3 of 10 at once)",
+        "cancellation isolation": "yes",
+        "exceptions": "never cached",
+        "None results": "cached",
+        "event-loop change": "works, cache kept",
+        "typing": "py.typed",
+        "shutdown": "yes: f.queue.aclose(), worker_queue.aclose_all()",
+    }
+    for feature, cells in probes.items():
+        assert set(cells) == {"wq_memo", *(p.name for p in PEERS)}, feature

@@ -45,7 +45,7 @@ class Config:
             batch_seconds=0.04,
             callers=10_000,
             keys=10_000,
-            memory_entries=20_000,
+            memory_entries=10_000,
             growth_sizes=(100, 1_000, 10_000, 100_000, 1_000_000),
             growth_callers=(100, 1_000, 10_000, 100_000),
             growth_rounds=5,

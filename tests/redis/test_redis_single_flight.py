@@ -1,0 +1,185 @@
+"""Single flight through the Redis lock, with several RedisCaches standing in for processes."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+pytest.importorskip("redis")
+
+from wq_memo.backends import CallKey
+from wq_memo.backends._redis_keys import key_names
+from wq_memo.backends.redis import RedisCache
+
+Make = Callable[..., RedisCache]
+KEY = CallKey("m.f", ("cold",))
+
+
+class Gauge:
+    """Counts computations and the most that ran at once."""
+
+    def __init__(self, expected: int = 1) -> None:
+        self.expected = expected
+        self.all_running = asyncio.Event()
+        self.calls = 0
+        self.running = 0
+        self.peak = 0
+        self.release = asyncio.Event()
+        self.started = asyncio.Event()
+
+    async def __call__(self, value: Any = "v", fail: bool = False) -> Any:
+        self.calls += 1
+        self.running += 1
+        self.peak = max(self.peak, self.running)
+        self.started.set()
+        if self.running == self.expected:
+            self.all_running.set()
+        try:
+            await self.release.wait()
+            if fail:
+                raise RuntimeError("compute failed")
+            return value
+        finally:
+            self.running -= 1
+
+
+async def test_many_callers_on_many_caches_compute_once(make_cache: Make) -> None:
+    caches = [make_cache() for _ in range(4)]
+    gauge = Gauge()
+    async with asyncio.timeout(10):
+        tasks = [
+            asyncio.create_task(cache.get_or_compute(KEY, gauge))
+            for _ in range(10)
+            for cache in caches
+        ]
+        await gauge.started.wait()
+        gauge.release.set()
+        assert await asyncio.gather(*tasks) == ["v"] * 40
+    assert gauge.calls == 1
+    assert sum(c.stats().computed for c in caches) == 1
+    assert sum(c.stats().waited for c in caches) == 39
+    assert await caches[0].get(KEY) == "v"
+
+
+async def test_hit_does_not_compute(make_cache: Make) -> None:
+    cache = make_cache()
+    await cache.set(KEY, "stored")
+
+    async def compute() -> str:
+        raise AssertionError("must not run")
+
+    assert await cache.get_or_compute(KEY, compute) == "stored"
+
+
+async def test_failed_computation_is_not_cached_and_waiters_go_one_at_a_time(
+    make_cache: Make,
+) -> None:
+    caches = [make_cache() for _ in range(4)]
+    gauge = Gauge()
+    outcomes: list[Any] = []
+
+    async def compute() -> Any:
+        return await gauge("v", fail=gauge.calls < 3)  # the first three computations fail
+
+    async def call(cache: RedisCache) -> None:
+        try:
+            outcomes.append(await cache.get_or_compute(KEY, compute))
+        except RuntimeError as exc:
+            outcomes.append(str(exc))
+
+    gauge.release.set()
+    async with asyncio.timeout(10):
+        await asyncio.gather(*(call(c) for c in caches for _ in range(3)))
+    assert gauge.peak == 1
+    assert gauge.calls == 4
+    assert sorted(outcomes) == ["compute failed"] * 3 + ["v"] * 9
+    assert await caches[0].get(KEY) == "v"
+
+
+async def test_computation_longer_than_the_lease_keeps_its_lock(make_cache: Make) -> None:
+    caches = [make_cache(lease=0.1) for _ in range(3)]
+    gauge = Gauge()
+    async with asyncio.timeout(10):
+        tasks = [asyncio.create_task(c.get_or_compute(KEY, gauge)) for c in caches]
+        await gauge.started.wait()
+        await asyncio.sleep(0.6)  # the computation lasts six leases: only renewal keeps the lock
+        gauge.release.set()
+        assert await asyncio.gather(*tasks) == ["v"] * 3
+    assert gauge.calls == 1
+    assert sum(c.stats().lock_lost for c in caches) == 0
+
+
+async def test_cancelled_holder_releases_the_lock_at_once(
+    make_cache: Make, sync_redis: Any
+) -> None:
+    holder_cache, waiter_cache = make_cache(lease=30), make_cache(lease=30)
+    first, second = Gauge(), Gauge()
+    second.release.set()
+    async with asyncio.timeout(5):  # far less than the 30 s lease
+        holder = asyncio.create_task(holder_cache.get_or_compute(KEY, first))
+        await first.started.wait()
+        waiter = asyncio.create_task(waiter_cache.get_or_compute(KEY, second))
+        holder.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await holder
+        assert await waiter == "v"
+    assert (first.calls, second.calls) == (1, 1)
+    assert not sync_redis.exists(key_names(holder_cache.namespace, KEY).lock)
+
+
+async def test_waiter_gives_up_after_wait_and_computes_itself(
+    make_cache: Make, sync_redis: Any
+) -> None:
+    cache = make_cache(wait=0.2)
+    lock = key_names(cache.namespace, KEY).lock
+    sync_redis.set(lock, "someone else", px=60_000)
+
+    async def compute() -> str:
+        return "mine"
+
+    async with asyncio.timeout(5):
+        assert await cache.get_or_compute(KEY, compute) == "mine"
+    assert cache.stats().wait_timeouts == 1
+    assert await cache.get(KEY) == "mine"
+
+
+async def test_dead_holder_lease_expires_and_one_waiter_takes_over(
+    make_cache: Make, sync_redis: Any
+) -> None:
+    caches = [make_cache() for _ in range(3)]
+    sync_redis.set(key_names(caches[0].namespace, KEY).lock, "dead holder", px=300)
+    gauge = Gauge()
+    gauge.release.set()
+    async with asyncio.timeout(5):
+        results = await asyncio.gather(*(c.get_or_compute(KEY, gauge) for c in caches))
+    assert results == ["v"] * 3
+    assert gauge.calls == 1
+
+
+async def test_compute_exception_propagates_even_if_it_is_a_redis_error(make_cache: Make) -> None:
+    import redis
+
+    cache = make_cache()
+
+    async def compute() -> str:
+        raise redis.ConnectionError("from the user's own code")
+
+    with pytest.raises(redis.ConnectionError, match="user's own"):
+        await cache.get_or_compute(KEY, compute)
+    assert cache.stats().redis_errors == 0
+
+
+async def test_without_single_flight_every_cache_computes(make_cache: Make) -> None:
+    caches = [make_cache(single_flight=False) for _ in range(3)]
+    gauge = Gauge(expected=3)
+    async with asyncio.timeout(5):
+        tasks = [asyncio.create_task(c.get_or_compute(KEY, gauge)) for c in caches]
+        await gauge.all_running.wait()
+        gauge.release.set()
+        assert await asyncio.gather(*tasks) == ["v"] * 3
+    assert gauge.calls == 3
+    assert await caches[0].get_or_compute(KEY, gauge) == "v"
+    assert gauge.calls == 3

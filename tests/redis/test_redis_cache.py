@@ -12,6 +12,8 @@ from typing import Any
 
 import pytest
 
+pytest.importorskip("redis.asyncio")
+
 from wq_memo.backends import MISSING, AsyncCache, CallKey, SingleFlightCache
 from wq_memo.backends._redis_keys import key_names
 from wq_memo.backends.redis import RedisCache

@@ -4,9 +4,18 @@
 ``@worker_queue`` memoizes any async function through a hidden WorkerQueue.
 """
 
+from ._decorator import BoundMemoized, CacheInfo, Memoized, worker_queue
 from ._errors import QueueShutDown, ShutdownTimeout
 from ._queue import WorkerQueue
 
 __version__ = "0.1.0"
 
-__all__ = ("QueueShutDown", "ShutdownTimeout", "WorkerQueue")
+__all__ = (
+    "BoundMemoized",
+    "CacheInfo",
+    "Memoized",
+    "QueueShutDown",
+    "ShutdownTimeout",
+    "WorkerQueue",
+    "worker_queue",
+)

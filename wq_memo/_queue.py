@@ -148,6 +148,10 @@ class WorkerQueue(Generic[T, R]):
                 return await table.join(flight)
             await table.wait_for_room(again=woken)
             woken = True
+            if table.closing:
+                raise QueueShutDown(
+                    "the queue is shutting down; require() again once aclose() ends"
+                )
             # While we waited, the item may have been computed and cached.
             value = await self._lookup(item)
             if value is not self._miss:

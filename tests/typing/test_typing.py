@@ -1,0 +1,71 @@
+"""Typing checks: mypy --strict runs over this file in CI; pytest runs it as well.
+
+Each ``# type: ignore[...]`` marks a call that must be a type error: with warn_unused_ignores,
+mypy fails the build if one of them stops being an error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Coroutine
+from typing import Any, assert_type
+
+from wq_memo import BoundMemoized, CacheInfo, Memoized, WorkerQueue, worker_queue
+
+
+@worker_queue
+async def bare(x: int, *, name: str = "") -> str:
+    return f"{name}{x}"
+
+
+@worker_queue(maxsize=2, cache=None)
+async def called(x: int) -> list[int]:
+    return [x]
+
+
+class Service:
+    @worker_queue
+    async def fetch(self, key: str) -> bytes:
+        return key.encode()
+
+
+async def test_signatures_survive_decoration() -> None:
+    memoized: Memoized[[int], list[int]] = called
+    assert memoized is called
+    assert_type(await bare(1, name="n"), str)
+    assert_type(await called(1), list[int])
+    coro = bare(1)
+    assert assert_type(coro, Coroutine[Any, Any, str]) is coro
+    assert await coro == "1"
+    assert_type(bare.cache_info(), CacheInfo)
+    assert_type(bare.queue, WorkerQueue[Any, Any])
+    assert_type(bare.cache_invalidate(1), bool)
+
+    service = Service()
+    bound: BoundMemoized[[str], bytes] = service.fetch
+    assert bound.cache_info().misses == 0
+    assert_type(await service.fetch("k"), bytes)
+    assert_type(Service.fetch.cache_invalidate(service, "k"), bool)
+
+
+async def wrong_calls() -> None:
+    """Never run: each line must be rejected by mypy (see the module docstring)."""
+    await bare("one")  # type: ignore[arg-type]
+    await bare(1, name=2)  # type: ignore[arg-type]
+    await called()  # type: ignore[call-arg]
+    await Service().fetch(1)  # type: ignore[arg-type]
+    wrong: int = await bare(1)  # type: ignore[assignment]
+    print(wrong)
+
+
+def test_worker_queue_is_generic() -> None:
+    async def work(item: str) -> int:
+        return len(item)
+
+    async def get(item: str) -> int | None:
+        return None
+
+    async def put(item: str, value: int) -> None:
+        pass
+
+    queue = WorkerQueue(work, get, put)
+    assert_type(queue, WorkerQueue[str, int])

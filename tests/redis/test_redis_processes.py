@@ -6,8 +6,11 @@ import multiprocessing
 import os
 import queue
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -119,3 +122,13 @@ def test_killed_lock_holder_is_replaced_by_exactly_one_waiter(
     assert len(results) == 75
     assert len({r["pid"] for r in results}) == 1
     assert results[0]["pid"] != holder.pid
+
+
+def test_readme_example_computes_each_key_once(redis_url: str, namespace: str) -> None:
+    example = Path(__file__).resolve().parents[2] / "examples" / "multiprocess.py"
+    env = {**os.environ, "WQ_MEMO_REDIS_URL": redis_url, "WQ_MEMO_NAMESPACE": namespace}
+    out = subprocess.run(
+        [sys.executable, str(example)], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "5 computations for 5 keys" in out.stdout

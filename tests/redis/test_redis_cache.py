@@ -174,6 +174,8 @@ def test_argument_checks() -> None:
 
     with pytest.raises(TypeError, match="URL"):
         RedisCache(6379)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="bad Redis URL"):
+        RedisCache("http://127.0.0.1")
     with pytest.raises(ValueError, match="decode_responses"):
         RedisCache(Redis(decode_responses=True))
     with pytest.raises(ValueError, match="secret"):

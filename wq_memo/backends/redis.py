@@ -17,6 +17,7 @@ from typing import Any, Final, TypeVar, final
 try:
     from redis.asyncio import Redis
     from redis.asyncio.client import PubSub
+    from redis.asyncio.connection import parse_url
     from redis.backoff import NoBackoff
     from redis.retry import Retry
 except ImportError as exc:  # pragma: no cover - exercised in a subprocess without redis
@@ -54,9 +55,9 @@ class RedisCacheStats:
     """Counters of one RedisCache in this process, since it was created."""
 
     hits: int
-    """Values found in Redis."""
+    """Values found in Redis by get(), or by get_or_compute() before computing or waiting."""
     misses: int
-    """Lookups that found nothing usable."""
+    """get() lookups that found nothing usable."""
     computed: int
     """compute() calls this cache ran, for whatever reason (including the two below)."""
     waited: int
@@ -178,6 +179,10 @@ class RedisCache:
         retry_interval: float = 1.0,
     ) -> None:
         if isinstance(url_or_client, str):
+            try:
+                parse_url(url_or_client)
+            except ValueError as exc:
+                raise ValueError(f"RedisCache: bad Redis URL {url_or_client!r}: {exc}") from exc
             self._url: str | None = url_or_client
             self._given: Redis | None = None
         elif isinstance(url_or_client, Redis):
@@ -418,7 +423,6 @@ class RedisCache:
         if kind == _CLAIM_HIT:
             self._counts["hits"] += 1
             return payload  # type: ignore[no-any-return]
-        self._counts["misses"] += 1
         if kind == _CLAIM_TAKEN:
             return await self._compute_holding(names, key, token, compute)
         return await self._wait_then_compute(names, key, token, compute)

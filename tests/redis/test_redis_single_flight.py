@@ -100,12 +100,12 @@ async def test_failed_computation_is_not_cached_and_waiters_go_one_at_a_time(
 
 
 async def test_computation_longer_than_the_lease_keeps_its_lock(make_cache: Make) -> None:
-    caches = [make_cache(lease=0.1) for _ in range(3)]
+    caches = [make_cache(lease=0.25) for _ in range(3)]
     gauge = Gauge()
     async with asyncio.timeout(10):
         tasks = [asyncio.create_task(c.get_or_compute(KEY, gauge)) for c in caches]
         await gauge.started.wait()
-        await asyncio.sleep(0.6)  # the computation lasts six leases: only renewal keeps the lock
+        await asyncio.sleep(1.0)  # the computation lasts four leases: only renewal keeps the lock
         gauge.release.set()
         assert await asyncio.gather(*tasks) == ["v"] * 3
     assert gauge.calls == 1

@@ -60,7 +60,11 @@ def _wq_memo(url: str, prefix: str, single_flight: bool) -> Contender:
 def _aiocache(url: str, prefix: str, stampede: bool) -> Contender:
     name = "aiocache cached_stampede" if stampede else "aiocache cached"
     try:
-        from aiocache import Cache, cached, cached_stampede
+        from aiocache import (  # type: ignore[import-untyped,import-not-found,unused-ignore]
+            Cache,
+            cached,
+            cached_stampede,
+        )
     except ImportError:
         return Contender(name, note="not installed (pip install 'aiocache[redis]')")
     from redis.asyncio.connection import parse_url

@@ -7,6 +7,7 @@ import logging
 import pickle
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -210,6 +211,39 @@ def test_one_cache_serves_successive_event_loops(redis_url: str, namespace: str)
     assert asyncio.run(roundtrip(1)) == 1
     assert asyncio.run(roundtrip(2)) == 2  # the first loop's connections are dropped quietly
     asyncio.run(cache.aclose())
+    assert cache.stats().redis_errors == 0
+
+
+def test_repr_hides_the_password() -> None:
+    text = repr(RedisCache("redis://user:hunter2@127.0.0.1:6379/0", namespace="n"))
+    assert "hunter2" not in text
+    assert "redis://user:***@127.0.0.1:6379/0" in text
+    assert repr(RedisCache("redis://127.0.0.1/1")) == (
+        "RedisCache('redis://127.0.0.1/1', namespace='wq_memo')"
+    )
+
+
+def test_cache_used_from_a_loop_that_is_still_running_elsewhere(
+    redis_url: str, namespace: str
+) -> None:
+    cache = RedisCache(redis_url, namespace=namespace)
+    other = asyncio.new_event_loop()
+    thread = threading.Thread(target=other.run_forever)
+    thread.start()
+    try:
+        done = asyncio.run_coroutine_threadsafe(cache.set(CallKey("m.f", ()), 1), other)
+        done.result(10)
+
+        async def here() -> Any:
+            return await cache.get(CallKey("m.f", ()))
+
+        assert asyncio.run(here()) == 1  # the other loop's connections are aborted on it
+        asyncio.run(cache.aclose())
+    finally:
+        other.call_soon_threadsafe(other.stop)
+        thread.join(10)
+        other.run_until_complete(asyncio.sleep(0))  # let the aborts finish
+        other.close()
     assert cache.stats().redis_errors == 0
 
 

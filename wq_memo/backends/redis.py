@@ -13,6 +13,7 @@ import time
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar, final
+from urllib.parse import urlsplit, urlunsplit
 
 try:
     from redis.asyncio import Redis
@@ -90,6 +91,16 @@ class _Conn:
         self.claim = client.register_script(CLAIM)
         self.renew = client.register_script(RENEW)
         self.finish = client.register_script(FINISH)
+
+
+def _redacted(url: str) -> str:
+    """Return url without its password, fit for logs and reprs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 def _seconds(name: str, value: object, *, allow_none: bool = False, zero: bool = False) -> Any:
@@ -223,7 +234,7 @@ class RedisCache:
         self._warned_unencodable: set[str] = set()
 
     def __repr__(self) -> str:
-        where = self._url if self._url is not None else repr(self._given)
+        where = _redacted(self._url) if self._url is not None else self._given
         return f"RedisCache({where!r}, namespace={self._namespace!r})"
 
     @property
@@ -249,7 +260,7 @@ class RedisCache:
             # asyncio.run() gets a client of its own. The old loop is gone, so its sockets are
             # dropped rather than closed politely.
             if conn is not None:
-                _drop(conn.client)
+                _drop(conn)
             assert self._url is not None
             client = Redis.from_url(
                 self._url,
@@ -391,7 +402,7 @@ class RedisCache:
             if conn.loop is loop:
                 await conn.client.aclose()
             else:
-                _drop(conn.client)
+                _drop(conn)
         except Exception as exc:
             logger.debug("RedisCache: closing the Redis client failed: %r", exc)
 
@@ -603,25 +614,38 @@ async def _close_pubsub(pubsub: PubSub, seconds: float) -> None:
         logger.debug("RedisCache: closing a pub/sub connection failed: %r", exc)
 
 
-def _drop(client: Redis) -> None:
-    """Forget a client whose event loop is gone, closing its sockets without that loop.
+def _drop(conn: _Conn) -> None:
+    """Forget a client made on another event loop, closing its sockets without awaiting.
 
-    The transports cannot be closed the usual way (that schedules a callback on the closed
-    loop), so their sockets are closed directly; left alone they would warn when collected.
+    On a loop that is still open the transports are aborted from that loop. On a closed loop
+    they cannot be closed the usual way (that schedules a callback on the dead loop), so their
+    sockets are closed directly; left alone they would warn when collected.
     """
-    pool = client.connection_pool
-    for conn in (*pool._available_connections, *pool._in_use_connections):
-        writer = getattr(conn, "_writer", None)
-        transport = getattr(writer, "transport", None)
-        sock = getattr(transport, "_sock", None)
+    try:
+        pool = conn.client.connection_pool
+        connections = (*pool._available_connections, *pool._in_use_connections)
+    except Exception as exc:
+        logger.debug("RedisCache: cannot list the connections of an old client: %r", exc)
+        return
+    old_loop = conn.loop
+    for connection in connections:
         try:
-            if transport is not None:
-                # abort() marks it closing, then fails to schedule on the dead loop.
-                with contextlib.suppress(RuntimeError):
-                    transport.abort()
+            writer = getattr(connection, "_writer", None)
+            transport = getattr(writer, "transport", None)
+            if transport is None:
+                continue
+            if old_loop is not None and not old_loop.is_closed():
+                # The callback keeps the writer alive until it is closed, so it never warns.
+                old_loop.call_soon_threadsafe(writer.close)  # type: ignore[union-attr]
+                connection._reader = connection._writer = None
+                continue
+            sock = getattr(transport, "_sock", None)
+            # abort() marks the transport closing, then fails to schedule on the dead loop.
+            with contextlib.suppress(RuntimeError):
+                transport.abort()
             if sock is not None:
                 sock.close()
-                transport._sock = None  # type: ignore[union-attr]
+                transport._sock = None
+            connection._reader = connection._writer = None
         except Exception as exc:
-            logger.debug("RedisCache: dropping a connection of a closed loop failed: %r", exc)
-        conn._reader = conn._writer = None
+            logger.debug("RedisCache: dropping a connection of an old loop failed: %r", exc)

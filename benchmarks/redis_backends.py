@@ -191,13 +191,15 @@ async def measure(quick: bool) -> str:
                 c.hits.append(await _time_calls(c.fn, ["hit"] * calls))
                 c.misses.append(await _time_calls(c.fn, [f"miss-{r}-{i}" for i in range(calls)]))
     finally:
-        for c in active:
-            if c.close is not None:
-                with warnings.catch_warnings():
-                    # the peers' close() calls a redis-py method deprecated since 5.0.1
-                    warnings.simplefilter("ignore", DeprecationWarning)
-                    await c.close()
-        await _delete_prefix(url, prefix)
+        try:
+            for c in active:
+                if c.close is not None:
+                    with warnings.catch_warnings():
+                        # the peers' close() calls a redis-py method deprecated since 5.0.1
+                        warnings.simplefilter("ignore", DeprecationWarning)
+                        await c.close()
+        finally:
+            await _delete_prefix(url, prefix)
     return _table(contenders, url, rounds, calls)
 
 

@@ -492,29 +492,39 @@ class RedisCache:
     ) -> V:
         """Compute while holding the lock and renewing its lease; store, release, announce."""
         self._counts["computed"] += 1
-        renewer = asyncio.create_task(self._renew(names, token))
+        # The lease is renewed every lease/3 seconds; a timer (cheaper than a task) starts the
+        # renewing task only for computations that last that long.
+        loop = asyncio.get_running_loop()
+        renewer: asyncio.Task[None] | None = None
+
+        def start_renewing() -> None:
+            nonlocal renewer
+            renewer = loop.create_task(self._renew(names, token))
+
+        timer = loop.call_later(self._lease / 3, start_renewing)
         data: bytes | None = None
         try:
             value = await compute()
             data = self._encode(names, key, value)
         finally:
-            renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await renewer
+            timer.cancel()
+            if renewer is not None:
+                renewer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await renewer
             await self._finish(names, token, data)
         return value
 
     async def _renew(self, names: KeyNames, token: str) -> None:
         lease_ms = max(1, round(self._lease * 1000))
         while True:
-            await asyncio.sleep(self._lease / 3)
             try:
                 held = await self._call(
                     "lease renewal",
                     lambda c: c.renew(keys=[names.lock], args=[token, lease_ms]),
                 )
             except _Unavailable:
-                continue
+                held = True  # Redis failed (logged); try again at the next period
             if not held:
                 self._counts["lock_lost"] += 1
                 logger.warning(
@@ -524,6 +534,7 @@ class RedisCache:
                     self._lease,
                 )
                 return
+            await asyncio.sleep(self._lease / 3)
 
     async def _finish(self, names: KeyNames, token: str, data: bytes | None) -> None:
         px = self._px(None) or 0

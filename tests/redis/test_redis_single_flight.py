@@ -183,3 +183,70 @@ async def test_without_single_flight_every_cache_computes(make_cache: Make) -> N
     assert gauge.calls == 3
     assert await caches[0].get_or_compute(KEY, gauge) == "v"
     assert gauge.calls == 3
+
+
+def _finish_as_holder(sync_redis: Any, cache: RedisCache, value: bytes) -> None:
+    """Do what a holder in another process does when it is done: store, unlock, announce."""
+    names = key_names(cache.namespace, KEY)
+    sync_redis.set(names.value, value)
+    sync_redis.delete(names.lock)
+    sync_redis.publish(names.channel, "done")
+
+
+async def test_waiter_is_woken_by_the_announcement_not_by_the_lease(
+    make_cache: Make, sync_redis: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import wq_memo.backends.redis as module
+
+    cache = make_cache()
+    names = key_names(cache.namespace, KEY)
+    sync_redis.set(names.lock, "holder elsewhere", px=60_000)
+    subscribe, waiting = module._subscribe, asyncio.Event()
+
+    async def subscribe_and_tell(conn: Any, channel: str) -> Any:
+        pubsub = await subscribe(conn, channel)
+        get_message = pubsub.get_message
+
+        def wait_for_message(**kwargs: Any) -> Any:
+            waiting.set()  # the waiter looked, found the lock held, and now waits
+            return get_message(**kwargs)
+
+        pubsub.get_message = wait_for_message
+        return pubsub
+
+    monkeypatch.setattr(module, "_subscribe", subscribe_and_tell)
+
+    async def compute() -> str:
+        raise AssertionError("the waiter must read the holder's value")
+
+    waiter = asyncio.create_task(cache.get_or_compute(KEY, compute))
+    async with asyncio.timeout(10):  # far less than the 60 s lease
+        await waiting.wait()
+        _finish_as_holder(sync_redis, cache, b'wq1j"from elsewhere"')
+        assert await waiter == "from elsewhere"
+    assert cache.stats().waited == 1
+
+
+async def test_result_announced_while_subscribing_is_not_missed(
+    make_cache: Make, sync_redis: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import wq_memo.backends.redis as module
+
+    cache = make_cache()
+    sync_redis.set(key_names(cache.namespace, KEY).lock, "holder elsewhere", px=60_000)
+    subscribe = module._subscribe
+
+    async def subscribe_then_holder_finishes(conn: Any, channel: str) -> Any:
+        pubsub = await subscribe(conn, channel)
+        # The holder finishes after the waiter found the lock held and subscribed, but before
+        # it looks again: the value must be found by that look, not after the lease.
+        _finish_as_holder(sync_redis, cache, b'wq1j"raced"')
+        return pubsub
+
+    monkeypatch.setattr(module, "_subscribe", subscribe_then_holder_finishes)
+
+    async def compute() -> str:
+        raise AssertionError("the waiter must read the holder's value")
+
+    async with asyncio.timeout(10):
+        assert await cache.get_or_compute(KEY, compute) == "raced"

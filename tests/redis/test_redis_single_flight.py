@@ -60,7 +60,8 @@ async def test_many_callers_on_many_caches_compute_once(make_cache: Make) -> Non
         assert await asyncio.gather(*tasks) == ["v"] * 40
     assert gauge.calls == 1
     assert sum(c.stats().computed for c in caches) == 1
-    assert sum(c.stats().waited for c in caches) == 39
+    # The others waited for it, or found it stored if they looked after it was done.
+    assert sum(c.stats().waited + c.stats().hits for c in caches) == 39
     assert await caches[0].get(KEY) == "v"
 
 
@@ -211,7 +212,7 @@ async def test_waiter_is_woken_by_the_announcement_not_by_the_lease(
             waiting.set()  # the waiter looked, found the lock held, and now waits
             return get_message(**kwargs)
 
-        pubsub.get_message = wait_for_message
+        pubsub.get_message = wait_for_message  # type: ignore[method-assign,assignment]
         return pubsub
 
     monkeypatch.setattr(module, "_subscribe", subscribe_and_tell)

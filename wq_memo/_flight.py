@@ -89,14 +89,20 @@ class FlightTable(Generic[T, R]):
     # -- accepting ------------------------------------------------------------------------------
 
     def admit(self, item: T) -> Flight[T, R] | None:
-        """Accept item and start it if a slot is free; None when running and waiting are full."""
+        """Accept item and start it if a slot is free; None when running and waiting are full.
+
+        The flight counts its admitting caller already, who must ``join(flight, counted=True)``:
+        an eager task factory can run, even fail, the computation before admit() returns.
+        """
         if self.running < self.maxsize:
             flight: Flight[T, R] = Flight(item, self.loop.create_future())
+            flight.callers = 1
             self.flights[item] = flight
             self._start(flight)
             return flight
         if len(self._waiting) < self.maxsize:
             flight = Flight(item, self.loop.create_future())
+            flight.callers = 1
             self.flights[item] = flight
             self._waiting.append(flight)
             return flight
@@ -120,7 +126,8 @@ class FlightTable(Generic[T, R]):
                 # Woken, then cancelled before using the room: hand the wake-up on.
                 self.pass_room()
             else:
-                waiter.cancel()
+                # Leave the line. Every waiter taken out of it is completed, so no cancel()
+                # is needed, which would schedule callbacks on a loop that may be closed.
                 with contextlib.suppress(ValueError):
                     self._room_waiters.remove(waiter)
             raise
@@ -137,9 +144,10 @@ class FlightTable(Generic[T, R]):
                 waiter.set_result(None)
                 return
 
-    async def join(self, flight: Flight[T, R]) -> R:
+    async def join(self, flight: Flight[T, R], counted: bool = False) -> R:
         """Await flight's outcome without letting this caller's cancellation reach it."""
-        flight.callers += 1
+        if not counted:
+            flight.callers += 1
         try:
             return await asyncio.shield(flight.future)
         finally:
@@ -160,10 +168,18 @@ class FlightTable(Generic[T, R]):
             except asyncio.CancelledError:
                 if not future.done():
                     future.cancel()
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    # Cancelled from outside the queue: its loop is cancelling every task, as
+                    # asyncio.run() does on its way out. Starting waiting items now would make
+                    # tasks it never cancels; cancel them instead.
+                    self._cancel_waiting()
                 raise
             except Exception as exc:
                 self._fail(flight, exc)
                 return
+            except GeneratorExit:  # destroyed pending, its loop closed: nobody to tell
+                raise
             except BaseException as exc:  # KeyboardInterrupt, SystemExit: callers must not hang
                 self._fail(flight, exc)
                 raise
@@ -177,6 +193,12 @@ class FlightTable(Generic[T, R]):
                     "cache_set failed for %r; the result was returned uncached", flight.item
                 )
         finally:
+            self._finish(flight)
+
+    def _cancel_waiting(self) -> None:
+        while self._waiting:
+            flight = self._waiting.popleft()
+            flight.future.cancel()
             self._finish(flight)
 
     def _fail(self, flight: Flight[T, R], exc: BaseException) -> None:
@@ -205,8 +227,10 @@ class FlightTable(Generic[T, R]):
             del self.flights[flight.item]
         if was_running:
             self.running -= 1
-            if self._waiting:
-                self._start(self._waiting.popleft())
+        if self.loop.is_closed():  # destroyed with its loop: nothing can start or wake now
+            return
+        if was_running and self._waiting:
+            self._start(self._waiting.popleft())
         self._wake_room_waiter()
         if not self.flights and self._drained is not None and not self._drained.done():
             self._drained.set_result(None)

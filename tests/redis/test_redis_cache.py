@@ -19,6 +19,8 @@ from wq_memo.backends import MISSING, AsyncCache, CallKey, SingleFlightCache
 from wq_memo.backends._redis_keys import key_names
 from wq_memo.backends.redis import RedisCache
 
+pytest_plugins = ("redis_fixtures",)
+
 SECRET = "s" * 32
 Make = Callable[..., RedisCache]
 
@@ -28,14 +30,14 @@ class _SameRepr:
         return "same"
 
 
-async def test_is_an_async_and_single_flight_cache(make_cache: Make) -> None:
-    cache = make_cache()
+async def test_is_an_async_and_single_flight_cache(make_redis_cache: Make) -> None:
+    cache = make_redis_cache()
     assert isinstance(cache, AsyncCache)
     assert isinstance(cache, SingleFlightCache)
 
 
-async def test_get_set_delete_and_none_is_a_value(make_cache: Make) -> None:
-    cache = make_cache()
+async def test_get_set_delete_and_none_is_a_value(make_redis_cache: Make) -> None:
+    cache = make_redis_cache()
     key = CallKey("m.f", (1,))
     assert await cache.get(key) is MISSING
     await cache.set(key, None)
@@ -49,29 +51,29 @@ async def test_get_set_delete_and_none_is_a_value(make_cache: Make) -> None:
     assert (stats.hits, stats.misses) == (2, 2)
 
 
-async def test_ttl_uses_redis_expiry(make_cache: Make, sync_redis: Any) -> None:
-    cache = make_cache(ttl=100)
+async def test_ttl_uses_redis_expiry(make_redis_cache: Make, sync_redis: Any) -> None:
+    cache = make_redis_cache(ttl=100)
     key = CallKey("m.f", ("ttl",))
     await cache.set(key, 1)
     name = key_names(cache.namespace, key).value
     assert 99_000 < sync_redis.pttl(name) <= 100_000
     await cache.set(key, 1, ttl=5)
     assert 4_000 < sync_redis.pttl(name) <= 5_000
-    await make_cache().set(key, 1)
+    await make_redis_cache().set(key, 1)
     assert sync_redis.pttl(name) == -1
 
 
-async def test_values_keep_their_types_with_a_secret(make_cache: Make) -> None:
-    cache = make_cache(secret=SECRET)
+async def test_values_keep_their_types_with_a_secret(make_redis_cache: Make) -> None:
+    cache = make_redis_cache(secret=SECRET)
     value = ((1, 2.0), frozenset({"x"}), b"raw", None)
     await cache.set(CallKey("m.f", ()), value)
     assert await cache.get(CallKey("m.f", ())) == value
 
 
 async def test_keys_with_equal_repr_or_equal_value_of_other_type_are_separate(
-    make_cache: Make,
+    make_redis_cache: Make,
 ) -> None:
-    cache = make_cache(secret=SECRET)
+    cache = make_redis_cache(secret=SECRET)
     keys = [(1,), (1.0,), (True,), ("1",), (b"1",), ("a,b",), ("a", "b"), ((1, 2),), ("(1, 2)",)]
     for i, key in enumerate(keys):
         await cache.set(CallKey("m.f", key), i)
@@ -79,8 +81,8 @@ async def test_keys_with_equal_repr_or_equal_value_of_other_type_are_separate(
     assert await cache.get(CallKey("m.g", (1,))) is MISSING
 
 
-async def test_unencodable_key_raises_type_error(make_cache: Make) -> None:
-    cache = make_cache()
+async def test_unencodable_key_raises_type_error(make_redis_cache: Make) -> None:
+    cache = make_redis_cache()
     with pytest.raises(TypeError, match="pass key="):
         await cache.get(CallKey("m.f", (_SameRepr(),)))
 
@@ -92,9 +94,9 @@ async def test_unencodable_key_raises_type_error(make_cache: Make) -> None:
 
 
 async def test_json_unencodable_value_is_returned_uncached_and_logged(
-    make_cache: Make, caplog: pytest.LogCaptureFixture
+    make_redis_cache: Make, caplog: pytest.LogCaptureFixture
 ) -> None:
-    cache = make_cache()
+    cache = make_redis_cache()
     key = CallKey("m.f", ("tuple",))
     calls = 0
 
@@ -117,9 +119,9 @@ async def test_json_unencodable_value_is_returned_uncached_and_logged(
 
 
 async def test_tampered_entry_is_a_logged_miss_and_is_recomputed(
-    make_cache: Make, sync_redis: Any, caplog: pytest.LogCaptureFixture
+    make_redis_cache: Make, sync_redis: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
-    cache = make_cache(secret=SECRET)
+    cache = make_redis_cache(secret=SECRET)
     key = CallKey("m.f", ("tamper",))
     await cache.set(key, "good")
     name = key_names(cache.namespace, key).value
@@ -137,9 +139,9 @@ async def test_tampered_entry_is_a_logged_miss_and_is_recomputed(
     assert await cache.get(key) == "recomputed"
 
 
-async def test_unsigned_entries_are_misses(make_cache: Make, sync_redis: Any) -> None:
-    signed = make_cache(secret=SECRET)
-    plain = make_cache()
+async def test_unsigned_entries_are_misses(make_redis_cache: Make, sync_redis: Any) -> None:
+    signed = make_redis_cache(secret=SECRET)
+    plain = make_redis_cache()
     key = CallKey("m.f", ("unsigned",))
     name = key_names(signed.namespace, key).value
     for data in (pickle.dumps("raw pickle"), b"wq1j1", b"garbage"):
@@ -151,9 +153,11 @@ async def test_unsigned_entries_are_misses(make_cache: Make, sync_redis: Any) ->
     assert plain.stats().bad_entries == 1
 
 
-async def test_clear_removes_this_namespace_only(make_cache: Make, namespace: str) -> None:
-    cache = make_cache()
-    other = make_cache(namespace=namespace + "*other")
+async def test_clear_removes_this_namespace_only(
+    make_redis_cache: Make, redis_namespace: str
+) -> None:
+    cache = make_redis_cache()
+    other = make_redis_cache(namespace=redis_namespace + "*other")
     for i in range(30):
         await cache.set(CallKey("m.f", (i,)), i)
     await other.set(CallKey("m.f", (0,)), "kept")
@@ -163,8 +167,8 @@ async def test_clear_removes_this_namespace_only(make_cache: Make, namespace: st
     await other.clear()
 
 
-async def test_plain_keys_without_call_key_work(make_cache: Make) -> None:
-    cache = make_cache()
+async def test_plain_keys_without_call_key_work(make_redis_cache: Make) -> None:
+    cache = make_redis_cache()
     await cache.set(("a", 1), 5)
     assert await cache.get(("a", 1)) == 5
     assert await cache.get(CallKey("", ("a", 1))) == 5
@@ -187,22 +191,22 @@ def test_argument_checks() -> None:
             RedisCache("redis://127.0.0.1", **bad)
 
 
-async def test_given_client_is_used_and_left_open(redis_url: str, namespace: str) -> None:
+async def test_given_client_is_used_and_left_open(redis_url: str, redis_namespace: str) -> None:
     from redis.asyncio import Redis
 
     client = Redis.from_url(redis_url)
     try:
-        cache = RedisCache(client, namespace=namespace)
+        cache = RedisCache(client, namespace=redis_namespace)
         await cache.set(CallKey("m.f", ()), 1)
         await cache.aclose()
         assert await client.ping()
-        assert await RedisCache(client, namespace=namespace).get(CallKey("m.f", ())) == 1
+        assert await RedisCache(client, namespace=redis_namespace).get(CallKey("m.f", ())) == 1
     finally:
         await client.aclose()
 
 
-def test_one_cache_serves_successive_event_loops(redis_url: str, namespace: str) -> None:
-    cache = RedisCache(redis_url, namespace=namespace)
+def test_one_cache_serves_successive_event_loops(redis_url: str, redis_namespace: str) -> None:
+    cache = RedisCache(redis_url, namespace=redis_namespace)
 
     async def roundtrip(i: int) -> Any:
         await cache.set(CallKey("m.f", ()), i)
@@ -224,9 +228,9 @@ def test_repr_hides_the_password() -> None:
 
 
 def test_cache_used_from_a_loop_that_is_still_running_elsewhere(
-    redis_url: str, namespace: str
+    redis_url: str, redis_namespace: str
 ) -> None:
-    cache = RedisCache(redis_url, namespace=namespace)
+    cache = RedisCache(redis_url, namespace=redis_namespace)
     other = asyncio.new_event_loop()
     thread = threading.Thread(target=other.run_forever)
     thread.start()

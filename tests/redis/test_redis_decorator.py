@@ -16,6 +16,8 @@ from wq_memo.backends import MISSING, CallKey
 from wq_memo.backends._redis_keys import key_names
 from wq_memo.backends.redis import RedisCache
 
+pytest_plugins = ("redis_fixtures",)
+
 Make = Callable[..., RedisCache]
 
 
@@ -25,9 +27,9 @@ class _Opaque:
 
 
 async def test_concurrent_calls_compute_once_and_land_in_redis(
-    make_cache: Make, sync_redis: Any
+    make_redis_cache: Make, sync_redis: Any
 ) -> None:
-    cache = make_cache()
+    cache = make_redis_cache()
     calls = 0
     gate = asyncio.Event()
 
@@ -53,7 +55,7 @@ async def test_concurrent_calls_compute_once_and_land_in_redis(
     assert sync_redis.get(name.value) == b"wq1j10"
 
 
-async def test_a_second_process_view_reads_the_first_ones_results(make_cache: Make) -> None:
+async def test_a_second_process_view_reads_the_first_ones_results(make_redis_cache: Make) -> None:
     results: list[str] = []
 
     def define(cache: RedisCache) -> Any:
@@ -64,16 +66,16 @@ async def test_a_second_process_view_reads_the_first_ones_results(make_cache: Ma
 
         return greet
 
-    first, second = define(make_cache()), define(make_cache())
+    first, second = define(make_redis_cache()), define(make_redis_cache())
     assert await first("a") == "hello a"
     assert await second("a") == "hello a"
     assert results == ["a"]
 
 
-async def test_none_is_cached_and_exceptions_are_not(make_cache: Make) -> None:
+async def test_none_is_cached_and_exceptions_are_not(make_redis_cache: Make) -> None:
     calls: list[int] = []
 
-    @worker_queue(cache=make_cache())
+    @worker_queue(cache=make_redis_cache())
     async def maybe(x: int) -> int | None:
         calls.append(x)
         if x < 0:
@@ -88,8 +90,8 @@ async def test_none_is_cached_and_exceptions_are_not(make_cache: Make) -> None:
     assert calls == [1, -1, -1]
 
 
-async def test_invalidate_and_clear(make_cache: Make) -> None:
-    cache = make_cache()
+async def test_invalidate_and_clear(make_redis_cache: Make) -> None:
+    cache = make_redis_cache()
     calls: list[int] = []
 
     @worker_queue(cache=cache)
@@ -110,8 +112,8 @@ async def test_invalidate_and_clear(make_cache: Make) -> None:
     assert calls == [1, 2, 1, 1, 2]
 
 
-async def test_functions_sharing_a_cache_have_separate_entries(make_cache: Make) -> None:
-    cache = make_cache()
+async def test_functions_sharing_a_cache_have_separate_entries(make_redis_cache: Make) -> None:
+    cache = make_redis_cache()
 
     @worker_queue(cache=cache)
     async def double(x: int) -> int:
@@ -125,23 +127,23 @@ async def test_functions_sharing_a_cache_have_separate_entries(make_cache: Make)
     assert (await double(5), await triple(5)) == (10, 15)
 
 
-async def test_argument_without_canonical_encoding_says_pass_key(make_cache: Make) -> None:
-    @worker_queue(cache=make_cache())
+async def test_argument_without_canonical_encoding_says_pass_key(make_redis_cache: Make) -> None:
+    @worker_queue(cache=make_redis_cache())
     async def use(obj: Any) -> int:
         return 1
 
     with pytest.raises(TypeError, match="pass key="):
         await use(_Opaque())
 
-    @worker_queue(cache=make_cache(), key=lambda obj: id(obj))
+    @worker_queue(cache=make_redis_cache(), key=lambda obj: id(obj))
     async def use_by_id(obj: Any) -> int:
         return 2
 
     assert await use_by_id(_Opaque()) == 2
 
 
-async def test_results_json_cannot_hold_are_returned_uncached(make_cache: Make) -> None:
-    cache = make_cache()
+async def test_results_json_cannot_hold_are_returned_uncached(make_redis_cache: Make) -> None:
+    cache = make_redis_cache()
     calls = 0
 
     @worker_queue(cache=cache)
@@ -154,7 +156,7 @@ async def test_results_json_cannot_hold_are_returned_uncached(make_cache: Make) 
     assert await pair(1) == (1, 1)
     assert calls == 2
     assert cache.stats().unencodable == 2
-    signed = make_cache(secret="k" * 32)
+    signed = make_redis_cache(secret="k" * 32)
 
     @worker_queue(cache=signed)
     async def signed_pair(x: int) -> tuple[int, int]:

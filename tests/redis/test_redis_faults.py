@@ -18,6 +18,8 @@ from redis_server import RedisServer, free_port
 from wq_memo.backends import MISSING, CallKey
 from wq_memo.backends.redis import RedisCache
 
+pytest_plugins = ("redis_fixtures",)
+
 
 async def _value(key: int) -> dict[str, int]:
     await asyncio.sleep(0.005)

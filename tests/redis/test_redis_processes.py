@@ -19,6 +19,8 @@ pytest.importorskip("redis.asyncio")
 
 import redis_procs
 
+pytest_plugins = ("redis_fixtures",)
+
 CTX = multiprocessing.get_context("spawn")
 
 
@@ -77,11 +79,11 @@ def _start_herd(procs: Procs, url: str, ns: str, n: int, seconds: float, lease: 
 
 
 def test_four_processes_with_many_callers_compute_a_cold_key_once(
-    procs: Procs, redis_url: str, namespace: str, sync_redis: Any
+    procs: Procs, redis_url: str, redis_namespace: str, sync_redis: Any
 ) -> None:
-    _start_herd(procs, redis_url, namespace, 4, 0.5, 10.0)
+    _start_herd(procs, redis_url, redis_namespace, 4, 0.5, 10.0)
     done = procs.expect("done", 4)
-    assert int(sync_redis.get(f"{namespace}:computations")) == 1
+    assert int(sync_redis.get(f"{redis_namespace}:computations")) == 1
     results = [r for message in done for r in message[2]]
     assert len(results) == 100
     assert len({r["pid"] for r in results}) == 1
@@ -89,26 +91,26 @@ def test_four_processes_with_many_callers_compute_a_cold_key_once(
 
 
 def test_computation_longer_than_the_lease_still_runs_once(
-    procs: Procs, redis_url: str, namespace: str, sync_redis: Any
+    procs: Procs, redis_url: str, redis_namespace: str, sync_redis: Any
 ) -> None:
     # Four leases long. A much shorter lease would measure the machine's scheduling instead: the
     # holder's loop must get to run its renewal within the lease.
-    _start_herd(procs, redis_url, namespace, 4, 2.0, 0.5)
+    _start_herd(procs, redis_url, redis_namespace, 4, 2.0, 0.5)
     done = procs.expect("done", 4)
-    assert int(sync_redis.get(f"{namespace}:computations")) == 1
+    assert int(sync_redis.get(f"{redis_namespace}:computations")) == 1
     assert sum(message[3]["lock_lost"] for message in done) == 0
     assert len({r["pid"] for message in done for r in message[2]}) == 1
 
 
 def test_killed_lock_holder_is_replaced_by_exactly_one_waiter(
-    procs: Procs, redis_url: str, namespace: str, sync_redis: Any
+    procs: Procs, redis_url: str, redis_namespace: str, sync_redis: Any
 ) -> None:
     from wq_memo.backends._redis_keys import key_names
 
-    names = key_names(namespace, redis_procs.KEY)
-    holder = procs.start(redis_procs.hang, redis_url, namespace, 1.0)
+    names = key_names(redis_namespace, redis_procs.KEY)
+    holder = procs.start(redis_procs.hang, redis_url, redis_namespace, 1.0)
     procs.expect("computing", 1)
-    _start_herd(procs, redis_url, namespace, 3, 0.1, 1.0)
+    _start_herd(procs, redis_url, redis_namespace, 3, 0.1, 1.0)
     # Wait (bounded) until the three processes are subscribed waiters of the live holder.
     deadline = time.monotonic() + 20
     while sync_redis.pubsub_numsub(names.channel)[0][1] < 3:
@@ -119,16 +121,18 @@ def test_killed_lock_holder_is_replaced_by_exactly_one_waiter(
     holder.join(5)
     assert holder.exitcode == -signal.SIGKILL
     done = procs.expect("done", 3, timeout=20)
-    assert int(sync_redis.get(f"{namespace}:computations")) == 2  # the dead holder and one more
+    assert (
+        int(sync_redis.get(f"{redis_namespace}:computations")) == 2
+    )  # the dead holder and one more
     results = [r for message in done for r in message[2]]
     assert len(results) == 75
     assert len({r["pid"] for r in results}) == 1
     assert results[0]["pid"] != holder.pid
 
 
-def test_readme_example_computes_each_key_once(redis_url: str, namespace: str) -> None:
+def test_readme_example_computes_each_key_once(redis_url: str, redis_namespace: str) -> None:
     example = Path(__file__).resolve().parents[2] / "examples" / "multiprocess.py"
-    env = {**os.environ, "WQ_MEMO_REDIS_URL": redis_url, "WQ_MEMO_NAMESPACE": namespace}
+    env = {**os.environ, "WQ_MEMO_REDIS_URL": redis_url, "WQ_MEMO_NAMESPACE": redis_namespace}
     out = subprocess.run(
         [sys.executable, str(example)], env=env, capture_output=True, text=True, timeout=60
     )

@@ -14,6 +14,8 @@ from wq_memo.backends import CallKey
 from wq_memo.backends._redis_keys import key_names
 from wq_memo.backends.redis import RedisCache
 
+pytest_plugins = ("redis_fixtures",)
+
 Make = Callable[..., RedisCache]
 KEY = CallKey("m.f", ("cold",))
 
@@ -46,8 +48,8 @@ class Gauge:
             self.running -= 1
 
 
-async def test_many_callers_on_many_caches_compute_once(make_cache: Make) -> None:
-    caches = [make_cache() for _ in range(4)]
+async def test_many_callers_on_many_caches_compute_once(make_redis_cache: Make) -> None:
+    caches = [make_redis_cache() for _ in range(4)]
     gauge = Gauge()
     async with asyncio.timeout(10):
         tasks = [
@@ -65,8 +67,8 @@ async def test_many_callers_on_many_caches_compute_once(make_cache: Make) -> Non
     assert await caches[0].get(KEY) == "v"
 
 
-async def test_hit_does_not_compute(make_cache: Make) -> None:
-    cache = make_cache()
+async def test_hit_does_not_compute(make_redis_cache: Make) -> None:
+    cache = make_redis_cache()
     await cache.set(KEY, "stored")
 
     async def compute() -> str:
@@ -76,9 +78,9 @@ async def test_hit_does_not_compute(make_cache: Make) -> None:
 
 
 async def test_failed_computation_is_not_cached_and_waiters_go_one_at_a_time(
-    make_cache: Make,
+    make_redis_cache: Make,
 ) -> None:
-    caches = [make_cache() for _ in range(4)]
+    caches = [make_redis_cache() for _ in range(4)]
     gauge = Gauge()
     outcomes: list[Any] = []
 
@@ -100,8 +102,8 @@ async def test_failed_computation_is_not_cached_and_waiters_go_one_at_a_time(
     assert await caches[0].get(KEY) == "v"
 
 
-async def test_computation_longer_than_the_lease_keeps_its_lock(make_cache: Make) -> None:
-    caches = [make_cache(lease=0.25) for _ in range(3)]
+async def test_computation_longer_than_the_lease_keeps_its_lock(make_redis_cache: Make) -> None:
+    caches = [make_redis_cache(lease=0.25) for _ in range(3)]
     gauge = Gauge()
     async with asyncio.timeout(10):
         tasks = [asyncio.create_task(c.get_or_compute(KEY, gauge)) for c in caches]
@@ -114,9 +116,9 @@ async def test_computation_longer_than_the_lease_keeps_its_lock(make_cache: Make
 
 
 async def test_cancelled_holder_releases_the_lock_at_once(
-    make_cache: Make, sync_redis: Any
+    make_redis_cache: Make, sync_redis: Any
 ) -> None:
-    holder_cache, waiter_cache = make_cache(lease=30), make_cache(lease=30)
+    holder_cache, waiter_cache = make_redis_cache(lease=30), make_redis_cache(lease=30)
     first, second = Gauge(), Gauge()
     second.release.set()
     async with asyncio.timeout(5):  # far less than the 30 s lease
@@ -132,9 +134,9 @@ async def test_cancelled_holder_releases_the_lock_at_once(
 
 
 async def test_waiter_gives_up_after_wait_and_computes_itself(
-    make_cache: Make, sync_redis: Any
+    make_redis_cache: Make, sync_redis: Any
 ) -> None:
-    cache = make_cache(wait=0.2)
+    cache = make_redis_cache(wait=0.2)
     lock = key_names(cache.namespace, KEY).lock
     sync_redis.set(lock, "someone else", px=60_000)
 
@@ -148,9 +150,9 @@ async def test_waiter_gives_up_after_wait_and_computes_itself(
 
 
 async def test_dead_holder_lease_expires_and_one_waiter_takes_over(
-    make_cache: Make, sync_redis: Any
+    make_redis_cache: Make, sync_redis: Any
 ) -> None:
-    caches = [make_cache() for _ in range(3)]
+    caches = [make_redis_cache() for _ in range(3)]
     sync_redis.set(key_names(caches[0].namespace, KEY).lock, "dead holder", px=300)
     gauge = Gauge()
     gauge.release.set()
@@ -160,10 +162,12 @@ async def test_dead_holder_lease_expires_and_one_waiter_takes_over(
     assert gauge.calls == 1
 
 
-async def test_compute_exception_propagates_even_if_it_is_a_redis_error(make_cache: Make) -> None:
+async def test_compute_exception_propagates_even_if_it_is_a_redis_error(
+    make_redis_cache: Make,
+) -> None:
     import redis
 
-    cache = make_cache()
+    cache = make_redis_cache()
 
     async def compute() -> str:
         raise redis.ConnectionError("from the user's own code")
@@ -173,8 +177,8 @@ async def test_compute_exception_propagates_even_if_it_is_a_redis_error(make_cac
     assert cache.stats().redis_errors == 0
 
 
-async def test_without_single_flight_every_cache_computes(make_cache: Make) -> None:
-    caches = [make_cache(single_flight=False) for _ in range(3)]
+async def test_without_single_flight_every_cache_computes(make_redis_cache: Make) -> None:
+    caches = [make_redis_cache(single_flight=False) for _ in range(3)]
     gauge = Gauge(expected=3)
     async with asyncio.timeout(5):
         tasks = [asyncio.create_task(c.get_or_compute(KEY, gauge)) for c in caches]
@@ -195,11 +199,11 @@ def _finish_as_holder(sync_redis: Any, cache: RedisCache, value: bytes) -> None:
 
 
 async def test_waiter_is_woken_by_the_announcement_not_by_the_lease(
-    make_cache: Make, sync_redis: Any, monkeypatch: pytest.MonkeyPatch
+    make_redis_cache: Make, sync_redis: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import wq_memo.backends.redis as module
 
-    cache = make_cache()
+    cache = make_redis_cache()
     names = key_names(cache.namespace, KEY)
     sync_redis.set(names.lock, "holder elsewhere", px=60_000)
     subscribe, waiting = module._subscribe, asyncio.Event()
@@ -229,11 +233,11 @@ async def test_waiter_is_woken_by_the_announcement_not_by_the_lease(
 
 
 async def test_result_announced_while_subscribing_is_not_missed(
-    make_cache: Make, sync_redis: Any, monkeypatch: pytest.MonkeyPatch
+    make_redis_cache: Make, sync_redis: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import wq_memo.backends.redis as module
 
-    cache = make_cache()
+    cache = make_redis_cache()
     sync_redis.set(key_names(cache.namespace, KEY).lock, "holder elsewhere", px=60_000)
     subscribe = module._subscribe
 

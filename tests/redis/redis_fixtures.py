@@ -1,4 +1,4 @@
-"""Fixtures for the tests against a real Redis server.
+"""Fixtures for the tests against a real Redis server (a plugin the Redis test modules load).
 
 The server is the one at WQ_MEMO_REDIS_URL, else redis://127.0.0.1:6379/0 if it answers. Without
 a reachable server these tests skip, saying why, except under CI=true where they fail. Every test
@@ -72,7 +72,7 @@ def delete_namespace(url: str, namespace: str) -> None:
 
 
 @pytest.fixture
-def namespace(redis_url: str) -> Iterator[str]:
+def redis_namespace(redis_url: str) -> Iterator[str]:
     """A namespace used by this test only; its keys are deleted afterwards."""
     ns = f"{RUN_PREFIX}:{uuid.uuid4().hex[:12]}"
     yield ns
@@ -90,14 +90,16 @@ def sync_redis(redis_url: str) -> Iterator[Any]:
 
 
 @pytest.fixture
-async def make_cache(redis_url: str, namespace: str) -> AsyncIterator[Callable[..., Any]]:
+async def make_redis_cache(
+    redis_url: str, redis_namespace: str
+) -> AsyncIterator[Callable[..., Any]]:
     """Build RedisCaches on the test server and namespace; they are closed afterwards."""
     from wq_memo.backends.redis import RedisCache
 
     made: list[RedisCache] = []
 
     def make(**kwargs: Any) -> RedisCache:
-        kwargs.setdefault("namespace", namespace)
+        kwargs.setdefault("namespace", redis_namespace)
         cache = RedisCache(kwargs.pop("url", redis_url), **kwargs)
         made.append(cache)
         return cache

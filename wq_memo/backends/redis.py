@@ -6,6 +6,7 @@ Needs the ``redis`` package: ``pip install 'wq_memo[redis]'``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import secrets as _secrets
@@ -26,8 +27,6 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess witho
         "wq_memo.backends.redis needs the redis package; install it with "
         "pip install 'wq_memo[redis]'"
     ) from exc
-
-import contextlib
 
 from ._protocol import MISSING, CallKey
 from ._redis_keys import KeyNames, key_names, value_pattern
@@ -452,14 +451,16 @@ class RedisCache:
             try:
                 kind = int(reply[0])
                 payload: Any = reply[1] if kind != _CLAIM_TAKEN else None
-                if kind not in (_CLAIM_HIT, _CLAIM_TAKEN, _CLAIM_HELD):
+                if kind == _CLAIM_HELD:
+                    payload = int(payload)
+                elif kind not in (_CLAIM_HIT, _CLAIM_TAKEN):
                     raise ValueError(kind)
             except (TypeError, ValueError, IndexError, KeyError) as exc:
                 self._counts["redis_errors"] += 1
                 logger.warning("RedisCache: unexpected reply from Redis: %r", reply)
                 raise _Unavailable("lock") from exc
             if kind == _CLAIM_HELD:
-                return kind, int(payload)
+                return kind, payload
             if kind == _CLAIM_HIT:
                 value = self._decode(names, payload)
                 if value is MISSING:

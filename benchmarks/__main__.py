@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import importlib.util
 import json
 import os
 import platform
@@ -91,6 +92,13 @@ def describe(m: dict[str, Any]) -> str:
     )
 
 
+def installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # its parent package is missing
+        return False
+
+
 def redis_reachable() -> bool:
     url = urlsplit(os.environ.get("WQ_MEMO_REDIS_URL", "redis://127.0.0.1:6379/0"))
     try:
@@ -105,6 +113,8 @@ async def redis_section(quick: bool) -> str:
     """The Redis backends' table, from benchmarks/redis_backends.py when it and Redis exist."""
     if not (HERE / "redis_backends.py").exists():
         return "Redis backends: skipped (benchmarks/redis_backends.py is not there)"
+    if not installed("redis.asyncio"):
+        return "Redis backends: skipped (the redis package is not installed: the redis extra)"
     if not redis_reachable():
         return "Redis backends: skipped (no Redis answering at WQ_MEMO_REDIS_URL)"
     module: Any = importlib.import_module("benchmarks.redis_backends")

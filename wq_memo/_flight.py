@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Hashable
@@ -21,6 +22,18 @@ T = TypeVar("T", bound=Hashable)
 R = TypeVar("R")
 
 logger = logging.getLogger("wq_memo")
+
+
+def _relay(waiter: asyncio.Future[R], future: asyncio.Future[R]) -> None:
+    """Pass future's outcome on to one caller's waiter, unless that caller has left."""
+    if waiter.done():
+        return
+    if future.cancelled():
+        waiter.cancel()
+    elif (exc := future.exception()) is not None:
+        waiter.set_exception(exc)
+    else:
+        waiter.set_result(future.result())
 
 
 class Status(enum.Enum):
@@ -145,11 +158,28 @@ class FlightTable(Generic[T, R]):
                 return
 
     async def join(self, flight: Flight[T, R], counted: bool = False) -> R:
-        """Await flight's outcome without letting this caller's cancellation reach it."""
+        """Await flight's outcome without letting this caller's cancellation reach it.
+
+        Like ``asyncio.shield``, with one future per caller relaying the shared one; lighter
+        than shield, which also watches its outer future (one more callback per caller).
+        """
         if not counted:
             flight.callers += 1
         try:
-            return await asyncio.shield(flight.future)
+            future = flight.future
+            if future.done():
+                return future.result()
+            waiter: asyncio.Future[R] = self.loop.create_future()
+            relay = functools.partial(_relay, waiter)
+            future.add_done_callback(relay)
+            try:
+                return await waiter
+            except BaseException:
+                # This caller leaves: take its relay off the shared future, so that nothing
+                # scheduled later keeps the future (and an error it may hold) alive.
+                if not future.done():
+                    future.remove_done_callback(relay)
+                raise
         finally:
             flight.callers -= 1
 

@@ -6,7 +6,8 @@ distinct keys: sent plainly, every request is a call to the service; through
 ``@worker_queue`` each key is fetched once (at most ``maxsize`` at a time) and every other
 request joins that fetch or reads the cache.
 
-Standard library and wq_memo only; meant to be read as an example as much as run.
+Standard library and wq_memo (with its cachetools) only; meant to be read as an example as
+much as run.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TextIO
+
+from cachetools import LRUCache
 
 from wq_memo import CacheInfo, worker_queue
 
@@ -113,6 +116,8 @@ async def burst(
 
 @dataclass(frozen=True)
 class Summary:
+    """What the demo found, for a caller that wants more than the printed summary."""
+
     runs: list[Run]
     cache_info: CacheInfo
     same_answers: bool
@@ -140,8 +145,8 @@ async def demo(
     plain, plain_answers = await burst("plain", service.fetch, service, keys, out)
 
     # The whole change: decorate the function. Each key is fetched once, at most `maxsize`
-    # fetches run at once, and the answers stay cached (an LRUCache of 128 by default).
-    @worker_queue(maxsize=maxsize)
+    # fetches run at once, and the answers stay in the cache (any cachetools cache or dict).
+    @worker_queue(maxsize=maxsize, cache=LRUCache(maxsize=distinct))
     async def fetch(key: int) -> str:
         return await service.fetch(key)
 

@@ -166,3 +166,19 @@ async def test_a_caller_timing_out_leaves_the_computation_running_for_a_later_ca
     await eventually(lambda: not h.flights())
     assert await bounded(h.queue.require(1)) == "r1"
     assert h.worker.calls == [1]
+
+
+async def test_a_worker_raising_cancelled_error_itself_cancels_its_callers_and_is_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    h = make()
+    h.worker.fail(1, asyncio.CancelledError())
+    with caplog.at_level(logging.WARNING, logger="wq_memo"):
+        outcomes = await bounded(
+            asyncio.gather(h.queue.require(1), h.queue.require(1), return_exceptions=True)
+        )
+    assert all(isinstance(o, asyncio.CancelledError) for o in outcomes)
+    assert "without being cancelled" in caplog.text
+    h.worker.succeed(1)
+    assert await bounded(h.queue.require(1)) == "r1"  # nothing was cached or left behind
+    assert h.worker.calls == [1, 1]

@@ -204,6 +204,12 @@ class FlightTable(Generic[T, R]):
                     # asyncio.run() does on its way out. Starting waiting items now would make
                     # tasks it never cancels; cancel them instead.
                     self._cancel_waiting()
+                else:
+                    logger.warning(
+                        "the worker raised CancelledError for %r without being cancelled; "
+                        "its callers are cancelled too",
+                        flight.item,
+                    )
                 raise
             except Exception as exc:
                 self._fail(flight, exc)
@@ -237,8 +243,8 @@ class FlightTable(Generic[T, R]):
         if future.done():
             return
         future.set_exception(exc)
-        # Mark it retrieved: callers receive it through their shields, and asyncio must not
-        # report it as "never retrieved" when none are left.
+        # Mark it retrieved: callers receive it through their relays (see join), and asyncio
+        # must not report it as "never retrieved" when none are left.
         future.exception()
         if flight.callers == 0:
             logger.error(

@@ -51,7 +51,36 @@ class CacheInfo(NamedTuple):
     """The cache's current size (None for an async cache)."""
 
 
-class Memoized(Protocol[P, R]):
+class CacheControls(Protocol):
+    """The attributes a memoized function has, looked up on it or on one of its instances."""
+
+    __name__: str
+    __qualname__: str
+
+    @property
+    def queue(self) -> WorkerQueue[Any, Any]:
+        """The hidden WorkerQueue that computes the misses."""
+        ...
+
+    @property
+    def cache(self) -> MutableMapping[Any, Any] | AsyncCache | None:
+        """The cache given to the decorator (None: deduplication only), shared by instances."""
+        ...
+
+    def cache_info(self) -> CacheInfo:
+        """Hits, misses and joins so far (over every instance), and the cache's size."""
+        ...
+
+    def cache_clear(self) -> None:
+        """Empty the cache (a synchronous cache only; otherwise await acache_clear())."""
+        ...
+
+    async def acache_clear(self) -> None:
+        """Empty the cache, whatever kind it is."""
+        ...
+
+
+class Memoized(CacheControls, Protocol[P, R]):
     """What @worker_queue returns: the function, memoized, with its queue and cache at hand.
 
     On a method, ``instance.method.cache_info()`` and the other attributes work as well; to
@@ -59,35 +88,11 @@ class Memoized(Protocol[P, R]):
     """
 
     __wrapped__: Callable[P, Awaitable[R]]
-    __name__: str
-    __qualname__: str
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, R]: ...
 
-    @property
-    def queue(self) -> WorkerQueue[Any, Any]:
-        """The hidden WorkerQueue that computes this function's misses."""
-        ...
-
-    @property
-    def cache(self) -> MutableMapping[Any, Any] | AsyncCache | None:
-        """The cache given to the decorator (None: deduplication only)."""
-        ...
-
-    def cache_info(self) -> CacheInfo:
-        """Hits, misses and joins so far, and the cache's size."""
-        ...
-
-    def cache_clear(self) -> None:
-        """Empty the cache (a synchronous cache only; otherwise await acache_clear())."""
-        ...
-
     def cache_invalidate(self, *args: P.args, **kwargs: P.kwargs) -> bool:
         """Remove the entry of the call with these arguments; return whether there was one."""
-        ...
-
-    async def acache_clear(self) -> None:
-        """Empty the cache, whatever kind it is."""
         ...
 
     async def acache_invalidate(self, *args: P.args, **kwargs: P.kwargs) -> bool:
@@ -103,36 +108,12 @@ class Memoized(Protocol[P, R]):
     ) -> BoundMemoized[P2, R]: ...
 
 
-class BoundMemoized(Protocol[P, R]):
+class BoundMemoized(CacheControls, Protocol[P, R]):
     """A memoized method looked up on an instance: the instance is bound as the first argument."""
 
     __wrapped__: Callable[..., Awaitable[R]]
-    __name__: str
-    __qualname__: str
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, R]: ...
-
-    @property
-    def queue(self) -> WorkerQueue[Any, Any]:
-        """The hidden WorkerQueue that computes this method's misses."""
-        ...
-
-    @property
-    def cache(self) -> MutableMapping[Any, Any] | AsyncCache | None:
-        """The cache given to the decorator, shared by every instance."""
-        ...
-
-    def cache_info(self) -> CacheInfo:
-        """Hits, misses and joins so far (over every instance), and the cache's size."""
-        ...
-
-    def cache_clear(self) -> None:
-        """Empty the cache, for every instance (a synchronous cache only)."""
-        ...
-
-    async def acache_clear(self) -> None:
-        """Empty the cache, for every instance, whatever kind it is."""
-        ...
 
 
 @final
@@ -214,6 +195,17 @@ def _memoize(
     return wrapper
 
 
+def _args_are_key(key: Callable[..., Hashable]) -> bool:
+    """Whether the positional arguments' tuple can stand in for key(*args) without keywords.
+
+    ``hashkey(*args)`` is a tuple subclass equal to ``args`` and hashing alike, so either finds
+    the other's entries; the plain tuple is already built and hashes in C, where hashkey's
+    tuple is built anew and hashes through a Python method on every lookup. Only for
+    in-process caches: an async cache may serialize keys, and a tuple serializes differently.
+    """
+    return key is cachetools.keys.hashkey
+
+
 def _call_worker(func: Callable[..., Awaitable[R]]) -> Callable[[_Call[R]], Awaitable[R]]:
     def work(call: _Call[R]) -> Awaitable[R]:
         return func(*call.args, **call.kwargs)
@@ -246,11 +238,12 @@ def _with_mapping(
     queue._miss = MISSING
     compute = queue._compute
     hits = 0
+    args_are_key = _args_are_key(key)
 
     # The hot path: one key build, one lookup; no task, no future, no queue.
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         nonlocal hits
-        k = key(*args, **kwargs)
+        k = args if args_are_key and not kwargs else key(*args, **kwargs)
         try:
             value = cache[k]
         except KeyError:
@@ -316,10 +309,12 @@ def _dedup_only(
     )
     queue._miss = MISSING
     compute = queue._compute
+    args_are_key = _args_are_key(key)
 
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
-            call: _Call[R] = _Call(key(*args, **kwargs), args, kwargs)
+            k = args if args_are_key and not kwargs else key(*args, **kwargs)
+            call: _Call[R] = _Call(k, args, kwargs)
         except TypeError as exc:
             raise _unhashable(func, exc) from exc
         return await compute(call)

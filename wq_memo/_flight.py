@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Hashable
@@ -21,6 +22,18 @@ T = TypeVar("T", bound=Hashable)
 R = TypeVar("R")
 
 logger = logging.getLogger("wq_memo")
+
+
+def _relay(waiter: asyncio.Future[R], future: asyncio.Future[R]) -> None:
+    """Pass future's outcome on to one caller's waiter, unless that caller has left."""
+    if waiter.done():
+        return
+    if future.cancelled():
+        waiter.cancel()
+    elif (exc := future.exception()) is not None:
+        waiter.set_exception(exc)
+    else:
+        waiter.set_result(future.result())
 
 
 class Status(enum.Enum):
@@ -89,14 +102,20 @@ class FlightTable(Generic[T, R]):
     # -- accepting ------------------------------------------------------------------------------
 
     def admit(self, item: T) -> Flight[T, R] | None:
-        """Accept item and start it if a slot is free; None when running and waiting are full."""
+        """Accept item and start it if a slot is free; None when running and waiting are full.
+
+        The flight counts its admitting caller already, who must ``join(flight, counted=True)``:
+        an eager task factory can run, even fail, the computation before admit() returns.
+        """
         if self.running < self.maxsize:
             flight: Flight[T, R] = Flight(item, self.loop.create_future())
+            flight.callers = 1
             self.flights[item] = flight
             self._start(flight)
             return flight
         if len(self._waiting) < self.maxsize:
             flight = Flight(item, self.loop.create_future())
+            flight.callers = 1
             self.flights[item] = flight
             self._waiting.append(flight)
             return flight
@@ -120,7 +139,8 @@ class FlightTable(Generic[T, R]):
                 # Woken, then cancelled before using the room: hand the wake-up on.
                 self.pass_room()
             else:
-                waiter.cancel()
+                # Leave the line. Every waiter taken out of it is completed, so no cancel()
+                # is needed, which would schedule callbacks on a loop that may be closed.
                 with contextlib.suppress(ValueError):
                     self._room_waiters.remove(waiter)
             raise
@@ -137,11 +157,29 @@ class FlightTable(Generic[T, R]):
                 waiter.set_result(None)
                 return
 
-    async def join(self, flight: Flight[T, R]) -> R:
-        """Await flight's outcome without letting this caller's cancellation reach it."""
-        flight.callers += 1
+    async def join(self, flight: Flight[T, R], counted: bool = False) -> R:
+        """Await flight's outcome without letting this caller's cancellation reach it.
+
+        Like ``asyncio.shield``, with one future per caller relaying the shared one; lighter
+        than shield, which also watches its outer future (one more callback per caller).
+        """
+        if not counted:
+            flight.callers += 1
         try:
-            return await asyncio.shield(flight.future)
+            future = flight.future
+            if future.done():
+                return future.result()
+            waiter: asyncio.Future[R] = self.loop.create_future()
+            relay = functools.partial(_relay, waiter)
+            future.add_done_callback(relay)
+            try:
+                return await waiter
+            except BaseException:
+                # This caller leaves: take its relay off the shared future, so that nothing
+                # scheduled later keeps the future (and an error it may hold) alive.
+                if not future.done():
+                    future.remove_done_callback(relay)
+                raise
         finally:
             flight.callers -= 1
 
@@ -160,10 +198,24 @@ class FlightTable(Generic[T, R]):
             except asyncio.CancelledError:
                 if not future.done():
                     future.cancel()
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    # Cancelled from outside the queue: its loop is cancelling every task, as
+                    # asyncio.run() does on its way out. Starting waiting items now would make
+                    # tasks it never cancels; cancel them instead.
+                    self._cancel_waiting()
+                else:
+                    logger.warning(
+                        "the worker raised CancelledError for %r without being cancelled; "
+                        "its callers are cancelled too",
+                        flight.item,
+                    )
                 raise
             except Exception as exc:
                 self._fail(flight, exc)
                 return
+            except GeneratorExit:  # destroyed pending, its loop closed: nobody to tell
+                raise
             except BaseException as exc:  # KeyboardInterrupt, SystemExit: callers must not hang
                 self._fail(flight, exc)
                 raise
@@ -179,14 +231,20 @@ class FlightTable(Generic[T, R]):
         finally:
             self._finish(flight)
 
+    def _cancel_waiting(self) -> None:
+        while self._waiting:
+            flight = self._waiting.popleft()
+            flight.future.cancel()
+            self._finish(flight)
+
     def _fail(self, flight: Flight[T, R], exc: BaseException) -> None:
         """Deliver exc to every caller of flight; log it if nobody is left to receive it."""
         future = flight.future
         if future.done():
             return
         future.set_exception(exc)
-        # Mark it retrieved: callers receive it through their shields, and asyncio must not
-        # report it as "never retrieved" when none are left.
+        # Mark it retrieved: callers receive it through their relays (see join), and asyncio
+        # must not report it as "never retrieved" when none are left.
         future.exception()
         if flight.callers == 0:
             logger.error(
@@ -205,8 +263,10 @@ class FlightTable(Generic[T, R]):
             del self.flights[flight.item]
         if was_running:
             self.running -= 1
-            if self._waiting:
-                self._start(self._waiting.popleft())
+        if self.loop.is_closed():  # destroyed with its loop: nothing can start or wake now
+            return
+        if was_running and self._waiting:
+            self._start(self._waiting.popleft())
         self._wake_room_waiter()
         if not self.flights and self._drained is not None and not self._drained.done():
             self._drained.set_result(None)

@@ -124,6 +124,10 @@ class WorkerQueue(Generic[T, R]):
             if value is not self._miss:
                 self._hits += 1
                 return value  # type: ignore[no-any-return]
+            if table.closing:  # aclose() ran while we looked: don't start the queue again
+                raise QueueShutDown(
+                    "the queue is shutting down; require() again once aclose() ends"
+                )
             return await self._compute(item)
         self._joined += 1
         return await table.join(flight)
@@ -145,11 +149,19 @@ class WorkerQueue(Generic[T, R]):
             flight = table.admit(item)
             if flight is not None:
                 self._misses += 1
-                return await table.join(flight)
+                return await table.join(flight, counted=True)
             await table.wait_for_room(again=woken)
             woken = True
+            if table.closing:
+                raise QueueShutDown(
+                    "the queue is shutting down; require() again once aclose() ends"
+                )
             # While we waited, the item may have been computed and cached.
-            value = await self._lookup(item)
+            try:
+                value = await self._lookup(item)
+            except BaseException:
+                table.pass_room()  # cancelled while holding a wake-up: hand it on
+                raise
             if value is not self._miss:
                 self._hits += 1
                 table.pass_room()
@@ -198,6 +210,10 @@ class WorkerQueue(Generic[T, R]):
         _registry.register(self)
         return table
 
+    def _started(self) -> bool:
+        """Whether the queue has been started and not yet fully closed (it may be closing)."""
+        return self._table is not None
+
     def _bound_elsewhere(self) -> bool:
         """Whether the queue's computations belong to another event loop that is still running."""
         table = self._table
@@ -234,12 +250,15 @@ class WorkerQueue(Generic[T, R]):
             self._closing = None
             _registry.unregister(self)
             return
-        if self._closing is None:
-            self._closing = loop.create_task(self._shutdown(table))
-        await asyncio.shield(self._closing)
+        closing = self._closing
+        if closing is None:
+            table.close()  # now, not when the shutdown task first runs
+            closing = loop.create_task(self._shutdown(table))
+            if self._table is table:  # else an eager task factory has run the shutdown already
+                self._closing = closing
+        await asyncio.shield(closing)
 
     async def _shutdown(self, table: FlightTable[T, R]) -> None:
-        table.close()
         try:
             try:
                 async with asyncio.timeout(self.finish_timeout):

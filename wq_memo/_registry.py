@@ -10,8 +10,7 @@ from typing import Protocol
 class Closable(Protocol):
     """What the registry needs of a queue."""
 
-    @property
-    def running(self) -> bool: ...
+    def _started(self) -> bool: ...
 
     def _bound_elsewhere(self) -> bool: ...
 
@@ -33,12 +32,14 @@ def unregister(queue: Closable) -> None:
 
 
 async def aclose_all() -> None:
-    """Close every running queue, concurrently; queues bound to another live loop are left alone.
+    """Close every started queue, concurrently; queues bound to another live loop are left alone.
+
+    A queue already closing is awaited too, so that every shutdown has ended on return.
 
     Raises an ExceptionGroup of what the closes raised, after every close has finished.
     """
     # A list first: closing queues unregisters them while we iterate.
-    queues = [q for q in list(_queues) if q.running and not q._bound_elsewhere()]
+    queues = [q for q in list(_queues) if q._started() and not q._bound_elsewhere()]
     if not queues:
         return
     results = await asyncio.gather(*(q.aclose() for q in queues), return_exceptions=True)

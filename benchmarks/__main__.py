@@ -1,0 +1,194 @@
+"""python -m benchmarks [--quick] [--out DIR] [--only SCENARIO ...]: every scenario, one run.
+
+Prints each scenario's table as it finishes, then the targets met or missed; writes
+results.json, results.md and the growth chart (growth.png) to DIR.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import importlib.util
+import json
+import os
+import platform
+import socket
+import sys
+import time
+import traceback
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from . import bursts, features, growth, head_of_line, hit_path, memory
+from ._harness import Config, Table
+from .contenders import versions
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_OUT = HERE / "results"
+
+SCENARIOS: dict[str, Callable[[Config], Awaitable[Table]]] = {
+    "hit_path": hit_path.measure,
+    "stampede": bursts.stampede,
+    "miss_throughput": bursts.miss_throughput,
+    "head_of_line": head_of_line.head_of_line,
+    "memory": memory.memory,
+    "hit_growth": growth.hit_growth,
+    "stampede_growth": growth.stampede_growth,
+    "features": features.features,
+}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="wq_memo side by side with the peers: every scenario, medians and ratios.",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="a smoke run: fewer rounds, smaller sizes"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=DEFAULT_OUT,
+        help="where results.json, results.md and growth.png go (default: benchmarks/results)",
+    )
+    parser.add_argument(
+        "--only", nargs="+", choices=sorted(SCENARIOS), help="run only these scenarios"
+    )
+    return parser.parse_args(argv)
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "os": platform.platform(terse=True),
+        "python": f"{platform.python_implementation()} {platform.python_version()}",
+        "load_average_at_start": load,
+        "versions": versions(),
+    }
+
+
+def describe(m: dict[str, Any]) -> str:
+    peers = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
+    load = m["load_average_at_start"]
+    load_text = f"; load average {load:.2f} at start" if load is not None else ""
+    return (
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['os']}; {m['python']}{load_text}\n"
+        f"Versions: {peers}"
+    )
+
+
+def installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # its parent package is missing
+        return False
+
+
+def redis_reachable() -> bool:
+    url = urlsplit(os.environ.get("WQ_MEMO_REDIS_URL", "redis://127.0.0.1:6379/0"))
+    try:
+        with socket.create_connection((url.hostname or "127.0.0.1", url.port or 6379), 1) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+async def redis_section(quick: bool) -> str:
+    """The Redis backends' table, from benchmarks/redis_backends.py when it and Redis exist."""
+    if not (HERE / "redis_backends.py").exists():
+        return "Redis backends: skipped (benchmarks/redis_backends.py is not there)"
+    if not installed("redis.asyncio"):
+        return "Redis backends: skipped (the redis package is not installed: the redis extra)"
+    if not redis_reachable():
+        return "Redis backends: skipped (no Redis answering at WQ_MEMO_REDIS_URL)"
+    module: Any = importlib.import_module("benchmarks.redis_backends")
+    text: str = await module.measure(quick)
+    return text
+
+
+async def run(config: Config, out: Path, only: list[str] | None) -> int:
+    m = machine()
+    command = "python -m benchmarks" + (" --quick" if config.quick else "")
+    header = f"# wq_memo benchmarks\n\n`{command}`\n\n{describe(m)}"
+    print(header, end="\n\n", flush=True)
+    tables: list[Table] = []
+    started = time.perf_counter()
+    for name, scenario in SCENARIOS.items():
+        if only and name not in only:
+            continue
+        t0 = time.perf_counter()
+        table = await scenario(config)
+        tables.append(table)
+        print(table.render(), flush=True)
+        print(f"({time.perf_counter() - t0:.1f} s)", end="\n\n", flush=True)
+
+    status = 0
+    extra: list[str] = []
+    if not only:
+        try:
+            extra.append(await redis_section(config.quick))
+        except Exception:
+            traceback.print_exc()
+            extra.append("Redis backends: FAILED (traceback above)")
+            status = 1
+        print(extra[-1], end="\n\n", flush=True)
+
+    by_key = {t.key: t for t in tables}
+    if "hit_growth" in by_key and "stampede_growth" in by_key:
+        extra.append(
+            growth.write_chart(by_key["hit_growth"], by_key["stampede_growth"], out / "growth.png")
+        )
+        print(extra[-1], flush=True)
+
+    targets = [t for table in tables for t in table.targets]
+    summary = ["## Targets", ""] + [f"- {t.describe()}" for t in targets]
+    print("\n".join(summary), flush=True)
+    elapsed = time.perf_counter() - started
+    print(f"\nall done in {elapsed:.0f} s; results in {out}", flush=True)
+
+    save(
+        out,
+        "\n\n".join([header, *(t.render() for t in tables), *extra, "\n".join(summary)]) + "\n",
+        {
+            "command": command,
+            "machine": m,
+            "config": config.__dict__,
+            "seconds": elapsed,
+            "tables": {t.key: t.as_json() for t in tables},
+            "notes": extra,
+        },
+    )
+    return status
+
+
+def save(out: Path, markdown: str, results: dict[str, Any]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.md").write_text(markdown)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None, config: Config | None = None) -> int:
+    args = parse_args(argv)
+    if config is None:
+        config = Config.quick_run() if args.quick else Config.full()
+    return asyncio.run(run(config, args.out, args.only))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

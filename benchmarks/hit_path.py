@@ -1,0 +1,163 @@
+"""Scenario 1, the hit path: nanoseconds per call on a warm key.
+
+Every contender memoizes the same trivial function and is called in a loop with an argument
+already cached (``await f(1)``; the loop's own cost is in every figure alike). wq_memo runs over
+a dict, an LRUCache and a TTLCache, each next to the hand-written reference over the same kind
+of cache and next to async-lru configured alike.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+from ._harness import (
+    Config,
+    Table,
+    Target,
+    clock,
+    gc_paused,
+    interleave,
+    median,
+    ns,
+    paired_ratio,
+    ratio,
+)
+from .contenders import (
+    ASYNC_LRU,
+    PEERS,
+    REFERENCE,
+    TUPLE_KEY_REFERENCE,
+    WQ_MEMO,
+    AsyncFn,
+    Contender,
+    Setup,
+    label,
+)
+
+KINDS = (Setup(cache="dict"), Setup(cache="lru"), Setup(cache="ttl"))
+
+
+async def compute(x: int) -> int:
+    return x
+
+
+async def time_hits(f: AsyncFn, n: int, arg: int = 1) -> float:
+    """Seconds per call over n calls of f(arg)."""
+    with gc_paused():
+        start = clock()
+        for _ in itertools.repeat(None, n):
+            await f(arg)
+        return (clock() - start) / n
+
+
+async def calibrated(f: AsyncFn, batch_seconds: float) -> int:
+    """How many calls make a batch of about batch_seconds (f already warm)."""
+    per_call = await time_hits(f, 200)
+    return max(200, int(batch_seconds / per_call))
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    contender: Contender
+    setup: Setup
+    reference: str
+    """The row of the hand-written reference over the same kind of cache."""
+    tuple_key: str
+    """The row of the hand-written reference keyed by the arguments' tuple."""
+    async_lru: str
+    """The row of async-lru configured alike."""
+
+
+def rows() -> list[Row]:
+    out: list[Row] = []
+
+    def row(contender: Contender, s: Setup) -> Row:
+        return Row(
+            label(contender, s),
+            contender,
+            s,
+            label(REFERENCE, s),
+            label(TUPLE_KEY_REFERENCE, s),
+            label(ASYNC_LRU, s),
+        )
+
+    for s in KINDS:
+        out += [row(REFERENCE, s), row(TUPLE_KEY_REFERENCE, s), row(WQ_MEMO, s)]
+    out += [row(ASYNC_LRU, s) for s in KINDS]
+    lru = Setup(cache="lru")
+    for peer in PEERS:
+        if peer is ASYNC_LRU or peer.name == "aiocache stampede":  # same hit path as aiocache
+            continue
+        out.append(row(peer, lru if peer.module in ("asyncache", "cachetools_async") else Setup()))
+    return out
+
+
+async def measure(config: Config) -> Table:
+    table = Table(
+        "hit_path",
+        "Hit path: ns per call on a warm key (lower is better)",
+        [
+            "contender",
+            "ns/call",
+            "x hand-written (same cache)",
+            "x hand-written, tuple key",
+            "x async-lru (alike)",
+        ],
+    )
+    all_rows = rows()
+    trials = []
+    missing: dict[str, str] = {}
+    for row in all_rows:
+        status = row.contender.status()
+        if status is not None:
+            missing[row.name] = status
+            continue
+        f = row.contender.wrap(compute, row.setup)
+        await f(1)
+        n = await calibrated(f, config.batch_seconds)
+
+        async def trial(f: AsyncFn = f, n: int = n) -> float:
+            return await time_hits(f, n)
+
+        trials.append((row.name, trial))
+    samples = await interleave(trials, config.rounds)
+
+    medians: dict[str, float] = {}
+    for row in all_rows:
+        if row.name in missing:
+            table.add(row.name, missing[row.name], "-", "-", "-")
+            continue
+        medians[row.name] = median(samples[row.name])
+        vs_ref = paired_ratio(samples, row.name, row.reference)
+        vs_alru = (
+            ratio(paired_ratio(samples, row.name, row.async_lru))
+            if row.async_lru in samples
+            else "-"
+        )
+        vs_tuple = paired_ratio(samples, row.name, row.tuple_key)
+        table.add(row.name, ns(medians[row.name]), ratio(vs_ref), ratio(vs_tuple), vs_alru)
+        if row.contender is WQ_MEMO:
+            table.targets.append(Target(f"hit path, {row.name} vs {row.reference}", vs_ref, 1.2))
+            if row.async_lru in samples:
+                table.targets.append(
+                    Target(
+                        f"hit path, {row.name} vs {row.async_lru}",
+                        paired_ratio(samples, row.name, row.async_lru),
+                        0.7,
+                    )
+                )
+    table.data = {"median_seconds_per_call": medians, "rounds": config.rounds}
+    table.notes.append(
+        "each figure includes the `for` loop and the `await f(1)` itself; the hand-written "
+        "reference is `async def` + `hashkey(*args, **kwargs)` + `try: return cache[k]`"
+    )
+    table.notes.append(
+        "the tuple-key reference keys the cache by the arguments' tuple, which equals "
+        "hashkey(*args) and hashes alike; wq_memo does the same with its default key"
+    )
+    table.notes.append(
+        "aiocache's cached_stampede has the same hit path as its cached, so it is left out here"
+    )
+    return table

@@ -1,0 +1,34 @@
+"""The Redis benchmark still runs and prints its table (quick mode)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("redis.asyncio")
+
+pytest_plugins = ("redis_fixtures",)
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "redis_backends.py"
+
+
+async def test_quick_benchmark_prints_a_row_per_contender(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch, sync_redis: Any
+) -> None:
+    monkeypatch.setenv("WQ_MEMO_REDIS_URL", redis_url)
+    spec = importlib.util.spec_from_file_location("wq_memo_redis_benchmark", SCRIPT)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    table = await module.measure(quick=True)
+    rows = table.splitlines()
+    assert rows[2].startswith("wq_memo RedisCache ")
+    assert rows[2].split()[3] == "1.00"  # the baseline's hit ratio
+    assert len(rows) == 2 + 6
+    assert not list(sync_redis.scan_iter(match="wq_memo_bench:*", count=1000))

@@ -1,0 +1,167 @@
+"""@worker_queue(cache=RedisCache(...)): the decorator computing through Redis."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import cachetools.keys
+import pytest
+
+pytest.importorskip("redis.asyncio")
+
+from wq_memo import worker_queue
+from wq_memo.backends import MISSING, CallKey
+from wq_memo.backends._redis_keys import key_names
+from wq_memo.backends.redis import RedisCache
+
+pytest_plugins = ("redis_fixtures",)
+
+Make = Callable[..., RedisCache]
+
+
+class _Opaque:
+    def __hash__(self) -> int:
+        return 1
+
+
+async def test_concurrent_calls_compute_once_and_land_in_redis(
+    make_redis_cache: Make, sync_redis: Any
+) -> None:
+    cache = make_redis_cache()
+    calls = 0
+    gate = asyncio.Event()
+
+    @worker_queue(cache=cache)
+    async def square(x: int, *, shift: int = 0) -> int:
+        nonlocal calls
+        calls += 1
+        await gate.wait()
+        return x * x + shift
+
+    async with asyncio.timeout(10):
+        tasks = [asyncio.create_task(square(3, shift=1)) for _ in range(20)]
+        await asyncio.sleep(0)
+        gate.set()
+        assert await asyncio.gather(*tasks) == [10] * 20
+        assert await square(3, shift=1) == 10
+    assert calls == 1
+    info = square.cache_info()
+    assert info.hits + info.misses + info.joined == 21
+    assert info.hits >= 1
+    function = f"{square.__module__}.{square.__qualname__}"
+    name = key_names(cache.namespace, CallKey(function, cachetools.keys.hashkey(3, shift=1)))
+    assert sync_redis.get(name.value) == b"wq1j10"
+
+
+async def test_a_second_process_view_reads_the_first_ones_results(make_redis_cache: Make) -> None:
+    results: list[str] = []
+
+    def define(cache: RedisCache) -> Any:
+        @worker_queue(cache=cache)
+        async def greet(name: str) -> str:
+            results.append(name)
+            return f"hello {name}"
+
+        return greet
+
+    first, second = define(make_redis_cache()), define(make_redis_cache())
+    assert await first("a") == "hello a"
+    assert await second("a") == "hello a"
+    assert results == ["a"]
+
+
+async def test_none_is_cached_and_exceptions_are_not(make_redis_cache: Make) -> None:
+    calls: list[int] = []
+
+    @worker_queue(cache=make_redis_cache())
+    async def maybe(x: int) -> int | None:
+        calls.append(x)
+        if x < 0:
+            raise ValueError("negative")
+        return None
+
+    assert await maybe(1) is None
+    assert await maybe(1) is None
+    for _ in range(2):
+        with pytest.raises(ValueError, match="negative"):
+            await maybe(-1)
+    assert calls == [1, -1, -1]
+
+
+async def test_invalidate_and_clear(make_redis_cache: Make) -> None:
+    cache = make_redis_cache()
+    calls: list[int] = []
+
+    @worker_queue(cache=cache)
+    async def ident(x: int) -> int:
+        calls.append(x)
+        return x
+
+    for x in (1, 2, 1, 2):
+        await ident(x)
+    assert calls == [1, 2]
+    assert await ident.acache_invalidate(1) is True
+    assert await ident.acache_invalidate(1) is False
+    await ident(1)
+    assert calls == [1, 2, 1]
+    await ident.acache_clear()
+    await ident(1)
+    await ident(2)
+    assert calls == [1, 2, 1, 1, 2]
+
+
+async def test_functions_sharing_a_cache_have_separate_entries(make_redis_cache: Make) -> None:
+    cache = make_redis_cache()
+
+    @worker_queue(cache=cache)
+    async def double(x: int) -> int:
+        return 2 * x
+
+    @worker_queue(cache=cache)
+    async def triple(x: int) -> int:
+        return 3 * x
+
+    assert (await double(5), await triple(5)) == (10, 15)
+    assert (await double(5), await triple(5)) == (10, 15)
+
+
+async def test_argument_without_canonical_encoding_says_pass_key(make_redis_cache: Make) -> None:
+    @worker_queue(cache=make_redis_cache())
+    async def use(obj: Any) -> int:
+        return 1
+
+    with pytest.raises(TypeError, match="pass key="):
+        await use(_Opaque())
+
+    @worker_queue(cache=make_redis_cache(), key=lambda obj: id(obj))
+    async def use_by_id(obj: Any) -> int:
+        return 2
+
+    assert await use_by_id(_Opaque()) == 2
+
+
+async def test_results_json_cannot_hold_are_returned_uncached(make_redis_cache: Make) -> None:
+    cache = make_redis_cache()
+    calls = 0
+
+    @worker_queue(cache=cache)
+    async def pair(x: int) -> tuple[int, int]:
+        nonlocal calls
+        calls += 1
+        return (x, x)
+
+    assert await pair(1) == (1, 1)
+    assert await pair(1) == (1, 1)
+    assert calls == 2
+    assert cache.stats().unencodable == 2
+    signed = make_redis_cache(secret="k" * 32)
+
+    @worker_queue(cache=signed)
+    async def signed_pair(x: int) -> tuple[int, int]:
+        return (x, x)
+
+    assert await signed_pair(1) == (1, 1)
+    assert await signed.get(CallKey(f"{__name__}.{signed_pair.__qualname__}", (1,))) == (1, 1)
+    assert await cache.get(CallKey("nothing", ())) is MISSING

@@ -1,0 +1,140 @@
+"""Single flight across OS processes sharing one Redis."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import queue
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("redis.asyncio")
+
+import redis_procs
+
+pytest_plugins = ("redis_fixtures",)
+
+CTX = multiprocessing.get_context("spawn")
+
+
+class Procs:
+    """Spawned processes that are always ended (by pid) when the test is over."""
+
+    def __init__(self) -> None:
+        self.procs: list[Any] = []
+        self.messages: Any = CTX.Queue()
+
+    def start(self, target: Any, *args: Any) -> Any:
+        proc = CTX.Process(target=target, args=(*args, self.messages), daemon=True)
+        proc.start()
+        self.procs.append(proc)
+        return proc
+
+    def expect(self, kind: str, count: int, timeout: float = 20.0) -> list[tuple[Any, ...]]:
+        """Return count messages of kind, failing early if a process dies with an error."""
+        got: list[tuple[Any, ...]] = []
+        deadline = time.monotonic() + timeout
+        while len(got) < count:
+            try:
+                message = self.messages.get(timeout=0.1)
+            except queue.Empty:
+                crashed = [p.exitcode for p in self.procs if p.exitcode not in (None, 0, -9)]
+                assert not crashed, f"a process failed with exit code {crashed}"
+                assert time.monotonic() < deadline, f"waited {timeout} s for {kind!r}: {got}"
+                continue
+            assert message[0] == kind, message
+            got.append(message)
+        return got
+
+    def end(self) -> None:
+        for proc in self.procs:
+            proc.join(10)
+            if proc.is_alive():
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.join(5)
+        self.messages.close()
+        self.messages.join_thread()
+
+
+@pytest.fixture
+def procs() -> Iterator[Procs]:
+    p = Procs()
+    yield p
+    p.end()
+
+
+def _start_herd(procs: Procs, url: str, ns: str, n: int, seconds: float, lease: float) -> None:
+    go = CTX.Event()
+    for _ in range(n):
+        procs.start(redis_procs.herd, url, ns, 25, seconds, lease, go)
+    procs.expect("ready", n)
+    go.set()
+
+
+def test_four_processes_with_many_callers_compute_a_cold_key_once(
+    procs: Procs, redis_url: str, redis_namespace: str, sync_redis: Any
+) -> None:
+    _start_herd(procs, redis_url, redis_namespace, 4, 0.5, 10.0)
+    done = procs.expect("done", 4)
+    assert int(sync_redis.get(f"{redis_namespace}:computations")) == 1
+    results = [r for message in done for r in message[2]]
+    assert len(results) == 100
+    assert len({r["pid"] for r in results}) == 1
+    assert sum(message[3]["computed"] for message in done) == 1
+
+
+def test_computation_longer_than_the_lease_still_runs_once(
+    procs: Procs, redis_url: str, redis_namespace: str, sync_redis: Any
+) -> None:
+    # Four leases long. A much shorter lease would measure the machine's scheduling instead: the
+    # holder's loop must get to run its renewal within the lease.
+    _start_herd(procs, redis_url, redis_namespace, 4, 2.0, 0.5)
+    done = procs.expect("done", 4)
+    assert int(sync_redis.get(f"{redis_namespace}:computations")) == 1
+    assert sum(message[3]["lock_lost"] for message in done) == 0
+    assert len({r["pid"] for message in done for r in message[2]}) == 1
+
+
+def test_killed_lock_holder_is_replaced_by_exactly_one_waiter(
+    procs: Procs, redis_url: str, redis_namespace: str, sync_redis: Any
+) -> None:
+    from wq_memo.backends._redis_keys import key_names
+
+    names = key_names(redis_namespace, redis_procs.KEY)
+    holder = procs.start(redis_procs.hang, redis_url, redis_namespace, 1.0)
+    procs.expect("computing", 1)
+    _start_herd(procs, redis_url, redis_namespace, 3, 0.1, 1.0)
+    # Wait (bounded) until the three processes are subscribed waiters of the live holder.
+    deadline = time.monotonic() + 20
+    while sync_redis.pubsub_numsub(names.channel)[0][1] < 3:
+        assert time.monotonic() < deadline, "the waiters never subscribed"
+        time.sleep(0.02)
+    assert sync_redis.exists(names.lock)
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.join(5)
+    assert holder.exitcode == -signal.SIGKILL
+    done = procs.expect("done", 3, timeout=20)
+    assert (
+        int(sync_redis.get(f"{redis_namespace}:computations")) == 2
+    )  # the dead holder and one more
+    results = [r for message in done for r in message[2]]
+    assert len(results) == 75
+    assert len({r["pid"] for r in results}) == 1
+    assert results[0]["pid"] != holder.pid
+
+
+def test_readme_example_computes_each_key_once(redis_url: str, redis_namespace: str) -> None:
+    example = Path(__file__).resolve().parents[2] / "examples" / "multiprocess.py"
+    env = {**os.environ, "WQ_MEMO_REDIS_URL": redis_url, "WQ_MEMO_NAMESPACE": redis_namespace}
+    out = subprocess.run(
+        [sys.executable, str(example)], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "5 computations for 5 keys" in out.stdout

@@ -1,0 +1,156 @@
+"""The benchmark runs end to end at a tiny size and reports what each contender did.
+
+Only structure and counts are checked (computations, the concurrency bound), never speed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from benchmarks import __main__ as bench
+from benchmarks import bursts
+from benchmarks._harness import Config, Table, Target
+from benchmarks.contenders import PEERS, WQ_MEMO, Contender, Setup
+
+TINY = Config.quick_run().scaled(
+    rounds=1,
+    batch_seconds=0.001,
+    callers=200,
+    keys=200,
+    memory_entries=100,
+    growth_sizes=(10, 100),
+    growth_callers=(10, 100),
+    growth_rounds=1,
+    hol_slow=0.05,
+    hol_fast=0.002,
+)
+
+MISSING_PEER = Contender(
+    "no-such-peer", "wq_memo_benchmarks_no_such_module", "no-such-peer", True, PEERS[0].recipe
+)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, Path, dict[str, Any]]:
+    out = tmp_path_factory.mktemp("bench")
+    status = bench.main(["--quick", "--out", str(out)], config=TINY)
+    return status, out, json.loads((out / "results.json").read_text())
+
+
+def test_every_scenario_runs_and_is_saved(run: tuple[int, Path, dict[str, Any]]) -> None:
+    status, out, results = run
+    assert status == 0
+    assert set(results["tables"]) == set(bench.SCENARIOS)
+    markdown = (out / "results.md").read_text()
+    for table in results["tables"].values():
+        assert table["title"] in markdown
+        assert table["rows"], table["title"]
+        assert all(len(row) == len(table["columns"]) for row in table["rows"])
+    assert results["command"] == "python -m benchmarks --quick"
+    assert results["machine"]["cores"] >= 1
+    assert "## Targets" in markdown
+
+
+def test_stampede_computes_once_where_the_contender_deduplicates(
+    run: tuple[int, Path, dict[str, Any]],
+) -> None:
+    computations = run[2]["tables"]["stampede"]["data"]["computations"]
+    assert computations["wq_memo"] == [1]
+    for peer in PEERS:
+        if peer.name in computations:  # installed
+            expected = 1 if peer.dedups else TINY.callers
+            assert computations[peer.name] == [expected], peer.name
+
+
+def test_miss_throughput_computes_every_key_within_the_bound(
+    run: tuple[int, Path, dict[str, Any]],
+) -> None:
+    data = run[2]["tables"]["miss_throughput"]["data"]
+    assert data["computations"]["wq_memo"] == [TINY.keys]
+    assert data["peak_concurrency"]["wq_memo"] <= bursts.MISS_MAXSIZE
+
+
+def test_head_of_line_keeps_wq_memo_within_its_slots(
+    run: tuple[int, Path, dict[str, Any]],
+) -> None:
+    table = run[2]["tables"]["head_of_line"]
+    assert table["data"]["peak_concurrency"]["wq_memo"] == 3
+    assert [t["what"] for t in table["targets"]] == ["head-of-line, twelve quick items done"]
+
+
+def test_memory_and_growth_report_every_size(run: tuple[int, Path, dict[str, Any]]) -> None:
+    tables = run[2]["tables"]
+    memory = tables["memory"]["data"]["bytes"]
+    assert memory["filled by hand, tuple keys (dict)"] > 0
+    assert memory["per entry: wq_memo (dict)"] > 0
+    hits = tables["hit_growth"]["data"]["median_seconds_per_call"]
+    assert set(hits["wq_memo"]) == {str(s) for s in TINY.growth_sizes}  # JSON keys are strings
+    stampedes = tables["stampede_growth"]
+    assert [row[0] for row in stampedes["rows"]] == ["10", "100"]
+    assert all(row[-1] == "1" for row in stampedes["rows"])  # one computation each time
+
+
+def test_chart_is_written_when_matplotlib_is_there(run: tuple[int, Path, dict[str, Any]]) -> None:
+    _, out, results = run
+    if importlib.util.find_spec("matplotlib") is None:
+        assert any("matplotlib is not installed" in note for note in results["notes"])
+    else:
+        assert (out / "growth.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_peer_that_does_not_import_is_shown_not_skipped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert MISSING_PEER.status() == "not installed"
+    monkeypatch.setattr(bursts, "contenders", lambda: [WQ_MEMO, MISSING_PEER])
+    table = asyncio.run(bursts.stampede(TINY))
+    rows = {row[0]: row for row in table.rows}
+    assert rows["no-such-peer"][1] == "not installed"
+    assert rows["wq_memo"][1] == "1"
+
+
+def test_targets_say_met_or_missed() -> None:
+    assert Target("x", 1.1, 1.2).met
+    assert not Target("x", 1.3, 1.2).met
+    assert "MISSED" in Target("x", 1.3, 1.2).describe()
+    table = Table("k", "Title", ["a", "b"])
+    table.add("row", 1)
+    table.targets.append(Target("t", 0.5, 0.7))
+    assert table.render().splitlines()[2:5] == ["| a   | b |", "|-----|--:|", "| row | 1 |"]
+    assert "target: t: 0.50x (target <= 0.70x): met" in table.render()
+
+
+def test_contenders_build_working_memoizers() -> None:
+    async def double(x: int) -> int:
+        return 2 * x
+
+    async def check(contender: Contender) -> None:
+        f = contender.wrap(double, Setup(cache="lru", size=4))
+        assert [await f(1), await f(1), await f(2)] == [2, 2, 4]
+
+    for contender in [WQ_MEMO, *PEERS]:
+        if contender.status() is None:
+            asyncio.run(check(contender))
+
+
+def test_feature_probes_find_what_wq_memo_promises(run: tuple[int, Path, dict[str, Any]]) -> None:
+    probes = run[2]["tables"]["features"]["data"]["probes"]
+    wq = {feature: cells["wq_memo"] for feature, cells in probes.items()}
+    assert wq == {
+        "deduplication": "yes (1 computation for 10 callers)",
+        "bounded concurrency": "yes (3 of 10 at once)",
+        "cancellation isolation": "yes",
+        "exceptions": "never cached",
+        "None results": "cached",
+        "event-loop change": "works, cache kept",
+        "typing": "py.typed",
+        "shutdown": "yes: f.queue.aclose(), worker_queue.aclose_all()",
+    }
+    for feature, cells in probes.items():
+        assert set(cells) == {"wq_memo", *(p.name for p in PEERS)}, feature

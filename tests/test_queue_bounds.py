@@ -1,0 +1,313 @@
+"""WorkerQueue: maxsize, backpressure, waking callers that wait for room, no head-of-line blocking
+(issue 2: 2)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from _queue_harness import Harness, bounded, eventually, gathered, make, until
+
+from wq_memo import WorkerQueue
+
+
+def room_waiters(h: Harness) -> int:
+    table = h.queue._table
+    return 0 if table is None else sum(not w.done() for w in table._room_waiters)
+
+
+def waiting_items(h: Harness) -> list[int]:
+    table = h.queue._table
+    return [] if table is None else [f.item for f in table._waiting]
+
+
+@pytest.mark.parametrize("maxsize", [1, 2, 3])
+async def test_maxsize_bounds_running_computations_and_waiting_items(maxsize: int) -> None:
+    h = make(maxsize=maxsize)
+    n = 4 * maxsize + 2
+    gates = {i: h.worker.gate(i) for i in range(n)}
+    in_flight: list[int] = []
+    h.worker.on_call = lambda _item: in_flight.append(len(h.flights()))
+    tasks = [asyncio.create_task(h.queue.require(i)) for i in range(n)]
+    # maxsize items run, maxsize wait for a slot, the other callers wait for room.
+    await eventually(lambda: room_waiters(h) == n - 2 * maxsize and h.worker.active == maxsize)
+    assert sorted(h.worker.calls) == list(range(maxsize))
+    assert len(h.flights()) == 2 * maxsize
+    assert not any(t.done() for t in tasks)
+    # Release one computation at a time: the bounds hold all the way through.
+    for i in range(n):
+        await until(h.worker.started(i))
+        assert h.worker.active <= maxsize
+        assert len(h.flights()) <= 2 * maxsize
+        gates[i].set()
+    assert await gathered(*tasks) == [f"r{i}" for i in range(n)]
+    assert h.worker.max_active == maxsize
+    assert max(in_flight) <= 2 * maxsize
+    assert sorted(h.worker.calls) == list(range(n))
+    h.assert_no_bookkeeping()
+
+
+async def test_a_full_queue_makes_callers_wait_then_serves_them_all() -> None:
+    h = make(maxsize=2)
+    gate = asyncio.Event()
+
+    async def slow(item: int) -> str:
+        h.worker.calls.append(item)
+        await gate.wait()
+        return f"r{item}"
+
+    queue: WorkerQueue[int, str] = WorkerQueue(slow, h.cache.get, h.cache.set, maxsize=2)
+    h = Harness(queue, h.worker, h.cache)
+    tasks = [asyncio.create_task(queue.require(i % 25)) for i in range(100)]
+    await eventually(lambda: room_waiters(h) > 0)
+    gate.set()
+    results = await gathered(*tasks)
+    assert results == [f"r{i % 25}" for i in range(100)]
+    assert sorted(h.worker.calls) == list(range(25))  # waiting callers joined, never recomputed
+    h.assert_no_bookkeeping()
+
+
+async def test_a_caller_waiting_for_room_joins_its_item_once_another_caller_queued_it() -> None:
+    h = make(maxsize=1)
+    gate0 = h.worker.gate(0)
+    gate1 = h.worker.gate(1)
+    t0 = asyncio.create_task(h.queue.require(0))
+    t1 = asyncio.create_task(h.queue.require(1))
+    await eventually(lambda: waiting_items(h) == [1])
+    w2a = asyncio.create_task(h.queue.require(2))
+    w2b = asyncio.create_task(h.queue.require(2))
+    await eventually(lambda: room_waiters(h) == 2)
+    gate0.set()  # item 1 runs; one place frees up: the first waiter queues item 2
+    await eventually(lambda: waiting_items(h) == [2])
+    gate1.set()  # the other waiter gets room next and joins item 2 instead of queuing it again
+    assert await gathered(t0, t1, w2a, w2b) == ["r0", "r1", "r2", "r2"]
+    assert h.worker.calls == [0, 1, 2]
+    h.assert_no_bookkeeping()
+
+
+async def test_a_waiter_that_joins_instead_of_queuing_hands_its_wake_up_on() -> None:
+    h = make(maxsize=1)
+    gates = {i: h.worker.gate(i) for i in range(4)}
+    t0 = asyncio.create_task(h.queue.require(0))
+    t1 = asyncio.create_task(h.queue.require(1))
+    await eventually(lambda: waiting_items(h) == [1])
+    w2a = asyncio.create_task(h.queue.require(2))
+    w2b = asyncio.create_task(h.queue.require(2))
+    w3 = asyncio.create_task(h.queue.require(3))
+    await eventually(lambda: room_waiters(h) == 3)
+    gates[0].set()  # item 1 runs; w2a queues item 2
+    await eventually(lambda: waiting_items(h) == [2])
+    gates[1].set()  # item 2 runs; w2b is woken, joins item 2 and must wake w3
+    await until(h.worker.started(2))
+    await eventually(lambda: waiting_items(h) == [3])  # while item 2 still runs
+    for gate in gates.values():
+        gate.set()
+    assert await gathered(t0, t1, w2a, w2b, w3) == ["r0", "r1", "r2", "r2", "r3"]
+    assert h.worker.calls == [0, 1, 2, 3]
+    h.assert_no_bookkeeping()
+
+
+async def test_a_waiter_finds_its_item_cached_once_it_gets_room() -> None:
+    h = make(maxsize=1)
+    gate0 = h.worker.gate(0)
+    gate1 = h.worker.gate(1)
+    t0 = asyncio.create_task(h.queue.require(0))
+    t1 = asyncio.create_task(h.queue.require(1))
+    await eventually(lambda: waiting_items(h) == [1])
+    w5 = asyncio.create_task(h.queue.require(5))
+    w6 = asyncio.create_task(h.queue.require(6))
+    await eventually(lambda: room_waiters(h) == 2)
+    h.cache.data[5] = "from elsewhere"  # filled by someone else while w5 waits
+    gate0.set()
+    assert await bounded(w5) == "from elsewhere"
+    # w5 used no place: it handed its wake-up on, so w6 queues at once, while item 1 still runs.
+    await eventually(lambda: waiting_items(h) == [6])
+    gate1.set()
+    assert await gathered(t0, t1, w6) == ["r0", "r1", "r6"]
+    assert 5 not in h.worker.calls
+    h.assert_no_bookkeeping()
+
+
+async def test_callers_cancelled_while_waiting_for_room_lose_no_wake_up() -> None:
+    h = make(maxsize=1)
+    gate0 = h.worker.gate(0)
+    gate1 = h.worker.gate(1)
+    t0 = asyncio.create_task(h.queue.require(0))
+    t1 = asyncio.create_task(h.queue.require(1))
+    await eventually(lambda: waiting_items(h) == [1])
+    waiters = {i: asyncio.create_task(h.queue.require(i)) for i in range(2, 8)}
+    await eventually(lambda: room_waiters(h) == 6)
+    for i in (2, 4, 6):
+        waiters[i].cancel()
+    await eventually(lambda: room_waiters(h) == 3)
+    gate0.set()
+    # The place item 1 left in the waiting line goes to the first waiter still there.
+    await eventually(lambda: waiting_items(h) == [3])
+    gate1.set()
+    assert await gathered(t0, t1, waiters[3], waiters[5], waiters[7]) == [
+        "r0",
+        "r1",
+        "r3",
+        "r5",
+        "r7",
+    ]
+    for i in (2, 4, 6):
+        assert waiters[i].cancelled()
+    assert h.worker.calls == [0, 1, 3, 5, 7]
+    h.assert_no_bookkeeping()
+
+
+async def test_a_caller_cancelled_just_after_being_woken_hands_the_wake_up_on() -> None:
+    h = make(maxsize=1)
+    gate0 = h.worker.gate(0)
+    gate1 = h.worker.gate(1)
+    t0 = asyncio.create_task(h.queue.require(0))
+    t1 = asyncio.create_task(h.queue.require(1))
+    await eventually(lambda: waiting_items(h) == [1])
+    w2 = asyncio.create_task(h.queue.require(2))
+    w3 = asyncio.create_task(h.queue.require(3))
+    await eventually(lambda: room_waiters(h) == 2)
+    loop = asyncio.get_running_loop()
+
+    def cancel_w2_soon(item: int) -> None:
+        # Item 0 ends in this very step, which then wakes w2: the cancel scheduled now runs
+        # after the wake-up and before w2 resumes.
+        if item == 0:
+            loop.call_soon(w2.cancel)
+
+    h.worker.before_return = cancel_w2_soon
+    gate0.set()
+    with pytest.raises(asyncio.CancelledError):
+        await bounded(w2)
+    # w3 gets the place w2 was woken for, while item 1 still runs.
+    await eventually(lambda: waiting_items(h) == [3])
+    gate1.set()
+    assert await gathered(t0, t1, w3) == ["r0", "r1", "r3"]
+    assert 2 not in h.worker.calls
+    h.assert_no_bookkeeping()
+
+
+async def test_a_caller_cancelled_while_checking_the_cache_after_being_woken_hands_it_on() -> None:
+    h = make(maxsize=1)
+    gate0 = h.worker.gate(0)
+    gate1 = h.worker.gate(1)
+    looking = asyncio.Event()
+
+    async def cache_get(item: int) -> str | None:
+        # Item 2's second look (after it got room) hangs until cancelled.
+        if item == 2 and h.cache.gets.count(2) == 1:
+            looking.set()
+            await asyncio.Event().wait()
+        return await h.cache.get(item)
+
+    queue: WorkerQueue[int, str] = WorkerQueue(h.worker, cache_get, h.cache.set, maxsize=1)
+    h = Harness(queue, h.worker, h.cache)
+    t0 = asyncio.create_task(queue.require(0))
+    t1 = asyncio.create_task(queue.require(1))
+    await eventually(lambda: waiting_items(h) == [1])
+    w2 = asyncio.create_task(queue.require(2))
+    w3 = asyncio.create_task(queue.require(3))
+    await eventually(lambda: room_waiters(h) == 2)
+    gate0.set()
+    await until(looking)
+    w2.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await bounded(w2)
+    await eventually(lambda: waiting_items(h) == [3])  # while item 1 still runs
+    gate1.set()
+    assert await gathered(t0, t1, w3) == ["r0", "r1", "r3"]
+    h.assert_no_bookkeeping()
+
+
+async def test_waiters_cancelled_after_their_wake_up_never_strand_the_rest() -> None:
+    """Every computation ends while the callers it woke are cancelled: the rest still run."""
+    h = make(maxsize=1)
+    gate0 = h.worker.gate(0)
+    gate1 = h.worker.gate(1)
+    looking: dict[int, asyncio.Event] = {2: asyncio.Event(), 3: asyncio.Event()}
+
+    async def cache_get(item: int) -> str | None:
+        if item in looking and h.cache.gets.count(item) == 1:
+            looking[item].set()
+            await asyncio.Event().wait()
+        return await h.cache.get(item)
+
+    queue: WorkerQueue[int, str] = WorkerQueue(h.worker, cache_get, h.cache.set, maxsize=1)
+    h = Harness(queue, h.worker, h.cache)
+    t0 = asyncio.create_task(queue.require(0))
+    t1 = asyncio.create_task(queue.require(1))
+    await eventually(lambda: waiting_items(h) == [1])
+    stuck = [asyncio.create_task(queue.require(i)) for i in (2, 3)]
+    w4 = asyncio.create_task(queue.require(4))
+    await eventually(lambda: room_waiters(h) == 3)
+    gate0.set()
+    await until(looking[2])
+    gate1.set()
+    await until(looking[3])
+    assert await gathered(t0, t1) == ["r0", "r1"]
+    for task in stuck:
+        task.cancel()
+    # Nothing is in flight any more: only a handed-on wake-up can let w4 in.
+    assert await bounded(w4, within=2.0) == "r4"
+    h.assert_no_bookkeeping()
+
+
+# -- no head-of-line blocking ----------------------------------------------------------------------
+
+
+async def test_one_slow_item_does_not_hold_back_the_others() -> None:
+    h = make(maxsize=3)
+    slow_gate = h.worker.gate(0)
+    slow = asyncio.create_task(h.queue.require(0))
+    await until(h.worker.started(0))
+    fast = [asyncio.create_task(h.queue.require(i)) for i in range(1, 13)]
+    assert await gathered(*fast) == [f"r{i}" for i in range(1, 13)]
+    assert not slow.done()
+    assert h.worker.active == 1  # the slow item, still held
+    slow_gate.set()
+    assert await bounded(slow) == "r0"
+    h.assert_no_bookkeeping()
+
+
+async def test_a_computation_that_ends_starts_the_next_waiting_item_at_once() -> None:
+    h = make(maxsize=2)
+    gates = {i: h.worker.gate(i) for i in range(4)}
+    tasks = [asyncio.create_task(h.queue.require(i)) for i in range(4)]
+    await eventually(lambda: waiting_items(h) == [2, 3])
+    gates[1].set()  # item 0 still runs: item 2 starts in item 1's slot
+    await until(h.worker.started(2))
+    assert not h.worker.started(3).is_set()
+    assert await bounded(tasks[1]) == "r1"
+    for gate in gates.values():
+        gate.set()
+    assert await gathered(*tasks) == ["r0", "r1", "r2", "r3"]
+
+
+async def test_twelve_quick_items_finish_quickly_beside_one_slow_item() -> None:
+    """Coarse wall-clock check, bounded generously: ideal is 6 rounds of 10 ms."""
+    slow_gate = asyncio.Event()
+
+    async def worker(item: int) -> str:
+        if item == 0:
+            await slow_gate.wait()
+        else:
+            await asyncio.sleep(0.01)
+        return f"r{item}"
+
+    async def cache_get(item: int) -> str | None:
+        return None
+
+    async def cache_set(item: int, value: str) -> None:
+        pass
+
+    queue: WorkerQueue[int, str] = WorkerQueue(worker, cache_get, cache_set, maxsize=3)
+    slow = asyncio.create_task(queue.require(0))
+    await asyncio.sleep(0)
+    start = time.perf_counter()
+    await gathered(*(queue.require(i) for i in range(1, 13)))
+    elapsed = time.perf_counter() - start
+    assert not slow.done()
+    assert elapsed < 1.0
+    slow_gate.set()
+    assert await bounded(slow) == "r0"

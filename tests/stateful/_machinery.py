@@ -36,14 +36,6 @@ computation stored the item starts a second computation (a known bug, reported).
 WQ_MEMO_CHECK_SLOW_LOOKUPS=1 to run the rule.
 """
 
-CHECK_LOOP_END = os.environ.get("WQ_MEMO_CHECK_LOOP_END", "") == "1"
-"""Check that ending an event loop, as asyncio.run() does, starts no computation on it.
-
-Off by default: on the current code, cancelling a running computation at the end of a loop
-starts the next waiting one, whose task is then destroyed pending (a known bug, reported).
-Set WQ_MEMO_CHECK_LOOP_END=1 to check it.
-"""
-
 
 KEYS = ("a", "b", "c", "d")
 keys = st.sampled_from(KEYS)
@@ -191,22 +183,23 @@ class QueueModelMachine(RuleBasedStateMachine):
     def close_loop(self) -> None:
         """End the machine's loop as asyncio.run() does: cancel what is left, wait, close.
 
-        asyncio.run() cancels the tasks once; tasks started meanwhile would be destroyed
-        pending. Unless CHECK_LOOP_END is set, cancel again until none is left.
+        asyncio.run() cancels the tasks once: a task started meanwhile (a waiting computation
+        started when a running one was cancelled, say) would be destroyed pending.
         """
         loop = self.loop
         tasks = asyncio.all_tasks(loop)
-        first = True
-        while tasks:
-            if not first:
-                assert not CHECK_LOOP_END, f"tasks started while the loop was ending: {tasks}"
-            first = False
-            for task in tasks:
-                task.cancel()
+        for task in tasks:
+            task.cancel()
+        if tasks:
             loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
-            tasks = asyncio.all_tasks(loop)
+        left = asyncio.all_tasks(loop)
+        for task in left:
+            task.cancel()
+        if left:
+            loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
         loop.run_until_complete(loop.shutdown_asyncgens())
         loop.close()
+        assert not left, f"tasks started while the loop was ending: {left}"
 
     def teardown(self) -> None:
         if not self.loop.is_closed():
@@ -226,7 +219,7 @@ class QueueModelMachine(RuleBasedStateMachine):
                 f"{key!r} computed again (#{comp.id}) although #{self.cached[key].id}'s "
                 "value is still cached"
             )
-        if CHECK_LOOP_END and self.phase == "loop":
+        if self.phase == "loop":
             self.violations.append(f"{key!r} started (#{comp.id}) while its loop was ending")
         self.active.append(comp)
         self.running_now += 1

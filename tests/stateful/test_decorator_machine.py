@@ -9,7 +9,6 @@ from typing import Any, ClassVar, TypeVar
 
 import cachetools
 import pytest
-from _machinery import FINISH_TIMEOUT, KEYS, QueueModelMachine, Value, keys
 from cachetools.keys import hashkey
 from hypothesis import strategies as st
 from hypothesis.stateful import initialize, invariant, rule, run_state_machine_as_test
@@ -17,6 +16,8 @@ from hypothesis.stateful import initialize, invariant, rule, run_state_machine_a
 from wq_memo import Memoized, worker_queue
 from wq_memo._flight import FlightTable
 from wq_memo.backends import MISSING, CallKey
+
+from ._machinery import FINISH_TIMEOUT, KEYS, QueueModelMachine, Value, keys
 
 V = TypeVar("V")
 TTL = 10.5

@@ -6,12 +6,13 @@ import asyncio
 from collections.abc import Coroutine
 from typing import Any
 
-from _machinery import FINISH_TIMEOUT, QueueModelMachine, Value, keys
 from hypothesis import strategies as st
 from hypothesis.stateful import initialize, rule, run_state_machine_as_test
 
 from wq_memo import WorkerQueue
 from wq_memo._flight import FlightTable
+
+from ._machinery import FINISH_TIMEOUT, QueueModelMachine, Value, keys
 
 
 class WorkerQueueMachine(QueueModelMachine):

@@ -1,0 +1,1 @@
+"""Model-based (stateful) and property tests, with their Hypothesis profiles."""

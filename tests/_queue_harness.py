@@ -113,6 +113,7 @@ class Harness:
         assert table.running == 0
         assert not table._waiting
         assert not table._room_waiters
+        assert table.lookups == {}
 
 
 def make(*, maxsize: int = 3, finish_timeout: float = 3.0, yields: bool = False) -> Harness:

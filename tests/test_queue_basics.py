@@ -256,3 +256,34 @@ def test_the_package_ships_py_typed_and_the_queue_is_generic() -> None:
     assert resources.files("wq_memo").joinpath("py.typed").is_file()
     alias = WorkerQueue[int, str]
     assert alias.__origin__ is WorkerQueue  # type: ignore[attr-defined]
+
+
+async def test_a_slow_lookup_never_lets_a_second_computation_start() -> None:
+    # The first caller's lookup reads a miss, then answers late; meanwhile a second caller
+    # would miss too, compute and store. It must share the first lookup instead.
+    store: dict[str, str] = {}
+    computed: list[str] = []
+    slow = [True]
+
+    async def cache_get(item: str) -> str | None:
+        value = store.get(item)
+        if slow.pop() if slow else False:
+            for _ in range(3):
+                await asyncio.sleep(0)
+        return value
+
+    async def cache_set(item: str, value: str) -> None:
+        store[item] = value
+
+    async def work(item: str) -> str:
+        computed.append(item)
+        return item.upper()
+
+    queue: WorkerQueue[str, str] = WorkerQueue(work, cache_get, cache_set)
+    assert await gathered(queue.require("k"), queue.require("k")) == ["K", "K"]
+    assert computed == ["k"]
+    assert queue._table is not None
+    assert queue._table.lookups == {}
+    assert queue._table.flights == {}
+    assert (queue._hits, queue._misses, queue._joined) == (0, 1, 1)
+    await bounded(queue.aclose())

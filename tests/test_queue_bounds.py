@@ -68,6 +68,13 @@ async def test_a_full_queue_makes_callers_wait_then_serves_them_all() -> None:
     h.assert_no_bookkeeping()
 
 
+def sharing_lookup(h: Harness, item: int) -> bool:
+    table = h.queue._table
+    assert table is not None
+    lookup = table.lookups.get(item)
+    return lookup is not None and lookup.answer is not None
+
+
 async def test_a_caller_waiting_for_room_joins_its_item_once_another_caller_queued_it() -> None:
     h = make(maxsize=1)
     gate0 = h.worker.gate(0)
@@ -77,10 +84,11 @@ async def test_a_caller_waiting_for_room_joins_its_item_once_another_caller_queu
     await eventually(lambda: waiting_items(h) == [1])
     w2a = asyncio.create_task(h.queue.require(2))
     w2b = asyncio.create_task(h.queue.require(2))
-    await eventually(lambda: room_waiters(h) == 2)
+    # The first waits for room; the second shares its lookup rather than waiting for room too.
+    await eventually(lambda: room_waiters(h) == 1 and sharing_lookup(h, 2))
     gate0.set()  # item 1 runs; one place frees up: the first waiter queues item 2
     await eventually(lambda: waiting_items(h) == [2])
-    gate1.set()  # the other waiter gets room next and joins item 2 instead of queuing it again
+    gate1.set()  # the other caller joins item 2 instead of queuing it again
     assert await gathered(t0, t1, w2a, w2b) == ["r0", "r1", "r2", "r2"]
     assert h.worker.calls == [0, 1, 2]
     h.assert_no_bookkeeping()
@@ -92,8 +100,10 @@ async def test_a_waiter_that_joins_instead_of_queuing_hands_its_wake_up_on() -> 
     t0 = asyncio.create_task(h.queue.require(0))
     t1 = asyncio.create_task(h.queue.require(1))
     await eventually(lambda: waiting_items(h) == [1])
-    w2a = asyncio.create_task(h.queue.require(2))
-    w2b = asyncio.create_task(h.queue.require(2))
+    # Through _compute, as @worker_queue calls it after its own cache lookup: both callers of
+    # item 2 wait for room (require() would have the second share the first one's lookup).
+    w2a = asyncio.create_task(h.queue._compute(2))
+    w2b = asyncio.create_task(h.queue._compute(2))
     w3 = asyncio.create_task(h.queue.require(3))
     await eventually(lambda: room_waiters(h) == 3)
     gates[0].set()  # item 1 runs; w2a queues item 2

@@ -14,7 +14,7 @@ import functools
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Hashable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from ._errors import QueueShutDown, ShutdownTimeout
 
@@ -60,6 +60,20 @@ class Flight(Generic[T, R]):
         return f"<Flight {self.item!r} {self.status.value} callers={self.callers}>"
 
 
+class Lookup:
+    """A cache lookup under way, which callers asking for the same item meanwhile share.
+
+    Its answer is ``(True, value)`` when the value was found, ``(False, flight)`` once the
+    looking caller has joined or started the item's computation, or None when that caller
+    left without either (the others then start over).
+    """
+
+    __slots__ = ("answer",)
+
+    def __init__(self) -> None:
+        self.answer: asyncio.Future[tuple[bool, Any] | None] | None = None
+
+
 class FlightTable(Generic[T, R]):
     """The items one queue has in flight on one event loop, and the slots they run in.
 
@@ -75,6 +89,7 @@ class FlightTable(Generic[T, R]):
         "cache_set",
         "closing",
         "flights",
+        "lookups",
         "loop",
         "maxsize",
         "running",
@@ -93,6 +108,7 @@ class FlightTable(Generic[T, R]):
         self.cache_set = cache_set
         self.maxsize = maxsize
         self.flights: dict[T, Flight[T, R]] = {}
+        self.lookups: dict[T, Lookup] = {}
         self.running = 0
         self.closing = False
         self._waiting: deque[Flight[T, R]] = deque()
@@ -156,6 +172,14 @@ class FlightTable(Generic[T, R]):
             if not waiter.done():
                 waiter.set_result(None)
                 return
+
+    def answer(self, item: T, lookup: Lookup, answer: tuple[bool, Any] | None) -> None:
+        """End lookup, telling those who share it; a lookup already ended is left alone."""
+        if self.lookups.get(item) is not lookup:
+            return
+        del self.lookups[item]
+        if lookup.answer is not None and not lookup.answer.done():
+            lookup.answer.set_result(answer)
 
     async def join(self, flight: Flight[T, R], counted: bool = False) -> R:
         """Await flight's outcome without letting this caller's cancellation reach it.

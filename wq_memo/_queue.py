@@ -10,7 +10,7 @@ from typing import Any, Generic, TypeVar, final
 
 from . import _registry
 from ._errors import QueueShutDown
-from ._flight import Flight, FlightTable
+from ._flight import Flight, FlightTable, Lookup
 
 __all__ = ("WorkerQueue",)
 
@@ -117,23 +117,51 @@ class WorkerQueue(Generic[T, R]):
         QueueShutDown if the queue is closing, ShutdownTimeout if the queue closed before the
         item finished. Waits for room when ``maxsize`` items run and ``maxsize`` more wait.
         """
-        table = self._table_for_call()
-        flight = table.flights.get(item)
-        if flight is None:
+        while True:
+            table = self._table_for_call()
+            flight = table.flights.get(item)
+            if flight is not None:
+                self._joined += 1
+                return await table.join(flight)
+            lookup = table.lookups.get(item)
+            if lookup is None:
+                return await self._look_up_then_compute(table, item)
+            # Another caller is looking item up: no computation of it can start meanwhile.
+            # Share what that caller finds, so as never to compute what it finds stored.
+            if lookup.answer is None:
+                lookup.answer = table.loop.create_future()
+            answer = await asyncio.shield(lookup.answer)
+            if answer is not None:
+                found, what = answer
+                if found:
+                    self._hits += 1
+                    return what  # type: ignore[no-any-return]
+                self._joined += 1
+                return await table.join(what)
+            # That caller left without an answer (cancelled, refused): start over.
+
+    async def _look_up_then_compute(self, table: FlightTable[T, R], item: T) -> R:
+        lookup = table.lookups[item] = Lookup()
+        try:
             value = await self._lookup(item)
             if value is not self._miss:
                 self._hits += 1
+                table.answer(item, lookup, (True, value))
                 return value  # type: ignore[no-any-return]
             if table.closing:  # aclose() ran while we looked: don't start the queue again
                 raise QueueShutDown(
                     "the queue is shutting down; require() again once aclose() ends"
                 )
-            return await self._compute(item)
-        self._joined += 1
-        return await table.join(flight)
+            return await self._compute(item, lookup)
+        finally:
+            table.answer(item, lookup, None)  # if not answered yet: those sharing start over
 
-    async def _compute(self, item: T) -> R:
-        """Join item's computation or start one; the caller already found no cached value."""
+    async def _compute(self, item: T, lookup: Lookup | None = None) -> R:
+        """Join item's computation or start one; the caller already found no cached value.
+
+        ``lookup``: the caller's lookup of item, which others share; they are told of the
+        computation this caller joins or starts, or of the value it finds after all.
+        """
         table = self._table_for_call()
         flight: Flight[T, R] | None
         woken = False
@@ -149,6 +177,8 @@ class WorkerQueue(Generic[T, R]):
             flight = table.admit(item)
             if flight is not None:
                 self._misses += 1
+                if lookup is not None:
+                    table.answer(item, lookup, (False, flight))
                 return await table.join(flight, counted=True)
             await table.wait_for_room(again=woken)
             woken = True
@@ -165,9 +195,13 @@ class WorkerQueue(Generic[T, R]):
             if value is not self._miss:
                 self._hits += 1
                 table.pass_room()
+                if lookup is not None:
+                    table.answer(item, lookup, (True, value))
                 return value  # type: ignore[no-any-return]
         if woken:
             table.pass_room()
+        if lookup is not None:
+            table.answer(item, lookup, (False, flight))
         return await table.join(flight)
 
     async def _lookup(self, item: T) -> Any:

@@ -20,6 +20,10 @@ R = TypeVar("R")
 logger = logging.getLogger("wq_memo")
 
 
+def _shutting_down() -> QueueShutDown:
+    return QueueShutDown("the queue is shutting down; require() again once aclose() ends")
+
+
 @final
 class WorkerQueue(Generic[T, R]):
     """An asynchronous, cache-aware worker queue.
@@ -149,9 +153,7 @@ class WorkerQueue(Generic[T, R]):
                 table.answer(item, lookup, (True, value))
                 return value  # type: ignore[no-any-return]
             if table.closing:  # aclose() ran while we looked: don't start the queue again
-                raise QueueShutDown(
-                    "the queue is shutting down; require() again once aclose() ends"
-                )
+                raise _shutting_down()
             return await self._compute(item, lookup)
         finally:
             table.answer(item, lookup, None)  # if not answered yet: those sharing start over
@@ -171,9 +173,7 @@ class WorkerQueue(Generic[T, R]):
                 self._joined += 1
                 break
             if table.closing:
-                raise QueueShutDown(
-                    "the queue is shutting down; require() again once aclose() ends"
-                )
+                raise _shutting_down()
             flight = table.admit(item)
             if flight is not None:
                 self._misses += 1
@@ -183,9 +183,7 @@ class WorkerQueue(Generic[T, R]):
             await table.wait_for_room(again=woken)
             woken = True
             if table.closing:
-                raise QueueShutDown(
-                    "the queue is shutting down; require() again once aclose() ends"
-                )
+                raise _shutting_down()
             # While we waited, the item may have been computed and cached.
             try:
                 value = await self._lookup(item)
@@ -216,7 +214,7 @@ class WorkerQueue(Generic[T, R]):
         if table is None or table.loop is not asyncio.get_running_loop():
             table = self._bind()
         if table.closing:
-            raise QueueShutDown("the queue is shutting down; require() again once aclose() ends")
+            raise _shutting_down()
         return table
 
     # -- the event loop -------------------------------------------------------------------------

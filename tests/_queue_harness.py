@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from wq_memo import WorkerQueue
+from wq_memo._flight import Status
 
 X = TypeVar("X")
 
@@ -100,9 +101,11 @@ class Harness:
     cache: Cache
 
     def flights(self) -> dict[Any, Any]:
-        """The queue's per-item bookkeeping on its current loop (empty when it has none)."""
+        """The items the queue has accepted on its current loop (empty when it has none)."""
         table = self.queue._table
-        return {} if table is None else dict(table.flights)
+        if table is None:
+            return {}
+        return {k: f for k, f in table.flights.items() if f.status is not Status.OUTSIDE}
 
     def assert_no_bookkeeping(self) -> None:
         """Nothing in flight, no slot taken, nobody waiting for room."""
@@ -111,8 +114,10 @@ class Harness:
             return
         assert table.flights == {}
         assert table.running == 0
+        assert table.live == 0
         assert not table._waiting
-        assert not table._room_waiters
+        assert not table._overflow
+        assert not table._slot_waiters
         assert table.lookups == {}
 
 
@@ -157,6 +162,18 @@ async def returned(awaitable: Awaitable[object], within: float = WAIT) -> object
     """What awaitable returns (for those typed as returning None), bounded like ``bounded``."""
     async with asyncio.timeout(within):
         return await awaitable
+
+
+def room_waiters(queue: WorkerQueue[int, str]) -> int:
+    """How many callers wait for room (their items were asked for while the line was full)."""
+    table = queue._table
+    return 0 if table is None else sum(f.callers for f in table._overflow)
+
+
+def waiting_items(queue: WorkerQueue[int, str]) -> list[int]:
+    """The items accepted and waiting for a slot, in order."""
+    table = queue._table
+    return [] if table is None else [f.key for f in table._waiting]
 
 
 def callers(queue: WorkerQueue[int, str], item: int) -> int:

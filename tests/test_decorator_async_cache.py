@@ -69,12 +69,13 @@ def test_the_doubles_follow_the_protocols() -> None:
     assert not isinstance({}, AsyncCache)
 
 
+async def returns_none(x: int) -> int | None:
+    return None
+
+
 async def test_values_are_stored_under_the_functions_name_and_key() -> None:
     cache = MemoryAsyncCache()
-
-    @worker_queue(cache=cache)
-    async def f(x: int) -> int | None:
-        return None
+    f = worker_queue(cache=cache)(returns_none)
 
     assert await f(1) is None
     [(stored_key, value)] = cache.data.items()
@@ -88,11 +89,11 @@ async def test_values_are_stored_under_the_functions_name_and_key() -> None:
 async def test_two_functions_share_one_async_cache_without_colliding() -> None:
     cache = MemoryAsyncCache()
 
-    @worker_queue(cache=cache)
+    @worker_queue(cache=cache, name="a")
     async def a(x: int) -> str:
         return "a"
 
-    @worker_queue(cache=cache)
+    @worker_queue(cache=cache, name="b")
     async def b(x: int) -> str:
         return "b"
 
@@ -105,7 +106,7 @@ async def test_concurrent_calls_are_deduplicated_before_the_cache() -> None:
     gate = asyncio.Event()
     calls = 0
 
-    @worker_queue(cache=cache)
+    @worker_queue(cache=cache, name="f")
     async def f(x: int) -> int:
         nonlocal calls
         calls += 1
@@ -126,7 +127,7 @@ async def test_a_failing_store_never_fails_the_call(caplog: pytest.LogCaptureFix
     cache.fail_get = cache.fail_set = True
     calls = 0
 
-    @worker_queue(cache=cache)
+    @worker_queue(cache=cache, name="f")
     async def f(x: int) -> int:
         nonlocal calls
         calls += 1
@@ -146,7 +147,7 @@ async def test_single_flight_caches_compute_through_get_or_compute() -> None:
     cache = SingleFlightMemoryCache()
     calls = 0
 
-    @worker_queue(cache=cache)
+    @worker_queue(cache=cache, name="f")
     async def f(x: int, *, y: int = 0) -> int:
         nonlocal calls
         calls += 1
@@ -163,7 +164,7 @@ async def test_single_flight_caches_compute_through_get_or_compute() -> None:
 async def test_invalidate_and_clear_need_the_async_forms() -> None:
     cache = MemoryAsyncCache()
 
-    @worker_queue(cache=cache)
+    @worker_queue(cache=cache, name="f")
     async def f(x: int) -> int:
         return x
 
@@ -182,7 +183,7 @@ async def test_invalidate_and_clear_need_the_async_forms() -> None:
 
 
 async def test_unhashable_arguments_with_an_async_cache() -> None:
-    @worker_queue(cache=MemoryAsyncCache())
+    @worker_queue(cache=MemoryAsyncCache(), name="f")
     async def f(x: Any) -> int:
         return 1
 

@@ -96,7 +96,8 @@ async def test_counters_tell_hits_computations_and_joins_apart() -> None:
     gate.set()
     await gathered(*tasks)
     await bounded(h.queue.require(1))
-    assert (h.queue._hits, h.queue._misses, h.queue._joined) == (1, 1, 2)
+    c = h.queue._counts
+    assert (c.hits, c.misses, c.joined) == (1, 1, 2)
 
 
 # -- 3. lazy start, restart ------------------------------------------------------------------------
@@ -285,5 +286,6 @@ async def test_a_slow_lookup_never_lets_a_second_computation_start() -> None:
     assert queue._table is not None
     assert queue._table.lookups == {}
     assert queue._table.flights == {}
-    assert (queue._hits, queue._misses, queue._joined) == (0, 1, 1)
+    c = queue._counts
+    assert (c.hits, c.misses, c.joined) == (0, 1, 1)
     await bounded(queue.aclose())

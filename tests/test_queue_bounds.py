@@ -6,20 +6,24 @@ from __future__ import annotations
 import asyncio
 import time
 
+import _queue_harness as harness
 import pytest
 from _queue_harness import Harness, bounded, eventually, gathered, make, until
 
-from wq_memo import WorkerQueue
+from wq_memo import ShutdownTimeout, WorkerQueue
 
 
 def room_waiters(h: Harness) -> int:
-    table = h.queue._table
-    return 0 if table is None else sum(not w.done() for w in table._room_waiters)
+    return harness.room_waiters(h.queue)
 
 
 def waiting_items(h: Harness) -> list[int]:
+    return harness.waiting_items(h.queue)
+
+
+def items_waiting_for_room(h: Harness) -> list[int]:
     table = h.queue._table
-    return [] if table is None else [f.item for f in table._waiting]
+    return [] if table is None else [f.key for f in table._overflow]
 
 
 @pytest.mark.parametrize("maxsize", [1, 2, 3])
@@ -75,7 +79,7 @@ def sharing_lookup(h: Harness, item: int) -> bool:
     return lookup is not None and lookup.answer is not None
 
 
-async def test_a_caller_waiting_for_room_joins_its_item_once_another_caller_queued_it() -> None:
+async def test_callers_of_one_item_waiting_for_room_share_one_place_in_line() -> None:
     h = make(maxsize=1)
     gate0 = h.worker.gate(0)
     gate1 = h.worker.gate(1)
@@ -84,33 +88,36 @@ async def test_a_caller_waiting_for_room_joins_its_item_once_another_caller_queu
     await eventually(lambda: waiting_items(h) == [1])
     w2a = asyncio.create_task(h.queue.require(2))
     w2b = asyncio.create_task(h.queue.require(2))
-    # The first waits for room; the second shares its lookup rather than waiting for room too.
-    await eventually(lambda: room_waiters(h) == 1 and sharing_lookup(h, 2))
-    gate0.set()  # item 1 runs; one place frees up: the first waiter queues item 2
-    await eventually(lambda: waiting_items(h) == [2])
-    gate1.set()  # the other caller joins item 2 instead of queuing it again
+    # Both wait for room, on one item: the second joined the first's rather than queuing again.
+    await eventually(lambda: room_waiters(h) == 2 and items_waiting_for_room(h) == [2])
+    gate0.set()  # item 1 runs; item 2 takes the place it left in line, for both callers
+    await eventually(lambda: waiting_items(h) == [2] and room_waiters(h) == 0)
+    gate1.set()
     assert await gathered(t0, t1, w2a, w2b) == ["r0", "r1", "r2", "r2"]
     assert h.worker.calls == [0, 1, 2]
     h.assert_no_bookkeeping()
 
 
-async def test_a_waiter_that_joins_instead_of_queuing_hands_its_wake_up_on() -> None:
+async def test_callers_waiting_for_room_are_not_woken_until_their_result_is_ready() -> None:
     h = make(maxsize=1)
     gates = {i: h.worker.gate(i) for i in range(4)}
     t0 = asyncio.create_task(h.queue.require(0))
     t1 = asyncio.create_task(h.queue.require(1))
     await eventually(lambda: waiting_items(h) == [1])
-    # Through _compute, as @worker_queue calls it after its own cache lookup: both callers of
-    # item 2 wait for room (require() would have the second share the first one's lookup).
-    w2a = asyncio.create_task(h.queue._compute(2))
-    w2b = asyncio.create_task(h.queue._compute(2))
+    # Through _call, as @worker_queue calls it after its own cache lookup.
+    w2a = h.queue._call(2, (), {})
+    w2b = h.queue._call(2, (), {})
     w3 = asyncio.create_task(h.queue.require(3))
     await eventually(lambda: room_waiters(h) == 3)
-    gates[0].set()  # item 1 runs; w2a queues item 2
+    gates[0].set()  # item 1 runs; item 2 is admitted into the line for both of its callers
     await eventually(lambda: waiting_items(h) == [2])
-    gates[1].set()  # item 2 runs; w2b is woken, joins item 2 and must wake w3
+    assert not w2a.done()
+    assert not w2b.done()
+    gates[1].set()  # item 2 runs; item 3 is admitted while item 2 still runs
     await until(h.worker.started(2))
-    await eventually(lambda: waiting_items(h) == [3])  # while item 2 still runs
+    await eventually(lambda: waiting_items(h) == [3])
+    assert not w2a.done()  # their one wake-up is the result
+    assert not w2b.done()
     for gate in gates.values():
         gate.set()
     assert await gathered(t0, t1, w2a, w2b, w3) == ["r0", "r1", "r2", "r2", "r3"]
@@ -118,7 +125,7 @@ async def test_a_waiter_that_joins_instead_of_queuing_hands_its_wake_up_on() -> 
     h.assert_no_bookkeeping()
 
 
-async def test_a_waiter_finds_its_item_cached_once_it_gets_room() -> None:
+async def test_an_item_filled_in_the_cache_while_it_waited_is_not_computed() -> None:
     h = make(maxsize=1)
     gate0 = h.worker.gate(0)
     gate1 = h.worker.gate(1)
@@ -130,16 +137,16 @@ async def test_a_waiter_finds_its_item_cached_once_it_gets_room() -> None:
     await eventually(lambda: room_waiters(h) == 2)
     h.cache.data[5] = "from elsewhere"  # filled by someone else while w5 waits
     gate0.set()
-    assert await bounded(w5) == "from elsewhere"
-    # w5 used no place: it handed its wake-up on, so w6 queues at once, while item 1 still runs.
-    await eventually(lambda: waiting_items(h) == [6])
+    await eventually(lambda: waiting_items(h) == [5])
     gate1.set()
+    # Item 5's turn: it is looked up again before computing, found, and item 6 runs at once.
+    assert await bounded(w5) == "from elsewhere"
     assert await gathered(t0, t1, w6) == ["r0", "r1", "r6"]
     assert 5 not in h.worker.calls
     h.assert_no_bookkeeping()
 
 
-async def test_callers_cancelled_while_waiting_for_room_lose_no_wake_up() -> None:
+async def test_callers_cancelled_while_waiting_for_room_leave_their_items_behind() -> None:
     h = make(maxsize=1)
     gate0 = h.worker.gate(0)
     gate1 = h.worker.gate(1)
@@ -152,7 +159,7 @@ async def test_callers_cancelled_while_waiting_for_room_lose_no_wake_up() -> Non
         waiters[i].cancel()
     await eventually(lambda: room_waiters(h) == 3)
     gate0.set()
-    # The place item 1 left in the waiting line goes to the first waiter still there.
+    # The place item 1 left in the line goes to the first item whose callers are still there.
     await eventually(lambda: waiting_items(h) == [3])
     gate1.set()
     assert await gathered(t0, t1, waiters[3], waiters[5], waiters[7]) == [
@@ -168,7 +175,7 @@ async def test_callers_cancelled_while_waiting_for_room_lose_no_wake_up() -> Non
     h.assert_no_bookkeeping()
 
 
-async def test_a_caller_cancelled_just_after_being_woken_hands_the_wake_up_on() -> None:
+async def test_an_item_whose_callers_left_after_it_was_admitted_is_dropped_at_its_turn() -> None:
     h = make(maxsize=1)
     gate0 = h.worker.gate(0)
     gate1 = h.worker.gate(1)
@@ -181,8 +188,8 @@ async def test_a_caller_cancelled_just_after_being_woken_hands_the_wake_up_on() 
     loop = asyncio.get_running_loop()
 
     def cancel_w2_soon(item: int) -> None:
-        # Item 0 ends in this very step, which then wakes w2: the cancel scheduled now runs
-        # after the wake-up and before w2 resumes.
+        # Item 0 ends in this very step, which admits item 2 into the line: w2 is cancelled
+        # right after that.
         if item == 0:
             loop.call_soon(w2.cancel)
 
@@ -190,22 +197,21 @@ async def test_a_caller_cancelled_just_after_being_woken_hands_the_wake_up_on() 
     gate0.set()
     with pytest.raises(asyncio.CancelledError):
         await bounded(w2)
-    # w3 gets the place w2 was woken for, while item 1 still runs.
-    await eventually(lambda: waiting_items(h) == [3])
     gate1.set()
+    # Item 2's turn comes with nobody waiting for it: it is dropped and item 3 runs at once.
     assert await gathered(t0, t1, w3) == ["r0", "r1", "r3"]
     assert 2 not in h.worker.calls
     h.assert_no_bookkeeping()
 
 
-async def test_a_caller_cancelled_while_checking_the_cache_after_being_woken_hands_it_on() -> None:
+async def test_a_look_up_at_an_items_turn_holds_its_slot_like_a_computation() -> None:
     h = make(maxsize=1)
     gate0 = h.worker.gate(0)
     gate1 = h.worker.gate(1)
     looking = asyncio.Event()
 
     async def cache_get(item: int) -> str | None:
-        # Item 2's second look (after it got room) hangs until cancelled.
+        # Item 2's second look (at its turn, before computing) hangs until cancelled.
         if item == 2 and h.cache.gets.count(2) == 1:
             looking.set()
             await asyncio.Event().wait()
@@ -220,46 +226,16 @@ async def test_a_caller_cancelled_while_checking_the_cache_after_being_woken_han
     w3 = asyncio.create_task(queue.require(3))
     await eventually(lambda: room_waiters(h) == 2)
     gate0.set()
+    gate1.set()
     await until(looking)
-    w2.cancel()
+    w2.cancel()  # its item goes on: the look-up hangs, the slot is item 2's
     with pytest.raises(asyncio.CancelledError):
         await bounded(w2)
-    await eventually(lambda: waiting_items(h) == [3])  # while item 1 still runs
-    gate1.set()
-    assert await gathered(t0, t1, w3) == ["r0", "r1", "r3"]
-    h.assert_no_bookkeeping()
-
-
-async def test_waiters_cancelled_after_their_wake_up_never_strand_the_rest() -> None:
-    """Every computation ends while the callers it woke are cancelled: the rest still run."""
-    h = make(maxsize=1)
-    gate0 = h.worker.gate(0)
-    gate1 = h.worker.gate(1)
-    looking: dict[int, asyncio.Event] = {2: asyncio.Event(), 3: asyncio.Event()}
-
-    async def cache_get(item: int) -> str | None:
-        if item in looking and h.cache.gets.count(item) == 1:
-            looking[item].set()
-            await asyncio.Event().wait()
-        return await h.cache.get(item)
-
-    queue: WorkerQueue[int, str] = WorkerQueue(h.worker, cache_get, h.cache.set, maxsize=1)
-    h = Harness(queue, h.worker, h.cache)
-    t0 = asyncio.create_task(queue.require(0))
-    t1 = asyncio.create_task(queue.require(1))
-    await eventually(lambda: waiting_items(h) == [1])
-    stuck = [asyncio.create_task(queue.require(i)) for i in (2, 3)]
-    w4 = asyncio.create_task(queue.require(4))
-    await eventually(lambda: room_waiters(h) == 3)
-    gate0.set()
-    await until(looking[2])
-    gate1.set()
-    await until(looking[3])
     assert await gathered(t0, t1) == ["r0", "r1"]
-    for task in stuck:
-        task.cancel()
-    # Nothing is in flight any more: only a handed-on wake-up can let w4 in.
-    assert await bounded(w4, within=2.0) == "r4"
+    assert not w3.done()
+    await bounded(queue.aclose(), within=2 * queue.finish_timeout + 1)
+    with pytest.raises(ShutdownTimeout):
+        await bounded(w3)
     h.assert_no_bookkeeping()
 
 

@@ -6,7 +6,7 @@ import asyncio
 import logging
 
 import pytest
-from _queue_harness import bounded, callers, eventually, gathered, make
+from _queue_harness import bounded, callers, eventually, gathered, make, room_waiters
 
 
 def wq_errors(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
@@ -64,7 +64,7 @@ async def test_a_cache_get_failing_after_a_wait_for_room_is_a_miss_too(
     t0 = asyncio.create_task(h.queue.require(0))
     t1 = asyncio.create_task(h.queue.require(1))
     t2 = asyncio.create_task(h.queue.require(2))
-    await eventually(lambda: h.queue._table is not None and len(h.queue._table._room_waiters) == 1)
+    await eventually(lambda: room_waiters(h.queue) == 1)
     h.cache.get_error = OSError("flaky")  # the waiter's second look fails
     with caplog.at_level(logging.ERROR, logger="wq_memo"):
         gate0.set()

@@ -88,8 +88,9 @@ async def test_no_bookkeeping_is_left_after_a_shutdown_in_the_middle_of_a_mix(
     assert h.queue._table is None
     assert table.flights == {}
     assert table.running == 0
+    assert table.live == 0
     assert not table._waiting
-    assert not table._room_waiters
+    assert not table._overflow
     # The queue starts again with a clean slate.
     for gate in gates.values():
         gate.set()

@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import pytest
-from _queue_harness import WAIT, Harness, make
+from _queue_harness import WAIT, Harness, make, room_waiters, waiting_items
 
 from wq_memo import QueueShutDown, ShutdownTimeout, WorkerQueue
 
@@ -100,7 +100,7 @@ def test_asyncio_run_ending_with_items_running_and_waiting_leaves_no_task_behind
         h.worker.gate(1)
         callers = [asyncio.create_task(h.queue.require(i)) for i in (0, 1)]
         await h.worker.started(0).wait()
-        assert [f.item for f in h.queue._table._waiting] == [1]  # type: ignore[union-attr]
+        assert waiting_items(h.queue) == [1]
         assert not any(c.done() for c in callers)
 
     run(abandon)
@@ -165,7 +165,7 @@ def test_a_loop_closed_with_computations_pending_is_forgotten_quietly(
         await h.worker.started(0).wait()
         await asyncio.sleep(0)
         assert h.queue._table is not None
-        assert len(h.queue._table._room_waiters) == 1
+        assert room_waiters(h.queue) == 1
 
     first.run_until_complete(start())
     first.close()

@@ -7,8 +7,19 @@ import gc
 import logging
 from typing import Any
 
+import _queue_harness as harness
 import pytest
-from _queue_harness import Harness, bounded, callers, eventually, gathered, make, returned, until
+from _queue_harness import (
+    Harness,
+    bounded,
+    callers,
+    eventually,
+    gathered,
+    make,
+    returned,
+    room_waiters,
+    until,
+)
 
 from wq_memo import QueueShutDown, ShutdownTimeout, WorkerQueue
 
@@ -18,8 +29,7 @@ def other_tasks() -> set[asyncio.Task[Any]]:
 
 
 def waiting_items(h: Harness) -> list[int]:
-    table = h.queue._table
-    return [] if table is None else [f.item for f in table._waiting]
+    return harness.waiting_items(h.queue)
 
 
 async def test_new_requires_are_refused_from_the_first_moment_of_aclose() -> None:
@@ -111,7 +121,7 @@ async def test_callers_waiting_for_room_get_queue_shut_down() -> None:
     accepted = [asyncio.create_task(h.queue.require(i)) for i in (0, 1)]
     await eventually(lambda: waiting_items(h) == [1])
     refused = [asyncio.create_task(h.queue.require(i)) for i in (2, 3)]
-    await eventually(lambda: h.queue._table is not None and len(h.queue._table._room_waiters) == 2)
+    await eventually(lambda: room_waiters(h.queue) == 2)
     closing = asyncio.create_task(h.queue.aclose())
     for task in refused:
         with pytest.raises(QueueShutDown):

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import functools
-import inspect
 import logging
 from collections.abc import Awaitable, Callable, Coroutine, Hashable, MutableMapping
 from typing import (
     Any,
     Concatenate,
     Final,
-    Generic,
     NamedTuple,
     ParamSpec,
     Protocol,
@@ -23,7 +21,10 @@ from typing import (
 import cachetools
 import cachetools.keys
 
-from ._queue import WorkerQueue
+from . import _naming
+from ._flight import Flight
+from ._methods import InstanceKeys, MemoizedClassMethod, MemoizedMethod, MethodState
+from ._queue import WorkerQueue, is_async_callable
 from .backends._protocol import MISSING, AsyncCache, CallKey, SingleFlightCache
 
 __all__ = ("BoundMemoized", "CacheInfo", "Memoized", "worker_queue")
@@ -83,8 +84,8 @@ class CacheControls(Protocol):
 class Memoized(CacheControls, Protocol[P, R]):
     """What @worker_queue returns: the function, memoized, with its queue and cache at hand.
 
-    On a method, ``instance.method.cache_info()`` and the other attributes work as well; to
-    invalidate one instance's entry, call ``Class.method.cache_invalidate(instance, ...)``.
+    On a method, ``instance.method.cache_info()`` and the other attributes work as well, and
+    ``instance.method.cache_invalidate(...)`` removes that instance's entry.
     """
 
     __wrapped__: Callable[P, Awaitable[R]]
@@ -115,32 +116,18 @@ class BoundMemoized(CacheControls, Protocol[P, R]):
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, R]: ...
 
+    def cache_invalidate(self, *args: P.args, **kwargs: P.kwargs) -> bool:
+        """Remove this instance's entry for these arguments; return whether there was one."""
+        ...
 
-@final
-class _Call(Generic[R]):
-    """One call, as the hidden queue sees it: it hashes and compares as its cache key."""
-
-    __slots__ = ("args", "hash", "key", "kwargs")
-
-    def __init__(self, key: Hashable, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        self.key = key
-        self.hash = hash(key)
-        self.args = args
-        self.kwargs = kwargs
-
-    def __hash__(self) -> int:
-        return self.hash
-
-    def __eq__(self, other: object) -> bool:
-        return self is other or (isinstance(other, _Call) and self.key == other.key)
-
-    def __repr__(self) -> str:
-        return f"<call key={self.key!r}>"
+    async def acache_invalidate(self, *args: P.args, **kwargs: P.kwargs) -> bool:
+        """Remove this instance's entry for these arguments, whatever kind the cache is."""
+        ...
 
 
-def _unhashable(func: Callable[..., Any], exc: TypeError) -> TypeError:
+def _unhashable(name: str, exc: TypeError) -> TypeError:
     return TypeError(
-        f"{func.__qualname__}(): the arguments cannot be made into a cache key ({exc}); "
+        f"{name}(): the arguments cannot be made into a cache key ({exc}); "
         "pass key= to @worker_queue to build a hashable key from them"
     )
 
@@ -154,6 +141,18 @@ class _Default:
 
 _DEFAULT_CACHE: Final = _Default()
 
+_GENERIC_KEYS: Final = (cachetools.keys.hashkey, cachetools.keys.typedkey)
+"""Key functions that know nothing of instances: for methods, the instance is replaced by a
+stand-in that is equal only to itself."""
+
+
+class _Options(NamedTuple):
+    maxsize: int
+    cache: MutableMapping[Any, Any] | AsyncCache | None
+    key: Callable[..., Hashable]
+    finish_timeout: float
+    name: str | None
+
 
 def _memoize(
     func: Callable[P, Awaitable[R]],
@@ -161,38 +160,102 @@ def _memoize(
     cache: MutableMapping[Any, Any] | AsyncCache | _Default | None,
     key: Callable[..., Hashable],
     finish_timeout: float,
+    name: str | None,
 ) -> Memoized[P, R]:
-    if isinstance(func, classmethod | staticmethod):
-        # @worker_queue above @classmethod: memoize the function, then rewrap it.
-        inner = _memoize(func.__func__, maxsize, cache, key, finish_timeout)
-        return type(func)(inner)  # type: ignore[return-value]
-    if not (
-        inspect.iscoroutinefunction(func)
-        or inspect.iscoroutinefunction(
-            getattr(func, "__call__", None)  # noqa: B004 - an object with an async __call__
-        )
-    ):
-        raise TypeError(
-            f"@worker_queue needs an async function (async def), got {func!r}; "
-            "wrap a blocking function with asyncio.to_thread first"
-        )
+    if isinstance(func, staticmethod):
+        # @worker_queue above @staticmethod: memoize the function, then rewrap it.
+        inner = _memoize(func.__func__, maxsize, cache, key, finish_timeout, name)
+        return staticmethod(getattr(inner, "_memoized", inner))  # type: ignore[return-value]
     if not callable(key):
         raise TypeError(f"@worker_queue: key must be a function building a cache key, got {key!r}")
     if isinstance(cache, _Default):
         cache = cachetools.LRUCache(maxsize=128)
-    if cache is None:
-        wrapper = _dedup_only(func, key, maxsize, finish_timeout)
-    elif isinstance(cache, MutableMapping):
-        wrapper = _with_mapping(func, cache, key, maxsize, finish_timeout)
-    elif isinstance(cache, AsyncCache):
-        wrapper = _with_async_cache(func, cache, key, maxsize, finish_timeout)
-    else:
+    if not (cache is None or isinstance(cache, MutableMapping | AsyncCache)):
         raise TypeError(
             f"@worker_queue: cache must be a MutableMapping (such as a cachetools cache), "
             f"an AsyncCache, or None; got {cache!r}"
         )
-    functools.update_wrapper(wrapper, func)
-    return wrapper
+    options = _Options(maxsize, cache, key, finish_timeout, name)
+    if isinstance(func, classmethod):
+        # @worker_queue above @classmethod: bind the class ourselves, on every Python.
+        _check_async(func.__func__)
+        memoized: Any = MemoizedClassMethod(_build(func.__func__, options, MethodState(True)))
+    else:
+        _check_async(func)
+        if _naming.in_class_body(func):
+            state = MethodState()
+            memoized = MemoizedMethod(_build(func, options, state), state)
+        else:
+            memoized = _build(func, options, None)
+    return memoized  # type: ignore[no-any-return]
+
+
+def _check_async(func: object) -> None:
+    if not is_async_callable(func):
+        raise TypeError(
+            f"@worker_queue needs an async function (async def), got {func!r}; "
+            "wrap a blocking function with asyncio.to_thread first"
+        )
+
+
+def _build(func: Any, options: _Options, state: MethodState | None) -> Any:
+    """The memoized function for func's kind of cache; ``state``: func may be a method."""
+    cache = options.cache
+    display = _naming.describe(func)
+    key = options.key
+    instances: InstanceKeys | None = None
+    if state is not None and key in _GENERIC_KEYS:
+        if cache is None or isinstance(cache, MutableMapping):
+            mapping = cache
+
+            def drop(k: Hashable) -> None:
+                if mapping is not None:
+                    mapping.pop(k, None)
+
+            instances = InstanceKeys(drop)
+            key = _method_key(key, state, instances)
+        else:
+            key = _refuse_instances(key, state, display)
+    if cache is None:
+        memoized = _dedup_only(func, display, key, options)
+    elif isinstance(cache, MutableMapping):
+        memoized = _with_mapping(func, display, cache, key, options, instances)
+    else:
+        shared = _naming.shared_name(func, options.name)
+        memoized = _with_async_cache(func, display, cache, key, shared, options)
+        _naming.claim(cache, shared, memoized)
+    functools.update_wrapper(memoized, func)
+    if not isinstance(getattr(func, "__qualname__", None), str):
+        memoized.__name__ = memoized.__qualname__ = display
+    return memoized
+
+
+def _method_key(
+    key: Callable[..., Hashable], state: MethodState, instances: InstanceKeys
+) -> Callable[..., Hashable]:
+    of = instances.of
+
+    def method_key(*args: Any, **kwargs: Any) -> Hashable:
+        if state.method and args:
+            return key(of(args[0]), *args[1:], **kwargs)
+        return key(*args, **kwargs)
+
+    return method_key
+
+
+def _refuse_instances(
+    key: Callable[..., Hashable], state: MethodState, display: str
+) -> Callable[..., Hashable]:
+    def method_key(*args: Any, **kwargs: Any) -> Hashable:
+        if state.method:
+            raise TypeError(
+                f"{display}() is a method memoized in an async cache, whose keys must mean the "
+                "same in every process: pass key= to @worker_queue that turns the instance "
+                "into a value, e.g. key=lambda self, *args: (self.id, *args)"
+            )
+        return key(*args, **kwargs)
+
+    return method_key
 
 
 def _args_are_key(key: Callable[..., Hashable]) -> bool:
@@ -206,37 +269,46 @@ def _args_are_key(key: Callable[..., Hashable]) -> bool:
     return key is cachetools.keys.hashkey
 
 
-def _call_worker(func: Callable[..., Awaitable[R]]) -> Callable[[_Call[R]], Awaitable[R]]:
-    def work(call: _Call[R]) -> Awaitable[R]:
-        return func(*call.args, **call.kwargs)
+def _computation(func: Callable[..., Awaitable[R]]) -> Callable[[Flight[Any, R]], Awaitable[R]]:
+    def compute(flight: Flight[Any, R]) -> Awaitable[R]:
+        return func(*flight.args, **flight.kwargs)
 
-    return work
+    return compute
 
 
 def _with_mapping(
     func: Callable[P, Awaitable[R]],
+    display: str,
     cache: MutableMapping[Any, Any],
     key: Callable[..., Hashable],
-    maxsize: int,
-    finish_timeout: float,
+    options: _Options,
+    instances: InstanceKeys | None,
 ) -> Memoized[P, R]:
-    async def lookup(call: _Call[R]) -> Any:
-        try:
-            return cache[call.key]
-        except KeyError:
-            return MISSING
+    get = cache.get
 
-    async def store(call: _Call[R], value: R) -> None:
+    def lookup_now(k: Hashable) -> Any:
+        return get(k, MISSING)
+
+    def store_now(k: Hashable, value: R) -> None:
         try:
-            cache[call.key] = value
+            cache[k] = value
         except ValueError as exc:  # cachetools: the value is larger than the cache's maxsize
-            logger.info("%s(): result not cached: %s", func.__qualname__, exc)
+            logger.info("%s(): result not cached: %s", display, exc)
+            return
+        if instances is not None:
+            instances.stored(k)
 
-    queue: WorkerQueue[_Call[R], R] = WorkerQueue(
-        _call_worker(func), lookup, store, maxsize, finish_timeout
+    queue: WorkerQueue[Any, R] = WorkerQueue._internal(
+        func,
+        _computation(func),
+        options.maxsize,
+        options.finish_timeout,
+        miss=MISSING,
+        lookup_now=lookup_now,
+        store_now=store_now,
     )
-    queue._miss = MISSING
-    compute = queue._compute
+    call = queue._call
+    counts = queue._counts
     hits = 0
     args_are_key = _args_are_key(key)
 
@@ -249,33 +321,46 @@ def _with_mapping(
         except KeyError:
             pass
         except TypeError as exc:
-            raise _unhashable(func, exc) from exc
+            raise _unhashable(display, exc) from exc
         else:
             hits += 1
             return value  # type: ignore[no-any-return]
-        return await compute(_Call(k, args, kwargs))
+        return await call(k, args, kwargs)
+
+    def purge() -> None:
+        if instances is not None:
+            instances.purge()
 
     def cache_info() -> CacheInfo:
+        purge()
         maxsize = getattr(cache, "maxsize", None)
         return CacheInfo(
-            hits + queue._hits,
-            queue._misses,
-            queue._joined,
+            hits + counts.hits,
+            counts.misses,
+            counts.joined,
             maxsize if isinstance(maxsize, int) else None,
             int(getattr(cache, "currsize", len(cache))),
         )
 
     def cache_invalidate(*args: P.args, **kwargs: P.kwargs) -> bool:
+        purge()
         try:
-            del cache[key(*args, **kwargs)]
+            k = key(*args, **kwargs)
+            queue._forget(k)
+            del cache[k]
         except KeyError:
             return False
         except TypeError as exc:
-            raise _unhashable(func, exc) from exc
+            raise _unhashable(display, exc) from exc
         return True
 
-    async def acache_clear() -> None:
+    def cache_clear() -> None:
+        purge()
+        queue._forget_all()
         cache.clear()
+
+    async def acache_clear() -> None:
+        cache_clear()
 
     async def acache_invalidate(*args: P.args, **kwargs: P.kwargs) -> bool:
         return cache_invalidate(*args, **kwargs)
@@ -285,7 +370,7 @@ def _with_mapping(
         queue,
         cache,
         cache_info,
-        cache.clear,
+        cache_clear,
         cache_invalidate,
         acache_clear,
         acache_invalidate,
@@ -294,45 +379,43 @@ def _with_mapping(
 
 def _dedup_only(
     func: Callable[P, Awaitable[R]],
+    display: str,
     key: Callable[..., Hashable],
-    maxsize: int,
-    finish_timeout: float,
+    options: _Options,
 ) -> Memoized[P, R]:
-    async def lookup(call: _Call[R]) -> Any:
-        return MISSING
-
-    async def store(call: _Call[R], value: R) -> None:
-        pass
-
-    queue: WorkerQueue[_Call[R], R] = WorkerQueue(
-        _call_worker(func), lookup, store, maxsize, finish_timeout
+    queue: WorkerQueue[Any, R] = WorkerQueue._internal(
+        func, _computation(func), options.maxsize, options.finish_timeout, miss=MISSING
     )
-    queue._miss = MISSING
-    compute = queue._compute
+    call = queue._call
+    counts = queue._counts
     args_are_key = _args_are_key(key)
 
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             k = args if args_are_key and not kwargs else key(*args, **kwargs)
-            call: _Call[R] = _Call(k, args, kwargs)
+            hash(k)
         except TypeError as exc:
-            raise _unhashable(func, exc) from exc
-        return await compute(call)
+            raise _unhashable(display, exc) from exc
+        return await call(k, args, kwargs)
 
     def cache_info() -> CacheInfo:
-        return CacheInfo(queue._hits, queue._misses, queue._joined, None, 0)
-
-    def cache_clear() -> None:
-        pass
+        return CacheInfo(counts.hits, counts.misses, counts.joined, None, 0)
 
     def cache_invalidate(*args: P.args, **kwargs: P.kwargs) -> bool:
+        try:
+            queue._forget(key(*args, **kwargs))
+        except TypeError as exc:
+            raise _unhashable(display, exc) from exc
         return False
+
+    def cache_clear() -> None:
+        queue._forget_all()
 
     async def acache_clear() -> None:
-        pass
+        cache_clear()
 
     async def acache_invalidate(*args: P.args, **kwargs: P.kwargs) -> bool:
-        return False
+        return cache_invalidate(*args, **kwargs)
 
     return _attach(
         wrapper,
@@ -348,72 +431,91 @@ def _dedup_only(
 
 def _with_async_cache(
     func: Callable[P, Awaitable[R]],
+    display: str,
     cache: AsyncCache,
     key: Callable[..., Hashable],
-    maxsize: int,
-    finish_timeout: float,
+    name: str,
+    options: _Options,
 ) -> Memoized[P, R]:
-    name = f"{func.__module__}.{func.__qualname__}"
-
-    async def lookup(call: _Call[R]) -> Any:
-        return await cache.get(call.key)
-
-    work: Callable[[_Call[R]], Awaitable[R]]
+    queue: WorkerQueue[Any, R]
     if isinstance(cache, SingleFlightCache):
         single_flight = cache
 
-        def work_single_flight(call: _Call[R]) -> Awaitable[R]:
-            return single_flight.get_or_compute(
-                call.key, functools.partial(func, *call.args, **call.kwargs)
-            )
+        def compute_single_flight(flight: Flight[Any, R]) -> Awaitable[R]:
+            table = queue._table_now()
 
-        work = work_single_flight
+            async def compute() -> R:
+                # Waiting for another process holds no slot: only computing here does.
+                await table.slot()
+                flight.computing = True
+                try:
+                    return await func(*flight.args, **flight.kwargs)
+                finally:
+                    table.release()
 
-        async def store(call: _Call[R], value: R) -> None:
-            pass  # get_or_compute has stored it
+            return single_flight.get_or_compute(flight.key, compute)
 
+        queue = WorkerQueue._internal(
+            func,
+            compute_single_flight,
+            options.maxsize,
+            options.finish_timeout,
+            miss=MISSING,
+            lookup=cache.get,
+            slotless=True,
+        )
     else:
-        work = _call_worker(func)
 
-        async def store(call: _Call[R], value: R) -> None:
-            await cache.set(call.key, value)
+        def store(k: Hashable, value: R) -> Awaitable[None]:
+            return cache.set(k, value)
 
-    queue: WorkerQueue[_Call[R], R] = WorkerQueue(work, lookup, store, maxsize, finish_timeout)
-    queue._miss = MISSING
-    require = queue.require
+        queue = WorkerQueue._internal(
+            func,
+            _computation(func),
+            options.maxsize,
+            options.finish_timeout,
+            miss=MISSING,
+            lookup=cache.get,
+            store=store,
+        )
+    require = queue._require
+    counts = queue._counts
+
+    def call_key(args: Any, kwargs: Any) -> CallKey:
+        try:
+            k = CallKey(name, key(*args, **kwargs))
+            hash(k)
+        except TypeError as exc:
+            raise _unhashable(display, exc) from exc
+        return k
 
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            call: _Call[R] = _Call(CallKey(name, key(*args, **kwargs)), args, kwargs)
-        except TypeError as exc:
-            raise _unhashable(func, exc) from exc
-        return await require(call)
+        return await require(call_key(args, kwargs), args, kwargs)
 
     def cache_info() -> CacheInfo:
-        return CacheInfo(queue._hits, queue._misses, queue._joined, None, None)
+        return CacheInfo(counts.hits, counts.misses, counts.joined, None, None)
 
     def cache_clear() -> None:
         raise TypeError(
-            f"{func.__qualname__}.cache_clear(): the cache is asynchronous; "
-            "use await .acache_clear()"
+            f"{display}.cache_clear(): the cache is asynchronous; use await .acache_clear()"
         )
 
     def cache_invalidate(*args: P.args, **kwargs: P.kwargs) -> bool:
         raise TypeError(
-            f"{func.__qualname__}.cache_invalidate(): the cache is asynchronous; "
+            f"{display}.cache_invalidate(): the cache is asynchronous; "
             "use await .acache_invalidate(...)"
         )
 
     async def acache_clear() -> None:
+        await queue._stores_done(queue._forget_all())
         await cache.clear()
 
     async def acache_invalidate(*args: P.args, **kwargs: P.kwargs) -> bool:
-        try:
-            call_key = CallKey(name, key(*args, **kwargs))
-            hash(call_key)
-        except TypeError as exc:
-            raise _unhashable(func, exc) from exc
-        return await cache.delete(call_key)
+        k = call_key(args, kwargs)
+        flight = queue._forget(k)
+        if flight is not None:
+            await queue._stores_done([flight])
+        return await cache.delete(k)
 
     return _attach(
         wrapper,
@@ -465,6 +567,7 @@ class _WorkerQueueDecorator:
         cache: MutableMapping[Any, Any] | AsyncCache | None = ...,
         key: Callable[..., Hashable] = ...,
         finish_timeout: float = 3.0,
+        name: str | None = None,
     ) -> Callable[[Callable[P, Awaitable[R]]], Memoized[P, R]]: ...
 
     def __call__(
@@ -476,6 +579,7 @@ class _WorkerQueueDecorator:
         cache: MutableMapping[Any, Any] | AsyncCache | _Default | None = _DEFAULT_CACHE,
         key: Callable[..., Hashable] = cachetools.keys.hashkey,
         finish_timeout: float = 3.0,
+        name: str | None = None,
     ) -> Memoized[P, R] | Callable[[Callable[P, Awaitable[R]]], Memoized[P, R]]:
         """Memoize an async function through a hidden WorkerQueue.
 
@@ -484,14 +588,17 @@ class _WorkerQueueDecorator:
         for deduplication without caching; the default is a new LRUCache(maxsize=128).
         ``key`` builds the cache key from the call's arguments (default
         ``cachetools.keys.hashkey``). ``maxsize`` and ``finish_timeout`` are the queue's.
+        ``name`` names the function in an async cache's keys (default: its module and
+        qualified name; required where that is not unique, as for a function a factory makes).
 
-        Raises TypeError at decoration time for a function that is not async.
+        Raises TypeError at decoration time for a function that is not async, and for a
+        function an async cache cannot tell from others.
         """
         if func is not None:
-            return _memoize(func, maxsize, cache, key, finish_timeout)
+            return _memoize(func, maxsize, cache, key, finish_timeout, name)
 
         def decorate(f: Callable[P, Awaitable[R]]) -> Memoized[P, R]:
-            return _memoize(f, maxsize, cache, key, finish_timeout)
+            return _memoize(f, maxsize, cache, key, finish_timeout, name)
 
         return decorate
 
@@ -506,4 +613,4 @@ class _WorkerQueueDecorator:
 
 worker_queue: Final = _WorkerQueueDecorator()
 """Memoize an async function through a hidden WorkerQueue: ``@worker_queue`` or
-``@worker_queue(maxsize=3, cache=LRUCache(128), key=hashkey, finish_timeout=3.0)``."""
+``@worker_queue(maxsize=3, cache=LRUCache(128), key=hashkey, finish_timeout=3.0, name=None)``."""

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
+import types
 from collections.abc import Awaitable, Callable, Hashable
 from types import TracebackType
 from typing import Any, Generic, TypeVar, final
 
 from . import _registry
 from ._errors import QueueShutDown
-from ._flight import Flight, FlightTable, Lookup
+from ._flight import Counts, Flight, FlightTable, Lookup
 
 __all__ = ("WorkerQueue",)
 
@@ -19,9 +21,50 @@ R = TypeVar("R")
 
 logger = logging.getLogger("wq_memo")
 
+_SYNC_CALLABLES = (
+    types.BuiltinFunctionType,
+    types.BuiltinMethodType,
+    types.MethodWrapperType,
+    types.WrapperDescriptorType,
+    types.MethodDescriptorType,
+)
+
+
+class _NotAsync(TypeError):
+    """A function that must be async returned something that cannot be awaited."""
+
 
 def _shutting_down() -> QueueShutDown:
     return QueueShutDown("the queue is shutting down; require() again once aclose() ends")
+
+
+def is_async_callable(fn: object) -> bool:
+    """Whether calling fn surely returns a coroutine (async def, or an object whose __call__ is)."""
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+        getattr(fn, "__call__", None)  # noqa: B004 - an object with an async __call__
+    )
+
+
+def _async_only(name: str, fn: Any) -> Any:
+    """fn itself if it is async; refuse what surely is not; check the others at each call."""
+    if not callable(fn) or isinstance(fn, (*_SYNC_CALLABLES, type)):
+        raise TypeError(
+            f"WorkerQueue: {name} must be an async function (async def), got {fn!r}; "
+            "wrap a synchronous one in an async def"
+        )
+    if is_async_callable(fn):
+        return fn
+
+    def checked(*args: Any) -> Awaitable[Any]:
+        result = fn(*args)
+        if not inspect.isawaitable(result):
+            raise _NotAsync(
+                f"WorkerQueue: {name} {fn!r} returned {type(result).__name__}, not an "
+                f"awaitable; {name} must be an async function (async def)"
+            )
+        return result
+
+    return checked
 
 
 @final
@@ -32,14 +75,15 @@ class WorkerQueue(Generic[T, R]):
     Otherwise, if the same item is already being computed, the caller joins that computation;
     if not, the item is computed with ``await worker(item)``, stored with ``cache_set`` and
     returned. At most ``maxsize`` computations run at once and at most ``maxsize`` more wait
-    for a slot; a caller that finds both full waits for room.
+    in line; callers of further items wait for room. Items start in the order they were
+    asked for, each in a copy of the context of the caller that asked first.
 
     Cancellation: cancelling a caller never cancels the computation or its other callers; a
     result nobody is left to receive is still cached.
 
     Shutdown: ``aclose()`` refuses new requires with QueueShutDown at once, gives accepted items
-    ``finish_timeout`` seconds in total, then fails what is left with ShutdownTimeout. The next
-    require after that starts the queue again.
+    ``finish_timeout`` seconds, then fails what is left with ShutdownTimeout. The next require
+    after that starts the queue again.
 
     The queue binds to the event loop of its first require and rebinds, keeping its cache, when
     used from a later loop (a second ``asyncio.run()``). It is not thread-safe: use it from one
@@ -48,13 +92,12 @@ class WorkerQueue(Generic[T, R]):
 
     __slots__ = (
         "__weakref__",
-        "_cache_get",
-        "_cache_set",
         "_closing",
-        "_hits",
-        "_joined",
+        "_compute",
+        "_counts",
+        "_lookup",
         "_miss",
-        "_misses",
+        "_ops",
         "_table",
         "_worker",
         "finish_timeout",
@@ -69,9 +112,28 @@ class WorkerQueue(Generic[T, R]):
         maxsize: int = 3,
         finish_timeout: float = 3.0,
     ) -> None:
-        for name, fn in (("worker", worker), ("cache_get", cache_get), ("cache_set", cache_set)):
-            if not callable(fn):
-                raise TypeError(f"WorkerQueue: {name} must be an async callable, got {fn!r}")
+        worker = _async_only("worker", worker)
+        cache_get = _async_only("cache_get", cache_get)
+        cache_set = _async_only("cache_set", cache_set)
+
+        def compute(flight: Flight[T, R]) -> Awaitable[R]:
+            return worker(flight.key)
+
+        self._setup(
+            worker, compute, maxsize, finish_timeout, miss=None, lookup=cache_get, store=cache_set
+        )
+
+    def _setup(
+        self,
+        worker: Any,
+        compute: Callable[[Flight[T, R]], Awaitable[R]],
+        maxsize: int,
+        finish_timeout: float,
+        *,
+        miss: object,
+        lookup: Callable[[T], Awaitable[Any]] | None = None,
+        **ops: Any,
+    ) -> None:
         if isinstance(maxsize, bool) or not isinstance(maxsize, int) or maxsize < 1:
             raise ValueError(f"WorkerQueue: maxsize must be an int of at least 1, got {maxsize!r}")
         if (
@@ -84,23 +146,33 @@ class WorkerQueue(Generic[T, R]):
                 f"got {finish_timeout!r}"
             )
         self._worker = worker
-        self._cache_get: Callable[[T], Awaitable[Any]] = cache_get
-        self._cache_set = cache_set
-        # What cache_get returns for a miss. None for the public API; the decorator uses a
-        # sentinel of its own so that None can be a cached value.
-        self._miss: object = None
+        self._compute = compute
+        self._lookup = lookup
+        self._miss = miss
+        self._ops = dict(ops, miss=miss, lookup=lookup)
         self.maxsize = maxsize
         self.finish_timeout = float(finish_timeout)
         self._table: FlightTable[T, R] | None = None
         self._closing: asyncio.Task[None] | None = None
-        # Calls answered by cache_get, calls that started a computation, calls that joined one.
-        self._hits = 0
-        self._misses = 0
-        self._joined = 0
+        self._counts = Counts()
+
+    @classmethod
+    def _internal(
+        cls,
+        worker: Any,
+        compute: Callable[[Flight[T, R]], Awaitable[R]],
+        maxsize: int,
+        finish_timeout: float,
+        **ops: Any,
+    ) -> WorkerQueue[T, R]:
+        """A queue for @worker_queue: its own computation and cache operations (see FlightTable)."""
+        queue: WorkerQueue[T, R] = cls.__new__(cls)
+        queue._setup(worker, compute, maxsize, finish_timeout, **ops)
+        return queue
 
     def __repr__(self) -> str:
         table = self._table
-        inflight = len(table.flights) if table is not None else 0
+        inflight = table.live if table is not None else 0
         return (
             f"<WorkerQueue worker={self._worker!r} maxsize={self.maxsize} "
             f"running={self.running} in_flight={inflight}>"
@@ -119,18 +191,32 @@ class WorkerQueue(Generic[T, R]):
 
         Raises what the worker raised (the same exception to every caller of the item),
         QueueShutDown if the queue is closing, ShutdownTimeout if the queue closed before the
-        item finished. Waits for room when ``maxsize`` items run and ``maxsize`` more wait.
+        item finished, RecursionError if a computation requires its own item. Waits for room
+        when ``maxsize`` items run and ``maxsize`` more wait.
+        """
+        table = self._table
+        if table is not None and table.closing:
+            raise _shutting_down()
+        return await self._require(item, ())
+
+    async def _require(
+        self, key: T, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None
+    ) -> R:
+        """Look key up (sharing a lookup under way), then join or start its computation.
+
+        Hits are served while the queue closes; a miss then raises QueueShutDown.
         """
         while True:
-            table = self._table_for_call()
-            flight = table.flights.get(item)
+            table = self._table_now()
+            flight = table.flights.get(key)
             if flight is not None:
-                self._joined += 1
+                if table.closing:
+                    raise _shutting_down()
                 return await table.join(flight)
-            lookup = table.lookups.get(item)
+            lookup = table.lookups.get(key)
             if lookup is None:
-                return await self._look_up_then_compute(table, item)
-            # Another caller is looking item up: no computation of it can start meanwhile.
+                return await self._look_up_then_call(table, key, args, kwargs)
+            # Another caller is looking key up: no computation of it can start meanwhile.
             # Share what that caller finds, so as never to compute what it finds stored.
             if lookup.answer is None:
                 lookup.answer = table.loop.create_future()
@@ -138,84 +224,82 @@ class WorkerQueue(Generic[T, R]):
             if answer is not None:
                 found, what = answer
                 if found:
-                    self._hits += 1
+                    self._counts.hits += 1
                     return what  # type: ignore[no-any-return]
-                self._joined += 1
                 return await table.join(what)
             # That caller left without an answer (cancelled, refused): start over.
 
-    async def _look_up_then_compute(self, table: FlightTable[T, R], item: T) -> R:
-        lookup = table.lookups[item] = Lookup()
+    async def _look_up_then_call(
+        self,
+        table: FlightTable[T, R],
+        key: T,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any] | None,
+    ) -> R:
+        lookup = table.lookups[key] = Lookup()
         try:
-            value = await self._lookup(item)
+            value = await self._look_up(key)
             if value is not self._miss:
-                self._hits += 1
-                table.answer(item, lookup, (True, value))
+                self._counts.hits += 1
+                table.answer(key, lookup, (True, value))
                 return value  # type: ignore[no-any-return]
-            if table.closing:  # aclose() ran while we looked: don't start the queue again
-                raise _shutting_down()
-            return await self._compute(item, lookup)
+            # aclose() may have run while we looked: table.call refuses then, so that the
+            # queue does not start again.
+            future = table.call(key, args, kwargs) if kwargs else table.call(key, args)
+            flight = table.flights.get(key)
+            if flight is not None:
+                table.answer(key, lookup, (False, flight))
+            return await future
         finally:
-            table.answer(item, lookup, None)  # if not answered yet: those sharing start over
+            table.answer(key, lookup, None)  # if not answered yet: those sharing start over
 
-    async def _compute(self, item: T, lookup: Lookup | None = None) -> R:
-        """Join item's computation or start one; the caller already found no cached value.
-
-        ``lookup``: the caller's lookup of item, which others share; they are told of the
-        computation this caller joins or starts, or of the value it finds after all.
-        """
-        table = self._table_for_call()
-        flight: Flight[T, R] | None
-        woken = False
-        while True:
-            flight = table.flights.get(item)
-            if flight is not None:
-                self._joined += 1
-                break
-            if table.closing:
-                raise _shutting_down()
-            flight = table.admit(item)
-            if flight is not None:
-                self._misses += 1
-                if lookup is not None:
-                    table.answer(item, lookup, (False, flight))
-                return await table.join(flight, counted=True)
-            await table.wait_for_room(again=woken)
-            woken = True
-            if table.closing:
-                raise _shutting_down()
-            # While we waited, the item may have been computed and cached.
-            try:
-                value = await self._lookup(item)
-            except BaseException:
-                table.pass_room()  # cancelled while holding a wake-up: hand it on
-                raise
-            if value is not self._miss:
-                self._hits += 1
-                table.pass_room()
-                if lookup is not None:
-                    table.answer(item, lookup, (True, value))
-                return value  # type: ignore[no-any-return]
-        if woken:
-            table.pass_room()
-        if lookup is not None:
-            table.answer(item, lookup, (False, flight))
-        return await table.join(flight)
-
-    async def _lookup(self, item: T) -> Any:
+    async def _look_up(self, key: T) -> Any:
+        lookup = self._lookup
+        if lookup is None:
+            return self._miss
         try:
-            return await self._cache_get(item)
+            return await lookup(key)
+        except _NotAsync:
+            raise
         except Exception:
-            logger.exception("cache_get failed for %r; treating it as a miss", item)
+            logger.exception("cache_get failed for %r; treating it as a miss", key)
             return self._miss
 
-    def _table_for_call(self) -> FlightTable[T, R]:
+    def _call(self, key: T, args: tuple[Any, ...], kwargs: dict[str, Any]) -> asyncio.Future[R]:
+        """Join or start key's computation, for a caller that found no cached value."""
         table = self._table
         if table is None or table.loop is not asyncio.get_running_loop():
             table = self._bind()
-        if table.closing:
-            raise _shutting_down()
+        return table.call(key, args, kwargs)
+
+    def _table_now(self) -> FlightTable[T, R]:
+        table = self._table
+        if table is None or table.loop is not asyncio.get_running_loop():
+            table = self._bind()
         return table
+
+    # -- invalidation ---------------------------------------------------------------------------
+
+    def _forget(self, key: T) -> Flight[T, R] | None:
+        """Make later calls of key start afresh; the computation under way will store nothing."""
+        table = self._table
+        return None if table is None else table.forget(key)
+
+    def _forget_all(self) -> list[Flight[T, R]]:
+        table = self._table
+        return [] if table is None else table.forget_all()
+
+    async def _stores_done(self, flights: list[Flight[T, R]]) -> None:
+        """Wait until the stores already sent for these forgotten computations have ended."""
+        tasks = [
+            f.task
+            for f in flights
+            if f.storing and f.task is not None and not f.task.done() and f.task is not _me()
+        ]
+        loop = asyncio.get_running_loop()
+        tasks = [t for t in tasks if t.get_loop() is loop]
+        if tasks:
+            await asyncio.wait(tasks)
 
     # -- the event loop -------------------------------------------------------------------------
 
@@ -231,13 +315,13 @@ class WorkerQueue(Generic[T, R]):
                 )
             # The old loop has stopped: its computations can never finish. Forget them; the
             # cache is kept.
-            logger.debug(
-                "WorkerQueue moving to a new event loop; %d item(s) left behind", len(old.flights)
-            )
+            logger.debug("WorkerQueue moving to a new event loop; %d item(s) left behind", old.live)
             self._closing = None
         elif old is not None:
             return old
-        table: FlightTable[T, R] = FlightTable(loop, self._worker, self._cache_set, self.maxsize)
+        table: FlightTable[T, R] = FlightTable(
+            loop, self._compute, self.maxsize, self._counts, **self._ops
+        )
         self._table = table
         _registry.register(self)
         return table
@@ -263,11 +347,12 @@ class WorkerQueue(Generic[T, R]):
         """Shut the queue down gracefully; a later require starts it again.
 
         New requires raise QueueShutDown from the first moment. Accepted items get
-        ``finish_timeout`` seconds in total; their callers get their results as usual. Items
-        still unfinished then are cancelled and their callers get ShutdownTimeout. Returns None
-        and never re-raises errors already delivered to callers. Idempotent, safe to call
-        concurrently, a no-op on a queue never started. Cancelling the caller of aclose() does
-        not stop the shutdown.
+        ``finish_timeout`` seconds to finish; their callers get their results as usual. Items
+        still unfinished then are cancelled and their callers get ShutdownTimeout at once; the
+        cancelled computations get up to ``finish_timeout`` more seconds to end, so aclose()
+        returns within ``2 * finish_timeout`` seconds. Returns None and never re-raises errors
+        already delivered to callers. Idempotent, safe to call concurrently, a no-op on a queue
+        never started. Cancelling the caller of aclose() does not stop the shutdown.
         """
         table = self._table
         if table is None:
@@ -298,7 +383,7 @@ class WorkerQueue(Generic[T, R]):
             except TimeoutError:
                 logger.warning(
                     "aclose(): %d item(s) unfinished after finish_timeout=%ss; cancelling them",
-                    len(table.flights),
+                    table.live,
                     self.finish_timeout,
                 )
                 await table.abort(self.finish_timeout)
@@ -314,7 +399,9 @@ class WorkerQueue(Generic[T, R]):
         await _registry.aclose_all()
 
     async def __aenter__(self) -> WorkerQueue[T, R]:
-        self._table_for_call()
+        table = self._table_now()
+        if table.closing:
+            raise _shutting_down()
         return self
 
     async def __aexit__(
@@ -324,3 +411,7 @@ class WorkerQueue(Generic[T, R]):
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
+
+
+def _me() -> asyncio.Task[Any] | None:
+    return asyncio.current_task()

@@ -79,6 +79,12 @@ class Computation:
     """The fake clock's time when its value was stored (for TTL expiry)."""
     uncached_at: int | None = None
     """Model clock when its value stopped being available (invalidated, expired, not cached)."""
+    forgotten: bool = False
+    """Invalidated while it ran: its value is never stored, and later calls never get it."""
+    unstored: bool = False
+    """Its value reaches its callers but is never stored (a single-flight cache refused it)."""
+    forget_done: bool = False
+    """The invalidation that forgot it has returned: storing its value now is a violation."""
 
 
 @dataclass(eq=False)
@@ -129,6 +135,8 @@ class QueueModelMachine(RuleBasedStateMachine):
         self.yielding = False
         """Whether the cache under test suspends in its operations, as a remote cache would."""
         self.lookup_delay: dict[asyncio.Task[Any] | None, int] = {}
+        self.fenced: set[str] = set()
+        """Keys whose next computation a single-flight cache will not store."""
 
     # -- what a concrete machine provides -------------------------------------------------------
 
@@ -202,7 +210,7 @@ class QueueModelMachine(RuleBasedStateMachine):
         """The worker under test: one computation, held until a rule releases it."""
         comp = Computation(len(self.comps), key, self.tick())
         self.comps.append(comp)
-        if any(c.key == key for c in self.active):
+        if any(c.key == key and not c.forgotten for c in self.active):
             self.violations.append(f"{key!r} computed twice at once (computation #{comp.id})")
         if key in self.cached or key in self.storing:
             self.violations.append(
@@ -211,6 +219,10 @@ class QueueModelMachine(RuleBasedStateMachine):
             )
         if self.phase == "loop":
             self.violations.append(f"{key!r} started (#{comp.id}) while its loop was ending")
+        if key in self.fenced:
+            # Its flight claimed the key before an invalidation, then waited for a slot.
+            self.fenced.discard(key)
+            comp.unstored = True
         self.active.append(comp)
         self.running_now += 1
         if self.running_now > self.maxsize:
@@ -235,7 +247,11 @@ class QueueModelMachine(RuleBasedStateMachine):
         if isinstance(comp.outcome, ComputationFailed):
             raise comp.outcome
         comp.succeeded = True
-        if not self.caches_results:
+        if comp.unstored:
+            comp.uncached_at = comp.finished_at
+        elif comp.forgotten:
+            pass  # invalidated while it ran: never stored
+        elif not self.caches_results:
             comp.uncached_at = comp.finished_at
         elif self.stored_by_worker:
             comp.cached_time = self.fake_now
@@ -247,6 +263,17 @@ class QueueModelMachine(RuleBasedStateMachine):
     def stored(self, key: str, value: object) -> None:
         """The model's side of the queue storing a result in the machine's cache."""
         comp = self.storing.pop(key, None)
+        forgotten = [
+            c
+            for c in self.comps
+            if c.key == key and c.forget_done and c.succeeded and c.outcome is value
+        ]
+        if forgotten:
+            self.violations.append(
+                f"{value!r} stored for {key!r} after the invalidation that forgot "
+                f"computation #{forgotten[0].id} had returned"
+            )
+            return
         if comp is None or comp.outcome is not value:
             self.violations.append(f"{value!r} stored for {key!r}, expected {comp}")
             return
@@ -257,6 +284,32 @@ class QueueModelMachine(RuleBasedStateMachine):
         """A yielding cache's answer travels back: one turn of the loop, more for slow calls."""
         for _ in range(1 + self.lookup_delay.get(asyncio.current_task(), 0)):
             await asyncio.sleep(0)
+
+    forget_refuses_pending_store: ClassVar[bool] = False
+    """Whether an invalidation stops a result already on its way to the cache (a single-flight
+    cache's store checks the key was not deleted meanwhile); else the invalidation waits for
+    that store and then deletes it."""
+
+    def forget(self, key: str) -> list[Computation]:
+        """The model's side of an invalidation starting: computations of key under way are
+        forgotten. Call ``forgotten_done`` once the invalidation has returned."""
+        forgotten = []
+        for comp in self.active:
+            if comp.key == key and not comp.forgotten:
+                comp.forgotten = True
+                comp.uncached_at = self.tick()
+                forgotten.append(comp)
+        pending = self.storing.get(key)
+        if pending is not None and self.forget_refuses_pending_store:
+            del self.storing[key]
+            pending.forgotten = True
+            pending.uncached_at = self.tick()
+            forgotten.append(pending)
+        return forgotten
+
+    def forgotten_done(self, comps: list[Computation]) -> None:
+        for comp in comps:
+            comp.forget_done = True
 
     def uncache(self, key: str) -> bool:
         """The model's side of an invalidation: the key's generation ends."""
@@ -279,7 +332,7 @@ class QueueModelMachine(RuleBasedStateMachine):
             task = self.loop.create_task(self.call(key), name=f"caller-{caller_id}-{key}")
             caller = Caller(caller_id, key, self.tick(), task)
             if self.phase == "idle":
-                joined = next((c for c in self.active if c.key == key), None)
+                joined = next((c for c in self.active if c.key == key and not c.forgotten), None)
                 caller.joined = None if joined is finishing else joined
             self.callers.append(caller)
             self.caller_of_task[task] = caller
@@ -431,6 +484,7 @@ class QueueModelMachine(RuleBasedStateMachine):
         finish_timeout, so its callers get ShutdownTimeout.
         """
         self.phase = "close"
+        self.allow_unstarted()
         closing = self.loop.create_task(self.aclose())
         self.drive()
         if not closing.done():
@@ -448,17 +502,23 @@ class QueueModelMachine(RuleBasedStateMachine):
         self.drive()
         assert not self.pending(), f"callers still waiting after aclose(): {self.pending()}"
         assert not self.active, f"computations still running after aclose(): {self.active}"
-        self.unstarted_allowance += self.maxsize
         self.phase = "idle"
+
+    def allow_unstarted(self) -> None:
+        """Accepted items a close or a loop change may drop unstarted: the line, or with a
+        single-flight cache every computation that waits for a slot."""
+        self.fenced.clear()  # the flights that claimed them are dropped
+        table = self.queue_table()
+        self.unstarted_allowance += max(self.maxsize, table.live if table is not None else 0)
 
     @rule()
     def new_loop(self) -> None:
         """Move on to a fresh event loop, as a second asyncio.run() would; the cache stays."""
+        self.allow_unstarted()
         self.phase = "loop"
         self.close_loop()
         self.check_finished_callers()
         assert not self.active
-        self.unstarted_allowance += self.maxsize
         self.loop = FastForwardLoop()
         self.phase = "idle"
 
@@ -473,8 +533,18 @@ class QueueModelMachine(RuleBasedStateMachine):
         """With fewer than maxsize computations running, every waiting caller has one running."""
         if len(self.active) >= self.maxsize:
             return
-        running = {c.key for c in self.active}
-        stuck = [c for c in self.pending() if c.key not in running]
+
+        def served(caller: Caller) -> bool:
+            return any(
+                c.key == caller.key
+                and (
+                    not c.forgotten
+                    or (c.uncached_at is not None and caller.created_at < c.uncached_at)
+                )
+                for c in self.active
+            )
+
+        stuck = [c for c in self.pending() if not served(c)]
         assert not stuck, (
             f"{len(self.active)} of {self.maxsize} slots busy, yet callers wait for nothing "
             f"running: {[(c.id, c.key) for c in stuck]} (a lost wake-up)"
@@ -491,7 +561,9 @@ class QueueModelMachine(RuleBasedStateMachine):
         assert not table.flights, f"nothing in flight, yet the table keeps {table.flights}"
         assert not table._waiting, f"nothing in flight, yet items wait: {table._waiting}"
         assert table.running == 0, f"nothing in flight, yet running={table.running}"
-        assert all(w.done() for w in table._room_waiters)
+        assert table.live == 0, f"nothing in flight, yet {table.live} flights are live"
+        assert not table._overflow, f"nothing in flight, yet items wait for room: {table}"
+        assert not table._slot_waiters, f"nothing in flight, yet computations wait: {table}"
 
     @invariant()
     def cache_agrees_with_the_model(self) -> None:
@@ -518,7 +590,12 @@ class QueueModelMachine(RuleBasedStateMachine):
         # Callers sharing another caller's lookup count a hit without asking the cache.
         assert hits >= self.hits, f"hits={hits}, but callers found {self.hits} cached values"
         table = self.queue_table()
-        waiting = len(table._waiting) if table is not None else 0
+        # Items in line, and (single-flight caches) computations started that wait for a slot.
+        waiting = (
+            len(table._waiting) + sum(not w.done() for w in table._slot_waiters)
+            if table is not None
+            else 0
+        )
         assert started <= misses <= started + waiting + self.unstarted_allowance, (
             f"misses={misses}, but {started} computations started, {waiting} wait for a slot "
             f"and at most {self.unstarted_allowance} accepted items were dropped unstarted"

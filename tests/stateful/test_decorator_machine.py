@@ -17,7 +17,7 @@ from wq_memo import Memoized, worker_queue
 from wq_memo._flight import FlightTable
 from wq_memo.backends import MISSING, CallKey
 
-from ._machinery import FINISH_TIMEOUT, KEYS, QueueModelMachine, Value, keys
+from ._machinery import FINISH_TIMEOUT, KEYS, Computation, QueueModelMachine, Value, keys
 
 V = TypeVar("V")
 TTL = 10.5
@@ -53,7 +53,7 @@ class DecoratorMachine(QueueModelMachine):
         self.yielding = yielding and self.async_cache
         self.cache = self.make_cache()
 
-        @worker_queue(maxsize=maxsize, cache=self.cache, finish_timeout=FINISH_TIMEOUT)
+        @worker_queue(maxsize=maxsize, cache=self.cache, finish_timeout=FINISH_TIMEOUT, name="f")
         async def f(key: str) -> Value | None:
             return await self.work(key)
 
@@ -83,22 +83,28 @@ class DecoratorMachine(QueueModelMachine):
 
     @rule(key=keys, use_async=st.booleans())
     def invalidate(self, key: str, use_async: bool) -> None:
-        """Invalidate one call, with cache_invalidate() or acache_invalidate()."""
+        """Invalidate one call, with cache_invalidate() or acache_invalidate(): a computation of
+        it under way is forgotten (its value is never stored; later calls compute afresh)."""
+        forgotten = self.forget(key)
         if use_async:
             removed = self.loop.run_until_complete(self.f.acache_invalidate(key))
         else:
             removed = self.f.cache_invalidate(key)
         assert removed == self.uncache(key), f"cache_invalidate({key!r}) returned {removed}"
+        self.forgotten_done(forgotten)
 
     @rule(use_async=st.booleans())
     def clear(self, use_async: bool) -> None:
-        """Empty the cache, with cache_clear() or acache_clear()."""
+        """Empty the cache, with cache_clear() or acache_clear(); computations under way are
+        forgotten."""
+        forgotten = [c for key in KEYS for c in self.forget(key)]
         if use_async:
             self.loop.run_until_complete(self.f.acache_clear())
         else:
             self.f.cache_clear()
         for key in list(self.cached):
             self.uncache(key)
+        self.forgotten_done(forgotten)
 
     @rule(seconds=st.sampled_from([1, 4, 11]))
     def advance_clock(self, seconds: int) -> None:
@@ -159,14 +165,38 @@ class MemoryAsyncCache:
 
 
 class MemorySingleFlightCache(MemoryAsyncCache):
-    """A MemoryAsyncCache that computes through get_or_compute, as a SingleFlightCache does."""
+    """A MemoryAsyncCache that computes through get_or_compute, as a SingleFlightCache does:
+    a key deleted while it computes is not stored (a delete starts a generation of its key, a
+    clear one of every key)."""
+
+    def __init__(self, machine: QueueModelMachine) -> None:
+        super().__init__(machine)
+        self.cleared = 0
+        self.deleted: dict[Hashable, int] = {}
+
+    def generation(self, key: Hashable) -> tuple[int, int]:
+        return self.cleared, self.deleted.get(key, 0)
+
+    async def delete(self, key: Hashable) -> bool:
+        self.deleted[key] = self.deleted.get(key, 0) + 1
+        return await super().delete(key)
+
+    async def clear(self) -> None:
+        self.cleared += 1
+        await super().clear()
 
     async def get_or_compute(self, key: Hashable, compute: Callable[[], Awaitable[V]]) -> V:
         value = self.peek(key)
         if value is not MISSING:
             return value  # type: ignore[no-any-return]
+        generation = self.generation(key)
         result = await compute()
-        await self.set(key, result)
+        if self.machine.yielding:
+            await asyncio.sleep(0)
+        if self.generation(key) == generation:  # checked and written in one step, as a script would
+            assert isinstance(key, CallKey), key
+            self.data[key] = (result, self.machine.fake_now + TTL)
+            self.machine.stored(key.key[0], result)  # type: ignore[index]
         return result
 
 
@@ -197,8 +227,10 @@ class AsyncCacheMachine(DecoratorMachine):
             with pytest.raises(TypeError, match="acache_invalidate"):
                 self.f.cache_invalidate(key)
             return
+        forgotten = self.forget(key)
         removed = self.loop.run_until_complete(self.f.acache_invalidate(key))
         assert removed == self.uncache(key), f"acache_invalidate({key!r}) returned {removed}"
+        self.forgotten_done(forgotten)
 
     @rule(use_async=st.booleans())
     def clear(self, use_async: bool) -> None:
@@ -207,9 +239,11 @@ class AsyncCacheMachine(DecoratorMachine):
             with pytest.raises(TypeError, match="acache_clear"):
                 self.f.cache_clear()
             return
+        forgotten = [c for key in KEYS for c in self.forget(key)]
         self.loop.run_until_complete(self.f.acache_clear())
         for key in list(self.cached):
             self.uncache(key)
+        self.forgotten_done(forgotten)
 
     @invariant()
     def cache_info_sizes(self) -> None:
@@ -219,6 +253,17 @@ class AsyncCacheMachine(DecoratorMachine):
 
 class SingleFlightMachine(AsyncCacheMachine):
     """As AsyncCacheMachine, with a cache that computes through get_or_compute."""
+
+    forget_refuses_pending_store = True
+
+    def forget(self, key: str) -> list[Computation]:
+        # A flight that claimed the key in the cache and still waits for a slot is not
+        # forgotten (its computation has not begun), but the cache will refuse its store.
+        table = self.queue_table()
+        flight = table.flights.get(CallKey("f", (key,))) if table is not None else None
+        if flight is not None and not flight.computing and flight.outcome is None:
+            self.fenced.add(key)
+        return super().forget(key)
 
     def make_cache(self) -> Any:
         return MemorySingleFlightCache(self)

@@ -64,7 +64,8 @@ class WorkerQueueMachine(QueueModelMachine):
         return self.queue._table
 
     def counters(self) -> tuple[int, int, int]:
-        return self.queue._hits, self.queue._misses, self.queue._joined
+        c = self.queue._counts
+        return c.hits, c.misses, c.joined
 
     def real_cache(self) -> dict[str, Any]:
         assert not self.storing, f"results returned but never stored: {self.storing}"

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import cachetools
 import pytest
 
 from benchmarks import __main__ as bench
@@ -154,3 +155,51 @@ def test_feature_probes_find_what_wq_memo_promises(run: tuple[int, Path, dict[st
     }
     for feature, cells in probes.items():
         assert set(cells) == {"wq_memo", *(p.name for p in PEERS)}, feature
+
+
+def test_a_stretch_target_is_reported_beside_the_target() -> None:
+    assert Target("m", 0.66, 0.7, stretch=0.65).describe() == (
+        "m: 0.66x (target <= 0.70x, stretch <= 0.65x): met, stretch missed"
+    )
+    assert Target("m", 0.72, 0.7).describe() == "m: 0.72x (target <= 0.70x): MISSED by 0.02x"
+    assert (
+        Target("h", 0.2, 0.1, "s").describe() == "h: 0.200 s (target <= 0.100 s): MISSED by 0.100 s"
+    )
+
+
+def test_every_target_and_figure_is_saved_with_a_name_of_its_own(
+    run: tuple[int, Path, dict[str, Any]],
+) -> None:
+    tables = run[2]["tables"]
+    names = [f["what"] for t in tables.values() for f in [*t["targets"], *t["figures"]]]
+    assert len(names) == len(set(names))
+    targets = {t["what"]: t for table in tables.values() for t in table["targets"]}
+    assert targets["hit, wq_memo (TTLCache) x async-lru (ttl)"]["limit"] == 0.7
+    assert targets["miss throughput, wq_memo x async-lru"]["stretch"] == 0.65
+    assert {"load_averages_at_start", "load_averages_at_end", "versions"} <= set(run[2]["machine"])
+    assert "uvloop" in run[2]["machine"]["versions"]
+
+
+def test_the_ttl_lookup_is_measured_on_the_cachetools_installed(
+    run: tuple[int, Path, dict[str, Any]],
+) -> None:
+    data = run[2]["tables"]["ttl_lookup"]["data"]
+    assert data["cachetools"] == cachetools.__version__
+    assert set(data["median_seconds"]) >= {"cache[k] hit", "cache[k] miss"}
+
+
+def test_a_section_whose_module_is_missing_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(bench.SECTIONS, "nothing_here", bench.Section("no_such_benchmark"))
+    text = asyncio.run(bench.run_section("nothing_here", quick=True))
+    assert text == "nothing_here: skipped (benchmarks/no_such_benchmark.py is not there)"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("uvloop") is None, reason="uvloop not installed")
+def test_runs_on_uvloop(tmp_path: Path) -> None:
+    status = bench.main(
+        ["--loop", "uvloop", "--only", "stampede", "--out", str(tmp_path)], config=TINY
+    )
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert status == 0
+    assert results["machine"]["loop"] == "uvloop"
+    assert results["tables"]["stampede"]["data"]["computations"]["wq_memo"] == [1]

@@ -25,7 +25,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from . import bursts, features, growth, head_of_line, hit_path, memory, ttl_lookup
-from ._harness import Config, Table
+from ._harness import Config, Table, cpu_model, load_average
 from .contenders import versions
 
 HERE = Path(__file__).resolve().parent
@@ -92,22 +92,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="the event loop: asyncio's own (default) or uvloop's (the bench extra installs it)",
     )
     return parser.parse_args(argv)
-
-
-def load_average() -> list[float] | None:
-    """The load averages over 1, 5 and 15 minutes, where the OS reports them."""
-    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
-
-
-def cpu_model() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return cpu
 
 
 def machine(loop: str = "asyncio") -> dict[str, Any]:

@@ -1,14 +1,20 @@
-"""What every scenario shares: the run's settings, interleaved timing, medians, tables."""
+"""What every scenario shares: the run's settings, interleaved timing, medians, tables.
+
+Only the standard library: benchmarks.matrix imports it before any environment is made.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import gc
+import os
+import platform
 import statistics
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 
@@ -69,6 +75,22 @@ class Config:
     def scaled(self, **changes: Any) -> Config:
         """A copy with some settings changed (the tests use tiny sizes)."""
         return dataclasses.replace(self, **changes)
+
+
+def load_average() -> list[float] | None:
+    """The load averages over 1, 5 and 15 minutes, where the OS reports them."""
+    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux), else what the platform module says."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 @contextmanager

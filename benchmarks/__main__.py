@@ -1,7 +1,8 @@
-"""python -m benchmarks [--quick] [--out DIR] [--only SCENARIO ...]: every scenario, one run.
+"""python -m benchmarks [--quick] [--out DIR] [--only SCENARIO ...] [--loop uvloop]: one run.
 
-Prints each scenario's table as it finishes, then the targets met or missed; writes
-results.json, results.md and the growth chart (growth.png) to DIR.
+Runs every scenario on the current interpreter, prints each scenario's table as it finishes,
+then the targets met or missed; writes results.json, results.md and the growth chart
+(growth.png) to DIR. ``python -m benchmarks.matrix`` runs this on every Python it finds.
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ import sys
 import time
 import traceback
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from . import bursts, features, growth, head_of_line, hit_path, memory
-from ._harness import Config, Table
+from . import bursts, features, growth, head_of_line, hit_path, memory, ttl_lookup
+from ._harness import Config, Table, cpu_model, load_average
 from .contenders import versions
 
 HERE = Path(__file__).resolve().parent
@@ -31,6 +33,7 @@ DEFAULT_OUT = HERE / "results"
 
 SCENARIOS: dict[str, Callable[[Config], Awaitable[Table]]] = {
     "hit_path": hit_path.measure,
+    "ttl_lookup": ttl_lookup.ttl_lookup,
     "stampede": bursts.stampede,
     "miss_throughput": bursts.miss_throughput,
     "head_of_line": head_of_line.head_of_line,
@@ -39,6 +42,27 @@ SCENARIOS: dict[str, Callable[[Config], Awaitable[Table]]] = {
     "stampede_growth": growth.stampede_growth,
     "features": features.features,
 }
+"""The scenarios measured in this process, in the order they run; each returns a Table."""
+
+
+@dataclass(frozen=True)
+class Section:
+    """A benchmark kept in a module of its own, run after the scenarios when it can run.
+
+    The module (benchmarks/<module>.py) has ``async def measure(quick: bool) -> str``, which
+    returns a printable table.
+    """
+
+    module: str
+    needs_redis: bool = False
+
+
+SECTIONS: dict[str, Section] = {
+    "redis_backends": Section("redis_backends", needs_redis=True),
+}
+"""Benchmarks with their own modules and tables (--only takes their names too)."""
+
+LOOPS = ("asyncio", "uvloop")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -56,38 +80,42 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="where results.json, results.md and growth.png go (default: benchmarks/results)",
     )
     parser.add_argument(
-        "--only", nargs="+", choices=sorted(SCENARIOS), help="run only these scenarios"
+        "--only",
+        nargs="+",
+        choices=[*SCENARIOS, *SECTIONS],
+        help="run only these scenarios",
+    )
+    parser.add_argument(
+        "--loop",
+        choices=LOOPS,
+        default="asyncio",
+        help="the event loop: asyncio's own (default) or uvloop's (the bench extra installs it)",
     )
     return parser.parse_args(argv)
 
 
-def machine() -> dict[str, Any]:
+def machine(loop: str = "asyncio") -> dict[str, Any]:
     """What the figures were measured on."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    load = load_average()
     return {
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "os": platform.platform(terse=True),
         "python": f"{platform.python_implementation()} {platform.python_version()}",
-        "load_average_at_start": load,
+        "loop": loop,
+        "load_average_at_start": load[0] if load else None,
+        "load_averages_at_start": load,
         "versions": versions(),
     }
 
 
 def describe(m: dict[str, Any]) -> str:
     peers = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
-    load = m["load_average_at_start"]
-    load_text = f"; load average {load:.2f} at start" if load is not None else ""
+    load = m["load_averages_at_start"]
+    load_text = f"; load average {'/'.join(f'{x:.2f}' for x in load)} at start" if load else ""
     return (
-        f"Machine: {m['cpu']}, {m['cores']} cores, {m['os']}; {m['python']}{load_text}\n"
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['os']}; {m['python']}, "
+        f"{m['loop']} event loop{load_text}\n"
         f"Versions: {peers}"
     )
 
@@ -109,22 +137,29 @@ def redis_reachable() -> bool:
         return False
 
 
-async def redis_section(quick: bool) -> str:
-    """The Redis backends' table, from benchmarks/redis_backends.py when it and Redis exist."""
-    if not (HERE / "redis_backends.py").exists():
-        return "Redis backends: skipped (benchmarks/redis_backends.py is not there)"
-    if not installed("redis.asyncio"):
-        return "Redis backends: skipped (the redis package is not installed: the redis extra)"
-    if not redis_reachable():
-        return "Redis backends: skipped (no Redis answering at WQ_MEMO_REDIS_URL)"
-    module: Any = importlib.import_module("benchmarks.redis_backends")
+async def run_section(name: str, quick: bool) -> str:
+    """A section's table, when its module and what it needs are there; else why not."""
+    section = SECTIONS[name]
+    if not (HERE / f"{section.module}.py").exists():
+        return f"{name}: skipped (benchmarks/{section.module}.py is not there)"
+    if section.needs_redis:
+        if not installed("redis.asyncio"):
+            return f"{name}: skipped (the redis package is not installed: the redis extra)"
+        if not redis_reachable():
+            return f"{name}: skipped (no Redis answering at WQ_MEMO_REDIS_URL)"
+    module: Any = importlib.import_module(f"benchmarks.{section.module}")
     text: str = await module.measure(quick)
     return text
 
 
-async def run(config: Config, out: Path, only: list[str] | None) -> int:
-    m = machine()
-    command = "python -m benchmarks" + (" --quick" if config.quick else "")
+async def run(config: Config, out: Path, only: list[str] | None, loop: str = "asyncio") -> int:
+    m = machine(loop)
+    command = (
+        "python -m benchmarks"
+        + (" --quick" if config.quick else "")
+        + (f" --loop {loop}" if loop != "asyncio" else "")
+        + (f" --only {' '.join(only)}" if only else "")
+    )
     header = f"# wq_memo benchmarks\n\n`{command}`\n\n{describe(m)}"
     print(header, end="\n\n", flush=True)
     tables: list[Table] = []
@@ -140,13 +175,17 @@ async def run(config: Config, out: Path, only: list[str] | None) -> int:
 
     status = 0
     extra: list[str] = []
-    if not only:
+    sections: dict[str, str] = {}
+    for name in SECTIONS:
+        if only and name not in only:
+            continue
         try:
-            extra.append(await redis_section(config.quick))
+            sections[name] = await run_section(name, config.quick)
         except Exception:
             traceback.print_exc()
-            extra.append("Redis backends: FAILED (traceback above)")
+            sections[name] = f"{name}: FAILED (traceback above)"
             status = 1
+        extra.append(sections[name])
         print(extra[-1], end="\n\n", flush=True)
 
     by_key = {t.key: t for t in tables}
@@ -160,6 +199,7 @@ async def run(config: Config, out: Path, only: list[str] | None) -> int:
     summary = ["## Targets", ""] + [f"- {t.describe()}" for t in targets]
     print("\n".join(summary), flush=True)
     elapsed = time.perf_counter() - started
+    m["load_averages_at_end"] = load_average()
     print(f"\nall done in {elapsed:.0f} s; results in {out}", flush=True)
 
     save(
@@ -171,6 +211,7 @@ async def run(config: Config, out: Path, only: list[str] | None) -> int:
             "config": config.__dict__,
             "seconds": elapsed,
             "tables": {t.key: t.as_json() for t in tables},
+            "sections": sections,
             "notes": extra,
         },
     )
@@ -187,7 +228,16 @@ def main(argv: list[str] | None = None, config: Config | None = None) -> int:
     args = parse_args(argv)
     if config is None:
         config = Config.quick_run() if args.quick else Config.full()
-    return asyncio.run(run(config, args.out, args.only))
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+    if args.loop == "uvloop":
+        try:
+            uvloop: Any = importlib.import_module("uvloop")
+        except ImportError:
+            print("--loop uvloop: uvloop is not installed (the bench extra installs it)")
+            return 2
+        loop_factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(run(config, args.out, args.only, args.loop))
 
 
 if __name__ == "__main__":

@@ -1,14 +1,20 @@
-"""What every scenario shares: the run's settings, interleaved timing, medians, tables."""
+"""What every scenario shares: the run's settings, interleaved timing, medians, tables.
+
+Only the standard library: benchmarks.matrix imports it before any environment is made.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import gc
+import os
+import platform
 import statistics
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 
@@ -71,6 +77,22 @@ class Config:
         return dataclasses.replace(self, **changes)
 
 
+def load_average() -> list[float] | None:
+    """The load averages over 1, 5 and 15 minutes, where the OS reports them."""
+    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux), else what the platform module says."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 @contextmanager
 def gc_paused() -> Iterator[None]:
     """Collect, then keep the collector out of the timed section (as timeit does)."""
@@ -127,6 +149,22 @@ def ratio(value: float) -> str:
     return f"{value:.2f}x"
 
 
+UNITS: dict[str, str] = {"x": "x", "ns": " ns", "us": " us", "B": " B", "s": " s", "": ""}
+
+
+def show(value: float, unit: str) -> str:
+    """A figure as the tables print it: 0.62x, 1,234 ns, 7.80 us, 3,882 B, 0.062 s, 10,000."""
+    if unit == "x":
+        text = f"{value:.2f}"
+    elif unit == "us":
+        text = f"{value:,.2f}"
+    elif unit == "s":
+        text = f"{value:.3f}"
+    else:
+        text = f"{value:,.0f}"
+    return text + UNITS[unit]
+
+
 @dataclass
 class Table:
     """One scenario's result: printed as a markdown table, saved as JSON."""
@@ -139,6 +177,8 @@ class Table:
     data: dict[str, Any] = field(default_factory=dict)
     """The raw figures behind the rows, for the JSON file and the tests."""
     targets: list[Target] = field(default_factory=list)
+    figures: list[Figure] = field(default_factory=list)
+    """The figures that runs on other Pythons or loops are compared on (benchmarks.matrix)."""
 
     def add(self, *cells: object) -> None:
         self.rows.append([str(c) for c in cells])
@@ -178,7 +218,19 @@ class Table:
             "notes": self.notes,
             "data": self.data,
             "targets": [t.as_json() for t in self.targets],
+            "figures": [dataclasses.asdict(f) for f in self.figures],
         }
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One figure of a run, named the same in every run so that runs can be set side by side."""
+
+    what: str
+    value: float
+    unit: str
+    """One of UNITS: "x" for a ratio."""
+    contender: str = "wq_memo"
 
 
 @dataclass(frozen=True)
@@ -189,16 +241,24 @@ class Target:
     value: float
     limit: float
     unit: str = "x"
+    stretch: float | None = None
+    """A tighter limit worth reaching, reported beside the target."""
 
     @property
     def met(self) -> bool:
         return self.value <= self.limit
 
+    @property
+    def stretch_met(self) -> bool | None:
+        return None if self.stretch is None else self.value <= self.stretch
+
     def describe(self) -> str:
-        verdict = "met" if self.met else "MISSED"
-        if self.unit == "x":
-            return f"{self.what}: {self.value:.2f}x (target <= {self.limit:.2f}x): {verdict}"
-        return f"{self.what}: {self.value:.3g} {self.unit} (target <= {self.limit:g}): {verdict}"
+        verdict = "met" if self.met else f"MISSED by {show(self.value - self.limit, self.unit)}"
+        limit = f"target <= {show(self.limit, self.unit)}"
+        if self.stretch is not None:
+            limit += f", stretch <= {show(self.stretch, self.unit)}"
+            verdict += ", stretch met" if self.stretch_met else ", stretch missed"
+        return f"{self.what}: {show(self.value, self.unit)} ({limit}): {verdict}"
 
     def as_json(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "met": self.met}
+        return {**dataclasses.asdict(self), "met": self.met, "stretch_met": self.stretch_met}

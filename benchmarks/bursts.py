@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from ._harness import (
     Config,
+    Figure,
     Table,
     Target,
     clock,
@@ -29,6 +30,9 @@ from .contenders import ASYNC_LRU, PEERS, WQ_MEMO, AsyncFn, Contender, Setup
 
 STAMPEDE_DELAY = 0.001
 MISS_MAXSIZE = 8
+STAMPEDE_TARGET = 0.8
+MISS_TARGET, MISS_STRETCH = 0.7, 0.65
+"""Targets: wq_memo's time per caller (per key) as a ratio to async-lru's."""
 
 
 @dataclass
@@ -133,9 +137,10 @@ async def stampede(config: Config, callers: int | None = None) -> Table:
         "median_seconds_per_caller": {k: median(v) for k, v in samples.items()},
         "computations": {k: r.computations for k, r in done.items()},
     }
+    _figures(table, "stampede", samples, "us/caller")
     if ASYNC_LRU.name in samples:
         table.targets.append(
-            Target("stampede, wq_memo vs async-lru per caller", _vs(samples, ASYNC_LRU), 1.0)
+            Target("stampede, wq_memo x async-lru", _vs(samples, ASYNC_LRU), STAMPEDE_TARGET)
         )
     table.notes.append("computations must be 1: more means the peer ran the function per caller")
     return table
@@ -174,9 +179,15 @@ async def miss_throughput(config: Config) -> Table:
         "computations": {k: r.computations for k, r in done.items()},
         "peak_concurrency": {k: max(r.peaks) for k, r in done.items()},
     }
+    _figures(table, "miss throughput", samples, "us/key")
     if ASYNC_LRU.name in samples:
         table.targets.append(
-            Target("miss throughput, wq_memo vs async-lru per key", _vs(samples, ASYNC_LRU), 0.7)
+            Target(
+                "miss throughput, wq_memo x async-lru",
+                _vs(samples, ASYNC_LRU),
+                MISS_TARGET,
+                stretch=MISS_STRETCH,
+            )
         )
     table.notes.append(
         f"wq_memo runs with maxsize={MISS_MAXSIZE}: at most {MISS_MAXSIZE} computations at once "
@@ -184,6 +195,21 @@ async def miss_throughput(config: Config) -> Table:
         "computations, so each runs all of them at once ('most at once')"
     )
     return table
+
+
+def _figures(table: Table, what: str, samples: dict[str, list[float]], per: str) -> None:
+    """wq_memo's and async-lru's time per call; every peer's as a ratio to async-lru's."""
+    for name in (WQ_MEMO.name, ASYNC_LRU.name):
+        if name in samples:
+            table.figures.append(
+                Figure(f"{what}, {name}: {per}", median(samples[name]) * 1e6, "us", name)
+            )
+    if ASYNC_LRU.name not in samples:
+        return
+    for peer in PEERS:
+        if peer is not ASYNC_LRU and peer.name in samples:
+            vs = paired_ratio(samples, peer.name, ASYNC_LRU.name)
+            table.figures.append(Figure(f"{what}, {peer.name} x async-lru", vs, "x", peer.name))
 
 
 def _vs(samples: dict[str, list[float]], reference: Contender) -> float:

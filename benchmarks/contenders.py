@@ -228,9 +228,11 @@ def label(contender: Contender, setup: Setup | None = None) -> str:
 
 
 def versions() -> dict[str, str]:
-    """The version of each usable peer, and of wq_memo and cachetools."""
+    """The version of wq_memo, cachetools, each peer and uvloop ("not installed" if absent)."""
     out = {"wq_memo": WQ_MEMO.version(), "cachetools": REFERENCE.version()}
     for peer in PEERS:
         status = peer.status()
         out[peer.distribution] = status or peer.version()
+    uvloop = Contender("uvloop", "uvloop", "uvloop", False, _wq_memo)
+    out["uvloop"] = uvloop.status() or uvloop.version()
     return out

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from cachetools.keys import hashkey
 
-from ._harness import Config, Table, Target, ratio
+from ._harness import Config, Figure, Table, Target, ratio
 from .contenders import (
     CACHE_NAMES,
     PEERS,
@@ -28,6 +28,11 @@ from .contenders import (
     label,
     make_cache,
 )
+
+IN_FLIGHT_TARGET = 2.5
+"""Target: what a call in flight holds through wq_memo, as a ratio to a bare call."""
+PER_ENTRY_TARGET = 1.1
+"""Target: what a cached entry holds, as a ratio to the same cache filled by hand."""
 
 BASE = 1_000_000
 """Arguments start here, so that no argument is one of Python's preallocated small ints."""
@@ -127,7 +132,8 @@ async def memory(config: Config) -> Table:
         name = f"per entry: {label(WQ_MEMO, s)}"
         got = data[name] = await per_entry(WQ_MEMO.wrap(values.call, s), args)
         table.add(name, f"{got:,.0f}", ref, ratio(got / data[ref]))
-        table.targets.append(Target(f"memory {name} vs {ref}", got / data[ref], 1.1))
+        table.figures.append(Figure(f"memory {name}: bytes", got, "B"))
+        table.targets.append(Target(f"memory {name} x {ref}", got / data[ref], PER_ENTRY_TARGET))
     for peer in PEERS:
         cachetools_based = peer.module in ("asyncache", "cachetools_async")
         s = Setup(cache="lru", size=n) if cachetools_based else Setup(cache="dict")
@@ -143,6 +149,7 @@ async def memory(config: Config) -> Table:
     v = _fresh_gate(values)
     bare = data["in flight: bare call"] = await per_call_in_flight(v.held, v, args)
     table.add("in flight: bare call, no memoizer", f"{bare:,.0f}", "-", "-")
+    table.figures.append(Figure("memory in flight: bare call: bytes", bare, "B", "bare call"))
     rows: list[tuple[str, Contender, Setup]] = [
         (f"in flight: wq_memo (maxsize={n:,}, all running)", WQ_MEMO, Setup(maxsize=n)),
         ("in flight: wq_memo (maxsize=3, the rest waiting)", WQ_MEMO, Setup(maxsize=3)),
@@ -155,6 +162,12 @@ async def memory(config: Config) -> Table:
         v = _fresh_gate(values)
         got = data[name] = await per_call_in_flight(contender.wrap(v.held, s), v, args)
         table.add(name, f"{got:,.0f}", "bare call", ratio(got / bare))
+        what = f"memory {name} x bare call"
+        if contender is WQ_MEMO:
+            table.figures.append(Figure(f"memory {name}: bytes", got, "B"))
+            table.targets.append(Target(what, got / bare, IN_FLIGHT_TARGET))
+        else:
+            table.figures.append(Figure(what, got / bare, "x", contender.name))
     joined = data["in flight: wq_memo, joined callers"] = await per_call_in_flight(
         WQ_MEMO.wrap((v := _fresh_gate(values)).held, Setup()), v, [0] * n
     )

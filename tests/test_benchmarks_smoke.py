@@ -6,15 +6,19 @@ Only structure and counts are checked (computations, the concurrency bound), nev
 from __future__ import annotations
 
 import asyncio
+import datetime
 import importlib.util
 import json
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
+import cachetools
 import pytest
 
 from benchmarks import __main__ as bench
-from benchmarks import bursts
+from benchmarks import bursts, matrix
 from benchmarks._harness import Config, Table, Target
 from benchmarks.contenders import PEERS, WQ_MEMO, Contender, Setup
 
@@ -154,3 +158,135 @@ def test_feature_probes_find_what_wq_memo_promises(run: tuple[int, Path, dict[st
     }
     for feature, cells in probes.items():
         assert set(cells) == {"wq_memo", *(p.name for p in PEERS)}, feature
+
+
+def test_a_stretch_target_is_reported_beside_the_target() -> None:
+    assert Target("m", 0.66, 0.7, stretch=0.65).describe() == (
+        "m: 0.66x (target <= 0.70x, stretch <= 0.65x): met, stretch missed"
+    )
+    assert Target("m", 0.72, 0.7).describe() == "m: 0.72x (target <= 0.70x): MISSED by 0.02x"
+    assert (
+        Target("h", 0.2, 0.1, "s").describe() == "h: 0.200 s (target <= 0.100 s): MISSED by 0.100 s"
+    )
+
+
+def test_every_target_and_figure_is_saved_with_a_name_of_its_own(
+    run: tuple[int, Path, dict[str, Any]],
+) -> None:
+    tables = run[2]["tables"]
+    names = [f["what"] for t in tables.values() for f in [*t["targets"], *t["figures"]]]
+    assert len(names) == len(set(names))
+    targets = {t["what"]: t for table in tables.values() for t in table["targets"]}
+    assert targets["hit, wq_memo (TTLCache) x async-lru (ttl)"]["limit"] == 0.7
+    assert targets["miss throughput, wq_memo x async-lru"]["stretch"] == 0.65
+    assert {"load_averages_at_start", "load_averages_at_end", "versions"} <= set(run[2]["machine"])
+    assert "uvloop" in run[2]["machine"]["versions"]
+
+
+def test_the_ttl_lookup_is_measured_on_the_cachetools_installed(
+    run: tuple[int, Path, dict[str, Any]],
+) -> None:
+    data = run[2]["tables"]["ttl_lookup"]["data"]
+    assert data["cachetools"] == cachetools.__version__
+    assert set(data["median_seconds"]) >= {"cache[k] hit", "cache[k] miss"}
+
+
+def test_a_section_whose_module_is_missing_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(bench.SECTIONS, "nothing_here", bench.Section("no_such_benchmark"))
+    text = asyncio.run(bench.run_section("nothing_here", quick=True))
+    assert text == "nothing_here: skipped (benchmarks/no_such_benchmark.py is not there)"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("uvloop") is None, reason="uvloop not installed")
+def test_runs_on_uvloop(tmp_path: Path) -> None:
+    status = bench.main(
+        ["--loop", "uvloop", "--only", "stampede", "--out", str(tmp_path)], config=TINY
+    )
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert status == 0
+    assert results["machine"]["loop"] == "uvloop"
+    assert results["tables"]["stampede"]["data"]["computations"]["wq_memo"] == [1]
+
+
+DASH = "\N{EN DASH}"
+
+
+def _fake_run(python: str, env: str, loop: str, ratio: float) -> matrix.Run:
+    """A run as benchmarks.matrix reads it back: one table with a target and two figures."""
+    versions = {"wq_memo": "0.1.0", "cachetools": "8.0.2" if env == "latest" else "5.5.2"}
+    table = {
+        "targets": [Target("miss, wq_memo x async-lru", ratio, 0.7, stretch=0.65).as_json()],
+        "figures": [
+            {"what": "miss, wq_memo: us/key", "value": 10.0, "unit": "us", "contender": "wq_memo"},
+            {"what": f"miss, {env} x async-lru", "value": 1.5, "unit": "x", "contender": env},
+        ],
+    }
+    run = matrix.Run(python, env, loop, Path("unused"))
+    run.results = {
+        "machine": {"python": f"CPython {python}.0", "os": "Linux", "versions": versions},
+        "config": {"rounds": 9},
+        "tables": {"miss_throughput": table},
+    }
+    return run
+
+
+def test_matrix_reports_ranges_over_the_pythons_and_what_ran_apart() -> None:
+    runs = [
+        _fake_run("3.11", "latest", "asyncio", 0.62),
+        _fake_run("3.12", "latest", "asyncio", 0.72),
+        _fake_run("3.11", "latest", "uvloop", 0.60),
+        _fake_run("3.11", "asyncache", "asyncio", 0.9),  # wq_memo's rows here are not taken
+    ]
+    rows = {row.what: row for row in matrix.collect(runs)}
+    assert rows["miss, wq_memo x async-lru"].values == {
+        "3.11": 0.62,
+        "3.12": 0.72,
+        "3.11 uvloop": 0.6,
+    }
+    assert rows["miss, asyncache x async-lru"].separate
+    assert "miss, latest x async-lru" in rows
+    assert matrix.span([0.62, 0.72], "x") == f"0.62{DASH}0.72x"
+    assert matrix.span([3.0, 3.001], "us") == "3.00 us"
+    labels = ["3.11", "3.12", "3.11 uvloop"]
+    assert matrix.verdict(rows["miss, wq_memo x async-lru"], labels) == (
+        "missed on 3.12 (0.72x); stretch 0.65x: 2 of 3"
+    )
+    started = datetime.datetime(2026, 1, 2, 3, 4, tzinfo=datetime.UTC)
+    text = matrix.render(
+        runs,
+        list(rows.values()),
+        "python -m benchmarks.matrix",
+        started,
+        600.0,
+        ([0.5, 0.4, 0.3], [1.5, 1.4, 1.3]),
+        {"3.11": "python3.11", "3.12": "python3.12"},
+    )
+    assert "Run on 2026-01-02 03:04 UTC with `python -m benchmarks.matrix`" in text
+    assert "0.50/0.40/0.30 before, 1.50/1.40/1.30 after" in text
+    assert "cachetools 8.0.2" in text
+    assert f"| miss, wq_memo x async-lru | 0.62{DASH}0.72x | 0.60x | ≤ 0.70x (stretch" in text
+    assert "| miss, asyncache x async-lru † | 1.50x |" in text
+
+
+def test_matrix_finds_this_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(
+        "PATH", os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])
+    )
+    version = "{}.{}".format(*sys.version_info[:2])
+    assert matrix.find_python(version) is not None
+    assert matrix.find_python("2.1") is None
+
+
+def test_matrix_runs_asyncache_apart_and_only_what_each_loop_needs() -> None:
+    envs = {e.name: e.runs for e in matrix.environments(matrix.parse_args([]))}
+    assert envs["latest"][0] == ("asyncio", None)
+    assert envs["latest"][1] == ("uvloop", list(matrix.UVLOOP_SCENARIOS))
+    assert [loop for loop, _ in envs["asyncache"]] == ["asyncio", "uvloop"]
+    assert not any(
+        "asyncache" in r for r in matrix.environments(matrix.parse_args([]))[0].requirements
+    )
+    only = matrix.environments(matrix.parse_args(["--only", "features", "--no-uvloop"]))
+    assert [(e.name, e.runs) for e in only] == [
+        ("latest", [("asyncio", ["features"])]),
+        ("asyncache", [("asyncio", ["features"])]),
+    ]

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from wq_memo import WorkerQueue
-from wq_memo._flight import Status
 
 X = TypeVar("X")
 
@@ -105,7 +104,8 @@ class Harness:
         table = self.queue._table
         if table is None:
             return {}
-        return {k: f for k, f in table.flights.items() if f.status is not Status.OUTSIDE}
+        outside = table.outside()
+        return {k: f for k, f in table.flights.items() if f not in outside}
 
     def assert_no_bookkeeping(self) -> None:
         """Nothing in flight, no slot taken, nobody waiting for room."""
@@ -115,8 +115,7 @@ class Harness:
         assert table.flights == {}
         assert table.running == 0
         assert table.live == 0
-        assert not table._waiting
-        assert not table._overflow
+        assert not table._line
         assert not table._slot_waiters
         assert table.lookups == {}
 
@@ -167,13 +166,13 @@ async def returned(awaitable: Awaitable[object], within: float = WAIT) -> object
 def room_waiters(queue: WorkerQueue[int, str]) -> int:
     """How many callers wait for room (their items were asked for while the line was full)."""
     table = queue._table
-    return 0 if table is None else sum(f.callers for f in table._overflow)
+    return 0 if table is None else sum(f.callers for f in table.outside())
 
 
 def waiting_items(queue: WorkerQueue[int, str]) -> list[int]:
     """The items accepted and waiting for a slot, in order."""
     table = queue._table
-    return [] if table is None else [f.key for f in table._waiting]
+    return [] if table is None else [f.key for f in table.accepted()]
 
 
 def callers(queue: WorkerQueue[int, str], item: int) -> int:

@@ -23,7 +23,7 @@ def waiting_items(h: Harness) -> list[int]:
 
 def items_waiting_for_room(h: Harness) -> list[int]:
     table = h.queue._table
-    return [] if table is None else [f.key for f in table._overflow]
+    return [] if table is None else [f.key for f in table.outside()]
 
 
 @pytest.mark.parametrize("maxsize", [1, 2, 3])
@@ -105,8 +105,8 @@ async def test_callers_waiting_for_room_are_not_woken_until_their_result_is_read
     t1 = asyncio.create_task(h.queue.require(1))
     await eventually(lambda: waiting_items(h) == [1])
     # Through _call, as @worker_queue calls it after its own cache lookup.
-    w2a = h.queue._call(2, (), {})
-    w2b = h.queue._call(2, (), {})
+    w2a = h.queue._call(2, (2,), {})
+    w2b = h.queue._call(2, (2,), {})
     w3 = asyncio.create_task(h.queue.require(3))
     await eventually(lambda: room_waiters(h) == 3)
     gates[0].set()  # item 1 runs; item 2 is admitted into the line for both of its callers

@@ -97,7 +97,7 @@ async def test_an_error_nobody_is_left_to_receive_is_never_reported_as_unretriev
     h.worker.fail(1, ValueError("lost"))
     tasks = [asyncio.create_task(h.queue.require(1)) for _ in range(2)]
     await eventually(lambda: callers(h.queue, 1) == 2)
-    future = weakref.ref(h.flights()[1].waiters[0])  # the first caller's
+    future = weakref.ref(h.flights()[1].waiter)  # the first caller's
     for task in tasks:
         task.cancel()
     await eventually(lambda: callers(h.queue, 1) == 0)

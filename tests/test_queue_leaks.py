@@ -89,8 +89,7 @@ async def test_no_bookkeeping_is_left_after_a_shutdown_in_the_middle_of_a_mix(
     assert table.flights == {}
     assert table.running == 0
     assert table.live == 0
-    assert not table._waiting
-    assert not table._overflow
+    assert not table._line
     # The queue starts again with a clean slate.
     for gate in gates.values():
         gate.set()

@@ -194,7 +194,7 @@ def test_a_hit_a_miss_and_the_boundary() -> None:
         assert lookup("a") == 1
     assert lookup("a") is MISSING  # expires at 10, exactly
     with pytest.raises(TypeError):
-        lookup(["unhashable"])  # type: ignore[arg-type]
+        lookup(["unhashable"])
 
 
 def test_recognises_exactly_a_supported_ttlcache() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from asyncio import get_running_loop
 from collections.abc import Awaitable, Callable, Coroutine, Hashable, MutableMapping
 from typing import (
     Any,
@@ -25,6 +26,7 @@ from . import _naming
 from ._flight import Flight
 from ._methods import InstanceKeys, MemoizedClassMethod, MemoizedMethod, MethodState
 from ._queue import WorkerQueue, is_async_callable
+from ._ttl_lookup import fast_lookup
 from .backends._protocol import MISSING, AsyncCache, CallKey, SingleFlightCache
 
 __all__ = ("BoundMemoized", "CacheInfo", "Memoized", "worker_queue")
@@ -269,13 +271,6 @@ def _args_are_key(key: Callable[..., Hashable]) -> bool:
     return key is cachetools.keys.hashkey
 
 
-def _computation(func: Callable[..., Awaitable[R]]) -> Callable[[Flight[Any, R]], Awaitable[R]]:
-    def compute(flight: Flight[Any, R]) -> Awaitable[R]:
-        return func(*flight.args, **flight.kwargs)
-
-    return compute
-
-
 def _with_mapping(
     func: Callable[P, Awaitable[R]],
     display: str,
@@ -284,10 +279,7 @@ def _with_mapping(
     options: _Options,
     instances: InstanceKeys | None,
 ) -> Memoized[P, R]:
-    get = cache.get
-
-    def lookup_now(k: Hashable) -> Any:
-        return get(k, MISSING)
+    fast = fast_lookup(cache)
 
     def store_now(k: Hashable, value: R) -> None:
         try:
@@ -300,19 +292,18 @@ def _with_mapping(
 
     queue: WorkerQueue[Any, R] = WorkerQueue._internal(
         func,
-        _computation(func),
         options.maxsize,
         options.finish_timeout,
         miss=MISSING,
-        lookup_now=lookup_now,
+        lookup_now=cache.get if fast is None else fast,
         store_now=store_now,
     )
-    call = queue._call
     counts = queue._counts
     hits = 0
     args_are_key = _args_are_key(key)
 
-    # The hot path: one key build, one lookup; no task, no future, no queue.
+    # The hot path: one key build, one lookup; no task, no future, no queue. One flat
+    # function per kind of lookup, as cachetools does, for speed.
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         nonlocal hits
         k = args if args_are_key and not kwargs else key(*args, **kwargs)
@@ -325,7 +316,30 @@ def _with_mapping(
         else:
             hits += 1
             return value  # type: ignore[no-any-return]
-        return await call(k, args, kwargs)
+        table = queue._table
+        if table is None or table.loop is not get_running_loop():
+            table = queue._bind()
+        return await table.call(k, args, kwargs)
+
+    if fast is not None:
+        find = fast
+
+        async def wrapper_fast(*args: P.args, **kwargs: P.kwargs) -> R:
+            nonlocal hits
+            k = args if args_are_key and not kwargs else key(*args, **kwargs)
+            try:
+                value = find(k)
+            except TypeError as exc:
+                raise _unhashable(display, exc) from exc
+            if value is not MISSING:
+                hits += 1
+                return value  # type: ignore[no-any-return]
+            table = queue._table
+            if table is None or table.loop is not get_running_loop():
+                table = queue._bind()
+            return await table.call(k, args, kwargs)
+
+        wrapper = wrapper_fast
 
     def purge() -> None:
         if instances is not None:
@@ -384,9 +398,8 @@ def _dedup_only(
     options: _Options,
 ) -> Memoized[P, R]:
     queue: WorkerQueue[Any, R] = WorkerQueue._internal(
-        func, _computation(func), options.maxsize, options.finish_timeout, miss=MISSING
+        func, options.maxsize, options.finish_timeout, miss=MISSING
     )
-    call = queue._call
     counts = queue._counts
     args_are_key = _args_are_key(key)
 
@@ -396,7 +409,10 @@ def _dedup_only(
             hash(k)
         except TypeError as exc:
             raise _unhashable(display, exc) from exc
-        return await call(k, args, kwargs)
+        table = queue._table
+        if table is None or table.loop is not get_running_loop():
+            table = queue._bind()
+        return await table.call(k, args, kwargs)
 
     def cache_info() -> CacheInfo:
         return CacheInfo(counts.hits, counts.misses, counts.joined, None, 0)
@@ -457,10 +473,10 @@ def _with_async_cache(
 
         queue = WorkerQueue._internal(
             func,
-            compute_single_flight,
             options.maxsize,
             options.finish_timeout,
             miss=MISSING,
+            compute=compute_single_flight,
             lookup=cache.get,
             slotless=True,
         )
@@ -471,7 +487,6 @@ def _with_async_cache(
 
         queue = WorkerQueue._internal(
             func,
-            _computation(func),
             options.maxsize,
             options.finish_timeout,
             miss=MISSING,

@@ -2,16 +2,17 @@
 
 An item in flight is, in order:
 
-- OUTSIDE: asked for while the line was full. Its callers wait for room; a close refuses them.
-- WAITING: accepted, in the line for one of ``maxsize`` slots.
+- WAITING: in the line for one of ``maxsize`` slots. The first ``maxsize`` items in line are
+  accepted; the callers of the others wait for room, and a close refuses them.
 - RUNNING: its computation task runs, in a slot of its own or in the slot of a computation of
   the same queue that is suspended waiting for it (a nested call).
 - FINISHED: its outcome is delivered and it has left the table.
 
 Callers never wake up for room: each one awaits a future of its own, which the computation's
 task completes directly with the result or the exception. A slot that frees up goes to the
-first item in line, so computations start in the order their first callers arrived. The table
-belongs to one event loop; WorkerQueue makes a new one when the loop changes.
+first item in line, so computations start in the order their first callers arrived. Calls are
+counted when their item starts (as a miss for its first caller, joins for the others). The
+table belongs to one event loop; WorkerQueue makes a new one when the loop changes.
 """
 
 from __future__ import annotations
@@ -44,7 +45,6 @@ _NO_KWARGS: Final[dict[str, Any]] = {}
 class Status(enum.Enum):
     """Where an item is in its life."""
 
-    OUTSIDE = "waiting for room"
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
@@ -71,6 +71,7 @@ class Flight(Generic[K, R]):
         "computing",
         "context",
         "forgotten",
+        "joiners",
         "key",
         "kwargs",
         "outcome",
@@ -79,8 +80,7 @@ class Flight(Generic[K, R]):
         "storing",
         "task",
         "uncounted",
-        "waited",
-        "waiters",
+        "waiter",
     )
 
     def __init__(
@@ -94,7 +94,10 @@ class Flight(Generic[K, R]):
         self.key = key
         self.args = args
         self.kwargs = kwargs
-        self.waiters = [waiter]
+        self.waiter: asyncio.Future[R] | None = waiter
+        """The first caller's future (None once the outcome is delivered)."""
+        self.joiners: list[asyncio.Future[R]] | None = None
+        """The futures of the callers who joined it."""
         self.parent = parent
         self.status = Status.RUNNING
         self.task: asyncio.Task[None] | None = None
@@ -108,7 +111,6 @@ class Flight(Generic[K, R]):
         """Whether its computation has begun (with ``slotless``, once it has a slot)."""
         self.forgotten = False
         self.storing = False
-        self.waited = False
         self.uncounted = 0
 
     def __repr__(self) -> str:
@@ -117,7 +119,19 @@ class Flight(Generic[K, R]):
     @property
     def callers(self) -> int:
         """How many callers still await the outcome."""
-        return sum(not w.done() for w in self.waiters)
+        return sum(not w.done() for w in self.futures())
+
+    def futures(self) -> list[asyncio.Future[R]]:
+        """Every caller's future."""
+        first = [] if self.waiter is None else [self.waiter]
+        return first + self.joiners if self.joiners else first
+
+    def wanted(self) -> bool:
+        """Whether a caller still awaits the outcome."""
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            return True
+        return any(not joiner.done() for joiner in self.joiners or ())
 
 
 class Lookup:
@@ -153,9 +167,10 @@ def _reaches(start: Flight[Any, Any], target: Flight[Any, Any]) -> bool:
 class FlightTable(Generic[K, R]):
     """The items one queue has in flight on one event loop, and the slots they run in.
 
-    ``compute(flight)`` is the computation. The cache is reached either synchronously
-    (``lookup_now``/``store_now``, for in-process mappings: no coroutine, no suspension) or
-    through coroutines (``lookup``/``store``). ``lookup*`` return ``miss`` for a miss. With
+    ``func(*flight.args, **flight.kwargs)`` is the computation, unless ``compute(flight)`` is
+    given. The cache is reached either synchronously (``lookup_now(key, miss)``/``store_now``,
+    for in-process mappings: no coroutine, no suspension) or through coroutines
+    (``lookup``/``store``). Lookups return ``miss`` for a miss. With
     ``slotless``, computations start at once and ``compute`` itself takes a slot with ``slot()``
     (for a cache that may wait on another process before computing).
 
@@ -166,15 +181,15 @@ class FlightTable(Generic[K, R]):
     __slots__ = (
         "_drained",
         "_forgotten",
-        "_overflow",
+        "_line",
         "_slot_waiters",
         "_starting",
-        "_waiting",
         "borrowed",
         "closing",
         "compute",
         "counts",
         "flights",
+        "func",
         "live",
         "lookup",
         "lookup_now",
@@ -191,18 +206,20 @@ class FlightTable(Generic[K, R]):
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
-        compute: Callable[[Flight[K, R]], Awaitable[R]],
+        func: Callable[..., Awaitable[R]],
         maxsize: int,
         counts: Counts,
         *,
         miss: object,
-        lookup_now: Callable[[K], Any] | None = None,
+        compute: Callable[[Flight[K, R]], Awaitable[R]] | None = None,
+        lookup_now: Callable[[K, object], Any] | None = None,
         store_now: Callable[[K, R], None] | None = None,
         lookup: Callable[[K], Awaitable[Any]] | None = None,
         store: Callable[[K, R], Awaitable[None]] | None = None,
         slotless: bool = False,
     ) -> None:
         self.loop = loop
+        self.func = func
         self.compute = compute
         self.maxsize = maxsize
         self.counts = counts
@@ -221,8 +238,7 @@ class FlightTable(Generic[K, R]):
         self.live = 0
         """Flights not yet finished, forgotten ones included."""
         self.closing = False
-        self._waiting: deque[Flight[K, R]] = deque()
-        self._overflow: deque[Flight[K, R]] = deque()
+        self._line: deque[Flight[K, R]] = deque()
         self._slot_waiters: deque[asyncio.Future[None]] = deque()
         self._forgotten: set[Flight[K, R]] = set()
         self._starting = False
@@ -250,23 +266,15 @@ class FlightTable(Generic[K, R]):
         self.live += 1
         if parent is not None:
             _awaits(parent, flight)
-        if self.slotless or (self.running < self.maxsize and not self._waiting):
-            self.counts.misses += 1
-            self._start(flight, borrowed=self.slotless)
+        if self.slotless or (self.running < self.maxsize and not self._line):
+            self._start(flight, False, borrowed=self.slotless)
         elif parent is not None and self._inside(parent):
-            self.counts.misses += 1
-            self._start(flight, borrowed=True)
+            self._start(flight, False, borrowed=True)
         else:
-            flight.waited = True
+            flight.status = Status.WAITING
             flight.context = contextvars.copy_context()
-            if len(self._waiting) < self.maxsize:
-                self.counts.misses += 1
-                flight.status = Status.WAITING
-                self._waiting.append(flight)
-            else:
-                flight.status = Status.OUTSIDE
-                flight.uncounted = 1
-                self._overflow.append(flight)
+            flight.uncounted = 1
+            self._line.append(flight)
         return waiter
 
     def join(self, flight: Flight[K, R]) -> asyncio.Future[R]:
@@ -280,14 +288,10 @@ class FlightTable(Generic[K, R]):
                     f"is waiting for it: a memoized call depends on itself"
                 )
             _awaits(parent, flight)
-            if flight.status in (Status.WAITING, Status.OUTSIDE) and self._inside(parent):
+            if flight.status is Status.WAITING and self._inside(parent):
                 # Its callers' computations hold the slots it waits for: run it in theirs.
-                if flight.status is Status.OUTSIDE:
-                    self.counts.misses += 1
-                    self.counts.joined += flight.uncounted - 1
-                    flight.uncounted = 0
-                self._remove_from_line(flight)
-                self._start(flight, borrowed=True)
+                self._line.remove(flight)
+                self._start(flight, True, borrowed=True)
         outcome = flight.outcome
         if outcome is not None:  # delivered already (it is being stored)
             self.counts.joined += 1
@@ -296,11 +300,14 @@ class FlightTable(Generic[K, R]):
             else:
                 waiter.set_exception(outcome[1])
             return waiter
-        if flight.status is Status.OUTSIDE:
+        if flight.status is Status.WAITING:
             flight.uncounted += 1
         else:
             self.counts.joined += 1
-        flight.waiters.append(waiter)
+        if flight.joiners is None:
+            flight.joiners = [waiter]
+        else:
+            flight.joiners.append(waiter)
         return waiter
 
     def _inside(self, parent: Flight[Any, Any]) -> bool:
@@ -347,24 +354,46 @@ class FlightTable(Generic[K, R]):
 
     # -- running --------------------------------------------------------------------------------
 
-    def _start(self, flight: Flight[K, R], *, borrowed: bool = False) -> None:
+    def _start(self, flight: Flight[K, R], waited: bool, *, borrowed: bool = False) -> None:
+        """Run flight's computation in a task of its own, in its first caller's context.
+
+        ``waited``: it waited in line, so its key is looked up again first.
+        """
         flight.status = Status.RUNNING
         flight.computing = not self.slotless
+        counts = self.counts
+        counts.misses += 1
+        if flight.uncounted > 1:
+            counts.joined += flight.uncounted - 1
+        flight.uncounted = 0
         if borrowed:
             flight.borrowed = True
             self.borrowed += 1
         else:
             self.running += 1
-        flight.task = self.loop.create_task(self._run(flight), context=flight.context)
-        flight.context = None
+        context, flight.context = flight.context, None
+        flight.task = self.loop.create_task(self._run(flight, waited), context=context)
 
-    async def _run(self, flight: Flight[K, R]) -> None:
+    async def _run(self, flight: Flight[K, R], waited: bool) -> None:
         _current.set(flight)
-        me = asyncio.current_task()
         try:
-            if flight.waited and await self._found_meanwhile(flight):
-                return
-            result = await self.compute(flight)
+            if waited:
+                # The value may have been stored while it waited.
+                lookup_now = self.lookup_now
+                if lookup_now is not None:
+                    found = lookup_now(flight.key, self.miss)
+                else:
+                    found = await self._look_up_again(flight.key)
+                if found is not self.miss:
+                    self.counts.misses -= 1
+                    self.counts.hits += 1
+                    self._deliver(flight, found)
+                    return
+            compute = self.compute
+            if compute is None:
+                result = await self.func(*flight.args, **flight.kwargs)
+            else:
+                result = await compute(flight)
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
@@ -386,7 +415,10 @@ class FlightTable(Generic[K, R]):
         except BaseException as exc:
             # GeneratorExit included: raised by the worker, it reaches the callers. Thrown in
             # because the task is being destroyed (outside any step of it), it must go on.
-            if self.loop.is_closed() or asyncio.current_task(self.loop) is not me:
+            if isinstance(exc, GeneratorExit) and (
+                self.loop.is_closed()
+                or (flight.task is not None and asyncio.current_task(self.loop) is not flight.task)
+            ):
                 raise
             self._fail(flight, exc)
         else:
@@ -413,33 +445,30 @@ class FlightTable(Generic[K, R]):
         finally:
             self._finish(flight)
 
-    async def _found_meanwhile(self, flight: Flight[K, R]) -> bool:
-        """Look key up again after waiting; deliver and return True if it was found."""
-        if self.lookup_now is not None:
-            value = self.lookup_now(flight.key)
-        elif self.lookup is not None:
-            try:
-                value = await self.lookup(flight.key)
-            except Exception:
-                logger.exception("cache_get failed for %r; treating it as a miss", flight.key)
-                return False
-        else:
-            return False
-        if value is self.miss:
-            return False
-        self.counts.misses -= 1
-        self.counts.hits += 1
-        self._deliver(flight, value)
-        return True
+    async def _look_up_again(self, key: K) -> Any:
+        if self.lookup is None:
+            return self.miss
+        try:
+            return await self.lookup(key)
+        except Exception:
+            logger.exception("cache_get failed for %r; treating it as a miss", key)
+            return self.miss
 
     def _deliver(self, flight: Flight[K, R], value: R) -> None:
         if flight.outcome is not None:  # failed already by a shutdown
             return
         flight.outcome = (True, value)
-        for waiter in flight.waiters:
+        waiter = flight.waiter
+        if waiter is not None:
+            flight.waiter = None
             if not waiter.done():
                 waiter.set_result(value)
-        flight.waiters = []
+        joiners = flight.joiners
+        if joiners is not None:
+            flight.joiners = None
+            for waiter in joiners:
+                if not waiter.done():
+                    waiter.set_result(value)
 
     def _fail(self, flight: Flight[K, R], exc: BaseException) -> None:
         """Deliver exc to every caller of flight; log it if nobody is left to receive it."""
@@ -447,13 +476,13 @@ class FlightTable(Generic[K, R]):
             return
         flight.outcome = (False, exc)
         received = False
-        for waiter in flight.waiters:
+        for waiter in flight.futures():
             if not waiter.done():
                 waiter.set_exception(exc)
                 # Marked retrieved: a caller cancelled before it resumes would leave it unread.
                 waiter.exception()
                 received = True
-        flight.waiters = []
+        flight.waiter = flight.joiners = None
         if not received:
             logger.error(
                 "computing %r failed and no caller was left to receive the error",
@@ -465,16 +494,16 @@ class FlightTable(Generic[K, R]):
         if flight.outcome is not None:
             return
         flight.outcome = (False, asyncio.CancelledError())
-        for waiter in flight.waiters:
+        for waiter in flight.futures():
             waiter.cancel()
-        flight.waiters = []
+        flight.waiter = flight.joiners = None
 
     def _cancel_waiting(self) -> None:
-        for line in (self._waiting, self._overflow):
-            while line:
-                flight = line.popleft()
-                self._cancel(flight)
-                self._finish(flight)
+        line = self._line
+        while line:
+            flight = line.popleft()
+            self._cancel(flight)
+            self._finish(flight)
 
     def _finish(self, flight: Flight[K, R]) -> None:
         """Take flight out of the table, free its slot and start the next item in line."""
@@ -482,11 +511,14 @@ class FlightTable(Generic[K, R]):
         if status is Status.FINISHED:
             return
         flight.status = Status.FINISHED
-        flight.awaiting = None
+        # The task's context refers back to the flight: break the cycle, so that reference
+        # counting frees them at once, without waiting for the garbage collector.
+        flight.task = flight.awaiting = None
         self.live -= 1
-        if self.flights.get(flight.key) is flight:
+        if flight.forgotten:
+            self._forgotten.discard(flight)
+        else:  # a flight not forgotten is the one its key maps to until it finishes
             del self.flights[flight.key]
-        self._forgotten.discard(flight)
         if status is Status.RUNNING:
             if flight.borrowed:
                 self.borrowed -= 1
@@ -500,58 +532,39 @@ class FlightTable(Generic[K, R]):
     def _release_slot(self) -> None:
         """Give a freed slot to the first in line (an item, or a computation asking for one)."""
         self.running -= 1
-        if self._starting or self.loop.is_closed():
-            return  # the loop below fills it (an eager task finished within _start)
+        if self._starting or not (self._line or self._slot_waiters):
+            return  # nobody in line, or the loop below fills it (an eager task ended in it)
+        if self.loop.is_closed():
+            return  # destroyed with its loop: nothing can start now
         self._starting = True
         try:
+            line = self._line
             while self.running < self.maxsize:
-                if self._waiting:
-                    flight = self._waiting.popleft()
-                    self._admit_from_overflow()
-                    if flight.waiters and not any(not w.done() for w in flight.waiters):
+                if line:
+                    flight = line.popleft()
+                    waiter = flight.waiter
+                    if (waiter is None or waiter.done()) and not flight.wanted():
                         self._drop(flight)  # every caller left before it started
                         continue
-                    self._start(flight)
+                    self._start(flight, True)
                 elif self._slot_waiters:
-                    waiter = self._slot_waiters.popleft()
-                    if not waiter.done():
+                    asking = self._slot_waiters.popleft()
+                    if not asking.done():
                         self.running += 1
-                        waiter.set_result(None)
+                        asking.set_result(None)
                 else:
                     break
         finally:
             self._starting = False
 
-    def _admit_from_overflow(self) -> None:
-        """Move items waiting for room into the line while it has room."""
-        while self._overflow and len(self._waiting) < self.maxsize:
-            flight = self._overflow.popleft()
-            if not any(not w.done() for w in flight.waiters):
-                self._drop(flight)  # every caller left before it was accepted
-                continue
-            flight.status = Status.WAITING
-            self.counts.misses += 1
-            self.counts.joined += flight.uncounted - 1
-            flight.uncounted = 0
-            self._waiting.append(flight)
-
     def _drop(self, flight: Flight[K, R]) -> None:
-        """Forget a flight that never started."""
-        if flight.status is Status.WAITING:
-            self.counts.misses -= 1  # it never started a computation after all
+        """Forget a flight that never started (its calls were never counted)."""
         flight.status = Status.FINISHED
         self.live -= 1
         if self.flights.get(flight.key) is flight:
             del self.flights[flight.key]
         if not self.live and self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
-
-    def _remove_from_line(self, flight: Flight[K, R]) -> None:
-        if flight.status is Status.WAITING:
-            self._waiting.remove(flight)
-            self._admit_from_overflow()
-        else:
-            self._overflow.remove(flight)
 
     async def slot(self) -> None:
         """Wait for a slot (``slotless`` tables); the caller must ``release()`` it after."""
@@ -573,19 +586,34 @@ class FlightTable(Generic[K, R]):
         """Give back a slot taken with ``slot()``."""
         self._release_slot()
 
+    def accepted(self) -> list[Flight[K, R]]:
+        """The items in line that are accepted: their callers wait for a slot.
+
+        Items whose callers all left hold no place: they are dropped when their turn comes.
+        """
+        return [f for f in self._line if f.wanted()][: self.maxsize]
+
+    def outside(self) -> list[Flight[K, R]]:
+        """The items in line beyond the accepted: their callers wait for room."""
+        return [f for f in self._line if f.wanted()][self.maxsize :]
+
     # -- shutting down --------------------------------------------------------------------------
 
     def close(self) -> None:
         """Refuse new work: callers of items still waiting for room get QueueShutDown."""
         self.closing = True
-        while self._overflow:
-            flight = self._overflow.popleft()
+        for flight in [f for f in self._line if not f.wanted()]:
+            self._line.remove(flight)
+            self._drop(flight)
+        line = self._line
+        while len(line) > self.maxsize:
+            flight = line.pop()
             exc = QueueShutDown("the queue was closed while waiting for room")
-            for waiter in flight.waiters:
+            for waiter in flight.futures():
                 if not waiter.done():
                     waiter.set_exception(exc)
                     waiter.exception()
-            flight.waiters = []
+            flight.waiter = flight.joiners = None
             flight.outcome = (False, exc)
             flight.status = Status.FINISHED
             self.live -= 1
@@ -605,8 +633,12 @@ class FlightTable(Generic[K, R]):
         """
         tasks: list[asyncio.Task[None]] = []
         unfinished = [*self.flights.values(), *self._forgotten]
-        self._waiting.clear()
+        self._line.clear()
         for flight in unfinished:
+            if flight.uncounted:  # accepted, never started: its callers get an outcome too
+                self.counts.misses += 1
+                self.counts.joined += flight.uncounted - 1
+                flight.uncounted = 0
             self._fail(
                 flight,
                 ShutdownTimeout(f"{flight.key!r} did not finish within finish_timeout={grace}s"),

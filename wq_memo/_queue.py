@@ -93,7 +93,6 @@ class WorkerQueue(Generic[T, R]):
     __slots__ = (
         "__weakref__",
         "_closing",
-        "_compute",
         "_counts",
         "_lookup",
         "_miss",
@@ -115,18 +114,11 @@ class WorkerQueue(Generic[T, R]):
         worker = _async_only("worker", worker)
         cache_get = _async_only("cache_get", cache_get)
         cache_set = _async_only("cache_set", cache_set)
-
-        def compute(flight: Flight[T, R]) -> Awaitable[R]:
-            return worker(flight.key)
-
-        self._setup(
-            worker, compute, maxsize, finish_timeout, miss=None, lookup=cache_get, store=cache_set
-        )
+        self._setup(worker, maxsize, finish_timeout, miss=None, lookup=cache_get, store=cache_set)
 
     def _setup(
         self,
         worker: Any,
-        compute: Callable[[Flight[T, R]], Awaitable[R]],
         maxsize: int,
         finish_timeout: float,
         *,
@@ -146,7 +138,6 @@ class WorkerQueue(Generic[T, R]):
                 f"got {finish_timeout!r}"
             )
         self._worker = worker
-        self._compute = compute
         self._lookup = lookup
         self._miss = miss
         self._ops = dict(ops, miss=miss, lookup=lookup)
@@ -158,16 +149,12 @@ class WorkerQueue(Generic[T, R]):
 
     @classmethod
     def _internal(
-        cls,
-        worker: Any,
-        compute: Callable[[Flight[T, R]], Awaitable[R]],
-        maxsize: int,
-        finish_timeout: float,
-        **ops: Any,
+        cls, func: Any, maxsize: int, finish_timeout: float, **ops: Any
     ) -> WorkerQueue[T, R]:
-        """A queue for @worker_queue: its own computation and cache operations (see FlightTable)."""
+        """A queue for @worker_queue: func(*args, **kwargs) computes; cache operations and the
+        rest as FlightTable takes them."""
         queue: WorkerQueue[T, R] = cls.__new__(cls)
-        queue._setup(worker, compute, maxsize, finish_timeout, **ops)
+        queue._setup(func, maxsize, finish_timeout, **ops)
         return queue
 
     def __repr__(self) -> str:
@@ -197,7 +184,7 @@ class WorkerQueue(Generic[T, R]):
         table = self._table
         if table is not None and table.closing:
             raise _shutting_down()
-        return await self._require(item, ())
+        return await self._require(item, (item,))
 
     async def _require(
         self, key: T, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None
@@ -320,7 +307,7 @@ class WorkerQueue(Generic[T, R]):
         elif old is not None:
             return old
         table: FlightTable[T, R] = FlightTable(
-            loop, self._compute, self.maxsize, self._counts, **self._ops
+            loop, self._worker, self.maxsize, self._counts, **self._ops
         )
         self._table = table
         _registry.register(self)

@@ -35,14 +35,14 @@ def _version(text: str) -> tuple[int, int] | None:
         return None
 
 
-def fast_lookup(cache: MutableMapping[Any, Any]) -> Callable[[Hashable], Any] | None:
-    """A function equal to ``cache[key]`` on a TTLCache, but returning MISSING for a miss.
+def fast_lookup(cache: MutableMapping[Any, Any]) -> Callable[..., Any] | None:
+    """A function equal to ``cache[key]`` on a TTLCache, but returning a default for a miss.
 
-    The returned ``lookup(key)`` has every effect that ``cache[key]`` has: it moves a key it
-    finds to the most recently used end (even an expired one, as TTLCache does), compares the
-    cache's timer with the item's expiry (an item expires when the time reaches it; a timer
-    frozen with ``with cache.timer:`` is honoured), and returns the value. Where ``cache[key]``
-    raises KeyError, it returns :data:`wq_memo.backends.MISSING`; an unhashable key raises
+    The returned ``lookup(key, default=MISSING)`` has every effect that ``cache[key]`` has: it
+    moves a key it finds to the most recently used end (even an expired one, as TTLCache
+    does), compares the cache's timer with the item's expiry (an item expires when the time
+    reaches it; a timer frozen with ``with cache.timer:`` is honoured), and returns the value. Where ``cache[key]``
+    raises KeyError, it returns ``default``; an unhashable key raises
     TypeError from both.
 
     Returns None when the cache is not a ``cachetools.TTLCache`` (subclasses included) or its
@@ -76,10 +76,10 @@ def fast_lookup(cache: MutableMapping[Any, Any]) -> Callable[[Hashable], Any] | 
     find_link = links.get
     to_end = links.move_to_end
 
-    def lookup(key: Hashable) -> Any:
+    def lookup(key: Hashable, default: Any = MISSING) -> Any:
         link = find_link(key)
         if link is None:
-            return data.get(key, MISSING)
+            return data.get(key, default)
         to_end(key)
         # The timer's __call__, inlined; inside `with cache.timer:` the time is frozen. Its
         # state is read from its __dict__: the class's __getattr__ slows attribute reads.
@@ -89,7 +89,7 @@ def fast_lookup(cache: MutableMapping[Any, Any]) -> Callable[[Hashable], Any] | 
             try:
                 return data[key]
             except KeyError:  # never while cachetools keeps its links and data in step
-                return MISSING
-        return MISSING
+                return default
+        return default
 
     return lookup

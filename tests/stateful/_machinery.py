@@ -554,15 +554,14 @@ class QueueModelMachine(RuleBasedStateMachine):
     def no_bookkeeping_when_idle(self) -> None:
         table = self.queue_table()
         if table is not None:
-            assert len(table._waiting) <= self.maxsize, f"waiting items exceed maxsize: {table}"
+            assert len(table.accepted()) <= self.maxsize, f"accepted items exceed maxsize: {table}"
             assert table.running <= self.maxsize
         if self.pending() or self.active or table is None:
             return
         assert not table.flights, f"nothing in flight, yet the table keeps {table.flights}"
-        assert not table._waiting, f"nothing in flight, yet items wait: {table._waiting}"
+        assert not table._line, f"nothing in flight, yet items wait: {table._line}"
         assert table.running == 0, f"nothing in flight, yet running={table.running}"
         assert table.live == 0, f"nothing in flight, yet {table.live} flights are live"
-        assert not table._overflow, f"nothing in flight, yet items wait for room: {table}"
         assert not table._slot_waiters, f"nothing in flight, yet computations wait: {table}"
 
     @invariant()
@@ -592,7 +591,7 @@ class QueueModelMachine(RuleBasedStateMachine):
         table = self.queue_table()
         # Items in line, and (single-flight caches) computations started that wait for a slot.
         waiting = (
-            len(table._waiting) + sum(not w.done() for w in table._slot_waiters)
+            len(table.accepted()) + sum(not w.done() for w in table._slot_waiters)
             if table is not None
             else 0
         )

@@ -41,8 +41,8 @@ def fast_lookup(cache: MutableMapping[Any, Any]) -> Callable[..., Any] | None:
     The returned ``lookup(key, default=MISSING)`` has every effect that ``cache[key]`` has: it
     moves a key it finds to the most recently used end (even an expired one, as TTLCache
     does), compares the cache's timer with the item's expiry (an item expires when the time
-    reaches it; a timer frozen with ``with cache.timer:`` is honoured), and returns the value. Where ``cache[key]``
-    raises KeyError, it returns ``default``; an unhashable key raises
+    reaches it; a timer frozen with ``with cache.timer:`` is honoured), and returns the value.
+    Where ``cache[key]`` raises KeyError, it returns ``default``; an unhashable key raises
     TypeError from both.
 
     Returns None when the cache is not a ``cachetools.TTLCache`` (subclasses included) or its

@@ -173,10 +173,12 @@ async def test_a_worker_raising_cancelled_error_itself_cancels_its_callers_and_i
 ) -> None:
     h = make()
     h.worker.fail(1, asyncio.CancelledError())
+    gate = h.worker.gate(1)  # both callers join before it raises
     with caplog.at_level(logging.WARNING, logger="wq_memo"):
-        outcomes = await bounded(
-            asyncio.gather(h.queue.require(1), h.queue.require(1), return_exceptions=True)
-        )
+        both = asyncio.gather(h.queue.require(1), h.queue.require(1), return_exceptions=True)
+        await eventually(lambda: callers(h.queue, 1) == 2)
+        gate.set()
+        outcomes = await bounded(both)
     assert all(isinstance(o, asyncio.CancelledError) for o in outcomes)
     assert "without being cancelled" in caplog.text
     h.worker.succeed(1)

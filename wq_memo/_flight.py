@@ -21,6 +21,8 @@ import asyncio
 import contextvars
 import enum
 import logging
+import sys
+from asyncio import Future, Task
 from collections import deque
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Any, Final, Generic, TypeVar
@@ -41,6 +43,9 @@ _current: Final[contextvars.ContextVar[Flight[Any, Any] | None]] = contextvars.C
 
 _NO_KWARGS: Final[dict[str, Any]] = {}
 
+_EAGER_START: Final = sys.version_info >= (3, 12)
+"""Whether tasks can run their first step eagerly (Task(..., eager_start=True), Python 3.12+)."""
+
 
 class Status(enum.Enum):
     """Where an item is in its life."""
@@ -48,6 +53,12 @@ class Status(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
+
+
+# Module-level names: reading an Enum member through its class is slow on the hot path.
+_WAITING: Final = Status.WAITING
+_RUNNING: Final = Status.RUNNING
+_FINISHED: Final = Status.FINISHED
 
 
 class Counts:
@@ -99,7 +110,7 @@ class Flight(Generic[K, R]):
         self.joiners: list[asyncio.Future[R]] | None = None
         """The futures of the callers who joined it."""
         self.parent = parent
-        self.status = Status.RUNNING
+        self.status = _RUNNING
         self.task: asyncio.Task[None] | None = None
         self.context: contextvars.Context | None = None
         self.outcome: tuple[bool, Any] | None = None
@@ -156,7 +167,7 @@ def _reaches(start: Flight[Any, Any], target: Flight[Any, Any]) -> bool:
         flight = stack.pop()
         if flight is target:
             return True
-        if id(flight) in seen or flight.status is Status.FINISHED:
+        if id(flight) in seen or flight.status is _FINISHED:
             continue
         seen.add(id(flight))
         if flight.awaiting:
@@ -197,6 +208,8 @@ class FlightTable(Generic[K, R]):
         "loop",
         "maxsize",
         "miss",
+        "plain",
+        "plain_tasks",
         "running",
         "slotless",
         "store",
@@ -243,27 +256,44 @@ class FlightTable(Generic[K, R]):
         self._forgotten: set[Flight[K, R]] = set()
         self._starting = False
         self._drained: asyncio.Future[None] | None = None
+        # Futures and tasks are made directly when the loop makes plain ones (asyncio's and
+        # uvloop's loops, with no task factory set): a Python-level method call less for each.
+        probe = loop.create_future()
+        self.plain = type(probe) is asyncio.Future
+        probe.cancel()
+        self.plain_tasks = self.plain and loop.get_task_factory() is None
 
     # -- accepting ------------------------------------------------------------------------------
 
     def call(
-        self, key: K, args: tuple[Any, ...], kwargs: dict[str, Any] = _NO_KWARGS
+        self,
+        key: K,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any] = _NO_KWARGS,
+        lookup: Lookup | None = None,
     ) -> asyncio.Future[R]:
         """Return a future for key's outcome: join its computation, or start or queue one.
 
-        The caller has already found no cached value. Raises QueueShutDown while closing, and
+        The caller has already found no cached value; those sharing its ``lookup`` are told of
+        the computation before it starts. Raises QueueShutDown while closing, and
         RecursionError when the calling computation would end up awaiting itself.
         """
         if self.closing:
             raise _refused()
         flight = self.flights.get(key)
         if flight is not None:
+            if lookup is not None:
+                self.answer(key, lookup, (False, flight))
             return self.join(flight)
-        waiter: asyncio.Future[R] = self.loop.create_future()
+        waiter: asyncio.Future[R] = (
+            Future(loop=self.loop) if self.plain else self.loop.create_future()
+        )
         parent = _current.get()
         flight = Flight(key, args, kwargs, waiter, parent)
         self.flights[key] = flight
         self.live += 1
+        if lookup is not None:
+            self.answer(key, lookup, (False, flight))
         if parent is not None:
             _awaits(parent, flight)
         if self.slotless or (self.running < self.maxsize and not self._line):
@@ -271,7 +301,7 @@ class FlightTable(Generic[K, R]):
         elif parent is not None and self._inside(parent):
             self._start(flight, False, borrowed=True)
         else:
-            flight.status = Status.WAITING
+            flight.status = _WAITING
             flight.context = contextvars.copy_context()
             flight.uncounted = 1
             self._line.append(flight)
@@ -279,7 +309,9 @@ class FlightTable(Generic[K, R]):
 
     def join(self, flight: Flight[K, R]) -> asyncio.Future[R]:
         """Return a future for flight's outcome (the caller joins it)."""
-        waiter: asyncio.Future[R] = self.loop.create_future()
+        waiter: asyncio.Future[R] = (
+            Future(loop=self.loop) if self.plain else self.loop.create_future()
+        )
         parent = _current.get()
         if parent is not None:
             if flight is parent or _reaches(flight, parent):
@@ -288,19 +320,22 @@ class FlightTable(Generic[K, R]):
                     f"is waiting for it: a memoized call depends on itself"
                 )
             _awaits(parent, flight)
-            if flight.status is Status.WAITING and self._inside(parent):
+            if flight.status is _WAITING and self._inside(parent):
                 # Its callers' computations hold the slots it waits for: run it in theirs.
                 self._line.remove(flight)
                 self._start(flight, True, borrowed=True)
         outcome = flight.outcome
-        if outcome is not None:  # delivered already (it is being stored)
+        if outcome is not None:  # delivered already (being stored, or ended in an eager step)
             self.counts.joined += 1
             if outcome[0]:
                 waiter.set_result(outcome[1])
+            elif isinstance(outcome[1], asyncio.CancelledError):
+                waiter.cancel()
             else:
                 waiter.set_exception(outcome[1])
+                waiter.exception()  # retrieved: see _fail
             return waiter
-        if flight.status is Status.WAITING:
+        if flight.status is _WAITING:
             flight.uncounted += 1
         else:
             self.counts.joined += 1
@@ -314,9 +349,9 @@ class FlightTable(Generic[K, R]):
         """Whether the caller runs inside a running computation of this table."""
         flight: Flight[Any, Any] | None = parent
         while flight is not None:
-            if flight.status is Status.RUNNING and self.flights.get(flight.key) is flight:
+            if flight.status is _RUNNING and self.flights.get(flight.key) is flight:
                 return True
-            if flight.status is Status.RUNNING and flight in self._forgotten:
+            if flight.status is _RUNNING and flight in self._forgotten:
                 return True
             flight = flight.parent
         return False
@@ -359,7 +394,7 @@ class FlightTable(Generic[K, R]):
 
         ``waited``: it waited in line, so its key is looked up again first.
         """
-        flight.status = Status.RUNNING
+        flight.status = _RUNNING
         flight.computing = not self.slotless
         counts = self.counts
         counts.misses += 1
@@ -372,7 +407,17 @@ class FlightTable(Generic[K, R]):
         else:
             self.running += 1
         context, flight.context = flight.context, None
-        flight.task = self.loop.create_task(self._run(flight, waited), context=context)
+        coro = self._run(flight, waited)
+        if not self.plain_tasks:
+            task = self.loop.create_task(coro, context=context)
+        elif _EAGER_START and flight.parent is None:
+            # Its first step runs now, up to its first suspension: a turn of the loop sooner.
+            # Not for nested calls, whose steps would pile up on the stack of their callers.
+            task = Task(coro, loop=self.loop, context=context, eager_start=True)  # type: ignore[call-arg]
+        else:
+            task = Task(coro, loop=self.loop, context=context)
+        if flight.status is not _FINISHED:  # else it ended within its first, eager, step
+            flight.task = task
 
     async def _run(self, flight: Flight[K, R], waited: bool) -> None:
         _current.set(flight)
@@ -390,10 +435,12 @@ class FlightTable(Generic[K, R]):
                     self._deliver(flight, found)
                     return
             compute = self.compute
-            if compute is None:
-                result = await self.func(*flight.args, **flight.kwargs)
-            else:
+            if compute is not None:
                 result = await compute(flight)
+            elif flight.kwargs:
+                result = await self.func(*flight.args, **flight.kwargs)
+            else:  # no empty keyword dict copied for the call
+                result = await self.func(*flight.args)
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
@@ -508,9 +555,9 @@ class FlightTable(Generic[K, R]):
     def _finish(self, flight: Flight[K, R]) -> None:
         """Take flight out of the table, free its slot and start the next item in line."""
         status = flight.status
-        if status is Status.FINISHED:
+        if status is _FINISHED:
             return
-        flight.status = Status.FINISHED
+        flight.status = _FINISHED
         # The task's context refers back to the flight: break the cycle, so that reference
         # counting frees them at once, without waiting for the garbage collector.
         flight.task = flight.awaiting = None
@@ -519,7 +566,7 @@ class FlightTable(Generic[K, R]):
             self._forgotten.discard(flight)
         else:  # a flight not forgotten is the one its key maps to until it finishes
             del self.flights[flight.key]
-        if status is Status.RUNNING:
+        if status is _RUNNING:
             if flight.borrowed:
                 self.borrowed -= 1
             else:
@@ -559,7 +606,7 @@ class FlightTable(Generic[K, R]):
 
     def _drop(self, flight: Flight[K, R]) -> None:
         """Forget a flight that never started (its calls were never counted)."""
-        flight.status = Status.FINISHED
+        flight.status = _FINISHED
         self.live -= 1
         if self.flights.get(flight.key) is flight:
             del self.flights[flight.key]
@@ -615,7 +662,7 @@ class FlightTable(Generic[K, R]):
                     waiter.exception()
             flight.waiter = flight.joiners = None
             flight.outcome = (False, exc)
-            flight.status = Status.FINISHED
+            flight.status = _FINISHED
             self.live -= 1
             if self.flights.get(flight.key) is flight:
                 del self.flights[flight.key]
@@ -669,7 +716,7 @@ def _awaits(parent: Flight[Any, Any], flight: Flight[Any, Any]) -> None:
         parent.awaiting = [flight]
         return
     if len(awaiting) >= 64:
-        awaiting[:] = [f for f in awaiting if f.status is not Status.FINISHED]
+        awaiting[:] = [f for f in awaiting if f.status is not _FINISHED]
     awaiting.append(flight)
 
 

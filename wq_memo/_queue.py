@@ -12,7 +12,7 @@ from typing import Any, Generic, TypeVar, final
 
 from . import _registry
 from ._errors import QueueShutDown
-from ._flight import Counts, Flight, FlightTable, Lookup
+from ._flight import _NO_KWARGS, Counts, Flight, FlightTable, Lookup
 
 __all__ = ("WorkerQueue",)
 
@@ -232,11 +232,7 @@ class WorkerQueue(Generic[T, R]):
                 return value  # type: ignore[no-any-return]
             # aclose() may have run while we looked: table.call refuses then, so that the
             # queue does not start again.
-            future = table.call(key, args, kwargs) if kwargs else table.call(key, args)
-            flight = table.flights.get(key)
-            if flight is not None:
-                table.answer(key, lookup, (False, flight))
-            return await future
+            return await table.call(key, args, kwargs or _NO_KWARGS, lookup)
         finally:
             table.answer(key, lookup, None)  # if not answered yet: those sharing start over
 

@@ -279,7 +279,11 @@ def _with_mapping(
     options: _Options,
     instances: InstanceKeys | None,
 ) -> Memoized[P, R]:
-    fast = fast_lookup(cache)
+    # A lookup that returns MISSING rather than raising KeyError: faster for a TTLCache, and on
+    # a miss no exception keeps the caller's frame object alive while it waits.
+    fast: Callable[[Hashable, object], Any] | None = fast_lookup(cache)
+    if fast is None and type(cache) is dict:
+        fast = cache.get
 
     def store_now(k: Hashable, value: R) -> None:
         try:
@@ -328,7 +332,7 @@ def _with_mapping(
             nonlocal hits
             k = args if args_are_key and not kwargs else key(*args, **kwargs)
             try:
-                value = find(k)
+                value = find(k, MISSING)
             except TypeError as exc:
                 raise _unhashable(display, exc) from exc
             if value is not MISSING:

@@ -88,7 +88,6 @@ class Flight(Generic[K, R]):
         "outcome",
         "parent",
         "status",
-        "storing",
         "task",
         "uncounted",
         "waiter",
@@ -121,7 +120,6 @@ class Flight(Generic[K, R]):
         self.computing = False
         """Whether its computation has begun (with ``slotless``, once it has a slot)."""
         self.forgotten = False
-        self.storing = False
         self.uncounted = 0
 
     def __repr__(self) -> str:
@@ -420,77 +418,88 @@ class FlightTable(Generic[K, R]):
             flight.task = task
 
     async def _run(self, flight: Flight[K, R], waited: bool) -> None:
+        # Few locals: this frame lives as long as the computation (a call in flight's memory).
         _current.set(flight)
         try:
             if waited:
                 # The value may have been stored while it waited.
-                lookup_now = self.lookup_now
-                if lookup_now is not None:
-                    found = lookup_now(flight.key, self.miss)
+                if self.lookup_now is not None:
+                    result = self.lookup_now(flight.key, self.miss)
                 else:
-                    found = await self._look_up_again(flight.key)
-                if found is not self.miss:
+                    result = await self._look_up_again(flight.key)
+                if result is not self.miss:
                     self.counts.misses -= 1
                     self.counts.hits += 1
-                    self._deliver(flight, found)
+                    self._deliver(flight, result)
                     return
-            compute = self.compute
-            if compute is not None:
-                result = await compute(flight)
+            if self.compute is not None:
+                result = await self.compute(flight)
             elif flight.kwargs:
                 result = await self.func(*flight.args, **flight.kwargs)
             else:  # no empty keyword dict copied for the call
                 result = await self.func(*flight.args)
         except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                # Cancelled from outside the queue (a shutdown, or its loop cancelling every
-                # task as asyncio.run() does on its way out): starting waiting items now would
-                # make tasks nobody cancels; drop them instead.
-                self._cancel_waiting()
-            else:
-                logger.warning(
-                    "the worker raised CancelledError for %r without being cancelled; "
-                    "its callers are cancelled too",
-                    flight.key,
-                )
-            self._cancel(flight)
-            raise
-        except (KeyboardInterrupt, SystemExit) as exc:
-            self._fail(flight, exc)
+            self._cancelled(flight)
             raise
         except BaseException as exc:
-            # GeneratorExit included: raised by the worker, it reaches the callers. Thrown in
-            # because the task is being destroyed (outside any step of it), it must go on.
-            if isinstance(exc, GeneratorExit) and (
-                self.loop.is_closed()
-                or (flight.task is not None and asyncio.current_task(self.loop) is not flight.task)
-            ):
+            if self._raised(flight, exc):
                 raise
-            self._fail(flight, exc)
         else:
             if self.store_now is not None:
                 if not flight.forgotten:
-                    try:
-                        self.store_now(flight.key, result)
-                    except Exception:
-                        logger.exception(
-                            "storing %r failed; the result was returned uncached", flight.key
-                        )
+                    self._store_now(flight, result)
                 self._deliver(flight, result)
             else:
                 self._deliver(flight, result)
                 if self.store is not None and not flight.forgotten:
-                    flight.storing = True
-                    try:
-                        await self.store(flight.key, result)
-                    except Exception:
-                        logger.exception(
-                            "cache_set failed for %r; the result was returned uncached",
-                            flight.key,
-                        )
+                    await self._store(flight, result)
         finally:
             self._finish(flight)
+
+    def _cancelled(self, flight: Flight[K, R]) -> None:
+        """The computation ended with CancelledError: its callers are cancelled."""
+        task = asyncio.current_task(self.loop)
+        if task is not None and task.cancelling():
+            # Cancelled from outside the queue (a shutdown, or its loop cancelling every task
+            # as asyncio.run() does on its way out): starting waiting items now would make
+            # tasks nobody cancels; drop them instead.
+            self._cancel_waiting()
+        else:
+            logger.warning(
+                "the worker raised CancelledError for %r without being cancelled; "
+                "its callers are cancelled too",
+                flight.key,
+            )
+        self._cancel(flight)
+
+    def _raised(self, flight: Flight[K, R], exc: BaseException) -> bool:
+        """The computation raised exc: deliver it; return whether it must propagate."""
+        if isinstance(exc, GeneratorExit) and (
+            self.loop.is_closed()
+            or (flight.task is not None and asyncio.current_task(self.loop) is not flight.task)
+        ):
+            # Thrown in because the task is being destroyed (outside any step of it): nobody
+            # is left to tell. Raised by the worker itself, it reaches the callers.
+            return True
+        self._fail(flight, exc)
+        return isinstance(exc, KeyboardInterrupt | SystemExit)
+
+    def _store_now(self, flight: Flight[K, R], result: R) -> None:
+        assert self.store_now is not None
+        try:
+            self.store_now(flight.key, result)
+        except Exception:
+            logger.exception("storing %r failed; the result was returned uncached", flight.key)
+
+    async def _store(self, flight: Flight[K, R], result: R) -> None:
+        """Store result with the async cache (callers have it already: see _stores_done)."""
+        assert self.store is not None
+        try:
+            await self.store(flight.key, result)
+        except Exception:
+            logger.exception(
+                "cache_set failed for %r; the result was returned uncached", flight.key
+            )
 
     async def _look_up_again(self, key: K) -> Any:
         if self.lookup is None:

@@ -277,7 +277,11 @@ class WorkerQueue(Generic[T, R]):
         tasks = [
             f.task
             for f in flights
-            if f.storing and f.task is not None and not f.task.done() and f.task is not _me()
+            # Delivered and not ended: its store is on its way (or it is about to end).
+            if f.outcome is not None
+            and f.task is not None
+            and not f.task.done()
+            and f.task is not _me()
         ]
         loop = asyncio.get_running_loop()
         tasks = [t for t in tasks if t.get_loop() is loop]

@@ -143,6 +143,8 @@ class _Default:
 
 _DEFAULT_CACHE: Final = _Default()
 
+_hashkey: Final[Callable[..., Hashable]] = cachetools.keys.hashkey
+
 _GENERIC_KEYS: Final = (cachetools.keys.hashkey, cachetools.keys.typedkey)
 """Key functions that know nothing of instances: for methods, the instance is replaced by a
 stand-in that is equal only to itself."""
@@ -306,31 +308,15 @@ def _with_mapping(
     hits = 0
     args_are_key = _args_are_key(key)
 
-    # The hot path: one key build, one lookup; no task, no future, no queue. One flat
-    # function per kind of lookup, as cachetools does, for speed.
-    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        nonlocal hits
-        k = args if args_are_key and not kwargs else key(*args, **kwargs)
-        try:
-            value = cache[k]
-        except KeyError:
-            pass
-        except TypeError as exc:
-            raise _unhashable(display, exc) from exc
-        else:
-            hits += 1
-            return value  # type: ignore[no-any-return]
-        table = queue._table
-        if table is None or table.loop is not get_running_loop():
-            table = queue._bind()
-        return await table.call(k, args, kwargs)
-
-    if fast is not None:
+    # The hot path: one key build, one lookup; no task, no future, no queue. As cachetools
+    # does, one flat function per combination (the default key or not, a lookup returning
+    # MISSING or raising KeyError): each test left out of the hit path is measured time.
+    if fast is not None and args_are_key:
         find = fast
 
-        async def wrapper_fast(*args: P.args, **kwargs: P.kwargs) -> R:
+        async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
             nonlocal hits
-            k = args if args_are_key and not kwargs else key(*args, **kwargs)
+            k = args if not kwargs else _hashkey(*args, **kwargs)
             try:
                 value = find(k, MISSING)
             except TypeError as exc:
@@ -343,7 +329,61 @@ def _with_mapping(
                 table = queue._bind()
             return await table.call(k, args, kwargs)
 
-        wrapper = wrapper_fast
+    elif fast is not None:
+        find = fast
+
+        async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            nonlocal hits
+            k = key(*args, **kwargs)
+            try:
+                value = find(k, MISSING)
+            except TypeError as exc:
+                raise _unhashable(display, exc) from exc
+            if value is not MISSING:
+                hits += 1
+                return value  # type: ignore[no-any-return]
+            table = queue._table
+            if table is None or table.loop is not get_running_loop():
+                table = queue._bind()
+            return await table.call(k, args, kwargs)
+
+    elif args_are_key:
+
+        async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            nonlocal hits
+            k = args if not kwargs else _hashkey(*args, **kwargs)
+            try:
+                value = cache[k]
+            except KeyError:
+                pass
+            except TypeError as exc:
+                raise _unhashable(display, exc) from exc
+            else:
+                hits += 1
+                return value  # type: ignore[no-any-return]
+            table = queue._table
+            if table is None or table.loop is not get_running_loop():
+                table = queue._bind()
+            return await table.call(k, args, kwargs)
+
+    else:
+
+        async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            nonlocal hits
+            k = key(*args, **kwargs)
+            try:
+                value = cache[k]
+            except KeyError:
+                pass
+            except TypeError as exc:
+                raise _unhashable(display, exc) from exc
+            else:
+                hits += 1
+                return value  # type: ignore[no-any-return]
+            table = queue._table
+            if table is None or table.loop is not get_running_loop():
+                table = queue._bind()
+            return await table.call(k, args, kwargs)
 
     def purge() -> None:
         if instances is not None:

@@ -62,14 +62,17 @@ _FINISHED: Final = Status.FINISHED
 
 
 class Counts:
-    """Calls answered by the cache, calls that started a computation, calls that joined one."""
+    """Calls answered by the cache, calls that started a computation, calls that joined one;
+    background refreshes started, and those that failed."""
 
-    __slots__ = ("hits", "joined", "misses")
+    __slots__ = ("hits", "joined", "misses", "refresh_failures", "refreshes")
 
     def __init__(self) -> None:
         self.hits = 0
         self.misses = 0
         self.joined = 0
+        self.refreshes = 0
+        self.refresh_failures = 0
 
 
 class Flight(Generic[K, R]):
@@ -78,6 +81,7 @@ class Flight(Generic[K, R]):
     __slots__ = (
         "args",
         "awaiting",
+        "background",
         "borrowed",
         "computing",
         "context",
@@ -87,6 +91,7 @@ class Flight(Generic[K, R]):
         "kwargs",
         "outcome",
         "parent",
+        "refresh",
         "status",
         "task",
         "uncounted",
@@ -98,7 +103,7 @@ class Flight(Generic[K, R]):
         key: K,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
-        waiter: asyncio.Future[R],
+        waiter: asyncio.Future[R] | None,
         parent: Flight[Any, Any] | None,
     ) -> None:
         self.key = key
@@ -117,10 +122,15 @@ class Flight(Generic[K, R]):
         self.awaiting: list[Flight[Any, Any]] | None = None
         """Flights this one's computation has awaited (for finding cycles)."""
         self.borrowed = False
+        self.refresh = False
+        """Computed whatever the cache holds (a refresh): not looked up again at its start."""
+        self.background = False
+        """A refresh nobody called for: its failure is reported, not delivered."""
         self.computing = False
         """Whether its computation has begun (with ``slotless``, once it has a slot)."""
         self.forgotten = False
         self.uncounted = 0
+        """Callers who joined it while it waited in line, counted when it starts."""
 
     def __repr__(self) -> str:
         return f"<Flight {self.key!r} {self.status.value} callers={self.callers}>"
@@ -136,7 +146,9 @@ class Flight(Generic[K, R]):
         return first + self.joiners if self.joiners else first
 
     def wanted(self) -> bool:
-        """Whether a caller still awaits the outcome."""
+        """Whether a caller still awaits the outcome (a background refresh is always wanted)."""
+        if self.background:
+            return True
         waiter = self.waiter
         if waiter is not None and not waiter.done():
             return True
@@ -206,6 +218,7 @@ class FlightTable(Generic[K, R]):
         "loop",
         "maxsize",
         "miss",
+        "on_refresh_failed",
         "plain",
         "plain_tasks",
         "running",
@@ -228,6 +241,7 @@ class FlightTable(Generic[K, R]):
         lookup: Callable[[K], Awaitable[Any]] | None = None,
         store: Callable[[K, R], Awaitable[None]] | None = None,
         slotless: bool = False,
+        on_refresh_failed: Callable[[K, BaseException], None] | None = None,
     ) -> None:
         self.loop = loop
         self.func = func
@@ -240,6 +254,7 @@ class FlightTable(Generic[K, R]):
         self.lookup = lookup
         self.store = store
         self.slotless = slotless
+        self.on_refresh_failed = on_refresh_failed
         self.flights: dict[K, Flight[K, R]] = {}
         self.lookups: dict[K, Lookup] = {}
         self.running = 0
@@ -269,12 +284,14 @@ class FlightTable(Generic[K, R]):
         args: tuple[Any, ...],
         kwargs: dict[str, Any] = _NO_KWARGS,
         lookup: Lookup | None = None,
+        refresh: bool = False,
     ) -> asyncio.Future[R]:
         """Return a future for key's outcome: join its computation, or start or queue one.
 
-        The caller has already found no cached value; those sharing its ``lookup`` are told of
-        the computation before it starts. Raises QueueShutDown while closing, and
-        RecursionError when the calling computation would end up awaiting itself.
+        The caller has already found no cached value, or (``refresh``) wants it computed anew
+        whatever the cache holds; those sharing its ``lookup`` are told of the computation
+        before it starts. Raises QueueShutDown while closing, and RecursionError when the
+        calling computation would end up awaiting itself.
         """
         if self.closing:
             raise _refused()
@@ -288,12 +305,32 @@ class FlightTable(Generic[K, R]):
         )
         parent = _current.get()
         flight = Flight(key, args, kwargs, waiter, parent)
+        flight.refresh = refresh
         self.flights[key] = flight
         self.live += 1
         if lookup is not None:
             self.answer(key, lookup, (False, flight))
         if parent is not None:
             _awaits(parent, flight)
+        self._enter(flight, parent)
+        return waiter
+
+    def refresh_in_background(self, key: K, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        """Compute key anew for the cache, with no caller waiting; False if one is under way.
+
+        Bounded and deduplicated like any computation, in a copy of the current context.
+        """
+        if self.closing or key in self.flights:
+            return False
+        flight: Flight[K, R] = Flight(key, args, kwargs, None, _current.get())
+        flight.refresh = flight.background = True
+        self.flights[key] = flight
+        self.live += 1
+        self._enter(flight, flight.parent)
+        return True
+
+    def _enter(self, flight: Flight[K, R], parent: Flight[Any, Any] | None) -> None:
+        """Start a new flight, or put it in line."""
         if self.slotless or (self.running < self.maxsize and not self._line):
             self._start(flight, False, borrowed=self.slotless)
         elif parent is not None and self._inside(parent):
@@ -301,9 +338,7 @@ class FlightTable(Generic[K, R]):
         else:
             flight.status = _WAITING
             flight.context = contextvars.copy_context()
-            flight.uncounted = 1
             self._line.append(flight)
-        return waiter
 
     def join(self, flight: Flight[K, R]) -> asyncio.Future[R]:
         """Return a future for flight's outcome (the caller joins it)."""
@@ -394,18 +429,14 @@ class FlightTable(Generic[K, R]):
         """
         flight.status = _RUNNING
         flight.computing = not self.slotless
-        counts = self.counts
-        counts.misses += 1
-        if flight.uncounted > 1:
-            counts.joined += flight.uncounted - 1
-        flight.uncounted = 0
+        self._count(flight)
         if borrowed:
             flight.borrowed = True
             self.borrowed += 1
         else:
             self.running += 1
         context, flight.context = flight.context, None
-        coro = self._run(flight, waited)
+        coro = self._run(flight, waited and not flight.refresh)
         if not self.plain_tasks:
             task = self.loop.create_task(coro, context=context)
         elif _EAGER_START and flight.parent is None:
@@ -416,6 +447,17 @@ class FlightTable(Generic[K, R]):
             task = Task(coro, loop=self.loop, context=context)
         if flight.status is not _FINISHED:  # else it ended within its first, eager, step
             flight.task = task
+
+    def _count(self, flight: Flight[K, R]) -> None:
+        """Count a flight's calls as it starts: a miss for its first caller, joins for the rest."""
+        counts = self.counts
+        if flight.background:
+            counts.refreshes += 1
+        else:
+            counts.misses += 1
+        if flight.uncounted:
+            counts.joined += flight.uncounted
+            flight.uncounted = 0
 
     async def _run(self, flight: Flight[K, R], waited: bool) -> None:
         # Few locals: this frame lives as long as the computation (a call in flight's memory).
@@ -539,7 +581,11 @@ class FlightTable(Generic[K, R]):
                 waiter.exception()
                 received = True
         flight.waiter = flight.joiners = None
-        if not received:
+        if flight.background:
+            self.counts.refresh_failures += 1
+            if self.on_refresh_failed is not None:
+                self.on_refresh_failed(flight.key, exc)
+        elif not received:
             logger.error(
                 "computing %r failed and no caller was left to receive the error",
                 flight.key,
@@ -691,10 +737,8 @@ class FlightTable(Generic[K, R]):
         unfinished = [*self.flights.values(), *self._forgotten]
         self._line.clear()
         for flight in unfinished:
-            if flight.uncounted:  # accepted, never started: its callers get an outcome too
-                self.counts.misses += 1
-                self.counts.joined += flight.uncounted - 1
-                flight.uncounted = 0
+            if flight.status is _WAITING:  # accepted, never started: its callers get an outcome
+                self._count(flight)
             self._fail(
                 flight,
                 ShutdownTimeout(f"{flight.key!r} did not finish within finish_timeout={grace}s"),

@@ -96,6 +96,7 @@ class WorkerQueue(Generic[T, R]):
         "_counts",
         "_lookup",
         "_miss",
+        "_on_hit",
         "_ops",
         "_table",
         "_worker",
@@ -146,6 +147,8 @@ class WorkerQueue(Generic[T, R]):
         self._table: FlightTable[T, R] | None = None
         self._closing: asyncio.Task[None] | None = None
         self._counts = Counts()
+        self._on_hit: Callable[[T, tuple[Any, ...], dict[str, Any]], None] | None = None
+        """Told of each hit of _require (the decorator's refresh-ahead)."""
 
     @classmethod
     def _internal(
@@ -164,6 +167,18 @@ class WorkerQueue(Generic[T, R]):
             f"<WorkerQueue worker={self._worker!r} maxsize={self.maxsize} "
             f"running={self.running} in_flight={inflight}>"
         )
+
+    @property
+    def computing(self) -> int:
+        """How many computations run now (on the current event loop)."""
+        table = self._table
+        return 0 if table is None else table.running + table.borrowed
+
+    @property
+    def waiting(self) -> int:
+        """How many items wait in line for a slot (their callers wait for room or a slot)."""
+        table = self._table
+        return 0 if table is None else len(table._line) + len(table._slot_waiters)
 
     @property
     def running(self) -> bool:
@@ -212,6 +227,8 @@ class WorkerQueue(Generic[T, R]):
                 found, what = answer
                 if found:
                     self._counts.hits += 1
+                    if self._on_hit is not None:
+                        self._on_hit(key, args, kwargs or _NO_KWARGS)
                     return what  # type: ignore[no-any-return]
                 return await table.join(what)
             # That caller left without an answer (cancelled, refused): start over.
@@ -229,6 +246,8 @@ class WorkerQueue(Generic[T, R]):
             if value is not self._miss:
                 self._counts.hits += 1
                 table.answer(key, lookup, (True, value))
+                if self._on_hit is not None:
+                    self._on_hit(key, args, kwargs or _NO_KWARGS)
                 return value  # type: ignore[no-any-return]
             # aclose() may have run while we looked: table.call refuses then, so that the
             # queue does not start again.

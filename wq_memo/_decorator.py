@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from asyncio import get_running_loop
 from collections.abc import Awaitable, Callable, Coroutine, Hashable, MutableMapping
 from typing import (
@@ -26,8 +27,9 @@ from . import _naming
 from ._flight import Flight
 from ._methods import InstanceKeys, MemoizedClassMethod, MemoizedMethod, MethodState
 from ._queue import WorkerQueue, is_async_callable
+from ._refresh import NEVER, Refresher, check_refresh_options
 from ._ttl_lookup import fast_lookup
-from .backends._protocol import MISSING, AsyncCache, CallKey, SingleFlightCache
+from .backends._protocol import MISSING, AsyncCache, CallKey, Missing, SingleFlightCache
 
 __all__ = ("BoundMemoized", "CacheInfo", "Memoized", "worker_queue")
 
@@ -52,6 +54,10 @@ class CacheInfo(NamedTuple):
     """The cache's maxsize (None: unbounded, no cache, or an async cache)."""
     currsize: int | None
     """The cache's current size (None for an async cache)."""
+    refreshes: int = 0
+    """Background refreshes started (refresh_after)."""
+    refresh_failures: int = 0
+    """Background refreshes that failed (the old value was kept)."""
 
 
 class CacheControls(Protocol):
@@ -102,6 +108,26 @@ class Memoized(CacheControls, Protocol[P, R]):
         """Remove the entry of the call with these arguments, whatever kind the cache is."""
         ...
 
+    async def refresh(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Compute the call now through the queue (joining one under way), store it, return it."""
+        ...
+
+    def cache_prime(self, value: R, *args: P.args, **kwargs: P.kwargs) -> None:
+        """Store value as the result of the call (a synchronous cache only)."""
+        ...
+
+    async def acache_prime(self, value: R, *args: P.args, **kwargs: P.kwargs) -> None:
+        """Store value as the result of the call, whatever kind the cache is."""
+        ...
+
+    def cache_peek(self, *args: P.args, **kwargs: P.kwargs) -> R | Missing:
+        """The cached result of the call, or MISSING: no computation, not counted."""
+        ...
+
+    async def acache_peek(self, *args: P.args, **kwargs: P.kwargs) -> R | Missing:
+        """The cached result of the call, or MISSING, whatever kind the cache is."""
+        ...
+
     @overload
     def __get__(self, instance: None, owner: type[Any] | None = None) -> Self: ...
 
@@ -124,6 +150,26 @@ class BoundMemoized(CacheControls, Protocol[P, R]):
 
     async def acache_invalidate(self, *args: P.args, **kwargs: P.kwargs) -> bool:
         """Remove this instance's entry for these arguments, whatever kind the cache is."""
+        ...
+
+    async def refresh(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Compute this instance's call now, store it, return it."""
+        ...
+
+    def cache_prime(self, value: R, *args: P.args, **kwargs: P.kwargs) -> None:
+        """Store value as the result of this instance's call (a synchronous cache only)."""
+        ...
+
+    async def acache_prime(self, value: R, *args: P.args, **kwargs: P.kwargs) -> None:
+        """Store value as the result of this instance's call."""
+        ...
+
+    def cache_peek(self, *args: P.args, **kwargs: P.kwargs) -> R | Missing:
+        """This instance's cached result of the call, or MISSING."""
+        ...
+
+    async def acache_peek(self, *args: P.args, **kwargs: P.kwargs) -> R | Missing:
+        """This instance's cached result of the call, or MISSING."""
         ...
 
 
@@ -156,22 +202,21 @@ class _Options(NamedTuple):
     key: Callable[..., Hashable]
     finish_timeout: float
     name: str | None
+    refresh_after: float | None
+    refresh_backoff: float
+    jitter: float
+    timer: Callable[[], float] | None
 
 
-def _memoize(
-    func: Callable[P, Awaitable[R]],
-    maxsize: int,
-    cache: MutableMapping[Any, Any] | AsyncCache | _Default | None,
-    key: Callable[..., Hashable],
-    finish_timeout: float,
-    name: str | None,
-) -> Memoized[P, R]:
+def _memoize(func: Any, cache: Any, options: _Options) -> Memoized[P, R]:
     if isinstance(func, staticmethod):
         # @worker_queue above @staticmethod: memoize the function, then rewrap it.
-        inner = _memoize(func.__func__, maxsize, cache, key, finish_timeout, name)
+        inner: Any = _memoize(func.__func__, cache, options)
         return staticmethod(getattr(inner, "_memoized", inner))  # type: ignore[return-value]
-    if not callable(key):
-        raise TypeError(f"@worker_queue: key must be a function building a cache key, got {key!r}")
+    if not callable(options.key):
+        raise TypeError(
+            f"@worker_queue: key must be a function building a cache key, got {options.key!r}"
+        )
     if isinstance(cache, _Default):
         cache = cachetools.LRUCache(maxsize=128)
     if not (cache is None or isinstance(cache, MutableMapping | AsyncCache)):
@@ -179,7 +224,7 @@ def _memoize(
             f"@worker_queue: cache must be a MutableMapping (such as a cachetools cache), "
             f"an AsyncCache, or None; got {cache!r}"
         )
-    options = _Options(maxsize, cache, key, finish_timeout, name)
+    options = options._replace(cache=cache)
     if isinstance(func, classmethod):
         # @worker_queue above @classmethod: bind the class ourselves, on every Python.
         _check_async(func.__func__)
@@ -220,18 +265,45 @@ def _build(func: Any, options: _Options, state: MethodState | None) -> Any:
             key = _method_key(key, state, instances)
         else:
             key = _refuse_instances(key, state, display)
+    refresher = _refresher(options, cache, display)
     if cache is None:
         memoized = _dedup_only(func, display, key, options)
     elif isinstance(cache, MutableMapping):
-        memoized = _with_mapping(func, display, cache, key, options, instances)
+        memoized = _with_mapping(func, display, cache, key, options, instances, refresher)
     else:
         shared = _naming.shared_name(func, options.name)
-        memoized = _with_async_cache(func, display, cache, key, shared, options)
+        memoized = _with_async_cache(func, display, cache, key, shared, options, refresher)
         _naming.claim(cache, shared, memoized)
     functools.update_wrapper(memoized, func)
+    memoized._refresher = refresher  # type: ignore[attr-defined]  # its due times, for tests
     if not isinstance(getattr(func, "__qualname__", None), str):
         memoized.__name__ = memoized.__qualname__ = display
     return memoized
+
+
+def _refresher(
+    options: _Options, cache: MutableMapping[Any, Any] | AsyncCache | None, display: str
+) -> Refresher | None:
+    """The refresh-ahead policy asked for (None without refresh_after)."""
+    if options.refresh_after is None:
+        return None
+    if cache is None:
+        raise ValueError(
+            "@worker_queue: refresh_after needs a cache to refresh entries in; "
+            "pass cache= (a cachetools cache, a dict or an async cache)"
+        )
+    after, backoff, jitter = check_refresh_options(
+        options.refresh_after, options.refresh_backoff, options.jitter, getattr(cache, "ttl", None)
+    )
+    clock = options.timer
+    if clock is None:
+        # A TTLCache's own timer, so that refreshes and expiry share one clock.
+        timer = getattr(cache, "timer", None)
+        clock = timer if callable(timer) else time.monotonic
+    elif not callable(clock):
+        raise TypeError(f"@worker_queue: timer must be a function returning seconds, got {clock!r}")
+    contains = cache.__contains__ if isinstance(cache, MutableMapping) else None
+    return Refresher(after, backoff, jitter, clock, display, contains)
 
 
 def _method_key(
@@ -273,6 +345,47 @@ def _args_are_key(key: Callable[..., Hashable]) -> bool:
     return key is cachetools.keys.hashkey
 
 
+def _key_builder(
+    key: Callable[..., Hashable], display: str, name: str | None = None
+) -> Callable[[tuple[Any, ...], dict[str, Any]], Hashable]:
+    """The cache key of a call, checked hashable (wrapped in a CallKey for an async cache)."""
+
+    def key_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Hashable:
+        try:
+            k: Hashable = key(*args, **kwargs)
+            if name is not None:
+                k = CallKey(name, k)
+            hash(k)
+        except TypeError as exc:
+            raise _unhashable(display, exc) from exc
+        return k
+
+    return key_of
+
+
+def _peek(cache: MutableMapping[Any, Any], k: Hashable) -> Any:
+    """The value cache holds for k, or MISSING, leaving its order of use alone where it can."""
+    if isinstance(cache, cachetools.Cache):
+        # Membership checks expiry but not order; Cache.__getitem__ reads without reordering.
+        return cachetools.Cache.__getitem__(cache, k) if k in cache else MISSING
+    return cache.get(k, MISSING)
+
+
+def _refresh_starter(
+    queue: WorkerQueue[Any, Any], refresher: Refresher
+) -> Callable[[Hashable, tuple[Any, ...], dict[str, Any]], None]:
+    """What a hit does once its entry is due: a background refresh through the queue."""
+    clock = refresher.clock
+    due_get = refresher.due.get
+
+    def refresh_if_due(k: Hashable, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if clock() >= due_get(k, NEVER):
+            queue._table_now().refresh_in_background(k, args, kwargs)
+            refresher.started(k)
+
+    return refresh_if_due
+
+
 def _with_mapping(
     func: Callable[P, Awaitable[R]],
     display: str,
@@ -280,6 +393,7 @@ def _with_mapping(
     key: Callable[..., Hashable],
     options: _Options,
     instances: InstanceKeys | None,
+    refresher: Refresher | None,
 ) -> Memoized[P, R]:
     # A lookup that returns MISSING rather than raising KeyError: faster for a TTLCache, and on
     # a miss no exception keeps the caller's frame object alive while it waits.
@@ -295,6 +409,8 @@ def _with_mapping(
             return
         if instances is not None:
             instances.stored(k)
+        if refresher is not None:
+            refresher.stored(k)
 
     queue: WorkerQueue[Any, R] = WorkerQueue._internal(
         func,
@@ -303,6 +419,7 @@ def _with_mapping(
         miss=MISSING,
         lookup_now=cache.get if fast is None else fast,
         store_now=store_now,
+        on_refresh_failed=None if refresher is None else refresher.failed,
     )
     counts = queue._counts
     hits = 0
@@ -310,8 +427,32 @@ def _with_mapping(
 
     # The hot path: one key build, one lookup; no task, no future, no queue. As cachetools
     # does, one flat function per combination (the default key or not, a lookup returning
-    # MISSING or raising KeyError): each test left out of the hit path is measured time.
-    if fast is not None and args_are_key:
+    # MISSING or raising KeyError, refresh-ahead or not): each test left out of the hit path
+    # is measured time.
+    if refresher is not None:
+        find_any = cache.get if fast is None else fast
+        clock = refresher.clock
+        due_get = refresher.due.get
+        refresh_if_due = _refresh_starter(queue, refresher)
+
+        async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            nonlocal hits
+            k = args if args_are_key and not kwargs else key(*args, **kwargs)
+            try:
+                value = find_any(k, MISSING)
+            except TypeError as exc:
+                raise _unhashable(display, exc) from exc
+            if value is not MISSING:
+                hits += 1
+                if clock() >= due_get(k, NEVER):
+                    refresh_if_due(k, args, kwargs)
+                return value  # type: ignore[no-any-return]
+            table = queue._table
+            if table is None or table.loop is not get_running_loop():
+                table = queue._bind()
+            return await table.call(k, args, kwargs)
+
+    elif fast is not None and args_are_key:
         find = fast
 
         async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
@@ -385,6 +526,8 @@ def _with_mapping(
                 table = queue._bind()
             return await table.call(k, args, kwargs)
 
+    key_of = _key_builder(key, display)
+
     def purge() -> None:
         if instances is not None:
             instances.purge()
@@ -398,40 +541,47 @@ def _with_mapping(
             counts.joined,
             maxsize if isinstance(maxsize, int) else None,
             int(getattr(cache, "currsize", len(cache))),
+            counts.refreshes,
+            counts.refresh_failures,
         )
 
     def cache_invalidate(*args: P.args, **kwargs: P.kwargs) -> bool:
         purge()
+        k = key_of(args, kwargs)
+        queue._forget(k)
+        if refresher is not None:
+            refresher.forget(k)
         try:
-            k = key(*args, **kwargs)
-            queue._forget(k)
             del cache[k]
         except KeyError:
             return False
-        except TypeError as exc:
-            raise _unhashable(display, exc) from exc
         return True
 
     def cache_clear() -> None:
         purge()
         queue._forget_all()
+        if refresher is not None:
+            refresher.clear()
         cache.clear()
 
-    async def acache_clear() -> None:
-        cache_clear()
+    def cache_prime(value: R, *args: P.args, **kwargs: P.kwargs) -> None:
+        k = key_of(args, kwargs)
+        queue._forget(k)  # a computation under way must not overwrite it
+        store_now(k, value)
 
-    async def acache_invalidate(*args: P.args, **kwargs: P.kwargs) -> bool:
-        return cache_invalidate(*args, **kwargs)
+    def cache_peek(*args: P.args, **kwargs: P.kwargs) -> R | Missing:
+        return _peek(cache, key_of(args, kwargs))  # type: ignore[no-any-return]
 
     return _attach(
         wrapper,
         queue,
         cache,
-        cache_info,
-        cache_clear,
-        cache_invalidate,
-        acache_clear,
-        acache_invalidate,
+        key_of,
+        cache_info=cache_info,
+        cache_clear=cache_clear,
+        cache_invalidate=cache_invalidate,
+        cache_prime=cache_prime,
+        cache_peek=cache_peek,
     )
 
 
@@ -458,34 +608,35 @@ def _dedup_only(
             table = queue._bind()
         return await table.call(k, args, kwargs)
 
+    key_of = _key_builder(key, display)
+
     def cache_info() -> CacheInfo:
         return CacheInfo(counts.hits, counts.misses, counts.joined, None, 0)
 
     def cache_invalidate(*args: P.args, **kwargs: P.kwargs) -> bool:
-        try:
-            queue._forget(key(*args, **kwargs))
-        except TypeError as exc:
-            raise _unhashable(display, exc) from exc
+        queue._forget(key_of(args, kwargs))
         return False
 
     def cache_clear() -> None:
         queue._forget_all()
 
-    async def acache_clear() -> None:
-        cache_clear()
+    def cache_prime(value: R, *args: P.args, **kwargs: P.kwargs) -> None:
+        queue._forget(key_of(args, kwargs))  # no cache to hold it; later calls compute
 
-    async def acache_invalidate(*args: P.args, **kwargs: P.kwargs) -> bool:
-        return cache_invalidate(*args, **kwargs)
+    def cache_peek(*args: P.args, **kwargs: P.kwargs) -> R | Missing:
+        key_of(args, kwargs)
+        return MISSING
 
     return _attach(
         wrapper,
         queue,
         None,
-        cache_info,
-        cache_clear,
-        cache_invalidate,
-        acache_clear,
-        acache_invalidate,
+        key_of,
+        cache_info=cache_info,
+        cache_clear=cache_clear,
+        cache_invalidate=cache_invalidate,
+        cache_prime=cache_prime,
+        cache_peek=cache_peek,
     )
 
 
@@ -496,8 +647,10 @@ def _with_async_cache(
     key: Callable[..., Hashable],
     name: str,
     options: _Options,
+    refresher: Refresher | None,
 ) -> Memoized[P, R]:
     queue: WorkerQueue[Any, R]
+    on_refresh_failed = None if refresher is None else refresher.failed
     if isinstance(cache, SingleFlightCache):
         single_flight = cache
 
@@ -513,7 +666,9 @@ def _with_async_cache(
                 finally:
                     table.release()
 
-            return single_flight.get_or_compute(flight.key, compute)
+            if flight.refresh:
+                return _refresh_through(single_flight, flight.key, compute, refresher)
+            return _get_or_compute(single_flight, flight.key, compute, refresher)
 
         queue = WorkerQueue._internal(
             func,
@@ -523,11 +678,14 @@ def _with_async_cache(
             compute=compute_single_flight,
             lookup=cache.get,
             slotless=True,
+            on_refresh_failed=on_refresh_failed,
         )
     else:
 
-        def store(k: Hashable, value: R) -> Awaitable[None]:
-            return cache.set(k, value)
+        async def store(k: Hashable, value: R) -> None:
+            await cache.set(k, value)
+            if refresher is not None:
+                refresher.stored(k)
 
         queue = WorkerQueue._internal(
             func,
@@ -536,76 +694,143 @@ def _with_async_cache(
             miss=MISSING,
             lookup=cache.get,
             store=store,
+            on_refresh_failed=on_refresh_failed,
         )
+    if refresher is not None:
+        queue._on_hit = _refresh_starter(queue, refresher)
     require = queue._require
     counts = queue._counts
-
-    def call_key(args: Any, kwargs: Any) -> CallKey:
-        try:
-            k = CallKey(name, key(*args, **kwargs))
-            hash(k)
-        except TypeError as exc:
-            raise _unhashable(display, exc) from exc
-        return k
+    key_of = _key_builder(key, display, name)
 
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        return await require(call_key(args, kwargs), args, kwargs)
+        return await require(key_of(args, kwargs), args, kwargs)
 
     def cache_info() -> CacheInfo:
-        return CacheInfo(counts.hits, counts.misses, counts.joined, None, None)
-
-    def cache_clear() -> None:
-        raise TypeError(
-            f"{display}.cache_clear(): the cache is asynchronous; use await .acache_clear()"
+        return CacheInfo(
+            counts.hits,
+            counts.misses,
+            counts.joined,
+            None,
+            None,
+            counts.refreshes,
+            counts.refresh_failures,
         )
 
-    def cache_invalidate(*args: P.args, **kwargs: P.kwargs) -> bool:
-        raise TypeError(
-            f"{display}.cache_invalidate(): the cache is asynchronous; "
-            "use await .acache_invalidate(...)"
-        )
+    def synchronous(what: str) -> Callable[..., Any]:
+        def refuse(*args: Any, **kwargs: Any) -> Any:
+            raise TypeError(
+                f"{display}.{what}(): the cache is asynchronous; use await .a{what}(...)"
+            )
+
+        return refuse
 
     async def acache_clear() -> None:
         await queue._stores_done(queue._forget_all())
+        if refresher is not None:
+            refresher.clear()
         await cache.clear()
 
     async def acache_invalidate(*args: P.args, **kwargs: P.kwargs) -> bool:
-        k = call_key(args, kwargs)
+        k = key_of(args, kwargs)
         flight = queue._forget(k)
         if flight is not None:
             await queue._stores_done([flight])
+        if refresher is not None:
+            refresher.forget(k)
         return await cache.delete(k)
+
+    async def acache_prime(value: R, *args: P.args, **kwargs: P.kwargs) -> None:
+        k = key_of(args, kwargs)
+        flight = queue._forget(k)  # a computation under way must not overwrite it
+        if flight is not None:
+            await queue._stores_done([flight])
+        await cache.set(k, value)
+        if refresher is not None:
+            refresher.stored(k)
+
+    async def acache_peek(*args: P.args, **kwargs: P.kwargs) -> R | Missing:
+        return await cache.get(key_of(args, kwargs))  # type: ignore[no-any-return]
 
     return _attach(
         wrapper,
         queue,
         cache,
-        cache_info,
-        cache_clear,
-        cache_invalidate,
-        acache_clear,
-        acache_invalidate,
+        key_of,
+        cache_info=cache_info,
+        cache_clear=synchronous("cache_clear"),
+        cache_invalidate=synchronous("cache_invalidate"),
+        cache_prime=synchronous("cache_prime"),
+        cache_peek=synchronous("cache_peek"),
+        acache_clear=acache_clear,
+        acache_invalidate=acache_invalidate,
+        acache_prime=acache_prime,
+        acache_peek=acache_peek,
     )
+
+
+async def _get_or_compute(
+    cache: SingleFlightCache,
+    k: Hashable,
+    compute: Callable[[], Awaitable[R]],
+    refresher: Refresher | None,
+) -> R:
+    value = await cache.get_or_compute(k, compute)
+    if refresher is not None:
+        refresher.stored(k)  # its write time, as near as this process knows it
+    return value
+
+
+async def _refresh_through(
+    cache: SingleFlightCache,
+    k: Hashable,
+    compute: Callable[[], Awaitable[R]],
+    refresher: Refresher | None,
+) -> R:
+    """Compute k anew and store it, whatever the cache holds."""
+    value = await compute()
+    await cache.set(k, value)
+    if refresher is not None:
+        refresher.stored(k)
+    return value
 
 
 def _attach(
     wrapper: Callable[P, Coroutine[Any, Any, R]],
     queue: WorkerQueue[Any, R],
     cache: MutableMapping[Any, Any] | AsyncCache | None,
-    cache_info: Callable[[], CacheInfo],
-    cache_clear: Callable[[], None],
-    cache_invalidate: Callable[P, bool],
-    acache_clear: Callable[[], Coroutine[Any, Any, None]],
-    acache_invalidate: Callable[P, Coroutine[Any, Any, bool]],
+    key_of: Callable[[tuple[Any, ...], dict[str, Any]], Hashable],
+    **controls: Callable[..., Any],
 ) -> Memoized[P, R]:
+    """Give wrapper its attributes: the queue, the cache and the per-call controls.
+
+    The async forms that controls lack are made from the synchronous ones.
+    """
+
+    async def refresh(*args: P.args, **kwargs: P.kwargs) -> R:
+        return await queue._table_now().call(key_of(args, kwargs), args, kwargs, refresh=True)
+
+    async def acache_clear() -> None:
+        controls["cache_clear"]()
+
+    async def acache_invalidate(*args: P.args, **kwargs: P.kwargs) -> bool:
+        return controls["cache_invalidate"](*args, **kwargs)  # type: ignore[no-any-return]
+
+    async def acache_prime(value: R, *args: P.args, **kwargs: P.kwargs) -> None:
+        controls["cache_prime"](value, *args, **kwargs)
+
+    async def acache_peek(*args: P.args, **kwargs: P.kwargs) -> R | Missing:
+        return controls["cache_peek"](*args, **kwargs)  # type: ignore[no-any-return]
+
     w: Any = wrapper
     w.queue = queue
     w.cache = cache
-    w.cache_info = cache_info
-    w.cache_clear = cache_clear
-    w.cache_invalidate = cache_invalidate
+    w.refresh = refresh
     w.acache_clear = acache_clear
     w.acache_invalidate = acache_invalidate
+    w.acache_prime = acache_prime
+    w.acache_peek = acache_peek
+    for attribute, control in controls.items():
+        setattr(w, attribute, control)
     return w  # type: ignore[no-any-return]
 
 
@@ -627,6 +852,10 @@ class _WorkerQueueDecorator:
         key: Callable[..., Hashable] = ...,
         finish_timeout: float = 3.0,
         name: str | None = None,
+        refresh_after: float | None = None,
+        refresh_backoff: float = 1.0,
+        jitter: float = 0.0,
+        timer: Callable[[], float] | None = None,
     ) -> Callable[[Callable[P, Awaitable[R]]], Memoized[P, R]]: ...
 
     def __call__(
@@ -639,6 +868,10 @@ class _WorkerQueueDecorator:
         key: Callable[..., Hashable] = cachetools.keys.hashkey,
         finish_timeout: float = 3.0,
         name: str | None = None,
+        refresh_after: float | None = None,
+        refresh_backoff: float = 1.0,
+        jitter: float = 0.0,
+        timer: Callable[[], float] | None = None,
     ) -> Memoized[P, R] | Callable[[Callable[P, Awaitable[R]]], Memoized[P, R]]:
         """Memoize an async function through a hidden WorkerQueue.
 
@@ -650,14 +883,33 @@ class _WorkerQueueDecorator:
         ``name`` names the function in an async cache's keys (default: its module and
         qualified name; required where that is not unique, as for a function a factory makes).
 
+        Refresh-ahead: with ``refresh_after`` seconds, an entry older than that is still
+        returned at once, and one background refresh of it goes through the queue; a failed
+        refresh keeps the old value and is tried again ``refresh_backoff`` seconds later.
+        ``jitter`` (a fraction) spreads each entry's refresh_after by up to that much either
+        way. ``timer`` is the clock of entry ages (default: the cache's ``timer``, as a
+        TTLCache has, else ``time.monotonic``).
+
         Raises TypeError at decoration time for a function that is not async, and for a
-        function an async cache cannot tell from others.
+        function an async cache cannot tell from others; ValueError for a bad parameter (a
+        refresh_after that is not below the cache's ttl, say).
         """
+        options = _Options(
+            maxsize,
+            None,
+            key,
+            finish_timeout,
+            name,
+            refresh_after,
+            refresh_backoff,
+            jitter,
+            timer,
+        )
         if func is not None:
-            return _memoize(func, maxsize, cache, key, finish_timeout, name)
+            return _memoize(func, cache, options)
 
         def decorate(f: Callable[P, Awaitable[R]]) -> Memoized[P, R]:
-            return _memoize(f, maxsize, cache, key, finish_timeout, name)
+            return _memoize(f, cache, options)
 
         return decorate
 
@@ -672,4 +924,5 @@ class _WorkerQueueDecorator:
 
 worker_queue: Final = _WorkerQueueDecorator()
 """Memoize an async function through a hidden WorkerQueue: ``@worker_queue`` or
-``@worker_queue(maxsize=3, cache=LRUCache(128), key=hashkey, finish_timeout=3.0, name=None)``."""
+``@worker_queue(maxsize=3, cache=LRUCache(128), key=hashkey, finish_timeout=3.0, name=None,
+refresh_after=None, refresh_backoff=1.0, jitter=0.0, timer=None)``."""

@@ -98,6 +98,26 @@ class BoundMethod:
         """Remove this instance's entry for these arguments, whatever kind the cache is."""
         return await self.__func__.acache_invalidate(self.__self__, *args, **kwargs)  # type: ignore[no-any-return]
 
+    async def refresh(self, *args: Any, **kwargs: Any) -> Any:
+        """Compute this instance's call now, store it, return it."""
+        return await self.__func__.refresh(self.__self__, *args, **kwargs)
+
+    def cache_prime(self, value: Any, *args: Any, **kwargs: Any) -> None:
+        """Store value as the result of this instance's call (a synchronous cache only)."""
+        self.__func__.cache_prime(value, self.__self__, *args, **kwargs)
+
+    async def acache_prime(self, value: Any, *args: Any, **kwargs: Any) -> None:
+        """Store value as the result of this instance's call."""
+        await self.__func__.acache_prime(value, self.__self__, *args, **kwargs)
+
+    def cache_peek(self, *args: Any, **kwargs: Any) -> Any:
+        """This instance's cached result of the call, or MISSING."""
+        return self.__func__.cache_peek(self.__self__, *args, **kwargs)
+
+    async def acache_peek(self, *args: Any, **kwargs: Any) -> Any:
+        """This instance's cached result of the call, or MISSING."""
+        return await self.__func__.acache_peek(self.__self__, *args, **kwargs)
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self.__func__, name)
 

@@ -1,0 +1,137 @@
+"""Refresh-ahead: when each cached entry is due for a background refresh, and what a refresh's
+end does to that."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Callable, Hashable
+from typing import Any, Final
+
+from ._errors import ShutdownTimeout
+
+__all__ = ("Refresher", "check_refresh_options")
+
+logger = logging.getLogger("wq_memo")
+
+NEVER: Final = math.inf
+"""The due time of an entry whose write time is unknown: it is never refreshed."""
+
+_PRUNE_AT: Final = 1024
+"""Due times kept before those of entries the cache dropped are pruned (then twice as many)."""
+_KEEP_UNCHECKED: Final = 100_000
+"""Due times kept for a cache that cannot say what it holds (an async cache): the oldest go."""
+
+
+def _seconds(name: str, value: object, *, zero: bool = False) -> float:
+    ok = (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and (value >= 0 if zero else value > 0)
+    )
+    if not ok:
+        what = ">= 0" if zero else "> 0"
+        raise ValueError(f"@worker_queue: {name} must be a number of seconds {what}, got {value!r}")
+    return float(value)  # type: ignore[arg-type]
+
+
+def check_refresh_options(
+    refresh_after: object, refresh_backoff: object, jitter: object, ttl: object
+) -> tuple[float, float, float]:
+    """Validate refresh_after, refresh_backoff and jitter against the cache's ttl, if known."""
+    after = _seconds("refresh_after", refresh_after)
+    backoff = _seconds("refresh_backoff", refresh_backoff)
+    if isinstance(jitter, bool) or not isinstance(jitter, int | float) or not 0 <= jitter < 1:
+        raise ValueError(f"@worker_queue: jitter must be a fraction from 0 up to 1, got {jitter!r}")
+    if isinstance(ttl, int | float) and not isinstance(ttl, bool) and after * (1 + jitter) >= ttl:
+        raise ValueError(
+            f"@worker_queue: refresh_after={after}"
+            + (f" (up to {after * (1 + jitter):g} with jitter={jitter})" if jitter else "")
+            + f" must be below the cache's ttl={ttl}: the ttl is the hard limit, and an entry "
+            "is refreshed before it; lower refresh_after, or raise the ttl"
+        )
+    return after, backoff, float(jitter)
+
+
+class Refresher:
+    """When the entries of one memoized function are due for a refresh.
+
+    An entry's due time is set when a value is stored (``refresh_after`` later, spread by
+    ``jitter``), and pushed ``backoff`` later when a refresh starts or fails, so that calls in
+    between neither start another nor hammer a failing source. Entries this process never wrote
+    (primed elsewhere, or stored by another process) have no due time and are not refreshed.
+    """
+
+    __slots__ = ("after", "backoff", "clock", "contains", "due", "jitter", "name", "prune_at")
+
+    def __init__(
+        self,
+        after: float,
+        backoff: float,
+        jitter: float,
+        clock: Callable[[], float],
+        name: str,
+        contains: Callable[[Hashable], bool] | None,
+    ) -> None:
+        self.after = after
+        self.backoff = backoff
+        self.jitter = jitter
+        self.clock = clock
+        self.name = name
+        self.contains = contains
+        """Whether the cache holds a key (to prune due times of entries it dropped)."""
+        self.due: dict[Hashable, float] = {}
+        self.prune_at = _PRUNE_AT
+
+    def stored(self, key: Hashable) -> None:
+        """A value was stored for key now."""
+        delay = self.after
+        if self.jitter:
+            delay *= 1 + self.jitter * (2 * random.random() - 1)
+        due = self.due
+        due[key] = self.clock() + delay
+        if len(due) > self.prune_at:
+            self._prune()
+
+    def started(self, key: Hashable) -> None:
+        """A refresh of key started (or was under way): no other before the back-off."""
+        self.due[key] = self.clock() + self.backoff
+
+    def failed(self, key: Hashable, exc: BaseException) -> None:
+        """A refresh of key failed: keep serving the old value, try again after the back-off."""
+        self.due[key] = self.clock() + self.backoff
+        if isinstance(exc, ShutdownTimeout):
+            return
+        logger.warning(
+            "%s(): refreshing %r failed; the cached value is served until it expires, and the "
+            "refresh is tried again after %gs",
+            self.name,
+            key,
+            self.backoff,
+            exc_info=exc,
+        )
+
+    def forget(self, key: Hashable) -> None:
+        self.due.pop(key, None)
+
+    def clear(self) -> None:
+        self.due.clear()
+
+    def _prune(self) -> None:
+        due = self.due
+        contains = self.contains
+        if contains is not None:
+            for key in [k for k in due if not contains(k)]:
+                del due[key]
+            self.prune_at = max(_PRUNE_AT, 2 * len(due))  # amortized: O(1) per store
+            return
+        # An async cache: the oldest due times go; those entries are refreshed again once this
+        # process stores them again.
+        for key in list(due)[: len(due) - _KEEP_UNCHECKED // 2]:
+            del due[key]
+        self.prune_at = _KEEP_UNCHECKED
+
+    def due_time(self, key: Any) -> float:
+        return self.due.get(key, NEVER)

@@ -10,6 +10,7 @@ from collections.abc import Coroutine
 from typing import Any, assert_type
 
 from wq_memo import BoundMemoized, CacheInfo, Memoized, WorkerQueue, worker_queue
+from wq_memo.backends import Missing
 
 
 @worker_queue
@@ -47,6 +48,18 @@ async def test_signatures_survive_decoration() -> None:
     assert_type(Service.fetch.cache_invalidate(service, "k"), bool)
 
 
+async def test_per_call_controls_keep_the_signature() -> None:
+    assert_type(await bare.refresh(1, name="n"), str)
+    bare.cache_prime("v", 1, name="n")
+    assert_type(bare.cache_peek(1, name="n"), str | Missing)
+    await bare.acache_prime("w", 1)
+    assert_type(await bare.acache_peek(1), str | Missing)
+    service = Service()
+    assert_type(await service.fetch.refresh("k"), bytes)
+    service.fetch.cache_prime(b"v", "k")
+    assert_type(service.fetch.cache_peek("k"), bytes | Missing)
+
+
 async def wrong_calls() -> None:
     """Never run: each line must be rejected by mypy (see the module docstring)."""
     await bare("one")  # type: ignore[arg-type]
@@ -55,6 +68,9 @@ async def wrong_calls() -> None:
     await Service().fetch(1)  # type: ignore[arg-type]
     wrong: int = await bare(1)  # type: ignore[assignment]
     print(wrong)
+    bare.cache_prime(1, 1)  # type: ignore[arg-type]
+    await bare.refresh("one")  # type: ignore[arg-type]
+    Service().fetch.cache_prime("not bytes", "k")  # type: ignore[arg-type]
 
 
 def test_worker_queue_is_generic() -> None:

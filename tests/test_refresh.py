@@ -1,0 +1,405 @@
+"""Refresh-ahead: stale entries served at once while one background refresh per key runs through
+the queue; a failed refresh keeps the old value; jitter; per-call controls."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import random
+from collections.abc import Callable, Hashable
+from typing import Any
+
+import cachetools
+import pytest
+
+from wq_memo import CacheInfo, worker_queue
+from wq_memo.backends import MISSING
+
+WAIT = 5.0
+
+
+class Clock:
+    """A fake clock, moved by hand."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Source:
+    """An async function of a key whose n-th computation returns f"{key}@{n}", optionally held by
+    a gate or failing."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.gate: asyncio.Event | None = None
+        self.error: BaseException | None = None
+        self.contexts: list[str] = []
+        self.started = asyncio.Event()
+
+    async def __call__(self, key: str) -> str:
+        n = len(self.calls)
+        self.calls.append(key)
+        self.contexts.append(request.get())
+        self.started.set()
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.error is not None:
+            raise self.error
+        return f"{key}@{n}"
+
+
+request: contextvars.ContextVar[str] = contextvars.ContextVar("request", default="-")
+
+
+async def settle() -> None:
+    for _ in range(10):
+        await asyncio.sleep(0)
+
+
+async def bounded(awaitable: Any) -> Any:
+    async with asyncio.timeout(WAIT):
+        return await awaitable
+
+
+CACHES: dict[str, Callable[[Clock], Any]] = {
+    "dict": lambda clock: {},
+    "lru": lambda clock: cachetools.LRUCache(100),
+    "ttl": lambda clock: cachetools.TTLCache(100, ttl=10, timer=clock),
+}
+
+
+@pytest.fixture(params=sorted(CACHES))
+def make(request: pytest.FixtureRequest) -> Callable[..., tuple[Any, Source, Clock]]:
+    def build(**options: Any) -> tuple[Any, Source, Clock]:
+        clock = Clock()
+        source = Source()
+        cache = CACHES[request.param](clock)
+        f = worker_queue(cache=cache, refresh_after=5, timer=clock, **options)(source)
+        return f, source, clock
+
+    return build
+
+
+async def test_a_stale_entry_is_served_at_once_and_refreshed_in_the_background(
+    make: Callable[..., tuple[Any, Source, Clock]],
+) -> None:
+    f, source, clock = make()
+    assert await f("k") == "k@0"
+    clock.now = 4.9
+    assert await f("k") == "k@0"  # fresh: no refresh
+    await settle()
+    assert source.calls == ["k"]
+    clock.now = 5
+    source.gate = asyncio.Event()
+    source.started.clear()
+    assert await f("k") == "k@0"  # due: the old value at once, a refresh starts
+    await bounded(source.started.wait())
+    assert source.calls == ["k", "k"]
+    for _ in range(3):  # while it runs: the old value at once, no second refresh
+        assert await f("k") == "k@0"
+    assert source.calls == ["k", "k"]
+    source.gate.set()
+    await settle()
+    assert await f("k") == "k@1"  # its result replaced the entry
+    clock.now = 9.9  # and its age was reset
+    assert await f("k") == "k@1"
+    await settle()
+    assert source.calls == ["k", "k"]
+    info = f.cache_info()
+    assert (info.misses, info.refreshes, info.refresh_failures) == (1, 1, 0)
+
+
+async def test_a_refresh_runs_in_the_context_of_the_call_that_found_the_entry_due(
+    make: Callable[..., tuple[Any, Source, Clock]],
+) -> None:
+    f, source, clock = make()
+
+    async def as_request(name: str) -> str:
+        request.set(name)
+        return await f("k")  # type: ignore[no-any-return]
+
+    assert await asyncio.create_task(as_request("first")) == "k@0"
+    clock.now = 6
+    assert await asyncio.create_task(as_request("second")) == "k@0"
+    await settle()
+    assert source.contexts == ["first", "second"]
+
+
+async def test_refreshes_are_bounded_by_maxsize_and_wait_their_turn() -> None:
+    clock = Clock()
+    source = Source()
+    f = worker_queue(maxsize=1, cache={}, refresh_after=5, timer=clock)(source)
+    assert [await f(key) for key in ("a", "b", "c")] == ["a@0", "b@1", "c@2"]
+    clock.now = 6
+    source.gate = asyncio.Event()
+    assert [await f(key) for key in ("a", "b", "c")] == ["a@0", "b@1", "c@2"]
+    await settle()
+    assert source.calls == ["a", "b", "c", "a"]  # one refresh at a time
+    assert f.queue.computing == 1
+    assert f.queue.waiting == 2
+    source.gate.set()
+    await settle()
+    assert source.calls == ["a", "b", "c", "a", "b", "c"]
+    assert [await f(key) for key in ("a", "b", "c")] == ["a@3", "b@4", "c@5"]
+    assert f.queue.computing == f.queue.waiting == 0
+
+
+async def test_a_miss_joins_a_refresh_under_way_rather_than_computing_again() -> None:
+    clock = Clock()
+    source = Source()
+    cache: cachetools.TTLCache[Hashable, Any] = cachetools.TTLCache(10, ttl=6, timer=clock)
+    f = worker_queue(cache=cache, refresh_after=5, timer=clock)(source)
+    assert await f("k") == "k@0"
+    clock.now = 5.5
+    source.gate = asyncio.Event()
+    source.started.clear()
+    assert await f("k") == "k@0"
+    await bounded(source.started.wait())
+    clock.now = 6  # the entry expires while the refresh runs
+    late = asyncio.create_task(f("k"))
+    await settle()
+    source.gate.set()
+    assert await bounded(late) == "k@1"
+    assert source.calls == ["k", "k"]
+    assert f.cache_info().joined == 1
+
+
+async def test_a_failed_refresh_keeps_the_old_value_and_is_tried_again_after_the_backoff(
+    make: Callable[..., tuple[Any, Source, Clock]], caplog: pytest.LogCaptureFixture
+) -> None:
+    f, source, clock = make(refresh_backoff=2)
+    assert await f("k") == "k@0"
+    clock.now = 5
+    source.error = OSError("source down")
+    with caplog.at_level(logging.WARNING, logger="wq_memo"):
+        assert await f("k") == "k@0"
+        await settle()
+    assert source.calls == ["k", "k"]
+    [record] = [r for r in caplog.records if r.name == "wq_memo"]
+    assert record.levelno == logging.WARNING
+    assert "refreshing" in record.getMessage()
+    assert isinstance(record.exc_info and record.exc_info[1], OSError)
+    clock.now = 6.9  # within the back-off: served, not retried
+    assert await f("k") == "k@0"
+    await settle()
+    assert source.calls == ["k", "k"]
+    clock.now = 7  # after it: retried
+    source.error = None
+    assert await f("k") == "k@0"
+    await settle()
+    assert await f("k") == "k@2"
+    info = f.cache_info()
+    assert (info.refreshes, info.refresh_failures) == (2, 1)
+
+
+async def test_a_failed_refresh_never_outlives_the_ttl() -> None:
+    clock = Clock()
+    source = Source()
+    cache: cachetools.TTLCache[Hashable, Any] = cachetools.TTLCache(10, ttl=8, timer=clock)
+    f = worker_queue(cache=cache, refresh_after=5, timer=clock)(source)
+    assert await f("k") == "k@0"
+    source.error = OSError("down")
+    clock.now = 5
+    assert await f("k") == "k@0"
+    await settle()
+    clock.now = 8  # expired: a miss, whose caller gets the error
+    with pytest.raises(OSError, match="down"):
+        await bounded(f("k"))
+
+
+async def test_an_invalidation_during_a_refresh_wins(
+    make: Callable[..., tuple[Any, Source, Clock]],
+) -> None:
+    f, source, clock = make()
+    assert await f("k") == "k@0"
+    clock.now = 5
+    source.gate = asyncio.Event()
+    source.started.clear()
+    assert await f("k") == "k@0"
+    await bounded(source.started.wait())
+    assert f.cache_invalidate("k") is True
+    source.gate.set()
+    await settle()
+    assert f.cache_peek("k") is MISSING  # the refresh's result was not stored
+    assert await f("k") == "k@2"
+
+
+async def test_refresh_after_must_be_below_the_ttl() -> None:
+    async def g(x: int) -> int:
+        return x
+
+    with pytest.raises(ValueError, match="below the cache's ttl=10"):
+        worker_queue(cache=cachetools.TTLCache(10, ttl=10), refresh_after=10)(g)
+    with pytest.raises(ValueError, match="jitter"):
+        worker_queue(cache=cachetools.TTLCache(10, ttl=10), refresh_after=8, jitter=0.3)(g)
+    worker_queue(cache=cachetools.TTLCache(10, ttl=10), refresh_after=8, jitter=0.2)(g)
+    for bad in (0, -1, float("nan"), True, "5"):
+        with pytest.raises(ValueError, match="refresh_after"):
+            worker_queue(cache={}, refresh_after=bad)(g)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="jitter"):
+        worker_queue(cache={}, refresh_after=1, jitter=1)(g)
+    with pytest.raises(ValueError, match="needs a cache"):
+        worker_queue(cache=None, refresh_after=1)(g)
+
+
+def test_jitter_spreads_due_times_and_is_deterministic_under_a_seed() -> None:
+    def due_times(seed: int) -> list[float]:
+        clock = Clock()
+
+        async def g(x: int) -> int:
+            return x
+
+        random.seed(seed)
+        f = worker_queue(cache={}, refresh_after=10, jitter=0.2, timer=clock)(g)
+
+        async def fill() -> None:
+            for x in range(200):
+                await f(x)
+
+        asyncio.run(fill())
+        return list(_due(f).values())
+
+    first, again, other = due_times(1), due_times(1), due_times(2)
+    assert first == again
+    assert first != other
+    assert all(8 <= d <= 12 for d in first)
+    assert max(first) - min(first) > 3  # spread over most of the ±20%
+
+
+def _due(f: Any) -> dict[Hashable, float]:
+    """The due times a memoized function keeps (internal, for the jitter test)."""
+    due: dict[Hashable, float] = f._refresher.due
+    return due
+
+
+class MemoryCache:
+    """An AsyncCache in memory."""
+
+    def __init__(self) -> None:
+        self.data: dict[Hashable, Any] = {}
+
+    async def get(self, key: Hashable) -> Any:
+        await asyncio.sleep(0)
+        return self.data.get(key, MISSING)
+
+    async def set(self, key: Hashable, value: Any, ttl: float | None = None) -> None:
+        self.data[key] = value
+
+    async def delete(self, key: Hashable) -> bool:
+        return self.data.pop(key, MISSING) is not MISSING
+
+    async def clear(self) -> None:
+        self.data.clear()
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_refresh_ahead_with_an_async_cache() -> None:
+    clock = Clock()
+    source = Source()
+    f = worker_queue(cache=MemoryCache(), refresh_after=5, timer=clock, name="src")(source)
+    assert await f("k") == "k@0"
+    clock.now = 5
+    assert await f("k") == "k@0"
+    await settle()
+    assert await f("k") == "k@1"
+    assert f.cache_info().refreshes == 1
+
+
+# -- per-call controls ----------------------------------------------------------------------------
+
+
+async def test_refresh_computes_now_stores_and_joins_one_under_way() -> None:
+    source = Source()
+    cache: dict[Hashable, Any] = {}
+    f = worker_queue(cache=cache)(source)
+    assert await f("k") == "k@0"
+    assert await f.refresh("k") == "k@1"  # computed although cached
+    assert cache[("k",)] == "k@1"
+    source.gate = asyncio.Event()
+    first = asyncio.create_task(f.refresh("k"))
+    await bounded(source.started.wait())
+    second = asyncio.create_task(f.refresh("k"))
+    await settle()
+    source.gate.set()
+    assert await bounded(asyncio.gather(first, second)) == ["k@2", "k@2"]
+    assert source.calls == ["k", "k", "k"]
+
+
+async def test_prime_and_peek() -> None:
+    source = Source()
+    cache: cachetools.LRUCache[Hashable, Any] = cachetools.LRUCache(2)
+    f = worker_queue(cache=cache)(source)
+    f.cache_prime("primed", "a")
+    assert await f("a") == "primed"
+    assert source.calls == []
+    await f("b")
+    before = f.cache_info()
+    assert f.cache_peek("a") == "primed"
+    assert f.cache_peek("zzz") is MISSING
+    assert f.cache_info() == before  # peeking is not a call
+    await f("c")  # evicts the least recently used entry: "a" (the peek did not touch it)
+    assert f.cache_peek("a") is MISSING
+    assert f.cache_peek("b") == "b@0"
+    await f.acache_prime("again", "a")
+    assert await f.acache_peek("a") == "again"
+
+
+async def test_priming_forgets_a_computation_under_way() -> None:
+    source = Source()
+    source.gate = asyncio.Event()
+    cache: dict[Hashable, Any] = {}
+    f = worker_queue(cache=cache)(source)
+    early = asyncio.create_task(f("k"))  # it will return k@0
+    await bounded(source.started.wait())
+    f.cache_prime("primed", "k")
+    assert await f("k") == "primed"
+    source.gate.set()
+    assert await bounded(early) == "k@0"  # joined before: its own result
+    assert cache == {("k",): "primed"}  # which did not overwrite the primed value
+
+
+async def test_controls_of_an_async_cache_are_async() -> None:
+    f = worker_queue(cache=MemoryCache(), name="src-controls")(Source())
+    with pytest.raises(TypeError, match="acache_prime"):
+        f.cache_prime("v", "k")
+    with pytest.raises(TypeError, match="acache_peek"):
+        f.cache_peek("k")
+    assert await f.acache_peek("k") is MISSING
+    await f.acache_prime("v", "k")
+    assert await f.acache_peek("k") == "v"
+    assert await f("k") == "v"
+    assert await f.refresh("k") == "k@0"
+    assert await f.acache_peek("k") == "k@0"
+
+
+class Repo:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    @worker_queue(cache={})
+    async def fetch(self, x: int) -> str:
+        return f"{self.name}:{x}"
+
+
+async def test_controls_on_bound_methods() -> None:
+    a, b = Repo("a"), Repo("b")
+    a.fetch.cache_prime("primed-a", 1)
+    assert await a.fetch(1) == "primed-a"
+    assert await b.fetch(1) == "b:1"
+    assert a.fetch.cache_peek(1) == "primed-a"
+    assert b.fetch.cache_peek(1) == "b:1"
+    assert await a.fetch.refresh(1) == "a:1"
+    assert await a.fetch.acache_peek(1) == "a:1"
+    await b.fetch.acache_prime("primed-b", 2)
+    assert await b.fetch(2) == "primed-b"
+
+
+def test_cache_info_has_the_refresh_counters_with_defaults() -> None:
+    info = CacheInfo(1, 2, 3, None, 0)
+    assert (info.refreshes, info.refresh_failures) == (0, 0)

@@ -1,0 +1,237 @@
+"""Model-based test of refresh-ahead: a TTLCache on a fake clock, computations held by gates,
+calls, clock advances, failures and invalidations, against a model of entries and due times.
+
+Invariants:
+- no call waits for a computation while its key has a live entry: it gets that entry at once;
+- at most one computation (call or refresh) of a key is in flight, forgotten ones aside;
+- a failed refresh never reaches a caller that found the entry, and never removes the entry;
+- invalidation wins: a computation under way when its key is invalidated stores nothing;
+- the cache holds exactly the model's live entries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from typing import Any
+
+import cachetools
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
+
+from wq_memo import Memoized, worker_queue
+
+from ._machinery import FastForwardLoop
+
+KEYS = ("a", "b", "c")
+REFRESH_AFTER = 5.0
+BACKOFF = 2.0
+TTL = 8.0
+
+
+class RefreshFailed(Exception):
+    """The failure of one computation."""
+
+
+@dataclass(eq=False)
+class Comp:
+    id: int
+    key: str
+    refresh: bool
+    """Started while its key had a live entry: a background refresh."""
+    gate: asyncio.Event = field(default_factory=asyncio.Event)
+    fail: bool = False
+    forgotten: bool = False
+    done: bool = False
+
+
+@dataclass(eq=False)
+class Call:
+    id: int
+    key: str
+    task: asyncio.Task[Any]
+    hit: object | None
+    """The value of the live entry the call found (None: it found none and may wait)."""
+    checked: bool = False
+
+
+class RefreshMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.loop = FastForwardLoop()
+        self.now = 0.0
+        self.comps: list[Comp] = []
+        self.calls: list[Call] = []
+        self.entries: dict[str, tuple[object, float]] = {}
+        """key -> (value, written at), the model's cache."""
+        self.due: dict[str, float] = {}
+        self.violations: list[str] = []
+
+    @initialize(maxsize=st.integers(1, 2))
+    def decorate(self, maxsize: int) -> None:
+        self.maxsize = maxsize
+        self.cache: cachetools.TTLCache[Hashable, Any] = cachetools.TTLCache(
+            100, ttl=TTL, timer=lambda: self.now
+        )
+
+        @worker_queue(
+            maxsize=maxsize,
+            cache=self.cache,
+            refresh_after=REFRESH_AFTER,
+            refresh_backoff=BACKOFF,
+        )
+        async def f(key: str) -> object:
+            return await self.work(key)
+
+        self.f: Memoized[[str], object] = f
+
+    # -- the model ------------------------------------------------------------------------------
+
+    def live(self, key: str) -> object | None:
+        entry = self.entries.get(key)
+        if entry is None or self.now >= entry[1] + TTL:
+            return None
+        return entry[0]
+
+    def active(self, key: str | None = None) -> list[Comp]:
+        return [c for c in self.comps if not c.done and (key is None or c.key == key)]
+
+    async def work(self, key: str) -> object:
+        comp = Comp(len(self.comps), key, refresh=self.live(key) is not None)
+        if any(not c.forgotten for c in self.active(key)):
+            self.violations.append(f"{key!r} computed twice at once (#{comp.id})")
+        self.comps.append(comp)
+        await comp.gate.wait()
+        comp.done = True
+        if comp.fail:
+            if comp.refresh and not comp.forgotten:
+                self.due[key] = self.now + BACKOFF
+            raise RefreshFailed(f"#{comp.id}")
+        value = f"value #{comp.id}"
+        if not comp.forgotten:
+            self.entries[key] = (value, self.now)
+            self.due[key] = self.now + REFRESH_AFTER
+        return value
+
+    def drive(self) -> None:
+        loop = self.loop
+        for _ in range(1000):
+            loop.call_soon(loop.stop)
+            loop.run_forever()
+            if not loop._ready:  # type: ignore[attr-defined]
+                break
+        else:
+            raise AssertionError("the event loop never became idle")
+        for call in self.calls:
+            if call.checked or not call.task.done():
+                continue
+            call.checked = True
+            if call.hit is not None:
+                assert call.task.result() is call.hit or call.task.result() == call.hit, (
+                    f"call #{call.id} found {call.hit!r} but got {call.task.result()!r}"
+                )
+
+    # -- rules ----------------------------------------------------------------------------------
+
+    @rule(batch=st.lists(st.sampled_from(KEYS), min_size=1, max_size=4))
+    def call(self, batch: list[str]) -> None:
+        new = []
+        refreshing = set()
+        for key in batch:
+            hit = self.live(key)
+            if hit is not None and self.now >= self.due.get(key, float("inf")):
+                self.due[key] = self.now + BACKOFF  # a refresh starts (or one is under way)
+                refreshing.add(key)
+            task = self.loop.create_task(self.f(key))
+            call = Call(len(self.calls), key, task, hit)
+            self.calls.append(call)
+            new.append(call)
+        self.drive()
+        for call in new:
+            if call.hit is not None:
+                assert call.task.done(), (
+                    f"call #{call.id} of {call.key!r} waits although its entry is live"
+                )
+        table = self.f.queue._table
+        for key in refreshing:
+            assert table is not None and (key,) in table.flights, (
+                f"{key!r} was due, yet no refresh of it is under way or in line"
+            )
+
+    @precondition(lambda self: self.active())
+    @rule(pick=st.integers(0, 5), fail=st.booleans())
+    def release(self, pick: int, fail: bool) -> None:
+        comps = self.active()
+        comp = comps[pick % len(comps)]
+        before = self.live(comp.key)
+        comp.fail = fail
+        comp.gate.set()
+        self.drive()
+        if fail and comp.refresh and before is not None:
+            assert self.live(comp.key) is before, "a failed refresh removed or replaced the entry"
+
+    @rule(seconds=st.sampled_from([1.0, 2.0, 3.0, 5.0]))
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+        for key in list(self.entries):
+            if self.live(key) is None:
+                del self.entries[key]
+
+    @rule(key=st.sampled_from(KEYS))
+    def invalidate(self, key: str) -> None:
+        for comp in self.active(key):
+            comp.forgotten = True
+        removed = self.f.cache_invalidate(key)
+        assert removed == (self.live(key) is not None)
+        self.entries.pop(key, None)
+        self.due.pop(key, None)
+
+    # -- invariants -----------------------------------------------------------------------------
+
+    @invariant()
+    def nothing_seen_by_the_worker(self) -> None:
+        assert not self.violations, self.violations
+
+    @invariant()
+    def the_cache_holds_the_live_entries(self) -> None:
+        if not hasattr(self, "cache"):
+            return
+        real = {}
+        for key in KEYS:
+            with contextlib.suppress(KeyError):
+                real[key] = cachetools.Cache.__getitem__(self.cache, (key,))
+        expected = {key: v for key in KEYS if (v := self.live(key)) is not None}
+        real = {k: v for k, v in real.items() if (k,) in self.cache}  # expired ones aside
+        assert real == expected, f"cache holds {real}, model expects {expected}"
+
+    @invariant()
+    def callers_that_found_an_entry_never_see_a_failure(self) -> None:
+        for call in self.calls:
+            if call.hit is not None and call.task.done() and not call.task.cancelled():
+                assert call.task.exception() is None, (
+                    f"call #{call.id} found an entry yet got {call.task.exception()!r}"
+                )
+
+    def teardown(self) -> None:
+        for comp in self.comps:
+            comp.gate.set()
+        loop = self.loop
+        tasks = asyncio.all_tasks(loop)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+        loop.close()
+
+
+def test_refresh_machine() -> None:
+    run_state_machine_as_test(RefreshMachine)

@@ -162,8 +162,9 @@ class RefreshMachine(RuleBasedStateMachine):
                     f"call #{call.id} of {call.key!r} waits although its entry is live"
                 )
         table = self.f.queue._table
+        assert table is not None
         for key in refreshing:
-            assert table is not None and (key,) in table.flights, (
+            assert (key,) in table.flights, (
                 f"{key!r} was due, yet no refresh of it is under way or in line"
             )
 
@@ -230,6 +231,9 @@ class RefreshMachine(RuleBasedStateMachine):
             task.cancel()
         if tasks:
             loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+        for call in self.calls:  # failures callers got are retrieved here
+            if call.task.done() and not call.task.cancelled():
+                call.task.exception()
         loop.close()
 
 

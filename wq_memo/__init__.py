@@ -7,13 +7,16 @@
 from ._decorator import BoundMemoized, CacheInfo, Memoized, worker_queue
 from ._errors import QueueShutDown, ShutdownTimeout
 from ._queue import WorkerQueue
+from .backends._protocol import MISSING, Missing
 
 __version__ = "0.1.0"
 
 __all__ = (
+    "MISSING",
     "BoundMemoized",
     "CacheInfo",
     "Memoized",
+    "Missing",
     "QueueShutDown",
     "ShutdownTimeout",
     "WorkerQueue",

@@ -148,6 +148,46 @@ async def test_refreshes_are_bounded_by_maxsize_and_wait_their_turn() -> None:
     assert f.queue.computing == f.queue.waiting == 0
 
 
+async def test_a_miss_never_waits_behind_background_refreshes() -> None:
+    clock = Clock()
+    source = Source()
+    cache: cachetools.TTLCache[Hashable, Any] = cachetools.TTLCache(100, ttl=10, timer=clock)
+    f = worker_queue(maxsize=1, cache=cache, refresh_after=1)(source)
+    assert [await f("a"), await f("b")] == ["a@0", "b@1"]
+    clock.now = 2
+    source.gate = asyncio.Event()
+    assert [await f("a"), await f("b")] == ["a@0", "b@1"]  # a refreshes, b waits behind it
+    await settle()
+    assert source.calls == ["a", "b", "a"]
+    miss = asyncio.create_task(f("c"))
+    await settle()
+    assert f.queue.waiting == 2  # the miss, then the refresh of b
+    source.gate.set()
+    assert await bounded(miss) == "c@3"
+    await settle()
+    assert source.calls == ["a", "b", "a", "c", "b"]  # the miss went before b's refresh
+
+
+async def test_a_caller_that_joins_a_queued_refresh_takes_its_turn_among_callers() -> None:
+    clock = Clock()
+    source = Source()
+    cache: cachetools.TTLCache[Hashable, Any] = cachetools.TTLCache(100, ttl=3, timer=clock)
+    f = worker_queue(maxsize=1, cache=cache, refresh_after=1)(source)
+    assert [await f("a"), await f("b")] == ["a@0", "b@1"]
+    clock.now = 2
+    source.gate = asyncio.Event()
+    assert [await f("a"), await f("b")] == ["a@0", "b@1"]  # a refreshes, b's refresh waits
+    await settle()
+    clock.now = 3  # b expires: its caller joins the refresh still in line
+    late_b = asyncio.create_task(f("b"))
+    await settle()
+    late_c = asyncio.create_task(f("c"))
+    await settle()
+    source.gate.set()
+    assert await bounded(asyncio.gather(late_b, late_c)) == ["b@3", "c@4"]
+    assert source.calls == ["a", "b", "a", "b", "c"]
+
+
 async def test_a_miss_joins_a_refresh_under_way_rather_than_computing_again() -> None:
     clock = Clock()
     source = Source()

@@ -28,7 +28,7 @@ from ._flight import Flight
 from ._methods import InstanceKeys, MemoizedClassMethod, MemoizedMethod, MethodState
 from ._queue import WorkerQueue, is_async_callable
 from ._refresh import NEVER, Refresher, check_refresh_options
-from ._ttl_lookup import fast_lookup
+from ._ttl_lookup import fast_lookup, raw_timer
 from .backends._protocol import MISSING, AsyncCache, CallKey, Missing, SingleFlightCache
 
 __all__ = ("BoundMemoized", "CacheInfo", "Memoized", "worker_queue")
@@ -296,8 +296,10 @@ def _refresher(
         options.refresh_after, options.refresh_backoff, options.jitter, getattr(cache, "ttl", None)
     )
     clock = options.timer
+    if clock is None and isinstance(cache, MutableMapping):
+        clock = raw_timer(cache)  # a TTLCache's own clock, read without its wrapper
     if clock is None:
-        # A TTLCache's own timer, so that refreshes and expiry share one clock.
+        # A cache's own timer, so that refreshes and expiry share one clock.
         timer = getattr(cache, "timer", None)
         clock = timer if callable(timer) else time.monotonic
     elif not callable(clock):

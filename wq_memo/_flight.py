@@ -203,6 +203,7 @@ class FlightTable(Generic[K, R]):
         "_drained",
         "_forgotten",
         "_line",
+        "_refresh_line",
         "_slot_waiters",
         "_starting",
         "borrowed",
@@ -265,6 +266,8 @@ class FlightTable(Generic[K, R]):
         """Flights not yet finished, forgotten ones included."""
         self.closing = False
         self._line: deque[Flight[K, R]] = deque()
+        self._refresh_line: deque[Flight[K, R]] = deque()
+        """Background refreshes waiting for a slot: they get one only when no caller waits."""
         self._slot_waiters: deque[asyncio.Future[None]] = deque()
         self._forgotten: set[Flight[K, R]] = set()
         self._starting = False
@@ -330,15 +333,19 @@ class FlightTable(Generic[K, R]):
         return True
 
     def _enter(self, flight: Flight[K, R], parent: Flight[Any, Any] | None) -> None:
-        """Start a new flight, or put it in line."""
-        if self.slotless or (self.running < self.maxsize and not self._line):
+        """Start a new flight, or put it in line (a background refresh behind every caller)."""
+        if self.slotless or (
+            self.running < self.maxsize
+            and not self._line
+            and not (flight.background and self._refresh_line)
+        ):
             self._start(flight, False, borrowed=self.slotless)
         elif parent is not None and self._inside(parent):
             self._start(flight, False, borrowed=True)
         else:
             flight.status = _WAITING
             flight.context = contextvars.copy_context()
-            self._line.append(flight)
+            (self._refresh_line if flight.background else self._line).append(flight)
 
     def join(self, flight: Flight[K, R]) -> asyncio.Future[R]:
         """Return a future for flight's outcome (the caller joins it)."""
@@ -355,7 +362,7 @@ class FlightTable(Generic[K, R]):
             _awaits(parent, flight)
             if flight.status is _WAITING and self._inside(parent):
                 # Its callers' computations hold the slots it waits for: run it in theirs.
-                self._line.remove(flight)
+                self._take_from_line(flight)
                 self._start(flight, True, borrowed=True)
         outcome = flight.outcome
         if outcome is not None:  # delivered already (being stored, or ended in an eager step)
@@ -370,6 +377,10 @@ class FlightTable(Generic[K, R]):
             return waiter
         if flight.status is _WAITING:
             flight.uncounted += 1
+            if flight.background and flight.uncounted == 1:
+                # A caller waits for it now (its entry expired): it takes its turn among callers.
+                self._refresh_line.remove(flight)
+                self._line.append(flight)
         else:
             self.counts.joined += 1
         if flight.joiners is None:
@@ -600,12 +611,18 @@ class FlightTable(Generic[K, R]):
             waiter.cancel()
         flight.waiter = flight.joiners = None
 
+    def _take_from_line(self, flight: Flight[K, R]) -> None:
+        if flight in self._refresh_line:
+            self._refresh_line.remove(flight)
+        else:
+            self._line.remove(flight)
+
     def _cancel_waiting(self) -> None:
-        line = self._line
-        while line:
-            flight = line.popleft()
-            self._cancel(flight)
-            self._finish(flight)
+        for line in (self._line, self._refresh_line):
+            while line:
+                flight = line.popleft()
+                self._cancel(flight)
+                self._finish(flight)
 
     def _finish(self, flight: Flight[K, R]) -> None:
         """Take flight out of the table, free its slot and start the next item in line."""
@@ -634,7 +651,7 @@ class FlightTable(Generic[K, R]):
     def _release_slot(self) -> None:
         """Give a freed slot to the first in line (an item, or a computation asking for one)."""
         self.running -= 1
-        if self._starting or not (self._line or self._slot_waiters):
+        if self._starting or not (self._line or self._slot_waiters or self._refresh_line):
             return  # nobody in line, or the loop below fills it (an eager task ended in it)
         if self.loop.is_closed():
             return  # destroyed with its loop: nothing can start now
@@ -654,6 +671,8 @@ class FlightTable(Generic[K, R]):
                     if not asking.done():
                         self.running += 1
                         asking.set_result(None)
+                elif self._refresh_line:
+                    self._start(self._refresh_line.popleft(), True)
                 else:
                     break
         finally:
@@ -707,6 +726,8 @@ class FlightTable(Generic[K, R]):
         for flight in [f for f in self._line if not f.wanted()]:
             self._line.remove(flight)
             self._drop(flight)
+        while self._refresh_line:  # nobody waits for them: they are dropped
+            self._drop(self._refresh_line.popleft())
         line = self._line
         while len(line) > self.maxsize:
             flight = line.pop()
@@ -736,6 +757,7 @@ class FlightTable(Generic[K, R]):
         tasks: list[asyncio.Task[None]] = []
         unfinished = [*self.flights.values(), *self._forgotten]
         self._line.clear()
+        self._refresh_line.clear()
         for flight in unfinished:
             if flight.status is _WAITING:  # accepted, never started: its callers get an outcome
                 self._count(flight)

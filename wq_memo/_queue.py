@@ -178,7 +178,13 @@ class WorkerQueue(Generic[T, R]):
     def waiting(self) -> int:
         """How many items wait in line for a slot (their callers wait for room or a slot)."""
         table = self._table
-        return 0 if table is None else len(table._line) + len(table._slot_waiters)
+        if table is None:
+            return 0
+        return (
+            sum(f.wanted() for f in table._line)
+            + len(table._refresh_line)
+            + sum(not w.done() for w in table._slot_waiters)
+        )
 
     @property
     def running(self) -> bool:

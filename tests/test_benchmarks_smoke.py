@@ -111,6 +111,18 @@ def test_chart_is_written_when_matplotlib_is_there(run: tuple[int, Path, dict[st
         assert (out / "growth.png").read_bytes().startswith(b"\x89PNG")
 
 
+def test_hit_path_sets_refresh_after_beside_the_plain_ttl_cache(
+    run: tuple[int, Path, dict[str, Any]],
+) -> None:
+    table = run[2]["tables"]["hit_path"]
+    names = [row[0] for row in table["rows"]]
+    plain, refreshing = "wq_memo (TTLCache)", "wq_memo (TTLCache, refresh_after)"
+    assert names.index(refreshing) == names.index(plain) + 1
+    figures = {f["what"] for f in table["figures"]}
+    assert f"hit, {refreshing} x {plain}" in figures
+    assert f"hit, {refreshing}: ns more than {plain}" in figures
+
+
 def test_refresh_ahead_reports_every_contender(run: tuple[int, Path, dict[str, Any]]) -> None:
     table = run[2]["tables"]["refresh_ahead"]
     assert [row[0] for row in table["rows"]] == [v.name for v in refresh_ahead.VARIANTS]

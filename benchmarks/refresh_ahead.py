@@ -71,6 +71,9 @@ class Source:
 
     finished: int = 0
     starts: list[float] = field(default_factory=list)
+    duplicates: list[float] = field(default_factory=list)
+    """When computations started while another of the same key was under way."""
+    running: dict[int, int] = field(default_factory=dict)
     written: dict[int, float] = field(default_factory=dict)
     """When each key's latest computation finished (its entry lives ttl from about then)."""
     active: int = 0
@@ -82,13 +85,19 @@ class Source:
         self.idle.set()
 
     async def fetch(self, key: int) -> int:
-        self.starts.append(clock())
+        now = clock()
+        self.starts.append(now)
+        same = self.running.get(key, 0)
+        if same:
+            self.duplicates.append(now)
+        self.running[key] = same + 1
         self.active += 1
         self.peak = max(self.peak, self.active)
         self.idle.clear()
         try:
             await asyncio.sleep(WORK)
         finally:
+            self.running[key] -= 1
             self.active -= 1
             if not self.active:
                 self.idle.set()
@@ -184,6 +193,8 @@ class Result:
     issue_seconds: float = 0.0
     """From the first measured call's start to the last one's, summed over runs."""
     computations: int = 0
+    duplicates: int = 0
+    """Computations started while another of the same key was under way."""
     peak: int = 0
     """The most computations under way at once after warm-up."""
     info: dict[str, int] = field(default_factory=dict)
@@ -247,7 +258,9 @@ async def run_once(variant: Variant, keys: Sequence[int], warm_up: float, result
     result.calls += len(measured)
     if len(measured) > 1:
         result.issue_seconds += starts[n - 1] - starts[first]
-    result.computations += sum(1 for t in source.starts if t >= begin + first / RATE)
+    measured_from = begin + first / RATE
+    result.computations += sum(1 for t in source.starts if t >= measured_from)
+    result.duplicates += sum(1 for t in source.duplicates if t >= measured_from)
     if first < n:
         result.peak = max(result.peak, source.peak)
 
@@ -286,6 +299,7 @@ async def refresh_ahead(config: Config) -> Table:
             "max (ms)",
             "p99 at once (ms)",
             "computations",
+            "duplicates",
             "most at once",
             "calls/s",
             "late p99 (ms)",
@@ -325,6 +339,7 @@ async def refresh_ahead(config: Config) -> Table:
             ms(max(lat, default=math.nan)),
             ms(at_once),
             f"{res.computations:,}",
+            f"{res.duplicates:,}",
             f"{res.peak:,}",
             f"{res.rate:,.0f}",
             ms(late),
@@ -338,6 +353,7 @@ async def refresh_ahead(config: Config) -> Table:
             "max_seconds": max(lat, default=math.nan),
             "p99_served_at_once_seconds": at_once,
             "computations": res.computations,
+            "duplicate_computations": res.duplicates,
             "most_at_once": res.peak,
             "calls_per_second": res.rate,
             "late_p99_seconds": late,
@@ -374,12 +390,18 @@ async def refresh_ahead(config: Config) -> Table:
     )
     table.notes.append(
         f"wq_memo runs with maxsize={MAXSIZE}, one slot per hot key (the peers have no bound); "
-        "computations and most at once: after warm-up"
+        "computations, duplicates (computations started while another of the same key was "
+        "under way) and most at once (computations under way): after warm-up; with the default "
+        f"maxsize=3, at most {3 / WORK:.0f} computations of {WORK * 1e3:g} ms end per second, "
+        "fewer than this load needs, and refreshes and misses would queue for slots"
     )
     if EARLY not in missing:
         table.notes.append(
             "cashews runs every call in a task of its own (its protected=True default), "
-            "so each of its hits takes a turn of the event loop"
+            "so each of its hits takes a turn of the event loop; a caller that finds the entry "
+            "expired while its early recomputation is under way computes the key again, and "
+            "the calls that join that caller wait even once the recomputation has stored a "
+            "fresh entry (its duplicates, and its waits with the entry live)"
         )
     return table
 

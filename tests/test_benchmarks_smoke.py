@@ -131,6 +131,8 @@ def test_refresh_ahead_reports_every_contender(run: tuple[int, Path, dict[str, A
     for name, figures in contenders.items():
         assert figures["calls"] == measured, name
         assert 0 <= figures["waited_on_live_entry"] <= figures["waited"] <= measured, name
+        if name.startswith("wq_memo"):
+            assert figures["duplicate_computations"] == 0, name
     assert contenders[refresh_ahead.HIT]["waited_on_live_entry"] == 0
     assert [t["what"] for t in table["targets"]] == [
         "refresh-ahead: calls that waited after warm-up",

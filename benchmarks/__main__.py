@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from . import bursts, features, growth, head_of_line, hit_path, memory, ttl_lookup
+from . import bursts, features, growth, head_of_line, hit_path, memory, refresh_ahead, ttl_lookup
 from ._harness import Config, Table, cpu_model, load_average
 from .contenders import versions
 
@@ -41,6 +41,7 @@ SCENARIOS: dict[str, Callable[[Config], Awaitable[Table]]] = {
     "hit_growth": growth.hit_growth,
     "stampede_growth": growth.stampede_growth,
     "features": features.features,
+    "refresh_ahead": refresh_ahead.refresh_ahead,
 }
 """The scenarios measured in this process, in the order they run; each returns a Table."""
 

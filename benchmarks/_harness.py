@@ -42,6 +42,12 @@ class Config:
     """Head-of-line: how long the one slow item takes, in seconds."""
     hol_fast: float = 0.010
     """Head-of-line: how long each of the twelve quick items takes."""
+    refresh_seconds: float = 5.0
+    """Refresh-ahead: how long each run of each contender lasts, warm-up included."""
+    refresh_rounds: int = 2
+    """Refresh-ahead: runs per contender, interleaved."""
+    refresh_warm_up: float = 1.0
+    """Refresh-ahead: the first seconds of each run, left out of the figures."""
 
     @classmethod
     def full(cls) -> Config:
@@ -70,6 +76,8 @@ class Config:
             growth_callers=(100, 2_000),
             growth_rounds=2,
             hol_slow=0.3,
+            refresh_seconds=1.5,
+            refresh_rounds=1,
         )
 
     def scaled(self, **changes: Any) -> Config:

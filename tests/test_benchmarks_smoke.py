@@ -18,7 +18,7 @@ import cachetools
 import pytest
 
 from benchmarks import __main__ as bench
-from benchmarks import bursts, matrix
+from benchmarks import bursts, matrix, refresh_ahead
 from benchmarks._harness import Config, Table, Target
 from benchmarks.contenders import PEERS, WQ_MEMO, Contender, Setup
 
@@ -33,6 +33,9 @@ TINY = Config.quick_run().scaled(
     growth_rounds=1,
     hol_slow=0.05,
     hol_fast=0.002,
+    refresh_seconds=0.4,
+    refresh_warm_up=0.1,
+    refresh_rounds=1,
 )
 
 MISSING_PEER = Contender(
@@ -106,6 +109,64 @@ def test_chart_is_written_when_matplotlib_is_there(run: tuple[int, Path, dict[st
         assert any("matplotlib is not installed" in note for note in results["notes"])
     else:
         assert (out / "growth.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_hit_path_sets_refresh_after_beside_the_plain_ttl_cache(
+    run: tuple[int, Path, dict[str, Any]],
+) -> None:
+    table = run[2]["tables"]["hit_path"]
+    names = [row[0] for row in table["rows"]]
+    plain, refreshing = "wq_memo (TTLCache)", "wq_memo (TTLCache, refresh_after)"
+    assert names.index(refreshing) == names.index(plain) + 1
+    figures = {f["what"] for f in table["figures"]}
+    assert f"hit, {refreshing} x {plain}" in figures
+    assert f"hit, {refreshing}: ns more than {plain}" in figures
+
+
+def test_refresh_ahead_reports_every_contender(run: tuple[int, Path, dict[str, Any]]) -> None:
+    table = run[2]["tables"]["refresh_ahead"]
+    assert [row[0] for row in table["rows"]] == [v.name for v in refresh_ahead.VARIANTS]
+    contenders = table["data"]["contenders"]
+    measured = round((TINY.refresh_seconds - TINY.refresh_warm_up) * refresh_ahead.RATE)
+    for name, figures in contenders.items():
+        assert figures["calls"] == measured, name
+        assert 0 <= figures["waited_on_live_entry"] <= figures["waited"] <= measured, name
+        if name.startswith("wq_memo"):
+            assert figures["duplicate_computations"] == 0, name
+    assert contenders[refresh_ahead.HIT]["waited_on_live_entry"] == 0
+    assert [t["what"] for t in table["targets"]] == [
+        "refresh-ahead: calls that waited after warm-up",
+        "refresh-ahead: calls that waited on a live entry",
+        "refresh-ahead: p99 latency x every call a hit (same load)",
+    ]
+
+
+def _run_one_key(variant: refresh_ahead.Variant, seconds: float) -> refresh_ahead.Result:
+    result = refresh_ahead.Result()
+    keys = [0] * round(seconds * refresh_ahead.RATE)
+    asyncio.run(refresh_ahead.run_once(variant, keys, 0.07, result))
+    return result
+
+
+def test_refresh_ahead_counts_the_calls_that_waited_for_an_expired_entry() -> None:
+    expiring = refresh_ahead.Variant("ttl 0.1 s", refresh_ahead.wq_memo_over(0.1), ttl=0.1)
+    result = _run_one_key(expiring, 0.4)
+    assert result.calls == 330
+    assert result.waited > 0  # the entry expired at least once after warm-up
+    assert result.waited_live == 0
+    assert result.computations >= 1
+    assert result.info["refreshes"] == 0
+
+
+def test_refresh_ahead_refreshes_without_making_callers_wait() -> None:
+    refreshed = refresh_ahead.Variant(
+        "refresh_after 0.1 s", refresh_ahead.wq_memo_over(1.0, refresh_after=0.1)
+    )
+    result = _run_one_key(refreshed, 0.4)
+    assert result.waited == 0  # the first computation ended within the warm-up
+    assert result.computations >= 1
+    assert result.info["refreshes"] == result.computations
+    assert len(result.latencies) == len(result.at_once) == result.calls
 
 
 def test_a_peer_that_does_not_import_is_shown_not_skipped(

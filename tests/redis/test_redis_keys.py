@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from wq_memo.backends import CallKey
-from wq_memo.backends._redis_keys import encode_key, key_names, value_pattern
+from wq_memo.backends._redis_keys import Namespace, encode_key, key_names
 
 
 class _SameRepr:
@@ -126,14 +126,15 @@ def test_names_separate_functions_and_namespaces() -> None:
     b = key_names("ns", CallKey("m.g", (1,)))
     c = key_names("other", CallKey("m.f", (1,)))
     assert len({a.value, b.value, c.value}) == 3
-    assert a.value.startswith("ns:v:m.f:")
-    assert a.lock.startswith("ns:l:m.f:")
-    assert a.channel.startswith("ns:c:m.f:")
+    assert a.value.startswith(b"ns:v:m.f:")
+    assert a.lock.startswith(b"ns:l:m.f:")
+    assert a.channel.startswith(b"ns:c:m.f:")
+    assert a.marker == b"ns:u:m.f"
     assert key_names("ns", CallKey("m.f", (1,))) == a
 
 
-def test_value_pattern_escapes_glob_characters() -> None:
-    assert value_pattern("a*b?[c]\\") == "a\\*b\\?\\[c\\]\\\\:v:*"
+def test_pattern_escapes_glob_characters() -> None:
+    assert Namespace("a*b?[c]\\").pattern() == b"a\\*b\\?\\[c\\]\\\\:[vlu]:*"
 
 
 def _canon(obj: Any) -> Any:

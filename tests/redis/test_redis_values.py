@@ -10,7 +10,7 @@ import pytest
 from wq_memo.backends._redis_values import BadEntry, Unencodable, ValueCodec
 
 SECRET = b"k" * 32
-NAME = "ns:v:m.f:abc"
+NAME = b"ns:v:m.f:abc"
 UNPICKLED: list[str] = []
 
 
@@ -72,7 +72,7 @@ def test_tampered_entry_is_refused_and_never_unpickled() -> None:
     good = _signed_trap(codec)
     assert codec.loads(NAME, good) == "trap"
     UNPICKLED.clear()
-    body = good[4 + 32 :]
+    body = good[4 + 32 :]  # the expiry, then the pickle
     forged = good[:4] + bytes(32) + body
     flipped = good[:-1] + bytes([good[-1] ^ 1])
     for data in (forged, flipped, good[:20], good[:4]):
@@ -86,7 +86,7 @@ def test_entry_signed_with_another_secret_or_for_another_name_is_refused() -> No
     UNPICKLED.clear()
     with pytest.raises(BadEntry, match="signature"):
         ValueCodec(SECRET).loads(NAME, data)
-    moved = ValueCodec(SECRET).dumps("ns:v:m.f:other", _Trap())
+    moved = ValueCodec(SECRET).dumps(b"ns:v:m.f:other", _Trap())
     with pytest.raises(BadEntry, match="signature"):
         ValueCodec(SECRET).loads(NAME, moved)
     assert UNPICKLED == []

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from redis_server import RedisServer
+from redis_spawn import Procs
 
 if os.environ.get("CI") == "true":
     import redis.asyncio  # noqa: F401  # in CI the Redis tests must run, not skip
@@ -125,7 +126,16 @@ def own_redis(redis_url: str) -> Iterator[RedisServer]:
     if binary is None:
         _unavailable("redis-server is not installed (Debian: apt-get install redis-server)")
         raise AssertionError  # unreachable
-    server = RedisServer(binary)
+    # DEBUG SLEEP stalls the server in the fault tests (Redis 7 refuses DEBUG unless enabled).
+    server = RedisServer(binary, "--enable-debug-command", "yes")
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def procs() -> Iterator[Procs]:
+    """Spawned processes, ended (by pid) after the test."""
+    p = Procs()
+    yield p
+    p.end()

@@ -16,8 +16,9 @@ def free_port() -> int:
 class RedisServer:
     """A redis-server of the test's own on a spare 127.0.0.1 port, ended by its pid."""
 
-    def __init__(self, binary: str) -> None:
+    def __init__(self, binary: str, *extra: str) -> None:
         self.binary = binary
+        self.extra = extra
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -26,6 +27,7 @@ class RedisServer:
         import redis
 
         args = ["--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no"]
+        args += self.extra
         self.proc = subprocess.Popen(
             [self.binary, *args],
             stdout=subprocess.DEVNULL,

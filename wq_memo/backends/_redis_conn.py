@@ -29,6 +29,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Final, TypeVar
 
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.connection import parse_url
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -191,14 +192,19 @@ class Connector:
             link = Link(self._given, loop, self.max_connections, owned=False)
         else:
             assert self._url is not None
-            pool = BlockingConnectionPool.from_url(
-                self._url,
-                max_connections=self.max_connections + 2,
-                timeout=None,
+            # The URL's own settings go first, then ours over them: a URL's max_connections or
+            # timeout= (the pool's wait for a connection) must not lift the bound.
+            options: dict[str, Any] = dict(parse_url(self._url))
+            for lifted in ("max_connections", "timeout", "connection_pool_class"):
+                options.pop(lifted, None)
+            options.update(
                 socket_timeout=self.timeout,
                 socket_connect_timeout=self.timeout,
                 retry=Retry(NoBackoff(), 0),
                 decode_responses=False,
+            )
+            pool = BlockingConnectionPool(
+                max_connections=self.max_connections + 2, timeout=None, **options
             )
             link = Link(Redis(connection_pool=pool), loop, self.max_connections, owned=True)
         self._link = link
@@ -361,11 +367,13 @@ class Connector:
         task.add_done_callback(self._background.discard)
 
     async def _check_subscriber(self, sub: Subscriber) -> None:
+        asked = asyncio.get_running_loop().time()
         try:
             await self.call("PING", lambda link: link.client.ping(), urgent=True)
         except Unavailable:
             return  # Redis itself stalls; the subscriber may well recover with it
-        sub.kill()
+        if sub.heard < asked:
+            sub.kill()  # Redis answers, but not on the subscriber's connection
 
     # -- closing -----------------------------------------------------------------------------
 

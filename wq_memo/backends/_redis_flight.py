@@ -327,12 +327,11 @@ class Flight:
             watch, ready = sub.watch(names.channel)
             taken: float | None = None
             try:
-                if not ready.done():
-                    await asyncio.wait([ready], timeout=self._conn.timeout)
-                if not ready.done():
+                confirmed = await sub.subscribed(ready, self._conn.timeout)
+                if confirmed is None:
                     self._conn.subscription_timed_out(sub)
                     return await self._alone(compute, "fallbacks")
-                if not ready.result():
+                if not confirmed:
                     continue  # the subscriber died: watch through a new one
                 # Subscribed first, then looked: an announcement cannot slip in between.
                 while True:

@@ -76,6 +76,7 @@ class Subscriber:
         "_sender",
         "_wake",
         "dead",
+        "heard",
     )
 
     def __init__(self, pubsub: Any, on_error: Callable[[str, BaseException], None]) -> None:
@@ -87,6 +88,8 @@ class Subscriber:
         self._reader: asyncio.Task[None] | None = None
         self._closing: asyncio.Task[None] | None = None
         self.dead = False
+        self.heard = asyncio.get_running_loop().time()
+        """When the connection last delivered something (loop time): a busy reader is alive."""
         self._sender: asyncio.Task[None] | None = asyncio.get_running_loop().create_task(
             self._send()
         )
@@ -95,6 +98,19 @@ class Subscriber:
     def channels(self) -> int:
         """How many channels have watchers or unconfirmed subscriptions (for the tests)."""
         return len(self._channels)
+
+    async def subscribed(self, ready: asyncio.Future[bool], seconds: float) -> bool | None:
+        """Wait for a subscription's confirmation: True once in place, False if the subscriber
+        died, None if the connection delivered nothing at all for seconds (Redis stalls, or the
+        connection is dead). While the connection delivers, however slowly, this waits on."""
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        while not ready.done():
+            quiet_since = max(self.heard, start)
+            await asyncio.wait([ready], timeout=max(0.0, quiet_since + seconds - loop.time()))
+            if not ready.done() and loop.time() - max(self.heard, start) >= seconds:
+                return None
+        return ready.result()
 
     def watch(self, channel: bytes) -> tuple[Watch, asyncio.Future[bool]]:
         """Start watching channel; the future resolves to True once the subscription is in
@@ -165,11 +181,13 @@ class Subscriber:
         """Hand every message to the watchers of its channel; resolve confirmations."""
         pubsub = self._pubsub
         channels = self._channels
+        loop = asyncio.get_running_loop()
         try:
             while not self.dead:
                 message = await pubsub.get_message(timeout=_READ_PERIOD)
                 if message is None:
                     continue
+                self.heard = loop.time()
                 kind = message.get("type")
                 if isinstance(kind, bytes):
                     kind = kind.decode()

@@ -222,3 +222,35 @@ def stall_caller(
         return
     wrong, slowest, computed, stats = asyncio.run(main())
     messages.put(("done", os.getpid(), wrong, slowest, computed, stats))
+
+
+def uncacheable_rounds(
+    url: str, namespace: str, seconds: float, rounds: list[Any], messages: Any
+) -> None:
+    """Per round, once its event is set: one call of a function whose results JSON cannot
+    hold (a tuple), on the round's own key; report how long it took."""
+    from wq_memo.backends.redis import RedisCache
+
+    async def one(cache: RedisCache, n: int) -> tuple[float, int]:
+        computed = 0
+
+        async def pair() -> tuple[int, int]:
+            nonlocal computed
+            computed += 1
+            await asyncio.sleep(seconds)
+            return (n, os.getpid())
+
+        started = time.monotonic()
+        value = await cache.get_or_compute(CallKey("tests.pair", (n,)), pair)
+        assert value[0] == n
+        return time.monotonic() - started, computed
+
+    cache = RedisCache(url, namespace=namespace)
+    messages.put(("ready", os.getpid()))
+    for n, go in enumerate(rounds):
+        if not go.wait(60):
+            messages.put(("timeout", os.getpid()))
+            return
+        took, computed = asyncio.run(one(cache, n))
+        messages.put(("round", os.getpid(), n, took, computed))
+    asyncio.run(cache.aclose())

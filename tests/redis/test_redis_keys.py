@@ -95,6 +95,29 @@ def test_unencodable_key_raises_type_error_that_says_what_to_do(key: Any) -> Non
         encode_key(key)
 
 
+def test_ints_are_encoded_whatever_their_length() -> None:
+    keys: list[Hashable] = [10**10_000, -(10**10_000), 10**10_000 + 1, 0, -1, 255, -256, 2**63]
+    assert len({encode_key(k) for k in keys}) == len(keys)
+    assert encode_key(10**10_000) != encode_key(str(10**100))
+
+
+def test_a_call_key_whose_function_is_not_a_str_is_refused() -> None:
+    with pytest.raises(TypeError, match="function must be a str"):
+        key_names("ns", CallKey(1, ()))  # type: ignore[arg-type]
+
+
+def test_namespaces_never_share_a_prefix() -> None:
+    from wq_memo.backends._redis_keys import Namespace
+
+    names = ["X", "X:", "X:v", "X:v:sub", "X::v", "X:l:", "X*", "X?"]
+    prefixes = [Namespace(n).prefix for n in names]
+    for a, name_a in zip(prefixes, names, strict=True):
+        for kind in (b"v", b"l", b"u"):
+            own = a + b":" + kind + b":"
+            others = [b for b, name_b in zip(prefixes, names, strict=True) if name_b != name_a]
+            assert not any((b + b":" + kind + b":").startswith(own) for b in others)
+
+
 def test_subclass_of_a_scalar_is_refused() -> None:
     class Flag(int):
         pass
@@ -153,6 +176,7 @@ _scalars = (
     st.none()
     | st.booleans()
     | st.integers(-(2**70), 2**70)
+    | st.integers(-(10**5000), 10**5000)
     | st.floats(allow_nan=True, allow_infinity=True)
     | st.text(max_size=5)
     | st.binary(max_size=5)

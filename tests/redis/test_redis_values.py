@@ -109,3 +109,35 @@ def test_without_secret_signed_and_foreign_entries_are_refused() -> None:
         with pytest.raises(BadEntry):
             codec.loads(NAME, data)
     assert UNPICKLED == []
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_signed_entries_carry_their_expiry() -> None:
+    clock = Clock()
+    codec = ValueCodec(SECRET, clock)
+    data = codec.dumps(NAME, ("v",), ttl=10)
+    clock.now += 9.9
+    assert codec.loads(NAME, data) == ("v",)
+    clock.now += 0.1
+    with pytest.raises(BadEntry, match="expired"):
+        codec.loads(NAME, data)
+    forever = codec.dumps(NAME, "kept", ttl=None)
+    clock.now += 10**9
+    assert codec.loads(NAME, forever) == "kept"
+
+
+def test_entries_of_the_older_signed_format_are_refused_unread() -> None:
+    UNPICKLED.clear()
+    old = b"wq1p" + bytes(32) + pickle.dumps(_Trap())
+    with pytest.raises(BadEntry, match="older signed format"):
+        ValueCodec(SECRET).loads(NAME, old)
+    with pytest.raises(BadEntry, match="no secret"):
+        ValueCodec(None).loads(NAME, old)
+    assert UNPICKLED == []

@@ -147,6 +147,7 @@ class Connector:
         "max_connections",
         "retry_interval",
         "secrets",
+        "shown",
         "timeout",
     )
 
@@ -161,8 +162,11 @@ class Connector:
         counts: dict[str, int],
         label: str,
         secrets: Secrets,
+        shown: str,
     ) -> None:
         self._url = url
+        self.shown = shown
+        """Where Redis is, as logs may show it (without its password)."""
         self._given = given
         self.timeout = timeout
         self.retry_interval = retry_interval
@@ -293,18 +297,16 @@ class Connector:
 
     def _open(self, why: str) -> None:
         """Open the breaker: skip Redis for retry_interval seconds."""
-        was_down = self.down
         self._down_until = time.monotonic() + self.retry_interval
-        if self.retry_interval and not was_down:
-            self._throttle.log(
-                "down",
-                "RedisCache %s: %s; computing without Redis for %.3g s, then trying it again",
-                self._label,
-                why,
-                self.retry_interval,
-            )
-        else:
-            self._throttle.log("down", "RedisCache %s: %s", self._label, why)
+        self._throttle.log(
+            "down",
+            "RedisCache %s: %s; computing without Redis for %.3g s, then trying it again "
+            "(check that Redis answers at %s, and the password)",
+            self._label,
+            why,
+            self.retry_interval,
+            self.shown,
+        )
 
     def _start_probe(self) -> None:
         if self._probe is not None and not self._probe.done():

@@ -233,6 +233,7 @@ class RedisCache:
             counts=self._counts,
             label=label,
             secrets=secrets,
+            shown=shown,
         )
         self._entries = Entries(ValueCodec(secret), max_value_bytes, self._counts, label)
         self._flight = Flight(

@@ -38,6 +38,7 @@ SCENARIOS: dict[str, Callable[[Config], Awaitable[Table]]] = {
     "hit_growth": growth.hit_growth,
     "stampede_growth": growth.stampede_growth,
     "features": features.features,
+    "redis_processes": importlib.import_module(".redis_processes", __package__).measure,
 }
 
 

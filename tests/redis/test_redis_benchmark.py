@@ -32,3 +32,18 @@ async def test_quick_benchmark_prints_a_row_per_contender(
     assert rows[2].split()[3] == "1.00"  # the baseline's hit ratio
     assert len(rows) == 2 + 6
     assert not list(sync_redis.scan_iter(match="wq_memo_bench:*", count=1000))
+
+
+async def test_processes_benchmark_computes_each_key_once_and_cleans_up(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch, sync_redis: Any
+) -> None:
+    from benchmarks import redis_processes
+    from benchmarks._harness import Config
+
+    monkeypatch.setenv("WQ_MEMO_REDIS_URL", redis_url)
+    table = await redis_processes.measure(Config.quick_run().scaled(callers=20, keys=60))
+    assert [row[0] for row in table.rows] == list(redis_processes.CONTENDERS)
+    wq = table.data["medians"]["wq_memo RedisCache"]
+    assert (wq["computations"], wq["failed"]) == (60, 0)
+    assert table.targets[0].met
+    assert not list(sync_redis.scan_iter(match="wq_memo_bench_procs_*", count=1000))

@@ -362,9 +362,14 @@ class Flight:
                         return await self._alone(compute, "wait_timeouts")
                     # No announcement comes if the holder died: look again when its lease ends.
                     nap = remaining if pttl < 0 else min(remaining, pttl / 1000 + 0.01)
-                    with contextlib.suppress(TimeoutError):
+                    watch.waiting = True
+                    try:
                         async with asyncio.timeout(nap):
                             await watch.event.wait()
+                    except TimeoutError:
+                        pass
+                    finally:
+                        watch.waiting = False
                     if watch.lost:
                         break
                     news = watch.payload

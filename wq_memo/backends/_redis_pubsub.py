@@ -35,7 +35,7 @@ _READ_PERIOD: Final = 5.0
 class Watch:
     """One waiter's view of its channel: the latest message, and whether the connection died."""
 
-    __slots__ = ("channel", "event", "lost", "payload")
+    __slots__ = ("channel", "event", "lost", "payload", "waiting")
 
     def __init__(self, channel: bytes) -> None:
         self.channel = channel
@@ -43,6 +43,8 @@ class Watch:
         """Set when a message arrives on the channel or the subscriber dies."""
         self.payload: bytes | None = None
         self.lost = False
+        self.waiting = False
+        """Whether the waiter found the key held and waits for news (rather than looking)."""
 
     def reset(self) -> None:
         """Forget the messages received so far (before looking at the key again)."""

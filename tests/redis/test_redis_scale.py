@@ -124,7 +124,10 @@ async def test_running_out_of_local_connections_waits_for_one(
     make_redis_cache: Make, redis_url: str
 ) -> None:
     name = f"wq-lanes-{uuid.uuid4().hex[:8]}"
-    cache = make_redis_cache(url=_named(redis_url, name), max_connections=2)
+    # The URL asks for a pool of 1,000 that gives up waiting after 1 ms: the cache's bound and
+    # its patience win.
+    url = _named(redis_url, name) + "&max_connections=1000&timeout=0.001"
+    cache = make_redis_cache(url=url, max_connections=2)
     for i in range(50):
         await cache.set(CallKey("m.f", (i,)), i)
     async with asyncio.timeout(30), ConnectionWatch(redis_url, name) as watch:

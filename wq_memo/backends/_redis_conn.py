@@ -28,7 +28,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, TypeVar
 
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.connection import parse_url
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -207,9 +207,7 @@ class Connector:
                 retry=Retry(NoBackoff(), 0),
                 decode_responses=False,
             )
-            pool = BlockingConnectionPool(
-                max_connections=self.max_connections + 2, timeout=None, **options
-            )
+            pool = ConnectionPool(max_connections=self.max_connections + 2, **options)
             link = Link(Redis(connection_pool=pool), loop, self.max_connections, owned=True)
         self._link = link
         return link

@@ -34,6 +34,7 @@ from ._protocol import MISSING
 from ._redis_conn import Connector, Unavailable
 from ._redis_keys import KeyNames
 from ._redis_log import Throttle
+from ._redis_pubsub import Subscriber, Watch
 from ._redis_values import Entries
 
 __all__ = ("Flight",)
@@ -316,72 +317,87 @@ class Flight:
     async def _wait_then_compute(
         self, names: KeyNames, function: str, token: bytes, compute: Callable[[], Awaitable[V]]
     ) -> V:
-        """Wait for the holder's announcement; then read the value, or compute it."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._wait
+        """Wait for the holder's announcement; then take the value, or compute it."""
+        deadline = asyncio.get_running_loop().time() + self._wait
         for _ in range(_RESUBSCRIBE):
             try:
                 sub = self._conn.subscriber()
             except Unavailable:
-                return await self._alone(compute, "fallbacks")
+                break
             watch, ready = sub.watch(names.channel)
-            taken: float | None = None
             try:
-                confirmed = await sub.subscribed(ready, self._conn.timeout)
-                if confirmed is None:
-                    self._conn.subscription_timed_out(sub)
-                    return await self._alone(compute, "fallbacks")
-                if not confirmed:
-                    continue  # the subscriber died: watch through a new one
-                # Subscribed first, then looked: an announcement cannot slip in between.
-                while True:
-                    watch.reset()
-                    try:
-                        kind, payload, sent = await self._claim(names, token, True)
-                    except Unavailable:
-                        return await self._alone(compute, "fallbacks")
-                    if kind == _HIT:
-                        self._counts["waited"] += 1
-                        return payload  # type: ignore[no-any-return]
-                    if kind == _TAKEN:
-                        taken = sent
-                        break
-                    pttl, marked = payload
-                    if marked:
-                        return await self._alone(compute, None)
-                    remaining = deadline - loop.time()
-                    if remaining <= 0:
-                        self._throttle.log(
-                            "wait",
-                            "RedisCache %s: waited %.3g s for another process to compute %s; "
-                            "computing it here",
-                            self._label,
-                            self._wait,
-                            names.value.decode("utf-8", "backslashreplace"),
-                        )
-                        return await self._alone(compute, "wait_timeouts")
-                    # No announcement comes if the holder died: look again when its lease ends.
-                    nap = remaining if pttl < 0 else min(remaining, pttl / 1000 + 0.01)
-                    watch.waiting = True
-                    try:
-                        async with asyncio.timeout(nap):
-                            await watch.event.wait()
-                    except TimeoutError:
-                        pass
-                    finally:
-                        watch.waiting = False
-                    if watch.lost:
-                        break
-                    news = watch.payload
-                    if news is not None and news[:1] == b"d" and len(news) > 1:
-                        value = self._entries.decode(names.value, news[1:])
-                        if value is not MISSING:
-                            self._counts["waited"] += 1
-                            return value  # type: ignore[no-any-return]
-                    elif news == b"u":
-                        return await self._alone(compute, None)
+                what, detail = await self._watch(names, token, sub, watch, ready, deadline)
             finally:
                 sub.unwatch(watch)
-            if taken is not None:
-                return await self._hold(names, function, token, compute, taken)
+            if what == "value":
+                self._counts["waited"] += 1
+                return detail  # type: ignore[no-any-return]
+            if what == "hold":
+                return await self._hold(names, function, token, compute, detail)
+            if what == "alone":
+                return await self._alone(compute, detail)
+            # "again": the subscriber died; watch through a new one
         return await self._alone(compute, "fallbacks")
+
+    async def _watch(
+        self,
+        names: KeyNames,
+        token: bytes,
+        sub: Subscriber,
+        watch: Watch,
+        ready: asyncio.Future[bool],
+        deadline: float,
+    ) -> tuple[str, Any]:
+        """Wait through one subscriber. Returns ("value", value), ("hold", when the lock was
+        taken), ("alone", the counter to count) or ("again", None) if the subscriber died."""
+        loop = asyncio.get_running_loop()
+        confirmed = await sub.subscribed(ready, self._conn.timeout)
+        if confirmed is None:
+            self._conn.subscription_timed_out(sub)
+            return "alone", "fallbacks"
+        if not confirmed:
+            return "again", None
+        # Subscribed first, then looked: an announcement cannot slip in between.
+        while True:
+            watch.reset()
+            try:
+                kind, payload, sent = await self._claim(names, token, True)
+            except Unavailable:
+                return "alone", "fallbacks"
+            if kind == _HIT:
+                return "value", payload
+            if kind == _TAKEN:
+                return "hold", sent
+            pttl, marked = payload
+            if marked:
+                return "alone", None
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                self._throttle.log(
+                    "wait",
+                    "RedisCache %s: waited %.3g s for another process to compute %s; computing "
+                    "it here (raise wait= if computations take that long)",
+                    self._label,
+                    self._wait,
+                    names.value.decode("utf-8", "backslashreplace"),
+                )
+                return "alone", "wait_timeouts"
+            # No announcement comes if the holder died: look again when its lease ends.
+            nap = remaining if pttl < 0 else min(remaining, pttl / 1000 + 0.01)
+            watch.waiting = True
+            try:
+                async with asyncio.timeout(nap):
+                    await watch.event.wait()
+            except TimeoutError:
+                pass
+            finally:
+                watch.waiting = False
+            if watch.lost:
+                return "again", None
+            news = watch.payload
+            if news is not None and news[:1] == b"d" and len(news) > 1:
+                value = self._entries.decode(names.value, news[1:])
+                if value is not MISSING:
+                    return "value", value
+            elif news == b"u":
+                return "alone", None

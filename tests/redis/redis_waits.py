@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import Any
 
 
 async def until(
@@ -15,3 +16,13 @@ async def until(
             if condition():
                 return
             await asyncio.sleep(every)
+
+
+def waiting(cache: Any, channel: bytes) -> int:
+    """How many of cache's callers wait for news on channel (not those about to look)."""
+    link = cache._conn._link
+    sub = None if link is None else link.subscriber
+    if sub is None or sub.dead:
+        return 0
+    ch = sub._channels.get(channel)
+    return 0 if ch is None else sum(w.waiting for w in ch.watches)

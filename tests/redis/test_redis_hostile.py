@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("redis.asyncio")
 
 from redis_server import RedisServer
-from redis_waits import until
+from redis_waits import until, waiting
 
 from wq_memo.backends import MISSING, CallKey
 from wq_memo.backends._redis_keys import key_names
@@ -83,7 +83,7 @@ async def test_forged_announcements_are_refused(
 
     waiter = asyncio.create_task(cache.get_or_compute(KEY, must_not_run))
     async with asyncio.timeout(10):
-        await until(lambda: sync_redis.pubsub_numsub(names.channel)[0][1] == 1)
+        await until(lambda: waiting(cache, names.channel) == 1)
         forged = [b"dgarbage", b'dwq1j{"unterminated', b"d\x80\x81", b"dwq2p" + bytes(60)]
         for n, message in enumerate(forged, 1):
             sync_redis.publish(names.channel, message)

@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("redis")
 
-from redis_waits import until
+from redis_waits import until, waiting
 
 from wq_memo.backends import MISSING, CallKey
 from wq_memo.backends._redis_keys import key_names
@@ -201,11 +201,6 @@ def _finish_as_holder(sync_redis: Any, cache: RedisCache, value: bytes) -> None:
     sync_redis.publish(names.channel, "d")
 
 
-async def _subscribers(sync_redis: Any, channel: bytes, count: int) -> None:
-    """Return once channel has count subscribers (a Redis-side signal that waiters wait)."""
-    await until(lambda: sync_redis.pubsub_numsub(channel)[0][1] >= count)
-
-
 async def test_waiter_is_woken_by_the_announcement_not_by_the_lease(
     make_redis_cache: Make, sync_redis: Any
 ) -> None:
@@ -218,7 +213,7 @@ async def test_waiter_is_woken_by_the_announcement_not_by_the_lease(
 
     waiter = asyncio.create_task(cache.get_or_compute(KEY, compute))
     async with asyncio.timeout(10):  # far less than the 60 s lease
-        await _subscribers(sync_redis, names.channel, 1)
+        await until(lambda: waiting(cache, names.channel) == 1)
         _finish_as_holder(sync_redis, cache, b'wq1j"from elsewhere"')
         assert await waiter == "from elsewhere"
     assert cache.stats().waited == 1
@@ -236,7 +231,7 @@ async def test_small_value_travels_in_the_announcement(
 
     waiter = asyncio.create_task(cache.get_or_compute(KEY, compute))
     async with asyncio.timeout(10):
-        await _subscribers(sync_redis, names.channel, 1)
+        await until(lambda: waiting(cache, names.channel) == 1)
         # Nothing stored: the value is only in the announcement, and the lock stays held.
         sync_redis.publish(names.channel, b'dwq1j"inline"')
         assert await waiter == "inline"

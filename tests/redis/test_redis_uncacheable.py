@@ -12,7 +12,7 @@ pytest.importorskip("redis.asyncio")
 
 import redis_procs
 from redis_spawn import CTX, Procs
-from redis_waits import until
+from redis_waits import until, waiting
 
 from wq_memo.backends import CallKey
 from wq_memo.backends._redis_keys import key_names
@@ -65,7 +65,7 @@ async def test_waiters_learn_the_value_is_not_stored_and_compute_at_once(
         await started.wait()
         second = asyncio.create_task(waiter.get_or_compute(key, pair))
         channel = key_names(holder.namespace, key).channel
-        await until(lambda: sync_redis.pubsub_numsub(channel)[0][1] == 1)
+        await until(lambda: waiting(waiter, channel) == 1)
         release.set()
         assert await first == (1, "holder")
         assert await second == (1, "waiter")  # computed at once, not after taking the lock

@@ -12,8 +12,8 @@ Failures are told apart:
 - a connection-level failure (refused, reset, too many clients, authentication) means Redis is
   down: the breaker opens and, for ``retry_interval`` seconds, calls skip Redis;
 - an operation that times out may be this key's own problem (a big value) or Redis stalling:
-  the call gives up on Redis, and a probe (PING on its own connection) decides; only if the
-  probe fails too does the breaker open;
+  the call gives up on Redis, and a probe (PING on its own connection, given at least a
+  second) decides; only if the probe fails too does the breaker open;
 - anything else (an error reply, a garbled answer) fails that operation only.
 
 Every failure is counted and logged. The writes that end a computation ignore the breaker.
@@ -44,6 +44,8 @@ __all__ = ("Connector", "Link", "Unavailable")
 T = TypeVar("T")
 
 _POOL_EXHAUSTED: Final = ("No connection available", "Too many connections")
+_PROBE_PATIENCE: Final = 1.0
+"""The least time the health PING is given before Redis is taken for down."""
 
 
 class Unavailable(Exception):
@@ -316,14 +318,16 @@ class Connector:
         breaker; if it does, the timeouts were those keys' own, and the subscriber (which
         may have lost its connection unnoticed) is checked."""
         link = self.link()
+        # At least a second: this process's own loop may be busy (reading a big value, say),
+        # and a late answer must not be taken for a silent Redis.
+        patience = max(self.timeout, _PROBE_PATIENCE)
         try:
-            async with asyncio.timeout(self.timeout):
+            async with asyncio.timeout(patience):
                 await link.client.ping()
         except Exception as exc:
             self._counts["redis_errors"] += 1
             self._open(
-                f"Redis did not answer PING within timeout={self.timeout:.3g} s "
-                f"({self.secrets.describe(exc)})"
+                f"Redis did not answer PING within {patience:.3g} s ({self.secrets.describe(exc)})"
             )
             return
         logger.debug(

@@ -172,7 +172,8 @@ async def test_a_server_refusing_connections_degrades_to_local_computation(
         stats = cache.stats()
         assert stats.fallbacks == 20
         assert stats.redis_errors >= 1
-        assert "max number of clients reached" in caplog.text
+        # redis-py 8 reports "max number of clients reached"; older ones a lost connection.
+        assert "computing without Redis" in caplog.text
         for filler in fillers:
             await filler.aclose()
         # Room again: after retry_interval the cache uses Redis without a restart.

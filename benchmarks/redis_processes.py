@@ -186,8 +186,10 @@ def process(url: str, n: Sizes, seed: int, plan: list[tuple[str, str, Any]], rep
     """One process of the benchmark: per (contender, prefix, start event) of the plan, wait for
     the start, run the contender, report."""
     warnings.simplefilter("ignore", DeprecationWarning)  # the peers' use of redis-py
-    # aiocache logs a traceback for each failure it swallows: thousands here. They are counted.
-    logging.getLogger("aiocache").setLevel(logging.CRITICAL + 1)
+    # The peers log a traceback for each Redis failure they swallow (thousands here, for
+    # aiocache); the calls that fail are counted instead.
+    for peer in ("aiocache", "cashews"):
+        logging.getLogger(peer).setLevel(logging.CRITICAL + 1)
     reports.put(("ready", os.getpid(), None))
     for name, prefix, start in plan:
         if not start.wait(300):
@@ -368,8 +370,8 @@ def _table(n: Sizes, results: dict[str, list[dict[str, Any]]], missing: dict[str
         )
     table.data = {"sizes": n.__dict__, "medians": medians, "missing": missing}
     table.notes.append(
-        "calls failed: calls that raised (aiocache also logs, and swallows, failures of its "
-        "own lookups; those logs are silenced here)"
+        "calls failed: calls that raised (the peers also log, and swallow, failures of their "
+        "own Redis operations; those logs are silenced here)"
     )
     wq = medians.get(CONTENDERS[0])
     if wq is not None:

@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Final, TypeVar
 
 from redis.asyncio import ConnectionPool, Redis
@@ -366,7 +366,12 @@ class Connector:
             self._label,
             self.timeout,
         )
-        task = asyncio.get_running_loop().create_task(self._check_subscriber(sub))
+        self.spawn(self._check_subscriber(sub))
+
+    def spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run work in the background; aclose() gives it timeout seconds to end, then cancels
+        it."""
+        task = asyncio.get_running_loop().create_task(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
@@ -382,9 +387,11 @@ class Connector:
     # -- closing -----------------------------------------------------------------------------
 
     async def aclose(self) -> None:
-        """Close this loop's subscriber and, if the cache made it, its client."""
-        link, self._link = self._link, None
-        probe, self._probe = self._probe, None
+        """Close this loop's subscriber and, if the cache made it, its client.
+
+        Stores still being retried in the background get one more timeout to land first.
+        """
+        link = self._link
         if link is None:
             return
         try:
@@ -392,8 +399,14 @@ class Connector:
         except RuntimeError:
             loop = None
         if link.loop is not loop:
+            self._link = None
             self._forget(link)
             return
+        background = [t for t in self._background if not t.done()]
+        if background:
+            await asyncio.wait(background, timeout=self.timeout)
+        link, self._link = self._link, None
+        probe, self._probe = self._probe, None
         tasks = [t for t in (probe, *self._background) if t is not None and not t.done()]
         self._background.clear()
         for task in tasks:
@@ -401,6 +414,8 @@ class Connector:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if link is None:
+            return  # closed meanwhile by a concurrent aclose()
         if link.subscriber is not None:
             await link.subscriber.aclose()
         if not link.owned:

@@ -274,43 +274,53 @@ class Flight:
         announce: bytes,
         lease: _Lease,
     ) -> None:
-        """Store (per outcome), release the lock and announce; retried until the lease ends.
+        """Store (per outcome), release the lock and announce.
 
-        Each attempt is bounded by the timeout and ignores the breaker. An attempt that timed
-        out may still run in Redis later; the script tells such a repeat from a lost lock.
+        The first attempt is made here. If it fails, the caller gets its value (or exception)
+        at once, and the attempts go on in the background until one lands or the lease ends;
+        they ignore the breaker. An attempt that timed out may still run in Redis later; the
+        script tells such a repeat from a lost lock.
         """
-        loop = asyncio.get_running_loop()
+        args: list[bytes | int] = [token, outcome, data, 0, names.channel, announce, _MARKER_MS]
+        args[3] = 0 if self._ttl is None else max(1, round(self._ttl * 1000))
+        if await self._finish_once(names, args, b"0", lease) or announce == b"x":
+            return  # done, or a cancelled computation: its lock simply runs out
+        self._conn.spawn(self._finish_later(names, args, lease))
+
+    async def _finish_once(
+        self, names: KeyNames, args: list[bytes | int], again: bytes, lease: _Lease
+    ) -> bool:
+        """One attempt of FINISH; return whether it landed (lost lock included)."""
         keys = [names.value, names.lock, names.marker]
-        px = 0 if self._ttl is None else max(1, round(self._ttl * 1000))
-        what = "store and unlock" if outcome == b"s" else "unlock"
-        delay = 0.02
-        again = b"0"
-        while True:
-            args = [token, outcome, data, px, names.channel, announce, _MARKER_MS, again]
-            try:
-                result = await self._conn.call(
-                    what,
-                    lambda link, a=args: link.finish(keys=keys, args=a),  # type: ignore[misc]
-                    name=names.value,
-                    urgent=True,
-                )
-                break
-            except Unavailable:
-                if announce == b"x" or loop.time() + delay >= lease.expires:
-                    if announce != b"x":
-                        self._throttle.log(
-                            "finish",
-                            "RedisCache %s: Redis did not take the result of %s before its "
-                            "lease ran out; it is not stored, and the waiters compute it again",
-                            self._label,
-                            names.value.decode("utf-8", "backslashreplace"),
-                        )
-                    return
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self._conn.timeout / 2)
-                again = b"1"
-        if outcome == b"s" and result == 0:
+        storing = args[1] == b"s"
+        try:
+            result = await self._conn.call(
+                "store and unlock" if storing else "unlock",
+                lambda link: link.finish(keys=keys, args=[*args, again]),
+                name=names.value,
+                urgent=True,
+            )
+        except Unavailable:
+            return False
+        if storing and result == 0:
             self._lost(names, lease, "storing its result")
+        return True
+
+    async def _finish_later(self, names: KeyNames, args: list[bytes | int], lease: _Lease) -> None:
+        loop = asyncio.get_running_loop()
+        delay = 0.02
+        while loop.time() + delay < lease.expires:
+            await asyncio.sleep(delay)
+            if await self._finish_once(names, args, b"1", lease):
+                return
+            delay = min(delay * 2, self._conn.timeout / 2)
+        self._throttle.log(
+            "finish",
+            "RedisCache %s: Redis did not take the result of %s before its lease ran out; it is "
+            "not stored, and the waiters compute it again",
+            self._label,
+            names.value.decode("utf-8", "backslashreplace"),
+        )
 
     # -- waiting -----------------------------------------------------------------------------
 

@@ -26,3 +26,12 @@ def waiting(cache: Any, channel: bytes) -> int:
         return 0
     ch = sub._channels.get(channel)
     return 0 if ch is None else sum(w.waiting for w in ch.watches)
+
+
+def waiting_anywhere(cache: Any) -> int:
+    """How many of cache's callers wait for news, on any channel."""
+    link = cache._conn._link
+    sub = None if link is None else link.subscriber
+    if sub is None or sub.dead:
+        return 0
+    return sum(w.waiting for ch in sub._channels.values() for w in ch.watches)

@@ -203,9 +203,12 @@ class Connector:
             options: dict[str, Any] = dict(parse_url(self._url))
             for lifted in ("max_connections", "timeout", "connection_pool_class"):
                 options.pop(lifted, None)
+            # Every operation is bounded by asyncio.timeout(timeout); redis-py's own socket
+            # timeouts are only a backstop, long enough for the probe's more patient PING.
+            backstop = 2 * max(self.timeout, _PROBE_PATIENCE)
             options.update(
-                socket_timeout=self.timeout,
-                socket_connect_timeout=self.timeout,
+                socket_timeout=backstop,
+                socket_connect_timeout=backstop,
                 retry=Retry(NoBackoff(), 0),
                 decode_responses=False,
             )

@@ -42,6 +42,7 @@ SCENARIOS: dict[str, Callable[[Config], Awaitable[Table]]] = {
     "stampede_growth": growth.stampede_growth,
     "features": features.features,
     "refresh_ahead": refresh_ahead.refresh_ahead,
+    "redis_processes": importlib.import_module(".redis_processes", __package__).measure,
 }
 """The scenarios measured in this process, in the order they run; each returns a Table."""
 

@@ -54,7 +54,12 @@ def _wq_memo(url: str, prefix: str, single_flight: bool) -> Contender:
     namespace = f"{prefix}:wq{int(single_flight)}"
     cache = RedisCache(url, namespace=namespace, single_flight=single_flight)
     fn = worker_queue(cache=cache)(_identity)
-    return Contender(name, fn, close=cache.aclose)
+
+    async def close() -> None:
+        await cache.clear()  # its names are not under the peers' prefix (":" is doubled)
+        await cache.aclose()
+
+    return Contender(name, fn, close=close)
 
 
 def _aiocache(url: str, prefix: str, stampede: bool) -> Contender:

@@ -14,7 +14,9 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
+from redis_names import delete_namespace
 from redis_server import RedisServer
+from redis_spawn import Procs
 
 if os.environ.get("CI") == "true":
     import redis.asyncio  # noqa: F401  # in CI the Redis tests must run, not skip
@@ -57,18 +59,6 @@ def redis_url() -> str:
             f"no Redis server answers at {url} ({problem}); start one or set WQ_MEMO_REDIS_URL"
         )
     return url
-
-
-def delete_namespace(url: str, namespace: str) -> None:
-    import redis
-
-    client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
-    try:
-        names = list(client.scan_iter(match=f"{namespace}:*", count=1000))
-        if names:
-            client.delete(*names)
-    finally:
-        client.close()
 
 
 @pytest.fixture
@@ -116,7 +106,16 @@ def own_redis(redis_url: str) -> Iterator[RedisServer]:
     if binary is None:
         _unavailable("redis-server is not installed (Debian: apt-get install redis-server)")
         raise AssertionError  # unreachable
-    server = RedisServer(binary)
+    # DEBUG SLEEP stalls the server in the fault tests (Redis 7 refuses DEBUG unless enabled).
+    server = RedisServer(binary, "--enable-debug-command", "yes")
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def procs() -> Iterator[Procs]:
+    """Spawned processes, ended (by pid) after the test."""
+    p = Procs()
+    yield p
+    p.end()

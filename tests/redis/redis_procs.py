@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import random
+import time
+from functools import partial
 from typing import Any
 
 from wq_memo.backends import CallKey
@@ -73,3 +76,181 @@ def hang(url: str, namespace: str, lease: float, messages: Any) -> None:
         await cache.get_or_compute(KEY, compute)
 
     asyncio.run(main())
+
+
+def many_key(i: int) -> CallKey:
+    return CallKey("tests.many", (i,))
+
+
+def hold_many(url: str, namespace: str, keys: int, release: Any, messages: Any) -> None:
+    """Take the locks of keys 0..keys-1, say so, and compute them once release is set."""
+    from wq_memo.backends.redis import RedisCache
+
+    async def main() -> tuple[bool, dict[str, int]]:
+        cache = RedisCache(url, namespace=namespace, lease=30)
+        started = 0
+        all_started, gate = asyncio.Event(), asyncio.Event()
+
+        async def compute(i: int) -> str:
+            nonlocal started
+            started += 1
+            if started == keys:
+                all_started.set()
+            await gate.wait()
+            return f"v{i}"
+
+        try:
+            tasks = [
+                asyncio.create_task(cache.get_or_compute(many_key(i), partial(compute, i)))
+                for i in range(keys)
+            ]
+            await all_started.wait()
+            messages.put(("holding", os.getpid()))
+            await asyncio.to_thread(release.wait, 60)
+            gate.set()
+            results = await asyncio.gather(*tasks)
+        finally:
+            await cache.aclose()
+        return results == [f"v{i}" for i in range(keys)], dataclasses.asdict(cache.stats())
+
+    ok, stats = asyncio.run(main())
+    messages.put(("done", os.getpid(), ok, stats))
+
+
+def swarm(
+    url: str, namespace: str, callers: int, keys: int, seed: int, go: Any, messages: Any
+) -> None:
+    """Once go is set, callers concurrent callers go through every key (in an order of this
+    process's own); report wrong results, the slowest call and the cache's counters."""
+    from redis.asyncio import Redis
+
+    from wq_memo.backends.redis import RedisCache
+
+    async def main() -> tuple[int, float, float, dict[str, int]]:
+        cache = RedisCache(url, namespace=namespace)
+        counter = Redis.from_url(url)
+        order = list(range(keys))
+        random.Random(seed).shuffle(order)
+        wrong = 0
+        slowest = 0.0
+
+        async def compute(i: int) -> str:
+            await counter.incr(f"{namespace}:computations")
+            await asyncio.sleep(0.005)
+            return f"v{i}"
+
+        async def caller(share: list[int]) -> None:
+            nonlocal wrong, slowest
+            for i in share:
+                started = time.monotonic()
+                if await cache.get_or_compute(many_key(i), partial(compute, i)) != f"v{i}":
+                    wrong += 1
+                slowest = max(slowest, time.monotonic() - started)
+
+        started = time.monotonic()
+        try:
+            await asyncio.gather(*(caller(order[c::callers]) for c in range(callers)))
+        finally:
+            await cache.aclose()
+            await counter.aclose()
+        took = time.monotonic() - started
+        return wrong, slowest, took, dataclasses.asdict(cache.stats())
+
+    messages.put(("ready", os.getpid()))
+    if not go.wait(60):
+        messages.put(("timeout", os.getpid()))
+        return
+    wrong, slowest, took, stats = asyncio.run(main())
+    messages.put(("done", os.getpid(), wrong, slowest, took, stats))
+
+
+def stall_caller(
+    url: str, namespace: str, callers: int, keys: int, seconds: float, go: Any, messages: Any
+) -> None:
+    """Through @worker_queue, callers concurrent calls over keys keys, each computation lasting
+    seconds, while unrelated lookups go on beside them; report what each call got and took."""
+    from collections import Counter
+
+    from redis.asyncio import Redis
+
+    from wq_memo import worker_queue
+    from wq_memo.backends.redis import RedisCache
+
+    async def main() -> tuple[int, float, dict[int, int], dict[str, int]]:
+        cache = RedisCache(url, namespace=namespace, timeout=1.0, retry_interval=1.0)
+        counter = Redis.from_url(url, socket_timeout=10)
+        computed: Counter[int] = Counter()
+
+        @worker_queue(cache=cache, maxsize=16)
+        async def value(i: int) -> str:
+            computed[i] += 1
+            await counter.incr(f"{namespace}:started")
+            await asyncio.sleep(seconds)
+            return f"v{i}"
+
+        done = asyncio.Event()
+
+        async def unrelated() -> None:
+            # Lookups of other keys go on all along: during a stall they time out, and may
+            # open the breaker. The finished computations must be stored all the same.
+            n = 0
+            while not done.is_set():
+                n += 1
+                await cache.get(CallKey("tests.unrelated", (n,)))
+                await asyncio.sleep(0.02)
+
+        async def call(i: int) -> tuple[bool, float]:
+            started = time.monotonic()
+            ok = await value(i) == f"v{i}"
+            return ok, time.monotonic() - started
+
+        noise = asyncio.create_task(unrelated())
+        try:
+            calls = await asyncio.gather(*(call(j % keys) for j in range(callers)))
+        finally:
+            done.set()
+            await noise
+            await value.queue.aclose()
+            await cache.aclose()
+            await counter.aclose()
+        wrong = sum(not ok for ok, _ in calls)
+        return wrong, max(t for _, t in calls), dict(computed), dataclasses.asdict(cache.stats())
+
+    messages.put(("ready", os.getpid()))
+    if not go.wait(60):
+        messages.put(("timeout", os.getpid()))
+        return
+    wrong, slowest, computed, stats = asyncio.run(main())
+    messages.put(("done", os.getpid(), wrong, slowest, computed, stats))
+
+
+def uncacheable_rounds(
+    url: str, namespace: str, seconds: float, rounds: list[Any], messages: Any
+) -> None:
+    """Per round, once its event is set: one call of a function whose results JSON cannot
+    hold (a tuple), on the round's own key; report how long it took."""
+    from wq_memo.backends.redis import RedisCache
+
+    async def one(cache: RedisCache, n: int) -> tuple[float, int]:
+        computed = 0
+
+        async def pair() -> tuple[int, int]:
+            nonlocal computed
+            computed += 1
+            await asyncio.sleep(seconds)
+            return (n, os.getpid())
+
+        started = time.monotonic()
+        value = await cache.get_or_compute(CallKey("tests.pair", (n,)), pair)
+        assert value[0] == n
+        return time.monotonic() - started, computed
+
+    cache = RedisCache(url, namespace=namespace)
+    messages.put(("ready", os.getpid()))
+    for n, go in enumerate(rounds):
+        if not go.wait(60):
+            messages.put(("timeout", os.getpid()))
+            return
+        took, computed = asyncio.run(one(cache, n))
+        messages.put(("round", os.getpid(), n, took, computed))
+    asyncio.run(cache.aclose())

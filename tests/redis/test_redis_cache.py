@@ -153,18 +153,48 @@ async def test_unsigned_entries_are_misses(make_redis_cache: Make, sync_redis: A
     assert plain.stats().bad_entries == 1
 
 
-async def test_clear_removes_this_namespace_only(
-    make_redis_cache: Make, redis_namespace: str
+NAMESPACE_TAILS = ["", ":v:sub", ":", "::v", "*", "?", "[ab]", "\\", ":l:x", "*:v:*"]
+
+
+async def test_clear_touches_only_its_own_namespace_whatever_its_characters(
+    make_redis_cache: Make, redis_namespace: str, sync_redis: Any
 ) -> None:
+    caches = [make_redis_cache(namespace=redis_namespace + tail) for tail in NAMESPACE_TAILS]
+    for cache in caches:
+        for i in range(3):
+            await cache.set(CallKey("m.f", (i,)), cache.namespace)
+    for n, cache in enumerate(caches):
+        await cache.clear()
+        for m, other in enumerate(caches):
+            expected = [MISSING] * 3 if m <= n else [other.namespace] * 3
+            assert [await other.get(CallKey("m.f", (i,))) for i in range(3)] == expected, (n, m)
+    for cache in caches:
+        assert not sync_redis.exists(
+            *(key_names(cache.namespace, CallKey("m.f", (i,))).value for i in range(3))
+        )
+
+
+async def test_namespaces_and_function_names_never_share_a_name(make_redis_cache: Make) -> None:
+    # Namespace "X" with function "sub:v:f" against namespace "X:v:sub" with function "f".
+    outer = make_redis_cache()
+    inner = make_redis_cache(namespace=outer.namespace + ":v:sub")
+    await outer.set(CallKey("sub:v:f", (1,)), "outer")
+    await inner.set(CallKey("f", (1,)), "inner")
+    assert await outer.get(CallKey("sub:v:f", (1,))) == "outer"
+    assert await inner.get(CallKey("f", (1,))) == "inner"
+
+
+async def test_int_keys_of_any_length_are_keys(make_redis_cache: Make) -> None:
     cache = make_redis_cache()
-    other = make_redis_cache(namespace=redis_namespace + "*other")
-    for i in range(30):
-        await cache.set(CallKey("m.f", (i,)), i)
-    await other.set(CallKey("m.f", (0,)), "kept")
-    await cache.clear()
-    assert [await cache.get(CallKey("m.f", (i,))) for i in range(30)] == [MISSING] * 30
-    assert await other.get(CallKey("m.f", (0,))) == "kept"
-    await other.clear()
+    huge = 10**10_000  # str() of it raises ValueError since Python 3.11
+
+    async def compute() -> str:
+        return "huge"
+
+    assert await cache.get_or_compute(CallKey("m.f", (huge,)), compute) == "huge"
+    assert await cache.get(CallKey("m.f", (huge,))) == "huge"
+    assert await cache.get(CallKey("m.f", (-huge,))) is MISSING
+    assert await cache.get(CallKey("m.f", (huge + 1,))) is MISSING
 
 
 async def test_plain_keys_without_call_key_work(make_redis_cache: Make) -> None:

@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from wq_memo.backends import CallKey
-from wq_memo.backends._redis_keys import encode_key, key_names, value_pattern
+from wq_memo.backends._redis_keys import Namespace, encode_key, key_names
 
 
 class _SameRepr:
@@ -95,6 +95,29 @@ def test_unencodable_key_raises_type_error_that_says_what_to_do(key: Any) -> Non
         encode_key(key)
 
 
+def test_ints_are_encoded_whatever_their_length() -> None:
+    keys: list[Hashable] = [10**10_000, -(10**10_000), 10**10_000 + 1, 0, -1, 255, -256, 2**63]
+    assert len({encode_key(k) for k in keys}) == len(keys)
+    assert encode_key(10**10_000) != encode_key(str(10**100))
+
+
+def test_a_call_key_whose_function_is_not_a_str_is_refused() -> None:
+    with pytest.raises(TypeError, match="function must be a str"):
+        key_names("ns", CallKey(1, ()))  # type: ignore[arg-type]
+
+
+def test_namespaces_never_share_a_prefix() -> None:
+    from wq_memo.backends._redis_keys import Namespace
+
+    names = ["X", "X:", "X:v", "X:v:sub", "X::v", "X:l:", "X*", "X?"]
+    prefixes = [Namespace(n).prefix for n in names]
+    for a, name_a in zip(prefixes, names, strict=True):
+        for kind in (b"v", b"l", b"u"):
+            own = a + b":" + kind + b":"
+            others = [b for b, name_b in zip(prefixes, names, strict=True) if name_b != name_a]
+            assert not any((b + b":" + kind + b":").startswith(own) for b in others)
+
+
 def test_subclass_of_a_scalar_is_refused() -> None:
     class Flag(int):
         pass
@@ -126,14 +149,15 @@ def test_names_separate_functions_and_namespaces() -> None:
     b = key_names("ns", CallKey("m.g", (1,)))
     c = key_names("other", CallKey("m.f", (1,)))
     assert len({a.value, b.value, c.value}) == 3
-    assert a.value.startswith("ns:v:m.f:")
-    assert a.lock.startswith("ns:l:m.f:")
-    assert a.channel.startswith("ns:c:m.f:")
+    assert a.value.startswith(b"ns:v:m.f:")
+    assert a.lock.startswith(b"ns:l:m.f:")
+    assert a.channel.startswith(b"ns:c:m.f:")
+    assert a.marker == b"ns:u:m.f"
     assert key_names("ns", CallKey("m.f", (1,))) == a
 
 
-def test_value_pattern_escapes_glob_characters() -> None:
-    assert value_pattern("a*b?[c]\\") == "a\\*b\\?\\[c\\]\\\\:v:*"
+def test_pattern_escapes_glob_characters() -> None:
+    assert Namespace("a*b?[c]\\").pattern() == b"a\\*b\\?\\[c\\]\\\\:[vlu]:*"
 
 
 def _canon(obj: Any) -> Any:
@@ -152,6 +176,7 @@ _scalars = (
     st.none()
     | st.booleans()
     | st.integers(-(2**70), 2**70)
+    | st.integers(-(10**5000), 10**5000)
     | st.floats(allow_nan=True, allow_infinity=True)
     | st.text(max_size=5)
     | st.binary(max_size=5)

@@ -10,7 +10,9 @@ import pytest
 
 pytest.importorskip("redis")
 
-from wq_memo.backends import CallKey
+from redis_waits import until, waiting
+
+from wq_memo.backends import MISSING, CallKey
 from wq_memo.backends._redis_keys import key_names
 from wq_memo.backends.redis import RedisCache
 
@@ -133,7 +135,7 @@ async def test_cancelled_holder_releases_the_lock_at_once(
     assert not sync_redis.exists(key_names(holder_cache.namespace, KEY).lock)
 
 
-async def test_waiter_gives_up_after_wait_and_computes_itself(
+async def test_waiter_gives_up_after_wait_and_computes_itself_without_storing(
     make_redis_cache: Make, sync_redis: Any
 ) -> None:
     cache = make_redis_cache(wait=0.2)
@@ -146,7 +148,8 @@ async def test_waiter_gives_up_after_wait_and_computes_itself(
     async with asyncio.timeout(5):
         assert await cache.get_or_compute(KEY, compute) == "mine"
     assert cache.stats().wait_timeouts == 1
-    assert await cache.get(KEY) == "mine"
+    # Computed without the lock, so not stored: the holder stores its own value.
+    assert await cache.get(KEY) is MISSING
 
 
 async def test_dead_holder_lease_expires_and_one_waiter_takes_over(
@@ -195,63 +198,69 @@ def _finish_as_holder(sync_redis: Any, cache: RedisCache, value: bytes) -> None:
     names = key_names(cache.namespace, KEY)
     sync_redis.set(names.value, value)
     sync_redis.delete(names.lock)
-    sync_redis.publish(names.channel, "done")
+    sync_redis.publish(names.channel, "d")
 
 
 async def test_waiter_is_woken_by_the_announcement_not_by_the_lease(
-    make_redis_cache: Make, sync_redis: Any, monkeypatch: pytest.MonkeyPatch
+    make_redis_cache: Make, sync_redis: Any
 ) -> None:
-    import wq_memo.backends.redis as module
-
     cache = make_redis_cache()
     names = key_names(cache.namespace, KEY)
     sync_redis.set(names.lock, "holder elsewhere", px=60_000)
-    subscribe, waiting = module._subscribe, asyncio.Event()
-
-    async def subscribe_and_tell(conn: Any, channel: str) -> Any:
-        pubsub = await subscribe(conn, channel)
-        get_message = pubsub.get_message
-
-        def wait_for_message(**kwargs: Any) -> Any:
-            waiting.set()  # the waiter looked, found the lock held, and now waits
-            return get_message(**kwargs)
-
-        pubsub.get_message = wait_for_message  # type: ignore[method-assign,assignment]
-        return pubsub
-
-    monkeypatch.setattr(module, "_subscribe", subscribe_and_tell)
 
     async def compute() -> str:
         raise AssertionError("the waiter must read the holder's value")
 
     waiter = asyncio.create_task(cache.get_or_compute(KEY, compute))
     async with asyncio.timeout(10):  # far less than the 60 s lease
-        await waiting.wait()
+        await until(lambda: waiting(cache, names.channel) == 1)
         _finish_as_holder(sync_redis, cache, b'wq1j"from elsewhere"')
         assert await waiter == "from elsewhere"
     assert cache.stats().waited == 1
 
 
+async def test_small_value_travels_in_the_announcement(
+    make_redis_cache: Make, sync_redis: Any
+) -> None:
+    cache = make_redis_cache()
+    names = key_names(cache.namespace, KEY)
+    sync_redis.set(names.lock, "holder elsewhere", px=60_000)
+
+    async def compute() -> str:
+        raise AssertionError("the waiter must take the announced value")
+
+    waiter = asyncio.create_task(cache.get_or_compute(KEY, compute))
+    async with asyncio.timeout(10):
+        await until(lambda: waiting(cache, names.channel) == 1)
+        # Nothing stored: the value is only in the announcement, and the lock stays held.
+        sync_redis.publish(names.channel, b'dwq1j"inline"')
+        assert await waiter == "inline"
+
+
 async def test_result_announced_while_subscribing_is_not_missed(
     make_redis_cache: Make, sync_redis: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import wq_memo.backends.redis as module
+    from wq_memo.backends._redis_flight import Flight
 
     cache = make_redis_cache()
     sync_redis.set(key_names(cache.namespace, KEY).lock, "holder elsewhere", px=60_000)
-    subscribe = module._subscribe
+    claim = Flight._claim
+    claims = 0
 
-    async def subscribe_then_holder_finishes(conn: Any, channel: str) -> Any:
-        pubsub = await subscribe(conn, channel)
-        # The holder finishes after the waiter found the lock held and subscribed, but before
-        # it looks again: the value must be found by that look, not after the lease.
-        _finish_as_holder(sync_redis, cache, b'wq1j"raced"')
-        return pubsub
+    async def claim_after_the_holder_finished(self: Flight, *args: Any) -> Any:
+        nonlocal claims
+        claims += 1
+        if claims == 2:
+            # The holder finishes after the waiter found the lock held and subscribed, but
+            # before it looks again: the value must be found by that look, not after the lease.
+            _finish_as_holder(sync_redis, cache, b'wq1j"raced"')
+        return await claim(self, *args)
 
-    monkeypatch.setattr(module, "_subscribe", subscribe_then_holder_finishes)
+    monkeypatch.setattr(Flight, "_claim", claim_after_the_holder_finished)
 
     async def compute() -> str:
         raise AssertionError("the waiter must read the holder's value")
 
     async with asyncio.timeout(10):
         assert await cache.get_or_compute(KEY, compute) == "raced"
+    assert claims == 2

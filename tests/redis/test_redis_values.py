@@ -10,7 +10,7 @@ import pytest
 from wq_memo.backends._redis_values import BadEntry, Unencodable, ValueCodec
 
 SECRET = b"k" * 32
-NAME = "ns:v:m.f:abc"
+NAME = b"ns:v:m.f:abc"
 UNPICKLED: list[str] = []
 
 
@@ -72,7 +72,7 @@ def test_tampered_entry_is_refused_and_never_unpickled() -> None:
     good = _signed_trap(codec)
     assert codec.loads(NAME, good) == "trap"
     UNPICKLED.clear()
-    body = good[4 + 32 :]
+    body = good[4 + 32 :]  # the expiry, then the pickle
     forged = good[:4] + bytes(32) + body
     flipped = good[:-1] + bytes([good[-1] ^ 1])
     for data in (forged, flipped, good[:20], good[:4]):
@@ -86,7 +86,7 @@ def test_entry_signed_with_another_secret_or_for_another_name_is_refused() -> No
     UNPICKLED.clear()
     with pytest.raises(BadEntry, match="signature"):
         ValueCodec(SECRET).loads(NAME, data)
-    moved = ValueCodec(SECRET).dumps("ns:v:m.f:other", _Trap())
+    moved = ValueCodec(SECRET).dumps(b"ns:v:m.f:other", _Trap())
     with pytest.raises(BadEntry, match="signature"):
         ValueCodec(SECRET).loads(NAME, moved)
     assert UNPICKLED == []
@@ -108,4 +108,36 @@ def test_without_secret_signed_and_foreign_entries_are_refused() -> None:
     for data in (signed, pickle.dumps(_Trap()), b"1", b"wq1j{not json", b"wq1j\xff"):
         with pytest.raises(BadEntry):
             codec.loads(NAME, data)
+    assert UNPICKLED == []
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_signed_entries_carry_their_expiry() -> None:
+    clock = Clock()
+    codec = ValueCodec(SECRET, clock)
+    data = codec.dumps(NAME, ("v",), ttl=10)
+    clock.now += 9.9
+    assert codec.loads(NAME, data) == ("v",)
+    clock.now += 0.1
+    with pytest.raises(BadEntry, match="expired"):
+        codec.loads(NAME, data)
+    forever = codec.dumps(NAME, "kept", ttl=None)
+    clock.now += 10**9
+    assert codec.loads(NAME, forever) == "kept"
+
+
+def test_entries_of_the_older_signed_format_are_refused_unread() -> None:
+    UNPICKLED.clear()
+    old = b"wq1p" + bytes(32) + pickle.dumps(_Trap())
+    with pytest.raises(BadEntry, match="older signed format"):
+        ValueCodec(SECRET).loads(NAME, old)
+    with pytest.raises(BadEntry, match="no secret"):
+        ValueCodec(None).loads(NAME, old)
     assert UNPICKLED == []

@@ -4,7 +4,13 @@ Two keys share a Redis entry only when they encode to the same bytes, and they e
 bytes only when they are equal *and* of the same types all the way down: ``1``, ``1.0``, ``True``
 and ``"1"`` are four entries, and so are two objects whose ``repr()`` happen to agree. Every
 component is written as a one-byte type tag, then its length, then its payload, so that no
-concatenation of components can be mistaken for another.
+concatenation of components can be mistaken for another. Integers are written in binary, so
+they have no length limit (``str()`` of an int refuses more than 4,300 digits).
+
+Redis names are bytes: ``{namespace}:{kind}:{function}:{digest}``, with every ``:`` of the
+namespace doubled, so that no namespace's names start like another's: ``clear()`` of namespace
+``X`` matches ``X:v:*`` and never reaches namespace ``X:v:sub`` (whose names start
+``X::v::sub:``).
 """
 
 from __future__ import annotations
@@ -16,7 +22,14 @@ from typing import NamedTuple
 
 from ._protocol import CallKey
 
-__all__ = ("KeyNames", "encode_key", "key_digest", "key_names", "value_pattern")
+__all__ = (
+    "KeyNames",
+    "Namespace",
+    "encode_key",
+    "glob_escape",
+    "key_digest",
+    "key_names",
+)
 
 _SCALARS = frozenset({type(None), bool, int, float, str, bytes})
 
@@ -30,12 +43,14 @@ _HOW_TO_FIX = (
 class KeyNames(NamedTuple):
     """The Redis names used for one call key."""
 
-    value: str
+    value: bytes
     """Where the value is stored."""
-    lock: str
-    """The single-flight lease lock."""
-    channel: str
+    lock: bytes
+    """The single-flight lease lock; it holds the token of the computation under way."""
+    channel: bytes
     """The pub/sub channel on which the lock holder announces that it is done."""
+    marker: bytes
+    """Set (for a while) when the function's results were found uncacheable: nobody waits."""
 
 
 def _length(n: int) -> bytes:
@@ -73,8 +88,8 @@ def _encode(obj: object, out: list[bytes], depth: int) -> None:
         elif kind is bool:
             out.append(b"T" if obj else b"F")
         elif kind is int:
-            text = str(obj).encode()
-            out.extend((b"i", _length(len(text)), text))
+            data = obj.to_bytes((obj.bit_length() + 8) // 8, "big", signed=True)  # type: ignore[attr-defined]
+            out.extend((b"i", _length(len(data)), data))
         elif kind is float:
             # float.hex() is exact, and tells -0.0 from 0.0 and one NaN payload from another.
             text = obj.hex().encode()  # type: ignore[attr-defined]
@@ -123,17 +138,59 @@ def key_digest(key: Hashable) -> str:
     return hashlib.sha256(encode_key(key)).hexdigest()
 
 
+def _utf8(text: str) -> bytes:
+    return text.encode("utf-8", "surrogatepass")
+
+
+def glob_escape(name: bytes) -> bytes:
+    """Return name with the characters special to Redis's glob patterns escaped."""
+    out = bytearray()
+    for byte in name:
+        if byte in b"*?[]\\^-":
+            out += b"\\"
+        out.append(byte)
+    return bytes(out)
+
+
+class Namespace:
+    """The Redis names of one namespace."""
+
+    __slots__ = ("name", "prefix")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.prefix = _utf8(name).replace(b":", b"::")
+        """The namespace as it starts every name: with each ``:`` doubled."""
+
+    def names(self, key: Hashable) -> KeyNames:
+        """Return the Redis names for key, a CallKey or (used directly) any encodable key.
+
+        Raises:
+            TypeError: key has a component that has no canonical encoding.
+        """
+        if isinstance(key, CallKey):
+            function, call_key = key.function, key.key
+            if type(function) is not str:
+                raise TypeError(
+                    f"CallKey.function must be a str, got {type(function).__qualname__}"
+                )
+        else:
+            function, call_key = "", key
+        fn = _utf8(function)
+        tail = b"%s:%s" % (fn, key_digest(call_key).encode())
+        p = self.prefix
+        return KeyNames(p + b":v:" + tail, p + b":l:" + tail, p + b":c:" + tail, p + b":u:" + fn)
+
+    def pattern(self) -> bytes:
+        """The SCAN pattern of every key of this namespace (values, locks, markers), only."""
+        return glob_escape(self.prefix) + b":[vlu]:*"
+
+    def channel_of_lock(self, lock: bytes) -> bytes:
+        """The channel on which the waiters of a lock's computation listen."""
+        cut = len(self.prefix) + 1
+        return lock[:cut] + b"c" + lock[cut + 1 :]
+
+
 def key_names(namespace: str, key: Hashable) -> KeyNames:
-    """Return the Redis names for key, a CallKey or (used directly) any encodable key."""
-    if isinstance(key, CallKey):
-        function, call_key = key.function, key.key
-    else:
-        function, call_key = "", key
-    tail = f"{function}:{key_digest(call_key)}"
-    return KeyNames(f"{namespace}:v:{tail}", f"{namespace}:l:{tail}", f"{namespace}:c:{tail}")
-
-
-def value_pattern(namespace: str) -> str:
-    """Return the SCAN pattern matching every value name of namespace, and nothing else."""
-    escaped = "".join("\\" + ch if ch in "*?[]\\" else ch for ch in namespace)
-    return f"{escaped}:v:*"
+    """Return the Redis names for key in namespace (see Namespace.names)."""
+    return Namespace(namespace).names(key)

@@ -1,47 +1,95 @@
-"""The Lua scripts behind RedisCache's single-flight lock; each runs atomically in Redis."""
+"""The Lua scripts behind RedisCache's single flight; each runs atomically in Redis.
+
+Every write of a computed value is tied to the lock it was computed under: FINISH stores only
+while the computation's token still holds the lock, so a holder whose lease ran out, or whose
+key was deleted (DELETE removes the lock too), never overwrites a later value.
+"""
 
 from __future__ import annotations
 
 from typing import Final
 
-__all__ = ("CLAIM", "FINISH", "RENEW")
+__all__ = ("CLAIM", "DELETE", "FINISH", "RENEW")
 
 CLAIM: Final = """
--- KEYS: value, lock. ARGV: token, lease in ms, "1" to look at the value first.
--- Returns {1, value} when the value is stored, {2} when the lock was taken for token,
--- {3, remaining lease in ms} when another holder has the lock.
-if ARGV[3] == '1' then
-  local value = redis.call('GET', KEYS[1])
-  if value then return {1, value} end
+-- KEYS: value, lock, marker.
+-- ARGV: token, lease in ms, max value bytes, '1' to look at the value first,
+--       '1' to take the lock only if it is free (single flight), '0' to take it anyway.
+-- Replies:
+--   {1, value}          the value is stored (and no larger than max value bytes)
+--   {2, replaced}       token now holds the lock; replaced = 1 if a foreign lock was removed
+--   {3, pttl, marked}   another computation holds the lock for pttl more ms; marked = 1 if
+--                       the function's results were lately found uncacheable
+--   {4, size}           the stored value is larger than max value bytes (it was not read)
+--   {5}                 the value's name holds something that is not a string
+if ARGV[4] == '1' then
+  local size = redis.pcall('STRLEN', KEYS[1])
+  if type(size) == 'table' then return {5} end
+  if size > tonumber(ARGV[3]) then return {4, size} end
+  if size > 0 then return {1, redis.call('GET', KEYS[1])} end
 end
-if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {2} end
-return {3, redis.call('PTTL', KEYS[2])}
+local replaced = 0
+local ttl = redis.call('PTTL', KEYS[2])
+-- A lock never lives without expiry, and always holds a string: anything else was written by
+-- something else, and would block every caller for ever.
+if ttl == -1 or (ttl > 0 and redis.call('TYPE', KEYS[2])['ok'] ~= 'string') then
+  redis.call('DEL', KEYS[2])
+  replaced = 1
+end
+if ARGV[5] == '1' then
+  if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {2, replaced} end
+  return {3, redis.call('PTTL', KEYS[2]), redis.call('EXISTS', KEYS[3])}
+end
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+return {2, replaced}
 """
 
 RENEW: Final = """
--- KEYS: lock. ARGV: token, lease in ms. Extends the lease only if token still holds the lock.
-if redis.call('GET', KEYS[1]) == ARGV[1] then
+-- KEYS: lock. ARGV: token, lease in ms. Extends the lease only if token still holds the lock;
+-- returns 1 if it did, else 0.
+if redis.pcall('GET', KEYS[1]) == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
 return 0
 """
 
 FINISH: Final = """
--- KEYS: value, lock. ARGV: token, "1" to store the value, value, ttl in ms (0: none),
--- channel, message. Stores the value, deletes the lock only if token still holds it, and
--- wakes the waiters. Returns 1 if token held the lock, else 0.
-if ARGV[2] == '1' then
+-- KEYS: value, lock, marker.
+-- ARGV: token, outcome ('s': store the value; 'u': uncacheable, mark the function; 'n': nothing
+--       to store), value, ttl in ms (0: none), channel, message, marker lifetime in ms,
+--       '1' if an earlier attempt of this same finish may have run already.
+-- If token holds the lock: stores per outcome, deletes the lock, announces message on channel
+-- and returns 1. Otherwise stores nothing and returns 2 if the value stored is this very value
+-- (an earlier attempt ran), else 0 (the lock was lost).
+if ARGV[2] == 'u' then
+  redis.call('SET', KEYS[3], '1', 'PX', ARGV[7])
+end
+if redis.pcall('GET', KEYS[2]) ~= ARGV[1] then
+  if ARGV[8] == '1' and ARGV[2] == 's' and redis.pcall('GET', KEYS[1]) == ARGV[3] then
+    return 2
+  end
+  return 0
+end
+if ARGV[2] == 's' then
   if tonumber(ARGV[4]) > 0 then
     redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[4])
   else
     redis.call('SET', KEYS[1], ARGV[3])
   end
+  redis.call('DEL', KEYS[3])
 end
-local held = 0
-if redis.call('GET', KEYS[2]) == ARGV[1] then
-  redis.call('DEL', KEYS[2])
-  held = 1
-end
+redis.call('DEL', KEYS[2])
 redis.call('PUBLISH', ARGV[5], ARGV[6])
-return held
+return 1
+"""
+
+DELETE: Final = """
+-- KEYS: value, lock. ARGV: channel. Removes the value and the lock, so that a computation under
+-- way cannot store its result, and wakes the waiters (to compute afresh). Returns whether a
+-- value was removed.
+local removed = redis.call('DEL', KEYS[1])
+if redis.call('DEL', KEYS[2]) == 1 then
+  redis.call('PUBLISH', ARGV[1], 'x')
+end
+return removed
 """

@@ -5,10 +5,12 @@ bool, int, finite float, str, and lists and str-keyed dicts of those. A tuple wo
 a list and a set not at all, so such values are refused (the caller gets them uncached) rather
 than silently changed.
 
-With a secret, values are pickled and signed; the signature covers the entry's Redis name too, so
-a signed entry copied under another key is refused like a forged one. An entry is unpickled only
-after its signature has been checked with ``hmac.compare_digest``; an entry without a valid
-signature is never unpickled.
+With a secret, values are pickled and signed. The signature covers the entry's Redis name and
+its expiry time, both carried in the entry: a signed entry copied under another key is refused
+like a forged one, and one read after its expiry is refused whatever Redis's own TTL says (an
+entry whose TTL was removed, or an old entry written back). An entry is unpickled only after
+its signature has been checked with ``hmac.compare_digest``; an entry without a valid signature
+is never unpickled.
 """
 
 from __future__ import annotations
@@ -18,13 +20,21 @@ import hmac
 import json
 import math
 import pickle
-from typing import Any, Final
+import time
+from collections.abc import Callable
+from typing import Any, Final, Literal
 
-__all__ = ("BadEntry", "Unencodable", "ValueCodec")
+from ._protocol import MISSING
+from ._redis_log import Throttle
+
+__all__ = ("BadEntry", "Entries", "Unencodable", "ValueCodec")
 
 _JSON: Final = b"wq1j"
-_SIGNED: Final = b"wq1p"
+_SIGNED: Final = b"wq2p"
+"""Signed pickle: tag, MAC (32 bytes), expiry (8 bytes: ms since the epoch, 0 for none), body."""
+_OLD_SIGNED: Final = b"wq1p"
 _MAC_SIZE: Final = hashlib.sha256().digest_size
+_HEAD: Final = len(_SIGNED) + _MAC_SIZE + 8
 
 
 class Unencodable(ValueError):
@@ -57,26 +67,29 @@ def _json_exact(value: object, depth: int = 0) -> bool:
 class ValueCodec:
     """Encodes and decodes stored values; see the module docstring for the formats."""
 
-    __slots__ = ("_secret",)
+    __slots__ = ("_clock", "_secret")
 
-    def __init__(self, secret: bytes | None) -> None:
+    def __init__(self, secret: bytes | None, clock: Callable[[], float] = time.time) -> None:
         self._secret = secret
+        self._clock = clock
+        """Wall-clock seconds since the epoch: expiry times are shared between hosts."""
 
     @property
     def signed(self) -> bool:
         """Whether values are stored as signed pickle (True) or JSON (False)."""
         return self._secret is not None
 
-    def _mac(self, name: str, body: bytes) -> bytes:
+    def _mac(self, name: bytes, expiry: bytes, body: bytes) -> bytes:
         assert self._secret is not None
         mac = hmac.new(self._secret, _SIGNED, hashlib.sha256)
-        mac.update(name.encode("utf-8", "surrogatepass"))
-        mac.update(b"\0")
+        mac.update(len(name).to_bytes(8, "big"))
+        mac.update(name)
+        mac.update(expiry)
         mac.update(body)
         return mac.digest()
 
-    def dumps(self, name: str, value: Any) -> bytes:
-        """Return the bytes to store under the Redis name ``name``.
+    def dumps(self, name: bytes, value: Any, ttl: float | None = None) -> bytes:
+        """Return the bytes to store under the Redis name ``name`` for ``ttl`` seconds.
 
         Raises:
             Unencodable: the value cannot be stored exactly in this codec's format.
@@ -100,9 +113,11 @@ class ValueCodec:
             raise Unencodable(
                 f"a {type(value).__qualname__} value is not stored: it cannot be pickled ({exc!r})"
             ) from exc
-        return _SIGNED + self._mac(name, body) + body
+        expires_ms = 0 if ttl is None else max(1, int((self._clock() + ttl) * 1000))
+        expiry = expires_ms.to_bytes(8, "big")
+        return _SIGNED + self._mac(name, expiry, body) + expiry + body
 
-    def loads(self, name: str, data: bytes) -> Any:
+    def loads(self, name: bytes, data: bytes) -> Any:
         """Return the value stored as data under the Redis name ``name``.
 
         Raises:
@@ -110,7 +125,7 @@ class ValueCodec:
         """
         head = data[:4]
         if self._secret is None:
-            if head == _SIGNED:
+            if head in (_SIGNED, _OLD_SIGNED):
                 raise BadEntry("entry is signed pickle but this RedisCache has no secret=")
             if head != _JSON:
                 raise BadEntry("entry was not written by wq_memo")
@@ -118,14 +133,110 @@ class ValueCodec:
                 return json.loads(data[4:].decode("utf-8", "surrogatepass"))
             except (ValueError, RecursionError) as exc:
                 raise BadEntry(f"entry is not valid JSON ({exc})") from exc
+        if head == _OLD_SIGNED:
+            raise BadEntry(
+                "entry is in an older signed format that carries no expiry of its own; "
+                "it will be computed again and stored in the current format"
+            )
         if head != _SIGNED:
             raise BadEntry(
                 "entry is not signed (this RedisCache has secret= and reads only signed)"
             )
-        mac, body = data[4 : 4 + _MAC_SIZE], data[4 + _MAC_SIZE :]
-        if len(mac) != _MAC_SIZE or not hmac.compare_digest(mac, self._mac(name, body)):
+        mac = data[4 : 4 + _MAC_SIZE]
+        expiry, body = data[4 + _MAC_SIZE : _HEAD], data[_HEAD:]
+        if len(data) < _HEAD or not hmac.compare_digest(mac, self._mac(name, expiry, body)):
             raise BadEntry("entry's signature does not match (tampered, or another secret)")
+        expires_ms = int.from_bytes(expiry, "big")
+        if expires_ms:
+            late = self._clock() - expires_ms / 1000
+            if late >= 0:
+                raise BadEntry(
+                    f"signed entry expired {late:.3f} s ago, yet Redis still holds it (its "
+                    "TTL was removed or the entry was written back)"
+                )
         try:
             return pickle.loads(body)
         except Exception as exc:  # a validly signed entry whose classes are gone, for instance
             raise BadEntry(f"signed entry cannot be unpickled ({exc!r})") from exc
+
+
+Refusal = Literal["unencodable", "oversized"]
+
+
+def _show(name: bytes) -> str:
+    return name.decode("utf-8", "backslashreplace")
+
+
+class Entries:
+    """A RedisCache's values and stored entries: the codec, the size bound, counters and logs."""
+
+    __slots__ = ("_codec", "_counts", "_label", "_throttle", "max_bytes")
+
+    def __init__(
+        self, codec: ValueCodec, max_bytes: int, counts: dict[str, int], label: str
+    ) -> None:
+        self._codec = codec
+        self.max_bytes = max_bytes
+        self._counts = counts
+        self._label = label
+        self._throttle = Throttle()
+
+    def encode(self, name: bytes, function: str, value: Any, ttl: float | None) -> bytes | Refusal:
+        """Return the bytes to store for value, or why it is not stored (logged and counted)."""
+        try:
+            data = self._codec.dumps(name, value, ttl)
+        except Unencodable as exc:
+            self._counts["unencodable"] += 1
+            self._throttle.log(
+                ("unencodable", function),
+                "RedisCache %s: result for %s returned uncached: %s",
+                self._label,
+                _show(name),
+                exc,
+            )
+            return "unencodable"
+        if len(data) > self.max_bytes:
+            self._counts["oversized"] += 1
+            self._throttle.log(
+                ("oversized", function),
+                "RedisCache %s: result for %s returned uncached: it takes %d bytes, more than "
+                "max_value_bytes=%d; raise max_value_bytes to store such values",
+                self._label,
+                _show(name),
+                len(data),
+                self.max_bytes,
+            )
+            return "oversized"
+        return data
+
+    def decode(self, name: bytes, data: bytes) -> Any:
+        """Return the value data holds, or MISSING (logged and counted) when it is refused."""
+        try:
+            return self._codec.loads(name, data)
+        except BadEntry as exc:
+            self.refused(name, str(exc))
+            return MISSING
+
+    def refused(self, name: bytes, why: str) -> None:
+        """Count and log an entry read from Redis and treated as a miss."""
+        self._counts["bad_entries"] += 1
+        self._throttle.log(
+            ("bad", name),
+            "RedisCache %s: entry %s treated as a miss: %s",
+            self._label,
+            _show(name),
+            why,
+        )
+
+    def too_big(self, name: bytes, size: int | None) -> None:
+        """Count and log an entry left unread because it is larger than max_value_bytes."""
+        self._counts["oversized"] += 1
+        self._throttle.log(
+            ("too big", name),
+            "RedisCache %s: entry %s treated as a miss without reading it: it takes %s bytes, "
+            "more than max_value_bytes=%d",
+            self._label,
+            _show(name),
+            "more than that" if size is None else size,
+            self.max_bytes,
+        )

@@ -84,7 +84,7 @@ async def _make(name: str, url: str, prefix: str, callers: int, count: Any) -> A
         from wq_memo.backends.redis import RedisCache
 
         cache = RedisCache(url, namespace=f"{prefix}_wq")
-        memoized = worker_queue(cache=cache, maxsize=callers)(compute)
+        memoized = worker_queue(cache=cache, maxsize=callers, name="compute")(compute)
 
         async def close_wq() -> None:
             await memoized.queue.aclose()

@@ -181,7 +181,7 @@ def stall_caller(
         counter = Redis.from_url(url, socket_timeout=10)
         computed: Counter[int] = Counter()
 
-        @worker_queue(cache=cache, maxsize=16)
+        @worker_queue(cache=cache, maxsize=16, name="value")
         async def value(i: int) -> str:
             computed[i] += 1
             await counter.incr(f"{namespace}:started")

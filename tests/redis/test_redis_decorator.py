@@ -35,7 +35,7 @@ async def test_concurrent_calls_compute_once_and_land_in_redis(
     calls = 0
     gate = asyncio.Event()
 
-    @worker_queue(cache=cache)
+    @worker_queue(cache=cache, name="square")
     async def square(x: int, *, shift: int = 0) -> int:
         nonlocal calls
         calls += 1
@@ -52,7 +52,7 @@ async def test_concurrent_calls_compute_once_and_land_in_redis(
     info = square.cache_info()
     assert info.hits + info.misses + info.joined == 21
     assert info.hits >= 1
-    function = f"{square.__module__}.{square.__qualname__}"
+    function = "square"
     name = key_names(cache.namespace, CallKey(function, cachetools.keys.hashkey(3, shift=1)))
     assert sync_redis.get(name.value) == b"wq1j10"
 
@@ -61,7 +61,7 @@ async def test_a_second_process_view_reads_the_first_ones_results(make_redis_cac
     results: list[str] = []
 
     def define(cache: RedisCache) -> Any:
-        @worker_queue(cache=cache)
+        @worker_queue(cache=cache, name="greet")
         async def greet(name: str) -> str:
             results.append(name)
             return f"hello {name}"
@@ -77,7 +77,7 @@ async def test_a_second_process_view_reads_the_first_ones_results(make_redis_cac
 async def test_none_is_cached_and_exceptions_are_not(make_redis_cache: Make) -> None:
     calls: list[int] = []
 
-    @worker_queue(cache=make_redis_cache())
+    @worker_queue(cache=make_redis_cache(), name="maybe")
     async def maybe(x: int) -> int | None:
         calls.append(x)
         if x < 0:
@@ -96,7 +96,7 @@ async def test_invalidate_and_clear(make_redis_cache: Make) -> None:
     cache = make_redis_cache()
     calls: list[int] = []
 
-    @worker_queue(cache=cache)
+    @worker_queue(cache=cache, name="ident")
     async def ident(x: int) -> int:
         calls.append(x)
         return x
@@ -117,11 +117,11 @@ async def test_invalidate_and_clear(make_redis_cache: Make) -> None:
 async def test_functions_sharing_a_cache_have_separate_entries(make_redis_cache: Make) -> None:
     cache = make_redis_cache()
 
-    @worker_queue(cache=cache)
+    @worker_queue(cache=cache, name="double")
     async def double(x: int) -> int:
         return 2 * x
 
-    @worker_queue(cache=cache)
+    @worker_queue(cache=cache, name="triple")
     async def triple(x: int) -> int:
         return 3 * x
 
@@ -130,14 +130,14 @@ async def test_functions_sharing_a_cache_have_separate_entries(make_redis_cache:
 
 
 async def test_argument_without_canonical_encoding_says_pass_key(make_redis_cache: Make) -> None:
-    @worker_queue(cache=make_redis_cache())
+    @worker_queue(cache=make_redis_cache(), name="use")
     async def use(obj: Any) -> int:
         return 1
 
     with pytest.raises(TypeError, match="pass key="):
         await use(_Opaque())
 
-    @worker_queue(cache=make_redis_cache(), key=lambda obj: id(obj))
+    @worker_queue(cache=make_redis_cache(), key=lambda obj: id(obj), name="use_by_id")
     async def use_by_id(obj: Any) -> int:
         return 2
 
@@ -148,7 +148,7 @@ async def test_results_json_cannot_hold_are_returned_uncached(make_redis_cache: 
     cache = make_redis_cache()
     calls = 0
 
-    @worker_queue(cache=cache)
+    @worker_queue(cache=cache, name="pair")
     async def pair(x: int) -> tuple[int, int]:
         nonlocal calls
         calls += 1
@@ -160,19 +160,19 @@ async def test_results_json_cannot_hold_are_returned_uncached(make_redis_cache: 
     assert cache.stats().unencodable == 2
     signed = make_redis_cache(secret="k" * 32)
 
-    @worker_queue(cache=signed)
+    @worker_queue(cache=signed, name="signed_pair")
     async def signed_pair(x: int) -> tuple[int, int]:
         return (x, x)
 
     assert await signed_pair(1) == (1, 1)
-    assert await signed.get(CallKey(f"{__name__}.{signed_pair.__qualname__}", (1,))) == (1, 1)
+    assert await signed.get(CallKey("signed_pair", (1,))) == (1, 1)
     assert await cache.get(CallKey("nothing", ())) is MISSING
 
 
 def _process(cache: RedisCache, release: asyncio.Event, started: list[int]) -> Any:
     """The same decorated function, as each process defines it, over its own RedisCache."""
 
-    @worker_queue(cache=cache, maxsize=3)
+    @worker_queue(cache=cache, maxsize=3, name="lookup")
     async def lookup(x: int) -> int:
         started.append(x)
         if x < 3:
@@ -184,11 +184,6 @@ def _process(cache: RedisCache, release: asyncio.Event, started: list[int]) -> A
     return lookup
 
 
-@pytest.mark.xfail(
-    reason="this core calls get_or_compute() inside one of the function's maxsize slots; the "
-    "core that calls it outside them (and compute() inside) makes this pass: then drop the mark",
-    raises=TimeoutError,
-)
 async def test_waiting_for_another_process_takes_none_of_the_functions_slots(
     make_redis_cache: Make,
 ) -> None:

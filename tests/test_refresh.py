@@ -443,3 +443,91 @@ async def test_controls_on_bound_methods() -> None:
 def test_cache_info_has_the_refresh_counters_with_defaults() -> None:
     info = CacheInfo(1, 2, 3, None, 0)
     assert (info.refreshes, info.refresh_failures) == (0, 0)
+
+
+class SharedStore:
+    """What processes share: entries with their write times, and the keys being computed."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.entries: dict[Hashable, tuple[Any, float]] = {}
+        self.computing: set[Hashable] = set()
+
+
+class RefreshingView:
+    """One process's RefreshingCache over a SharedStore (a stand-in for RedisCache)."""
+
+    def __init__(self, store: SharedStore) -> None:
+        self.store = store
+
+    async def get(self, key: Hashable) -> Any:
+        return (await self.get_with_age(key))[0]
+
+    async def get_with_age(self, key: Hashable) -> tuple[Any, float | None]:
+        await asyncio.sleep(0)
+        entry = self.store.entries.get(key)
+        if entry is None:
+            return MISSING, None
+        return entry[0], self.store.clock() - entry[1]
+
+    async def set(self, key: Hashable, value: Any, ttl: float | None = None) -> None:
+        self.store.entries[key] = (value, self.store.clock())
+
+    async def delete(self, key: Hashable) -> bool:
+        return self.store.entries.pop(key, None) is not None
+
+    async def clear(self) -> None:
+        self.store.entries.clear()
+
+    async def aclose(self) -> None:
+        pass
+
+    async def get_or_compute(self, key: Hashable, compute: Callable[[], Any]) -> Any:
+        value, _ = await self.get_with_age(key)
+        if value is not MISSING:
+            return value
+        self.store.computing.add(key)
+        try:
+            value = await compute()
+        finally:
+            self.store.computing.discard(key)
+        await self.set(key, value)
+        return value
+
+    async def refresh(self, key: Hashable, compute: Callable[[], Any]) -> tuple[bool, Any]:
+        if key in self.store.computing:
+            return False, MISSING
+        self.store.computing.add(key)
+        try:
+            value = await compute()
+        finally:
+            self.store.computing.discard(key)
+        await self.set(key, value)
+        return True, value
+
+
+async def test_across_processes_an_entry_written_elsewhere_is_refreshed_by_one_process() -> None:
+    clock = Clock()
+    store = SharedStore(clock)
+    sources = [Source(), Source()]
+    a, b = (
+        worker_queue(cache=RefreshingView(store), refresh_after=5, timer=clock, name="src")(s)
+        for s in sources
+    )
+    assert await a("k") == "k@0"  # written by process a
+    clock.now = 3
+    assert await b("k") == "k@0"  # b reads it with its age: 3 s, not fresh from b's view
+    clock.now = 5
+    for source in sources:
+        source.gate = asyncio.Event()
+    assert [await a("k"), await b("k")] == ["k@0", "k@0"]  # both find it due at once
+    await settle()
+    assert len(sources[0].calls) + len(sources[1].calls) == 2  # one refresh, in one process
+    for source in sources:
+        source.gate.set()
+    await settle()
+    [(value, written)] = store.entries.values()
+    assert written == 5  # refreshed once, at 5
+    assert await a("k") == await b("k") == value
+    # Each process started a refresh; the one that found the key being computed kept serving.
+    assert a.cache_info().refreshes == b.cache_info().refreshes == 1

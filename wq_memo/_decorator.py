@@ -29,7 +29,14 @@ from ._methods import InstanceKeys, MemoizedClassMethod, MemoizedMethod, MethodS
 from ._queue import WorkerQueue, is_async_callable
 from ._refresh import NEVER, Refresher, check_refresh_options
 from ._ttl_lookup import fast_lookup, raw_timer
-from .backends._protocol import MISSING, AsyncCache, CallKey, Missing, SingleFlightCache
+from .backends._protocol import (
+    MISSING,
+    AsyncCache,
+    CallKey,
+    Missing,
+    RefreshingCache,
+    SingleFlightCache,
+)
 
 __all__ = ("BoundMemoized", "CacheInfo", "Memoized", "worker_queue")
 
@@ -668,9 +675,23 @@ def _with_async_cache(
                 finally:
                     table.release()
 
+            if flight.background and isinstance(single_flight, RefreshingCache):
+                return _refresh_across(single_flight, flight.key, compute, refresher)
             if flight.refresh:
                 return _refresh_through(single_flight, flight.key, compute, refresher)
             return _get_or_compute(single_flight, flight.key, compute, refresher)
+
+        lookup: Callable[[Hashable], Awaitable[Any]] = cache.get
+        if refresher is not None and isinstance(cache, RefreshingCache):
+            refreshing = cache
+
+            async def lookup_with_age(k: Hashable) -> Any:
+                value, age = await refreshing.get_with_age(k)
+                if value is not MISSING and age is not None:
+                    refresher.written(k, age)
+                return value
+
+            lookup = lookup_with_age
 
         queue = WorkerQueue._internal(
             func,
@@ -678,7 +699,7 @@ def _with_async_cache(
             options.finish_timeout,
             miss=MISSING,
             compute=compute_single_flight,
-            lookup=cache.get,
+            lookup=lookup,
             slotless=True,
             on_refresh_failed=on_refresh_failed,
         )
@@ -780,6 +801,23 @@ async def _get_or_compute(
     if refresher is not None:
         refresher.stored(k)  # its write time, as near as this process knows it
     return value
+
+
+async def _refresh_across(
+    cache: RefreshingCache,
+    k: Hashable,
+    compute: Callable[[], Awaitable[R]],
+    refresher: Refresher | None,
+) -> R:
+    """A background refresh: one process refreshes k, the others go on serving its entry."""
+    refreshed, value = await cache.refresh(k, compute)
+    if refreshed:
+        if refresher is not None:
+            refresher.stored(k)
+        return value  # type: ignore[return-value]
+    # Another process refreshes (or computes) it: the entry as it is, or, if it expired meanwhile,
+    # the other process's result.
+    return await cache.get_or_compute(k, compute)
 
 
 async def _refresh_through(

@@ -95,6 +95,21 @@ class Refresher:
         if len(due) > self.prune_at:
             self._prune()
 
+    def written(self, key: Hashable, age: float) -> None:
+        """The cache says key's entry was written ``age`` seconds ago (maybe by another process).
+
+        The due time only moves later: a refresh starting or failing here pushed it back, and an
+        entry refreshed elsewhere is younger.
+        """
+        delay = self.after
+        if self.jitter:
+            delay *= 1 + self.jitter * (2 * random.random() - 1)
+        due = self.clock() - age + delay
+        if due > self.due.get(key, -NEVER):
+            self.due[key] = due
+            if len(self.due) > self.prune_at:
+                self._prune()
+
     def started(self, key: Hashable) -> None:
         """A refresh of key started (or was under way): no other before the back-off."""
         self.due[key] = self.clock() + self.backoff

@@ -4,6 +4,13 @@ The Redis backend lives in ``wq_memo.backends.redis`` and is imported only when 
 that wq_memo works without the ``redis`` package.
 """
 
-from ._protocol import MISSING, AsyncCache, CallKey, Missing, SingleFlightCache
+from ._protocol import MISSING, AsyncCache, CallKey, Missing, RefreshingCache, SingleFlightCache
 
-__all__ = ("MISSING", "AsyncCache", "CallKey", "Missing", "SingleFlightCache")
+__all__ = (
+    "MISSING",
+    "AsyncCache",
+    "CallKey",
+    "Missing",
+    "RefreshingCache",
+    "SingleFlightCache",
+)

@@ -6,7 +6,14 @@ import enum
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Any, Final, NamedTuple, Protocol, TypeVar, runtime_checkable
 
-__all__ = ("MISSING", "AsyncCache", "CallKey", "Missing", "SingleFlightCache")
+__all__ = (
+    "MISSING",
+    "AsyncCache",
+    "CallKey",
+    "Missing",
+    "RefreshingCache",
+    "SingleFlightCache",
+)
 
 V = TypeVar("V")
 
@@ -70,13 +77,43 @@ class SingleFlightCache(AsyncCache, Protocol):
     """An AsyncCache that can also make sure one computation runs across processes.
 
     When the cache given to @worker_queue has this method, the decorator's worker calls it instead
-    of calling the function directly, and does not store the result itself afterwards.
+    of calling the function directly, and does not store the result itself afterwards. It calls
+    it holding none of the function's ``maxsize`` slots: ``compute()`` takes one itself, so call
+    it only when this process computes (never while waiting for another process).
     """
 
     async def get_or_compute(self, key: Hashable, compute: Callable[[], Awaitable[V]]) -> V:
         """Return the value under key, computing and storing it with compute() if absent.
 
         Across every process sharing the store, at most one compute() for a key runs at a time.
-        An exception from compute() propagates to the caller and nothing is stored.
+        An exception from compute() propagates to the caller and nothing is stored. A
+        ``delete(key)`` or ``clear()`` made while compute() runs means its result is not stored.
+        """
+        ...
+
+
+@runtime_checkable
+class RefreshingCache(SingleFlightCache, Protocol):
+    """A SingleFlightCache that knows each entry's age and refreshes entries across processes.
+
+    With ``refresh_after=``, @worker_queue reads entries with ``get_with_age`` (so that an entry
+    another process wrote is refreshed on time) and refreshes them with ``refresh`` (so that one
+    process refreshes a key while the others keep serving it).
+    """
+
+    async def get_with_age(self, key: Hashable) -> tuple[Any, float | None]:
+        """(the value under key or MISSING, seconds since it was written or None if unknown)."""
+        ...
+
+    async def refresh(
+        self, key: Hashable, compute: Callable[[], Awaitable[V]]
+    ) -> tuple[bool, V | Missing]:
+        """Compute key anew and store it, unless another process is computing it already.
+
+        Returns ``(True, value)`` when this call computed and stored it (stored as
+        get_or_compute stores: not after a delete, never over a newer value), and
+        ``(False, MISSING)`` at once, without waiting and without calling compute(), when
+        another process holds the key's computation. Exceptions from compute() propagate and
+        nothing is stored.
         """
         ...

@@ -518,13 +518,13 @@ async def test_across_processes_an_entry_written_elsewhere_is_refreshed_by_one_p
     clock.now = 3
     assert await b("k") == "k@0"  # b reads it with its age: 3 s, not fresh from b's view
     clock.now = 5
+    gate = asyncio.Event()
     for source in sources:
-        source.gate = asyncio.Event()
+        source.gate = gate
     assert [await a("k"), await b("k")] == ["k@0", "k@0"]  # both find it due at once
     await settle()
     assert len(sources[0].calls) + len(sources[1].calls) == 2  # one refresh, in one process
-    for source in sources:
-        source.gate.set()
+    gate.set()
     await settle()
     [(value, written)] = store.entries.values()
     assert written == 5  # refreshed once, at 5

@@ -238,8 +238,12 @@ def test_every_target_and_figure_is_saved_with_a_name_of_its_own(
     names = [f["what"] for t in tables.values() for f in [*t["targets"], *t["figures"]]]
     assert len(names) == len(set(names))
     targets = {t["what"]: t for table in tables.values() for t in table["targets"]}
-    assert targets["hit, wq_memo (TTLCache) x async-lru (ttl)"]["limit"] == 0.7
-    assert targets["miss throughput, wq_memo x async-lru"]["stretch"] == 0.65
+    assert "hit, wq_memo (TTLCache) x hand-written (TTLCache)" in targets
+    if importlib.util.find_spec("async_lru") is not None:  # a peer: only with the bench extra
+        assert targets["hit, wq_memo (TTLCache) x async-lru (ttl)"]["limit"] == 0.7
+        assert targets["miss throughput, wq_memo x async-lru"]["stretch"] == 0.65
+    else:
+        assert not any("async-lru" in what for what in targets)
     assert {"load_averages_at_start", "load_averages_at_end", "versions"} <= set(run[2]["machine"])
     assert "uvloop" in run[2]["machine"]["versions"]
 

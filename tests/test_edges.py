@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import logging
 import time
+import weakref
 from collections.abc import Callable, Hashable
 from typing import Any
 
@@ -206,3 +208,104 @@ async def test_an_awaitable_returned_by_a_plain_function_is_accepted() -> None:
     queue: WorkerQueue[int, str] = WorkerQueue(worker, cache_get, cache_set)
     assert await bounded(queue.require(1)) == "1"
     assert store == {1: "1"}
+
+
+async def test_a_cache_set_that_returns_no_awaitable_is_logged_as_such(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    store: dict[int, str] = {}
+
+    async def cache_get(item: int) -> str | None:
+        return store.get(item)
+
+    def cache_set(item: int, value: str) -> None:
+        store[item] = value
+
+    queue: WorkerQueue[int, str] = WorkerQueue(worker, cache_get, cache_set)  # type: ignore[arg-type]
+    with caplog.at_level(logging.ERROR, logger="wq_memo"):
+        assert await bounded(queue.require(1)) == await worker(1)
+        await bounded(queue.aclose())
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1
+    message = errors[0].getMessage()
+    assert "cache_set must be an async function" in message
+    assert "no result is stored until it is" in message
+    assert errors[0].exc_info is None  # a mistake to fix, not a failure to trace
+
+
+class Boom(Exception):
+    """Weakly referenceable, unlike the built-in exceptions."""
+
+
+async def test_a_failed_computation_leaves_no_reference_cycle_behind() -> None:
+    @worker_queue(cache={})
+    async def fail(x: int) -> int:
+        raise Boom(x)
+
+    gc.collect()
+    gc.disable()
+    try:
+        ref: weakref.ref[Boom] | None = None
+        try:
+            await bounded(fail(1))
+        except Boom as exc:
+            ref = weakref.ref(exc)
+        assert ref is not None
+        for _ in range(5):  # the computation's task ends
+            await asyncio.sleep(0)
+        assert ref() is None, gc.get_referrers(ref())
+    finally:
+        gc.enable()
+
+
+async def test_callers_that_left_while_their_item_waited_are_still_counted() -> None:
+    gate = asyncio.Event()
+
+    @worker_queue(maxsize=1, cache={})
+    async def f(key: str) -> str:
+        await gate.wait()
+        return key
+
+    first = asyncio.ensure_future(f("a"))
+    queued = [asyncio.ensure_future(f("b")), asyncio.ensure_future(f("b"))]
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert f.queue.waiting == 1
+    for task in queued:
+        task.cancel()
+    gate.set()
+    assert await bounded(first) == "a"
+    info = f.cache_info()
+    assert (info.hits, info.misses, info.joined) == (0, 2, 1)  # three calls
+
+
+class Mutable:
+    """A key whose hash the worker changes (a mistake, which must not break the queue)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __hash__(self) -> int:
+        return self.n
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Mutable) and other.n == self.n
+
+
+async def test_a_key_whose_hash_changes_during_its_computation_is_still_let_go() -> None:
+    async def mutate(item: Mutable) -> int:
+        item.n += 1003  # another slot of the table: found again only by identity
+        await asyncio.sleep(0)
+        return item.n
+
+    async def no_lookup(item: Mutable) -> None:
+        return None
+
+    async def no_store(item: Mutable, value: int) -> None:
+        pass
+
+    queue: WorkerQueue[Mutable, int] = WorkerQueue(mutate, no_lookup, no_store, maxsize=1)
+    assert await bounded(queue.require(Mutable(1))) == 1004
+    assert await bounded(queue.require(Mutable(2))) == 1005  # the slot was freed
+    assert queue.computing == 0
+    await bounded(queue.aclose())

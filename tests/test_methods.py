@@ -189,3 +189,22 @@ async def test_a_staticmethod_in_a_class_stays_a_plain_function() -> None:
     assert await maths.square(3) == 9
     assert await maths().square(3) == 9
     assert Maths.square.cache_info().hits == 1
+
+
+async def test_a_long_lived_instance_remembers_only_keys_the_cache_still_holds() -> None:
+    class Repo:
+        @worker_queue(cache=cachetools.LRUCache(maxsize=4))
+        async def row(self, n: int) -> int:
+            return n
+
+    repo = Repo()
+    for n in range(1000):
+        assert await repo.row(n) == n
+    cache = Repo.row.cache
+    assert isinstance(cache, cachetools.LRUCache)
+    stand_in = next(iter(cache))[0]
+    assert len(cache) == 4
+    assert len(stand_in.keys) <= 32, "evicted entries' keys kept for the instance"
+    assert set(cache) <= stand_in.keys
+    repo.row.cache_clear()
+    assert not stand_in.keys

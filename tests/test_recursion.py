@@ -5,10 +5,15 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from collections.abc import Awaitable, Callable, Hashable
+from typing import Any, TypeVar
 
 import pytest
 
-from wq_memo import WorkerQueue, worker_queue
+from wq_memo import MISSING, WorkerQueue, worker_queue
+from wq_memo.backends import SingleFlightCache
+
+V = TypeVar("V")
 
 WAIT = 5.0
 
@@ -161,3 +166,130 @@ async def test_worker_queue_recursion_through_require() -> None:
     queue: WorkerQueue[int, int] = WorkerQueue(worker, cache_get, cache_set, maxsize=1)
     async with asyncio.timeout(WAIT):
         assert await queue.require(20) == 17711
+
+
+@pytest.mark.skipif(not hasattr(asyncio, "eager_task_factory"), reason="eager tasks are 3.12+")
+async def test_deep_recursion_under_an_eager_task_factory_does_not_pile_up_the_stack() -> None:
+    """Nested calls never start eagerly, whatever the loop's task factory: each would run its
+    first step on the stack of its caller, and a chain 3,000 deep would overflow it."""
+    loop = asyncio.get_running_loop()
+    loop.set_task_factory(asyncio.eager_task_factory)  # type: ignore[attr-defined]
+    try:
+
+        @worker_queue(maxsize=3, cache={})
+        async def depth(n: int) -> int:
+            return 0 if n == 0 else 1 + await depth(n - 1)
+
+        async with asyncio.timeout(WAIT):
+            assert await depth(3000) == 3000
+    finally:
+        loop.set_task_factory(None)
+
+
+async def test_a_nested_computation_outliving_its_caller_keeps_its_slot() -> None:
+    """'p' starts 'c' (which runs in p's slot) and returns without waiting for it: 'c' then
+    holds the slot itself, so with maxsize=1 no other computation starts until it ends."""
+    c_may_end = asyncio.Event()
+    started: list[str] = []
+    background: list[asyncio.Future[str]] = []
+
+    @worker_queue(maxsize=1, cache=None)
+    async def f(key: str) -> str:
+        started.append(key)
+        if key == "p":
+            background.append(asyncio.ensure_future(f("c")))
+            await asyncio.sleep(0)  # c starts, in p's slot
+        elif key == "c":
+            await c_may_end.wait()
+        return key
+
+    async with asyncio.timeout(WAIT):
+        assert await f("p") == "p"
+        assert started == ["p", "c"]
+        x = asyncio.ensure_future(f("x"))
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert started == ["p", "c"], "x started while c still held the only slot"
+        assert f.queue.computing == 1
+        c_may_end.set()
+        assert await background[0] == "c"
+        assert await x == "x"
+    assert started == ["p", "c", "x"]
+
+
+async def test_a_wait_given_up_is_no_longer_part_of_a_cycle() -> None:
+    """'p' awaited 'q' and gave up (cancelled its wait); 'q' may then await 'p' without a
+    RecursionError: 'p' no longer waits for it."""
+    p_gave_up = asyncio.Event()
+    q_joined = asyncio.Event()
+    seen: list[object] = []
+
+    @worker_queue(maxsize=1, cache=None)
+    async def f(key: str) -> str:
+        if key == "p":
+            wait = asyncio.ensure_future(f("q"))
+            await asyncio.sleep(0)  # q starts; p now waits for it
+            wait.cancel()
+            p_gave_up.set()
+            await q_joined.wait()
+            return "P"
+        await p_gave_up.wait()
+        q_joined.set()
+        try:
+            seen.append(await f("p"))
+        except RecursionError as exc:
+            seen.append(exc)
+        return "Q"
+
+    async with asyncio.timeout(WAIT):
+        assert await f("p") == "P"
+        for _ in range(10):
+            if seen:
+                break
+            await asyncio.sleep(0)
+    assert seen == ["P"]
+
+
+class SingleFlightMemoryCache:
+    """A single-flight cache over a dict, counting its computations."""
+
+    def __init__(self) -> None:
+        self.data: dict[Hashable, Any] = {}
+        self.computed = 0
+
+    async def get(self, key: Hashable) -> Any:
+        return self.data.get(key, MISSING)
+
+    async def set(self, key: Hashable, value: Any, ttl: float | None = None) -> None:
+        self.data[key] = value
+
+    async def delete(self, key: Hashable) -> bool:
+        return self.data.pop(key, MISSING) is not MISSING
+
+    async def clear(self) -> None:
+        self.data.clear()
+
+    async def aclose(self) -> None:
+        pass
+
+    async def get_or_compute(self, key: Hashable, compute: Callable[[], Awaitable[V]]) -> V:
+        if key in self.data:
+            found: V = self.data[key]
+            return found
+        self.computed += 1
+        value = await compute()
+        self.data[key] = value
+        return value
+
+
+async def test_recursion_through_a_single_flight_cache_runs_in_the_callers_slot() -> None:
+    cache = SingleFlightMemoryCache()
+    assert isinstance(cache, SingleFlightCache)
+
+    @worker_queue(maxsize=1, cache=cache, name="tests.recursion.single_flight_fib")
+    async def fib(n: int) -> int:
+        return n if n < 2 else await fib(n - 1) + await fib(n - 2)
+
+    async with asyncio.timeout(WAIT):
+        assert await fib(15) == 610
+    assert cache.computed == 16

@@ -7,6 +7,7 @@ import asyncio
 import contextvars
 import logging
 import random
+import sys
 from collections.abc import Callable, Hashable
 from typing import Any
 
@@ -531,3 +532,26 @@ async def test_across_processes_an_entry_written_elsewhere_is_refreshed_by_one_p
     assert await a("k") == await b("k") == value
     # Each process started a refresh; the one that found the key being computed kept serving.
     assert a.cache_info().refreshes == b.cache_info().refreshes == 1
+
+
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="eager first steps are 3.12+")
+async def test_a_refresh_that_ends_in_its_first_step_is_due_again_after_refresh_after() -> None:
+    """A worker that never suspends finishes its refresh inside the hit that started it: the
+    entry's next refresh is refresh_after later, not one back-off later."""
+    clock = Clock()
+    calls: list[str] = []
+
+    @worker_queue(cache={}, refresh_after=5, refresh_backoff=1, timer=clock)
+    async def f(key: str) -> str:
+        calls.append(key)
+        return f"{key}@{len(calls)}"
+
+    assert await f("k") == "k@1"
+    clock.now = 5
+    assert await f("k") == "k@1"  # due: refreshed in the background
+    await settle()
+    assert calls == ["k", "k"]
+    clock.now = 6.5  # past the back-off, before the next refresh_after
+    assert await f("k") == "k@2"
+    await settle()
+    assert calls == ["k", "k"]

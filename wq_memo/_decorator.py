@@ -268,7 +268,10 @@ def _build(func: Any, options: _Options, state: MethodState | None) -> Any:
                 if mapping is not None:
                     mapping.pop(k, None)
 
-            instances = InstanceKeys(drop)
+            def contains(k: Hashable) -> bool:
+                return mapping is not None and k in mapping
+
+            instances = InstanceKeys(drop, contains)
             key = _method_key(key, state, instances)
         else:
             key = _refuse_instances(key, state, display)
@@ -389,8 +392,9 @@ def _refresh_starter(
 
     def refresh_if_due(k: Hashable, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if clock() >= due_get(k, NEVER):
-            queue._table_now().refresh_in_background(k, args, kwargs)
+            # First: a refresh that ends in its eager first step sets the key's next due time.
             refresher.started(k)
+            queue._table_now().refresh_in_background(k, args, kwargs)
 
     return refresh_if_due
 
@@ -560,6 +564,8 @@ def _with_mapping(
         queue._forget(k)
         if refresher is not None:
             refresher.forget(k)
+        if instances is not None:
+            instances.forget(k)
         try:
             del cache[k]
         except KeyError:
@@ -571,6 +577,8 @@ def _with_mapping(
         queue._forget_all()
         if refresher is not None:
             refresher.clear()
+        if instances is not None:
+            instances.clear()
         cache.clear()
 
     def cache_prime(value: R, *args: P.args, **kwargs: P.kwargs) -> None:
@@ -667,7 +675,11 @@ def _with_async_cache(
             table = queue._table_now()
 
             async def compute() -> R:
-                # Waiting for another process holds no slot: only computing here does.
+                # Waiting for another process holds no slot: only computing here does. A call
+                # made inside a computation of this queue runs in that computation's slot.
+                if flight.parent is not None and table.lender_of(flight.parent) is not None:
+                    flight.computing = True
+                    return await func(*flight.args, **flight.kwargs)
                 await table.slot()
                 flight.computing = True
                 try:

@@ -47,6 +47,10 @@ _EAGER_START: Final = sys.version_info >= (3, 12)
 """Whether tasks can run their first step eagerly (Task(..., eager_start=True), Python 3.12+)."""
 
 
+class NotAsync(TypeError):
+    """A cache function that must be async returned something that cannot be awaited."""
+
+
 class Status(enum.Enum):
     """Where an item is in its life."""
 
@@ -65,7 +69,7 @@ class Counts:
     """Calls answered by the cache, calls that started a computation, calls that joined one;
     background refreshes started, and those that failed."""
 
-    __slots__ = ("hits", "joined", "misses", "refresh_failures", "refreshes")
+    __slots__ = ("dropped", "hits", "joined", "misses", "refresh_failures", "refreshes")
 
     def __init__(self) -> None:
         self.hits = 0
@@ -73,6 +77,8 @@ class Counts:
         self.joined = 0
         self.refreshes = 0
         self.refresh_failures = 0
+        self.dropped = 0
+        """Items counted as misses that never started: every caller left while they waited."""
 
 
 class Flight(Generic[K, R]):
@@ -83,12 +89,14 @@ class Flight(Generic[K, R]):
         "awaiting",
         "background",
         "borrowed",
+        "borrowers",
         "computing",
         "context",
         "forgotten",
         "joiners",
         "key",
         "kwargs",
+        "lender",
         "outcome",
         "parent",
         "refresh",
@@ -119,9 +127,15 @@ class Flight(Generic[K, R]):
         self.context: contextvars.Context | None = None
         self.outcome: tuple[bool, Any] | None = None
         """(True, value) or (False, exception) once delivered."""
-        self.awaiting: list[Flight[Any, Any]] | None = None
-        """Flights this one's computation has awaited (for finding cycles)."""
+        self.awaiting: list[tuple[Flight[Any, Any], asyncio.Future[Any]]] | None = None
+        """Flights this one's computation awaits, each with the future it waits on: an edge
+        of the graph cycles live in while that future is pending."""
         self.borrowed = False
+        """Runs without a slot of its own: in its lender's, or (slotless) taking one to compute."""
+        self.lender: Flight[Any, Any] | None = None
+        """The computation of this table whose slot it runs in (it awaits this one)."""
+        self.borrowers: list[Flight[Any, Any]] | None = None
+        """The computations running in this one's slot."""
         self.refresh = False
         """Computed whatever the cache holds (a refresh): not looked up again at its start."""
         self.background = False
@@ -181,7 +195,7 @@ def _reaches(start: Flight[Any, Any], target: Flight[Any, Any]) -> bool:
             continue
         seen.add(id(flight))
         if flight.awaiting:
-            stack.extend(flight.awaiting)
+            stack.extend(f for f, waiter in flight.awaiting if not waiter.done())
     return False
 
 
@@ -221,7 +235,6 @@ class FlightTable(Generic[K, R]):
         "miss",
         "on_refresh_failed",
         "plain",
-        "plain_tasks",
         "running",
         "slotless",
         "store",
@@ -277,7 +290,6 @@ class FlightTable(Generic[K, R]):
         probe = loop.create_future()
         self.plain = type(probe) is asyncio.Future
         probe.cancel()
-        self.plain_tasks = self.plain and loop.get_task_factory() is None
 
     # -- accepting ------------------------------------------------------------------------------
 
@@ -314,7 +326,7 @@ class FlightTable(Generic[K, R]):
         if lookup is not None:
             self.answer(key, lookup, (False, flight))
         if parent is not None:
-            _awaits(parent, flight)
+            _awaits(parent, flight, waiter)
         self._enter(flight, parent)
         return waiter
 
@@ -325,7 +337,8 @@ class FlightTable(Generic[K, R]):
         """
         if self.closing or key in self.flights:
             return False
-        flight: Flight[K, R] = Flight(key, args, kwargs, None, _current.get())
+        # No parent: nothing awaits it, so it never runs in another computation's slot.
+        flight: Flight[K, R] = Flight(key, args, kwargs, None, None)
         flight.refresh = flight.background = True
         self.flights[key] = flight
         self.live += 1
@@ -340,8 +353,8 @@ class FlightTable(Generic[K, R]):
             and not (flight.background and self._refresh_line)
         ):
             self._start(flight, False, borrowed=self.slotless)
-        elif parent is not None and self._inside(parent):
-            self._start(flight, False, borrowed=True)
+        elif parent is not None and (lender := self.lender_of(parent)) is not None:
+            self._start(flight, False, lender=lender)
         else:
             flight.status = _WAITING
             flight.context = contextvars.copy_context()
@@ -359,11 +372,11 @@ class FlightTable(Generic[K, R]):
                     f"computing {parent.key!r} requires {flight.key!r}, whose computation "
                     f"is waiting for it: a memoized call depends on itself"
                 )
-            _awaits(parent, flight)
-            if flight.status is _WAITING and self._inside(parent):
+            _awaits(parent, flight, waiter)
+            if flight.status is _WAITING and (lender := self.lender_of(parent)) is not None:
                 # Its callers' computations hold the slots it waits for: run it in theirs.
                 self._take_from_line(flight)
-                self._start(flight, True, borrowed=True)
+                self._start(flight, True, lender=lender)
         outcome = flight.outcome
         if outcome is not None:  # delivered already (being stored, or ended in an eager step)
             self.counts.joined += 1
@@ -389,16 +402,19 @@ class FlightTable(Generic[K, R]):
             flight.joiners.append(waiter)
         return waiter
 
-    def _inside(self, parent: Flight[Any, Any]) -> bool:
-        """Whether the caller runs inside a running computation of this table."""
+    def lender_of(self, parent: Flight[Any, Any]) -> Flight[Any, Any] | None:
+        """The computation of this table, holding a slot, inside which the caller runs (the
+        nearest of parent and its own callers), or None."""
         flight: Flight[Any, Any] | None = parent
         while flight is not None:
-            if flight.status is _RUNNING and self.flights.get(flight.key) is flight:
-                return True
-            if flight.status is _RUNNING and flight in self._forgotten:
-                return True
+            if (
+                flight.status is _RUNNING
+                and flight.computing
+                and (self.flights.get(flight.key) is flight or flight in self._forgotten)
+            ):
+                return flight
             flight = flight.parent
-        return False
+        return None
 
     def answer(self, key: K, lookup: Lookup, answer: tuple[bool, Any] | None) -> None:
         """End lookup, telling those who share it; a lookup already answered is left alone."""
@@ -433,14 +449,29 @@ class FlightTable(Generic[K, R]):
 
     # -- running --------------------------------------------------------------------------------
 
-    def _start(self, flight: Flight[K, R], waited: bool, *, borrowed: bool = False) -> None:
+    def _start(
+        self,
+        flight: Flight[K, R],
+        waited: bool,
+        *,
+        borrowed: bool = False,
+        lender: Flight[Any, Any] | None = None,
+    ) -> None:
         """Run flight's computation in a task of its own, in its first caller's context.
 
-        ``waited``: it waited in line, so its key is looked up again first.
+        ``waited``: it waited in line, so its key is looked up again first. ``lender``: it runs
+        in that computation's slot; ``borrowed``: it runs without a slot (slotless tables).
         """
         flight.status = _RUNNING
         flight.computing = not self.slotless
         self._count(flight)
+        if lender is not None:
+            flight.lender = lender
+            if lender.borrowers is None:
+                lender.borrowers = [flight]
+            else:
+                lender.borrowers.append(flight)
+            borrowed = True
         if borrowed:
             flight.borrowed = True
             self.borrowed += 1
@@ -448,11 +479,14 @@ class FlightTable(Generic[K, R]):
             self.running += 1
         context, flight.context = flight.context, None
         coro = self._run(flight, waited and not flight.refresh)
-        if not self.plain_tasks:
+        if self.plain and flight.parent is not None:
+            # A nested call: never eager (not even through the loop's task factory), or the
+            # steps of a deep recursion would pile up on the stack of their callers.
+            task = Task(coro, loop=self.loop, context=context)
+        elif not self.plain or self.loop.get_task_factory() is not None:
             task = self.loop.create_task(coro, context=context)
-        elif _EAGER_START and flight.parent is None:
+        elif _EAGER_START:
             # Its first step runs now, up to its first suspension: a turn of the loop sooner.
-            # Not for nested calls, whose steps would pile up on the stack of their callers.
             task = Task(coro, loop=self.loop, context=context, eager_start=True)  # type: ignore[call-arg]
         else:
             task = Task(coro, loop=self.loop, context=context)
@@ -508,6 +542,9 @@ class FlightTable(Generic[K, R]):
                     await self._store(flight, result)
         finally:
             self._finish(flight)
+            # A failure's traceback keeps this frame: without flight in it, no cycle
+            # (exception -> traceback -> frame -> flight -> outcome -> exception) outlives it.
+            del flight
 
     def _cancelled(self, flight: Flight[K, R]) -> None:
         """The computation ended with CancelledError: its callers are cancelled."""
@@ -549,6 +586,8 @@ class FlightTable(Generic[K, R]):
         assert self.store is not None
         try:
             await self.store(flight.key, result)
+        except NotAsync as exc:
+            logger.error("%s; no result is stored until it is", exc)
         except Exception:
             logger.exception(
                 "cache_set failed for %r; the result was returned uncached", flight.key
@@ -559,6 +598,8 @@ class FlightTable(Generic[K, R]):
             return self.miss
         try:
             return await self.lookup(key)
+        except NotAsync:
+            raise
         except Exception:
             logger.exception("cache_get failed for %r; treating it as a miss", key)
             return self.miss
@@ -637,14 +678,52 @@ class FlightTable(Generic[K, R]):
         if flight.forgotten:
             self._forgotten.discard(flight)
         else:  # a flight not forgotten is the one its key maps to until it finishes
-            del self.flights[flight.key]
-        if status is _RUNNING:
-            if flight.borrowed:
-                self.borrowed -= 1
-            else:
-                self._release_slot()
+            self._unmap(flight)
+        if status is not _RUNNING:
+            pass
+        elif flight.borrowed:
+            self.borrowed -= 1
+            lender = flight.lender
+            if lender is not None and lender.borrowers and flight in lender.borrowers:
+                lender.borrowers.remove(flight)
+            self._hand_over(flight, lender)
+        elif not self._hand_over(flight, None):
+            self._release_slot()
         if not self.live and self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
+
+    def _unmap(self, flight: Flight[K, R]) -> None:
+        try:
+            del self.flights[flight.key]
+        except KeyError:
+            # Its key no longer hashes as it did (the worker changed it): find it by identity.
+            kept = [(k, f) for k, f in self.flights.items() if f is not flight]
+            self.flights.clear()
+            self.flights.update(kept)
+
+    def _hand_over(self, flight: Flight[K, R], lender: Flight[Any, Any] | None) -> bool:
+        """Computations still running in flight's slot, which it no longer needs: they move to
+        flight's own lender, or (flight held a slot) the first takes the slot over and the
+        others take slots of their own, over the bound until they end. Whether any was left."""
+        borrowers = flight.borrowers
+        flight.borrowers = None
+        live = [b for b in borrowers or () if b.status is _RUNNING]
+        if not live:
+            return False
+        for borrower in live:
+            borrower.lender = lender
+            if lender is not None:
+                if lender.borrowers is None:
+                    lender.borrowers = [borrower]
+                else:
+                    lender.borrowers.append(borrower)
+            else:
+                borrower.borrowed = False
+                self.borrowed -= 1
+                self.running += 1
+        if lender is None:
+            self.running -= 1  # flight's own slot, taken over by the first
+        return True
 
     # -- slots ----------------------------------------------------------------------------------
 
@@ -679,8 +758,14 @@ class FlightTable(Generic[K, R]):
             self._starting = False
 
     def _drop(self, flight: Flight[K, R]) -> None:
-        """Forget a flight that never started (its calls were never counted)."""
+        """Forget a flight that never started, counting its calls (as a miss and joins)."""
         flight.status = _FINISHED
+        counts = self.counts
+        if not flight.background:
+            counts.misses += 1
+            counts.dropped += 1
+        counts.joined += flight.uncounted
+        flight.uncounted = 0
         self.live -= 1
         if self.flights.get(flight.key) is flight:
             del self.flights[flight.key]
@@ -784,15 +869,18 @@ class FlightTable(Generic[K, R]):
             )
 
 
-def _awaits(parent: Flight[Any, Any], flight: Flight[Any, Any]) -> None:
-    """Record that parent's computation awaits flight (an edge of the graph cycles live in)."""
+def _awaits(
+    parent: Flight[Any, Any], flight: Flight[Any, Any], waiter: asyncio.Future[Any]
+) -> None:
+    """Record that parent's computation awaits flight through waiter. A wait that has ended
+    (waiter done, even cancelled a moment ago) is no edge, whatever happens to flight later."""
     awaiting = parent.awaiting
     if awaiting is None:
-        parent.awaiting = [flight]
+        parent.awaiting = [(flight, waiter)]
         return
     if len(awaiting) >= 64:
-        awaiting[:] = [f for f in awaiting if f.status is not _FINISHED]
-    awaiting.append(flight)
+        awaiting[:] = [(f, w) for f, w in awaiting if not w.done() and f.status is not _FINISHED]
+    awaiting.append((flight, waiter))
 
 
 def _refused() -> QueueShutDown:

@@ -13,10 +13,13 @@ __all__ = ("BoundMethod", "InstanceKeys", "MemoizedClassMethod", "MemoizedMethod
 class _Instance:
     """Stands for one live instance in cache keys: equal only to itself, holding no reference."""
 
-    __slots__ = ("__weakref__", "keys")
+    __slots__ = ("__weakref__", "keys", "limit")
 
     def __init__(self) -> None:
         self.keys: set[Hashable] = set()
+        """Its keys that may be stored (a superset: evictions are not reported)."""
+        self.limit = 16
+        """Beyond this many keys, those evicted meanwhile are forgotten."""
 
     def __repr__(self) -> str:
         return f"<instance #{id(self):x}>"
@@ -27,12 +30,15 @@ class InstanceKeys:
     cache never keeps an instance alive; once an instance is garbage-collected, its entries are
     dropped (at the function's next store, invalidation, clear or cache_info())."""
 
-    __slots__ = ("_dead", "_drop", "_instances")
+    __slots__ = ("_contains", "_dead", "_drop", "_instances")
 
-    def __init__(self, drop: Callable[[Hashable], None]) -> None:
+    def __init__(
+        self, drop: Callable[[Hashable], None], contains: Callable[[Hashable], bool]
+    ) -> None:
         self._instances: dict[int, tuple[weakref.ref[Any], _Instance]] = {}
         self._dead: list[_Instance] = []
         self._drop = drop
+        self._contains = contains
 
     def of(self, obj: Any) -> _Instance:
         """The stand-in of obj, made on first use."""
@@ -57,8 +63,24 @@ class InstanceKeys:
         if self._dead:
             self.purge()
         if isinstance(key, tuple) and key and isinstance(key[0], _Instance):
-            keys = key[0].keys
+            stand_in = key[0]
+            keys = stand_in.keys
             keys.add(key)
+            if len(keys) > stand_in.limit:
+                # A long-lived instance whose entries the cache evicts: keep only those stored.
+                stand_in.keys = keys = {k for k in keys if self._contains(k)}
+                stand_in.limit = max(16, 2 * len(keys))
+
+    def forget(self, key: Hashable) -> None:
+        """key is no longer stored (invalidated)."""
+        if isinstance(key, tuple) and key and isinstance(key[0], _Instance):
+            key[0].keys.discard(key)
+
+    def clear(self) -> None:
+        """Nothing is stored any more (the cache was cleared)."""
+        self._dead.clear()
+        for _, stand_in in self._instances.values():
+            stand_in.keys.clear()
 
     def _gone(self, ident: int, stand_in: _Instance, _ref: object) -> None:
         # Called by the garbage collector, maybe in the middle of a cache operation: the

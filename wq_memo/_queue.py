@@ -12,7 +12,7 @@ from typing import Any, Generic, TypeVar, final
 
 from . import _registry
 from ._errors import QueueShutDown
-from ._flight import _NO_KWARGS, Counts, Flight, FlightTable, Lookup
+from ._flight import _NO_KWARGS, Counts, Flight, FlightTable, Lookup, NotAsync, Status
 
 __all__ = ("WorkerQueue",)
 
@@ -28,10 +28,6 @@ _SYNC_CALLABLES = (
     types.WrapperDescriptorType,
     types.MethodDescriptorType,
 )
-
-
-class _NotAsync(TypeError):
-    """A function that must be async returned something that cannot be awaited."""
 
 
 def _shutting_down() -> QueueShutDown:
@@ -58,7 +54,7 @@ def _async_only(name: str, fn: Any) -> Any:
     def checked(*args: Any) -> Awaitable[Any]:
         result = fn(*args)
         if not inspect.isawaitable(result):
-            raise _NotAsync(
+            raise NotAsync(
                 f"WorkerQueue: {name} {fn!r} returned {type(result).__name__}, not an "
                 f"awaitable; {name} must be an async function (async def)"
             )
@@ -236,8 +232,10 @@ class WorkerQueue(Generic[T, R]):
                     if self._on_hit is not None:
                         self._on_hit(key, args, kwargs or _NO_KWARGS)
                     return what  # type: ignore[no-any-return]
-                return await table.join(what)
-            # That caller left without an answer (cancelled, refused): start over.
+                if what.status is not Status.FINISHED or what.outcome is not None:
+                    return await table.join(what)
+                # Its computation ended with nobody to tell (every caller left): start over.
+            # Otherwise that caller left without an answer (cancelled, refused): start over.
 
     async def _look_up_then_call(
         self,
@@ -267,7 +265,7 @@ class WorkerQueue(Generic[T, R]):
             return self._miss
         try:
             return await lookup(key)
-        except _NotAsync:
+        except NotAsync:
             raise
         except Exception:
             logger.exception("cache_get failed for %r; treating it as a miss", key)

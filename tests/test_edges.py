@@ -309,3 +309,43 @@ async def test_a_key_whose_hash_changes_during_its_computation_is_still_let_go()
     assert await bounded(queue.require(Mutable(2))) == 1005  # the slot was freed
     assert queue.computing == 0
     await bounded(queue.aclose())
+
+
+async def test_a_caller_sharing_a_lookup_whose_item_was_dropped_is_not_left_waiting() -> None:
+    """B shares A's lookup of 'k'; A's miss queues 'k' behind 'x' and A leaves; the queue then
+    closes, dropping 'k' unstarted before B hears the answer: B must not join it."""
+    gate_k, gate_x, answered = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def cache_get(item: str) -> str | None:
+        if item == "k":
+            await gate_k.wait()
+            answered.set()
+        return None
+
+    async def cache_set(item: str, value: str) -> None:
+        pass
+
+    async def work(item: str) -> str:
+        if item == "x":
+            await gate_x.wait()
+        return item
+
+    queue: WorkerQueue[str, str] = WorkerQueue(work, cache_get, cache_set, maxsize=1)
+    x = asyncio.ensure_future(queue.require("x"))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    a = asyncio.ensure_future(queue.require("k"))
+    await asyncio.sleep(0)
+    b = asyncio.ensure_future(queue.require("k"))
+    await asyncio.sleep(0)
+    gate_k.set()
+    await bounded(answered.wait())
+    # A has queued 'k' in this same turn; B has not heard the answer yet.
+    a.cancel()
+    closing = asyncio.ensure_future(queue.aclose())
+    await asyncio.sleep(0)
+    with pytest.raises(QueueShutDown):
+        await bounded(b, 2.0)
+    gate_x.set()
+    assert await bounded(x) == "x"
+    await bounded(closing)

@@ -113,9 +113,9 @@ async def test_one_slow_key_does_not_open_the_breaker_for_the_others(
     assert reads >= 3
     assert not cache._conn.down  # it would still be open: retry_interval is 5 s
     # Every error is a hot read, or a call on another key that this process's own reading of
-    # the big value slowed past the timeout (that one call computed on its own); no probe
-    # failed, and the other keys stayed served from Redis.
-    assert stats.redis_errors == reads + recomputed
+    # the big value slowed past the timeout (that one call computed on its own, usually after
+    # an error of its own); no probe failed, and the other keys stayed served from Redis.
+    assert reads <= stats.redis_errors <= reads + recomputed
     assert stats.fallbacks == recomputed
     assert stats.hits == sum(calls) - recomputed
     assert recomputed <= sum(calls) // 4, (recomputed, calls)

@@ -38,6 +38,9 @@ TINY = Config.quick_run().scaled(
     refresh_rounds=1,
 )
 
+# The module's run of every scenario takes about 10 s of CPU: allow for a loaded machine.
+pytestmark = pytest.mark.timeout(300)
+
 MISSING_PEER = Contender(
     "no-such-peer", "wq_memo_benchmarks_no_such_module", "no-such-peer", True, PEERS[0].recipe
 )

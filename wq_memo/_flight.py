@@ -678,7 +678,10 @@ class FlightTable(Generic[K, R]):
         if flight.forgotten:
             self._forgotten.discard(flight)
         else:  # a flight not forgotten is the one its key maps to until it finishes
-            self._unmap(flight)
+            try:
+                del self.flights[flight.key]
+            except KeyError:
+                self._unmap(flight)
         if status is not _RUNNING:
             pass
         elif flight.borrowed:
@@ -686,20 +689,18 @@ class FlightTable(Generic[K, R]):
             lender = flight.lender
             if lender is not None and lender.borrowers and flight in lender.borrowers:
                 lender.borrowers.remove(flight)
-            self._hand_over(flight, lender)
-        elif not self._hand_over(flight, None):
+            if flight.borrowers is not None:
+                self._hand_over(flight, lender)
+        elif flight.borrowers is None or not self._hand_over(flight, None):
             self._release_slot()
         if not self.live and self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
 
     def _unmap(self, flight: Flight[K, R]) -> None:
-        try:
-            del self.flights[flight.key]
-        except KeyError:
-            # Its key no longer hashes as it did (the worker changed it): find it by identity.
-            kept = [(k, f) for k, f in self.flights.items() if f is not flight]
-            self.flights.clear()
-            self.flights.update(kept)
+        """Remove flight, whose key no longer hashes as it did (the worker changed it)."""
+        kept = [(k, f) for k, f in self.flights.items() if f is not flight]
+        self.flights.clear()
+        self.flights.update(kept)
 
     def _hand_over(self, flight: Flight[K, R], lender: Flight[Any, Any] | None) -> bool:
         """Computations still running in flight's slot, which it no longer needs: they move to

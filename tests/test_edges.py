@@ -349,3 +349,23 @@ async def test_a_caller_sharing_a_lookup_whose_item_was_dropped_is_not_left_wait
     gate_x.set()
     assert await bounded(x) == "x"
     await bounded(closing)
+
+
+def test_calls_left_waiting_when_the_loop_ends_are_counted() -> None:
+    gate = asyncio.Event()
+
+    @worker_queue(maxsize=1, cache={})
+    async def f(x: int) -> int:
+        await gate.wait()
+        return x
+
+    async def main() -> None:
+        left = [asyncio.ensure_future(f(x)) for x in (0, 1, 2, 2)]
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert (f.queue.computing, f.queue.waiting) == (1, 2)
+        assert not any(task.done() for task in left)
+
+    asyncio.run(main())  # cancels every task left, the computation and its waiting callers
+    info = f.cache_info()
+    assert (info.hits, info.misses, info.joined) == (0, 3, 1)  # four calls

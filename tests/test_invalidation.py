@@ -200,3 +200,108 @@ async def test_an_async_computation_invalidated_while_it_runs_is_not_stored() ->
     g.gates[1].set()
     assert await bounded(late) == "1#1"
     assert list(cache.data.values()) == ["1#1"]
+
+
+@pytest.mark.parametrize("first_cancelled", [False, True])
+@pytest.mark.parametrize("second", ["acache_invalidate", "acache_clear", "acache_prime"])
+async def test_every_overlapping_invalidation_waits_for_the_store_on_its_way(
+    second: str, first_cancelled: bool
+) -> None:
+    """Two invalidations of one key overlap while the old result's store is on its way: the
+    second, too, returns only once that store has landed and been removed, even when the first
+    is cancelled meanwhile (a request timing out)."""
+    cache = SlowStoreCache()
+    calls = 0
+
+    @worker_queue(cache=cache, name="overlapping-invalidations")
+    async def f(x: int) -> str:
+        nonlocal calls
+        calls += 1
+        return f"v{calls}"
+
+    assert await bounded(f(1)) == "v1"
+    async with asyncio.timeout(WAIT):
+        await cache.sending.wait()
+    first = asyncio.create_task(f.acache_invalidate(1))
+    await asyncio.sleep(0)
+    later: Awaitable[Any]
+    if second == "acache_invalidate":
+        later = f.acache_invalidate(1)
+    elif second == "acache_clear":
+        later = f.acache_clear()
+    else:
+        later = f.acache_prime("primed", 1)
+    other = asyncio.ensure_future(later)
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not first.done()
+    assert not other.done()  # it waits for the store, like the first
+    if first_cancelled:
+        first.cancel()
+    cache.landing.set()
+    await bounded(other)
+    assert await bounded(asyncio.gather(first, return_exceptions=True)) is not None
+    expected = "primed" if second == "acache_prime" else MISSING
+    assert await f.acache_peek(1) == expected
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert await f.acache_peek(1) == expected  # the old store did not land afterwards
+    assert await bounded(f(1)) == ("primed" if second == "acache_prime" else "v2")
+
+
+class GatedDeleteCache(SlowStoreCache):
+    """Its delete() is held open until ``deleting`` is set, like a DEL on the wire."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.landing.set()
+        self.delete_sent = asyncio.Event()
+        self.deleting = asyncio.Event()
+
+        self.hold_reads = False
+        self.reading = asyncio.Event()
+        self.read_may_end = asyncio.Event()
+
+    async def get(self, key: Hashable) -> Any:
+        value = await super().get(key)
+        if self.hold_reads:  # read, and the answer is on its way back
+            self.reading.set()
+            await self.read_may_end.wait()
+        return value
+
+    async def delete(self, key: Hashable) -> bool:
+        self.delete_sent.set()
+        await self.deleting.wait()
+        return await super().delete(key)
+
+
+async def test_a_lookup_begun_during_an_invalidation_is_not_shared_after_it() -> None:
+    """A call made while the invalidation awaits its delete may read the old value; a call made
+    after the invalidation returned must not share that read."""
+    cache = GatedDeleteCache()
+    calls = 0
+
+    @worker_queue(cache=cache, name="lookup-during-invalidation")
+    async def f(x: int) -> str:
+        nonlocal calls
+        calls += 1
+        return f"v{calls}"
+
+    assert await bounded(f(1)) == "v1"
+    for _ in range(5):
+        await asyncio.sleep(0)
+    invalidating = asyncio.create_task(f.acache_invalidate(1))
+    async with asyncio.timeout(WAIT):
+        await cache.delete_sent.wait()
+    cache.hold_reads = True
+    during = asyncio.create_task(f(1))
+    async with asyncio.timeout(WAIT):
+        await cache.reading.wait()
+    cache.hold_reads = False
+    cache.deleting.set()
+    assert await bounded(invalidating) is True
+    after = asyncio.create_task(f(1))
+    await asyncio.sleep(0)
+    cache.read_may_end.set()
+    assert await bounded(during) == "v1"  # concurrent with the invalidation: either is right
+    assert await bounded(after) == "v2"

@@ -555,3 +555,33 @@ async def test_a_refresh_that_ends_in_its_first_step_is_due_again_after_refresh_
     assert await f("k") == "k@2"
     await settle()
     assert calls == ["k", "k"]
+
+
+async def test_refresh_joining_an_item_waiting_in_line_computes_it() -> None:
+    """refresh() joins the waiting item of its key, which then computes when its turn comes
+    instead of taking the value stored meanwhile."""
+    gate = asyncio.Event()
+    computed: list[int] = []
+
+    @worker_queue(maxsize=1, cache={})
+    async def f(x: int) -> str:
+        computed.append(x)
+        if x == 0:
+            await gate.wait()
+        return f"computed-{x}"
+
+    holder = asyncio.create_task(f(0))
+    await asyncio.sleep(0)
+    waiting = asyncio.create_task(f(1))
+    await asyncio.sleep(0)
+    assert f.queue.waiting == 1
+    f.cache_prime("primed", 1)
+    refreshing = asyncio.create_task(f.refresh(1))
+    await asyncio.sleep(0)
+    gate.set()
+    async with asyncio.timeout(WAIT):
+        assert await holder == "computed-0"
+        assert await refreshing == "computed-1"
+        assert await waiting == "computed-1"
+    assert computed == [0, 1]
+    assert f.cache_peek(1) == "computed-1"

@@ -764,22 +764,23 @@ def _with_async_cache(
         if refresher is not None:
             refresher.clear()
         await cache.clear()
+        queue._forget_lookups()
 
     async def acache_invalidate(*args: P.args, **kwargs: P.kwargs) -> bool:
         k = key_of(args, kwargs)
-        flight = queue._forget(k)
-        if flight is not None:
-            await queue._stores_done([flight])
+        await queue._stores_done(queue._forget(k))
         if refresher is not None:
             refresher.forget(k)
-        return await cache.delete(k)
+        deleted = await cache.delete(k)
+        queue._forget_lookups(k)
+        return deleted
 
     async def acache_prime(value: R, *args: P.args, **kwargs: P.kwargs) -> None:
         k = key_of(args, kwargs)
-        flight = queue._forget(k)  # a computation under way must not overwrite it
-        if flight is not None:
-            await queue._stores_done([flight])
+        # Computations under way must not overwrite it.
+        await queue._stores_done(queue._forget(k))
         await cache.set(k, value)
+        queue._forget_lookups(k)
         if refresher is not None:
             refresher.stored(k)
 

@@ -314,6 +314,8 @@ class FlightTable(Generic[K, R]):
         if flight is not None:
             if lookup is not None:
                 self.answer(key, lookup, (False, flight))
+            if refresh and flight.status is _WAITING:
+                flight.refresh = True  # computed when its turn comes, not looked up again
             return self.join(flight)
         waiter: asyncio.Future[R] = (
             Future(loop=self.loop) if self.plain else self.loop.create_future()
@@ -425,27 +427,37 @@ class FlightTable(Generic[K, R]):
 
     # -- invalidation ---------------------------------------------------------------------------
 
-    def forget(self, key: K) -> Flight[K, R] | None:
+    def forget(self, key: K) -> list[Flight[K, R]]:
         """Make later calls of key start afresh; key's computation under way stores nothing.
 
-        Callers already joined still get its outcome. Returns that computation if one was
-        running (the caller may have to wait for a store already on its way).
+        Callers already joined still get its outcome. Returns every forgotten computation of
+        key still running, this one's and earlier invalidations' alike: a store of theirs may
+        be on its way, which the caller may have to wait for.
         """
         # A lookup under way may read what is being invalidated: those sharing it asked before
         # the invalidation and keep it; newcomers look up afresh.
         self.lookups.pop(key, None)
         flight = self.flights.get(key)
-        if flight is None or not flight.computing:
-            return None  # not started yet: it will compute from fresh data
-        del self.flights[key]
-        flight.forgotten = True
-        self._forgotten.add(flight)
-        return flight
+        if flight is not None and flight.computing:  # else not started: it reads fresh data
+            del self.flights[key]
+            flight.forgotten = True
+            self._forgotten.add(flight)
+        return [f for f in self._forgotten if f.key == key] if self._forgotten else []
 
     def forget_all(self) -> list[Flight[K, R]]:
         """forget() every key."""
         self.lookups.clear()
-        return [f for f in (self.forget(k) for k in list(self.flights)) if f is not None]
+        for key in list(self.flights):
+            self.forget(key)
+        return list(self._forgotten)
+
+    def forget_lookups(self, key: K | None = None) -> None:
+        """Newcomers look key (None: every key) up afresh, not sharing a lookup under way:
+        one that began during an invalidation may have read what it removed."""
+        if key is None:
+            self.lookups.clear()
+        else:
+            self.lookups.pop(key, None)
 
     # -- running --------------------------------------------------------------------------------
 
@@ -662,8 +674,18 @@ class FlightTable(Generic[K, R]):
         for line in (self._line, self._refresh_line):
             while line:
                 flight = line.popleft()
+                self._count_unstarted(flight)
                 self._cancel(flight)
                 self._finish(flight)
+
+    def _count_unstarted(self, flight: Flight[K, R]) -> None:
+        """Count the calls of a flight that ends without starting: a miss and joins."""
+        counts = self.counts
+        if not flight.background:
+            counts.misses += 1
+            counts.dropped += 1
+        counts.joined += flight.uncounted
+        flight.uncounted = 0
 
     def _finish(self, flight: Flight[K, R]) -> None:
         """Take flight out of the table, free its slot and start the next item in line."""
@@ -759,14 +781,9 @@ class FlightTable(Generic[K, R]):
             self._starting = False
 
     def _drop(self, flight: Flight[K, R]) -> None:
-        """Forget a flight that never started, counting its calls (as a miss and joins)."""
+        """Forget a flight that never started, counting its calls."""
         flight.status = _FINISHED
-        counts = self.counts
-        if not flight.background:
-            counts.misses += 1
-            counts.dropped += 1
-        counts.joined += flight.uncounted
-        flight.uncounted = 0
+        self._count_unstarted(flight)
         self.live -= 1
         if self.flights.get(flight.key) is flight:
             del self.flights[flight.key]

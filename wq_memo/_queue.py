@@ -286,14 +286,22 @@ class WorkerQueue(Generic[T, R]):
 
     # -- invalidation ---------------------------------------------------------------------------
 
-    def _forget(self, key: T) -> Flight[T, R] | None:
-        """Make later calls of key start afresh; the computation under way will store nothing."""
+    def _forget(self, key: T) -> list[Flight[T, R]]:
+        """Make later calls of key start afresh; the computations under way will store nothing.
+        Returns the forgotten computations of key still running (see _stores_done)."""
         table = self._table
-        return None if table is None else table.forget(key)
+        return [] if table is None else table.forget(key)
 
     def _forget_all(self) -> list[Flight[T, R]]:
         table = self._table
         return [] if table is None else table.forget_all()
+
+    def _forget_lookups(self, key: T | None = None) -> None:
+        """After an invalidation's last await: newcomers no longer share a lookup that began
+        during it."""
+        table = self._table
+        if table is not None:
+            table.forget_lookups(key)
 
     async def _stores_done(self, flights: list[Flight[T, R]]) -> None:
         """Wait until the stores already sent for these forgotten computations have ended."""

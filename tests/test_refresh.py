@@ -352,6 +352,31 @@ async def test_refresh_ahead_with_an_async_cache() -> None:
     assert f.cache_info().refreshes == 1
 
 
+async def test_with_an_async_cache_calls_during_a_refresh_get_the_entry_at_once() -> None:
+    clock = Clock()
+    source = Source()
+    cache = MemoryCache()
+    f = worker_queue(cache=cache, refresh_after=5, timer=clock, name="src")(source)
+    assert await f("k") == "k@0"
+    clock.now = 5
+    source.gate = asyncio.Event()
+    source.started.clear()
+    assert await bounded(f("k")) == "k@0"
+    await bounded(source.started.wait())
+    # The refresh is held: calls do not join it, they get the entry it will replace.
+    assert await bounded(asyncio.gather(f("k"), f("k"))) == ["k@0", "k@0"]
+    assert f.cache_info().joined == 0
+    cache.data.clear()  # the entry goes (expiry) while the refresh runs: a call joins it
+    late = asyncio.create_task(f("k"))
+    await settle()
+    assert not late.done()
+    source.gate.set()
+    assert await bounded(late) == "k@1"
+    assert source.calls == ["k", "k"]
+    info = f.cache_info()
+    assert (info.hits, info.misses, info.joined, info.refreshes) == (3, 1, 1, 1)
+
+
 # -- per-call controls ----------------------------------------------------------------------------
 
 

@@ -208,14 +208,23 @@ class WorkerQueue(Generic[T, R]):
     ) -> R:
         """Look key up (sharing a lookup under way), then join or start its computation.
 
-        Hits are served while the queue closes; a miss then raises QueueShutDown.
+        Hits are served while the queue closes; a miss then raises QueueShutDown. While a
+        refresh of key is under way, the entry it replaces is served (looked up once).
         """
+        looked = False
         while True:
             table = self._table_now()
             flight = table.flights.get(key)
             if flight is not None:
                 if table.closing:
                     raise _shutting_down()
+                if flight.refresh and not looked:
+                    looked = True
+                    value = await self._look_up(key)
+                    if value is not self._miss:
+                        self._counts.hits += 1
+                        return value  # type: ignore[no-any-return]
+                    continue  # gone meanwhile: join the refresh, or start over if it ended
                 return await table.join(flight)
             lookup = table.lookups.get(key)
             if lookup is None:

@@ -254,3 +254,55 @@ def uncacheable_rounds(
         took, computed = asyncio.run(one(cache, n))
         messages.put(("round", os.getpid(), n, took, computed))
     asyncio.run(cache.aclose())
+
+
+REFRESHED = CallKey("tests.refreshed", ("k",))
+"""The key of refresh_due's function (named "tests.refreshed", called with "k")."""
+
+
+def refresh_due(url: str, namespace: str, go: Any, release: Any, messages: Any) -> None:
+    """Once go is set, call a function with refresh_after=30 on a key whose entry is due; report
+    what the call returned once this process's refresh has computed or given up, then, once
+    release is set (the computing process ends its refresh), what a call returns when the
+    entry is fresh again."""
+    from redis.asyncio import Redis
+    from redis_waits import until
+
+    from wq_memo import worker_queue
+    from wq_memo.backends.redis import RedisCache
+
+    async def main() -> None:
+        cache = RedisCache(url, namespace=namespace, ttl=120)
+        counter = Redis.from_url(url)
+        computing = asyncio.Event()
+
+        @worker_queue(cache=cache, name="tests.refreshed", refresh_after=30)
+        async def value(key: str) -> str:
+            await counter.incr(f"{namespace}:computations")
+            computing.set()
+            await asyncio.to_thread(release.wait, 30)
+            return f"refreshed by {os.getpid()}"
+
+        try:
+            async with asyncio.timeout(30):
+                started = time.monotonic()
+                first = await value("k")
+                took = time.monotonic() - started
+                await until(lambda: computing.is_set() or cache.stats().refresh_skipped, 20)
+                messages.put(("attempted", os.getpid(), first, took, cache.stats().computed))
+                while True:  # until the refresh (in whichever process) has landed
+                    _, age = await cache.get_with_age(REFRESHED)
+                    if age is not None and age < 30:
+                        break
+                    await asyncio.sleep(0.01)
+                second = await value("k")
+        finally:
+            await counter.aclose()
+            await cache.aclose()
+        messages.put(("done", os.getpid(), second, value.cache_info().refreshes))
+
+    messages.put(("ready", os.getpid()))
+    if not go.wait(30):
+        messages.put(("timeout", os.getpid()))
+        return
+    asyncio.run(main())

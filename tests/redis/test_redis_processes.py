@@ -88,3 +88,32 @@ def test_readme_example_computes_each_key_once(redis_url: str, redis_namespace: 
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "5 computations for 5 keys" in out.stdout
+
+
+def test_processes_that_find_an_entry_due_refresh_it_once_and_never_wait(
+    procs: Procs, redis_url: str, redis_namespace: str, sync_redis: Any
+) -> None:
+    from wq_memo.backends._redis_keys import key_names
+    from wq_memo.backends._redis_values import ValueCodec
+
+    name = key_names(redis_namespace, redis_procs.REFRESHED).value
+    written = ValueCodec(None, lambda: time.time() - 40).dumps(name, "written 40 s ago")
+    sync_redis.set(name, written, px=120_000)
+    go, release = CTX.Event(), CTX.Event()
+    for _ in range(3):
+        procs.start(redis_procs.refresh_due, redis_url, redis_namespace, go, release)
+    procs.expect("ready", 3)
+    go.set()
+    attempted = procs.expect("attempted", 3)
+    # Every call got the entry as it was, at once (well within the hour the refresh is held);
+    # one process computes, the two others gave up without waiting.
+    assert [m[2] for m in attempted] == ["written 40 s ago"] * 3
+    assert max(m[3] for m in attempted) < 10
+    assert sorted(m[4] for m in attempted) == [0, 0, 1]
+    assert int(sync_redis.get(f"{redis_namespace}:computations")) == 1
+    release.set()
+    done = procs.expect("done", 3)
+    [refresher] = [m[1] for m in attempted if m[4] == 1]
+    assert [m[2] for m in done] == [f"refreshed by {refresher}"] * 3
+    assert [m[3] for m in done] == [1, 1, 1]  # each process started one refresh
+    assert int(sync_redis.get(f"{redis_namespace}:computations")) == 1

@@ -141,3 +141,49 @@ def test_entries_of_the_older_signed_format_are_refused_unread() -> None:
     with pytest.raises(BadEntry, match="no secret"):
         ValueCodec(None).loads(NAME, old)
     assert UNPICKLED == []
+
+
+@pytest.mark.parametrize("secret", [None, SECRET])
+def test_entries_carry_their_write_time(secret: bytes | None) -> None:
+    clock = Clock()
+    codec = ValueCodec(secret, clock)
+    data = codec.dumps(NAME, [1, "a"], ttl=60)
+    clock.now += 7.5
+    assert codec.loads_dated(NAME, data) == ([1, "a"], 1_000_000.0)
+    assert codec.loads(NAME, data) == [1, "a"]
+
+
+def test_a_signed_write_time_cannot_be_altered() -> None:
+    clock = Clock()
+    codec = ValueCodec(SECRET, clock)
+    data = codec.dumps(NAME, "v", ttl=60)
+    at = 4 + 32 + 8  # tag, MAC, expiry: then the write time
+    younger = data[:at] + (int(clock.now * 1000) + 30_000).to_bytes(8, "big") + data[at + 8 :]
+    with pytest.raises(BadEntry, match="signature"):
+        codec.loads_dated(NAME, younger)
+
+
+def _undated_signed(name: bytes, value: Any, expires_ms: int) -> bytes:
+    """An entry of the previous signed format (wq2p: no write time), as that version wrote it."""
+    import hashlib
+    import hmac
+
+    body = pickle.dumps(value, protocol=5)
+    expiry = expires_ms.to_bytes(8, "big")
+    mac = hmac.new(SECRET, b"wq2p", hashlib.sha256)
+    for part in (len(name).to_bytes(8, "big"), name, expiry, body):
+        mac.update(part)
+    return b"wq2p" + mac.digest() + expiry + body
+
+
+def test_entries_of_the_previous_formats_are_read_as_written_at_the_epoch() -> None:
+    clock = Clock()
+    assert ValueCodec(None, clock).loads_dated(NAME, b'wq1j{"a":1}') == ({"a": 1}, 0.0)
+    old = _undated_signed(NAME, ("t",), int((clock.now + 60) * 1000))
+    assert ValueCodec(SECRET, clock).loads_dated(NAME, old) == (("t",), 0.0)
+    # Their signature and expiry are still checked.
+    with pytest.raises(BadEntry, match="signature"):
+        ValueCodec(b"o" * 32, clock).loads_dated(NAME, old)
+    clock.now += 60
+    with pytest.raises(BadEntry, match="expired"):
+        ValueCodec(SECRET, clock).loads_dated(NAME, old)

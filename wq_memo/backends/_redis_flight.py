@@ -20,6 +20,10 @@ marked for a while: its waiters compute at once instead of waiting.
 
 A call that cannot use Redis (breaker open, an operation failed or timed out) computes on its
 own and stores nothing: only a lock holder stores, so nothing unfenced is ever written.
+
+A refresh (refresh-ahead) tries the lock once, without looking at the value: if it takes it, it
+holds the key as above (the entry stays readable meanwhile, and is replaced by FINISH); if
+another computation holds it, or Redis fails, it gives up at once, computing nothing.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, TypeVar
 
-from ._protocol import MISSING
+from ._protocol import MISSING, Missing
 from ._redis_conn import Connector, Unavailable
 from ._redis_keys import KeyNames
 from ._redis_log import Throttle
@@ -120,6 +124,20 @@ class Flight:
         if payload[1]:  # the function's results are not stored these days: nobody waits
             return await self._alone(compute, None)
         return await self._wait_then_compute(names, function, token, compute)
+
+    async def refresh(
+        self, names: KeyNames, function: str, compute: Callable[[], Awaitable[V]]
+    ) -> tuple[bool, V | Missing]:
+        """Compute and store the key if its lock is free; never wait for another holder."""
+        token = secrets.token_hex(16).encode()
+        try:
+            kind, _, sent = await self._claim(names, token, False)
+        except Unavailable:
+            return False, MISSING
+        if kind != _TAKEN:
+            self._counts["refresh_skipped"] += 1
+            return False, MISSING
+        return True, await self._hold(names, function, token, compute, sent)
 
     # -- looking and claiming ----------------------------------------------------------------
 

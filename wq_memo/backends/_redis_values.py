@@ -11,6 +11,11 @@ like a forged one, and one read after its expiry is refused whatever Redis's own
 entry whose TTL was removed, or an old entry written back). An entry is unpickled only after
 its signature has been checked with ``hmac.compare_digest``; an entry without a valid signature
 is never unpickled.
+
+Every entry carries its write time (8 bytes: ms since the epoch, wall clock, under the signature
+when signed), so that any process can tell its age in the read that fetches it. Entries of the
+previous formats (``wq1j``, ``wq2p``) carry none: they are read as before, as if written at the
+epoch, so refresh-ahead refreshes them at their first read and rewrites them in this format.
 """
 
 from __future__ import annotations
@@ -29,12 +34,20 @@ from ._redis_log import Throttle
 
 __all__ = ("BadEntry", "Entries", "Unencodable", "ValueCodec")
 
-_JSON: Final = b"wq1j"
-_SIGNED: Final = b"wq2p"
-"""Signed pickle: tag, MAC (32 bytes), expiry (8 bytes: ms since the epoch, 0 for none), body."""
+_JSON: Final = b"wq2j"
+"""JSON: tag, write time (8 bytes: ms since the epoch), JSON text."""
+_SIGNED: Final = b"wq3p"
+"""Signed pickle: tag, MAC (32 bytes), expiry (8 bytes: ms since the epoch, 0 for none), write
+time (8 bytes: ms since the epoch), body."""
+_UNDATED_JSON: Final = b"wq1j"
+"""The previous JSON format: tag, JSON text (no write time)."""
+_UNDATED_SIGNED: Final = b"wq2p"
+"""The previous signed format: tag, MAC, expiry, body (no write time)."""
 _OLD_SIGNED: Final = b"wq1p"
 _MAC_SIZE: Final = hashlib.sha256().digest_size
-_HEAD: Final = len(_SIGNED) + _MAC_SIZE + 8
+_JSON_HEAD: Final = len(_JSON) + 8
+_HEAD: Final = len(_SIGNED) + _MAC_SIZE + 16
+_UNDATED_HEAD: Final = len(_UNDATED_SIGNED) + _MAC_SIZE + 8
 
 
 class Unencodable(ValueError):
@@ -74,17 +87,21 @@ class ValueCodec:
         self._clock = clock
         """Wall-clock seconds since the epoch: expiry times are shared between hosts."""
 
+    def now(self) -> float:
+        """This codec's wall clock, in seconds since the epoch."""
+        return self._clock()
+
     @property
     def signed(self) -> bool:
         """Whether values are stored as signed pickle (True) or JSON (False)."""
         return self._secret is not None
 
-    def _mac(self, name: bytes, expiry: bytes, body: bytes) -> bytes:
+    def _mac(self, tag: bytes, name: bytes, head: bytes, body: bytes) -> bytes:
         assert self._secret is not None
-        mac = hmac.new(self._secret, _SIGNED, hashlib.sha256)
+        mac = hmac.new(self._secret, tag, hashlib.sha256)
         mac.update(len(name).to_bytes(8, "big"))
         mac.update(name)
-        mac.update(expiry)
+        mac.update(head)
         mac.update(body)
         return mac.digest()
 
@@ -106,16 +123,18 @@ class ValueCodec:
                 text = json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
             except (ValueError, TypeError, RecursionError) as exc:
                 raise Unencodable(f"value is not stored: JSON cannot encode it ({exc})") from exc
-            return _JSON + text.encode("utf-8", "surrogatepass")
+            written = int(self._clock() * 1000).to_bytes(8, "big")
+            return _JSON + written + text.encode("utf-8", "surrogatepass")
         try:
             body = pickle.dumps(value, protocol=5)
         except Exception as exc:  # pickling can fail with about any exception type
             raise Unencodable(
                 f"a {type(value).__qualname__} value is not stored: it cannot be pickled ({exc!r})"
             ) from exc
-        expires_ms = 0 if ttl is None else max(1, int((self._clock() + ttl) * 1000))
-        expiry = expires_ms.to_bytes(8, "big")
-        return _SIGNED + self._mac(name, expiry, body) + expiry + body
+        now = self._clock()
+        expires_ms = 0 if ttl is None else max(1, int((now + ttl) * 1000))
+        head = expires_ms.to_bytes(8, "big") + int(now * 1000).to_bytes(8, "big")
+        return _SIGNED + self._mac(_SIGNED, name, head, body) + head + body
 
     def loads(self, name: bytes, data: bytes) -> Any:
         """Return the value stored as data under the Redis name ``name``.
@@ -123,30 +142,48 @@ class ValueCodec:
         Raises:
             BadEntry: the entry is refused; it was not unpickled.
         """
+        return self.loads_dated(name, data)[0]
+
+    def loads_dated(self, name: bytes, data: bytes) -> tuple[Any, float]:
+        """Return (the value stored as data under ``name``, its write time in epoch seconds).
+
+        An entry of a previous format, which carries no write time, is dated at the epoch (0).
+
+        Raises:
+            BadEntry: the entry is refused; it was not unpickled.
+        """
         head = data[:4]
         if self._secret is None:
-            if head in (_SIGNED, _OLD_SIGNED):
+            if head == _JSON and len(data) >= _JSON_HEAD:
+                text, written = data[_JSON_HEAD:], int.from_bytes(data[4:_JSON_HEAD], "big")
+            elif head == _UNDATED_JSON:
+                text, written = data[4:], 0
+            elif head in (_SIGNED, _UNDATED_SIGNED, _OLD_SIGNED):
                 raise BadEntry("entry is signed pickle but this RedisCache has no secret=")
-            if head != _JSON:
+            else:
                 raise BadEntry("entry was not written by wq_memo")
             try:
-                return json.loads(data[4:].decode("utf-8", "surrogatepass"))
+                return json.loads(text.decode("utf-8", "surrogatepass")), written / 1000
             except (ValueError, RecursionError) as exc:
                 raise BadEntry(f"entry is not valid JSON ({exc})") from exc
-        if head == _OLD_SIGNED:
+        if head == _SIGNED:
+            end = _HEAD
+        elif head == _UNDATED_SIGNED:
+            end = _UNDATED_HEAD
+        elif head == _OLD_SIGNED:
             raise BadEntry(
                 "entry is in an older signed format that carries no expiry of its own; "
                 "it will be computed again and stored in the current format"
             )
-        if head != _SIGNED:
+        else:
             raise BadEntry(
                 "entry is not signed (this RedisCache has secret= and reads only signed)"
             )
         mac = data[4 : 4 + _MAC_SIZE]
-        expiry, body = data[4 + _MAC_SIZE : _HEAD], data[_HEAD:]
-        if len(data) < _HEAD or not hmac.compare_digest(mac, self._mac(name, expiry, body)):
+        dates, body = data[4 + _MAC_SIZE : end], data[end:]
+        if len(data) < end or not hmac.compare_digest(mac, self._mac(head, name, dates, body)):
             raise BadEntry("entry's signature does not match (tampered, or another secret)")
-        expires_ms = int.from_bytes(expiry, "big")
+        expires_ms = int.from_bytes(dates[:8], "big")
         if expires_ms:
             late = self._clock() - expires_ms / 1000
             if late >= 0:
@@ -155,9 +192,10 @@ class ValueCodec:
                     "TTL was removed or the entry was written back)"
                 )
         try:
-            return pickle.loads(body)
+            value = pickle.loads(body)
         except Exception as exc:  # a validly signed entry whose classes are gone, for instance
             raise BadEntry(f"signed entry cannot be unpickled ({exc!r})") from exc
+        return value, int.from_bytes(dates[8:], "big") / 1000
 
 
 Refusal = Literal["unencodable", "oversized"]
@@ -216,6 +254,18 @@ class Entries:
         except BadEntry as exc:
             self.refused(name, str(exc))
             return MISSING
+
+    def decode_dated(self, name: bytes, data: bytes) -> tuple[Any, float]:
+        """Return (the value data holds, its write time in epoch seconds), or (MISSING, 0)."""
+        try:
+            return self._codec.loads_dated(name, data)
+        except BadEntry as exc:
+            self.refused(name, str(exc))
+            return MISSING, 0.0
+
+    def age(self, written: float) -> float:
+        """Seconds since the wall-clock time written (0 if that is ahead of this host's clock)."""
+        return max(0.0, self._codec.now() - written)
 
     def refused(self, name: bytes, why: str) -> None:
         """Count and log an entry read from Redis and treated as a miss."""

@@ -21,7 +21,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess witho
         "pip install 'wq_memo[redis]'"
     ) from exc
 
-from ._protocol import MISSING, CallKey
+from ._protocol import MISSING, CallKey, Missing
 from ._redis_conn import Connector, Link, Unavailable
 from ._redis_flight import Flight
 from ._redis_keys import KeyNames, Namespace
@@ -64,6 +64,8 @@ class RedisCacheStats:
     stored."""
     oversized: int = 0
     """Values not stored, or entries not read, because larger than ``max_value_bytes``."""
+    refresh_skipped: int = 0
+    """Refreshes given up at once because another computation of the key held its lock."""
 
 
 _COUNTERS: Final = tuple(RedisCacheStats.__dataclass_fields__)
@@ -251,6 +253,12 @@ class RedisCache:
         return self._repr
 
     @property
+    def ttl(self) -> float | None:
+        """Seconds an entry lives (None: until evicted); @worker_queue checks refresh_after
+        against it."""
+        return self._ttl
+
+    @property
     def namespace(self) -> str:
         """The prefix of every Redis name this cache uses."""
         return self._ns.name
@@ -271,6 +279,10 @@ class RedisCache:
         Raises:
             TypeError: key has a component RedisCache cannot encode.
         """
+        return (await self._read(key))[0]
+
+    async def _read(self, key: Hashable) -> tuple[Any, float]:
+        """(the value under key or MISSING, its write time in epoch seconds): one GETRANGE."""
         names, _ = self._names(key)
         limit = self._entries.max_bytes
 
@@ -288,16 +300,16 @@ class RedisCache:
         try:
             data = await self._conn.call("GET", read, name=names.value)
         except Unavailable:
-            return MISSING
-        value: Any = MISSING
+            return MISSING, 0.0
+        found: tuple[Any, float] = (MISSING, 0.0)
         if data is None:
             self._entries.refused(names.value, "it is not a string")
         elif len(data) > limit:
             self._entries.too_big(names.value, None)
         elif data:
-            value = self._entries.decode(names.value, data)
-        self._counts["misses" if value is MISSING else "hits"] += 1
-        return value
+            found = self._entries.decode_dated(names.value, data)
+        self._counts["misses" if found[0] is MISSING else "hits"] += 1
+        return found
 
     async def set(self, key: Hashable, value: Any, ttl: float | None = None) -> None:
         """Store value under key for ttl seconds (None: the cache's ttl).
@@ -388,3 +400,41 @@ class RedisCache:
         """
         names, function = self._names(key)
         return await self._flight.get_or_compute(names, function, compute)
+
+    # -- refresh-ahead -------------------------------------------------------------------------
+
+    async def get_with_age(self, key: Hashable) -> tuple[Any, float | None]:
+        """Return (the value under key or MISSING, seconds since it was written), in one read.
+
+        The age is this host's wall clock minus the writer's (0 if the writer's is ahead); an
+        entry of the format written before entries carried their write time counts as written
+        at the epoch, so it is due for a refresh at once. A miss has age None.
+
+        Raises:
+            TypeError: key has a component RedisCache cannot encode.
+        """
+        value, written = await self._read(key)
+        if value is MISSING:
+            return MISSING, None
+        return value, self._entries.age(written)
+
+    async def refresh(
+        self, key: Hashable, compute: Callable[[], Awaitable[V]]
+    ) -> tuple[bool, V | Missing]:
+        """Compute key anew and store it, unless another computation of it holds its lock.
+
+        One attempt to take the key's lease lock, never a wait: if another process (or caller)
+        computes or refreshes the key, returns ``(False, MISSING)`` at once without calling
+        compute(); so it does when Redis fails (logged and counted). Otherwise compute() runs
+        under the lock, and its value is stored as get_or_compute stores it (renewing the
+        lease, not after a ``delete(key)`` or ``clear()``, never over a newer value), announced
+        to the callers waiting for the key, and returned as ``(True, value)``. Until then the
+        entry stays as it was, and every reader gets it. Without ``single_flight`` the lock is
+        not taken and every call computes.
+
+        Raises:
+            TypeError: key has a component RedisCache cannot encode.
+            Exception: whatever compute() raises (nothing is stored then; the entry stays).
+        """
+        names, function = self._names(key)
+        return await self._flight.refresh(names, function, compute)

@@ -11,7 +11,7 @@ import cachetools
 import pytest
 from cachetools.keys import hashkey
 from hypothesis import strategies as st
-from hypothesis.stateful import initialize, invariant, rule, run_state_machine_as_test
+from hypothesis.stateful import initialize, invariant, precondition, rule, run_state_machine_as_test
 
 from wq_memo import Memoized, worker_queue
 from wq_memo._flight import FlightTable
@@ -130,6 +130,8 @@ class MemoryAsyncCache:
     def __init__(self, machine: QueueModelMachine) -> None:
         self.machine = machine
         self.data: dict[Hashable, tuple[Any, float]] = {}
+        self.store_gate: asyncio.Event | None = None
+        """While set, stores wait on this gate before they write."""
 
     def peek(self, key: Hashable) -> Any:
         value, expires = self.data.get(key, (MISSING, 0.0))
@@ -144,6 +146,9 @@ class MemoryAsyncCache:
         return value
 
     async def set(self, key: Hashable, value: Any, ttl: float | None = None) -> None:
+        gate = self.store_gate
+        if gate is not None:
+            await gate.wait()
         if self.machine.yielding:
             await asyncio.sleep(0)
         assert isinstance(key, CallKey), key
@@ -227,10 +232,7 @@ class AsyncCacheMachine(DecoratorMachine):
             with pytest.raises(TypeError, match="acache_invalidate"):
                 self.f.cache_invalidate(key)
             return
-        forgotten = self.forget(key)
-        removed = self.loop.run_until_complete(self.f.acache_invalidate(key))
-        assert removed == self.uncache(key), f"acache_invalidate({key!r}) returned {removed}"
-        self.forgotten_done(forgotten)
+        self.loop.run_until_complete(self.invalidation(key, everything=False))
 
     @rule(use_async=st.booleans())
     def clear(self, use_async: bool) -> None:
@@ -239,10 +241,45 @@ class AsyncCacheMachine(DecoratorMachine):
             with pytest.raises(TypeError, match="acache_clear"):
                 self.f.cache_clear()
             return
-        forgotten = [c for key in KEYS for c in self.forget(key)]
-        self.loop.run_until_complete(self.f.acache_clear())
-        for key in list(self.cached):
-            self.uncache(key)
+        self.loop.run_until_complete(self.invalidation("", everything=True))
+
+    @precondition(lambda self: self.active)
+    @rule(pick=st.integers(0, 7), everything=st.booleans(), during=st.lists(keys, max_size=3))
+    def invalidate_while_storing(self, pick: int, everything: bool, during: list[str]) -> None:
+        """Invalidate a computation's key (or clear) once its callers have its result, while
+        its store is still on its way; calls come in while the invalidation waits for that
+        store. Once the invalidation returns, the value is gone and never stored again."""
+        assert isinstance(self.cache, MemoryAsyncCache)
+        comp = self.active[pick % len(self.active)]
+        gate = self.cache.store_gate = asyncio.Event()
+        try:
+            self.set_outcome(comp, fail=False, none=False)
+            self.drive()
+            late = [c for c in self.callers if c.joined is comp and not c.task.done()]
+            assert not late, f"callers of #{comp.id} still wait while its store does: {late}"
+            invalidating = self.loop.create_task(self.invalidation(comp.key, everything))
+            self.drive()
+            self.start_calls(during)
+            self.drive()
+        finally:
+            gate.set()
+            self.cache.store_gate = None
+        self.drive()
+        assert invalidating.done(), "the invalidation never returned"
+        invalidating.result()
+
+    async def invalidation(self, key: str, everything: bool) -> None:
+        """acache_invalidate(key) or acache_clear(), the model following each step: what the
+        invalidation forgets as it starts, what it removed as it returns."""
+        if everything:
+            forgotten = [c for k in KEYS for c in self.forget(k)]
+            await self.f.acache_clear()
+            for k in list(self.cached):
+                self.uncache(k)
+        else:
+            forgotten = self.forget(key)
+            removed = await self.f.acache_invalidate(key)
+            assert removed == self.uncache(key), f"acache_invalidate({key!r}) returned {removed}"
         self.forgotten_done(forgotten)
 
     @invariant()
@@ -255,6 +292,8 @@ class SingleFlightMachine(AsyncCacheMachine):
     """As AsyncCacheMachine, with a cache that computes through get_or_compute."""
 
     forget_refuses_pending_store = True
+    invalidate_while_storing = None  # type: ignore[assignment]
+    """Its callers get a result only once get_or_compute has stored it."""
 
     def forget(self, key: str) -> list[Computation]:
         # A flight that claimed the key in the cache and still waits for a slot is not

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Coroutine, Hashable
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Protocol, TypeVar
 
 import cachetools
 import pytest
@@ -13,7 +13,7 @@ from cachetools.keys import hashkey
 from hypothesis import strategies as st
 from hypothesis.stateful import initialize, invariant, precondition, rule, run_state_machine_as_test
 
-from wq_memo import Memoized, worker_queue
+from wq_memo import CacheInfo, WorkerQueue, worker_queue
 from wq_memo._flight import FlightTable
 from wq_memo.backends import MISSING, CallKey
 
@@ -22,6 +22,25 @@ from ._machinery import FINISH_TIMEOUT, KEYS, Computation, QueueModelMachine, Va
 V = TypeVar("V")
 TTL = 10.5
 """Entries expire TTL after they are stored; the clock moves in whole steps, never onto a tie."""
+
+
+class Driven(Protocol):
+    """What the machines use of a memoized function, called with a key of the model."""
+
+    @property
+    def queue(self) -> WorkerQueue[Any, Any]: ...
+
+    def __call__(self, key: str, /) -> Coroutine[Any, Any, Value | None]: ...
+
+    def cache_info(self) -> CacheInfo: ...
+
+    def cache_clear(self) -> None: ...
+
+    async def acache_clear(self) -> None: ...
+
+    def cache_invalidate(self, key: str, /) -> bool: ...
+
+    async def acache_invalidate(self, key: str, /) -> bool: ...
 
 
 class RecordingTTLCache(cachetools.TTLCache[Hashable, Any]):
@@ -52,12 +71,18 @@ class DecoratorMachine(QueueModelMachine):
         self.maxsize = maxsize
         self.yielding = yielding and self.async_cache
         self.cache = self.make_cache()
+        self.f: Driven = self.memoize()
 
-        @worker_queue(maxsize=maxsize, cache=self.cache, finish_timeout=FINISH_TIMEOUT, name="f")
+    def memoize(self) -> Driven:
+        """The function under test: f(key), computed by the machine's worker."""
+
+        @worker_queue(
+            maxsize=self.maxsize, cache=self.cache, finish_timeout=FINISH_TIMEOUT, name="f"
+        )
         async def f(key: str) -> Value | None:
             return await self.work(key)
 
-        self.f: Memoized[[str], Value | None] = f
+        return f
 
     def call(self, key: str) -> Coroutine[Any, Any, Value | None]:
         return self.f(key)

@@ -13,11 +13,17 @@ loop they own, one step at a time, and check it against a small model:
 
 Every result is an object of its own (``Value``) and every failure an exception of its own
 (``ComputationFailed``), so a caller's outcome tells which computation it came from.
+
+Each caller runs as its own tenant: its task sets ``TENANT`` to the caller's number before it
+calls. A computation reads the tenant it runs as, which names the caller whose context it was
+started in (its *starter*); from that the machines check context isolation and the order in
+which computations are admitted.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -31,6 +37,8 @@ KEYS = ("a", "b", "c", "d")
 keys = st.sampled_from(KEYS)
 FINISH_TIMEOUT = 1.0
 """What a close gives unfinished computations, in loop time: the machine's loop skips it."""
+TENANT: contextvars.ContextVar[int | None] = contextvars.ContextVar("tenant", default=None)
+"""The number of the caller whose context the running code belongs to."""
 
 
 class FastForwardLoop(asyncio.SelectorEventLoop):
@@ -85,6 +93,11 @@ class Computation:
     """Its value reaches its callers but is never stored (a single-flight cache refused it)."""
     forget_done: bool = False
     """The invalidation that forgot it has returned: storing its value now is a violation."""
+    tenant: int | None = None
+    """The tenant it ran as: the number of the caller that started it."""
+    slotted: bool = True
+    """Whether it counts against maxsize: a computation started by a call from inside
+    another one does not (it never waits for a slot)."""
 
 
 @dataclass(eq=False)
@@ -99,6 +112,10 @@ class Caller:
     checked: bool = False
     joined: Computation | None = None
     """The computation of its key running when it was created: it must join that one."""
+    arrived: int | None = None
+    """Its place in the order of arrival: when its task first ran and asked for its key."""
+    started: Computation | None = None
+    """The computation that ran in its context: the one whose outcome it must get."""
 
 
 class QueueModelMachine(RuleBasedStateMachine):
@@ -137,6 +154,11 @@ class QueueModelMachine(RuleBasedStateMachine):
         self.lookup_delay: dict[asyncio.Task[Any] | None, int] = {}
         self.fenced: set[str] = set()
         """Keys whose next computation a single-flight cache will not store."""
+        self.arrivals = 0
+        self.inner_calls = 0
+        """Calls made by computations themselves (counted by the code under test too)."""
+        self.last_admitted: Caller | None = None
+        """The starter of the latest computation that took a slot."""
 
     # -- what a concrete machine provides -------------------------------------------------------
 
@@ -210,13 +232,17 @@ class QueueModelMachine(RuleBasedStateMachine):
         """The worker under test: one computation, held until a rule releases it."""
         comp = Computation(len(self.comps), key, self.tick())
         self.comps.append(comp)
+        comp.tenant = TENANT.get()
+        comp.slotted = self.takes_a_slot(comp)
         if any(c.key == key and not c.forgotten for c in self.active):
             self.violations.append(f"{key!r} computed twice at once (computation #{comp.id})")
-        if key in self.cached or key in self.storing:
+        stale = self.cached.get(key) or self.storing.get(key)
+        if stale is not None and not stale.forgotten:
             self.violations.append(
-                f"{key!r} computed again (#{comp.id}) although #{self.cached[key].id}'s "
-                "value is still cached"
+                f"{key!r} computed again (#{comp.id}) although #{stale.id}'s value is still "
+                "cached or being stored"
             )
+        self.check_starter(comp)
         if self.phase == "loop":
             self.violations.append(f"{key!r} started (#{comp.id}) while its loop was ending")
         if key in self.fenced:
@@ -224,7 +250,7 @@ class QueueModelMachine(RuleBasedStateMachine):
             self.fenced.discard(key)
             comp.unstored = True
         self.active.append(comp)
-        self.running_now += 1
+        self.running_now += comp.slotted
         if self.running_now > self.maxsize:
             self.violations.append(
                 f"{self.running_now} computations running at once, maxsize={self.maxsize}"
@@ -232,6 +258,7 @@ class QueueModelMachine(RuleBasedStateMachine):
         if self.instant:
             self.set_outcome(comp, fail=False, none=False)
         try:
+            await self.before_gate(comp)
             await comp.gate.wait()
         except asyncio.CancelledError:
             comp.cancelled = True
@@ -241,7 +268,10 @@ class QueueModelMachine(RuleBasedStateMachine):
                 self.violations.append(f"computation #{comp.id} of {key!r} was cancelled")
             raise
         finally:
-            self.running_now -= 1
+            self.running_now -= comp.slotted
+        if TENANT.get() != comp.tenant:
+            self.violations.append(f"computation #{comp.id}'s context changed under it")
+        TENANT.set(-1)  # a computation changing its context: its callers must not see it
         comp.finished_at = self.tick()
         self.active.remove(comp)
         if isinstance(comp.outcome, ComputationFailed):
@@ -259,6 +289,51 @@ class QueueModelMachine(RuleBasedStateMachine):
         else:
             self.storing[key] = comp
         return comp.outcome
+
+    def takes_a_slot(self, comp: Computation) -> bool:
+        """Whether comp, starting now, counts against maxsize."""
+        return True
+
+    async def before_gate(self, comp: Computation) -> None:
+        """What a computation does before it waits on its gate (nothing here)."""
+
+    def check_starter(self, comp: Computation) -> None:
+        """Context isolation and FIFO admission, as the starting computation sees them.
+
+        comp runs as the tenant of the caller that started it, whether it starts at once or
+        after waiting in line; no caller starts two computations. Computations that take a
+        slot start in the order their starters arrived (checked when lookups answer at once:
+        a lookup that suspends lets a later caller's item enter the line first).
+        """
+        tenant = comp.tenant
+        where = f"computation #{comp.id} of {comp.key!r}"
+        if tenant is None or not 0 <= tenant < len(self.callers):
+            self.violations.append(f"{where} ran in no caller's context (tenant {tenant})")
+            return
+        starter = self.callers[tenant]
+        if starter.key != comp.key:
+            self.violations.append(
+                f"{where} ran in the context of caller #{tenant}, who called {starter.key!r}"
+            )
+            return
+        if starter.started is not None:
+            self.violations.append(
+                f"{where} ran in the context of caller #{tenant}, who had started "
+                f"#{starter.started.id} already"
+            )
+            return
+        starter.started = comp
+        if self.yielding or not comp.slotted:
+            return
+        last = self.last_admitted
+        assert starter.arrived is not None
+        if last is not None and last.arrived is not None and last.arrived > starter.arrived:
+            self.violations.append(
+                f"{where} (caller #{tenant}, arrived {starter.arrived}) started after the "
+                f"computation of caller #{last.id} (arrived {last.arrived}): admission "
+                "order is not arrival order"
+            )
+        self.last_admitted = starter
 
     def stored(self, key: str, value: object) -> None:
         """The model's side of the queue storing a result in the machine's cache."""
@@ -300,11 +375,14 @@ class QueueModelMachine(RuleBasedStateMachine):
                 comp.uncached_at = self.tick()
                 forgotten.append(comp)
         pending = self.storing.get(key)
-        if pending is not None and self.forget_refuses_pending_store:
-            del self.storing[key]
+        if pending is not None and not pending.forgotten:
+            # Delivered, its store on its way: refused, or awaited and then deleted (its value
+            # stays available until the invalidation deletes it: see uncache).
             pending.forgotten = True
-            pending.uncached_at = self.tick()
             forgotten.append(pending)
+            if self.forget_refuses_pending_store:
+                del self.storing[key]
+                pending.uncached_at = self.tick()
         return forgotten
 
     def forgotten_done(self, comps: list[Computation]) -> None:
@@ -329,7 +407,9 @@ class QueueModelMachine(RuleBasedStateMachine):
         started = []
         for key in batch:
             caller_id = len(self.callers)
-            task = self.loop.create_task(self.call(key), name=f"caller-{caller_id}-{key}")
+            task = self.loop.create_task(
+                self.as_tenant(caller_id, key), name=f"caller-{caller_id}-{key}"
+            )
             caller = Caller(caller_id, key, self.tick(), task)
             if self.phase == "idle":
                 joined = next((c for c in self.active if c.key == key and not c.forgotten), None)
@@ -338,6 +418,17 @@ class QueueModelMachine(RuleBasedStateMachine):
             self.caller_of_task[task] = caller
             started.append(caller)
         return started
+
+    async def as_tenant(self, caller_id: int, key: str) -> Any:
+        """One call, made as tenant caller_id; the caller's context must come back unchanged."""
+        TENANT.set(caller_id)
+        self.arrivals += 1
+        self.callers[caller_id].arrived = self.arrivals
+        try:
+            return await self.call(key)
+        finally:
+            if TENANT.get() != caller_id:
+                self.violations.append(f"caller #{caller_id}'s context was changed by its call")
 
     def record_hit(self) -> None:
         """Called by the cache when a caller's lookup finds a value."""
@@ -366,6 +457,13 @@ class QueueModelMachine(RuleBasedStateMachine):
             return
         assert not caller.cancel_requested, f"{where} ignored its cancellation"
         exc = task.exception()
+        started = caller.started
+        if started is not None and not isinstance(exc, ShutdownTimeout):
+            outcome = exc if exc is not None else task.result()
+            assert outcome is started.outcome, (
+                f"{where} started computation #{started.id} (it ran in its context) but got "
+                f"{outcome!r}, not its outcome {started.outcome!r}"
+            )
         joined = caller.joined
         if joined is not None and not isinstance(exc, ShutdownTimeout):
             outcome = exc if exc is not None else task.result()
@@ -437,6 +535,19 @@ class QueueModelMachine(RuleBasedStateMachine):
         comp = self.active[pick % len(self.active)]
         self.set_outcome(comp, fail, False)
         self.start_calls(batch, finishing=comp)
+        self.drive()
+
+    @precondition(lambda self: self.active)
+    @rule(pick=st.integers(0, 7), fail=st.booleans(), stream=st.lists(keys, min_size=1, max_size=5))
+    def release_into_a_stream(self, pick: int, fail: bool, stream: list[str]) -> None:
+        """Let a computation finish while newcomers keep arriving, one per turn of the loop:
+        the callers already waiting for its slot must not be overtaken."""
+        comp = self.active[pick % len(self.active)]
+        self.set_outcome(comp, fail, False)
+        for key in stream:
+            self.start_calls([key], finishing=comp)
+            self.loop.call_soon(self.loop.stop)
+            self.loop.run_forever()
         self.drive()
 
     @precondition(lambda self: self.yielding)
@@ -605,7 +716,8 @@ class QueueModelMachine(RuleBasedStateMachine):
         known_joins = sum(c.joined is not None for c in self.callers)
         assert joined >= known_joins, f"joined={joined}, but {known_joins} calls surely joined"
         total = hits + misses + joined
-        assert len(attached) <= total <= len(self.callers) - self.shutdowns_refused, (
-            f"hits+misses+joined={total}, but {len(self.callers)} calls were made, "
+        made = len(self.callers) + self.inner_calls
+        assert len(attached) <= total <= made - self.shutdowns_refused, (
+            f"hits+misses+joined={total}, but {made} calls were made, "
             f"{len(attached)} got an outcome and {self.shutdowns_refused} were refused"
         )

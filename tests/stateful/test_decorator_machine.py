@@ -5,15 +5,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Coroutine, Hashable
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Protocol, TypeVar
 
 import cachetools
 import pytest
 from cachetools.keys import hashkey
 from hypothesis import strategies as st
-from hypothesis.stateful import initialize, invariant, rule, run_state_machine_as_test
+from hypothesis.stateful import initialize, invariant, precondition, rule, run_state_machine_as_test
 
-from wq_memo import Memoized, worker_queue
+from wq_memo import CacheInfo, WorkerQueue, worker_queue
 from wq_memo._flight import FlightTable
 from wq_memo.backends import MISSING, CallKey
 
@@ -22,6 +22,25 @@ from ._machinery import FINISH_TIMEOUT, KEYS, Computation, QueueModelMachine, Va
 V = TypeVar("V")
 TTL = 10.5
 """Entries expire TTL after they are stored; the clock moves in whole steps, never onto a tie."""
+
+
+class Driven(Protocol):
+    """What the machines use of a memoized function, called with a key of the model."""
+
+    @property
+    def queue(self) -> WorkerQueue[Any, Any]: ...
+
+    def __call__(self, key: str, /) -> Coroutine[Any, Any, Value | None]: ...
+
+    def cache_info(self) -> CacheInfo: ...
+
+    def cache_clear(self) -> None: ...
+
+    async def acache_clear(self) -> None: ...
+
+    def cache_invalidate(self, key: str, /) -> bool: ...
+
+    async def acache_invalidate(self, key: str, /) -> bool: ...
 
 
 class RecordingTTLCache(cachetools.TTLCache[Hashable, Any]):
@@ -52,12 +71,18 @@ class DecoratorMachine(QueueModelMachine):
         self.maxsize = maxsize
         self.yielding = yielding and self.async_cache
         self.cache = self.make_cache()
+        self.f: Driven = self.memoize()
 
-        @worker_queue(maxsize=maxsize, cache=self.cache, finish_timeout=FINISH_TIMEOUT, name="f")
+    def memoize(self) -> Driven:
+        """The function under test: f(key), computed by the machine's worker."""
+
+        @worker_queue(
+            maxsize=self.maxsize, cache=self.cache, finish_timeout=FINISH_TIMEOUT, name="f"
+        )
         async def f(key: str) -> Value | None:
             return await self.work(key)
 
-        self.f: Memoized[[str], Value | None] = f
+        return f
 
     def call(self, key: str) -> Coroutine[Any, Any, Value | None]:
         return self.f(key)
@@ -130,6 +155,8 @@ class MemoryAsyncCache:
     def __init__(self, machine: QueueModelMachine) -> None:
         self.machine = machine
         self.data: dict[Hashable, tuple[Any, float]] = {}
+        self.store_gate: asyncio.Event | None = None
+        """While set, stores wait on this gate before they write."""
 
     def peek(self, key: Hashable) -> Any:
         value, expires = self.data.get(key, (MISSING, 0.0))
@@ -144,6 +171,9 @@ class MemoryAsyncCache:
         return value
 
     async def set(self, key: Hashable, value: Any, ttl: float | None = None) -> None:
+        gate = self.store_gate
+        if gate is not None:
+            await gate.wait()
         if self.machine.yielding:
             await asyncio.sleep(0)
         assert isinstance(key, CallKey), key
@@ -227,10 +257,7 @@ class AsyncCacheMachine(DecoratorMachine):
             with pytest.raises(TypeError, match="acache_invalidate"):
                 self.f.cache_invalidate(key)
             return
-        forgotten = self.forget(key)
-        removed = self.loop.run_until_complete(self.f.acache_invalidate(key))
-        assert removed == self.uncache(key), f"acache_invalidate({key!r}) returned {removed}"
-        self.forgotten_done(forgotten)
+        self.loop.run_until_complete(self.invalidation(key, everything=False))
 
     @rule(use_async=st.booleans())
     def clear(self, use_async: bool) -> None:
@@ -239,10 +266,45 @@ class AsyncCacheMachine(DecoratorMachine):
             with pytest.raises(TypeError, match="acache_clear"):
                 self.f.cache_clear()
             return
-        forgotten = [c for key in KEYS for c in self.forget(key)]
-        self.loop.run_until_complete(self.f.acache_clear())
-        for key in list(self.cached):
-            self.uncache(key)
+        self.loop.run_until_complete(self.invalidation("", everything=True))
+
+    @precondition(lambda self: self.active)
+    @rule(pick=st.integers(0, 7), everything=st.booleans(), during=st.lists(keys, max_size=3))
+    def invalidate_while_storing(self, pick: int, everything: bool, during: list[str]) -> None:
+        """Invalidate a computation's key (or clear) once its callers have its result, while
+        its store is still on its way; calls come in while the invalidation waits for that
+        store. Once the invalidation returns, the value is gone and never stored again."""
+        assert isinstance(self.cache, MemoryAsyncCache)
+        comp = self.active[pick % len(self.active)]
+        gate = self.cache.store_gate = asyncio.Event()
+        try:
+            self.set_outcome(comp, fail=False, none=False)
+            self.drive()
+            late = [c for c in self.callers if c.joined is comp and not c.task.done()]
+            assert not late, f"callers of #{comp.id} still wait while its store does: {late}"
+            invalidating = self.loop.create_task(self.invalidation(comp.key, everything))
+            self.drive()
+            self.start_calls(during)
+            self.drive()
+        finally:
+            gate.set()
+            self.cache.store_gate = None
+        self.drive()
+        assert invalidating.done(), "the invalidation never returned"
+        invalidating.result()
+
+    async def invalidation(self, key: str, everything: bool) -> None:
+        """acache_invalidate(key) or acache_clear(), the model following each step: what the
+        invalidation forgets as it starts, what it removed as it returns."""
+        if everything:
+            forgotten = [c for k in KEYS for c in self.forget(k)]
+            await self.f.acache_clear()
+            for k in list(self.cached):
+                self.uncache(k)
+        else:
+            forgotten = self.forget(key)
+            removed = await self.f.acache_invalidate(key)
+            assert removed == self.uncache(key), f"acache_invalidate({key!r}) returned {removed}"
         self.forgotten_done(forgotten)
 
     @invariant()
@@ -255,6 +317,8 @@ class SingleFlightMachine(AsyncCacheMachine):
     """As AsyncCacheMachine, with a cache that computes through get_or_compute."""
 
     forget_refuses_pending_store = True
+    invalidate_while_storing = None  # type: ignore[assignment]
+    """Its callers get a result only once get_or_compute has stored it."""
 
     def forget(self, key: str) -> list[Computation]:
         # A flight that claimed the key in the cache and still waits for a slot is not

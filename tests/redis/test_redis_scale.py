@@ -114,8 +114,8 @@ def test_eight_processes_of_200_callers_over_2000_cold_keys_compute_each_once(
     go.set()
     done = procs.expect("done", 8, timeout=90)
     assert [message[2] for message in done] == [0] * 8  # every call got its key's value
-    assert int(sync_redis.get(f"{redis_namespace}:computations")) == 2000
     stats = [message[5] for message in done]
+    assert int(sync_redis.get(f"{redis_namespace}:computations")) == 2000, stats
     assert sum(s["computed"] for s in stats) == 2000
     assert sum(s["fallbacks"] + s["wait_timeouts"] + s["redis_errors"] for s in stats) == 0
 

@@ -63,16 +63,21 @@ _FINISHED: Final = Status.FINISHED
 
 class Counts:
     """Calls answered by the cache, calls that started a computation, calls that joined one;
-    background refreshes started, and those that failed."""
+    background refreshes started, and those that failed; calls that bypassed the cache."""
 
-    __slots__ = ("hits", "joined", "misses", "refresh_failures", "refreshes")
+    __slots__ = ("bypassed", "hits", "joined", "misses", "refresh_failures", "refreshes")
 
     def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Set every count back to zero."""
         self.hits = 0
         self.misses = 0
         self.joined = 0
         self.refreshes = 0
         self.refresh_failures = 0
+        self.bypassed = 0
 
 
 class Flight(Generic[K, R]):

@@ -7,6 +7,7 @@
 from ._decorator import BoundMemoized, CacheInfo, Memoized, worker_queue
 from ._errors import QueueShutDown, ShutdownTimeout
 from ._queue import WorkerQueue
+from ._switch import disabled
 from .backends._protocol import MISSING, Missing
 
 __version__ = "0.1.0"
@@ -20,5 +21,6 @@ __all__ = (
     "QueueShutDown",
     "ShutdownTimeout",
     "WorkerQueue",
+    "disabled",
     "worker_queue",
 )

@@ -23,11 +23,12 @@ from typing import (
 import cachetools
 import cachetools.keys
 
-from . import _naming
+from . import _memos, _naming
 from ._flight import Flight
 from ._methods import InstanceKeys, MemoizedClassMethod, MemoizedMethod, MethodState
 from ._queue import WorkerQueue, is_async_callable
 from ._refresh import NEVER, Refresher, check_refresh_options
+from ._switch import SWITCH
 from ._ttl_lookup import fast_lookup, raw_timer
 from .backends._protocol import (
     MISSING,
@@ -65,6 +66,8 @@ class CacheInfo(NamedTuple):
     """Background refreshes started (refresh_after)."""
     refresh_failures: int = 0
     """Background refreshes that failed (the old value was kept)."""
+    bypassed: int = 0
+    """Calls that ran the function directly, caching switched off (wq_memo.disabled())."""
 
 
 class CacheControls(Protocol):
@@ -285,6 +288,7 @@ def _build(func: Any, options: _Options, state: MethodState | None) -> Any:
         memoized = _with_async_cache(func, display, cache, key, shared, options, refresher)
         _naming.claim(cache, shared, memoized)
     functools.update_wrapper(memoized, func)
+    _memos.register(memoized)
     memoized._refresher = refresher  # type: ignore[attr-defined]  # its due times, for tests
     if not isinstance(getattr(func, "__qualname__", None), str):
         memoized.__name__ = memoized.__qualname__ = display
@@ -450,6 +454,9 @@ def _with_mapping(
 
         async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
             nonlocal hits
+            if SWITCH.watch and SWITCH.off():
+                counts.bypassed += 1
+                return await func(*args, **kwargs)
             k = args if args_are_key and not kwargs else key(*args, **kwargs)
             try:
                 value = find_any(k, MISSING)
@@ -470,6 +477,9 @@ def _with_mapping(
 
         async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
             nonlocal hits
+            if SWITCH.watch and SWITCH.off():
+                counts.bypassed += 1
+                return await func(*args, **kwargs)
             k = args if not kwargs else _hashkey(*args, **kwargs)
             try:
                 value = find(k, MISSING)
@@ -488,6 +498,9 @@ def _with_mapping(
 
         async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
             nonlocal hits
+            if SWITCH.watch and SWITCH.off():
+                counts.bypassed += 1
+                return await func(*args, **kwargs)
             k = key(*args, **kwargs)
             try:
                 value = find(k, MISSING)
@@ -505,6 +518,9 @@ def _with_mapping(
 
         async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
             nonlocal hits
+            if SWITCH.watch and SWITCH.off():
+                counts.bypassed += 1
+                return await func(*args, **kwargs)
             k = args if not kwargs else _hashkey(*args, **kwargs)
             try:
                 value = cache[k]
@@ -524,6 +540,9 @@ def _with_mapping(
 
         async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
             nonlocal hits
+            if SWITCH.watch and SWITCH.off():
+                counts.bypassed += 1
+                return await func(*args, **kwargs)
             k = key(*args, **kwargs)
             try:
                 value = cache[k]
@@ -556,6 +575,7 @@ def _with_mapping(
             int(getattr(cache, "currsize", len(cache))),
             counts.refreshes,
             counts.refresh_failures,
+            counts.bypassed,
         )
 
     def cache_invalidate(*args: P.args, **kwargs: P.kwargs) -> bool:
@@ -589,6 +609,11 @@ def _with_mapping(
     def cache_peek(*args: P.args, **kwargs: P.kwargs) -> R | Missing:
         return _peek(cache, key_of(args, kwargs))  # type: ignore[no-any-return]
 
+    def reset_counts() -> None:
+        nonlocal hits
+        hits = 0
+        counts.reset()
+
     return _attach(
         wrapper,
         queue,
@@ -599,6 +624,7 @@ def _with_mapping(
         cache_invalidate=cache_invalidate,
         cache_prime=cache_prime,
         cache_peek=cache_peek,
+        _reset_counts=reset_counts,
     )
 
 
@@ -615,6 +641,9 @@ def _dedup_only(
     args_are_key = _args_are_key(key)
 
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        if SWITCH.watch and SWITCH.off():
+            counts.bypassed += 1
+            return await func(*args, **kwargs)
         try:
             k = args if args_are_key and not kwargs else key(*args, **kwargs)
             hash(k)
@@ -628,7 +657,9 @@ def _dedup_only(
     key_of = _key_builder(key, display)
 
     def cache_info() -> CacheInfo:
-        return CacheInfo(counts.hits, counts.misses, counts.joined, None, 0)
+        return CacheInfo(
+            counts.hits, counts.misses, counts.joined, None, 0, bypassed=counts.bypassed
+        )
 
     def cache_invalidate(*args: P.args, **kwargs: P.kwargs) -> bool:
         queue._forget(key_of(args, kwargs))
@@ -738,6 +769,9 @@ def _with_async_cache(
     key_of = _key_builder(key, display, name)
 
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        if SWITCH.watch and SWITCH.off():
+            counts.bypassed += 1
+            return await func(*args, **kwargs)
         return await require(key_of(args, kwargs), args, kwargs)
 
     def cache_info() -> CacheInfo:
@@ -749,6 +783,7 @@ def _with_async_cache(
             None,
             counts.refreshes,
             counts.refresh_failures,
+            counts.bypassed,
         )
 
     def synchronous(what: str) -> Callable[..., Any]:
@@ -882,6 +917,7 @@ def _attach(
     w.acache_invalidate = acache_invalidate
     w.acache_prime = acache_prime
     w.acache_peek = acache_peek
+    w._reset_counts = queue._counts.reset  # the pytest plugin's isolation
     for attribute, control in controls.items():
         setattr(w, attribute, control)
     return w  # type: ignore[no-any-return]

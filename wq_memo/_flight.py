@@ -67,11 +67,23 @@ _FINISHED: Final = Status.FINISHED
 
 class Counts:
     """Calls answered by the cache, calls that started a computation, calls that joined one;
-    background refreshes started, and those that failed."""
+    background refreshes started, and those that failed; calls that bypassed the cache."""
 
-    __slots__ = ("dropped", "hits", "joined", "misses", "refresh_failures", "refreshes")
+    __slots__ = (
+        "bypassed",
+        "dropped",
+        "hits",
+        "joined",
+        "misses",
+        "refresh_failures",
+        "refreshes",
+    )
 
     def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Set every count back to zero."""
         self.hits = 0
         self.misses = 0
         self.joined = 0
@@ -79,6 +91,7 @@ class Counts:
         self.refresh_failures = 0
         self.dropped = 0
         """Items counted as misses that never started: every caller left while they waited."""
+        self.bypassed = 0
 
 
 class Flight(Generic[K, R]):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 from collections.abc import Awaitable, Callable, Coroutine, Hashable
 from typing import Any, ClassVar, Protocol, TypeVar
 
@@ -13,13 +14,15 @@ from cachetools.keys import hashkey
 from hypothesis import strategies as st
 from hypothesis.stateful import initialize, invariant, precondition, rule, run_state_machine_as_test
 
-from wq_memo import CacheInfo, WorkerQueue, worker_queue
+from wq_memo import CacheInfo, WorkerQueue, disabled, worker_queue
 from wq_memo._flight import FlightTable
 from wq_memo.backends import MISSING, CallKey
 
 from ._machinery import FINISH_TIMEOUT, KEYS, Computation, QueueModelMachine, Value, keys
 
 V = TypeVar("V")
+BYPASSING: contextvars.ContextVar[bool] = contextvars.ContextVar("bypassing", default=False)
+"""Set in the machine's calls made inside disabled(): f then computes without the model."""
 TTL = 10.5
 """Entries expire TTL after they are stored; the clock moves in whole steps, never onto a tie."""
 
@@ -70,6 +73,8 @@ class DecoratorMachine(QueueModelMachine):
     def decorate(self, maxsize: int, yielding: bool) -> None:
         self.maxsize = maxsize
         self.yielding = yielding and self.async_cache
+        self.direct: list[tuple[str, Value]] = []
+        """What calls made with caching off returned, and their keys."""
         self.cache = self.make_cache()
         self.f: Driven = self.memoize()
 
@@ -80,12 +85,52 @@ class DecoratorMachine(QueueModelMachine):
             maxsize=self.maxsize, cache=self.cache, finish_timeout=FINISH_TIMEOUT, name="f"
         )
         async def f(key: str) -> Value | None:
+            if BYPASSING.get():
+                return self.computed_directly(key)
             return await self.work(key)
 
         return f
 
     def call(self, key: str) -> Coroutine[Any, Any, Value | None]:
         return self.f(key)
+
+    def computed_directly(self, key: str) -> Value:
+        """What f computes when called with caching switched off: a value of its own."""
+        self.direct.append((key, Value(-1 - len(self.direct))))
+        return self.direct[-1][1]
+
+    @rule(key=keys)
+    def call_disabled(self, key: str) -> None:
+        """A call inside wq_memo.disabled(): the function runs at once, in the caller's task;
+        nothing is looked up, stored, joined or counted but bypassed."""
+        cached, counters, computations = self.real_cache(), self.counters(), len(self.comps)
+
+        async def call() -> Value | None:
+            with disabled():
+                token = BYPASSING.set(True)
+                try:
+                    return await self.f(key)
+                finally:
+                    BYPASSING.reset(token)
+
+        # It never suspends, so it runs without the loop, whose other tasks the rules order.
+        coroutine = call()
+        try:
+            coroutine.send(None)
+        except StopIteration as returned:
+            value = returned.value
+        else:
+            coroutine.close()
+            raise AssertionError("a call with caching off suspended")
+        assert self.direct, "the function was not called"
+        assert self.direct[-1] == (key, value), "not computed directly"
+        assert self.real_cache() == cached, "a call with caching off changed the cache"
+        assert self.counters() == counters
+        assert len(self.comps) == computations, "a call with caching off went through the queue"
+
+    @invariant()
+    def bypassed_counts_the_calls_made_with_caching_off(self) -> None:
+        assert self.f.cache_info().bypassed == len(self.direct)
 
     async def aclose(self) -> None:
         await self.f.queue.aclose()

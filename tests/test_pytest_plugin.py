@@ -1,0 +1,263 @@
+"""The pytest plugin: inactive unless asked for; the fixture, the ini option and the marker.
+
+Each test runs pytest on a small suite in a subprocess (pytester), so that what the inner run
+does to wq_memo's registries cannot reach this one.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import re
+import textwrap
+import tomllib
+from pathlib import Path
+
+import pytest
+
+pytest_plugins = ["pytester"]
+
+ROOT = Path(__file__).resolve().parent.parent
+TIMEOUT = 60.0
+STRICT = ("--strict-markers", "--strict-config", "-p", "no:cacheprovider", "-W", "error")
+
+
+def entry_point_installed() -> bool:
+    return any(
+        ep.name == "wq_memo" and ep.value == "wq_memo.pytest_plugin"
+        for ep in importlib.metadata.entry_points(group="pytest11")
+    )
+
+
+@pytest.fixture
+def run(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> RunSuite:
+    # This tree's wq_memo, whatever the environment has installed.
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    monkeypatch.delenv("WQ_MEMO_DISABLE", raising=False)
+    return RunSuite(pytester)
+
+
+class RunSuite:
+    """Runs pytest on the files given, loading the plugin by name if it is not installed."""
+
+    def __init__(self, pytester: pytest.Pytester) -> None:
+        self.pytester = pytester
+
+    def __call__(self, *args: str, ini: str = "", **files: str) -> pytest.RunResult:
+        ini = textwrap.dedent(ini)
+        if "no:asyncio" not in args:
+            ini += "\nasyncio_default_fixture_loop_scope = function\n"
+        self.pytester.makeini("[pytest]\n" + ini)
+        self.pytester.makepyfile(**{name: textwrap.dedent(src) for name, src in files.items()})
+        load = () if entry_point_installed() else ("-p", "wq_memo.pytest_plugin")
+        return self.pytester.runpytest_subprocess(*STRICT, *load, *args, timeout=TIMEOUT)
+
+
+COUNTED = textwrap.dedent("""
+    import asyncio
+    import pytest
+    from wq_memo import worker_queue
+
+    computed = []
+
+    @worker_queue(cache={}, finish_timeout=0.5)
+    async def f(x):
+        computed.append(x)
+        return x
+""")
+
+
+def test_the_package_declares_the_entry_point() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["entry-points"]["pytest11"] == {"wq_memo": "wq_memo.pytest_plugin"}
+
+
+def test_installing_wq_memo_changes_nothing_in_a_suite_that_does_not_ask(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not entry_point_installed():
+        pytest.skip("wq_memo is installed without its pytest11 entry point: pip install -e .")
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    pytester.makeini(
+        "[pytest]\nasyncio_mode = auto\nasyncio_default_fixture_loop_scope = function\n"
+    )
+    pytester.makepyfile(
+        test_suite=COUNTED
+        + textwrap.dedent("""
+            def test_the_plugin_is_loaded(request):
+                assert request.config.pluginmanager.has_plugin("wq_memo")
+                assert "wq_memo_isolated" not in request.fixturenames
+
+            async def test_first():
+                assert await f(1) == 1
+
+            async def test_second_still_sees_the_first_ones_cache():
+                assert f.cache == {(1,): 1}
+                assert await f(1) == 1
+                assert computed == [1]
+                assert f.cache_info().hits == 1
+                assert f.queue.running  # left started on the first test's loop
+            """)
+    )
+    result = pytester.runpytest_subprocess(*STRICT, timeout=TIMEOUT)
+    result.assert_outcomes(passed=3)
+    plan = pytester.runpytest_subprocess(*STRICT, "--setup-plan", timeout=TIMEOUT)
+    assert "wq_memo_isolated" not in plan.stdout.str()
+
+
+def test_the_ini_option_isolates_every_test(run: RunSuite) -> None:
+    result = run(
+        ini="""
+            asyncio_mode = auto
+            wq_memo_isolate = true
+        """,
+        test_suite=COUNTED
+        + textwrap.dedent("""
+            gate = None
+
+            async def test_first():
+                global gate
+                gate = asyncio.Event()
+
+                @worker_queue(cache=None, finish_timeout=0.1, name="stuck")
+                async def stuck():
+                    await gate.wait()
+
+                assert await f(1) == 1 and await f(1) == 1
+                assert f.cache_info().hits == 1
+                asyncio.create_task(stuck())  # left running: the plugin must close its queue
+                await asyncio.sleep(0)
+
+            async def test_second_starts_clean():
+                assert f.cache == {}
+                assert tuple(f.cache_info()[:3]) == (0, 0, 0)
+                assert not f.queue.running  # closed after the first test
+                assert await f(1) == 1
+                assert computed == [1, 1]
+
+            def test_a_synchronous_test_is_isolated_too():
+                assert f.cache == {}
+                assert asyncio.run(f(2)) == 2
+        """),
+    )
+    result.assert_outcomes(passed=3)
+
+
+def test_the_fixture_alone_with_an_async_cache_in_strict_mode(run: RunSuite) -> None:
+    result = run(
+        test_suite="""
+            import asyncio
+            import pytest
+            from wq_memo import worker_queue, MISSING
+
+            class MemoryCache:
+                def __init__(self):
+                    self.data = {}
+                async def get(self, key):
+                    await asyncio.sleep(0)
+                    return self.data.get(key, MISSING)
+                async def set(self, key, value, ttl=None):
+                    self.data[key] = value
+                async def delete(self, key):
+                    return self.data.pop(key, MISSING) is not MISSING
+                async def clear(self):
+                    await asyncio.sleep(0)
+                    self.data.clear()
+                async def aclose(self):
+                    pass
+
+            cache = MemoryCache()
+
+            @worker_queue(cache=cache, name="g")
+            async def g(x):
+                return x
+
+            @pytest.mark.asyncio
+            async def test_fills_the_cache():
+                assert await g(1) == 1
+                assert cache.data
+
+            @pytest.mark.asyncio
+            async def test_without_the_fixture_the_entry_stays():
+                assert cache.data
+                assert g.cache_info().misses == 1
+
+            @pytest.mark.asyncio
+            async def test_with_the_fixture_it_is_gone(wq_memo_isolated):
+                assert not cache.data
+                assert g.cache_info().misses == 0
+        """,
+    )
+    result.assert_outcomes(passed=3)
+
+
+def test_the_marker_switches_caching_off_for_one_test(run: RunSuite) -> None:
+    result = run(
+        ini="asyncio_mode = auto\n",
+        test_suite=COUNTED
+        + textwrap.dedent("""
+            @pytest.fixture
+            async def primed():
+                await f(1)  # in the marked test's setup: bypassed as well
+
+            @pytest.mark.wq_memo_disabled
+            async def test_marked(primed):
+                await f(1)
+                await f(1)
+                assert computed == [1, 1, 1]
+                assert f.cache == {}
+                assert f.cache_info().bypassed == 3
+
+            async def test_unmarked_caches_again():
+                await f(1)
+                await f(1)
+                assert computed == [1, 1, 1, 1]
+                assert f.cache_info().hits == 1
+        """),
+    )
+    result.assert_outcomes(passed=2)
+
+
+def test_without_pytest_asyncio_the_fixture_runs_its_own_loop(run: RunSuite) -> None:
+    result = run(
+        "-p",
+        "no:asyncio",
+        ini="wq_memo_isolate = true\n",
+        test_suite=COUNTED
+        + textwrap.dedent("""
+            def test_first():
+                assert asyncio.run(f(1)) == 1
+                assert f.queue.running
+
+            def test_second():
+                assert f.cache == {}
+                assert not f.queue.running
+        """),
+    )
+    result.assert_outcomes(passed=2)
+
+
+def test_an_unknown_marker_or_option_is_still_refused(run: RunSuite) -> None:
+    result = run(
+        ini="wq_memo_isolat = true\n",
+        test_suite="""
+            def test_nothing():
+                pass
+        """,
+    )
+    assert result.ret != 0
+    assert re.search(r"Unknown config option: wq_memo_isolat\b", result.stderr.str())
+
+
+def readme_snippet() -> str:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Testing with wq_memo", 1)[1].split("\n## ", 1)[0]
+    match = re.search(r"```python\n(.*?)```", section, re.DOTALL)
+    assert match is not None, "the README's testing section has no Python snippet"
+    return match.group(1)
+
+
+def test_the_readme_snippet_runs(run: RunSuite) -> None:
+    result = run(ini="asyncio_mode = auto\n", test_readme=readme_snippet())
+    outcomes = result.parseoutcomes()
+    assert outcomes.get("passed", 0) >= 2, result.stdout.str()
+    result.assert_outcomes(passed=outcomes["passed"])

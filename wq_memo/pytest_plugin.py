@@ -1,0 +1,113 @@
+"""The pytest plugin that comes with wq_memo; it does nothing until a test suite asks for it.
+
+- the fixture ``wq_memo_isolated``: before the test, every memoized function's cache is emptied
+  and its counts set to zero; after it, every queue the test started is closed;
+- the ini option ``wq_memo_isolate = true``: every test gets that fixture, first of all;
+- the marker ``@pytest.mark.wq_memo_disabled``: the test (its fixtures included) runs with
+  caching switched off in the whole process, as with WQ_MEMO_DISABLE=1.
+
+With pytest-asyncio, the fixture runs on the event loop of the test's function scope, so it
+closes the queues a test running on that loop started, gracefully; queues left on another loop
+that has stopped are forgotten. Without pytest-asyncio, it runs its asynchronous steps with
+asyncio.run().
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+from collections.abc import AsyncIterator, Generator, Iterator
+from typing import Any
+
+import pytest
+
+from . import _memos, _registry
+from ._switch import SWITCH
+
+__all__ = ("wq_memo_isolated",)
+
+FIXTURE = "wq_memo_isolated"
+MARKER = "wq_memo_disabled"
+INI = "wq_memo_isolate"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addini(
+        INI,
+        "give every test the wq_memo_isolated fixture: empty caches and counts before it, "
+        "its queues closed after it",
+        type="bool",
+        default=False,
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        f"{MARKER}: run the test with wq_memo's caching switched off (no cache, no "
+        "deduplication; calls counted as bypassed)",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not config.getini(INI):
+        return
+    for item in items:
+        names = getattr(item, "fixturenames", None)
+        if isinstance(names, list) and FIXTURE not in names:
+            names.insert(0, FIXTURE)  # set up first, torn down last
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Generator[None, object, None]:
+    off = item.get_closest_marker(MARKER) is not None
+    if off:
+        SWITCH.force(+1)
+    try:
+        yield
+    finally:
+        if off:
+            SWITCH.force(-1)
+
+
+async def _before() -> int:
+    mark = _registry.mark()
+    await _memos.reset_all()
+    return mark
+
+
+def _has_async_caches() -> bool:
+    return any(not _memos.is_synchronous(m) for m in _memos.everything())
+
+
+@pytest.fixture
+def wq_memo_isolated(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Empty every memoized function's cache and counts; close the queues the test starts."""
+    if request.config.pluginmanager.has_plugin("asyncio"):
+        request.getfixturevalue("_wq_memo_isolated_on_the_loop")
+        yield
+        return
+    mark = _registry.mark()
+    if _has_async_caches():
+        asyncio.run(_memos.reset_all())
+    else:
+        _memos.reset_all_now()
+    yield
+    asyncio.run(_registry.aclose_started_since(mark))
+
+
+def _asyncio_fixture() -> Any:
+    import pytest_asyncio
+
+    @pytest_asyncio.fixture
+    async def _wq_memo_isolated_on_the_loop() -> AsyncIterator[None]:
+        mark = await _before()
+        yield
+        await _registry.aclose_started_since(mark)
+
+    return _wq_memo_isolated_on_the_loop
+
+
+if importlib.util.find_spec("pytest_asyncio") is not None:
+    # Without pytest-asyncio, wq_memo_isolated never asks for it.
+    _wq_memo_isolated_on_the_loop = _asyncio_fixture()

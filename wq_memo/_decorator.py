@@ -23,7 +23,7 @@ from typing import (
 import cachetools
 import cachetools.keys
 
-from . import _naming
+from . import _listeners, _naming
 from ._flight import Flight
 from ._methods import InstanceKeys, MemoizedClassMethod, MemoizedMethod, MethodState
 from ._queue import WorkerQueue, is_async_callable
@@ -285,6 +285,7 @@ def _build(func: Any, options: _Options, state: MethodState | None) -> Any:
     memoized._refresher = refresher  # type: ignore[attr-defined]  # its due times, for tests
     if not isinstance(getattr(func, "__qualname__", None), str):
         memoized.__name__ = memoized.__qualname__ = display
+    _listeners.track(memoized, options.name or display, getattr(memoized, "_instrument", None))
     return memoized
 
 
@@ -433,13 +434,16 @@ def _with_mapping(
     counts = queue._counts
     hits = 0
     args_are_key = _args_are_key(key)
+    # What the hit paths read the cache through: _listeners.track swaps in counting ones while
+    # a listener wants hits, so that without one a hit costs nothing more.
+    entries: Any = cache
+    find_any = find = cache.get if fast is None else fast
 
     # The hot path: one key build, one lookup; no task, no future, no queue. As cachetools
     # does, one flat function per combination (the default key or not, a lookup returning
     # MISSING or raising KeyError, refresh-ahead or not): each test left out of the hit path
     # is measured time.
     if refresher is not None:
-        find_any = cache.get if fast is None else fast
         clock = refresher.clock
         due_get = refresher.due.get
         refresh_if_due = _refresh_starter(queue, refresher)
@@ -462,7 +466,6 @@ def _with_mapping(
             return await table.call(k, args, kwargs)
 
     elif fast is not None and args_are_key:
-        find = fast
 
         async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
             nonlocal hits
@@ -480,7 +483,6 @@ def _with_mapping(
             return await table.call(k, args, kwargs)
 
     elif fast is not None:
-        find = fast
 
         async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
             nonlocal hits
@@ -503,7 +505,7 @@ def _with_mapping(
             nonlocal hits
             k = args if not kwargs else _hashkey(*args, **kwargs)
             try:
-                value = cache[k]
+                value = entries[k]
             except KeyError:
                 pass
             except TypeError as exc:
@@ -522,7 +524,7 @@ def _with_mapping(
             nonlocal hits
             k = key(*args, **kwargs)
             try:
-                value = cache[k]
+                value = entries[k]
             except KeyError:
                 pass
             except TypeError as exc:
@@ -535,6 +537,16 @@ def _with_mapping(
                 table = queue._bind()
             return await table.call(k, args, kwargs)
 
+    def instrument(notify: Callable[[], None] | None) -> None:
+        nonlocal entries, find, find_any
+        plain = cache.get if fast is None else fast
+        if notify is None:
+            entries, find, find_any = cache, plain, plain
+        else:
+            find = find_any = _listeners.counting_lookup(plain, notify)
+            entries = _listeners.CountingEntries(cache, notify)
+
+    wrapper._instrument = instrument  # type: ignore[attr-defined]  # for _listeners.track
     key_of = _key_builder(key, display)
 
     def purge() -> None:

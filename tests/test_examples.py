@@ -1,0 +1,35 @@
+"""The examples run, and so do their tests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "examples")]))
+    return subprocess.run(
+        [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=50
+    )
+
+
+def test_the_web_service_example_runs_and_prints_its_metrics() -> None:
+    done = _run("examples/web_service.py")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert "apple: 630 cents" in lines
+    assert "wq_memo.calls {'function': 'price', 'outcome': 'miss'} 6" in lines
+    assert "wq_memo.calls {'function': 'price', 'outcome': 'joined'} 195" in lines
+    assert "wq_memo.calls {'function': 'price', 'outcome': 'hit'} 5" in lines
+    failures = "wq_memo.computation.failures {'function': 'price', 'error.type': 'ValueError'} 1"
+    assert failures in lines
+
+
+def test_the_examples_own_tests_pass() -> None:
+    done = _run("-m", "pytest", "-q", "-p", "no:cacheprovider", "examples/test_web_service.py")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "2 passed" in done.stdout

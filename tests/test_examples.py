@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -33,3 +35,14 @@ def test_the_examples_own_tests_pass() -> None:
     done = _run("-m", "pytest", "-q", "-p", "no:cacheprovider", "examples/test_web_service.py")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "2 passed" in done.stdout
+
+
+def test_the_prometheus_example_counts_every_call() -> None:
+    pytest.importorskip("prometheus_client")
+    done = _run("examples/prometheus_listener.py")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert 'wq_memo_calls_total{function="square",outcome="miss"} 3.0' in lines
+    assert 'wq_memo_calls_total{function="square",outcome="joined"} 7.0' in lines
+    assert 'wq_memo_calls_total{function="square",outcome="hit"} 1.0' in lines
+    assert 'wq_memo_computation_seconds_count{error="",function="square"} 3.0' in lines

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-
-from wq_memo import _listeners
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 MARKER = "<!-- metrics-snippet"
@@ -23,17 +22,16 @@ def snippet() -> str:
     return block.group(1)
 
 
-def test_the_metrics_snippet_runs() -> None:
-    before = _listeners.listeners
-    out = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(out):
-            exec(compile(snippet(), str(README), "exec"), {"__name__": "readme_metrics"})
-    finally:
-        for listener in _listeners.listeners:
-            if listener not in before:
-                _listeners.remove_listener(listener)
-    lines = out.getvalue().splitlines()
+def test_the_metrics_snippet_runs(tmp_path: Path) -> None:
+    # A fresh interpreter, as for a reader who pastes it: counts by name start from zero.
+    script = tmp_path / "metrics_snippet.py"
+    script.write_text(snippet(), encoding="utf-8")
+    env = dict(os.environ, PYTHONPATH=str(README.parent))
+    done = subprocess.run(
+        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=50
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
     assert "wq_memo.calls {'function': 'square', 'outcome': 'miss'} 3" in lines
     assert "wq_memo.calls {'function': 'square', 'outcome': 'joined'} 7" in lines
     assert "wq_memo.calls {'function': 'square', 'outcome': 'hit'} 1" in lines

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import weakref
 from collections import Counter
 from collections.abc import Callable, Hashable, Iterator
 from typing import Any
@@ -312,3 +313,26 @@ def test_counts_outlive_a_function_in_totals() -> None:
     hits, misses = before[0], before[1]
     assert hits >= 1
     assert misses >= 1
+
+
+def test_a_function_whose_cache_refers_to_it_is_still_collected() -> None:
+    class Holding(dict[Hashable, Any]):
+        owner: Any = None
+
+    def make() -> Any:
+        cache = Holding()
+
+        @worker_queue(cache=cache, name="self-held")
+        async def f(x: int) -> int:
+            return x
+
+        cache.owner = f  # a cycle through the cache, as a machine holding both has
+        return f
+
+    f = make()
+    asyncio.run(f(1))
+    gone = weakref.ref(f)
+    del f
+    gc.collect()
+    assert gone() is None
+    assert listeners_module.totals()["self-held"][1] >= 1  # its miss outlives it

@@ -285,7 +285,7 @@ def _build(func: Any, options: _Options, state: MethodState | None) -> Any:
     memoized._refresher = refresher  # type: ignore[attr-defined]  # its due times, for tests
     if not isinstance(getattr(func, "__qualname__", None), str):
         memoized.__name__ = memoized.__qualname__ = display
-    _listeners.track(memoized, options.name or display, getattr(memoized, "_instrument", None))
+    _listeners.track(memoized, options.name or display)
     return memoized
 
 
@@ -546,7 +546,12 @@ def _with_mapping(
             find = find_any = _listeners.counting_lookup(plain, notify)
             entries = _listeners.CountingEntries(cache, notify)
 
-    wrapper._instrument = instrument  # type: ignore[attr-defined]  # for _listeners.track
+    def own_hits() -> int:
+        return hits
+
+    # For _listeners.track (which must hold nothing referring to the cache).
+    wrapper._instrument = instrument  # type: ignore[attr-defined]
+    wrapper._own_hits = own_hits  # type: ignore[attr-defined]
     key_of = _key_builder(key, display)
 
     def purge() -> None:

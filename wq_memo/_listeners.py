@@ -80,11 +80,9 @@ active = False
 
 _hit_listeners: tuple[Listener, ...] = ()
 
-_tracked: weakref.WeakKeyDictionary[Any, Callable[[Callable[[], None] | None], None] | None] = (
-    weakref.WeakKeyDictionary()
-)
-"""Every memoized function alive, with what swaps its hit path's lookup (None: nothing to swap,
-its hits go through the queue)."""
+_tracked: weakref.WeakSet[Any] = weakref.WeakSet()
+"""Every memoized function alive. Nothing here may refer to one (through its cache, say), or it
+would never be collected."""
 
 
 _retired: dict[str, list[int]] = {}
@@ -94,28 +92,36 @@ COUNTED: Final = ("hits", "misses", "joined", "refreshes")
 """The fields of CacheInfo that count calls, in the order totals() gives them."""
 
 
-def track(
-    memoized: Any, name: str, instrument: Callable[[Callable[[], None] | None], None] | None
-) -> None:
-    """Register a new memoized function; ``instrument(notify)`` makes its hits call notify()."""
-    memoized.queue._counts.name = name
-    _tracked[memoized] = instrument
-    # Its counts outlive it in totals(), so that what collectors read never goes down.
-    weakref.finalize(memoized, _retire, name, memoized.cache_info).atexit = False
+def track(memoized: Any, name: str) -> None:
+    """Register a new memoized function under name.
+
+    Its ``_instrument(notify)``, if it has one, makes its hit path call notify() on each hit
+    (``_instrument(None)`` undoes it); its ``_own_hits()``, the hits it counts itself, beside
+    those of its queue's Counts.
+    """
+    counts = memoized.queue._counts
+    counts.name = name
+    _tracked.add(memoized)
+    # Its counts outlive it in totals(), so that what collectors read never goes down. The
+    # finalizer holds the counts alone, never the cache, which may refer back to the function.
+    own_hits = getattr(memoized, "_own_hits", None)
+    weakref.finalize(memoized, _retire, name, counts, own_hits).atexit = False
+    instrument = getattr(memoized, "_instrument", None)
     if instrument is not None and _hit_listeners:
         instrument(_notifier(name))
 
 
-def _retire(name: str, cache_info: Callable[[], Any]) -> None:
-    info = cache_info()
+def _retire(name: str, counts: Any, own_hits: Callable[[], int] | None) -> None:
     gone = _retired.setdefault(name, [0] * len(COUNTED))
     for i, field in enumerate(COUNTED):
-        gone[i] += getattr(info, field)
+        gone[i] += getattr(counts, field)
+    if own_hits is not None:
+        gone[0] += own_hits()
 
 
 def tracked() -> list[tuple[str, Any]]:
     """Every memoized function alive, with its name."""
-    return [(f.queue._counts.name, f) for f in list(_tracked.keys())]
+    return [(f.queue._counts.name, f) for f in list(_tracked)]
 
 
 def totals() -> dict[str, list[int]]:
@@ -156,7 +162,8 @@ def _set(new: tuple[Listener, ...]) -> None:
     was = bool(_hit_listeners)
     _hit_listeners = tuple(x for x in new if type(x).on_hit is not Listener.on_hit)
     if bool(_hit_listeners) != was:
-        for memoized, instrument in list(_tracked.items()):
+        for memoized in list(_tracked):
+            instrument = getattr(memoized, "_instrument", None)
             if instrument is not None:
                 name = memoized.queue._counts.name
                 instrument(_notifier(name) if _hit_listeners else None)

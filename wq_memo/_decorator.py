@@ -23,7 +23,7 @@ from typing import (
 import cachetools
 import cachetools.keys
 
-from . import _memos, _naming
+from . import _listeners, _memos, _naming
 from ._flight import Flight
 from ._methods import InstanceKeys, MemoizedClassMethod, MemoizedMethod, MethodState
 from ._queue import WorkerQueue, is_async_callable
@@ -292,6 +292,7 @@ def _build(func: Any, options: _Options, state: MethodState | None) -> Any:
     memoized._refresher = refresher  # type: ignore[attr-defined]  # its due times, for tests
     if not isinstance(getattr(func, "__qualname__", None), str):
         memoized.__name__ = memoized.__qualname__ = display
+    _listeners.track(memoized, options.name or display)
     return memoized
 
 
@@ -441,13 +442,16 @@ def _with_mapping(
     counts = queue._counts
     hits = 0
     args_are_key = _args_are_key(key)
+    # What the hit paths read the cache through: _listeners.track swaps in counting ones while
+    # a listener wants hits, so that without one a hit costs nothing more.
+    entries: Any = cache
+    find_any = find = cache.get if fast is None else fast
 
     # The hot path: one key build, one lookup; no task, no future, no queue. As cachetools
     # does, one flat function per combination (the default key or not, a lookup returning
     # MISSING or raising KeyError, refresh-ahead or not): each test left out of the hit path
     # is measured time.
     if refresher is not None:
-        find_any = cache.get if fast is None else fast
         clock = refresher.clock
         due_get = refresher.due.get
         refresh_if_due = _refresh_starter(queue, refresher)
@@ -456,6 +460,7 @@ def _with_mapping(
             nonlocal hits
             if SWITCH.watch and SWITCH.off():
                 counts.bypassed += 1
+                _listeners.bypassed(counts.name)
                 return await func(*args, **kwargs)
             k = args if args_are_key and not kwargs else key(*args, **kwargs)
             try:
@@ -473,12 +478,12 @@ def _with_mapping(
             return await table.call(k, args, kwargs)
 
     elif fast is not None and args_are_key:
-        find = fast
 
         async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
             nonlocal hits
             if SWITCH.watch and SWITCH.off():
                 counts.bypassed += 1
+                _listeners.bypassed(counts.name)
                 return await func(*args, **kwargs)
             k = args if not kwargs else _hashkey(*args, **kwargs)
             try:
@@ -494,12 +499,12 @@ def _with_mapping(
             return await table.call(k, args, kwargs)
 
     elif fast is not None:
-        find = fast
 
         async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
             nonlocal hits
             if SWITCH.watch and SWITCH.off():
                 counts.bypassed += 1
+                _listeners.bypassed(counts.name)
                 return await func(*args, **kwargs)
             k = key(*args, **kwargs)
             try:
@@ -520,10 +525,11 @@ def _with_mapping(
             nonlocal hits
             if SWITCH.watch and SWITCH.off():
                 counts.bypassed += 1
+                _listeners.bypassed(counts.name)
                 return await func(*args, **kwargs)
             k = args if not kwargs else _hashkey(*args, **kwargs)
             try:
-                value = cache[k]
+                value = entries[k]
             except KeyError:
                 pass
             except TypeError as exc:
@@ -542,10 +548,11 @@ def _with_mapping(
             nonlocal hits
             if SWITCH.watch and SWITCH.off():
                 counts.bypassed += 1
+                _listeners.bypassed(counts.name)
                 return await func(*args, **kwargs)
             k = key(*args, **kwargs)
             try:
-                value = cache[k]
+                value = entries[k]
             except KeyError:
                 pass
             except TypeError as exc:
@@ -558,6 +565,21 @@ def _with_mapping(
                 table = queue._bind()
             return await table.call(k, args, kwargs)
 
+    def instrument(notify: Callable[[], None] | None) -> None:
+        nonlocal entries, find, find_any
+        plain = cache.get if fast is None else fast
+        if notify is None:
+            entries, find, find_any = cache, plain, plain
+        else:
+            find = find_any = _listeners.counting_lookup(plain, notify)
+            entries = _listeners.CountingEntries(cache, notify)
+
+    def own_hits() -> int:
+        return hits
+
+    # For _listeners.track (which must hold nothing referring to the cache).
+    wrapper._instrument = instrument  # type: ignore[attr-defined]
+    wrapper._own_hits = own_hits  # type: ignore[attr-defined]
     key_of = _key_builder(key, display)
 
     def purge() -> None:
@@ -643,6 +665,7 @@ def _dedup_only(
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         if SWITCH.watch and SWITCH.off():
             counts.bypassed += 1
+            _listeners.bypassed(counts.name)
             return await func(*args, **kwargs)
         try:
             k = args if args_are_key and not kwargs else key(*args, **kwargs)
@@ -771,6 +794,7 @@ def _with_async_cache(
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         if SWITCH.watch and SWITCH.off():
             counts.bypassed += 1
+            _listeners.bypassed(counts.name)
             return await func(*args, **kwargs)
         return await require(key_of(args, kwargs), args, kwargs)
 

@@ -27,6 +27,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Any, Final, Generic, TypeVar
 
+from . import _listeners
 from ._errors import QueueShutDown, ShutdownTimeout
 
 __all__ = ("Counts", "Flight", "FlightTable", "Lookup", "Status")
@@ -67,7 +68,8 @@ _FINISHED: Final = Status.FINISHED
 
 class Counts:
     """Calls answered by the cache, calls that started a computation, calls that joined one;
-    background refreshes started, and those that failed; calls that bypassed the cache."""
+    background refreshes started, and those that failed; calls that bypassed the cache.
+    ``name``: the memoized function's name that listeners are told (None: nobody is told)."""
 
     __slots__ = (
         "bypassed",
@@ -75,11 +77,13 @@ class Counts:
         "hits",
         "joined",
         "misses",
+        "name",
         "refresh_failures",
         "refreshes",
     )
 
     def __init__(self) -> None:
+        self.name: str | None = None
         self.reset()
 
     def reset(self) -> None:
@@ -395,6 +399,8 @@ class FlightTable(Generic[K, R]):
         outcome = flight.outcome
         if outcome is not None:  # delivered already (being stored, or ended in an eager step)
             self.counts.joined += 1
+            if _listeners.active:
+                _listeners.joined(self.counts.name)
             if outcome[0]:
                 waiter.set_result(outcome[1])
             elif isinstance(outcome[1], asyncio.CancelledError):
@@ -411,6 +417,8 @@ class FlightTable(Generic[K, R]):
                 self._line.append(flight)
         else:
             self.counts.joined += 1
+            if _listeners.active:
+                _listeners.joined(self.counts.name)
         if flight.joiners is None:
             flight.joiners = [waiter]
         else:
@@ -489,7 +497,7 @@ class FlightTable(Generic[K, R]):
         """
         flight.status = _RUNNING
         flight.computing = not self.slotless
-        self._count(flight)
+        self._count(flight, waited and not flight.refresh)
         if lender is not None:
             flight.lender = lender
             if lender.borrowers is None:
@@ -518,13 +526,23 @@ class FlightTable(Generic[K, R]):
         if flight.status is not _FINISHED:  # else it ended within its first, eager, step
             flight.task = task
 
-    def _count(self, flight: Flight[K, R]) -> None:
-        """Count a flight's calls as it starts: a miss for its first caller, joins for the rest."""
+    def _count(self, flight: Flight[K, R], looks_again: bool = False) -> None:
+        """Count a flight's calls as it starts: a miss for its first caller, joins for the rest.
+
+        ``looks_again``: its key is looked up again first, and listeners are told of the miss
+        (or the hit) only then.
+        """
         counts = self.counts
         if flight.background:
             counts.refreshes += 1
         else:
             counts.misses += 1
+        if _listeners.active:
+            if flight.background:
+                _listeners.refresh(counts.name)
+            elif not looks_again:
+                _listeners.miss(counts.name)
+            _listeners.joined(counts.name, flight.uncounted)
         if flight.uncounted:
             counts.joined += flight.uncounted
             flight.uncounted = 0
@@ -532,6 +550,7 @@ class FlightTable(Generic[K, R]):
     async def _run(self, flight: Flight[K, R], waited: bool) -> None:
         # Few locals: this frame lives as long as the computation (a call in flight's memory).
         _current.set(flight)
+        started: float | None = None  # set while listeners are told of computations
         try:
             if waited:
                 # The value may have been stored while it waited.
@@ -542,8 +561,14 @@ class FlightTable(Generic[K, R]):
                 if result is not self.miss:
                     self.counts.misses -= 1
                     self.counts.hits += 1
+                    if _listeners.active:
+                        _listeners.hit(self.counts.name)
                     self._deliver(flight, result)
                     return
+                if _listeners.active:
+                    _listeners.miss(self.counts.name)
+            if _listeners.active:
+                started = _listeners.clock()
             if self.compute is not None:
                 result = await self.compute(flight)
             elif flight.kwargs:
@@ -551,12 +576,18 @@ class FlightTable(Generic[K, R]):
             else:  # no empty keyword dict copied for the call
                 result = await self.func(*flight.args)
         except asyncio.CancelledError:
+            if started is not None:
+                _listeners.computed(self.counts.name, started, asyncio.CancelledError)
             self._cancelled(flight)
             raise
         except BaseException as exc:
+            if started is not None:
+                _listeners.computed(self.counts.name, started, type(exc))
             if self._raised(flight, exc):
                 raise
         else:
+            if started is not None:
+                _listeners.computed(self.counts.name, started, None)
             if self.store_now is not None:
                 if not flight.forgotten:
                     self._store_now(flight, result)
@@ -697,6 +728,10 @@ class FlightTable(Generic[K, R]):
         if not flight.background:
             counts.misses += 1
             counts.dropped += 1
+            if _listeners.active:
+                _listeners.miss(counts.name)
+        if _listeners.active:
+            _listeners.joined(counts.name, flight.uncounted)
         counts.joined += flight.uncounted
         flight.uncounted = 0
 

@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable, Hashable
 from types import TracebackType
 from typing import Any, Generic, TypeVar, final
 
-from . import _registry
+from . import _listeners, _registry
 from ._errors import QueueShutDown
 from ._flight import _NO_KWARGS, Counts, Flight, FlightTable, Lookup, NotAsync, Status
 
@@ -238,6 +238,8 @@ class WorkerQueue(Generic[T, R]):
                 found, what = answer
                 if found:
                     self._counts.hits += 1
+                    if _listeners.active:
+                        _listeners.hit(self._counts.name)
                     if self._on_hit is not None:
                         self._on_hit(key, args, kwargs or _NO_KWARGS)
                     return what  # type: ignore[no-any-return]
@@ -258,6 +260,8 @@ class WorkerQueue(Generic[T, R]):
             value = await self._look_up(key)
             if value is not self._miss:
                 self._counts.hits += 1
+                if _listeners.active:
+                    _listeners.hit(self._counts.name)
                 table.answer(key, lookup, (True, value))
                 if self._on_hit is not None:
                     self._on_hit(key, args, kwargs or _NO_KWARGS)

@@ -17,6 +17,7 @@ from hypothesis.stateful import initialize, invariant, precondition, rule, run_s
 from wq_memo import CacheInfo, WorkerQueue, disabled, worker_queue
 from wq_memo._flight import FlightTable
 from wq_memo.backends import MISSING, CallKey
+from wq_memo.metrics import Listener, add_listener, remove_listener
 
 from ._machinery import FINISH_TIMEOUT, KEYS, Computation, QueueModelMachine, Value, keys
 
@@ -59,6 +60,29 @@ class RecordingTTLCache(cachetools.TTLCache[Hashable, Any]):
         return value
 
 
+class CountingListener(Listener):
+    """Counts what listeners are told of f: it must add up to f's cache_info()."""
+
+    def __init__(self) -> None:
+        self.hits = self.misses = self.joined = self.refreshes = 0
+
+    def on_hit(self, name: str) -> None:
+        if name == "f":
+            self.hits += 1
+
+    def on_miss(self, name: str) -> None:
+        if name == "f":
+            self.misses += 1
+
+    def on_joined(self, name: str) -> None:
+        if name == "f":
+            self.joined += 1
+
+    def on_refresh(self, name: str) -> None:
+        if name == "f":
+            self.refreshes += 1
+
+
 class DecoratorMachine(QueueModelMachine):
     """Drives f(key), memoized by @worker_queue with a TTLCache on a fake clock."""
 
@@ -77,6 +101,8 @@ class DecoratorMachine(QueueModelMachine):
         """What calls made with caching off returned, and their keys."""
         self.cache = self.make_cache()
         self.f: Driven = self.memoize()
+        self.listener = CountingListener()
+        add_listener(self.listener)
 
     def memoize(self) -> Driven:
         """The function under test: f(key), computed by the machine's worker."""
@@ -90,6 +116,12 @@ class DecoratorMachine(QueueModelMachine):
             return await self.work(key)
 
         return f
+
+    def teardown(self) -> None:
+        try:
+            super().teardown()
+        finally:
+            remove_listener(self.listener)
 
     def call(self, key: str) -> Coroutine[Any, Any, Value | None]:
         return self.f(key)
@@ -183,6 +215,13 @@ class DecoratorMachine(QueueModelMachine):
         for key, comp in list(self.cached.items()):
             if comp.cached_time + TTL <= self.fake_now:
                 self.uncache(key)
+
+    @invariant()
+    def listeners_are_told_what_cache_info_counts(self) -> None:
+        info = self.f.cache_info()
+        heard = self.listener
+        told = (heard.hits, heard.misses, heard.joined, heard.refreshes)
+        assert told == (info.hits, info.misses, info.joined, info.refreshes), (told, info)
 
     @invariant()
     def cache_info_sizes(self) -> None:

@@ -1,0 +1,269 @@
+"""Listeners: who is told of each call and computation, and how that costs nothing without them.
+
+With no listener registered, ``active`` is False: the queue checks it where a computation starts
+or ends, and the hit path of an in-process cache checks nothing at all. Hits there are noticed
+by swapping, in every memoized function, the lookup its hit path calls for one that also tells
+the listeners; that happens only while some listener overrides ``on_hit``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import weakref
+from collections.abc import Callable, Hashable
+from typing import Any, Final
+
+__all__ = (
+    "COUNTED",
+    "CountingEntries",
+    "Listener",
+    "add_listener",
+    "bypassed",
+    "clock",
+    "computed",
+    "counting_lookup",
+    "hit",
+    "joined",
+    "listeners",
+    "miss",
+    "refresh",
+    "remove_listener",
+    "totals",
+    "track",
+    "tracked",
+)
+
+logger = logging.getLogger("wq_memo")
+
+clock: Final = time.perf_counter
+"""The clock of computation durations."""
+
+
+class Listener:
+    """Told of every call of every memoized function; override the methods you need.
+
+    Each method receives the function's name (its ``name=``, else its qualified name). They run
+    in the caller's task, synchronously, on the event loop: keep them quick and never block. An
+    exception a method raises is logged on the ``wq_memo`` logger and goes no further.
+
+    ``on_hit`` is the only method that can cost anything on the hit path, and only while a
+    registered listener overrides it: leave it alone if you read hits from ``cache_info()``.
+    """
+
+    def on_hit(self, name: str) -> None:
+        """A call was answered from the cache."""
+
+    def on_miss(self, name: str) -> None:
+        """A call found nothing cached and started a computation."""
+
+    def on_joined(self, name: str) -> None:
+        """A call joined a computation of the same arguments already under way."""
+
+    def on_bypassed(self, name: str) -> None:
+        """A call ran the function directly, because caching was disabled."""
+
+    def on_refresh(self, name: str) -> None:
+        """A background refresh of an entry started (``refresh_after``)."""
+
+    def on_computed(self, name: str, seconds: float, error: type[BaseException] | None) -> None:
+        """A computation ended after ``seconds``: with ``error`` raised, or None on success.
+
+        Cancelled computations report ``asyncio.CancelledError``.
+        """
+
+
+listeners: tuple[Listener, ...] = ()
+"""The registered listeners, in order of registration."""
+active = False
+"""Whether any listener is registered (read by the queue where computations start and end)."""
+
+_hit_listeners: tuple[Listener, ...] = ()
+
+_tracked: weakref.WeakSet[Any] = weakref.WeakSet()
+"""Every memoized function alive. Nothing here may refer to one (through its cache, say), or it
+would never be collected."""
+
+
+_retired: dict[str, list[int]] = {}
+"""The counts (as in COUNTED) of the memoized functions gone, by name."""
+
+COUNTED: Final = ("hits", "misses", "joined", "refreshes")
+"""The fields of CacheInfo that count calls, in the order totals() gives them."""
+
+
+def track(memoized: Any, name: str) -> None:
+    """Register a new memoized function under name.
+
+    Its ``_instrument(notify)``, if it has one, makes its hit path call notify() on each hit
+    (``_instrument(None)`` undoes it); its ``_own_hits()``, the hits it counts itself, beside
+    those of its queue's Counts.
+    """
+    counts = memoized.queue._counts
+    counts.name = name
+    _tracked.add(memoized)
+    # Its counts outlive it in totals(), so that what collectors read never goes down. The
+    # finalizer holds the counts alone, never the cache, which may refer back to the function.
+    own_hits = getattr(memoized, "_own_hits", None)
+    weakref.finalize(memoized, _retire, name, counts, own_hits).atexit = False
+    instrument = getattr(memoized, "_instrument", None)
+    if instrument is not None and _hit_listeners:
+        instrument(_notifier(name))
+
+
+def _retire(name: str, counts: Any, own_hits: Callable[[], int] | None) -> None:
+    gone = _retired.setdefault(name, [0] * len(COUNTED))
+    for i, field in enumerate(COUNTED):
+        gone[i] += getattr(counts, field)
+    if own_hits is not None:
+        gone[0] += own_hits()
+
+
+def tracked() -> list[tuple[str, Any]]:
+    """Every memoized function alive, with its name."""
+    return [(f.queue._counts.name, f) for f in list(_tracked)]
+
+
+def totals() -> dict[str, list[int]]:
+    """The calls of every memoized function so far, gone ones included, by name (COUNTED)."""
+    sums = {name: list(counts) for name, counts in _retired.items()}
+    for name, memoized in tracked():
+        info = memoized.cache_info()
+        counts = sums.setdefault(name, [0] * len(COUNTED))
+        for i, field in enumerate(COUNTED):
+            counts[i] += getattr(info, field)
+    return sums
+
+
+def add_listener(listener: Listener) -> None:
+    """Tell listener of every call of every memoized function from now on, until removed.
+
+    Raises TypeError for an object that is not a Listener; adding one twice does nothing.
+    """
+    if not isinstance(listener, Listener):
+        raise TypeError(
+            f"add_listener() takes a wq_memo.metrics.Listener, got {listener!r}; "
+            "subclass Listener and override the methods you need"
+        )
+    if listener not in listeners:
+        _set((*listeners, listener))
+
+
+def remove_listener(listener: Listener) -> None:
+    """Stop telling listener; a listener not registered is ignored."""
+    if listener in listeners:
+        _set(tuple(x for x in listeners if x is not listener))
+
+
+def _set(new: tuple[Listener, ...]) -> None:
+    global listeners, active, _hit_listeners
+    listeners = new
+    active = bool(new)
+    was = bool(_hit_listeners)
+    _hit_listeners = tuple(x for x in new if type(x).on_hit is not Listener.on_hit)
+    if bool(_hit_listeners) != was:
+        for memoized in list(_tracked):
+            instrument = getattr(memoized, "_instrument", None)
+            if instrument is not None:
+                name = memoized.queue._counts.name
+                instrument(_notifier(name) if _hit_listeners else None)
+
+
+def _notifier(name: str) -> Callable[[], None]:
+    def notify() -> None:
+        hit(name)
+
+    return notify
+
+
+def _failed(listener: Listener, event: str) -> None:
+    logger.exception("metrics listener %r failed in %s()", listener, event)
+
+
+# -- telling the listeners (called only while ``active``) ----------------------------------------
+
+
+def hit(name: str | None) -> None:
+    if name is not None:
+        for listener in listeners:
+            try:
+                listener.on_hit(name)
+            except Exception:
+                _failed(listener, "on_hit")
+
+
+def miss(name: str | None) -> None:
+    if name is not None:
+        for listener in listeners:
+            try:
+                listener.on_miss(name)
+            except Exception:
+                _failed(listener, "on_miss")
+
+
+def joined(name: str | None, times: int = 1) -> None:
+    if name is not None:
+        for _ in range(times):
+            for listener in listeners:
+                try:
+                    listener.on_joined(name)
+                except Exception:
+                    _failed(listener, "on_joined")
+
+
+def refresh(name: str | None) -> None:
+    if name is not None:
+        for listener in listeners:
+            try:
+                listener.on_refresh(name)
+            except Exception:
+                _failed(listener, "on_refresh")
+
+
+def bypassed(name: str | None) -> None:
+    """A call ran the function directly while caching was disabled."""
+    if name is not None and active:
+        for listener in listeners:
+            try:
+                listener.on_bypassed(name)
+            except Exception:
+                _failed(listener, "on_bypassed")
+
+
+def computed(name: str | None, started: float, error: type[BaseException] | None) -> None:
+    if name is not None:
+        seconds = clock() - started
+        for listener in listeners:
+            try:
+                listener.on_computed(name, seconds, error)
+            except Exception:
+                _failed(listener, "on_computed")
+
+
+def counting_lookup(
+    find: Callable[[Hashable, object], Any], notify: Callable[[], None]
+) -> Callable[[Hashable, object], Any]:
+    """find(key, default), telling notify() of each value found."""
+
+    def find_counting(k: Hashable, default: object) -> Any:
+        value = find(k, default)
+        if value is not default:
+            notify()
+        return value
+
+    return find_counting
+
+
+class CountingEntries:
+    """``cache[key]`` for a hit path, telling notify() of each value found."""
+
+    __slots__ = ("_cache", "_notify")
+
+    def __init__(self, cache: Any, notify: Callable[[], None]) -> None:
+        self._cache = cache
+        self._notify = notify
+
+    def __getitem__(self, k: Hashable) -> Any:
+        value = self._cache[k]
+        self._notify()
+        return value

@@ -62,6 +62,7 @@ class ConnectionWatch:
         await self.client.aclose()
 
 
+@pytest.mark.timeout(180)  # a process to start, 5,000 keys to hold, each wait bounded itself
 def test_waiting_on_5000_keys_of_another_process_uses_at_most_ten_connections(
     procs: Procs, redis_url: str, redis_namespace: str
 ) -> None:

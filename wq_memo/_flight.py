@@ -347,7 +347,15 @@ class FlightTable(Generic[K, R]):
         if parent is not None:
             _awaits(parent, flight, waiter)
         self._enter(flight, parent)
-        return waiter
+        # A computation that fails within its first, eager, step (3.12 and newer) keeps the
+        # frames that started it in its traceback, as their f_back: this call, _enter and
+        # _start (or _release_slot). Left holding the flight or the waiter, they would make a
+        # cycle through the exception, which only the garbage collector frees.
+        del flight
+        try:
+            return waiter
+        finally:
+            del waiter
 
     def refresh_in_background(self, key: K, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
         """Compute key anew for the cache, with no caller waiting; False if one is under way.
@@ -362,6 +370,7 @@ class FlightTable(Generic[K, R]):
         self.flights[key] = flight
         self.live += 1
         self._enter(flight, flight.parent)
+        del flight  # see call()
         return True
 
     def _enter(self, flight: Flight[K, R], parent: Flight[Any, Any] | None) -> None:
@@ -378,6 +387,7 @@ class FlightTable(Generic[K, R]):
             flight.status = _WAITING
             flight.context = contextvars.copy_context()
             (self._refresh_line if flight.background else self._line).append(flight)
+        del flight  # see call()
 
     def join(self, flight: Flight[K, R]) -> asyncio.Future[R]:
         """Return a future for flight's outcome (the caller joins it)."""
@@ -525,6 +535,7 @@ class FlightTable(Generic[K, R]):
             task = Task(coro, loop=self.loop, context=context)
         if flight.status is not _FINISHED:  # else it ended within its first, eager, step
             flight.task = task
+        del flight, task, context, coro  # see call()
 
     def _count(self, flight: Flight[K, R], looks_again: bool = False) -> None:
         """Count a flight's calls as it starts: a miss for its first caller, joins for the rest.
@@ -816,6 +827,7 @@ class FlightTable(Generic[K, R]):
                         self._drop(flight)  # every caller left before it started
                         continue
                     self._start(flight, True)
+                    del flight, waiter  # see call()
                 elif self._slot_waiters:
                     asking = self._slot_waiters.popleft()
                     if not asking.done():

@@ -370,19 +370,23 @@ class QueueModelMachine(RuleBasedStateMachine):
         forgotten. Call ``forgotten_done`` once the invalidation has returned."""
         forgotten = []
         for comp in self.active:
-            if comp.key == key and not comp.forgotten:
-                comp.forgotten = True
-                comp.uncached_at = self.tick()
+            if comp.key == key:
+                if not comp.forgotten:
+                    comp.forgotten = True
+                    comp.uncached_at = self.tick()
+                # Forgotten by an earlier invalidation, maybe still under way: once this one
+                # returns too, its value must never be stored.
                 forgotten.append(comp)
         pending = self.storing.get(key)
-        if pending is not None and not pending.forgotten:
-            # Delivered, its store on its way: refused, or awaited and then deleted (its value
-            # stays available until the invalidation deletes it: see uncache).
-            pending.forgotten = True
+        if pending is not None:
+            if not pending.forgotten:
+                # Delivered, its store on its way: refused, or awaited and then deleted (its
+                # value stays available until the invalidation deletes it: see uncache).
+                pending.forgotten = True
+                if self.forget_refuses_pending_store:
+                    del self.storing[key]
+                    pending.uncached_at = self.tick()
             forgotten.append(pending)
-            if self.forget_refuses_pending_store:
-                del self.storing[key]
-                pending.uncached_at = self.tick()
         return forgotten
 
     def forgotten_done(self, comps: list[Computation]) -> None:
@@ -402,8 +406,12 @@ class QueueModelMachine(RuleBasedStateMachine):
     def pending(self) -> list[Caller]:
         return [c for c in self.callers if not c.task.done()]
 
-    def start_calls(self, batch: list[str], finishing: Computation | None = None) -> list[Caller]:
-        """Create one caller task per key; ``finishing`` is a computation released meanwhile."""
+    def start_calls(self, batch: list[str]) -> list[Caller]:
+        """Create one caller task per key.
+
+        A caller surely joins a computation of its key under way that is not released: one
+        released may end before the caller's first step (awaiting nothing but its gate, or,
+        in the recursion machine, only the nested calls it is still making)."""
         started = []
         for key in batch:
             caller_id = len(self.callers)
@@ -413,7 +421,7 @@ class QueueModelMachine(RuleBasedStateMachine):
             caller = Caller(caller_id, key, self.tick(), task)
             if self.phase == "idle":
                 joined = next((c for c in self.active if c.key == key and not c.forgotten), None)
-                caller.joined = None if joined is finishing else joined
+                caller.joined = None if joined is None or joined.released else joined
             self.callers.append(caller)
             self.caller_of_task[task] = caller
             started.append(caller)
@@ -534,7 +542,7 @@ class QueueModelMachine(RuleBasedStateMachine):
         """Let a computation finish while new calls come in, in the same turn of the loop."""
         comp = self.active[pick % len(self.active)]
         self.set_outcome(comp, fail, False)
-        self.start_calls(batch, finishing=comp)
+        self.start_calls(batch)
         self.drive()
 
     @precondition(lambda self: self.active)
@@ -545,7 +553,7 @@ class QueueModelMachine(RuleBasedStateMachine):
         comp = self.active[pick % len(self.active)]
         self.set_outcome(comp, fail, False)
         for key in stream:
-            self.start_calls([key], finishing=comp)
+            self.start_calls([key])
             self.loop.call_soon(self.loop.stop)
             self.loop.run_forever()
         self.drive()

@@ -353,29 +353,43 @@ class AsyncCacheMachine(DecoratorMachine):
         self.loop.run_until_complete(self.invalidation("", everything=True))
 
     @precondition(lambda self: self.active)
-    @rule(pick=st.integers(0, 7), everything=st.booleans(), during=st.lists(keys, max_size=3))
-    def invalidate_while_storing(self, pick: int, everything: bool, during: list[str]) -> None:
+    @rule(
+        pick=st.integers(0, 7),
+        everything=st.booleans(),
+        during=st.lists(keys, max_size=3),
+        then=st.sampled_from([None, "invalidate", "clear"]),
+    )
+    def invalidate_while_storing(
+        self, pick: int, everything: bool, during: list[str], then: str | None
+    ) -> None:
         """Invalidate a computation's key (or clear) once its callers have its result, while
         its store is still on its way; calls come in while the invalidation waits for that
-        store. Once the invalidation returns, the value is gone and never stored again."""
+        store, and (``then``) a second invalidation or clear overlaps the first. Once an
+        invalidation returns, the value is gone and never stored again."""
         assert isinstance(self.cache, MemoryAsyncCache)
         comp = self.active[pick % len(self.active)]
         gate = self.cache.store_gate = asyncio.Event()
+        invalidating = []
         try:
             self.set_outcome(comp, fail=False, none=False)
             self.drive()
             late = [c for c in self.callers if c.joined is comp and not c.task.done()]
             assert not late, f"callers of #{comp.id} still wait while its store does: {late}"
-            invalidating = self.loop.create_task(self.invalidation(comp.key, everything))
+            invalidating.append(self.loop.create_task(self.invalidation(comp.key, everything)))
             self.drive()
             self.start_calls(during)
             self.drive()
+            if then is not None:
+                second = self.invalidation(comp.key, everything=then == "clear")
+                invalidating.append(self.loop.create_task(second))
+                self.drive()
         finally:
             gate.set()
             self.cache.store_gate = None
         self.drive()
-        assert invalidating.done(), "the invalidation never returned"
-        invalidating.result()
+        for task in invalidating:
+            assert task.done(), "an invalidation never returned"
+            task.result()
 
     async def invalidation(self, key: str, everything: bool) -> None:
         """acache_invalidate(key) or acache_clear(), the model following each step: what the

@@ -272,6 +272,7 @@ async def _fail_from_the_line(refs: list[weakref.ref[Boom]]) -> None:
     second = asyncio.ensure_future(f(2))
     for _ in range(3):
         await asyncio.sleep(0)
+    assert (f.queue.computing, f.queue.waiting) == (1, 1)  # the second waits in line
     gate.set()
     assert await bounded(first) == 1
     try:

@@ -24,7 +24,7 @@ import cachetools
 import cachetools.keys
 
 from . import _listeners, _memos, _naming
-from ._flight import Flight
+from ._flight import Counts, Flight
 from ._methods import InstanceKeys, MemoizedClassMethod, MemoizedMethod, MethodState
 from ._queue import WorkerQueue, is_async_callable
 from ._refresh import NEVER, Refresher, check_refresh_options
@@ -380,6 +380,15 @@ def _key_builder(
     return key_of
 
 
+def _bypass(
+    counts: Counts, func: Callable[..., Awaitable[R]], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Awaitable[R]:
+    """A call made with caching switched off: counted, told to listeners, run directly."""
+    counts.bypassed += 1
+    _listeners.bypassed(counts.name)
+    return func(*args, **kwargs)
+
+
 def _peek(cache: MutableMapping[Any, Any], k: Hashable) -> Any:
     """The value cache holds for k, or MISSING, leaving its order of use alone where it can."""
     if isinstance(cache, cachetools.Cache):
@@ -459,9 +468,7 @@ def _with_mapping(
         async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
             nonlocal hits
             if SWITCH.watch and SWITCH.off():
-                counts.bypassed += 1
-                _listeners.bypassed(counts.name)
-                return await func(*args, **kwargs)
+                return await _bypass(counts, func, args, kwargs)
             k = args if args_are_key and not kwargs else key(*args, **kwargs)
             try:
                 value = find_any(k, MISSING)
@@ -482,9 +489,7 @@ def _with_mapping(
         async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
             nonlocal hits
             if SWITCH.watch and SWITCH.off():
-                counts.bypassed += 1
-                _listeners.bypassed(counts.name)
-                return await func(*args, **kwargs)
+                return await _bypass(counts, func, args, kwargs)
             k = args if not kwargs else _hashkey(*args, **kwargs)
             try:
                 value = find(k, MISSING)
@@ -503,9 +508,7 @@ def _with_mapping(
         async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
             nonlocal hits
             if SWITCH.watch and SWITCH.off():
-                counts.bypassed += 1
-                _listeners.bypassed(counts.name)
-                return await func(*args, **kwargs)
+                return await _bypass(counts, func, args, kwargs)
             k = key(*args, **kwargs)
             try:
                 value = find(k, MISSING)
@@ -524,9 +527,7 @@ def _with_mapping(
         async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
             nonlocal hits
             if SWITCH.watch and SWITCH.off():
-                counts.bypassed += 1
-                _listeners.bypassed(counts.name)
-                return await func(*args, **kwargs)
+                return await _bypass(counts, func, args, kwargs)
             k = args if not kwargs else _hashkey(*args, **kwargs)
             try:
                 value = entries[k]
@@ -547,9 +548,7 @@ def _with_mapping(
         async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
             nonlocal hits
             if SWITCH.watch and SWITCH.off():
-                counts.bypassed += 1
-                _listeners.bypassed(counts.name)
-                return await func(*args, **kwargs)
+                return await _bypass(counts, func, args, kwargs)
             k = key(*args, **kwargs)
             try:
                 value = entries[k]
@@ -664,9 +663,7 @@ def _dedup_only(
 
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         if SWITCH.watch and SWITCH.off():
-            counts.bypassed += 1
-            _listeners.bypassed(counts.name)
-            return await func(*args, **kwargs)
+            return await _bypass(counts, func, args, kwargs)
         try:
             k = args if args_are_key and not kwargs else key(*args, **kwargs)
             hash(k)
@@ -793,9 +790,7 @@ def _with_async_cache(
 
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         if SWITCH.watch and SWITCH.off():
-            counts.bypassed += 1
-            _listeners.bypassed(counts.name)
-            return await func(*args, **kwargs)
+            return await _bypass(counts, func, args, kwargs)
         return await require(key_of(args, kwargs), args, kwargs)
 
     def cache_info() -> CacheInfo:

@@ -1,13 +1,15 @@
-"""What the WorkerQueue tests share: a gated, recording worker, a dict cache, bounded waits."""
+"""What the tests share: a gated, recording worker, a dict cache, an AsyncCache in memory,
+bounded waits."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from wq_memo import WorkerQueue
+from wq_memo.backends import MISSING
 
 X = TypeVar("X")
 
@@ -91,6 +93,32 @@ class Cache:
         if self.set_error is not None:
             raise self.set_error
         self.data[item] = value
+
+
+class MemoryAsyncCache:
+    """An AsyncCache over a dict; with ``yields``, each lookup suspends once, as a remote
+    cache's would."""
+
+    def __init__(self, yields: bool = False) -> None:
+        self.data: dict[Hashable, Any] = {}
+        self.yields = yields
+
+    async def get(self, key: Hashable) -> Any:
+        if self.yields:
+            await asyncio.sleep(0)
+        return self.data.get(key, MISSING)
+
+    async def set(self, key: Hashable, value: Any, ttl: float | None = None) -> None:
+        self.data[key] = value
+
+    async def delete(self, key: Hashable) -> bool:
+        return self.data.pop(key, MISSING) is not MISSING
+
+    async def clear(self) -> None:
+        self.data.clear()
+
+    async def aclose(self) -> None:
+        pass
 
 
 @dataclass

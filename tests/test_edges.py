@@ -9,14 +9,14 @@ import gc
 import logging
 import time
 import weakref
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from typing import Any
 
 import cachetools
 import pytest
+from _queue_harness import MemoryAsyncCache
 
 from wq_memo import QueueShutDown, WorkerQueue, worker_queue
-from wq_memo.backends import MISSING
 
 WAIT = 5.0
 
@@ -50,33 +50,12 @@ async def test_whatever_the_worker_raises_reaches_every_caller(exc_type: type) -
 # -- 8. hits are served while the queue closes, with every kind of cache --------------------------
 
 
-class MemoryCache:
-    def __init__(self) -> None:
-        self.data: dict[Hashable, Any] = {}
-
-    async def get(self, key: Hashable) -> Any:
-        await asyncio.sleep(0)
-        return self.data.get(key, MISSING)
-
-    async def set(self, key: Hashable, value: Any, ttl: float | None = None) -> None:
-        self.data[key] = value
-
-    async def delete(self, key: Hashable) -> bool:
-        return self.data.pop(key, MISSING) is not MISSING
-
-    async def clear(self) -> None:
-        self.data.clear()
-
-    async def aclose(self) -> None:
-        pass
-
-
 @pytest.mark.parametrize("kind", ["dict", "lru", "async"])
 async def test_hits_are_served_while_the_queue_closes(kind: str) -> None:
     makers: dict[str, Callable[[], Any]] = {
         "dict": dict,
         "lru": lambda: cachetools.LRUCache(10),
-        "async": MemoryCache,
+        "async": lambda: MemoryAsyncCache(yields=True),
     }
     cache = makers[kind]()
     gate = asyncio.Event()
@@ -131,7 +110,7 @@ async def test_partials_and_callable_objects_behave_as_documented(
     [record] = [r for r in caplog.records if r.name == "wq_memo"]
     assert record.levelno == logging.INFO
     assert "not cached" in record.getMessage()
-    g = worker_queue(cache=MemoryCache(), name="scaled")(func)
+    g = worker_queue(cache=MemoryAsyncCache(yields=True), name="scaled")(func)
     assert await g(3) == await func(3)
     assert await g(3) == await func(3)
     assert g.cache_info().hits == 1

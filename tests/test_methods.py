@@ -6,15 +6,14 @@ from __future__ import annotations
 import asyncio
 import gc
 import weakref
-from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import cachetools
 import pytest
+from _queue_harness import MemoryAsyncCache
 
 from wq_memo import worker_queue
-from wq_memo.backends import MISSING
 
 
 @dataclass(frozen=True)
@@ -118,27 +117,7 @@ async def test_a_classmethod_invalidates_without_passing_the_class() -> None:
     assert sub.build.cache_invalidate(1) is True
 
 
-class MemoryCache:
-    def __init__(self) -> None:
-        self.data: dict[Hashable, Any] = {}
-
-    async def get(self, key: Hashable) -> Any:
-        return self.data.get(key, MISSING)
-
-    async def set(self, key: Hashable, value: Any, ttl: float | None = None) -> None:
-        self.data[key] = value
-
-    async def delete(self, key: Hashable) -> bool:
-        return self.data.pop(key, MISSING) is not MISSING
-
-    async def clear(self) -> None:
-        self.data.clear()
-
-    async def aclose(self) -> None:
-        pass
-
-
-SHARED = MemoryCache()
+SHARED = MemoryAsyncCache()
 
 
 class Account:

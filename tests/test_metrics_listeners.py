@@ -12,10 +12,10 @@ from typing import Any
 
 import cachetools
 import pytest
+from _queue_harness import MemoryAsyncCache
 
 from wq_memo import CacheInfo, Memoized, worker_queue
 from wq_memo import _listeners as listeners_module
-from wq_memo.backends import MISSING
 from wq_memo.metrics import Listener, add_listener, remove_listener
 
 WAIT = 5.0
@@ -64,28 +64,6 @@ def recorder() -> Iterator[Recorder]:
         yield listener
     finally:
         remove_listener(listener)
-
-
-class MemoryAsyncCache:
-    """An AsyncCache in a dict."""
-
-    def __init__(self) -> None:
-        self.data: dict[Hashable, Any] = {}
-
-    async def get(self, key: Hashable) -> Any:
-        return self.data.get(key, MISSING)
-
-    async def set(self, key: Hashable, value: Any, ttl: float | None = None) -> None:
-        self.data[key] = value
-
-    async def delete(self, key: Hashable) -> bool:
-        return self.data.pop(key, MISSING) is not MISSING
-
-    async def clear(self) -> None:
-        self.data.clear()
-
-    async def aclose(self) -> None:
-        pass
 
 
 CACHES: dict[str, Callable[[], Any]] = {

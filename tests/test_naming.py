@@ -7,38 +7,18 @@ import functools
 import subprocess
 import sys
 import textwrap
-from collections.abc import Hashable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from _queue_harness import MemoryAsyncCache
 
 from wq_memo import worker_queue
 from wq_memo._naming import shared_name
-from wq_memo.backends import MISSING, CallKey
+from wq_memo.backends import CallKey
 
 
-class MemoryCache:
-    def __init__(self) -> None:
-        self.data: dict[Hashable, Any] = {}
-
-    async def get(self, key: Hashable) -> Any:
-        return self.data.get(key, MISSING)
-
-    async def set(self, key: Hashable, value: Any, ttl: float | None = None) -> None:
-        self.data[key] = value
-
-    async def delete(self, key: Hashable) -> bool:
-        return self.data.pop(key, MISSING) is not MISSING
-
-    async def clear(self) -> None:
-        self.data.clear()
-
-    async def aclose(self) -> None:
-        pass
-
-
-def make_scaler(factor: int, cache: MemoryCache, name: str | None = None) -> Any:
+def make_scaler(factor: int, cache: MemoryAsyncCache, name: str | None = None) -> Any:
     async def scale(x: int) -> int:
         return x * factor
 
@@ -47,7 +27,7 @@ def make_scaler(factor: int, cache: MemoryCache, name: str | None = None) -> Any
 
 def test_a_function_made_by_a_factory_needs_a_name_for_an_async_cache() -> None:
     with pytest.raises(TypeError, match=r"needs name=.*make_scaler.<locals>.scale"):
-        make_scaler(2, MemoryCache())
+        make_scaler(2, MemoryAsyncCache())
 
 
 def test_partials_and_callable_objects_need_a_name_for_an_async_cache() -> None:
@@ -59,14 +39,14 @@ def test_partials_and_callable_objects_need_a_name_for_an_async_cache() -> None:
             return x
 
     with pytest.raises(TypeError, match=r"needs name=.*no qualified name"):
-        worker_queue(cache=MemoryCache())(functools.partial(add, 1))
+        worker_queue(cache=MemoryAsyncCache())(functools.partial(add, 1))
     with pytest.raises(TypeError, match=r"needs name=.*no qualified name"):
-        worker_queue(cache=MemoryCache())(Service())
-    worker_queue(cache=MemoryCache(), name="add-one")(functools.partial(add, 1))
+        worker_queue(cache=MemoryAsyncCache())(Service())
+    worker_queue(cache=MemoryAsyncCache(), name="add-one")(functools.partial(add, 1))
 
 
 async def test_functions_a_factory_made_with_names_of_their_own_never_share() -> None:
-    cache = MemoryCache()
+    cache = MemoryAsyncCache()
     double = make_scaler(2, cache, name="scale-by-2")
     triple = make_scaler(3, cache, name="scale-by-3")
     assert await double(10) == 20
@@ -78,16 +58,16 @@ async def test_functions_a_factory_made_with_names_of_their_own_never_share() ->
 
 
 async def test_two_live_functions_claiming_one_name_on_one_cache_are_refused() -> None:
-    cache = MemoryCache()
+    cache = MemoryAsyncCache()
     first = make_scaler(2, cache, name="scale")
     with pytest.raises(TypeError, match="two functions use the name 'scale'"):
         make_scaler(3, cache, name="scale")
-    make_scaler(3, MemoryCache(), name="scale")  # another cache: fine
+    make_scaler(3, MemoryAsyncCache(), name="scale")  # another cache: fine
     assert await first(1) == 2
 
 
 def test_a_name_is_free_again_once_its_function_is_gone() -> None:
-    cache = MemoryCache()
+    cache = MemoryAsyncCache()
     make_scaler(2, cache, name="scale")  # dropped at once
     import gc
 
@@ -100,7 +80,7 @@ def test_a_name_must_be_a_non_empty_string() -> None:
         return x
 
     with pytest.raises(TypeError, match="non-empty str"):
-        worker_queue(cache=MemoryCache(), name="")(f)
+        worker_queue(cache=MemoryAsyncCache(), name="")(f)
 
 
 async def module_level(x: int) -> int:

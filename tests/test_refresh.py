@@ -13,6 +13,7 @@ from typing import Any
 
 import cachetools
 import pytest
+from _queue_harness import MemoryAsyncCache
 
 from wq_memo import CacheInfo, worker_queue
 from wq_memo.backends import MISSING
@@ -317,33 +318,12 @@ def _due(f: Any) -> dict[Hashable, float]:
     return due
 
 
-class MemoryCache:
-    """An AsyncCache in memory."""
-
-    def __init__(self) -> None:
-        self.data: dict[Hashable, Any] = {}
-
-    async def get(self, key: Hashable) -> Any:
-        await asyncio.sleep(0)
-        return self.data.get(key, MISSING)
-
-    async def set(self, key: Hashable, value: Any, ttl: float | None = None) -> None:
-        self.data[key] = value
-
-    async def delete(self, key: Hashable) -> bool:
-        return self.data.pop(key, MISSING) is not MISSING
-
-    async def clear(self) -> None:
-        self.data.clear()
-
-    async def aclose(self) -> None:
-        pass
-
-
 async def test_refresh_ahead_with_an_async_cache() -> None:
     clock = Clock()
     source = Source()
-    f = worker_queue(cache=MemoryCache(), refresh_after=5, timer=clock, name="src")(source)
+    f = worker_queue(cache=MemoryAsyncCache(yields=True), refresh_after=5, timer=clock, name="src")(
+        source
+    )
     assert await f("k") == "k@0"
     clock.now = 5
     assert await f("k") == "k@0"
@@ -355,7 +335,7 @@ async def test_refresh_ahead_with_an_async_cache() -> None:
 async def test_with_an_async_cache_calls_during_a_refresh_get_the_entry_at_once() -> None:
     clock = Clock()
     source = Source()
-    cache = MemoryCache()
+    cache = MemoryAsyncCache(yields=True)
     f = worker_queue(cache=cache, refresh_after=5, timer=clock, name="src")(source)
     assert await f("k") == "k@0"
     clock.now = 5
@@ -431,7 +411,7 @@ async def test_priming_forgets_a_computation_under_way() -> None:
 
 
 async def test_controls_of_an_async_cache_are_async() -> None:
-    f = worker_queue(cache=MemoryCache(), name="src-controls")(Source())
+    f = worker_queue(cache=MemoryAsyncCache(yields=True), name="src-controls")(Source())
     with pytest.raises(TypeError, match="acache_prime"):
         f.cache_prime("v", "k")
     with pytest.raises(TypeError, match="acache_peek"):

@@ -43,9 +43,12 @@ class ConnectionWatch:
         self.most = 0
         self.subscriptions = 0
         self.task: asyncio.Task[None] | None = None
+        self.stopping = False
 
     async def _poll(self) -> None:
-        while True:
+        # Stops on the flag, not only when cancelled: a cancellation that arrives while
+        # redis-py reads CLIENT LIST's reply can be lost, and the poll would run on.
+        while not self.stopping:
             mine = [c for c in await self.client.client_list() if c.get("name") == self.name]
             self.most = max(self.most, len(mine))
             self.subscriptions = sum(int(c.get("sub", 0)) for c in mine)
@@ -57,6 +60,7 @@ class ConnectionWatch:
 
     async def __aexit__(self, *exc: object) -> None:
         assert self.task is not None
+        self.stopping = True
         self.task.cancel()
         await asyncio.gather(self.task, return_exceptions=True)
         await self.client.aclose()

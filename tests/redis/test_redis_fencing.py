@@ -7,6 +7,7 @@ computation under way when delete() or clear() ran does not store its result.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -165,3 +166,77 @@ async def test_a_repeated_finish_is_told_from_a_lost_lock(make_redis_cache: Make
     assert await finish(b"t1", b'wq1j"v"', b"0") == 0  # a first attempt without the lock
     assert await finish(b"t2", b'wq1j"w"', b"1") == 0  # another value without the lock: lost
     assert await cache.get(KEY) == "v"
+
+
+class LosingCancellations:
+    """Stands in for a cache's connector: its lease renewals take their time to answer and
+    lose a cancellation, as redis-py sometimes does; then they wait for ``reply``."""
+
+    def __init__(self, cache: RedisCache) -> None:
+        self.conn = cache._conn
+        self.renewing = asyncio.Event()
+        self.reply = asyncio.Event()
+        self.reply.set()
+        self.renewals = 0
+        cache._flight._conn = self  # type: ignore[assignment]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.conn, name)
+
+    async def call(self, what: str, op: Any, **kwargs: Any) -> Any:
+        if what == "lease renewal":
+            self.renewals += 1
+            self.renewing.set()
+            with contextlib.suppress(asyncio.CancelledError):  # lost
+                await asyncio.sleep(10)
+            await self.reply.wait()
+        return await self.conn.call(what, op, **kwargs)
+
+
+async def test_a_cancellation_lost_by_redis_py_does_not_keep_the_lease_renewing(
+    make_redis_cache: Make,
+) -> None:
+    """redis-py sometimes swallows a cancellation that arrives while it awaits a reply. The
+    computation's end must still stop the renewals, or the holder waits for its renewing task
+    forever while it keeps the lock alive for every waiter."""
+    cache = make_redis_cache(lease=0.3)
+    losing = LosingCancellations(cache)
+
+    async def compute() -> str:
+        await losing.renewing.wait()  # the renewal is on its way when the computation ends
+        return "v"
+
+    async with asyncio.timeout(5):
+        assert await cache.get_or_compute(KEY, compute) == "v"
+    await asyncio.sleep(0.3)  # a renewal period and more: none starts after the end
+    assert losing.renewals == 1
+    assert await cache.get(KEY) == "v"
+
+
+async def test_a_caller_cancelled_while_the_renewals_stop_is_cancelled(
+    make_redis_cache: Make,
+) -> None:
+    """The computation has ended and its renewing task is being stopped, slowly: a
+    cancellation of the caller meanwhile reaches it, rather than being swallowed with the
+    renewing task's own."""
+    cache = make_redis_cache(lease=0.3)
+    losing = LosingCancellations(cache)
+    losing.reply.clear()
+
+    async def compute() -> str:
+        await losing.renewing.wait()
+        return "v"
+
+    caller = asyncio.create_task(cache.get_or_compute(CallKey("m.f", ("stopping",)), compute))
+    async with asyncio.timeout(5):
+        await losing.renewing.wait()
+    for _ in range(5):  # the computation returns; stopping the renewals waits for the reply
+        await asyncio.sleep(0)
+    assert not caller.done()
+    caller.cancel()
+    await asyncio.wait([caller], timeout=2)
+    try:
+        assert caller.cancelled(), "the caller's cancellation was swallowed"
+    finally:
+        losing.reply.set()
+        await asyncio.wait([caller], timeout=5)

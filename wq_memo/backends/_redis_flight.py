@@ -29,7 +29,6 @@ another computation holds it, or Redis fails, it gives up at once, computing not
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, TypeVar
@@ -60,13 +59,15 @@ _RESUBSCRIBE: Final = 3
 
 
 class _Lease:
-    """When this holder's lease ends as far as it knows, and whether it was found lost."""
+    """When this holder's lease ends as far as it knows, whether it was found lost, and
+    whether the computation has ended (its renewals stop)."""
 
-    __slots__ = ("expires", "lost")
+    __slots__ = ("ended", "expires", "lost")
 
     def __init__(self, expires: float) -> None:
         self.expires = expires
         self.lost = False
+        self.ended = False
 
 
 class Flight:
@@ -222,10 +223,15 @@ class Flight:
 
         async def stop_renewing() -> None:
             timer.cancel()
+            lease.ended = True
             if renewer is not None:
                 renewer.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await renewer
+                # Waited for, not awaited: a cancellation of this caller still propagates,
+                # where suppressing the renewer's CancelledError would swallow it too. (Then
+                # nothing is stored and the waiters take over once the lease runs out.)
+                await asyncio.wait([renewer])
+                if not renewer.cancelled():
+                    renewer.result()
 
         try:
             value = await compute()
@@ -249,7 +255,9 @@ class Flight:
 
     async def _renew(self, names: KeyNames, token: bytes, lease: _Lease) -> None:
         loop = asyncio.get_running_loop()
-        while True:
+        # The flag is checked after every await: redis-py may swallow the cancellation that
+        # stops this loop, which would then renew the lease of a finished computation forever.
+        while not lease.ended:
             sent = loop.time()
             try:
                 held = await self._conn.call(
@@ -261,6 +269,8 @@ class Flight:
             except Unavailable:
                 pass  # logged and counted; try again at the next period
             else:
+                if lease.ended:
+                    return
                 if not int(held):
                     self._lost(names, lease, "renewing its lease")
                     return

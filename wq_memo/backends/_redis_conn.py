@@ -30,10 +30,10 @@ from typing import Any, Final, TypeVar
 
 from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.connection import parse_url
+from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.retry import Retry
 
 from ._redis_log import Secrets, Throttle, logger
 from ._redis_pubsub import Subscriber

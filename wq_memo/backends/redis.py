@@ -9,6 +9,7 @@ import contextlib
 import math
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
+from secrets import token_hex
 from typing import Any, Final, TypeVar, final
 
 try:
@@ -247,6 +248,7 @@ class RedisCache:
             ttl=self._ttl,
             single_flight=bool(single_flight),
             label=label,
+            epoch=self._ns.epoch,
         )
 
     def __repr__(self) -> str:
@@ -314,22 +316,18 @@ class RedisCache:
     async def set(self, key: Hashable, value: Any, ttl: float | None = None) -> None:
         """Store value under key for ttl seconds (None: the cache's ttl).
 
-        A value this cache cannot store exactly, or larger than max_value_bytes, is not
-        stored (logged and counted).
+        The value wins over a computation of key under way in any process: that computation's
+        result is not stored over it (its lock is removed), and the callers waiting for it get
+        this value. A value this cache cannot store exactly, or larger than max_value_bytes, is
+        not stored (logged and counted).
 
         Raises:
             TypeError: key has a component RedisCache cannot encode.
         """
         names, function = self._names(key)
         seconds: float | None = self._ttl if ttl is None else _seconds("ttl", ttl)
-        data = self._entries.encode(names.value, function, value, seconds)
-        if not isinstance(data, bytes):
-            return
-        px = None if seconds is None else max(1, round(seconds * 1000))
         with contextlib.suppress(Unavailable):  # logged and counted
-            await self._conn.call(
-                "SET", lambda link: link.client.set(names.value, data, px=px), name=names.value
-            )
+            await self._flight.put(names, function, value, seconds)
 
     async def delete(self, key: Hashable) -> bool:
         """Remove key's entry; return whether one was removed (False also when Redis fails).
@@ -351,9 +349,18 @@ class RedisCache:
     async def clear(self) -> None:
         """Remove every entry of this namespace, and no other's.
 
-        The computations under way in the namespace do not store their results (their locks
-        are removed too). On a Redis failure the clear stops where it is (logged and counted).
+        The computations under way in the namespace, in every process, do not store their
+        results, however their stores interleave with this clear: it first changes the
+        namespace's epoch, under which each of them took its lock, and then removes the values
+        and the locks. On a Redis failure the clear stops where it is (logged and counted).
         """
+        epoch = token_hex(8).encode()
+        try:
+            await self._conn.call(
+                "SET", lambda link: link.client.set(self._ns.epoch, epoch), name=self._ns.epoch
+            )
+        except Unavailable:
+            return  # logged and counted
         pattern = self._ns.pattern()
         lock_kind = self._ns.prefix + b":l:"
         cursor: int = 0

@@ -730,7 +730,7 @@ def _with_async_cache(
                 # made inside a computation of this queue runs in that computation's slot.
                 if flight.parent is not None and table.lender_of(flight.parent) is not None:
                     flight.computing = True
-                    return await func(*flight.args, **flight.kwargs)
+                    return await table.in_lenders_slot(lambda: func(*flight.args, **flight.kwargs))
                 await table.slot()
                 flight.computing = True
                 try:
@@ -738,7 +738,7 @@ def _with_async_cache(
                 finally:
                     table.release()
 
-            if flight.background and isinstance(single_flight, RefreshingCache):
+            if flight.refresh and isinstance(single_flight, RefreshingCache):
                 return _refresh_across(single_flight, flight.key, compute, refresher)
             if flight.refresh:
                 return _refresh_through(single_flight, flight.key, compute, refresher)
@@ -838,8 +838,11 @@ def _with_async_cache(
         if refresher is not None:
             refresher.stored(k)
 
+    # A cache that can read without counting the read (RedisCache.peek) is peeked through it.
+    peek: Callable[[Hashable], Awaitable[Any]] = getattr(cache, "peek", None) or cache.get
+
     async def acache_peek(*args: P.args, **kwargs: P.kwargs) -> R | Missing:
-        return await cache.get(key_of(args, kwargs))  # type: ignore[no-any-return]
+        return await peek(key_of(args, kwargs))  # type: ignore[no-any-return]
 
     return _attach(
         wrapper,
@@ -876,7 +879,8 @@ async def _refresh_across(
     compute: Callable[[], Awaitable[R]],
     refresher: Refresher | None,
 ) -> R:
-    """A background refresh: one process refreshes k, the others go on serving its entry."""
+    """A refresh (in the background, or f.refresh()): one process refreshes k, the others go
+    on serving its entry. The value is stored as a computation's is (fenced)."""
     refreshed, value = await cache.refresh(k, compute)
     if refreshed:
         if refresher is not None:
@@ -893,12 +897,11 @@ async def _refresh_through(
     compute: Callable[[], Awaitable[R]],
     refresher: Refresher | None,
 ) -> R:
-    """Compute k anew and store it, whatever the cache holds."""
-    value = await compute()
-    await cache.set(k, value)
-    if refresher is not None:
-        refresher.stored(k)
-    return value
+    """Compute k anew and store it, whatever the cache holds, through get_or_compute: the one
+    store of a SingleFlightCache that a delete or clear made meanwhile keeps out. The entry is
+    deleted first, so that get_or_compute computes."""
+    await cache.delete(k)
+    return await _get_or_compute(cache, k, compute, refresher)
 
 
 def _attach(

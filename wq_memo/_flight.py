@@ -291,7 +291,8 @@ class FlightTable(Generic[K, R]):
         self.running = 0
         """Slots taken (computations running in a slot of their own)."""
         self.borrowed = 0
-        """Computations running in the slot of a computation that awaits them."""
+        """Computations running in the slot of a computation that awaits them. (With
+        ``slotless``, a flight waiting for another process, or for a slot, is not counted.)"""
         self.live = 0
         """Flights not yet finished, forgotten ones included."""
         self.closing = False
@@ -517,7 +518,8 @@ class FlightTable(Generic[K, R]):
             borrowed = True
         if borrowed:
             flight.borrowed = True
-            self.borrowed += 1
+            if not self.slotless:  # there, counted once compute() runs: see in_lenders_slot
+                self.borrowed += 1
         else:
             self.running += 1
         context, flight.context = flight.context, None
@@ -766,7 +768,8 @@ class FlightTable(Generic[K, R]):
         if status is not _RUNNING:
             pass
         elif flight.borrowed:
-            self.borrowed -= 1
+            if not self.slotless:
+                self.borrowed -= 1
             lender = flight.lender
             if lender is not None and lender.borrowers and flight in lender.borrowers:
                 lender.borrowers.remove(flight)
@@ -869,6 +872,15 @@ class FlightTable(Generic[K, R]):
     def release(self) -> None:
         """Give back a slot taken with ``slot()``."""
         self._release_slot()
+
+    async def in_lenders_slot(self, compute: Callable[[], Awaitable[R]]) -> R:
+        """Run compute() (``slotless`` tables) in the slot of the computation that awaits it,
+        counted among the computations running meanwhile."""
+        self.borrowed += 1
+        try:
+            return await compute()
+        finally:
+            self.borrowed -= 1
 
     def accepted(self) -> list[Flight[K, R]]:
         """The items in line that are accepted: their callers wait for a slot.

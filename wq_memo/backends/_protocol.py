@@ -49,6 +49,9 @@ class AsyncCache(Protocol):
 
     Implementations must not raise for a miss: ``get`` returns ``MISSING``. Errors of the store
     itself may propagate; @worker_queue logs them and carries on as if the cache were empty.
+
+    A cache may also have ``async def peek(key)``, answering as ``get`` does without counting
+    the read in its own statistics; ``acache_peek`` then reads through it.
     """
 
     async def get(self, key: Hashable) -> Any:

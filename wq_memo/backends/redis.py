@@ -283,8 +283,18 @@ class RedisCache:
         """
         return (await self._read(key))[0]
 
-    async def _read(self, key: Hashable) -> tuple[Any, float]:
-        """(the value under key or MISSING, its write time in epoch seconds): one GETRANGE."""
+    async def peek(self, key: Hashable) -> Any:
+        """Return the value stored under key, or MISSING, as get() does, counting nothing in
+        stats() hits and misses (what @worker_queue's acache_peek reads through).
+
+        Raises:
+            TypeError: key has a component RedisCache cannot encode.
+        """
+        return (await self._read(key, count=False))[0]
+
+    async def _read(self, key: Hashable, count: bool = True) -> tuple[Any, float]:
+        """(the value under key or MISSING, its write time in epoch seconds): one GETRANGE.
+        ``count``: count it in stats() as a hit or a miss."""
         names, _ = self._names(key)
         limit = self._entries.max_bytes
 
@@ -310,7 +320,8 @@ class RedisCache:
             self._entries.too_big(names.value, None)
         elif data:
             found = self._entries.decode_dated(names.value, data)
-        self._counts["misses" if found[0] is MISSING else "hits"] += 1
+        if count:
+            self._counts["misses" if found[0] is MISSING else "hits"] += 1
         return found
 
     async def set(self, key: Hashable, value: Any, ttl: float | None = None) -> None:

@@ -76,18 +76,22 @@ async def own_client(redis_url: str) -> AsyncIterator[Redis]:
 @pytest.mark.parametrize("fillers", [0, 2500], ids=["one-scan", "several-scans"])
 @pytest.mark.parametrize("where", ["before", "lists", "last", "after"])
 @pytest.mark.parametrize("via", ["acache_clear", "cache.clear"])
+@pytest.mark.parametrize("computes_in", ["this process", "another process"])
 async def test_a_store_landing_around_a_clear_is_not_kept(
+    computes_in: str,
     via: str,
     where: str,
     fillers: int,
     own_client: Redis,
     redis_namespace: str,
     sync_redis: Any,
+    make_redis_cache: Make,
 ) -> None:
     """The computation is released while the clear is held at one point of its scan, and its
-    store lands there (on another pooled connection): once the clear has returned, the value
-    is not in Redis, and the next call computes afresh."""
+    store lands there (on another pooled connection, or from another process): once the clear
+    has returned, the value is not in Redis, and the next call computes afresh."""
     cache = RedisCache(own_client, namespace=redis_namespace, timeout=WAIT)
+    holder = cache if computes_in == "this process" else make_redis_cache()
     names = key_names(redis_namespace, CallKey("f", (0,)))
     if fillers:  # another function's entries, so that the clear scans in several steps
         pipe = sync_redis.pipeline(transaction=False)
@@ -98,13 +102,15 @@ async def test_a_store_landing_around_a_clear_is_not_kept(
     gate, started = asyncio.Event(), asyncio.Event()
     calls = 0
 
-    @worker_queue(cache=cache, name="f")
-    async def f(k: int) -> dict[str, int]:
+    async def compute(k: int) -> dict[str, int]:
         nonlocal calls
         calls += 1
         started.set()
         await gate.wait()
         return {"computed": k, "call": calls}
+
+    f = worker_queue(cache=cache, name="f")(compute)
+    computes = f if holder is cache else worker_queue(cache=holder, name="f")(compute)
 
     async def clear() -> None:
         if via == "acache_clear":
@@ -116,7 +122,7 @@ async def test_a_store_landing_around_a_clear_is_not_kept(
         async with asyncio.timeout(WAIT):
             # Several connections in the pool, as a busy process has.
             await asyncio.gather(*(cache.get(CallKey("h", (i,))) for i in range(4)))
-            old = asyncio.create_task(f(0))
+            old = asyncio.create_task(computes(0))
             await started.wait()
             assert sync_redis.exists(names.lock)  # it holds the key's lock
             clearing = asyncio.create_task(clear())
@@ -130,7 +136,7 @@ async def test_a_store_landing_around_a_clear_is_not_kept(
             await clearing
             assert await f.acache_peek(0) is MISSING, f"stored after the clear ({where})"
             assert not sync_redis.exists(names.value)
-            assert cache.stats().lock_lost == 1
+            assert holder.stats().lock_lost == 1
             assert await f(0) == {"computed": 0, "call": 2}  # computed afresh, and stored
             assert await f.acache_peek(0) == {"computed": 0, "call": 2}
         if fillers:
@@ -138,6 +144,7 @@ async def test_a_store_landing_around_a_clear_is_not_kept(
             assert not sync_redis.exists(key_names(redis_namespace, CallKey("g", (0,))).value)
     finally:
         await f.queue.aclose()
+        await computes.queue.aclose()
         await cache.aclose()
 
 

@@ -24,7 +24,7 @@ from redis_waits import until, waiting
 
 from wq_memo import MISSING, worker_queue
 from wq_memo.backends import CallKey
-from wq_memo.backends._redis_keys import key_names
+from wq_memo.backends._redis_keys import Namespace, key_names
 from wq_memo.backends._redis_values import ValueCodec
 from wq_memo.backends.redis import RedisCache
 
@@ -136,6 +136,7 @@ async def test_a_store_landing_around_a_clear_is_not_kept(
             await clearing
             assert await f.acache_peek(0) is MISSING, f"stored after the clear ({where})"
             assert not sync_redis.exists(names.value)
+            assert not sync_redis.exists(Namespace(redis_namespace).epoch)  # nothing stays
             assert holder.stats().lock_lost == 1
             assert await f(0) == {"computed": 0, "call": 2}  # computed afresh, and stored
             assert await f.acache_peek(0) == {"computed": 0, "call": 2}

@@ -37,7 +37,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ._redis_log import Secrets, Throttle, logger
 from ._redis_pubsub import Subscriber
-from ._redis_scripts import CLAIM, DELETE, FINISH, RENEW
+from ._redis_scripts import CLAIM, CLEARED, DELETE, FINISH, RENEW
 
 __all__ = ("Connector", "Link", "Unavailable")
 
@@ -97,6 +97,7 @@ class Link:
 
     __slots__ = (
         "claim",
+        "cleared",
         "client",
         "delete",
         "finish",
@@ -119,6 +120,7 @@ class Link:
         self.renew = client.register_script(RENEW)
         self.finish = client.register_script(FINISH)
         self.delete = client.register_script(DELETE)
+        self.cleared = client.register_script(CLEARED)
         self.subscriber: Subscriber | None = None
 
 

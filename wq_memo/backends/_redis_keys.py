@@ -162,8 +162,8 @@ class Namespace:
         self.prefix = _utf8(name).replace(b":", b"::")
         """The namespace as it starts every name: with each ``:`` doubled."""
         self.epoch = self.prefix + b":e"
-        """Changed by each clear() as it begins: a computation stores its result only if the
-        epoch is the one it took its lock under. Outside the pattern clear() removes."""
+        """Set by each clear() as it begins, removed as it ends: a computation stores its result
+        only under the epoch it took its lock in. Outside the pattern clear() scans."""
 
     def names(self, key: Hashable) -> KeyNames:
         """Return the Redis names for key, a CallKey or (used directly) any encodable key.

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Final
 
-__all__ = ("CLAIM", "DELETE", "FINISH", "RENEW")
+__all__ = ("CLAIM", "CLEARED", "DELETE", "FINISH", "RENEW")
 
 CLAIM: Final = """
 -- KEYS: value, lock, marker, epoch.
@@ -110,4 +110,14 @@ if redis.call('DEL', KEYS[2]) == 1 then
   redis.call('PUBLISH', ARGV[1], 'x')
 end
 return removed
+"""
+
+CLEARED: Final = """
+-- KEYS: epoch. ARGV: the epoch a clear set as it began. At its end, the clear removes the epoch
+-- (every lock taken before it is gone by then), unless a later clear has set another. Returns
+-- whether it removed it.
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
 """

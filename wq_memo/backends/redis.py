@@ -361,9 +361,12 @@ class RedisCache:
         """Remove every entry of this namespace, and no other's.
 
         The computations under way in the namespace, in every process, do not store their
-        results, however their stores interleave with this clear: it first changes the
-        namespace's epoch, under which each of them took its lock, and then removes the values
-        and the locks. On a Redis failure the clear stops where it is (logged and counted).
+        results, however their stores interleave with this clear: it first sets the
+        namespace's epoch, and a computation stores only under the epoch it took its lock in;
+        then it removes the values and the locks, and at last the epoch (unless a later clear
+        has set another), since every lock taken before it is gone by then. A computation that
+        took its lock while the clear ran may be refused too. On a Redis failure the clear
+        stops where it is (logged and counted).
         """
         epoch = token_hex(8).encode()
         try:
@@ -394,6 +397,11 @@ class RedisCache:
                     await self._conn.call("UNLINK", lambda link, n=names: batch(link, n))  # type: ignore[misc]
                 if not cursor:
                     break
+            await self._conn.call(
+                "DELETE",
+                lambda link: link.cleared(keys=[self._ns.epoch], args=[epoch]),
+                name=self._ns.epoch,
+            )
         except Unavailable:
             pass  # logged and counted
 

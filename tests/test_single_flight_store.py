@@ -18,8 +18,8 @@ WAIT = 5.0
 
 
 class FencedCache:
-    """A SingleFlightCache in memory whose get_or_compute stores only if no delete of the key
-    and no clear came since it began, in one step after a suspension, as a script would."""
+    """A SingleFlightCache in memory whose get_or_compute stores only if no delete or set of the
+    key and no clear came since it began, in one step after a suspension, as a script would."""
 
     def __init__(self) -> None:
         self.data: dict[Hashable, Any] = {}
@@ -32,6 +32,7 @@ class FencedCache:
 
     async def set(self, key: Hashable, value: Any, ttl: float | None = None) -> None:
         await asyncio.sleep(0)
+        self.generation[key] = self.generation.get(key, 0) + 1  # a prime wins
         self.data[key] = value
 
     async def delete(self, key: Hashable) -> bool:

@@ -90,7 +90,9 @@ class SingleFlightCache(AsyncCache, Protocol):
 
         Across every process sharing the store, at most one compute() for a key runs at a time.
         An exception from compute() propagates to the caller and nothing is stored. A
-        ``delete(key)`` or ``clear()`` made while compute() runs means its result is not stored.
+        ``delete(key)``, ``clear()`` or ``set(key, ...)`` (a prime) made while compute() runs
+        means its result is not stored. @worker_queue stores through this method only, for
+        f.refresh() too (deleting the entry first), so that these rules hold for every write.
         """
         ...
 

@@ -235,8 +235,8 @@ class Flight:
     ) -> V:
         """Compute while holding the lock and renewing its lease; store, release, announce.
 
-        ``epoch``: the namespace's epoch when the lock was taken; the value is stored only if
-        no clear() has changed it since."""
+        ``epoch``: the namespace's epoch when the lock was taken; while a clear() that began
+        later runs, the value is not stored."""
         self._counts["computed"] += 1
         loop = asyncio.get_running_loop()
         lease = _Lease(sent + self._lease)

@@ -162,8 +162,8 @@ class Namespace:
         self.prefix = _utf8(name).replace(b":", b"::")
         """The namespace as it starts every name: with each ``:`` doubled."""
         self.epoch = self.prefix + b":e"
-        """Set by each clear() as it begins, removed as it ends: a computation stores its result
-        only under the epoch it took its lock in. Outside the pattern clear() scans."""
+        """Set by each clear() as it begins, removed as it ends: while it is set, a computation
+        stores its result only if it took its lock under it. Outside the pattern clear() scans."""
 
     def names(self, key: Hashable) -> KeyNames:
         """Return the Redis names for key, a CallKey or (used directly) any encodable key.

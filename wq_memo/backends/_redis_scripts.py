@@ -1,11 +1,13 @@
 """The Lua scripts behind RedisCache's single flight; each runs atomically in Redis.
 
 Every write of a value goes through FINISH. A computed value is tied to the lock it was computed
-under: FINISH stores it only while the computation's token still holds the lock and no clear has
-begun since the lock was taken (the namespace's epoch is unchanged), so a holder whose lease ran
-out, whose key was deleted (DELETE removes the lock too) or whose namespace was cleared never
-overwrites a later value. A primed value is stored whoever holds the lock, and removes it, so
-that no computation that began before it overwrites it.
+under: FINISH stores it only while the computation's token still holds the lock, so a holder
+whose lease ran out or whose key was deleted (DELETE removes the lock too) never overwrites a
+later value. A clear cannot remove every lock at once (it scans): while it runs, the namespace's
+epoch is set, and FINISH stores only a computation that took its lock under that very epoch;
+once the clear has ended (and removed the epoch), every lock taken before it is gone. A primed
+value is stored whoever holds the lock, and removes it, so that no computation that began
+before it overwrites it.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ CLAIM: Final = """
 -- Replies:
 --   {1, value}          the value is stored (and no larger than max value bytes)
 --   {2, replaced, epoch} token now holds the lock; replaced = 1 if a foreign lock was removed;
---                       epoch: the namespace's epoch now (FINISH stores only if it is unchanged)
+--                       epoch: the namespace's epoch now ('' when no clear runs)
 --   {3, pttl, marked}   another computation holds the lock for pttl more ms; marked = 1 if
 --                       the function's results were lately found uncacheable
 --   {4, size}           the stored value is larger than max value bytes (it was not read)
@@ -66,11 +68,12 @@ FINISH: Final = """
 --       '1' if an earlier attempt of this same finish may have run already.
 -- 'p' stores whoever holds the lock, deletes the lock (so that the computation under way does
 -- not overwrite the primed value), announces message and returns 1.
--- Otherwise, if token holds the lock and no clear has begun since it was taken: stores per
--- outcome, deletes the lock, announces message on channel and returns 1. If token holds the lock
--- but a clear has begun since: stores nothing, deletes the lock, announces 'x' (the waiters look
--- again) and returns 0. If token does not hold it: stores nothing and returns 2 if the value
--- stored is this very value (an earlier attempt ran), else 0 (the lock was lost).
+-- Otherwise, if token holds the lock and no clear runs that began after the lock was taken (the
+-- epoch is unset, or the one the lock was taken under): stores per outcome, deletes the lock,
+-- announces message on channel and returns 1. If token holds the lock but such a clear runs:
+-- stores nothing, deletes the lock, announces 'x' (the waiters look again) and returns 0. If
+-- token does not hold it: stores nothing and returns 2 if the value stored is this very value
+-- (an earlier attempt ran), else 0 (the lock was lost).
 local store = ARGV[2] == 's' or ARGV[2] == 'p'
 if ARGV[2] == 'u' then
   redis.call('SET', KEYS[3], '1', 'PX', ARGV[7])
@@ -82,7 +85,8 @@ if ARGV[2] ~= 'p' then
     end
     return 0
   end
-  if (redis.call('GET', KEYS[4]) or '') ~= ARGV[8] then
+  local epoch = redis.call('GET', KEYS[4])
+  if epoch and epoch ~= ARGV[8] then
     redis.call('DEL', KEYS[2])
     redis.call('PUBLISH', ARGV[5], 'x')
     return 0

@@ -362,11 +362,10 @@ class RedisCache:
 
         The computations under way in the namespace, in every process, do not store their
         results, however their stores interleave with this clear: it first sets the
-        namespace's epoch, and a computation stores only under the epoch it took its lock in;
-        then it removes the values and the locks, and at last the epoch (unless a later clear
-        has set another), since every lock taken before it is gone by then. A computation that
-        took its lock while the clear ran may be refused too. On a Redis failure the clear
-        stops where it is (logged and counted).
+        namespace's epoch, and while it is set a computation stores only if it took its lock
+        under it; then the clear removes the values and the locks, and at last the epoch
+        (unless a later clear has set another), since every lock taken before it is gone by
+        then. On a Redis failure the clear stops where it is (logged and counted).
         """
         epoch = token_hex(8).encode()
         try:

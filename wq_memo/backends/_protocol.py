@@ -91,8 +91,9 @@ class SingleFlightCache(AsyncCache, Protocol):
         Across every process sharing the store, at most one compute() for a key runs at a time.
         An exception from compute() propagates to the caller and nothing is stored. A
         ``delete(key)``, ``clear()`` or ``set(key, ...)`` (a prime) made while compute() runs
-        means its result is not stored. @worker_queue stores through this method only, for
-        f.refresh() too (deleting the entry first), so that these rules hold for every write.
+        means its result is not stored. @worker_queue stores computed values through this method
+        only (for f.refresh() too: it deletes the entry first, unless the cache is a
+        RefreshingCache, whose refresh() it uses), so that these rules hold for every write.
         """
         ...
 

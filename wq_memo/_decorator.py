@@ -730,11 +730,11 @@ def _with_async_cache(
                 # made inside a computation of this queue runs in that computation's slot.
                 if flight.parent is not None and table.lender_of(flight.parent) is not None:
                     flight.computing = True
-                    return await table.in_lenders_slot(lambda: func(*flight.args, **flight.kwargs))
+                    return await table.counted(lambda: func(*flight.args, **flight.kwargs))
                 await table.slot()
                 flight.computing = True
                 try:
-                    return await func(*flight.args, **flight.kwargs)
+                    return await table.counted(lambda: func(*flight.args, **flight.kwargs))
                 finally:
                     table.release()
 

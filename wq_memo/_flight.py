@@ -239,6 +239,7 @@ class FlightTable(Generic[K, R]):
         "_starting",
         "borrowed",
         "closing",
+        "computations",
         "compute",
         "counts",
         "flights",
@@ -291,8 +292,10 @@ class FlightTable(Generic[K, R]):
         self.running = 0
         """Slots taken (computations running in a slot of their own)."""
         self.borrowed = 0
-        """Computations running in the slot of a computation that awaits them. (With
-        ``slotless``, a flight waiting for another process, or for a slot, is not counted.)"""
+        """Computations running in the slot of a computation that awaits them (with
+        ``slotless``: flights started without a slot)."""
+        self.computations = 0
+        """With ``slotless``: the computations running now (see ``counted()``)."""
         self.live = 0
         """Flights not yet finished, forgotten ones included."""
         self.closing = False
@@ -518,8 +521,7 @@ class FlightTable(Generic[K, R]):
             borrowed = True
         if borrowed:
             flight.borrowed = True
-            if not self.slotless:  # there, counted once compute() runs: see in_lenders_slot
-                self.borrowed += 1
+            self.borrowed += 1
         else:
             self.running += 1
         context, flight.context = flight.context, None
@@ -768,8 +770,7 @@ class FlightTable(Generic[K, R]):
         if status is not _RUNNING:
             pass
         elif flight.borrowed:
-            if not self.slotless:
-                self.borrowed -= 1
+            self.borrowed -= 1
             lender = flight.lender
             if lender is not None and lender.borrowers and flight in lender.borrowers:
                 lender.borrowers.remove(flight)
@@ -873,14 +874,19 @@ class FlightTable(Generic[K, R]):
         """Give back a slot taken with ``slot()``."""
         self._release_slot()
 
-    async def in_lenders_slot(self, compute: Callable[[], Awaitable[R]]) -> R:
-        """Run compute() (``slotless`` tables) in the slot of the computation that awaits it,
-        counted among the computations running meanwhile."""
-        self.borrowed += 1
+    def computing(self) -> int:
+        """How many computations run now: in a slot of their own, or in the slot of a
+        computation that awaits them. (A ``slotless`` table's flights hold no slot while they
+        wait for another process, so there only those in ``counted()`` are.)"""
+        return self.computations if self.slotless else self.running + self.borrowed
+
+    async def counted(self, work: Callable[[], Awaitable[R]]) -> R:
+        """Run work(), a ``slotless`` table's computation proper, counted in ``computing()``."""
+        self.computations += 1
         try:
-            return await compute()
+            return await work()
         finally:
-            self.borrowed -= 1
+            self.computations -= 1
 
     def accepted(self) -> list[Flight[K, R]]:
         """The items in line that are accepted: their callers wait for a slot.

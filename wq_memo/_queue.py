@@ -168,7 +168,7 @@ class WorkerQueue(Generic[T, R]):
     def computing(self) -> int:
         """How many computations run now (on the current event loop)."""
         table = self._table
-        return 0 if table is None else table.running + table.borrowed
+        return 0 if table is None else table.computing()
 
     @property
     def waiting(self) -> int:

@@ -35,9 +35,20 @@ def _paused() -> Generator[None, Any, Any]:
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport() -> Generator[None, Any, Any]:
-    return (yield from _paused())
+    report = yield from _paused()
+    if _PAUSE and report.failed:
+        # What the failure left behind is finalized now, while nothing is being parsed, rather
+        # than in whatever parse the next collection happens to land in.
+        gc.collect()
+    return report
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_make_collect_report() -> Generator[None, Any, Any]:
+    return (yield from _paused())
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_terminal_summary() -> Generator[None, Any, Any]:
+    # Plugins import modules here (each parsed by pytest's assertion rewriting).
     return (yield from _paused())

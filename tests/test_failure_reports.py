@@ -30,14 +30,6 @@ FAILING = textwrap.dedent("""
             ast.parse("answer = (6 * 7) if True else None")
 
 
-    @pytest.fixture(scope="module", autouse=True)
-    def collect_after():
-        threshold = gc.get_threshold()
-        yield
-        gc.set_threshold(*threshold)
-        gc.collect()
-
-
     def leave_garbage():
         gc.set_threshold(20)  # collections land anywhere, pytest's parsing included
         for _ in range(200):

@@ -122,11 +122,11 @@ class Memoized(CacheControls, Protocol[P, R]):
         """Compute the call now through the queue (joining one under way), store it, return it."""
         ...
 
-    def cache_prime(self, value: R, *args: P.args, **kwargs: P.kwargs) -> None:
+    def cache_prime(self, value: R, /, *args: P.args, **kwargs: P.kwargs) -> None:
         """Store value as the result of the call (a synchronous cache only)."""
         ...
 
-    async def acache_prime(self, value: R, *args: P.args, **kwargs: P.kwargs) -> None:
+    async def acache_prime(self, value: R, /, *args: P.args, **kwargs: P.kwargs) -> None:
         """Store value as the result of the call, whatever kind the cache is."""
         ...
 
@@ -166,11 +166,11 @@ class BoundMemoized(CacheControls, Protocol[P, R]):
         """Compute this instance's call now, store it, return it."""
         ...
 
-    def cache_prime(self, value: R, *args: P.args, **kwargs: P.kwargs) -> None:
+    def cache_prime(self, value: R, /, *args: P.args, **kwargs: P.kwargs) -> None:
         """Store value as the result of this instance's call (a synchronous cache only)."""
         ...
 
-    async def acache_prime(self, value: R, *args: P.args, **kwargs: P.kwargs) -> None:
+    async def acache_prime(self, value: R, /, *args: P.args, **kwargs: P.kwargs) -> None:
         """Store value as the result of this instance's call."""
         ...
 
@@ -622,7 +622,7 @@ def _with_mapping(
             instances.clear()
         cache.clear()
 
-    def cache_prime(value: R, *args: P.args, **kwargs: P.kwargs) -> None:
+    def cache_prime(value: R, /, *args: P.args, **kwargs: P.kwargs) -> None:
         k = key_of(args, kwargs)
         queue._forget(k)  # a computation under way must not overwrite it
         store_now(k, value)
@@ -688,7 +688,7 @@ def _dedup_only(
     def cache_clear() -> None:
         queue._forget_all()
 
-    def cache_prime(value: R, *args: P.args, **kwargs: P.kwargs) -> None:
+    def cache_prime(value: R, /, *args: P.args, **kwargs: P.kwargs) -> None:
         queue._forget(key_of(args, kwargs))  # no cache to hold it; later calls compute
 
     def cache_peek(*args: P.args, **kwargs: P.kwargs) -> R | Missing:
@@ -829,7 +829,7 @@ def _with_async_cache(
         queue._forget_lookups(k)
         return deleted
 
-    async def acache_prime(value: R, *args: P.args, **kwargs: P.kwargs) -> None:
+    async def acache_prime(value: R, /, *args: P.args, **kwargs: P.kwargs) -> None:
         k = key_of(args, kwargs)
         # Computations under way must not overwrite it.
         await queue._stores_done(queue._forget(k))
@@ -922,7 +922,7 @@ def _attach(
     async def acache_invalidate(*args: P.args, **kwargs: P.kwargs) -> bool:
         return controls["cache_invalidate"](*args, **kwargs)  # type: ignore[no-any-return]
 
-    async def acache_prime(value: R, *args: P.args, **kwargs: P.kwargs) -> None:
+    async def acache_prime(value: R, /, *args: P.args, **kwargs: P.kwargs) -> None:
         controls["cache_prime"](value, *args, **kwargs)
 
     async def acache_peek(*args: P.args, **kwargs: P.kwargs) -> R | Missing:

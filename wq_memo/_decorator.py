@@ -27,7 +27,7 @@ from . import _listeners, _memos, _naming
 from ._flight import Counts, Flight
 from ._methods import InstanceKeys, MemoizedClassMethod, MemoizedMethod, MethodState
 from ._queue import WorkerQueue, is_async_callable
-from ._refresh import NEVER, Refresher, check_refresh_options
+from ._refresh import NEVER, Refresher, check_freshness_options, check_refresh_options
 from ._switch import SWITCH
 from ._ttl_lookup import fast_lookup, raw_timer
 from .backends._protocol import (
@@ -300,6 +300,7 @@ def _refresher(
     options: _Options, cache: MutableMapping[Any, Any] | AsyncCache | None, display: str
 ) -> Refresher | None:
     """The refresh-ahead policy asked for (None without refresh_after)."""
+    check_freshness_options(options.refresh_backoff, options.jitter, options.timer)
     if options.refresh_after is None:
         return None
     if cache is None:
@@ -317,8 +318,6 @@ def _refresher(
         # A cache's own timer, so that refreshes and expiry share one clock.
         timer = getattr(cache, "timer", None)
         clock = timer if callable(timer) else time.monotonic
-    elif not callable(clock):
-        raise TypeError(f"@worker_queue: timer must be a function returning seconds, got {clock!r}")
     contains = cache.__contains__ if isinstance(cache, MutableMapping) else None
     return Refresher(after, backoff, jitter, clock, display, contains)
 

@@ -27,7 +27,7 @@ from . import _listeners, _memos, _naming
 from ._flight import Counts, Flight
 from ._methods import InstanceKeys, MemoizedClassMethod, MemoizedMethod, MethodState
 from ._queue import WorkerQueue, is_async_callable
-from ._refresh import NEVER, Refresher, check_refresh_options
+from ._refresh import NEVER, Refresher, check_freshness_options, check_refresh_options
 from ._switch import SWITCH
 from ._ttl_lookup import fast_lookup, raw_timer
 from .backends._protocol import (
@@ -122,11 +122,11 @@ class Memoized(CacheControls, Protocol[P, R]):
         """Compute the call now through the queue (joining one under way), store it, return it."""
         ...
 
-    def cache_prime(self, value: R, *args: P.args, **kwargs: P.kwargs) -> None:
+    def cache_prime(self, value: R, /, *args: P.args, **kwargs: P.kwargs) -> None:
         """Store value as the result of the call (a synchronous cache only)."""
         ...
 
-    async def acache_prime(self, value: R, *args: P.args, **kwargs: P.kwargs) -> None:
+    async def acache_prime(self, value: R, /, *args: P.args, **kwargs: P.kwargs) -> None:
         """Store value as the result of the call, whatever kind the cache is."""
         ...
 
@@ -166,11 +166,11 @@ class BoundMemoized(CacheControls, Protocol[P, R]):
         """Compute this instance's call now, store it, return it."""
         ...
 
-    def cache_prime(self, value: R, *args: P.args, **kwargs: P.kwargs) -> None:
+    def cache_prime(self, value: R, /, *args: P.args, **kwargs: P.kwargs) -> None:
         """Store value as the result of this instance's call (a synchronous cache only)."""
         ...
 
-    async def acache_prime(self, value: R, *args: P.args, **kwargs: P.kwargs) -> None:
+    async def acache_prime(self, value: R, /, *args: P.args, **kwargs: P.kwargs) -> None:
         """Store value as the result of this instance's call."""
         ...
 
@@ -300,6 +300,7 @@ def _refresher(
     options: _Options, cache: MutableMapping[Any, Any] | AsyncCache | None, display: str
 ) -> Refresher | None:
     """The refresh-ahead policy asked for (None without refresh_after)."""
+    check_freshness_options(options.refresh_backoff, options.jitter, options.timer)
     if options.refresh_after is None:
         return None
     if cache is None:
@@ -317,8 +318,6 @@ def _refresher(
         # A cache's own timer, so that refreshes and expiry share one clock.
         timer = getattr(cache, "timer", None)
         clock = timer if callable(timer) else time.monotonic
-    elif not callable(clock):
-        raise TypeError(f"@worker_queue: timer must be a function returning seconds, got {clock!r}")
     contains = cache.__contains__ if isinstance(cache, MutableMapping) else None
     return Refresher(after, backoff, jitter, clock, display, contains)
 
@@ -622,7 +621,7 @@ def _with_mapping(
             instances.clear()
         cache.clear()
 
-    def cache_prime(value: R, *args: P.args, **kwargs: P.kwargs) -> None:
+    def cache_prime(value: R, /, *args: P.args, **kwargs: P.kwargs) -> None:
         k = key_of(args, kwargs)
         queue._forget(k)  # a computation under way must not overwrite it
         store_now(k, value)
@@ -688,7 +687,7 @@ def _dedup_only(
     def cache_clear() -> None:
         queue._forget_all()
 
-    def cache_prime(value: R, *args: P.args, **kwargs: P.kwargs) -> None:
+    def cache_prime(value: R, /, *args: P.args, **kwargs: P.kwargs) -> None:
         queue._forget(key_of(args, kwargs))  # no cache to hold it; later calls compute
 
     def cache_peek(*args: P.args, **kwargs: P.kwargs) -> R | Missing:
@@ -829,7 +828,7 @@ def _with_async_cache(
         queue._forget_lookups(k)
         return deleted
 
-    async def acache_prime(value: R, *args: P.args, **kwargs: P.kwargs) -> None:
+    async def acache_prime(value: R, /, *args: P.args, **kwargs: P.kwargs) -> None:
         k = key_of(args, kwargs)
         # Computations under way must not overwrite it.
         await queue._stores_done(queue._forget(k))
@@ -922,7 +921,7 @@ def _attach(
     async def acache_invalidate(*args: P.args, **kwargs: P.kwargs) -> bool:
         return controls["cache_invalidate"](*args, **kwargs)  # type: ignore[no-any-return]
 
-    async def acache_prime(value: R, *args: P.args, **kwargs: P.kwargs) -> None:
+    async def acache_prime(value: R, /, *args: P.args, **kwargs: P.kwargs) -> None:
         controls["cache_prime"](value, *args, **kwargs)
 
     async def acache_peek(*args: P.args, **kwargs: P.kwargs) -> R | Missing:

@@ -172,14 +172,19 @@ class WorkerQueue(Generic[T, R]):
 
     @property
     def waiting(self) -> int:
-        """How many items wait in line for a slot (their callers wait for room or a slot)."""
+        """How many items wait in line for a slot (their callers wait for room or a slot).
+
+        Metrics collection may read it from another thread: the lines are copied first, in one
+        step, since the loop may change them meanwhile.
+        """
         table = self._table
         if table is None:
             return 0
+        line, waiters = tuple(table._line), tuple(table._slot_waiters)
         return (
-            sum(f.wanted() for f in table._line)
+            sum(f.wanted() for f in line)
             + len(table._refresh_line)
-            + sum(not w.done() for w in table._slot_waiters)
+            + sum(not w.done() for w in waiters)
         )
 
     @property

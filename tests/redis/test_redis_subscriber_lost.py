@@ -1,0 +1,114 @@
+"""A dropped pub/sub connection is not Redis being down: the waiters subscribe again and wait on.
+
+Redis drops a subscriber's connection on CLIENT KILL, and by itself when the subscriber's
+output buffer passes ``client-output-buffer-limit pubsub``. Each test runs on a server of its
+own, since it kills connections or changes the server's configuration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from functools import partial
+from typing import Any
+
+import pytest
+
+pytest.importorskip("redis.asyncio")
+
+from redis_server import RedisServer
+from redis_waits import until, waiting_anywhere
+
+from wq_memo.backends import CallKey
+from wq_memo.backends._redis_keys import key_names
+from wq_memo.backends.redis import RedisCache
+
+pytest_plugins = ("redis_fixtures",)
+
+KEYS = 200
+WAIT = 30.0
+
+
+@pytest.fixture
+def admin(own_redis: RedisServer) -> Iterator[Any]:
+    """A synchronous client on the test's own server, to kill connections and configure it."""
+    import redis
+
+    client = redis.Redis.from_url(own_redis.url, socket_timeout=5, socket_connect_timeout=5)
+    yield client
+    client.close()
+
+
+def _kill_subscribers(admin: Any, channel: bytes) -> None:
+    assert admin.client_kill_filter(_type="pubsub") >= 1
+
+
+def _overflow_subscriber_buffer(admin: Any, channel: bytes) -> None:
+    # One message past the hard limit: Redis drops the subscriber's connection, as it does
+    # when a subscriber falls behind a busy channel. The message is no announcement.
+    admin.config_set("client-output-buffer-limit", "pubsub 65536 0 0")
+    admin.publish(channel, b"?" + bytes(256 * 1024))
+
+
+@pytest.mark.parametrize(
+    "drop", [_kill_subscribers, _overflow_subscriber_buffer], ids=["client-kill", "buffer-limit"]
+)
+async def test_waiters_outlive_their_subscriber_connection(
+    drop: Any, own_redis: RedisServer, admin: Any
+) -> None:
+    holder = RedisCache(own_redis.url, namespace="dropped", wait=WAIT, retry_interval=5.0)
+    waiter = RedisCache(own_redis.url, namespace="dropped", wait=WAIT, retry_interval=5.0)
+    started = 0
+    all_started, release = asyncio.Event(), asyncio.Event()
+    computed_by_waiter: list[int] = []
+
+    async def held(key: int) -> dict[str, int]:
+        nonlocal started
+        started += 1
+        if started == KEYS:
+            all_started.set()
+        await release.wait()
+        return {"key": key, "by": 1}
+
+    async def must_wait(key: int) -> dict[str, int]:
+        computed_by_waiter.append(key)
+        return {"key": key, "by": 2}
+
+    keys = [CallKey("m.f", (k,)) for k in range(KEYS)]
+    try:
+        async with asyncio.timeout(60):
+            holding = [
+                asyncio.create_task(holder.get_or_compute(key, partial(held, k)))
+                for k, key in enumerate(keys)
+            ]
+            await all_started.wait()
+            waiting = [
+                asyncio.create_task(waiter.get_or_compute(key, partial(must_wait, k)))
+                for k, key in enumerate(keys)
+                for _ in range(2)
+            ]
+            await until(lambda: waiting_anywhere(waiter) == 2 * KEYS, WAIT)
+            link = waiter._conn._link
+            assert link is not None
+            first = link.subscriber
+            assert first is not None
+            channel = key_names(waiter.namespace, keys[0]).channel
+            await asyncio.to_thread(drop, admin, channel)
+            await until(lambda: first.dead, WAIT)
+            # Every waiter is back, waiting through a new subscription; none computed.
+            await until(lambda: waiting_anywhere(waiter) == 2 * KEYS or computed_by_waiter, WAIT)
+            assert computed_by_waiter == []
+            assert link.subscriber is not first
+            assert not waiter._conn.down
+            release.set()
+            assert await asyncio.gather(*holding) == [{"key": k, "by": 1} for k in range(KEYS)]
+            results = await asyncio.gather(*waiting)
+        assert results == [{"key": k, "by": 1} for k in range(KEYS) for _ in range(2)]
+        assert computed_by_waiter == []
+        stats = waiter.stats()
+        assert (stats.computed, stats.fallbacks) == (0, 0)
+        assert stats.redis_errors >= 1  # the dropped connection is counted and logged
+        assert not waiter._conn.down
+    finally:
+        await holder.aclose()
+        await waiter.aclose()

@@ -14,9 +14,10 @@ A call looks at the key and, if it is missing, tries to take its lease lock (one
 
 Announcements: ``d`` (stored; followed by the value itself when it is small), ``u`` (the value
 will not be stored: the waiters compute it at once, side by side), ``f`` (the computation
-failed) and ``x`` (the lock was released without a value): after those two the waiters look
-again, and one of them takes the lock. A function whose results were found uncacheable is
-marked for a while: its waiters compute at once instead of waiting.
+failed) and ``x`` (the lock was released without a value, or a holder found its lock gone and
+nobody holding it): after those two the waiters look again, and one of them takes the lock.
+A function whose results were found uncacheable is marked for a while: its waiters compute at
+once instead of waiting.
 
 A call that cannot use Redis (breaker open, an operation failed or timed out) computes on its
 own and stores nothing: only a lock holder stores, so nothing unfenced is ever written.

@@ -16,12 +16,14 @@ import pytest
 
 pytest.importorskip("redis.asyncio")
 
+import redis_procs
 from redis_server import RedisServer
+from redis_spawn import CTX, Procs
 from redis_waits import until, waiting_anywhere
 
 from wq_memo.backends import CallKey
 from wq_memo.backends._redis_keys import key_names
-from wq_memo.backends.redis import RedisCache
+from wq_memo.backends.redis import RedisCache, RedisCacheStats
 
 pytest_plugins = ("redis_fixtures",)
 
@@ -112,3 +114,51 @@ async def test_waiters_outlive_their_subscriber_connection(
     finally:
         await holder.aclose()
         await waiter.aclose()
+
+
+@pytest.mark.timeout(120)  # a process to start, 2,000 keys to hold; each wait bounded itself
+def test_a_process_waiting_on_2000_keys_of_another_computes_none_after_its_drop(
+    procs: Procs, own_redis: RedisServer, admin: Any
+) -> None:
+    keys = 2000
+    release = CTX.Event()
+    procs.start(redis_procs.hold_many, own_redis.url, "dropped", keys, release)
+    procs.expect("holding", 1, timeout=60)
+    computed = 0
+
+    async def compute() -> str:
+        nonlocal computed
+        computed += 1
+        return "computed here"
+
+    async def wait_for_all() -> tuple[list[Any], bool, RedisCacheStats]:
+        cache = RedisCache(own_redis.url, namespace="dropped", wait=WAIT, retry_interval=5.0)
+        try:
+            async with asyncio.timeout(90):
+                tasks = [
+                    asyncio.create_task(cache.get_or_compute(redis_procs.many_key(i), compute))
+                    for i in range(keys)
+                ]
+                await until(lambda: waiting_anywhere(cache) == keys, WAIT)
+                link = cache._conn._link
+                assert link is not None
+                first = link.subscriber
+                assert first is not None
+                await asyncio.to_thread(_kill_subscribers, admin, b"")
+                await until(lambda: first.dead, WAIT)
+                await until(lambda: waiting_anywhere(cache) == keys or computed > 0, WAIT)
+                down = cache._conn.down
+                release.set()
+                results = await asyncio.gather(*tasks)
+        finally:
+            await cache.aclose()
+        return results, down, cache.stats()
+
+    results, down, stats = asyncio.run(wait_for_all())
+    assert computed == 0
+    assert not down
+    assert results == [f"v{i}" for i in range(keys)]
+    assert (stats.computed, stats.fallbacks, stats.waited) == (0, 0, keys)
+    done = procs.expect("done", 1, timeout=60)
+    assert done[0][2] is True
+    assert done[0][3]["computed"] == keys

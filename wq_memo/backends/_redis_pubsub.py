@@ -171,8 +171,10 @@ class Subscriber:
         try:
             previous, self._previous = self._previous, None
             if previous is not None:
-                # Bounded by the previous subscriber's own timeouts (about 2 s at most).
+                # Bounded by the previous subscriber's own timeouts (about 2 s at most). The
+                # connection is quiet from now on only: the wait was this process's own.
                 await asyncio.wait([previous])
+                self.heard = asyncio.get_running_loop().time()
             # The dead flag is checked after every await: redis-py may swallow a cancellation.
             while not self.dead:
                 await self._wake.wait()

@@ -162,3 +162,41 @@ def test_a_process_waiting_on_2000_keys_of_another_computes_none_after_its_drop(
     done = procs.expect("done", 1, timeout=60)
     assert done[0][2] is True
     assert done[0][3]["computed"] == keys
+
+
+async def test_a_subscriber_lost_with_redis_itself_still_opens_the_breaker(
+    own_redis: RedisServer,
+) -> None:
+    """When the connection drops because Redis is gone, the PING fails too: the breaker opens,
+    and the waiters compute on their own at once, as with any failure of Redis."""
+    holder = RedisCache(own_redis.url, namespace="gone", wait=WAIT, retry_interval=30.0)
+    waiter = RedisCache(own_redis.url, namespace="gone", wait=WAIT, retry_interval=30.0)
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def held() -> str:
+        started.set()
+        await release.wait()
+        return "holder's"
+
+    async def own() -> str:
+        return "waiter's"
+
+    key = CallKey("m.f", ("gone",))
+    try:
+        async with asyncio.timeout(20):
+            first = asyncio.create_task(holder.get_or_compute(key, held))
+            await started.wait()
+            waiting_calls = [asyncio.create_task(waiter.get_or_compute(key, own)) for _ in range(3)]
+            await until(lambda: waiting_anywhere(waiter) == 3, WAIT)
+            await asyncio.to_thread(own_redis.stop)
+            stopped = asyncio.get_running_loop().time()
+            assert await asyncio.gather(*waiting_calls) == ["waiter's"] * 3
+            took = asyncio.get_running_loop().time() - stopped
+            release.set()
+            assert await first == "holder's"
+        assert waiter._conn.down
+        assert waiter.stats().fallbacks == 3
+        assert took < 5.0, took  # not the lease (10 s), nor the wait (30 s)
+    finally:
+        await holder.aclose()
+        await waiter.aclose()

@@ -60,13 +60,18 @@ FINISH: Final = """
 --       '1' if an earlier attempt of this same finish may have run already.
 -- If token holds the lock: stores per outcome, deletes the lock, announces message on channel
 -- and returns 1. Otherwise stores nothing and returns 2 if the value stored is this very value
--- (an earlier attempt ran), else 0 (the lock was lost).
+-- (an earlier attempt ran), else 0 (the lock was lost); a lost lock that nobody holds now
+-- (flushed, evicted, expired) is announced as 'x', so that the waiters look again at once
+-- instead of sleeping out the lease they last saw.
 if ARGV[2] == 'u' then
   redis.call('SET', KEYS[3], '1', 'PX', ARGV[7])
 end
 if redis.pcall('GET', KEYS[2]) ~= ARGV[1] then
   if ARGV[8] == '1' and ARGV[2] == 's' and redis.pcall('GET', KEYS[1]) == ARGV[3] then
     return 2
+  end
+  if redis.call('EXISTS', KEYS[2]) == 0 then
+    redis.call('PUBLISH', ARGV[5], 'x')
   end
   return 0
 end

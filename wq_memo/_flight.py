@@ -11,8 +11,10 @@ An item in flight is, in order:
 Callers never wake up for room: each one awaits a future of its own, which the computation's
 task completes directly with the result or the exception. A slot that frees up goes to the
 first item in line, so computations start in the order their first callers arrived. Calls are
-counted when their item starts (as a miss for its first caller, joins for the others). The
-table belongs to one event loop; WorkerQueue makes a new one when the loop changes.
+counted when their item starts (as a miss for its first caller, joins for the others); the first
+caller of an item that waited in line is counted once its key has been looked up again, as a
+hit or a miss, so that no count is ever taken back. The table belongs to one event loop;
+WorkerQueue makes a new one when the loop changes.
 """
 
 from __future__ import annotations
@@ -540,13 +542,13 @@ class FlightTable(Generic[K, R]):
     def _count(self, flight: Flight[K, R], looks_again: bool = False) -> None:
         """Count a flight's calls as it starts: a miss for its first caller, joins for the rest.
 
-        ``looks_again``: its key is looked up again first, and listeners are told of the miss
-        (or the hit) only then.
+        ``looks_again``: its key is looked up again first, and its first caller is counted only
+        then (``_count_first``), as a hit or a miss.
         """
         counts = self.counts
         if flight.background:
             counts.refreshes += 1
-        else:
+        elif not looks_again:
             counts.misses += 1
         if _listeners.active:
             if flight.background:
@@ -558,6 +560,18 @@ class FlightTable(Generic[K, R]):
             counts.joined += flight.uncounted
             flight.uncounted = 0
 
+    def _count_first(self, hit: bool) -> None:
+        """Count the first caller of an item that waited in line, once it was looked up again."""
+        counts = self.counts
+        if hit:
+            counts.hits += 1
+            if _listeners.active:
+                _listeners.hit(counts.name)
+        else:
+            counts.misses += 1
+            if _listeners.active:
+                _listeners.miss(counts.name)
+
     async def _run(self, flight: Flight[K, R], waited: bool) -> None:
         # Few locals: this frame lives as long as the computation (a call in flight's memory).
         _current.set(flight)
@@ -565,19 +579,19 @@ class FlightTable(Generic[K, R]):
         try:
             if waited:
                 # The value may have been stored while it waited.
-                if self.lookup_now is not None:
-                    result = self.lookup_now(flight.key, self.miss)
-                else:
-                    result = await self._look_up_again(flight.key)
+                try:
+                    if self.lookup_now is not None:
+                        result = self.lookup_now(flight.key, self.miss)
+                    else:
+                        result = await self._look_up_again(flight.key)
+                except BaseException:
+                    self._count_first(False)  # its callers get this outcome
+                    raise
                 if result is not self.miss:
-                    self.counts.misses -= 1
-                    self.counts.hits += 1
-                    if _listeners.active:
-                        _listeners.hit(self.counts.name)
+                    self._count_first(True)
                     self._deliver(flight, result)
                     return
-                if _listeners.active:
-                    _listeners.miss(self.counts.name)
+                self._count_first(False)
             if _listeners.active:
                 started = _listeners.clock()
             if self.compute is not None:

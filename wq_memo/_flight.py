@@ -71,9 +71,14 @@ _FINISHED: Final = Status.FINISHED
 class Counts:
     """Calls answered by the cache, calls that started a computation, calls that joined one;
     background refreshes started, and those that failed; calls that bypassed the cache.
-    ``name``: the memoized function's name that listeners are told (None: nobody is told)."""
+    ``name``: the memoized function's name that listeners are told (None: nobody is told).
+
+    The counts are those since the last ``clear()``; ``before`` keeps what was counted before
+    it, so that ``total()`` never goes down.
+    """
 
     __slots__ = (
+        "before",
         "bypassed",
         "dropped",
         "hits",
@@ -84,12 +89,37 @@ class Counts:
         "refreshes",
     )
 
+    FIELDS: Final = (
+        "hits",
+        "misses",
+        "joined",
+        "refreshes",
+        "refresh_failures",
+        "dropped",
+        "bypassed",
+    )
+
     def __init__(self) -> None:
         self.name: str | None = None
-        self.reset()
+        self.before: dict[str, int] = dict.fromkeys(self.FIELDS, 0)
+        self._zero()
 
-    def reset(self) -> None:
-        """Set every count back to zero."""
+    def clear(self, hits: int = 0) -> None:
+        """Count afresh from now on (cache_clear()), keeping what was counted in ``before``.
+
+        ``hits``: hits counted elsewhere until now (an in-process cache's hit path), kept too.
+        """
+        before = self.before
+        for field in self.FIELDS:
+            before[field] += getattr(self, field)
+        before["hits"] += hits
+        self._zero()
+
+    def total(self, field: str) -> int:
+        """A count since the start, clears or not (hits of an in-process hit path left out)."""
+        return self.before[field] + getattr(self, field)  # type: ignore[no-any-return]
+
+    def _zero(self) -> None:
         self.hits = 0
         self.misses = 0
         self.joined = 0

@@ -113,10 +113,17 @@ def track(memoized: Any, name: str) -> None:
 
 def _retire(name: str, counts: Any, own_hits: Callable[[], int] | None) -> None:
     gone = _retired.setdefault(name, [0] * len(COUNTED))
-    for i, field in enumerate(COUNTED):
-        gone[i] += getattr(counts, field)
+    for i, count in enumerate(_counted(counts, own_hits)):
+        gone[i] += count
+
+
+def _counted(counts: Any, own_hits: Callable[[], int] | None) -> list[int]:
+    """The calls counts has counted (as in COUNTED), those before cache_clear() included:
+    cache_info() starts again from zero at a clear, these never go down."""
+    values = [counts.total(field) for field in COUNTED]
     if own_hits is not None:
-        gone[0] += own_hits()
+        values[0] += own_hits()
+    return values
 
 
 def tracked() -> list[tuple[str, Any]]:
@@ -125,13 +132,14 @@ def tracked() -> list[tuple[str, Any]]:
 
 
 def totals() -> dict[str, list[int]]:
-    """The calls of every memoized function so far, gone ones included, by name (COUNTED)."""
+    """The calls of every memoized function so far, by name (COUNTED): gone ones and those
+    counted before a cache_clear() included, so that no total ever goes down."""
     sums = {name: list(counts) for name, counts in _retired.items()}
     for name, memoized in tracked():
-        info = memoized.cache_info()
+        counted = _counted(memoized.queue._counts, getattr(memoized, "_own_hits", None))
         counts = sums.setdefault(name, [0] * len(COUNTED))
-        for i, field in enumerate(COUNTED):
-            counts[i] += getattr(info, field)
+        for i, count in enumerate(counted):
+            counts[i] += count
     return sums
 
 

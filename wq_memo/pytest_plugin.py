@@ -1,7 +1,8 @@
 """The pytest plugin that comes with wq_memo; it does nothing until a test suite asks for it.
 
-- the fixture ``wq_memo_isolated``: before the test, every memoized function's cache is emptied
-  and its counts set to zero; after it, every queue the test started is closed;
+- the fixture ``wq_memo_isolated``: before the test, every memoized function is cleared (its
+  cache emptied, its cache_info() counts set to zero, as cache_clear() does); after it, every
+  queue the test started is closed;
 - the ini option ``wq_memo_isolate = true``: every test gets that fixture, first of all;
 - the marker ``@pytest.mark.wq_memo_disabled``: the test (its fixtures included) runs with
   caching switched off in the whole process, as with WQ_MEMO_DISABLE=1.

@@ -514,6 +514,15 @@ class FlightTable(Generic[K, R]):
             self.forget(key)
         return list(self._forgotten)
 
+    def abandon(self) -> None:
+        """The queue leaves this table behind, its loop stopped: should that loop run again,
+        its computations (those waiting in line too) deliver to their callers, store nothing."""
+        self.lookups.clear()
+        for flight in self.flights.values():
+            flight.forgotten = True
+            self._forgotten.add(flight)
+        self.flights.clear()
+
     def forget_lookups(self, key: K | None = None) -> None:
         """Newcomers look key (None: every key) up afresh, not sharing a lookup under way:
         one that began during an invalidation may have read what it removed."""

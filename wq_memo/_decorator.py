@@ -87,15 +87,17 @@ class CacheControls(Protocol):
         ...
 
     def cache_info(self) -> CacheInfo:
-        """Hits, misses and joins so far (over every instance), and the cache's size."""
+        """Hits, misses and joins since the last clear (over every instance), and the cache's
+        size."""
         ...
 
     def cache_clear(self) -> None:
-        """Empty the cache (a synchronous cache only; otherwise await acache_clear())."""
+        """Empty the cache and set cache_info()'s counts back to zero (a synchronous cache
+        only; otherwise await acache_clear())."""
         ...
 
     async def acache_clear(self) -> None:
-        """Empty the cache, whatever kind it is."""
+        """Empty the cache and set cache_info()'s counts back to zero, whatever kind it is."""
         ...
 
 
@@ -613,13 +615,18 @@ def _with_mapping(
         return True
 
     def cache_clear() -> None:
-        purge()
-        queue._forget_all()
-        if refresher is not None:
-            refresher.clear()
-        if instances is not None:
-            instances.clear()
-        cache.clear()
+        nonlocal hits
+        try:
+            purge()
+            queue._forget_all()
+            if refresher is not None:
+                refresher.clear()
+            if instances is not None:
+                instances.clear()
+            cache.clear()
+        finally:
+            counts.clear(hits)
+            hits = 0
 
     def cache_prime(value: R, /, *args: P.args, **kwargs: P.kwargs) -> None:
         k = key_of(args, kwargs)
@@ -628,11 +635,6 @@ def _with_mapping(
 
     def cache_peek(*args: P.args, **kwargs: P.kwargs) -> R | Missing:
         return _peek(cache, key_of(args, kwargs))  # type: ignore[no-any-return]
-
-    def reset_counts() -> None:
-        nonlocal hits
-        hits = 0
-        counts.reset()
 
     return _attach(
         wrapper,
@@ -644,7 +646,6 @@ def _with_mapping(
         cache_invalidate=cache_invalidate,
         cache_prime=cache_prime,
         cache_peek=cache_peek,
-        _reset_counts=reset_counts,
     )
 
 
@@ -686,6 +687,7 @@ def _dedup_only(
 
     def cache_clear() -> None:
         queue._forget_all()
+        counts.clear()
 
     def cache_prime(value: R, /, *args: P.args, **kwargs: P.kwargs) -> None:
         queue._forget(key_of(args, kwargs))  # no cache to hold it; later calls compute
@@ -813,11 +815,14 @@ def _with_async_cache(
         return refuse
 
     async def acache_clear() -> None:
-        await queue._stores_done(queue._forget_all())
-        if refresher is not None:
-            refresher.clear()
-        await cache.clear()
-        queue._forget_lookups()
+        try:
+            await queue._stores_done(queue._forget_all())
+            if refresher is not None:
+                refresher.clear()
+            await cache.clear()
+            queue._forget_lookups()
+        finally:
+            counts.clear()  # last: what was counted while it cleared is before the clear
 
     async def acache_invalidate(*args: P.args, **kwargs: P.kwargs) -> bool:
         k = key_of(args, kwargs)
@@ -935,7 +940,6 @@ def _attach(
     w.acache_invalidate = acache_invalidate
     w.acache_prime = acache_prime
     w.acache_peek = acache_peek
-    w._reset_counts = queue._counts.reset  # the pytest plugin's isolation
     for attribute, control in controls.items():
         setattr(w, attribute, control)
     return w  # type: ignore[no-any-return]

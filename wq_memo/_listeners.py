@@ -110,10 +110,11 @@ class _Tracked:
         self.ref: weakref.ref[Any] | None = None
 
     def counted(self) -> list[int]:
-        """Its counts (as in COUNTED): plain numbers the event loop keeps, read without a call
-        into its cache or its queue, so that any thread may read them."""
+        """Its counts (as in COUNTED) since it was made, those before a cache_clear() included,
+        so that they never go down: plain numbers the event loop keeps, read without a call into
+        its cache or its queue, so that any thread may read them."""
         counts = self.counts
-        values = [getattr(counts, field) for field in COUNTED]
+        values = [counts.total(field) for field in COUNTED]
         if self.own_hits is not None:
             values[0] += self.own_hits()
         return values

@@ -349,9 +349,10 @@ class WorkerQueue(Generic[T, R]):
                     "WorkerQueue is in use on another running event loop; "
                     "create one queue per event loop"
                 )
-            # The old loop has stopped: its computations can never finish. Forget them; the
-            # cache is kept.
+            # The old loop has stopped: its computations finish only if it runs again, and
+            # must not store then what may be stale. Forget them; the cache is kept.
             logger.debug("WorkerQueue moving to a new event loop; %d item(s) left behind", old.live)
+            old.abandon()
             self._closing = None
         elif old is not None:
             return old
@@ -399,7 +400,10 @@ class WorkerQueue(Generic[T, R]):
                 raise RuntimeError(
                     "WorkerQueue.aclose() called from another event loop than the one it runs on"
                 )
-            self._table = None  # its loop has stopped: nothing there can finish
+            # Its loop has stopped: nothing there finishes unless it runs again, and what
+            # finishes then stores nothing.
+            table.abandon()
+            self._table = None
             self._closing = None
             _registry.unregister(self)
             return

@@ -270,7 +270,19 @@ def test_registering() -> None:
     assert recorder not in listeners_module.listeners
 
 
-def test_counts_outlive_a_function_in_totals() -> None:
+@pytest.fixture
+def listening() -> Iterator[None]:
+    """A listener registered (one that wants no hits): totals() keep the counts of functions gone
+    only while some listener may read them."""
+    listener = Listener()
+    add_listener(listener)
+    try:
+        yield
+    finally:
+        remove_listener(listener)
+
+
+def test_counts_outlive_a_function_in_totals(listening: None) -> None:
     def make() -> Memoized[[int], int]:
         @worker_queue(name="short-lived")
         async def f(x: int) -> int:
@@ -293,7 +305,7 @@ def test_counts_outlive_a_function_in_totals() -> None:
     assert misses >= 1
 
 
-def test_a_function_whose_cache_refers_to_it_is_still_collected() -> None:
+def test_a_function_whose_cache_refers_to_it_is_still_collected(listening: None) -> None:
     class Holding(dict[Hashable, Any]):
         owner: Any = None
 

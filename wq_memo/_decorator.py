@@ -27,7 +27,7 @@ from . import _listeners, _memos, _naming
 from ._flight import Counts, Flight
 from ._methods import InstanceKeys, MemoizedClassMethod, MemoizedMethod, MethodState
 from ._queue import WorkerQueue, is_async_callable
-from ._refresh import NEVER, Refresher, check_refresh_options
+from ._refresh import NEVER, Refresher, check_freshness_options, check_refresh_options
 from ._switch import SWITCH
 from ._ttl_lookup import fast_lookup, raw_timer
 from .backends._protocol import (
@@ -87,15 +87,17 @@ class CacheControls(Protocol):
         ...
 
     def cache_info(self) -> CacheInfo:
-        """Hits, misses and joins so far (over every instance), and the cache's size."""
+        """Hits, misses and joins since the last clear (over every instance), and the cache's
+        size."""
         ...
 
     def cache_clear(self) -> None:
-        """Empty the cache (a synchronous cache only; otherwise await acache_clear())."""
+        """Empty the cache and set cache_info()'s counts back to zero (a synchronous cache
+        only; otherwise await acache_clear())."""
         ...
 
     async def acache_clear(self) -> None:
-        """Empty the cache, whatever kind it is."""
+        """Empty the cache and set cache_info()'s counts back to zero, whatever kind it is."""
         ...
 
 
@@ -122,11 +124,11 @@ class Memoized(CacheControls, Protocol[P, R]):
         """Compute the call now through the queue (joining one under way), store it, return it."""
         ...
 
-    def cache_prime(self, value: R, *args: P.args, **kwargs: P.kwargs) -> None:
+    def cache_prime(self, value: R, /, *args: P.args, **kwargs: P.kwargs) -> None:
         """Store value as the result of the call (a synchronous cache only)."""
         ...
 
-    async def acache_prime(self, value: R, *args: P.args, **kwargs: P.kwargs) -> None:
+    async def acache_prime(self, value: R, /, *args: P.args, **kwargs: P.kwargs) -> None:
         """Store value as the result of the call, whatever kind the cache is."""
         ...
 
@@ -166,11 +168,11 @@ class BoundMemoized(CacheControls, Protocol[P, R]):
         """Compute this instance's call now, store it, return it."""
         ...
 
-    def cache_prime(self, value: R, *args: P.args, **kwargs: P.kwargs) -> None:
+    def cache_prime(self, value: R, /, *args: P.args, **kwargs: P.kwargs) -> None:
         """Store value as the result of this instance's call (a synchronous cache only)."""
         ...
 
-    async def acache_prime(self, value: R, *args: P.args, **kwargs: P.kwargs) -> None:
+    async def acache_prime(self, value: R, /, *args: P.args, **kwargs: P.kwargs) -> None:
         """Store value as the result of this instance's call."""
         ...
 
@@ -300,6 +302,7 @@ def _refresher(
     options: _Options, cache: MutableMapping[Any, Any] | AsyncCache | None, display: str
 ) -> Refresher | None:
     """The refresh-ahead policy asked for (None without refresh_after)."""
+    check_freshness_options(options.refresh_backoff, options.jitter, options.timer)
     if options.refresh_after is None:
         return None
     if cache is None:
@@ -317,8 +320,6 @@ def _refresher(
         # A cache's own timer, so that refreshes and expiry share one clock.
         timer = getattr(cache, "timer", None)
         clock = timer if callable(timer) else time.monotonic
-    elif not callable(clock):
-        raise TypeError(f"@worker_queue: timer must be a function returning seconds, got {clock!r}")
     contains = cache.__contains__ if isinstance(cache, MutableMapping) else None
     return Refresher(after, backoff, jitter, clock, display, contains)
 
@@ -614,26 +615,26 @@ def _with_mapping(
         return True
 
     def cache_clear() -> None:
-        purge()
-        queue._forget_all()
-        if refresher is not None:
-            refresher.clear()
-        if instances is not None:
-            instances.clear()
-        cache.clear()
+        nonlocal hits
+        try:
+            purge()
+            queue._forget_all()
+            if refresher is not None:
+                refresher.clear()
+            if instances is not None:
+                instances.clear()
+            cache.clear()
+        finally:
+            counts.clear(hits)
+            hits = 0
 
-    def cache_prime(value: R, *args: P.args, **kwargs: P.kwargs) -> None:
+    def cache_prime(value: R, /, *args: P.args, **kwargs: P.kwargs) -> None:
         k = key_of(args, kwargs)
         queue._forget(k)  # a computation under way must not overwrite it
         store_now(k, value)
 
     def cache_peek(*args: P.args, **kwargs: P.kwargs) -> R | Missing:
         return _peek(cache, key_of(args, kwargs))  # type: ignore[no-any-return]
-
-    def reset_counts() -> None:
-        nonlocal hits
-        hits = 0
-        counts.reset()
 
     return _attach(
         wrapper,
@@ -645,7 +646,6 @@ def _with_mapping(
         cache_invalidate=cache_invalidate,
         cache_prime=cache_prime,
         cache_peek=cache_peek,
-        _reset_counts=reset_counts,
     )
 
 
@@ -687,8 +687,9 @@ def _dedup_only(
 
     def cache_clear() -> None:
         queue._forget_all()
+        counts.clear()
 
-    def cache_prime(value: R, *args: P.args, **kwargs: P.kwargs) -> None:
+    def cache_prime(value: R, /, *args: P.args, **kwargs: P.kwargs) -> None:
         queue._forget(key_of(args, kwargs))  # no cache to hold it; later calls compute
 
     def cache_peek(*args: P.args, **kwargs: P.kwargs) -> R | Missing:
@@ -814,11 +815,14 @@ def _with_async_cache(
         return refuse
 
     async def acache_clear() -> None:
-        await queue._stores_done(queue._forget_all())
-        if refresher is not None:
-            refresher.clear()
-        await cache.clear()
-        queue._forget_lookups()
+        try:
+            await queue._stores_done(queue._forget_all())
+            if refresher is not None:
+                refresher.clear()
+            await cache.clear()
+            queue._forget_lookups()
+        finally:
+            counts.clear()  # last: what was counted while it cleared is before the clear
 
     async def acache_invalidate(*args: P.args, **kwargs: P.kwargs) -> bool:
         k = key_of(args, kwargs)
@@ -829,7 +833,7 @@ def _with_async_cache(
         queue._forget_lookups(k)
         return deleted
 
-    async def acache_prime(value: R, *args: P.args, **kwargs: P.kwargs) -> None:
+    async def acache_prime(value: R, /, *args: P.args, **kwargs: P.kwargs) -> None:
         k = key_of(args, kwargs)
         # Computations under way must not overwrite it.
         await queue._stores_done(queue._forget(k))
@@ -925,7 +929,7 @@ def _attach(
     async def acache_invalidate(*args: P.args, **kwargs: P.kwargs) -> bool:
         return controls["cache_invalidate"](*args, **kwargs)  # type: ignore[no-any-return]
 
-    async def acache_prime(value: R, *args: P.args, **kwargs: P.kwargs) -> None:
+    async def acache_prime(value: R, /, *args: P.args, **kwargs: P.kwargs) -> None:
         controls["cache_prime"](value, *args, **kwargs)
 
     async def acache_peek(*args: P.args, **kwargs: P.kwargs) -> R | Missing:
@@ -939,7 +943,6 @@ def _attach(
     w.acache_invalidate = acache_invalidate
     w.acache_prime = acache_prime
     w.acache_peek = acache_peek
-    w._reset_counts = queue._counts.reset  # the pytest plugin's isolation
     for attribute, control in controls.items():
         setattr(w, attribute, control)
     return w  # type: ignore[no-any-return]

@@ -11,8 +11,10 @@ An item in flight is, in order:
 Callers never wake up for room: each one awaits a future of its own, which the computation's
 task completes directly with the result or the exception. A slot that frees up goes to the
 first item in line, so computations start in the order their first callers arrived. Calls are
-counted when their item starts (as a miss for its first caller, joins for the others). The
-table belongs to one event loop; WorkerQueue makes a new one when the loop changes.
+counted when their item starts (as a miss for its first caller, joins for the others); the first
+caller of an item that waited in line is counted once its key has been looked up again, as a
+hit or a miss, so that no count is ever taken back. The table belongs to one event loop;
+WorkerQueue makes a new one when the loop changes.
 """
 
 from __future__ import annotations
@@ -69,9 +71,14 @@ _FINISHED: Final = Status.FINISHED
 class Counts:
     """Calls answered by the cache, calls that started a computation, calls that joined one;
     background refreshes started, and those that failed; calls that bypassed the cache.
-    ``name``: the memoized function's name that listeners are told (None: nobody is told)."""
+    ``name``: the memoized function's name that listeners are told (None: nobody is told).
+
+    The counts are those since the last ``clear()``; ``before`` keeps what was counted before
+    it, so that ``total()`` never goes down.
+    """
 
     __slots__ = (
+        "before",
         "bypassed",
         "dropped",
         "hits",
@@ -82,12 +89,37 @@ class Counts:
         "refreshes",
     )
 
+    FIELDS: Final = (
+        "hits",
+        "misses",
+        "joined",
+        "refreshes",
+        "refresh_failures",
+        "dropped",
+        "bypassed",
+    )
+
     def __init__(self) -> None:
         self.name: str | None = None
-        self.reset()
+        self.before: dict[str, int] = dict.fromkeys(self.FIELDS, 0)
+        self._zero()
 
-    def reset(self) -> None:
-        """Set every count back to zero."""
+    def clear(self, hits: int = 0) -> None:
+        """Count afresh from now on (cache_clear()), keeping what was counted in ``before``.
+
+        ``hits``: hits counted elsewhere until now (an in-process cache's hit path), kept too.
+        """
+        before = self.before
+        for field in self.FIELDS:
+            before[field] += getattr(self, field)
+        before["hits"] += hits
+        self._zero()
+
+    def total(self, field: str) -> int:
+        """A count since the start, clears or not (hits of an in-process hit path left out)."""
+        return self.before[field] + getattr(self, field)  # type: ignore[no-any-return]
+
+    def _zero(self) -> None:
         self.hits = 0
         self.misses = 0
         self.joined = 0
@@ -486,6 +518,15 @@ class FlightTable(Generic[K, R]):
             self.forget(key)
         return list(self._forgotten)
 
+    def abandon(self) -> None:
+        """The queue leaves this table behind, its loop stopped: should that loop run again,
+        its computations (those waiting in line too) deliver to their callers, store nothing."""
+        self.lookups.clear()
+        for flight in self.flights.values():
+            flight.forgotten = True
+            self._forgotten.add(flight)
+        self.flights.clear()
+
     def forget_lookups(self, key: K | None = None) -> None:
         """Newcomers look key (None: every key) up afresh, not sharing a lookup under way:
         one that began during an invalidation may have read what it removed."""
@@ -544,13 +585,13 @@ class FlightTable(Generic[K, R]):
     def _count(self, flight: Flight[K, R], looks_again: bool = False) -> None:
         """Count a flight's calls as it starts: a miss for its first caller, joins for the rest.
 
-        ``looks_again``: its key is looked up again first, and listeners are told of the miss
-        (or the hit) only then.
+        ``looks_again``: its key is looked up again first, and its first caller is counted only
+        then (``_count_first``), as a hit or a miss.
         """
         counts = self.counts
         if flight.background:
             counts.refreshes += 1
-        else:
+        elif not looks_again:
             counts.misses += 1
         if _listeners.active:
             if flight.background:
@@ -562,6 +603,18 @@ class FlightTable(Generic[K, R]):
             counts.joined += flight.uncounted
             flight.uncounted = 0
 
+    def _count_first(self, hit: bool) -> None:
+        """Count the first caller of an item that waited in line, once it was looked up again."""
+        counts = self.counts
+        if hit:
+            counts.hits += 1
+            if _listeners.active:
+                _listeners.hit(counts.name)
+        else:
+            counts.misses += 1
+            if _listeners.active:
+                _listeners.miss(counts.name)
+
     async def _run(self, flight: Flight[K, R], waited: bool) -> None:
         # Few locals: this frame lives as long as the computation (a call in flight's memory).
         _current.set(flight)
@@ -569,19 +622,19 @@ class FlightTable(Generic[K, R]):
         try:
             if waited:
                 # The value may have been stored while it waited.
-                if self.lookup_now is not None:
-                    result = self.lookup_now(flight.key, self.miss)
-                else:
-                    result = await self._look_up_again(flight.key)
+                try:
+                    if self.lookup_now is not None:
+                        result = self.lookup_now(flight.key, self.miss)
+                    else:
+                        result = await self._look_up_again(flight.key)
+                except BaseException:
+                    self._count_first(False)  # its callers get this outcome
+                    raise
                 if result is not self.miss:
-                    self.counts.misses -= 1
-                    self.counts.hits += 1
-                    if _listeners.active:
-                        _listeners.hit(self.counts.name)
+                    self._count_first(True)
                     self._deliver(flight, result)
                     return
-                if _listeners.active:
-                    _listeners.miss(self.counts.name)
+                self._count_first(False)
             if _listeners.active:
                 started = _listeners.clock()
             if self.compute is not None:

@@ -172,14 +172,19 @@ class WorkerQueue(Generic[T, R]):
 
     @property
     def waiting(self) -> int:
-        """How many items wait in line for a slot (their callers wait for room or a slot)."""
+        """How many items wait in line for a slot (their callers wait for room or a slot).
+
+        Metrics collection may read it from another thread: the lines are copied first, in one
+        step, since the loop may change them meanwhile.
+        """
         table = self._table
         if table is None:
             return 0
+        line, waiters = tuple(table._line), tuple(table._slot_waiters)
         return (
-            sum(f.wanted() for f in table._line)
+            sum(f.wanted() for f in line)
             + len(table._refresh_line)
-            + sum(not w.done() for w in table._slot_waiters)
+            + sum(not w.done() for w in waiters)
         )
 
     @property
@@ -344,9 +349,10 @@ class WorkerQueue(Generic[T, R]):
                     "WorkerQueue is in use on another running event loop; "
                     "create one queue per event loop"
                 )
-            # The old loop has stopped: its computations can never finish. Forget them; the
-            # cache is kept.
+            # The old loop has stopped: its computations finish only if it runs again, and
+            # must not store then what may be stale. Forget them; the cache is kept.
             logger.debug("WorkerQueue moving to a new event loop; %d item(s) left behind", old.live)
+            old.abandon()
             self._closing = None
         elif old is not None:
             return old
@@ -394,7 +400,10 @@ class WorkerQueue(Generic[T, R]):
                 raise RuntimeError(
                     "WorkerQueue.aclose() called from another event loop than the one it runs on"
                 )
-            self._table = None  # its loop has stopped: nothing there can finish
+            # Its loop has stopped: nothing there finishes unless it runs again, and what
+            # finishes then stores nothing.
+            table.abandon()
+            self._table = None
             self._closing = None
             _registry.unregister(self)
             return

@@ -11,7 +11,7 @@ from typing import Any, Final
 
 from ._errors import ShutdownTimeout
 
-__all__ = ("Refresher", "check_refresh_options")
+__all__ = ("Refresher", "check_freshness_options", "check_refresh_options")
 
 logger = logging.getLogger("wq_memo")
 
@@ -24,27 +24,55 @@ _KEEP_UNCHECKED: Final = 100_000
 """Due times kept for a cache that cannot say what it holds (an async cache): the oldest go."""
 
 
-def _seconds(name: str, value: object, *, zero: bool = False) -> float:
+def _seconds(name: str, value: object, what_to_do: str) -> float:
     ok = (
         isinstance(value, int | float)
         and not isinstance(value, bool)
         and math.isfinite(value)
-        and (value >= 0 if zero else value > 0)
+        and value > 0
     )
     if not ok:
-        what = ">= 0" if zero else "> 0"
-        raise ValueError(f"@worker_queue: {name} must be a number of seconds {what}, got {value!r}")
+        raise ValueError(
+            f"@worker_queue: {name} must be a number of seconds > 0, got {value!r}; {what_to_do}"
+        )
     return float(value)  # type: ignore[arg-type]
+
+
+def check_freshness_options(
+    refresh_backoff: object, jitter: object, timer: object
+) -> tuple[float, float]:
+    """Validate refresh_backoff, jitter and timer, which are checked whether or not
+    refresh_after is given: a bad value is a mistake either way."""
+    backoff = _seconds(
+        "refresh_backoff",
+        refresh_backoff,
+        "pass how long to wait before a failed refresh is tried again (default 1)",
+    )
+    if isinstance(jitter, bool) or not isinstance(jitter, int | float) or not 0 <= jitter < 1:
+        raise ValueError(
+            f"@worker_queue: jitter must be a fraction from 0 up to 1, got {jitter!r}; pass "
+            "jitter=0.1 to spread each entry's refresh_after by up to 10% either way, "
+            "or 0 (the default) for no spread"
+        )
+    if timer is not None and not callable(timer):
+        raise TypeError(
+            f"@worker_queue: timer must be a function returning seconds, got {timer!r}; pass "
+            "a clock such as time.monotonic, or leave it out to use the cache's own timer"
+        )
+    return backoff, float(jitter)
 
 
 def check_refresh_options(
     refresh_after: object, refresh_backoff: object, jitter: object, ttl: object
 ) -> tuple[float, float, float]:
     """Validate refresh_after, refresh_backoff and jitter against the cache's ttl, if known."""
-    after = _seconds("refresh_after", refresh_after)
-    backoff = _seconds("refresh_backoff", refresh_backoff)
-    if isinstance(jitter, bool) or not isinstance(jitter, int | float) or not 0 <= jitter < 1:
-        raise ValueError(f"@worker_queue: jitter must be a fraction from 0 up to 1, got {jitter!r}")
+    after = _seconds(
+        "refresh_after",
+        refresh_after,
+        "pass the age after which an entry is refreshed in the background, "
+        "or None for no refresh-ahead",
+    )
+    backoff, jitter = check_freshness_options(refresh_backoff, jitter, None)
     if isinstance(ttl, int | float) and not isinstance(ttl, bool) and after * (1 + jitter) >= ttl:
         raise ValueError(
             f"@worker_queue: refresh_after={after}"
@@ -52,7 +80,7 @@ def check_refresh_options(
             + f" must be below the cache's ttl={ttl}: the ttl is the hard limit, and an entry "
             "is refreshed before it; lower refresh_after, or raise the ttl"
         )
-    return after, backoff, float(jitter)
+    return after, backoff, jitter
 
 
 class Refresher:

@@ -65,7 +65,7 @@ class EqualRows:
         return self.method.cache_info()
 
     def cache_clear(self) -> None:
-        self.method.cache_clear()
+        self.rows[0].load.cache_clear()  # bound to one row, it clears every row's entries
 
     async def acache_clear(self) -> None:
         await self.method.acache_clear()
@@ -100,6 +100,9 @@ class MethodMachine(DecoratorMachine):
 
         self.rows = EqualRows((MemoRow(0), MemoRow(1)), MemoRow.load)
         return self.rows
+
+    def memoized(self) -> Any:
+        return self.rows.method
 
     def real_cache(self) -> dict[str, Any]:
         found = {}

@@ -15,9 +15,10 @@ A call looks at the key and, if it is missing, tries to take its lease lock (one
 
 Announcements: ``d`` (stored; followed by the value itself when it is small), ``u`` (the value
 will not be stored: the waiters compute it at once, side by side), ``f`` (the computation
-failed) and ``x`` (the lock was released without a value): after those two the waiters look
-again, and one of them takes the lock. A function whose results were found uncacheable is
-marked for a while: its waiters compute at once instead of waiting.
+failed) and ``x`` (the lock was released without a value, or a holder found its lock gone and
+nobody holding it): after those two the waiters look again, and one of them takes the lock.
+A function whose results were found uncacheable is marked for a while: its waiters compute at
+once instead of waiting.
 
 A call that cannot use Redis (breaker open, an operation failed or timed out) computes on its
 own and stores nothing: only a lock holder stores, so no computed value is written unfenced.
@@ -58,7 +59,8 @@ _INLINE_MAX: Final = 1024
 _MARKER_MS: Final = 60_000
 """How long a function stays marked uncacheable after its last uncacheable result."""
 _RESUBSCRIBE: Final = 3
-"""How many times one call watches again after its subscriber died before computing alone."""
+"""How many subscriptions in a row may die unconfirmed before a call computes alone. One whose
+connection drops after confirming it is watched again, up to the call's ``wait``."""
 
 
 class _Lease:
@@ -389,7 +391,8 @@ class Flight:
     ) -> V:
         """Wait for the holder's announcement; then take the value, or compute it."""
         deadline = asyncio.get_running_loop().time() + self._wait
-        for _ in range(_RESUBSCRIBE):
+        unconfirmed = 0
+        while unconfirmed < _RESUBSCRIBE:
             try:
                 sub = self._conn.subscriber()
             except Unavailable:
@@ -407,7 +410,9 @@ class Flight:
                 return await self._hold(names, function, token, compute, sent, epoch)
             if what == "alone":
                 return await self._alone(compute, detail)
-            # "again": the subscriber died; watch through a new one
+            # "again": the subscriber died; watch through a new one. A connection that dropped
+            # after it had worked is no reason to stop waiting (the holder computes on).
+            unconfirmed = 0 if detail else unconfirmed + 1
         return await self._alone(compute, "fallbacks")
 
     async def _watch(
@@ -420,15 +425,15 @@ class Flight:
         deadline: float,
     ) -> tuple[str, Any]:
         """Wait through one subscriber. Returns ("value", value), ("hold", (when the lock was
-        taken, the epoch then)), ("alone", the counter to count) or ("again", None) if the
-        subscriber died."""
+        taken, the epoch then)), ("alone", the counter to count) or ("again", whether the
+        subscription had been confirmed) if the subscriber died."""
         loop = asyncio.get_running_loop()
         confirmed = await sub.subscribed(ready, self._conn.timeout)
         if confirmed is None:
             self._conn.subscription_timed_out(sub)
             return "alone", "fallbacks"
         if not confirmed:
-            return "again", None
+            return "again", False
         # Subscribed first, then looked: an announcement cannot slip in between.
         while True:
             watch.reset()
@@ -465,7 +470,7 @@ class Flight:
             finally:
                 watch.waiting = False
             if watch.lost:
-                return "again", None
+                return "again", True
             news = watch.payload
             if news is not None and news[:1] == b"d" and len(news) > 1:
                 value = self._entries.decode(names.value, news[1:])

@@ -73,7 +73,9 @@ FINISH: Final = """
 -- announces message on channel and returns 1. If token holds the lock but such a clear runs:
 -- stores nothing, deletes the lock, announces 'x' (the waiters look again) and returns 0. If
 -- token does not hold it: stores nothing and returns 2 if the value stored is this very value
--- (an earlier attempt ran), else 0 (the lock was lost).
+-- (an earlier attempt ran), else 0 (the lock was lost); a lost lock that nobody holds now
+-- (flushed, evicted, expired) is announced as 'x', so that the waiters look again at once
+-- instead of sleeping out the lease they last saw.
 local store = ARGV[2] == 's' or ARGV[2] == 'p'
 if ARGV[2] == 'u' then
   redis.call('SET', KEYS[3], '1', 'PX', ARGV[7])
@@ -82,6 +84,9 @@ if ARGV[2] ~= 'p' then
   if redis.pcall('GET', KEYS[2]) ~= ARGV[1] then
     if ARGV[9] == '1' and store and redis.pcall('GET', KEYS[1]) == ARGV[3] then
       return 2
+    end
+    if redis.call('EXISTS', KEYS[2]) == 0 then
+      redis.call('PUBLISH', ARGV[5], 'x')
     end
     return 0
   end

@@ -72,7 +72,25 @@ class RedisCacheStats:
 _COUNTERS: Final = tuple(RedisCacheStats.__dataclass_fields__)
 
 
-def _seconds(name: str, value: object, *, allow_none: bool = False, zero: bool = False) -> Any:
+_MAX_EXPIRY: Final = 9.2e15
+"""The most seconds a ttl or a lease may last (about 290 million years).
+
+Redis keeps a key's expiry as milliseconds since the epoch in a signed 64-bit integer: it
+refuses a SET PX or PEXPIRE that would take it past 2**63 - 1 ms, about 9.2234e15 s after the
+epoch ("invalid expire time"). Signed entries carry their expiry as 8 unsigned bytes of ms since
+the epoch, which holds twice that. This bound stays below Redis's for some 700,000 years."""
+
+
+def _seconds(
+    name: str,
+    value: object,
+    *,
+    allow_none: bool = False,
+    zero: bool = False,
+    expiry: str | None = None,
+) -> Any:
+    """Check a number of seconds; with ``expiry`` (what to do instead) it becomes a Redis
+    expiry, and must not be past _MAX_EXPIRY."""
     if value is None and allow_none:
         return None
     ok = (
@@ -84,7 +102,16 @@ def _seconds(name: str, value: object, *, allow_none: bool = False, zero: bool =
     if not ok:
         what = "a number of seconds " + (">= 0" if zero else "> 0")
         raise ValueError(f"RedisCache: {name} must be {what}, got {value!r}")
+    if expiry is not None and value > _MAX_EXPIRY:  # type: ignore[operator]
+        raise ValueError(
+            f"RedisCache: {name} must be at most {_MAX_EXPIRY:.2g} seconds (about 290 million "
+            f"years), got {value!r}: Redis keeps expiry times as milliseconds since the epoch "
+            f"in a signed 64-bit integer, and refuses one past 2**63 - 1 ms; {expiry}"
+        )
     return float(value)  # type: ignore[arg-type]
+
+
+_KEEP: Final = "pass ttl=None to keep entries until Redis evicts them"
 
 
 def _count(name: str, value: object, low: int) -> int:
@@ -115,7 +142,8 @@ class RedisCache:
             for ``max_connections + 2`` connections.
         namespace: prefix of every Redis name this cache uses (any characters).
         ttl: seconds an entry lives (Redis's own expiry; signed entries also carry it);
-            None keeps entries until evicted.
+            None keeps entries until evicted. At most 9.2e15 s (about 290 million years):
+            Redis refuses an expiry past that.
         secret: a key (str or bytes) to store values as pickle signed with HMAC-SHA256. Without
             it values are stored as JSON, and only values JSON gives back exactly are stored
             (None, bool, int, finite float, str, list, dict with str keys; not tuples or sets);
@@ -213,9 +241,13 @@ class RedisCache:
                 "RedisCache: secret must be a str or bytes of at least 16 bytes (for instance "
                 "secrets.token_hex(32)), shared by every process using this namespace"
             )
-        self._ttl: float | None = _seconds("ttl", ttl, allow_none=True)
+        self._ttl: float | None = _seconds("ttl", ttl, allow_none=True, expiry=_KEEP)
         timeout = _seconds("timeout", timeout)
-        lease = _seconds("lease", lease)
+        lease = _seconds(
+            "lease",
+            lease,
+            expiry="a lease of seconds is enough, renewed every lease/3 while the holder computes",
+        )
         if lease < 0.03:
             raise ValueError(f"RedisCache: lease must be at least 0.03 seconds, got {lease!r}")
         wait = _seconds("wait", wait, zero=True)
@@ -336,7 +368,7 @@ class RedisCache:
             TypeError: key has a component RedisCache cannot encode.
         """
         names, function = self._names(key)
-        seconds: float | None = self._ttl if ttl is None else _seconds("ttl", ttl)
+        seconds: float | None = self._ttl if ttl is None else _seconds("ttl", ttl, expiry=_KEEP)
         with contextlib.suppress(Unavailable):  # logged and counted
             await self._flight.put(names, function, value, seconds)
 

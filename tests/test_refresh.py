@@ -12,11 +12,12 @@ from collections.abc import Callable, Hashable
 from typing import Any
 
 import cachetools
+import cachetools.keys
 import pytest
 from _queue_harness import MemoryAsyncCache
 
 from wq_memo import CacheInfo, worker_queue
-from wq_memo.backends import MISSING
+from wq_memo.backends import MISSING, CallKey
 
 WAIT = 5.0
 
@@ -537,6 +538,43 @@ async def test_across_processes_an_entry_written_elsewhere_is_refreshed_by_one_p
     assert await a("k") == await b("k") == value
     # Each process started a refresh; the one that found the key being computed kept serving.
     assert a.cache_info().refreshes == b.cache_info().refreshes == 1
+
+
+async def test_jitter_draws_once_per_entry_read_with_its_age() -> None:
+    """200 entries written together elsewhere, each read 30 times before it is due: at 12.5 s,
+    with refresh_after=10 and jitter=0.5, about 3 in 4 are due (as many as a TTLCache's), not
+    none (a draw at each read, keeping the latest, pushes every due time to 15 s)."""
+    clock = Clock()
+    store = SharedStore(clock)
+    random.seed(17)
+    view = RefreshingView(store)
+    f = worker_queue(
+        maxsize=200, cache=view, refresh_after=10, jitter=0.5, timer=clock, name="src"
+    )(Source())
+    keys = [f"k{i}" for i in range(200)]
+    for key in keys:  # written by another process at 0
+        store.entries[CallKey("src", cachetools.keys.hashkey(key))] = (f"v{key}", 0.0)
+    for step in range(30):
+        clock.now = step * 0.1
+        assert await bounded(asyncio.gather(*(f(key) for key in keys))) == [
+            f"v{key}" for key in keys
+        ]
+    assert f.cache_info().refreshes == 0
+    due = dict(_due(f))
+    assert all(5 <= d <= 15 for d in due.values())
+    clock.now = 4  # read again: an entry's due time does not move
+    await bounded(asyncio.gather(*(f(key) for key in keys)))
+    assert _due(f) == due
+    clock.now = 12.5
+    await bounded(asyncio.gather(*(f(key) for key in keys)))
+    await settle()
+    refreshed = f.cache_info().refreshes
+    assert refreshed == sum(d <= 12.5 for d in due.values())
+    assert 120 <= refreshed <= 180, refreshed
+    # A refreshed entry is a new one: it gets a due time of its own, drawn once.
+    await bounded(asyncio.gather(*(f(key) for key in keys)))
+    redrawn = [k for k, d in due.items() if d <= 12.5]
+    assert all(12.5 + 5 <= _due(f)[k] <= 12.5 + 15 for k in redrawn)
 
 
 @pytest.mark.skipif(sys.version_info < (3, 12), reason="eager first steps are 3.12+")

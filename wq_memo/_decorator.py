@@ -320,7 +320,8 @@ def _refresher(
     elif not callable(clock):
         raise TypeError(f"@worker_queue: timer must be a function returning seconds, got {clock!r}")
     contains = cache.__contains__ if isinstance(cache, MutableMapping) else None
-    return Refresher(after, backoff, jitter, clock, display, contains)
+    dated = isinstance(cache, RefreshingCache)
+    return Refresher(after, backoff, jitter, clock, display, contains, dated)
 
 
 def _method_key(

@@ -164,11 +164,99 @@ async def test_a_miss_never_waits_behind_background_refreshes() -> None:
     assert source.calls == ["a", "b", "a"]
     miss = asyncio.create_task(f("c"))
     await settle()
-    assert f.queue.waiting == 2  # the miss, then the refresh of b
+    assert source.calls == ["a", "b", "a", "c"]  # the miss started at once, beside a's refresh
+    assert (f.queue.computing, f.queue.waiting) == (2, 1)  # b's refresh still waits
     source.gate.set()
     assert await bounded(miss) == "c@3"
     await settle()
-    assert source.calls == ["a", "b", "a", "c", "b"]  # the miss went before b's refresh
+    assert source.calls == ["a", "b", "a", "c", "b"]
+
+
+class Gated:
+    """An async function of a key held, per key, by a gate until the test opens it."""
+
+    def __init__(self) -> None:
+        self.gates: dict[str, asyncio.Event] = {}
+        self.started: dict[str, asyncio.Event] = {}
+        self.calls: list[str] = []
+
+    def gate(self, key: str) -> asyncio.Event:
+        return self.gates.setdefault(key, asyncio.Event())
+
+    def began(self, key: str) -> asyncio.Event:
+        return self.started.setdefault(key, asyncio.Event())
+
+    async def __call__(self, key: str) -> str:
+        self.calls.append(key)
+        n = len(self.calls)
+        self.began(key).set()
+        await self.gate(key).wait()
+        return f"{key}@{n}"
+
+
+async def test_refreshes_under_way_in_every_slot_never_delay_a_later_miss() -> None:
+    """Two due keys start two slow refreshes, which fill maxsize=2; a miss arriving after them
+    computes at once, and returns while both refreshes are still held."""
+    clock = Clock()
+    source = Gated()
+    f = worker_queue(maxsize=2, cache={}, refresh_after=5, timer=clock)(source)
+    for key in ("a", "b", "miss"):
+        source.gate(key).set()
+    assert [await bounded(f("a")), await bounded(f("b"))] == ["a@1", "b@2"]
+    source.gate("a").clear()
+    source.gate("b").clear()
+    source.began("a").clear()
+    source.began("b").clear()
+    clock.now = 6
+    assert [await f("a"), await f("b")] == ["a@1", "b@2"]  # due: two background refreshes
+    await bounded(source.began("a").wait())
+    await bounded(source.began("b").wait())
+    assert f.queue.computing == 2
+    assert await bounded(f("miss")) == "miss@5"  # both refreshes still held
+    assert not source.gate("a").is_set()
+    assert not source.gate("b").is_set()
+    source.gate("a").set()
+    source.gate("b").set()
+    await settle()
+    assert await f("a") == "a@3"
+    assert await f("b") == "b@4"
+    assert f.cache_info().refreshes == 2
+
+
+async def test_refreshes_take_only_slots_nobody_needs_and_stay_within_twice_maxsize() -> None:
+    """A refresh starts only while fewer than maxsize computations run and no caller waits: with
+    maxsize=1, a refresh in the spare slot and a miss beside it make two; a second miss waits
+    for the first (the bound for callers), and a second refresh for both."""
+    clock = Clock()
+    source = Gated()
+    f = worker_queue(maxsize=1, cache={}, refresh_after=5, timer=clock)(source)
+    for key in ("a", "b"):
+        source.gate(key).set()
+        assert await bounded(f(key)) == f"{key}@{len(source.calls)}"
+        source.gate(key).clear()
+    clock.now = 6
+    assert [await f("a"), await f("b")] == ["a@1", "b@2"]  # a refreshes; b's refresh waits
+    await bounded(source.began("a").wait())
+    first = asyncio.create_task(f("c"))
+    await bounded(source.began("c").wait())  # at once, beside a's refresh
+    second = asyncio.create_task(f("d"))
+    await settle()
+    assert source.calls == ["a", "b", "a", "c"]
+    assert (f.queue.computing, f.queue.waiting) == (2, 2)  # d waits for c, b's refresh for all
+    source.gate("a").set()
+    await settle()
+    assert source.calls == ["a", "b", "a", "c"]  # a's spare slot is not one for callers
+    source.gate("c").set()
+    await bounded(source.began("d").wait())
+    await settle()
+    assert source.calls == ["a", "b", "a", "c", "d"]  # b's refresh waits while d computes
+    source.gate("d").set()
+    assert await bounded(asyncio.gather(first, second)) == ["c@4", "d@5"]
+    await bounded(source.began("b").wait())
+    assert source.calls == ["a", "b", "a", "c", "d", "b"]
+    source.gate("b").set()
+    await settle()
+    assert f.queue.computing == f.queue.waiting == 0
 
 
 async def test_a_caller_that_joins_a_queued_refresh_takes_its_turn_among_callers() -> None:

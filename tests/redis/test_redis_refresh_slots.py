@@ -1,4 +1,6 @@
-"""Refresh-ahead through RedisCache: each entry gets one jittered due time (issue 17)."""
+"""Refresh-ahead through RedisCache, and the process's slots: a background refresh takes a spare
+slot before it tries the key's lock (so a busy process leaves refreshes to idle ones, and a miss
+never waits behind refreshes), and each entry gets one jittered due time (issue 17)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ import cachetools.keys
 import pytest
 
 pytest.importorskip("redis.asyncio")
+
+from redis_waits import until
 
 from wq_memo import worker_queue
 from wq_memo.backends import CallKey
@@ -55,6 +59,74 @@ class Source:
         if gate is not None:
             await gate.wait()
         return f"{key}#{n}"
+
+
+def _locks(sync_redis: Any, cache: RedisCache, keys: list[str]) -> int:
+    """How many of keys' lease locks exist in Redis."""
+    return int(sync_redis.exists(*(_names(cache, k).lock for k in keys)))
+
+
+async def test_a_miss_never_waits_behind_queued_refreshes(
+    make_redis_cache: Make, sync_redis: Any
+) -> None:
+    """maxsize=1, five due keys: one refresh computes (held), four wait for a spare slot without
+    taking their locks; a miss arriving after them computes at once."""
+    cache = make_redis_cache(ttl=120)
+    source = Source()
+    f = worker_queue(maxsize=1, cache=cache, name="src", refresh_after=30)(source)
+    keys = [f"k{i}" for i in range(5)]
+    for key in keys:
+        _seed(sync_redis, _names(cache, key), f"{key}#0", age=40)
+    held = source.gates["k0"] = asyncio.Event()
+    async with asyncio.timeout(WAIT):
+        for key in keys:
+            assert await f(key) == f"{key}#0"  # due: served at once, refreshed in the background
+        await source.began("k0").wait()
+        assert _locks(sync_redis, cache, keys) == 1  # only the refresh that can run claims
+        assert await f("miss") == "miss#2"  # k0's refresh is still held
+        assert not held.is_set()
+        assert source.calls == ["k0", "miss"]
+        held.set()
+        await until(lambda: len(source.calls) == 6, WAIT)
+        await until(lambda: f.queue.computing == 0 and f.queue.waiting == 0, WAIT)
+    assert sorted(source.calls) == sorted([*keys, "miss"])
+    assert f.cache_info().refreshes == 5
+
+
+async def test_a_busy_process_leaves_due_keys_to_an_idle_one(
+    make_redis_cache: Make, sync_redis: Any
+) -> None:
+    """40 due keys, process A with maxsize=1 busy refreshing one of them: A claims only that one,
+    so idle process B refreshes the other 39; A's queued refreshes, once they get a slot, find
+    their entries refreshed and compute nothing."""
+    cache_a, cache_b = make_redis_cache(ttl=120), make_redis_cache(ttl=120)
+    source_a, source_b = Source(), Source()
+    a = worker_queue(maxsize=1, cache=cache_a, name="src", refresh_after=30)(source_a)
+    b = worker_queue(maxsize=40, cache=cache_b, name="src", refresh_after=30)(source_b)
+    keys = [f"k{i}" for i in range(40)]
+    for key in keys:
+        _seed(sync_redis, _names(cache_a, key), f"{key}#0", age=40)
+    held = source_a.gates["k0"] = asyncio.Event()
+    async with asyncio.timeout(WAIT):
+        assert [await a(key) for key in keys] == [f"{key}#0" for key in keys]
+        await source_a.began("k0").wait()
+        assert _locks(sync_redis, cache_a, keys) == 1
+        assert [await b(key) for key in keys] == [f"{key}#0" for key in keys]
+        await until(lambda: len(source_b.calls) == 39, WAIT)
+        await until(lambda: _locks(sync_redis, cache_a, keys) == 1, WAIT)
+        assert sorted(source_b.calls) == sorted(keys[1:])
+        held.set()
+        await until(lambda: a.queue.computing == 0 and a.queue.waiting == 0, WAIT)
+        await until(lambda: _locks(sync_redis, cache_a, keys) == 0, WAIT)
+        assert source_a.calls == ["k0"]  # each key refreshed once, across both processes
+        values = [await b.acache_peek(key) for key in keys]
+    assert values[0] == "k0#1"
+    assert all(
+        isinstance(v, str) and v.startswith(f"{key}#") and v != f"{key}#0"
+        for key, v in zip(keys, values, strict=True)
+    )
+    assert cache_b.stats().refresh_skipped == 1
+    assert a.cache_info().refreshes == 40
 
 
 async def test_jitter_draws_once_per_entry(make_redis_cache: Make, sync_redis: Any) -> None:

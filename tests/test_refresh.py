@@ -628,6 +628,37 @@ async def test_across_processes_an_entry_written_elsewhere_is_refreshed_by_one_p
     assert a.cache_info().refreshes == b.cache_info().refreshes == 1
 
 
+async def test_with_a_refreshing_cache_a_caller_joining_a_queued_refresh_takes_a_free_slot() -> (
+    None
+):
+    """maxsize=1: a's refresh holds the spare slot, b's waits for one. b's entry goes (expired):
+    its caller joins b's refresh, which then computes in the callers' free slot, at once."""
+    clock = Clock()
+    store = SharedStore(clock)
+    source = Gated()
+    f = worker_queue(
+        maxsize=1, cache=RefreshingView(store), refresh_after=5, timer=clock, name="src"
+    )(source)
+    for key in ("a", "b"):
+        store.entries[CallKey("src", cachetools.keys.hashkey(key))] = (f"{key}@0", 0.0)
+    clock.now = 6
+    assert await bounded(f("a")) == "a@0"
+    await bounded(source.began("a").wait())  # a's refresh holds the spare slot
+    assert await bounded(f("b")) == "b@0"
+    await settle()
+    assert source.calls == ["a"]  # b's refresh waits for a spare slot
+    del store.entries[CallKey("src", cachetools.keys.hashkey("b"))]
+    late = asyncio.create_task(f("b"))
+    await bounded(source.began("b").wait())
+    source.gate("b").set()
+    assert await bounded(late) == "b@2"  # a's refresh is still held
+    assert not source.gate("a").is_set()
+    source.gate("a").set()
+    await settle()
+    assert await f("a") == "a@1"
+    assert f.queue.computing == f.queue.waiting == 0
+
+
 async def test_jitter_draws_once_per_entry_read_with_its_age() -> None:
     """200 entries written together elsewhere, each read 30 times before it is due: at 12.5 s,
     with refresh_after=10 and jitter=0.5, about 3 in 4 are due (as many as a TTLCache's), not

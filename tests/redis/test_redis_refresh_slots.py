@@ -129,6 +129,43 @@ async def test_a_busy_process_leaves_due_keys_to_an_idle_one(
     assert a.cache_info().refreshes == 40
 
 
+async def test_a_refresh_waiting_for_another_process_gives_its_slot_back(
+    make_redis_cache: Make, sync_redis: Any
+) -> None:
+    """maxsize=1: A's refresh of k1 finds k1's lock held by B and its entry gone (expired), so it
+    waits for B's result: it does so without a slot, and A's refresh of k2 computes meanwhile."""
+    cache_a, cache_b = make_redis_cache(ttl=120), make_redis_cache(ttl=120)
+    source_a, source_b = Source(), Source()
+    a = worker_queue(maxsize=1, cache=cache_a, name="src", refresh_after=30)(source_a)
+    b = worker_queue(maxsize=4, cache=cache_b, name="src", refresh_after=30)(source_b)
+    keys = ["k0", "k1", "k2"]
+    for key in keys:
+        _seed(sync_redis, _names(cache_a, key), f"{key}#0", age=40)
+    held_by_a = source_a.gates["k0"] = asyncio.Event()
+    held_by_b = source_b.gates["k1"] = asyncio.Event()
+    try:
+        async with asyncio.timeout(WAIT):
+            assert await b("k1") == "k1#0"
+            await source_b.began("k1").wait()  # B refreshes k1, under its lock
+            assert [await a(key) for key in keys] == ["k0#0", "k1#0", "k2#0"]
+            await source_a.began("k0").wait()  # A's one slot: k0; k1 and k2 wait for it
+            sync_redis.delete(_names(cache_a, "k1").value)  # k1's entry expires
+            held_by_a.set()
+            await until(lambda: "k2" in source_a.calls, 5.0)
+            assert not held_by_b.is_set()
+            assert cache_a.stats().refresh_skipped == 1  # k1: B holds it
+            held_by_b.set()
+            await until(lambda: a.queue.computing == 0 and a.queue.waiting == 0, WAIT)
+            assert await a.acache_peek("k1") == "k1#1"  # B's result
+    finally:
+        held_by_a.set()
+        held_by_b.set()
+        await a.queue.aclose()
+        await b.queue.aclose()
+    assert source_a.calls == ["k0", "k2"]
+    assert source_b.calls == ["k1"]
+
+
 async def test_jitter_draws_once_per_entry(make_redis_cache: Make, sync_redis: Any) -> None:
     """200 entries written together, each read 30 times: every entry keeps the due time drawn
     when it was first read, spread over refresh_after=10 +- 50%, about 3 in 4 of them due by

@@ -24,7 +24,7 @@ import cachetools
 import cachetools.keys
 
 from . import _listeners, _memos, _naming
-from ._flight import Counts, Flight
+from ._flight import Counts, Flight, FlightTable
 from ._methods import InstanceKeys, MemoizedClassMethod, MemoizedMethod, MethodState
 from ._queue import WorkerQueue, is_async_callable
 from ._refresh import NEVER, Refresher, check_freshness_options, check_refresh_options
@@ -321,7 +321,8 @@ def _refresher(
         timer = getattr(cache, "timer", None)
         clock = timer if callable(timer) else time.monotonic
     contains = cache.__contains__ if isinstance(cache, MutableMapping) else None
-    return Refresher(after, backoff, jitter, clock, display, contains)
+    dated = isinstance(cache, RefreshingCache)
+    return Refresher(after, backoff, jitter, clock, display, contains, dated)
 
 
 def _method_key(
@@ -729,6 +730,10 @@ def _with_async_cache(
             async def compute() -> R:
                 # Waiting for another process holds no slot: only computing here does. A call
                 # made inside a computation of this queue runs in that computation's slot.
+                if not flight.borrowed or flight.lender is not None:
+                    # A slot of its own (see _refresh_across), or its lender's.
+                    flight.computing = True
+                    return await table.counted(lambda: func(*flight.args, **flight.kwargs))
                 if flight.parent is not None and table.lender_of(flight.parent) is not None:
                     flight.computing = True
                     return await table.counted(lambda: func(*flight.args, **flight.kwargs))
@@ -740,7 +745,7 @@ def _with_async_cache(
                     table.release()
 
             if flight.refresh and isinstance(single_flight, RefreshingCache):
-                return _refresh_across(single_flight, flight.key, compute, refresher)
+                return _refresh_across(single_flight, table, flight, compute, refresher)
             if flight.refresh:
                 return _refresh_through(single_flight, flight.key, compute, refresher)
             return _get_or_compute(single_flight, flight.key, compute, refresher)
@@ -879,19 +884,35 @@ async def _get_or_compute(
 
 async def _refresh_across(
     cache: RefreshingCache,
-    k: Hashable,
+    table: FlightTable[Any, R],
+    flight: Flight[Any, R],
     compute: Callable[[], Awaitable[R]],
     refresher: Refresher | None,
 ) -> R:
     """A refresh (in the background, or f.refresh()): one process refreshes k, the others go
-    on serving its entry. The value is stored as a computation's is (fenced)."""
+    on serving its entry. The value is stored as a computation's is (fenced).
+
+    The key's lock, which every process sees, is tried only once this process has a slot to
+    compute in: a refresh it cannot run now is left to idle processes. A background refresh
+    that waited for its slot looks at the entry again first, and gives up if it was refreshed
+    meanwhile (f.refresh() computes whatever it finds).
+    """
+    k = flight.key
+    await table.hold(flight)  # a spare slot already, unless a caller joined it in line
+    if flight.waited and flight.background and refresher is not None:
+        value, age = await cache.get_with_age(k)
+        if value is not MISSING and age is not None:
+            refresher.written(k, age)
+            if not refresher.entry_due(k):
+                return value  # type: ignore[no-any-return]
     refreshed, value = await cache.refresh(k, compute)
     if refreshed:
         if refresher is not None:
             refresher.stored(k)
         return value  # type: ignore[return-value]
     # Another process refreshes (or computes) it: the entry as it is, or, if it expired meanwhile,
-    # the other process's result.
+    # the other process's result. Waiting for it holds no slot.
+    table.give_back(flight)
     return await cache.get_or_compute(k, compute)
 
 
@@ -998,7 +1019,8 @@ class _WorkerQueueDecorator:
         qualified name; required where that is not unique, as for a function a factory makes).
 
         Refresh-ahead: with ``refresh_after`` seconds, an entry older than that is still
-        returned at once, and one background refresh of it goes through the queue; a failed
+        returned at once, and one background refresh of it goes through the queue, in a slot no
+        caller waits for (callers' computations do not count it against ``maxsize``); a failed
         refresh keeps the old value and is tried again ``refresh_backoff`` seconds later.
         ``jitter`` (a fraction) spreads each entry's refresh_after by up to that much either
         way. ``timer`` is the clock of entry ages (default: the cache's ``timer``, as a

@@ -15,6 +15,12 @@ counted when their item starts (as a miss for its first caller, joins for the ot
 caller of an item that waited in line is counted once its key has been looked up again, as a
 hit or a miss, so that no count is ever taken back. The table belongs to one event loop;
 WorkerQueue makes a new one when the loop changes.
+
+Background refreshes (nobody waits for them) never take a slot a caller could use: one starts
+only in a *spare* slot, while fewer than ``maxsize`` computations run in all and no caller waits
+for a slot, and the callers' computations do not count the spare slots against ``maxsize``. So a
+miss never waits behind a refresh; at most ``maxsize`` refreshes and ``maxsize`` computations for
+callers run at once (``2 * maxsize``), and refreshes alone never go past ``maxsize``.
 """
 
 from __future__ import annotations
@@ -149,9 +155,11 @@ class Flight(Generic[K, R]):
         "outcome",
         "parent",
         "refresh",
+        "spare",
         "status",
         "task",
         "uncounted",
+        "waited",
         "waiter",
     )
 
@@ -194,6 +202,10 @@ class Flight(Generic[K, R]):
         self.forgotten = False
         self.uncounted = 0
         """Callers who joined it while it waited in line, counted when it starts."""
+        self.spare = False
+        """Holds a spare slot (a background refresh): callers' computations do not count it."""
+        self.waited = False
+        """Waited in line before it started."""
 
     def __repr__(self) -> str:
         return f"<Flight {self.key!r} {self.status.value} callers={self.callers}>"
@@ -287,6 +299,7 @@ class FlightTable(Generic[K, R]):
         "plain",
         "running",
         "slotless",
+        "spare",
         "store",
         "store_now",
     )
@@ -322,7 +335,9 @@ class FlightTable(Generic[K, R]):
         self.flights: dict[K, Flight[K, R]] = {}
         self.lookups: dict[K, Lookup] = {}
         self.running = 0
-        """Slots taken (computations running in a slot of their own)."""
+        """Slots taken (computations running in a slot of their own), spare ones included."""
+        self.spare = 0
+        """Spare slots taken (background refreshes, which callers' computations do not count)."""
         self.borrowed = 0
         """Computations running in the slot of a computation that awaits them (with
         ``slotless``: flights started without a slot)."""
@@ -333,7 +348,7 @@ class FlightTable(Generic[K, R]):
         self.closing = False
         self._line: deque[Flight[K, R]] = deque()
         self._refresh_line: deque[Flight[K, R]] = deque()
-        """Background refreshes waiting for a slot: they get one only when no caller waits."""
+        """Background refreshes waiting for a spare slot."""
         self._slot_waiters: deque[asyncio.Future[None]] = deque()
         self._forgotten: set[Flight[K, R]] = set()
         self._starting = False
@@ -410,20 +425,27 @@ class FlightTable(Generic[K, R]):
         return True
 
     def _enter(self, flight: Flight[K, R], parent: Flight[Any, Any] | None) -> None:
-        """Start a new flight, or put it in line (a background refresh behind every caller)."""
-        if self.slotless or (
-            self.running < self.maxsize
-            and not self._line
-            and not (flight.background and self._refresh_line)
-        ):
+        """Start a new flight, or put it in line (a background refresh in a line of its own)."""
+        if flight.background:
+            if self._spare_free() and not self._refresh_line:
+                self._start(flight, False, spare=True)
+            else:
+                flight.status = _WAITING
+                flight.context = contextvars.copy_context()
+                self._refresh_line.append(flight)
+        elif self.slotless or (self.running - self.spare < self.maxsize and not self._line):
             self._start(flight, False, borrowed=self.slotless)
         elif parent is not None and (lender := self.lender_of(parent)) is not None:
             self._start(flight, False, lender=lender)
         else:
             flight.status = _WAITING
             flight.context = contextvars.copy_context()
-            (self._refresh_line if flight.background else self._line).append(flight)
+            self._line.append(flight)
         del flight  # see call()
+
+    def _spare_free(self) -> bool:
+        """Whether a background refresh may start now: a slot is free and no caller waits."""
+        return self.running < self.maxsize and not self._line and not self._slot_waiters
 
     def join(self, flight: Flight[K, R]) -> asyncio.Future[R]:
         """Return a future for flight's outcome (the caller joins it)."""
@@ -442,6 +464,8 @@ class FlightTable(Generic[K, R]):
                 # Its callers' computations hold the slots it waits for: run it in theirs.
                 self._take_from_line(flight)
                 self._start(flight, True, lender=lender)
+        if flight.status is _WAITING and flight.background and not flight.uncounted:
+            self._promote(flight)
         outcome = flight.outcome
         if outcome is not None:  # delivered already (being stored, or ended in an eager step)
             self.counts.joined += 1
@@ -457,10 +481,6 @@ class FlightTable(Generic[K, R]):
             return waiter
         if flight.status is _WAITING:
             flight.uncounted += 1
-            if flight.background and flight.uncounted == 1:
-                # A caller waits for it now (its entry expired): it takes its turn among callers.
-                self._refresh_line.remove(flight)
-                self._line.append(flight)
         else:
             self.counts.joined += 1
             if _listeners.active:
@@ -470,6 +490,17 @@ class FlightTable(Generic[K, R]):
         else:
             flight.joiners.append(waiter)
         return waiter
+
+    def _promote(self, flight: Flight[K, R]) -> None:
+        """A caller joins a refresh waiting for a spare slot (its entry expired): the refresh
+        takes its turn among the callers' computations now."""
+        self._refresh_line.remove(flight)
+        if self.slotless:
+            self._start(flight, True, borrowed=True)
+        elif self.running - self.spare < self.maxsize and not self._line:
+            self._start(flight, True)
+        else:
+            self._line.append(flight)
 
     def lender_of(self, parent: Flight[Any, Any]) -> Flight[Any, Any] | None:
         """The computation of this table, holding a slot, inside which the caller runs (the
@@ -544,14 +575,17 @@ class FlightTable(Generic[K, R]):
         *,
         borrowed: bool = False,
         lender: Flight[Any, Any] | None = None,
+        spare: bool = False,
     ) -> None:
         """Run flight's computation in a task of its own, in its first caller's context.
 
-        ``waited``: it waited in line, so its key is looked up again first. ``lender``: it runs
-        in that computation's slot; ``borrowed``: it runs without a slot (slotless tables).
+        ``waited``: it waited in line, so its key is looked up again first (unless it is a
+        refresh). ``lender``: it runs in that computation's slot; ``borrowed``: it runs without
+        a slot (slotless tables); ``spare``: it takes a spare slot (a background refresh).
         """
         flight.status = _RUNNING
-        flight.computing = not self.slotless
+        flight.waited = waited
+        flight.computing = spare or not self.slotless
         self._count(flight, waited and not flight.refresh)
         if lender is not None:
             flight.lender = lender
@@ -565,6 +599,9 @@ class FlightTable(Generic[K, R]):
             self.borrowed += 1
         else:
             self.running += 1
+            if spare:
+                flight.spare = True
+                self.spare += 1
         context, flight.context = flight.context, None
         coro = self._run(flight, waited and not flight.refresh)
         if self.plain and flight.parent is not None:
@@ -829,8 +866,12 @@ class FlightTable(Generic[K, R]):
                 lender.borrowers.remove(flight)
             if flight.borrowers is not None:
                 self._hand_over(flight, lender)
-        elif flight.borrowers is None or not self._hand_over(flight, None):
-            self._release_slot()
+        else:
+            if flight.spare:  # a computation it hands its slot to is a caller's: not spare
+                flight.spare = False
+                self.spare -= 1
+            if flight.borrowers is None or not self._hand_over(flight, None):
+                self._release_slot()
         if not self.live and self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
 
@@ -867,7 +908,8 @@ class FlightTable(Generic[K, R]):
     # -- slots ----------------------------------------------------------------------------------
 
     def _release_slot(self) -> None:
-        """Give a freed slot to the first in line (an item, or a computation asking for one)."""
+        """Give a freed slot to the first in line (an item, or a computation asking for one),
+        or, with no caller waiting, to the first background refresh as a spare slot."""
         self.running -= 1
         if self._starting or not (self._line or self._slot_waiters or self._refresh_line):
             return  # nobody in line, or the loop below fills it (an eager task ended in it)
@@ -876,22 +918,23 @@ class FlightTable(Generic[K, R]):
         self._starting = True
         try:
             line = self._line
-            while self.running < self.maxsize:
-                if line:
-                    flight = line.popleft()
-                    waiter = flight.waiter
-                    if (waiter is None or waiter.done()) and not flight.wanted():
-                        self._drop(flight)  # every caller left before it started
-                        continue
-                    self._start(flight, True)
-                    del flight, waiter  # see call()
-                elif self._slot_waiters:
-                    asking = self._slot_waiters.popleft()
-                    if not asking.done():
-                        self.running += 1
-                        asking.set_result(None)
-                elif self._refresh_line:
-                    self._start(self._refresh_line.popleft(), True)
+            while True:
+                if self.running - self.spare < self.maxsize and (line or self._slot_waiters):
+                    if line:
+                        flight = line.popleft()
+                        waiter = flight.waiter
+                        if (waiter is None or waiter.done()) and not flight.wanted():
+                            self._drop(flight)  # every caller left before it started
+                            continue
+                        self._start(flight, True)
+                        del flight, waiter  # see call()
+                    else:
+                        asking = self._slot_waiters.popleft()
+                        if not asking.done():
+                            self.running += 1
+                            asking.set_result(None)
+                elif self._refresh_line and self._spare_free():
+                    self._start(self._refresh_line.popleft(), True, spare=True)
                 else:
                     break
         finally:
@@ -909,7 +952,7 @@ class FlightTable(Generic[K, R]):
 
     async def slot(self) -> None:
         """Wait for a slot (``slotless`` tables); the caller must ``release()`` it after."""
-        if self.running < self.maxsize and not self._slot_waiters:
+        if self.running - self.spare < self.maxsize and not self._slot_waiters:
             self.running += 1
             return
         waiter: asyncio.Future[None] = self.loop.create_future()
@@ -940,6 +983,28 @@ class FlightTable(Generic[K, R]):
             return await work()
         finally:
             self.computations -= 1
+
+    async def hold(self, flight: Flight[K, R]) -> None:
+        """Wait for a slot for flight, started without one (``slotless``), and make it flight's
+        own: it is given back when flight ends, or with ``give_back()``."""
+        if not flight.borrowed or flight.lender is not None:
+            return
+        await self.slot()
+        flight.borrowed = False
+        self.borrowed -= 1
+        flight.computing = True
+
+    def give_back(self, flight: Flight[K, R]) -> None:
+        """flight, holding a slot of its own (``slotless``), goes on without one: to wait for
+        another process. Its computation takes one again with ``slot()`` if it must."""
+        if flight.status is not _RUNNING or flight.borrowed or flight.borrowers:
+            return
+        flight.borrowed = True
+        self.borrowed += 1
+        if flight.spare:
+            flight.spare = False
+            self.spare -= 1
+        self._release_slot()
 
     def accepted(self) -> list[Flight[K, R]]:
         """The items in line that are accepted: their callers wait for a slot.

@@ -155,7 +155,15 @@ async def test_a_refresh_waiting_for_another_process_gives_its_slot_back(
             assert not held_by_b.is_set()
             assert cache_a.stats().refresh_skipped == 1  # k1: B holds it
             held_by_b.set()
-            await until(lambda: a.queue.computing == 0 and a.queue.waiting == 0, WAIT)
+            # A's refresh of k1 waits for B's result holding no slot, so it counts in neither
+            # computing nor waiting: wait for B's store itself.
+            k1 = _names(cache_a, "k1").value
+            await until(
+                lambda: (
+                    sync_redis.exists(k1) == 1 and a.queue.computing == 0 and a.queue.waiting == 0
+                ),
+                WAIT,
+            )
             assert await a.acache_peek("k1") == "k1#1"  # B's result
     finally:
         held_by_a.set()

@@ -157,6 +157,7 @@ class Flight(Generic[K, R]):
         "refresh",
         "spare",
         "status",
+        "storing",
         "task",
         "uncounted",
         "waited",
@@ -206,6 +207,10 @@ class Flight(Generic[K, R]):
         """Holds a spare slot (a background refresh): callers' computations do not count it."""
         self.waited = False
         """Waited in line before it started."""
+        self.storing = False
+        """Its value is being stored before it is delivered (a background refresh through a
+        cache that cannot fence it): an invalidation waits for that store, as for one sent
+        after delivery."""
 
     def __repr__(self) -> str:
         return f"<Flight {self.key!r} {self.status.value} callers={self.callers}>"

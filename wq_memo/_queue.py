@@ -327,7 +327,7 @@ class WorkerQueue(Generic[T, R]):
             f.task
             for f in flights
             # Delivered and not ended: its store is on its way (or it is about to end).
-            if f.outcome is not None
+            if (f.outcome is not None or f.storing)
             and f.task is not None
             and not f.task.done()
             and f.task is not _me()

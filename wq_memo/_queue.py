@@ -227,7 +227,10 @@ class WorkerQueue(Generic[T, R]):
                     looked = True
                     value = await self._look_up(key)
                     if value is not self._miss:
+                        # A refresh of key is under way already: no need to start one.
                         self._counts.hits += 1
+                        if _listeners.active:
+                            _listeners.hit(self._counts.name)
                         return value  # type: ignore[no-any-return]
                     continue  # gone meanwhile: join the refresh, or start over if it ended
                 return await table.join(flight)

@@ -155,7 +155,7 @@ async def test_hits_served_while_a_refresh_runs_are_told(recorder: Recorder) -> 
     """With an async cache, a call that finds a refresh of its key under way gets the entry:
     a hit, told to the listeners as cache_info() counts it."""
     now = [0.0]
-    gate = asyncio.Event()
+    gate, refreshing = asyncio.Event(), asyncio.Event()
     computed = 0
 
     @worker_queue(cache=MemoryAsyncCache(), refresh_after=10, timer=lambda: now[0], name="rh")
@@ -163,6 +163,7 @@ async def test_hits_served_while_a_refresh_runs_are_told(recorder: Recorder) -> 
         nonlocal computed
         computed += 1
         if computed > 1:
+            refreshing.set()
             await gate.wait()
         return x
 
@@ -170,8 +171,7 @@ async def test_hits_served_while_a_refresh_runs_are_told(recorder: Recorder) -> 
         await rh(1)
         now[0] = 20.0
         assert await rh(1) == 1  # served at once; a refresh starts
-        while rh.queue.computing == 0:
-            await asyncio.sleep(0)
+        await refreshing.wait()
         for _ in range(5):
             assert await rh(1) == 1  # during the refresh
         gate.set()

@@ -116,9 +116,11 @@ class HeldSetCache(FencedCache):
         await super().set(key, value, ttl)
 
 
-def _refreshing(cache: FencedCache, now: list[float], gate: asyncio.Event) -> Any:
-    """f(k) -> f"{k}#{n}" for its n-th computation, held at gate from the second on (failing
-    when k is "bad"), refreshed in the background 10 s after each store."""
+def _refreshing(
+    cache: FencedCache, now: list[float], gate: asyncio.Event, began: asyncio.Event | None = None
+) -> Any:
+    """f(k) -> f"{k}#{n}" for its n-th computation, held at gate from the second on (setting
+    began first; failing when k is "bad"), refreshed in the background 10 s after each store."""
     calls = 0
 
     @worker_queue(cache=cache, name="background", refresh_after=10, timer=lambda: now[0])
@@ -127,6 +129,8 @@ def _refreshing(cache: FencedCache, now: list[float], gate: asyncio.Event) -> An
         calls += 1
         n = calls
         if n > 1:
+            if began is not None:
+                began.set()
             await gate.wait()
             if k == "bad":
                 raise LookupError("source down")
@@ -139,21 +143,17 @@ def _refreshing(cache: FencedCache, now: list[float], gate: asyncio.Event) -> An
 async def test_a_background_refresh_keeps_the_entry_for_every_reader(key: str) -> None:
     """With a SingleFlightCache that offers no refresh of its own, the entry stays while a
     background refresh computes, every call gets it at once, and a failed refresh leaves it."""
-    cache, now, gate = FencedCache(), [0.0], asyncio.Event()
-    f = _refreshing(cache, now, gate)
+    cache, now, gate, began = FencedCache(), [0.0], asyncio.Event(), asyncio.Event()
+    f = _refreshing(cache, now, gate, began)
     async with asyncio.timeout(WAIT):
         assert await f(key) == f"{key}#1"
         now[0] = 20.0  # due
         assert await f(key) == f"{key}#1"  # served at once; a refresh starts
-        while f.queue.computing == 0:
-            await asyncio.sleep(0)
+        await began.wait()
         assert await f(key) == f"{key}#1"  # during the refresh: the entry, at once
         assert await f.acache_peek(key) == f"{key}#1"
         gate.set()
-        while f.queue.computing:
-            await asyncio.sleep(0)
-        for _ in range(5):
-            await asyncio.sleep(0)
+        await f.queue.aclose()  # lets the refresh end
     expected = f"{key}#1" if key == "bad" else f"{key}#2"
     assert await f.acache_peek(key) == expected
     assert f.cache_info().refresh_failures == (key == "bad")

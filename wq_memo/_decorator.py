@@ -616,7 +616,6 @@ def _with_mapping(
         return True
 
     def cache_clear() -> None:
-        nonlocal hits
         try:
             purge()
             queue._forget_all()
@@ -626,8 +625,11 @@ def _with_mapping(
                 instances.clear()
             cache.clear()
         finally:
-            counts.clear(hits)
-            hits = 0
+            counts.clear(hits, zero_hits)
+
+    def zero_hits() -> None:
+        nonlocal hits
+        hits = 0
 
     def cache_prime(value: R, /, *args: P.args, **kwargs: P.kwargs) -> None:
         k = key_of(args, kwargs)

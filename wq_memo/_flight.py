@@ -86,6 +86,7 @@ class Counts:
     __slots__ = (
         "before",
         "bypassed",
+        "clears",
         "dropped",
         "hits",
         "joined",
@@ -108,18 +109,28 @@ class Counts:
     def __init__(self) -> None:
         self.name: str | None = None
         self.before: dict[str, int] = dict.fromkeys(self.FIELDS, 0)
+        self.clears = 0
+        """Odd while a clear() moves the counts: a reader in another thread (metrics
+        collection) reads again until it is even and unchanged across its reads."""
         self._zero()
 
-    def clear(self, hits: int = 0) -> None:
+    def clear(self, hits: int = 0, then: Callable[[], None] | None = None) -> None:
         """Count afresh from now on (cache_clear()), keeping what was counted in ``before``.
 
-        ``hits``: hits counted elsewhere until now (an in-process cache's hit path), kept too.
+        ``hits``: hits counted elsewhere until now (an in-process cache's hit path), kept too;
+        ``then()`` sets that count back to zero, within the same step for readers.
         """
-        before = self.before
-        for field in self.FIELDS:
-            before[field] += getattr(self, field)
-        before["hits"] += hits
-        self._zero()
+        self.clears += 1
+        try:
+            before = self.before
+            for field in self.FIELDS:
+                before[field] += getattr(self, field)
+            before["hits"] += hits
+            self._zero()
+            if then is not None:
+                then()
+        finally:
+            self.clears += 1
 
     def total(self, field: str) -> int:
         """A count since the start, clears or not (hits of an in-process hit path left out)."""

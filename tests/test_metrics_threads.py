@@ -176,5 +176,5 @@ def test_a_read_from_another_thread_during_a_clear_counts_nothing_twice() -> Non
 
     counts.clear(own[0], meanwhile)
     readers[0].join(5)
-    assert read == [[8, 2, 0, 0]]
-    assert tracked.counted() == [8, 2, 0, 0]
+    assert read == [[8, 2, 0, 0, 0]]
+    assert tracked.counted() == [8, 2, 0, 0, 0]

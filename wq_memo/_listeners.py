@@ -82,7 +82,7 @@ active = False
 
 _hit_listeners: tuple[Listener, ...] = ()
 
-COUNTED: Final = ("hits", "misses", "joined", "refreshes")
+COUNTED: Final = ("hits", "misses", "joined", "refreshes", "bypassed")
 """The fields of CacheInfo that count calls, in the order totals() gives them."""
 
 RETIRED_NAMES: Final = 256

@@ -52,8 +52,8 @@ def since_made(f: Any) -> tuple[int, int, int, int, int]:
     cache_info()'s counts back to zero, not these (the metrics read them)."""
     counts = f.queue._counts
     tracked = _listeners._Tracked("f", counts, getattr(f, "_own_hits", None))
-    hits, misses, joined, refreshes = tracked.counted()
-    return hits, misses, joined, refreshes, counts.total("bypassed")
+    hits, misses, joined, refreshes, bypassed = tracked.counted()
+    return hits, misses, joined, refreshes, bypassed
 
 
 def assert_counts_cleared(info: CacheInfo) -> None:

@@ -185,3 +185,56 @@ async def test_an_invalidation_waits_for_a_background_refresh_store_on_its_way(h
         cache.set_may_end.set()
         await done
         assert await f.acache_peek("k") == ("primed" if how == "acache_prime" else MISSING)
+
+
+async def test_a_nested_computation_its_caller_gave_up_on_frees_the_slot_once() -> None:
+    """maxsize=1, a single-flight cache, refresh-ahead: while a computation holds the slot, a
+    due key's refresh waits in line and is invalidated; the computation then calls the key,
+    which runs in its slot, gives up waiting for it and returns; the key's computation takes
+    the slot over. Each slot is given back once: afterwards, callers' computations stay within
+    maxsize again (the slot was given back twice, and two ran at once)."""
+    cache, now = FencedCache(), [0.0]
+    p_go, k_began, k_may_end, k_ended = (asyncio.Event() for _ in range(4))
+    live = most = computed = 0
+
+    @worker_queue(cache=cache, name="gave-up", maxsize=1, refresh_after=10, timer=lambda: now[0])
+    async def f(k: str) -> str:
+        nonlocal live, most, computed
+        computed += 1
+        live += 1
+        most = max(most, live)
+        try:
+            if k == "p":
+                await p_go.wait()
+                nested = asyncio.ensure_future(f("k"))
+                await k_began.wait()
+                nested.cancel()  # gives up on it, as asyncio.wait_for would
+                return "p"
+            if k == "k" and computed > 1:
+                k_began.set()
+                try:
+                    await k_may_end.wait()
+                finally:
+                    k_ended.set()
+            await asyncio.sleep(0)
+            return k
+        finally:
+            live -= 1
+
+    async with asyncio.timeout(WAIT):
+        assert await f("k") == "k"
+        now[0] = 20.0  # k is due
+        parent = asyncio.ensure_future(f("p"))
+        while f.queue.computing == 0:  # noqa: ASYNC110  # p is computing
+            await asyncio.sleep(0)
+        assert await f("k") == "k"  # a hit; its refresh waits for a spare slot
+        await f.acache_invalidate("k")
+        p_go.set()
+        assert await parent == "p"
+        k_may_end.set()
+        await k_ended.wait()
+        for _ in range(10):  # a few loop turns: k's computation ends and gives its slot back
+            await asyncio.sleep(0)
+        most = 0
+        assert list(await asyncio.gather(f("a"), f("b"), f("d"))) == ["a", "b", "d"]
+    assert most == 1

@@ -881,12 +881,13 @@ class FlightTable(Generic[K, R]):
             if lender is not None and lender.borrowers and flight in lender.borrowers:
                 lender.borrowers.remove(flight)
             if flight.borrowers is not None:
-                self._hand_over(flight, lender)
+                # Its own slot, if it took one to compute (slotless), is given back already.
+                self._hand_over(flight, lender, held=False)
         else:
             if flight.spare:  # a computation it hands its slot to is a caller's: not spare
                 flight.spare = False
                 self.spare -= 1
-            if flight.borrowers is None or not self._hand_over(flight, None):
+            if flight.borrowers is None or not self._hand_over(flight, None, held=True):
                 self._release_slot()
         if not self.live and self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
@@ -897,10 +898,13 @@ class FlightTable(Generic[K, R]):
         self.flights.clear()
         self.flights.update(kept)
 
-    def _hand_over(self, flight: Flight[K, R], lender: Flight[Any, Any] | None) -> bool:
+    def _hand_over(
+        self, flight: Flight[K, R], lender: Flight[Any, Any] | None, *, held: bool
+    ) -> bool:
         """Computations still running in flight's slot, which it no longer needs: they move to
-        flight's own lender, or (flight held a slot) the first takes the slot over and the
-        others take slots of their own, over the bound until they end. Whether any was left."""
+        flight's own lender, or they take slots of their own, over the bound until they end:
+        the first takes flight's slot over if flight still ``held`` it (a ``slotless`` flight
+        gave back the slot it computed in as its computation ended). Whether any was left."""
         borrowers = flight.borrowers
         flight.borrowers = None
         live = [b for b in borrowers or () if b.status is _RUNNING]
@@ -917,7 +921,7 @@ class FlightTable(Generic[K, R]):
                 borrower.borrowed = False
                 self.borrowed -= 1
                 self.running += 1
-        if lender is None:
+        if lender is None and held:
             self.running -= 1  # flight's own slot, taken over by the first
         return True
 

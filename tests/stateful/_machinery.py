@@ -11,8 +11,12 @@ loop they own, one step at a time, and check it against a small model:
   most one computation: a computation may only start when no other of its key is running and
   the model holds no cached value for the key.
 
-Every result is an object of its own (``Value``) and every failure an exception of its own
-(``ComputationFailed``), so a caller's outcome tells which computation it came from.
+Every result identifies the computation that produced it: a ``Value`` of its own, an exception
+of its own (``ComputationFailed``), or ``None``, which at most one computation of each key
+returns (a rule asking a later one for ``None`` gets a ``Value``). No two results of a key
+compare equal unless one computation produced them, so a caller's outcome and a cache's entry
+tell which computation they came from. The caches of the machines also tell which computation's
+task stores each value (``PRODUCER``): a store is attributed to the computation that made it.
 
 Each caller runs as its own tenant: its task sets ``TENANT`` to the caller's number before it
 calls. A computation reads the tenant it runs as, which names the caller whose context it was
@@ -22,14 +26,22 @@ which computations are admitted.
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import contextvars
+import inspect
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import (
+    INVARIANT_MARKER,
+    RuleBasedStateMachine,
+    invariant,
+    precondition,
+    rule,
+)
 
 from wq_memo import QueueShutDown, ShutdownTimeout
 
@@ -39,6 +51,27 @@ FINISH_TIMEOUT = 1.0
 """What a close gives unfinished computations, in loop time: the machine's loop skips it."""
 TENANT: contextvars.ContextVar[int | None] = contextvars.ContextVar("tenant", default=None)
 """The number of the caller whose context the running code belongs to."""
+PRODUCER: contextvars.ContextVar[int | None] = contextvars.ContextVar("producer", default=None)
+"""The computation whose task the running code belongs to: set by the worker, read by stores."""
+
+
+def replay(machine: type[RuleBasedStateMachine], steps: str) -> None:
+    """Run steps, as Hypothesis prints a failing example ("decorate(maxsize=1, yielding=False);
+    calls(batch=['a'])"), on a new machine, checking every invariant after each rule."""
+    invariants = [f for _, f in inspect.getmembers(machine) if getattr(f, INVARIANT_MARKER, None)]
+    state = machine()
+    try:
+        for number, step in enumerate(steps.split(";")):
+            call = ast.parse(step.strip(), mode="eval").body
+            assert isinstance(call, ast.Call), step
+            assert isinstance(call.func, ast.Name), step
+            arguments = {str(k.arg): ast.literal_eval(k.value) for k in call.keywords}
+            getattr(state, call.func.id)(**arguments)
+            if number:  # the first step is the machine's initialize rule
+                for check in invariants:
+                    check(state)
+    finally:
+        state.teardown()
 
 
 class FastForwardLoop(asyncio.SelectorEventLoop):
@@ -159,6 +192,8 @@ class QueueModelMachine(RuleBasedStateMachine):
         """Calls made by computations themselves (counted by the code under test too)."""
         self.last_admitted: Caller | None = None
         """The starter of the latest computation that took a slot."""
+        self.none_of: dict[str, Computation] = {}
+        """Per key, the one computation that returned None."""
 
     # -- what a concrete machine provides -------------------------------------------------------
 
@@ -233,6 +268,7 @@ class QueueModelMachine(RuleBasedStateMachine):
         comp = Computation(len(self.comps), key, self.tick())
         self.comps.append(comp)
         comp.tenant = TENANT.get()
+        PRODUCER.set(comp.id)  # read by the stores this computation's task makes
         comp.slotted = self.takes_a_slot(comp)
         if any(c.key == key and not c.forgotten for c in self.active):
             self.violations.append(f"{key!r} computed twice at once (computation #{comp.id})")
@@ -336,24 +372,55 @@ class QueueModelMachine(RuleBasedStateMachine):
         self.last_admitted = starter
 
     def stored(self, key: str, value: object) -> None:
-        """The model's side of the queue storing a result in the machine's cache."""
-        comp = self.storing.pop(key, None)
-        forgotten = [
-            c
-            for c in self.comps
-            if c.key == key and c.forget_done and c.succeeded and c.outcome is value
-        ]
-        if forgotten:
+        """The model's side of the queue storing a result in the machine's cache (called by the
+        cache, in the task that stores): the store is attributed to the computation whose task
+        makes it, which must be the one the model expects to store key."""
+        producer = self.producer(key, value)
+        if producer is None:
+            return
+        if producer.forget_done:
             self.violations.append(
-                f"{value!r} stored for {key!r} after the invalidation that forgot "
-                f"computation #{forgotten[0].id} had returned"
+                f"{value!r} stored for {key!r} by computation #{producer.id} after the "
+                "invalidation that forgot it had returned"
             )
             return
-        if comp is None or comp.outcome is not value:
-            self.violations.append(f"{value!r} stored for {key!r}, expected {comp}")
+        expected = self.storing.get(key)
+        if expected is not producer:
+            self.violations.append(
+                f"{value!r} stored for {key!r} by computation #{producer.id}; the model expects "
+                f"a store by {expected}"
+            )
             return
-        comp.cached_time = self.fake_now
-        self.cached[key] = comp
+        del self.storing[key]
+        producer.cached_time = self.fake_now
+        self.cached[key] = producer
+
+    def stored_now(self, value: object) -> None:
+        """A synchronous cache's side of a store (the model counts the value as cached when the
+        worker returns it): it must be by the computation the model holds as cached."""
+        producer = self.producer(None, value)
+        if producer is not None and self.cached.get(producer.key) is not producer:
+            self.violations.append(
+                f"{value!r} stored for {producer.key!r} by computation #{producer.id}, which "
+                f"the model does not hold as cached ({self.cached.get(producer.key)})"
+            )
+
+    def producer(self, key: str | None, value: object) -> Computation | None:
+        """The computation whose task stores value (for key), or None after a violation."""
+        producer_id = PRODUCER.get()
+        if producer_id is None:
+            self.violations.append(f"{value!r} stored for {key!r} outside any computation")
+            return None
+        producer = self.comps[producer_id]
+        if (key is not None and producer.key != key) or not (
+            producer.succeeded and value is producer.outcome
+        ):
+            self.violations.append(
+                f"{value!r} stored for {key!r} by computation #{producer.id} of "
+                f"{producer.key!r}, which returned {producer.outcome!r}"
+            )
+            return None
+        return producer
 
     async def answer_late(self) -> None:
         """A yielding cache's answer travels back: one turn of the loop, more for slow calls."""
@@ -501,23 +568,20 @@ class QueueModelMachine(RuleBasedStateMachine):
     def check_value(self, caller: Caller, value: object) -> None:
         where = f"caller #{caller.id} ({caller.key!r}, created at {caller.created_at})"
         if isinstance(value, Value):
+            assert 0 <= value.comp_id < len(self.comps), f"{where} got a value of no computation"
             comp = self.comps[value.comp_id]
             assert comp.outcome is value, f"{where} got a value #{comp.id} never returned"
-            candidates = [comp]
         else:
             assert value is None, f"{where} got {value!r}"
             assert self.none_results, f"{where} got None, which no computation returns"
-            candidates = [c for c in self.comps if c.succeeded and c.outcome is None]
-        for comp in candidates:
-            if (
-                comp.key == caller.key
-                and comp.succeeded
-                and (comp.uncached_at is None or caller.created_at < comp.uncached_at)
-            ):
-                return
-        raise AssertionError(
-            f"{where} got {value!r}, which no computation it could have joined returned "
-            f"(candidates: {[(c.id, c.key, c.finished_at, c.uncached_at) for c in candidates]})"
+            found = self.none_of.get(caller.key)
+            assert found is not None, f"{where} got None, which no computation of its key returned"
+            comp = found
+        assert comp.key == caller.key, f"{where} got the value of #{comp.id} ({comp.key!r})"
+        assert comp.succeeded, f"{where} got the value of #{comp.id}, which has not returned"
+        assert comp.uncached_at is None or caller.created_at < comp.uncached_at, (
+            f"{where} got the value of #{comp.id}, which had stopped being available before "
+            f"the call (at {comp.uncached_at})"
         )
 
     # -- rules ----------------------------------------------------------------------------------
@@ -573,8 +637,9 @@ class QueueModelMachine(RuleBasedStateMachine):
     def set_outcome(self, comp: Computation, fail: bool, none: bool) -> None:
         if fail:
             comp.outcome = ComputationFailed(comp.id)
-        elif none and self.none_results:
+        elif none and self.none_results and comp.key not in self.none_of:
             comp.outcome = None
+            self.none_of[comp.key] = comp
         else:
             comp.outcome = Value(comp.id)
         comp.released = True

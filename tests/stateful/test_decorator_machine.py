@@ -48,7 +48,8 @@ class Driven(Protocol):
 
 
 class RecordingTTLCache(cachetools.TTLCache[Hashable, Any]):
-    """A TTLCache that tells the machine when a caller's lookup finds a value."""
+    """A TTLCache that tells the machine when a caller's lookup finds a value, and which
+    computation stores each value."""
 
     def __init__(self, machine: QueueModelMachine) -> None:
         super().__init__(maxsize=100, ttl=TTL, timer=lambda: machine.fake_now)
@@ -58,6 +59,10 @@ class RecordingTTLCache(cachetools.TTLCache[Hashable, Any]):
         value = super().__getitem__(key)
         self.machine.record_hit()
         return value
+
+    def __setitem__(self, key: Hashable, value: Any) -> None:
+        super().__setitem__(key, value)
+        self.machine.stored_now(value)
 
 
 class CountingListener(Listener):

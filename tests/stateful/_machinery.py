@@ -194,6 +194,15 @@ class QueueModelMachine(RuleBasedStateMachine):
         """The starter of the latest computation that took a slot."""
         self.none_of: dict[str, Computation] = {}
         """Per key, the one computation that returned None."""
+        self.lookup_gate: asyncio.Event | None = None
+        """While set, the cache's lookups wait on this gate before they answer (they read at
+        once)."""
+        self.store_gate: asyncio.Event | None = None
+        """While set, the cache's stores wait on this gate before they write."""
+        self.lookers: list[Caller] = []
+        """The callers whose own lookups reached the lookup gate (not those sharing them)."""
+        self.invalidating: list[asyncio.Task[None]] = []
+        """Invalidations a rule started while lookups or stores were held."""
 
     # -- what a concrete machine provides -------------------------------------------------------
 
@@ -423,8 +432,25 @@ class QueueModelMachine(RuleBasedStateMachine):
         return producer
 
     async def answer_late(self) -> None:
-        """A yielding cache's answer travels back: one turn of the loop, more for slow calls."""
-        for _ in range(1 + self.lookup_delay.get(asyncio.current_task(), 0)):
+        """A yielding cache's answer travels back: one turn of the loop, more for slow calls,
+        and while ``lookup_gate`` is set, not before it opens."""
+        task = asyncio.current_task()
+        gate = self.lookup_gate
+        if gate is not None:
+            caller = self.caller_of_task.get(task)  # type: ignore[arg-type]
+            if caller is not None:
+                self.lookers.append(caller)
+            await gate.wait()
+        for _ in range(1 + self.lookup_delay.get(task, 0)):
+            await asyncio.sleep(0)
+
+    async def store_late(self) -> None:
+        """A cache's store on its way: held while ``store_gate`` is set, and one turn of the
+        loop for a yielding cache."""
+        gate = self.store_gate
+        if gate is not None:
+            await gate.wait()
+        if self.yielding:
             await asyncio.sleep(0)
 
     forget_refuses_pending_store: ClassVar[bool] = False
@@ -667,15 +693,37 @@ class QueueModelMachine(RuleBasedStateMachine):
         Calls made while it closes are refused. A computation whose gate stays shut outlives
         finish_timeout, so its callers get ShutdownTimeout.
         """
+        self.shut_down(release, fail, during)
+
+    def shut_down(
+        self,
+        release: list[int],
+        fail: bool,
+        during: list[str],
+        opening: asyncio.Event | None = None,
+        store_held: bool = False,
+    ) -> None:
+        """The close rule; ``opening``, a gate that opens once the queue has begun to close
+        (held lookups or stores then go on while it closes); ``store_held``: the store gate
+        stays shut past finish_timeout, so that the store is cancelled by the shutdown."""
         self.phase = "close"
         self.allow_unstarted()
         closing = self.loop.create_task(self.aclose())
         self.drive()
+        refused = []
         if not closing.done():
             for caller in self.start_calls(during):
                 self.drive()
-                assert caller.task.done(), f"a call made while the queue closes waits: {caller}"
-        to_release = {self.active[i % len(self.active)] for i in release} if self.active else set()
+                refused.append(caller)
+        if opening is not None:
+            opening.set()
+            self.drive()
+        # Refused at once, or (sharing a held lookup) as soon as it answers.
+        waiting = [c for c in refused if not c.task.done()]
+        assert not waiting, f"a call made while the queue closes waits: {waiting}"
+        to_release = (
+            dict.fromkeys(self.active[i % len(self.active)] for i in release) if self.active else {}
+        )
         for comp in to_release:
             self.set_outcome(comp, fail, False)
         self.drive()
@@ -684,9 +732,112 @@ class QueueModelMachine(RuleBasedStateMachine):
             self.loop.offset += FINISH_TIMEOUT
             self.loop.run_until_complete(asyncio.wait_for(closing, 5))
         self.drive()
+        if store_held:
+            # Cancelled on their way by the shutdown: those values are never stored.
+            for comp in self.storing.values():
+                comp.uncached_at = self.tick()
+            self.storing.clear()
         assert not self.pending(), f"callers still waiting after aclose(): {self.pending()}"
         assert not self.active, f"computations still running after aclose(): {self.active}"
         self.phase = "idle"
+
+    stores_suspend: ClassVar[bool] = False
+    """Whether the cache under test stores through coroutines, which ``store_gate`` can hold."""
+
+    invalidation_forgets_lookups: ClassVar[bool] = True
+    """Whether an invalidation stops later calls sharing a lookup under way (not with a bare
+    WorkerQueue, which has no invalidation: its machine edits the cache behind its back)."""
+
+    def start_invalidation(self, key: str | None) -> asyncio.Task[None] | None:
+        """Invalidate key (None: clear the cache) as the machine's invalidate or clear rule
+        does; an invalidation that awaits runs in the returned task."""
+        raise NotImplementedError
+
+    def land(self, action: str, pick: int, pending: list[Caller], key: str) -> None:
+        """Land a rule while lookups or stores are held: cancel one of ``pending``, invalidate
+        key or clear (waiting for the invalidation only as far as it goes without them)."""
+        if action == "cancel":
+            if pending:
+                caller = pending[pick % len(pending)]
+                caller.cancel_requested = True
+                caller.task.cancel()
+        else:
+            task = self.start_invalidation(key if action == "invalidate" else None)
+            if task is not None:
+                self.invalidating.append(task)
+        self.drive()
+
+    @precondition(lambda self: self.yielding)
+    @rule(
+        batch=st.lists(keys, min_size=1, max_size=4),
+        action=st.sampled_from(["cancel", "invalidate", "clear", "close"]),
+        pick=st.integers(0, 7),
+        after=st.lists(keys, max_size=3),
+    )
+    def while_looking_up(self, batch: list[str], action: str, pick: int, after: list[str]) -> None:
+        """Calls whose lookups are held on their way back (callers of a key share the lookup
+        under way); meanwhile the caller that started a lookup is cancelled, its key is
+        invalidated, the cache is cleared or the queue closed. Calls come in (``after``)
+        before the lookups answer: they must not share one an invalidation overtook."""
+        gate = self.lookup_gate = asyncio.Event()
+        self.lookers = []
+        try:
+            self.start_calls(batch)
+            self.drive()
+            if action == "close":
+                self.lookup_gate = None  # calls made while it closes are refused at once
+                self.shut_down([], False, after, opening=gate)
+                return
+            lookers = [c for c in self.lookers if not c.task.done()]
+            if not self.invalidation_forgets_lookups:
+                action = "cancel"
+            self.land(action, pick, lookers, batch[pick % len(batch)])
+            self.start_calls(after)
+            self.drive()
+            assert all(not c.task.done() for c in lookers if not c.cancel_requested), (
+                "a lookup answered before its gate opened"
+            )
+        finally:
+            gate.set()
+            self.lookup_gate = None
+        self.drive()
+        self.invalidations_returned()
+
+    @precondition(lambda self: self.active and self.stores_suspend)
+    @rule(
+        pick=st.integers(0, 7),
+        none=st.booleans(),
+        action=st.sampled_from(["cancel", "invalidate", "clear", "close", "close-held"]),
+        after=st.lists(keys, max_size=3),
+    )
+    def while_storing(self, pick: int, none: bool, action: str, after: list[str]) -> None:
+        """A computation returns and its store is held on its way; meanwhile a caller waiting
+        (with a single-flight cache, for that store) is cancelled, the key is invalidated, the
+        cache is cleared or the queue closed (the store goes on while it closes, or, held past
+        finish_timeout, is cancelled). Calls come in before the store lands."""
+        comp = self.active[pick % len(self.active)]
+        gate = self.store_gate = asyncio.Event()
+        try:
+            self.set_outcome(comp, fail=False, none=none)
+            self.drive()
+            if action.startswith("close"):
+                held = action == "close-held"
+                self.shut_down([], False, after, None if held else gate, store_held=held)
+                return
+            self.land(action, pick, self.pending(), comp.key)
+            self.start_calls(after)
+            self.drive()
+        finally:
+            gate.set()
+            self.store_gate = None
+        self.drive()
+        self.invalidations_returned()
+
+    def invalidations_returned(self) -> None:
+        for task in self.invalidating:
+            assert task.done(), "an invalidation never returned"
+            task.result()
+        self.invalidating = []
 
     def allow_unstarted(self) -> None:
         """Accepted items a close or a loop change may drop unstarted: the line, or with a

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Coroutine
 from typing import Any
 
@@ -20,10 +19,12 @@ class WorkerQueueMachine(QueueModelMachine):
 
     With ``yielding``, cache_get and cache_set suspend once, as a remote cache would: other
     callers then run between a caller's lookup and its computation, and between a computation's
-    end and the storing of its result.
+    end and the storing of its result. The machine's gates can hold lookups and stores longer.
     """
 
     stored_by_worker = False
+    stores_suspend = True
+    invalidation_forgets_lookups = False
     queue: WorkerQueue[str, Value]
 
     @initialize(maxsize=st.integers(1, 3), yielding=st.booleans())
@@ -47,8 +48,7 @@ class WorkerQueueMachine(QueueModelMachine):
             return value
 
         async def cache_set(key: str, value: Value) -> None:
-            if yielding:
-                await asyncio.sleep(0)
+            await self.store_late()
             self.store[key] = value
             self.stored(key, value)
 
@@ -82,6 +82,12 @@ class WorkerQueueMachine(QueueModelMachine):
         self.store.clear()
         for key in list(self.cached):
             self.uncache(key)
+
+    def start_invalidation(self, key: str | None) -> None:
+        if key is None:
+            self.clear()
+        else:
+            self.invalidate(key)
 
 
 def test_worker_queue_machine() -> None:

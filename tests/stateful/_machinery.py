@@ -44,6 +44,7 @@ from hypothesis.stateful import (
 )
 
 from wq_memo import QueueShutDown, ShutdownTimeout
+from wq_memo._flight import _current as running_flight
 
 KEYS = ("a", "b", "c", "d")
 keys = st.sampled_from(KEYS)
@@ -131,6 +132,10 @@ class Computation:
     slotted: bool = True
     """Whether it counts against maxsize: a computation started by a call from inside
     another one does not (it never waits for a slot)."""
+    first: Caller | None = None
+    """The caller whose call made its flight (the first caller; None: not made by a caller)."""
+    nested: bool = False
+    """Its flight was made by a call from inside another computation."""
 
 
 @dataclass(eq=False)
@@ -203,6 +208,12 @@ class QueueModelMachine(RuleBasedStateMachine):
         """The callers whose own lookups reached the lookup gate (not those sharing them)."""
         self.invalidating: list[asyncio.Task[None]] = []
         """Invalidations a rule started while lookups or stores were held."""
+        self.making: dict[str, Caller] = {}
+        """Per key, the caller about to make its flight (its lookup found neither a value nor a
+        flight), until the flight is seen."""
+        self.makers: dict[object, Caller] = {}
+        """Flights, each with the caller whose call made it."""
+        self.firsts_checked = 0
 
     # -- what a concrete machine provides -------------------------------------------------------
 
@@ -225,6 +236,15 @@ class QueueModelMachine(RuleBasedStateMachine):
     def real_cache(self) -> dict[str, Any]:
         """What the cache under test holds now, per key, without counting as a hit."""
         raise NotImplementedError
+
+    def flight_key(self, key: str) -> object:
+        """The key of key's flights in the queue's table (None: the machine does not say)."""
+        return None
+
+    def looks_up(self) -> bool:
+        """Whether the cache under test calls ``about_to_call`` when a caller's lookup misses;
+        if not, a call goes straight from its first step to the queue's table."""
+        return True
 
     # -- the event loop -------------------------------------------------------------------------
 
@@ -278,6 +298,11 @@ class QueueModelMachine(RuleBasedStateMachine):
         self.comps.append(comp)
         comp.tenant = TENANT.get()
         PRODUCER.set(comp.id)  # read by the stores this computation's task makes
+        self.seen_making(key)
+        flight = running_flight.get()
+        if flight is not None:
+            comp.first = self.makers.get(flight)
+            comp.nested = flight.parent is not None
         comp.slotted = self.takes_a_slot(comp)
         if any(c.key == key and not c.forgotten for c in self.active):
             self.violations.append(f"{key!r} computed twice at once (computation #{comp.id})")
@@ -525,11 +550,44 @@ class QueueModelMachine(RuleBasedStateMachine):
         TENANT.set(caller_id)
         self.arrivals += 1
         self.callers[caller_id].arrived = self.arrivals
+        if not self.looks_up():
+            self.about_to_call(key)
         try:
             return await self.call(key)
         finally:
             if TENANT.get() != caller_id:
                 self.violations.append(f"caller #{caller_id}'s context was changed by its call")
+
+    def about_to_call(self, key: str) -> None:
+        """Called by the cache in the task of a caller whose lookup of key missed (or, for a
+        machine without lookups, as the call begins): the call goes on to the queue's table
+        without suspending, and makes key's flight if there is none."""
+        if self.flight_key(key) is None:
+            return
+        self.seen_making(key)
+        try:
+            task = asyncio.current_task()
+        except RuntimeError:  # the machine itself, looking at the cache
+            return
+        caller = self.caller_of_task.get(task)  # type: ignore[arg-type]
+        if caller is None:
+            return
+        table = self.queue_table()
+        if table is None or table.flights.get(self.flight_key(key)) is None:
+            self.making[key] = caller
+
+    def seen_making(self, key: str) -> None:
+        """The flight of key that the caller in ``making`` made is in the table now (or was
+        never made: the call was refused)."""
+        caller = self.making.pop(key, None)
+        if caller is None:
+            return
+        table = self.queue_table()
+        if table is None:
+            return
+        flight = table.flights.get(self.flight_key(key))
+        if flight is not None and flight not in self.makers:
+            self.makers[flight] = caller
 
     def record_hit(self) -> None:
         """Called by the cache when a caller's lookup finds a value."""
@@ -862,6 +920,21 @@ class QueueModelMachine(RuleBasedStateMachine):
     @invariant()
     def no_violation_seen_by_the_worker(self) -> None:
         assert not self.violations, self.violations
+
+    @invariant()
+    def each_computation_runs_in_its_first_callers_context(self) -> None:
+        """The caller whose call made a computation's flight is the tenant it runs as, whether
+        it starts at once or after waiting in line, and whatever lookups did meanwhile."""
+        for comp in self.comps[self.firsts_checked :]:
+            where = f"computation #{comp.id} of {comp.key!r}"
+            if comp.nested or self.flight_key(comp.key) is None:
+                continue
+            assert comp.first is not None, f"{where} was made by no caller the model saw"
+            assert comp.tenant == comp.first.id, (
+                f"{where} ran as tenant {comp.tenant}, not in the context of caller "
+                f"#{comp.first.id}, whose call made it"
+            )
+        self.firsts_checked = len(self.comps)
 
     @invariant()
     def a_free_slot_leaves_nobody_waiting(self) -> None:

@@ -56,7 +56,11 @@ class RecordingTTLCache(cachetools.TTLCache[Hashable, Any]):
         self.machine = machine
 
     def __getitem__(self, key: Hashable) -> Any:
-        value = super().__getitem__(key)
+        try:
+            value = super().__getitem__(key)
+        except KeyError:
+            self.machine.about_to_call(key[0])  # type: ignore[index]
+            raise
         self.machine.record_hit()
         return value
 
@@ -179,6 +183,12 @@ class DecoratorMachine(QueueModelMachine):
         info = self.f.cache_info()
         return info.hits, info.misses, info.joined
 
+    def flight_key(self, key: str) -> object:
+        return hashkey(key)
+
+    def looks_up(self) -> bool:
+        return self.cache is not None
+
     def real_cache(self) -> dict[str, Any]:
         if self.cache is None:
             return {}
@@ -256,6 +266,8 @@ class MemoryAsyncCache:
             await self.machine.answer_late()
         if value is not MISSING:
             self.machine.record_hit()
+        else:
+            self.machine.about_to_call(key.key[0])  # type: ignore[attr-defined]
         return value
 
     async def set(self, key: Hashable, value: Any, ttl: float | None = None) -> None:
@@ -322,6 +334,9 @@ class AsyncCacheMachine(DecoratorMachine):
 
     def make_cache(self) -> Any:
         return MemoryAsyncCache(self)
+
+    def flight_key(self, key: str) -> object:
+        return CallKey("f", (key,))
 
     def real_cache(self) -> dict[str, Any]:
         assert not self.storing, f"results returned but never stored: {self.storing}"

@@ -45,6 +45,8 @@ class WorkerQueueMachine(QueueModelMachine):
                 await self.answer_late()
             if value is not None:
                 self.record_hit()
+            else:
+                self.about_to_call(key)
             return value
 
         async def cache_set(key: str, value: Value) -> None:
@@ -66,6 +68,9 @@ class WorkerQueueMachine(QueueModelMachine):
     def counters(self) -> tuple[int, int, int]:
         c = self.queue._counts
         return c.hits, c.misses, c.joined
+
+    def flight_key(self, key: str) -> str:
+        return key
 
     def real_cache(self) -> dict[str, Any]:
         assert not self.storing, f"results returned but never stored: {self.storing}"

@@ -9,6 +9,20 @@ from typing import Any
 
 import pytest
 
+# A failure's report is built with the garbage collector paused on 3.11 (see the module).
+from quiet_gc_reports import (
+    pytest_make_collect_report,
+    pytest_runtest_makereport,
+    pytest_terminal_summary,
+)
+
+__all__ = (
+    "loop_errors",
+    "pytest_make_collect_report",
+    "pytest_runtest_makereport",
+    "pytest_terminal_summary",
+)
+
 
 @pytest.fixture
 async def loop_errors() -> AsyncIterator[list[dict[str, Any]]]:

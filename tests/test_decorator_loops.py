@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Hashable
+
+import pytest
 
 from wq_memo import worker_queue
 
@@ -77,3 +80,49 @@ def test_aclose_all_in_a_later_loop_forgets_queues_of_a_closed_loop() -> None:
 
     asyncio.run(close_all())
     assert not f.queue.running
+
+
+@pytest.mark.parametrize("moved_by", ["a call", "aclose()"])
+def test_a_computation_left_on_a_stopped_loop_stores_nothing_once_the_function_moved_on(
+    moved_by: str,
+) -> None:
+    """A loop stops (still open) with a computation pending, and the function moves on to
+    another loop, where its cache is cleared (as the pytest plugin does when a test leaves a
+    computation running on a wider event loop). Should the first loop run again, the
+    computation's caller gets its result, but the result is never stored: it may be stale."""
+    cache: dict[Hashable, str] = {}
+    started, gate = asyncio.Event(), asyncio.Event()
+
+    @worker_queue(cache=cache)
+    async def f(x: int) -> str:
+        if x == 1:
+            started.set()
+            await gate.wait()
+        return f"computed {x}"
+
+    first = asyncio.new_event_loop()
+    try:
+
+        async def start() -> asyncio.Task[str]:
+            task = asyncio.create_task(f(1))
+            async with asyncio.timeout(5):
+                await started.wait()
+            return task
+
+        caller = first.run_until_complete(start())
+
+        async def elsewhere() -> None:
+            async with asyncio.timeout(5):
+                if moved_by == "a call":
+                    assert await f(2) == "computed 2"
+                else:
+                    await f.queue.aclose()
+            f.cache_clear()
+
+        asyncio.run(elsewhere())
+        gate.set()
+        first.run_until_complete(asyncio.wait_for(caller, timeout=5))
+        assert caller.result() == "computed 1"
+        assert cache == {}
+    finally:
+        first.close()

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
+import subprocess
+import sys
+import textwrap
 from collections.abc import Callable, Hashable, Iterator
+from pathlib import Path
 from typing import Any
 
 import cachetools
@@ -16,6 +19,7 @@ from wq_memo import MISSING, CacheInfo, Memoized, disabled, worker_queue
 from wq_memo._switch import SWITCH
 
 WAIT = 5.0
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def dict_cache() -> Any:
@@ -233,68 +237,102 @@ async def test_the_controls_still_work_inside_a_scope() -> None:
 # -- the environment variable -------------------------------------------------------------------
 
 
-async def test_the_environment_variable_is_read_at_call_time(
-    monkeypatch: pytest.MonkeyPatch,
+def run_python(code: str, *, env_value: str | None) -> subprocess.CompletedProcess[str]:
+    """Run code in a fresh interpreter (where wq_memo is first imported), with WQ_MEMO_DISABLE
+    set to env_value (None: unset)."""
+    env = {k: v for k, v in os.environ.items() if k != "WQ_MEMO_DISABLE"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    if env_value is not None:
+        env["WQ_MEMO_DISABLE"] = env_value
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+COUNTING = textwrap.dedent(
+    """
+    import asyncio, os, sys
+    {before}
+    from wq_memo import worker_queue
+
+    computed = []
+
+    @worker_queue(cache={{}})
+    async def f(x):
+        computed.append(x)
+        return x
+
+    async def main():
+        for _ in range(3):
+            await f(1)
+        os.environ.pop("WQ_MEMO_DISABLE", None)  # read at import: this changes nothing
+        await f(1)
+        info = f.cache_info()
+        print(len(computed), info.hits, info.misses, info.bypassed)
+
+    asyncio.run(main())
+"""
+)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (None, "1 3 1 0"),
+        ("1", "4 0 0 4"),
+        (" TRUE ", "4 0 0 4"),
+        ("on", "4 0 0 4"),
+        ("0", "1 3 1 0"),
+        ("off", "1 3 1 0"),
+    ],
+)
+def test_the_environment_variable_is_read_when_wq_memo_is_imported(
+    value: str | None, expected: str
 ) -> None:
-    c = Counted(lru_cache())
-    await c.f(1)
-    monkeypatch.setenv("WQ_MEMO_DISABLE", "1")
-    assert SWITCH.watch
-    await c.f(1)
-    monkeypatch.setenv("WQ_MEMO_DISABLE", "0")
-    await c.f(1)  # a hit
-    monkeypatch.setenv("WQ_MEMO_DISABLE", " TRUE ")
-    await c.f(1)
-    monkeypatch.delenv("WQ_MEMO_DISABLE")
-    await c.f(1)  # a hit
-    assert c.computed == [1, 1, 1]
-    info = c.f.cache_info()
-    assert (info.hits, info.misses, info.bypassed) == (2, 1, 2)
+    done = run_python(COUNTING.format(before=""), env_value=value)
+    assert done.stdout.split() == expected.split()
+    assert "not understood" not in done.stderr
 
 
-async def test_the_environment_variable_affects_every_task(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    c = Counted(dict_cache())
-    await c.f(1)
-    monkeypatch.setenv("WQ_MEMO_DISABLE", "yes")
-    results = await asyncio.gather(*(asyncio.create_task(c.f(1)) for _ in range(3)))
-    assert sorted(r[2] for r in results) == [2, 3, 4]
-    monkeypatch.delenv("WQ_MEMO_DISABLE")
+def test_a_value_not_understood_keeps_caching_on_and_warns_once() -> None:
+    # The hook installed first refuses later ones, as a sandbox's would.
+    refuse_hooks = """
+    def refuse(event, args):
+        if event == "sys.addaudithook":
+            raise RuntimeError("no more audit hooks")
+
+    sys.addaudithook(refuse)
+    """
+    code = COUNTING.format(before=textwrap.dedent(refuse_hooks)).replace("range(3)", "range(1000)")
+    done = run_python(code, env_value="maybe")
+    assert done.stdout.split() == ["1", "1000", "1", "0"]
+    assert done.stderr.count("WQ_MEMO_DISABLE='maybe' is not understood") == 1, done.stderr
+    assert "Set it to 1" in done.stderr
 
 
-async def test_a_value_not_understood_keeps_caching_on_and_says_so(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    c = Counted(dict_cache())
-    await c.f(1)
-    with caplog.at_level(logging.WARNING, logger="wq_memo"):
-        monkeypatch.setenv("WQ_MEMO_DISABLE", "maybe")
-    assert "WQ_MEMO_DISABLE='maybe' is not understood" in caplog.text
-    assert "Set it to 1" in caplog.text
-    await c.f(1)
-    assert c.computed == [1]
-    monkeypatch.delenv("WQ_MEMO_DISABLE")
+def test_importing_and_using_wq_memo_installs_no_audit_hook() -> None:
+    spy = """
+    added = []
 
+    def spy(event, args):
+        if event == "sys.addaudithook":
+            added.append(event)
 
-async def test_without_the_audit_hook_every_call_reads_the_environment(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    c = Counted(dict_cache())
-    await c.f(1)
-    monkeypatch.setattr(SWITCH, "hooked", False)
-    SWITCH.scopes(0)  # recompute the flag as install() would have
-    assert SWITCH.watch
-    await c.f(1)  # a hit, read through the slow check
-    os.environ["WQ_MEMO_DISABLE"] = "1"
-    SWITCH.env_changed(None)  # as if no hook had seen the change
-    try:
-        await c.f(1)
-    finally:
-        del os.environ["WQ_MEMO_DISABLE"]
-    monkeypatch.undo()
-    SWITCH.scopes(0)
-    assert c.computed == [1, 1]
+    sys.addaudithook(spy)
+    import wq_memo.metrics, wq_memo.pytest_plugin
+    """
+    code = COUNTING.format(before=textwrap.dedent(spy)).replace(
+        "asyncio.run(main())", "asyncio.run(main())\nprint(added)"
+    )
+    done = run_python(code, env_value="1")
+    assert done.stdout.split()[-1] == "[]"
 
 
 def test_cache_info_keeps_its_field_order() -> None:

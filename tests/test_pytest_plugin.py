@@ -261,3 +261,102 @@ def test_the_readme_snippet_runs(run: RunSuite) -> None:
     outcomes = result.parseoutcomes()
     assert outcomes.get("passed", 0) >= 2, result.stdout.str()
     result.assert_outcomes(passed=outcomes["passed"])
+
+
+LEFT_RUNNING = textwrap.dedent("""
+    import asyncio
+    import pytest
+    from wq_memo import ShutdownTimeout, worker_queue
+
+    started, gate = asyncio.Event(), asyncio.Event()
+    left = []
+
+    @worker_queue(cache={}, finish_timeout=0.2)
+    async def f(x):
+        started.set()
+        await gate.wait()
+        return "from the first test"
+
+    async def test_leaves_a_computation_running():
+        left.append(asyncio.create_task(f(1)))
+        async with asyncio.timeout(10):
+            await started.wait()
+
+    async def test_the_next_one_never_sees_its_value():
+        # Closed with the first test, on the loop it ran on.
+        assert left[0].done()
+        assert isinstance(left[0].exception(), ShutdownTimeout)
+        gate.set()
+        assert f.cache == {}
+        assert await f(2) == "from the first test"
+        assert f.cache == {(2,): "from the first test"}
+""")
+
+
+@pytest.mark.parametrize("scope", ["module", "session"])
+@pytest.mark.parametrize("mode", ["strict", "auto"])
+def test_isolation_holds_with_a_wider_event_loop(run: RunSuite, mode: str, scope: str) -> None:
+    """A computation a test leaves running on a module- or session-scoped event loop never
+    stores into the cache that the next test's isolation emptied."""
+    if mode == "strict":
+        ini = "asyncio_mode = strict\n"
+        marked = f"pytestmark = pytest.mark.asyncio(loop_scope={scope!r})\n"
+    else:
+        ini = f"asyncio_mode = auto\nasyncio_default_test_loop_scope = {scope}\n"
+        marked = ""
+    result = run(
+        ini=ini + "wq_memo_isolate = true\n",
+        test_suite=LEFT_RUNNING + marked,
+        test_other=LEFT_RUNNING.replace("async def test_", "async def test_again_") + marked,
+    )
+    result.assert_outcomes(passed=4)
+
+
+def test_the_metrics_never_go_down_between_isolated_tests(run: RunSuite) -> None:
+    result = run(
+        ini="asyncio_mode = auto\nwq_memo_isolate = true\n",
+        test_suite="""
+            from opentelemetry.sdk.metrics import MeterProvider
+            from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+            from wq_memo import disabled, worker_queue
+            from wq_memo.metrics import enable_opentelemetry
+
+            reader = InMemoryMetricReader()
+            enable_opentelemetry(meter_provider=MeterProvider(metric_readers=[reader]))
+
+            def calls():
+                data = reader.get_metrics_data()
+                return {
+                    point.attributes["outcome"]: point.value
+                    for resource in data.resource_metrics
+                    for scope in resource.scope_metrics
+                    for metric in scope.metrics
+                    if metric.name == "wq_memo.calls"
+                    for point in metric.data.data_points
+                    if point.attributes["function"] == "counted"
+                }
+
+            @worker_queue(cache={}, name="counted")
+            async def f(x):
+                return x
+
+            async def test_first():
+                for _ in range(5):
+                    await f(1)
+                with disabled():
+                    await f(1)
+                assert f.cache_info()[:3] == (4, 1, 0)
+                assert calls() == {
+                    "hit": 4, "miss": 1, "joined": 0, "refresh": 0, "bypassed": 1
+                }
+
+            async def test_second():
+                assert f.cache_info()[:3] == (0, 0, 0)  # isolated
+                assert calls() == {  # a counter never goes down
+                    "hit": 4, "miss": 1, "joined": 0, "refresh": 0, "bypassed": 1
+                }
+                await f(1)
+                assert calls()["miss"] == 2
+        """,
+    )
+    result.assert_outcomes(passed=2)

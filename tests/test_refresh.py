@@ -12,11 +12,12 @@ from collections.abc import Callable, Hashable
 from typing import Any
 
 import cachetools
+import cachetools.keys
 import pytest
 from _queue_harness import MemoryAsyncCache
 
 from wq_memo import CacheInfo, worker_queue
-from wq_memo.backends import MISSING
+from wq_memo.backends import MISSING, CallKey
 
 WAIT = 5.0
 
@@ -163,11 +164,99 @@ async def test_a_miss_never_waits_behind_background_refreshes() -> None:
     assert source.calls == ["a", "b", "a"]
     miss = asyncio.create_task(f("c"))
     await settle()
-    assert f.queue.waiting == 2  # the miss, then the refresh of b
+    assert source.calls == ["a", "b", "a", "c"]  # the miss started at once, beside a's refresh
+    assert (f.queue.computing, f.queue.waiting) == (2, 1)  # b's refresh still waits
     source.gate.set()
     assert await bounded(miss) == "c@3"
     await settle()
-    assert source.calls == ["a", "b", "a", "c", "b"]  # the miss went before b's refresh
+    assert source.calls == ["a", "b", "a", "c", "b"]
+
+
+class Gated:
+    """An async function of a key held, per key, by a gate until the test opens it."""
+
+    def __init__(self) -> None:
+        self.gates: dict[str, asyncio.Event] = {}
+        self.started: dict[str, asyncio.Event] = {}
+        self.calls: list[str] = []
+
+    def gate(self, key: str) -> asyncio.Event:
+        return self.gates.setdefault(key, asyncio.Event())
+
+    def began(self, key: str) -> asyncio.Event:
+        return self.started.setdefault(key, asyncio.Event())
+
+    async def __call__(self, key: str) -> str:
+        self.calls.append(key)
+        n = len(self.calls)
+        self.began(key).set()
+        await self.gate(key).wait()
+        return f"{key}@{n}"
+
+
+async def test_refreshes_under_way_in_every_slot_never_delay_a_later_miss() -> None:
+    """Two due keys start two slow refreshes, which fill maxsize=2; a miss arriving after them
+    computes at once, and returns while both refreshes are still held."""
+    clock = Clock()
+    source = Gated()
+    f = worker_queue(maxsize=2, cache={}, refresh_after=5, timer=clock)(source)
+    for key in ("a", "b", "miss"):
+        source.gate(key).set()
+    assert [await bounded(f("a")), await bounded(f("b"))] == ["a@1", "b@2"]
+    source.gate("a").clear()
+    source.gate("b").clear()
+    source.began("a").clear()
+    source.began("b").clear()
+    clock.now = 6
+    assert [await f("a"), await f("b")] == ["a@1", "b@2"]  # due: two background refreshes
+    await bounded(source.began("a").wait())
+    await bounded(source.began("b").wait())
+    assert f.queue.computing == 2
+    assert await bounded(f("miss")) == "miss@5"  # both refreshes still held
+    assert not source.gate("a").is_set()
+    assert not source.gate("b").is_set()
+    source.gate("a").set()
+    source.gate("b").set()
+    await settle()
+    assert await f("a") == "a@3"
+    assert await f("b") == "b@4"
+    assert f.cache_info().refreshes == 2
+
+
+async def test_refreshes_take_only_slots_nobody_needs_and_stay_within_twice_maxsize() -> None:
+    """A refresh starts only while fewer than maxsize computations run and no caller waits: with
+    maxsize=1, a refresh in the spare slot and a miss beside it make two; a second miss waits
+    for the first (the bound for callers), and a second refresh for both."""
+    clock = Clock()
+    source = Gated()
+    f = worker_queue(maxsize=1, cache={}, refresh_after=5, timer=clock)(source)
+    for key in ("a", "b"):
+        source.gate(key).set()
+        assert await bounded(f(key)) == f"{key}@{len(source.calls)}"
+        source.gate(key).clear()
+    clock.now = 6
+    assert [await f("a"), await f("b")] == ["a@1", "b@2"]  # a refreshes; b's refresh waits
+    await bounded(source.began("a").wait())
+    first = asyncio.create_task(f("c"))
+    await bounded(source.began("c").wait())  # at once, beside a's refresh
+    second = asyncio.create_task(f("d"))
+    await settle()
+    assert source.calls == ["a", "b", "a", "c"]
+    assert (f.queue.computing, f.queue.waiting) == (2, 2)  # d waits for c, b's refresh for all
+    source.gate("a").set()
+    await settle()
+    assert source.calls == ["a", "b", "a", "c"]  # a's spare slot is not one for callers
+    source.gate("c").set()
+    await bounded(source.began("d").wait())
+    await settle()
+    assert source.calls == ["a", "b", "a", "c", "d"]  # b's refresh waits while d computes
+    source.gate("d").set()
+    assert await bounded(asyncio.gather(first, second)) == ["c@4", "d@5"]
+    await bounded(source.began("b").wait())
+    assert source.calls == ["a", "b", "a", "c", "d", "b"]
+    source.gate("b").set()
+    await settle()
+    assert f.queue.computing == f.queue.waiting == 0
 
 
 async def test_a_caller_that_joins_a_queued_refresh_takes_its_turn_among_callers() -> None:
@@ -537,6 +626,74 @@ async def test_across_processes_an_entry_written_elsewhere_is_refreshed_by_one_p
     assert await a("k") == await b("k") == value
     # Each process started a refresh; the one that found the key being computed kept serving.
     assert a.cache_info().refreshes == b.cache_info().refreshes == 1
+
+
+async def test_with_a_refreshing_cache_a_caller_joining_a_queued_refresh_takes_a_free_slot() -> (
+    None
+):
+    """maxsize=1: a's refresh holds the spare slot, b's waits for one. b's entry goes (expired):
+    its caller joins b's refresh, which then computes in the callers' free slot, at once."""
+    clock = Clock()
+    store = SharedStore(clock)
+    source = Gated()
+    f = worker_queue(
+        maxsize=1, cache=RefreshingView(store), refresh_after=5, timer=clock, name="src"
+    )(source)
+    for key in ("a", "b"):
+        store.entries[CallKey("src", cachetools.keys.hashkey(key))] = (f"{key}@0", 0.0)
+    clock.now = 6
+    assert await bounded(f("a")) == "a@0"
+    await bounded(source.began("a").wait())  # a's refresh holds the spare slot
+    assert await bounded(f("b")) == "b@0"
+    await settle()
+    assert source.calls == ["a"]  # b's refresh waits for a spare slot
+    del store.entries[CallKey("src", cachetools.keys.hashkey("b"))]
+    late = asyncio.create_task(f("b"))
+    await bounded(source.began("b").wait())
+    source.gate("b").set()
+    assert await bounded(late) == "b@2"  # a's refresh is still held
+    assert not source.gate("a").is_set()
+    source.gate("a").set()
+    await settle()
+    assert await f("a") == "a@1"
+    assert f.queue.computing == f.queue.waiting == 0
+
+
+async def test_jitter_draws_once_per_entry_read_with_its_age() -> None:
+    """200 entries written together elsewhere, each read 30 times before it is due: at 12.5 s,
+    with refresh_after=10 and jitter=0.5, about 3 in 4 are due (as many as a TTLCache's), not
+    none (a draw at each read, keeping the latest, pushes every due time to 15 s)."""
+    clock = Clock()
+    store = SharedStore(clock)
+    random.seed(17)
+    view = RefreshingView(store)
+    f = worker_queue(
+        maxsize=200, cache=view, refresh_after=10, jitter=0.5, timer=clock, name="src"
+    )(Source())
+    keys = [f"k{i}" for i in range(200)]
+    for key in keys:  # written by another process at 0
+        store.entries[CallKey("src", cachetools.keys.hashkey(key))] = (f"v{key}", 0.0)
+    for step in range(30):
+        clock.now = step * 0.1
+        assert await bounded(asyncio.gather(*(f(key) for key in keys))) == [
+            f"v{key}" for key in keys
+        ]
+    assert f.cache_info().refreshes == 0
+    due = dict(_due(f))
+    assert all(5 <= d <= 15 for d in due.values())
+    clock.now = 4  # read again: an entry's due time does not move
+    await bounded(asyncio.gather(*(f(key) for key in keys)))
+    assert _due(f) == due
+    clock.now = 12.5
+    await bounded(asyncio.gather(*(f(key) for key in keys)))
+    await settle()
+    refreshed = f.cache_info().refreshes
+    assert refreshed == sum(d <= 12.5 for d in due.values())
+    assert 120 <= refreshed <= 180, refreshed
+    # A refreshed entry is a new one: it gets a due time of its own, drawn once.
+    await bounded(asyncio.gather(*(f(key) for key in keys)))
+    redrawn = [k for k, d in due.items() if d <= 12.5]
+    assert all(12.5 + 5 <= _due(f)[k] <= 12.5 + 15 for k in redrawn)
 
 
 @pytest.mark.skipif(sys.version_info < (3, 12), reason="eager first steps are 3.12+")

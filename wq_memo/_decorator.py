@@ -24,10 +24,10 @@ import cachetools
 import cachetools.keys
 
 from . import _listeners, _memos, _naming
-from ._flight import Counts, Flight
+from ._flight import Counts, Flight, FlightTable
 from ._methods import InstanceKeys, MemoizedClassMethod, MemoizedMethod, MethodState
 from ._queue import WorkerQueue, is_async_callable
-from ._refresh import NEVER, Refresher, check_refresh_options
+from ._refresh import NEVER, Refresher, check_freshness_options, check_refresh_options
 from ._switch import SWITCH
 from ._ttl_lookup import fast_lookup, raw_timer
 from .backends._protocol import (
@@ -87,15 +87,17 @@ class CacheControls(Protocol):
         ...
 
     def cache_info(self) -> CacheInfo:
-        """Hits, misses and joins so far (over every instance), and the cache's size."""
+        """Hits, misses and joins since the last clear (over every instance), and the cache's
+        size."""
         ...
 
     def cache_clear(self) -> None:
-        """Empty the cache (a synchronous cache only; otherwise await acache_clear())."""
+        """Empty the cache and set cache_info()'s counts back to zero (a synchronous cache
+        only; otherwise await acache_clear())."""
         ...
 
     async def acache_clear(self) -> None:
-        """Empty the cache, whatever kind it is."""
+        """Empty the cache and set cache_info()'s counts back to zero, whatever kind it is."""
         ...
 
 
@@ -122,11 +124,11 @@ class Memoized(CacheControls, Protocol[P, R]):
         """Compute the call now through the queue (joining one under way), store it, return it."""
         ...
 
-    def cache_prime(self, value: R, *args: P.args, **kwargs: P.kwargs) -> None:
+    def cache_prime(self, value: R, /, *args: P.args, **kwargs: P.kwargs) -> None:
         """Store value as the result of the call (a synchronous cache only)."""
         ...
 
-    async def acache_prime(self, value: R, *args: P.args, **kwargs: P.kwargs) -> None:
+    async def acache_prime(self, value: R, /, *args: P.args, **kwargs: P.kwargs) -> None:
         """Store value as the result of the call, whatever kind the cache is."""
         ...
 
@@ -166,11 +168,11 @@ class BoundMemoized(CacheControls, Protocol[P, R]):
         """Compute this instance's call now, store it, return it."""
         ...
 
-    def cache_prime(self, value: R, *args: P.args, **kwargs: P.kwargs) -> None:
+    def cache_prime(self, value: R, /, *args: P.args, **kwargs: P.kwargs) -> None:
         """Store value as the result of this instance's call (a synchronous cache only)."""
         ...
 
-    async def acache_prime(self, value: R, *args: P.args, **kwargs: P.kwargs) -> None:
+    async def acache_prime(self, value: R, /, *args: P.args, **kwargs: P.kwargs) -> None:
         """Store value as the result of this instance's call."""
         ...
 
@@ -300,6 +302,7 @@ def _refresher(
     options: _Options, cache: MutableMapping[Any, Any] | AsyncCache | None, display: str
 ) -> Refresher | None:
     """The refresh-ahead policy asked for (None without refresh_after)."""
+    check_freshness_options(options.refresh_backoff, options.jitter, options.timer)
     if options.refresh_after is None:
         return None
     if cache is None:
@@ -317,10 +320,9 @@ def _refresher(
         # A cache's own timer, so that refreshes and expiry share one clock.
         timer = getattr(cache, "timer", None)
         clock = timer if callable(timer) else time.monotonic
-    elif not callable(clock):
-        raise TypeError(f"@worker_queue: timer must be a function returning seconds, got {clock!r}")
     contains = cache.__contains__ if isinstance(cache, MutableMapping) else None
-    return Refresher(after, backoff, jitter, clock, display, contains)
+    dated = isinstance(cache, RefreshingCache)
+    return Refresher(after, backoff, jitter, clock, display, contains, dated)
 
 
 def _method_key(
@@ -614,26 +616,28 @@ def _with_mapping(
         return True
 
     def cache_clear() -> None:
-        purge()
-        queue._forget_all()
-        if refresher is not None:
-            refresher.clear()
-        if instances is not None:
-            instances.clear()
-        cache.clear()
+        try:
+            purge()
+            queue._forget_all()
+            if refresher is not None:
+                refresher.clear()
+            if instances is not None:
+                instances.clear()
+            cache.clear()
+        finally:
+            counts.clear(hits, zero_hits)
 
-    def cache_prime(value: R, *args: P.args, **kwargs: P.kwargs) -> None:
+    def zero_hits() -> None:
+        nonlocal hits
+        hits = 0
+
+    def cache_prime(value: R, /, *args: P.args, **kwargs: P.kwargs) -> None:
         k = key_of(args, kwargs)
         queue._forget(k)  # a computation under way must not overwrite it
         store_now(k, value)
 
     def cache_peek(*args: P.args, **kwargs: P.kwargs) -> R | Missing:
         return _peek(cache, key_of(args, kwargs))  # type: ignore[no-any-return]
-
-    def reset_counts() -> None:
-        nonlocal hits
-        hits = 0
-        counts.reset()
 
     return _attach(
         wrapper,
@@ -645,7 +649,6 @@ def _with_mapping(
         cache_invalidate=cache_invalidate,
         cache_prime=cache_prime,
         cache_peek=cache_peek,
-        _reset_counts=reset_counts,
     )
 
 
@@ -687,8 +690,9 @@ def _dedup_only(
 
     def cache_clear() -> None:
         queue._forget_all()
+        counts.clear()
 
-    def cache_prime(value: R, *args: P.args, **kwargs: P.kwargs) -> None:
+    def cache_prime(value: R, /, *args: P.args, **kwargs: P.kwargs) -> None:
         queue._forget(key_of(args, kwargs))  # no cache to hold it; later calls compute
 
     def cache_peek(*args: P.args, **kwargs: P.kwargs) -> R | Missing:
@@ -728,18 +732,24 @@ def _with_async_cache(
             async def compute() -> R:
                 # Waiting for another process holds no slot: only computing here does. A call
                 # made inside a computation of this queue runs in that computation's slot.
+                if not flight.borrowed or flight.lender is not None:
+                    # A slot of its own (see _refresh_across), or its lender's.
+                    flight.computing = True
+                    return await table.counted(lambda: func(*flight.args, **flight.kwargs))
                 if flight.parent is not None and table.lender_of(flight.parent) is not None:
                     flight.computing = True
-                    return await func(*flight.args, **flight.kwargs)
+                    return await table.counted(lambda: func(*flight.args, **flight.kwargs))
                 await table.slot()
                 flight.computing = True
                 try:
-                    return await func(*flight.args, **flight.kwargs)
+                    return await table.counted(lambda: func(*flight.args, **flight.kwargs))
                 finally:
                     table.release()
 
-            if flight.background and isinstance(single_flight, RefreshingCache):
-                return _refresh_across(single_flight, flight.key, compute, refresher)
+            if flight.refresh and isinstance(single_flight, RefreshingCache):
+                return _refresh_across(single_flight, table, flight, compute, refresher)
+            if flight.background:
+                return _refresh_beside(single_flight, flight, compute, refresher)
             if flight.refresh:
                 return _refresh_through(single_flight, flight.key, compute, refresher)
             return _get_or_compute(single_flight, flight.key, compute, refresher)
@@ -814,11 +824,14 @@ def _with_async_cache(
         return refuse
 
     async def acache_clear() -> None:
-        await queue._stores_done(queue._forget_all())
-        if refresher is not None:
-            refresher.clear()
-        await cache.clear()
-        queue._forget_lookups()
+        try:
+            await queue._stores_done(queue._forget_all())
+            if refresher is not None:
+                refresher.clear()
+            await cache.clear()
+            queue._forget_lookups()
+        finally:
+            counts.clear()  # last: what was counted while it cleared is before the clear
 
     async def acache_invalidate(*args: P.args, **kwargs: P.kwargs) -> bool:
         k = key_of(args, kwargs)
@@ -829,7 +842,7 @@ def _with_async_cache(
         queue._forget_lookups(k)
         return deleted
 
-    async def acache_prime(value: R, *args: P.args, **kwargs: P.kwargs) -> None:
+    async def acache_prime(value: R, /, *args: P.args, **kwargs: P.kwargs) -> None:
         k = key_of(args, kwargs)
         # Computations under way must not overwrite it.
         await queue._stores_done(queue._forget(k))
@@ -838,8 +851,11 @@ def _with_async_cache(
         if refresher is not None:
             refresher.stored(k)
 
+    # A cache that can read without counting the read (RedisCache.peek) is peeked through it.
+    peek: Callable[[Hashable], Awaitable[Any]] = getattr(cache, "peek", None) or cache.get
+
     async def acache_peek(*args: P.args, **kwargs: P.kwargs) -> R | Missing:
-        return await cache.get(key_of(args, kwargs))  # type: ignore[no-any-return]
+        return await peek(key_of(args, kwargs))  # type: ignore[no-any-return]
 
     return _attach(
         wrapper,
@@ -872,18 +888,35 @@ async def _get_or_compute(
 
 async def _refresh_across(
     cache: RefreshingCache,
-    k: Hashable,
+    table: FlightTable[Any, R],
+    flight: Flight[Any, R],
     compute: Callable[[], Awaitable[R]],
     refresher: Refresher | None,
 ) -> R:
-    """A background refresh: one process refreshes k, the others go on serving its entry."""
+    """A refresh (in the background, or f.refresh()): one process refreshes k, the others go
+    on serving its entry. The value is stored as a computation's is (fenced).
+
+    The key's lock, which every process sees, is tried only once this process has a slot to
+    compute in: a refresh it cannot run now is left to idle processes. A background refresh
+    that waited for its slot looks at the entry again first, and gives up if it was refreshed
+    meanwhile (f.refresh() computes whatever it finds).
+    """
+    k = flight.key
+    await table.hold(flight)  # a spare slot already, unless a caller joined it in line
+    if flight.waited and flight.background and refresher is not None:
+        value, age = await cache.get_with_age(k)
+        if value is not MISSING and age is not None:
+            refresher.written(k, age)
+            if not refresher.entry_due(k):
+                return value  # type: ignore[no-any-return]
     refreshed, value = await cache.refresh(k, compute)
     if refreshed:
         if refresher is not None:
             refresher.stored(k)
         return value  # type: ignore[return-value]
     # Another process refreshes (or computes) it: the entry as it is, or, if it expired meanwhile,
-    # the other process's result.
+    # the other process's result. Waiting for it holds no slot.
+    table.give_back(flight)
     return await cache.get_or_compute(k, compute)
 
 
@@ -893,11 +926,32 @@ async def _refresh_through(
     compute: Callable[[], Awaitable[R]],
     refresher: Refresher | None,
 ) -> R:
-    """Compute k anew and store it, whatever the cache holds."""
+    """Compute k anew and store it, whatever the cache holds, through get_or_compute: the one
+    store of a SingleFlightCache that a delete or clear made meanwhile keeps out. The entry is
+    deleted first, so that get_or_compute computes."""
+    await cache.delete(k)
+    return await _get_or_compute(cache, k, compute, refresher)
+
+
+async def _refresh_beside(
+    cache: SingleFlightCache,
+    flight: Flight[Any, R],
+    compute: Callable[[], Awaitable[R]],
+    refresher: Refresher | None,
+) -> R:
+    """A background refresh with a SingleFlightCache that offers no refresh of its own: the
+    entry stays for every reader while the new value is computed, and a failure leaves it as
+    it is. The value is stored unless the computation was forgotten meanwhile (an invalidation,
+    a clear or a prime here); such a cache gives no way to fence it against another process."""
     value = await compute()
-    await cache.set(k, value)
-    if refresher is not None:
-        refresher.stored(k)
+    if not flight.forgotten:
+        flight.storing = True  # from here on, an invalidation waits for this store to end
+        try:
+            await cache.set(flight.key, value)
+        finally:
+            flight.storing = False
+        if refresher is not None:
+            refresher.stored(flight.key)
     return value
 
 
@@ -922,7 +976,7 @@ def _attach(
     async def acache_invalidate(*args: P.args, **kwargs: P.kwargs) -> bool:
         return controls["cache_invalidate"](*args, **kwargs)  # type: ignore[no-any-return]
 
-    async def acache_prime(value: R, *args: P.args, **kwargs: P.kwargs) -> None:
+    async def acache_prime(value: R, /, *args: P.args, **kwargs: P.kwargs) -> None:
         controls["cache_prime"](value, *args, **kwargs)
 
     async def acache_peek(*args: P.args, **kwargs: P.kwargs) -> R | Missing:
@@ -936,7 +990,6 @@ def _attach(
     w.acache_invalidate = acache_invalidate
     w.acache_prime = acache_prime
     w.acache_peek = acache_peek
-    w._reset_counts = queue._counts.reset  # the pytest plugin's isolation
     for attribute, control in controls.items():
         setattr(w, attribute, control)
     return w  # type: ignore[no-any-return]
@@ -992,7 +1045,8 @@ class _WorkerQueueDecorator:
         qualified name; required where that is not unique, as for a function a factory makes).
 
         Refresh-ahead: with ``refresh_after`` seconds, an entry older than that is still
-        returned at once, and one background refresh of it goes through the queue; a failed
+        returned at once, and one background refresh of it goes through the queue, in a slot no
+        caller waits for (callers' computations do not count it against ``maxsize``); a failed
         refresh keeps the old value and is tried again ``refresh_backoff`` seconds later.
         ``jitter`` (a fraction) spreads each entry's refresh_after by up to that much either
         way. ``timer`` is the clock of entry ages (default: the cache's ``timer``, as a

@@ -11,8 +11,16 @@ An item in flight is, in order:
 Callers never wake up for room: each one awaits a future of its own, which the computation's
 task completes directly with the result or the exception. A slot that frees up goes to the
 first item in line, so computations start in the order their first callers arrived. Calls are
-counted when their item starts (as a miss for its first caller, joins for the others). The
-table belongs to one event loop; WorkerQueue makes a new one when the loop changes.
+counted when their item starts (as a miss for its first caller, joins for the others); the first
+caller of an item that waited in line is counted once its key has been looked up again, as a
+hit or a miss, so that no count is ever taken back. The table belongs to one event loop;
+WorkerQueue makes a new one when the loop changes.
+
+Background refreshes (nobody waits for them) never take a slot a caller could use: one starts
+only in a *spare* slot, while fewer than ``maxsize`` computations run in all and no caller waits
+for a slot, and the callers' computations do not count the spare slots against ``maxsize``. So a
+miss never waits behind a refresh; at most ``maxsize`` refreshes and ``maxsize`` computations for
+callers run at once (``2 * maxsize``), and refreshes alone never go past ``maxsize``.
 """
 
 from __future__ import annotations
@@ -69,10 +77,16 @@ _FINISHED: Final = Status.FINISHED
 class Counts:
     """Calls answered by the cache, calls that started a computation, calls that joined one;
     background refreshes started, and those that failed; calls that bypassed the cache.
-    ``name``: the memoized function's name that listeners are told (None: nobody is told)."""
+    ``name``: the memoized function's name that listeners are told (None: nobody is told).
+
+    The counts are those since the last ``clear()``; ``before`` keeps what was counted before
+    it, so that ``total()`` never goes down.
+    """
 
     __slots__ = (
+        "before",
         "bypassed",
+        "clears",
         "dropped",
         "hits",
         "joined",
@@ -82,12 +96,47 @@ class Counts:
         "refreshes",
     )
 
+    FIELDS: Final = (
+        "hits",
+        "misses",
+        "joined",
+        "refreshes",
+        "refresh_failures",
+        "dropped",
+        "bypassed",
+    )
+
     def __init__(self) -> None:
         self.name: str | None = None
-        self.reset()
+        self.before: dict[str, int] = dict.fromkeys(self.FIELDS, 0)
+        self.clears = 0
+        """Odd while a clear() moves the counts: a reader in another thread (metrics
+        collection) reads again until it is even and unchanged across its reads."""
+        self._zero()
 
-    def reset(self) -> None:
-        """Set every count back to zero."""
+    def clear(self, hits: int = 0, then: Callable[[], None] | None = None) -> None:
+        """Count afresh from now on (cache_clear()), keeping what was counted in ``before``.
+
+        ``hits``: hits counted elsewhere until now (an in-process cache's hit path), kept too;
+        ``then()`` sets that count back to zero, within the same step for readers.
+        """
+        self.clears += 1
+        try:
+            before = self.before
+            for field in self.FIELDS:
+                before[field] += getattr(self, field)
+            before["hits"] += hits
+            self._zero()
+            if then is not None:
+                then()
+        finally:
+            self.clears += 1
+
+    def total(self, field: str) -> int:
+        """A count since the start, clears or not (hits of an in-process hit path left out)."""
+        return self.before[field] + getattr(self, field)  # type: ignore[no-any-return]
+
+    def _zero(self) -> None:
         self.hits = 0
         self.misses = 0
         self.joined = 0
@@ -117,9 +166,12 @@ class Flight(Generic[K, R]):
         "outcome",
         "parent",
         "refresh",
+        "spare",
         "status",
+        "storing",
         "task",
         "uncounted",
+        "waited",
         "waiter",
     )
 
@@ -162,6 +214,14 @@ class Flight(Generic[K, R]):
         self.forgotten = False
         self.uncounted = 0
         """Callers who joined it while it waited in line, counted when it starts."""
+        self.spare = False
+        """Holds a spare slot (a background refresh): callers' computations do not count it."""
+        self.waited = False
+        """Waited in line before it started."""
+        self.storing = False
+        """Its value is being stored before it is delivered (a background refresh through a
+        cache that cannot fence it): an invalidation waits for that store, as for one sent
+        after delivery."""
 
     def __repr__(self) -> str:
         return f"<Flight {self.key!r} {self.status.value} callers={self.callers}>"
@@ -239,6 +299,7 @@ class FlightTable(Generic[K, R]):
         "_starting",
         "borrowed",
         "closing",
+        "computations",
         "compute",
         "counts",
         "flights",
@@ -254,6 +315,7 @@ class FlightTable(Generic[K, R]):
         "plain",
         "running",
         "slotless",
+        "spare",
         "store",
         "store_now",
     )
@@ -289,15 +351,20 @@ class FlightTable(Generic[K, R]):
         self.flights: dict[K, Flight[K, R]] = {}
         self.lookups: dict[K, Lookup] = {}
         self.running = 0
-        """Slots taken (computations running in a slot of their own)."""
+        """Slots taken (computations running in a slot of their own), spare ones included."""
+        self.spare = 0
+        """Spare slots taken (background refreshes, which callers' computations do not count)."""
         self.borrowed = 0
-        """Computations running in the slot of a computation that awaits them."""
+        """Computations running in the slot of a computation that awaits them (with
+        ``slotless``: flights started without a slot)."""
+        self.computations = 0
+        """With ``slotless``: the computations running now (see ``counted()``)."""
         self.live = 0
         """Flights not yet finished, forgotten ones included."""
         self.closing = False
         self._line: deque[Flight[K, R]] = deque()
         self._refresh_line: deque[Flight[K, R]] = deque()
-        """Background refreshes waiting for a slot: they get one only when no caller waits."""
+        """Background refreshes waiting for a spare slot."""
         self._slot_waiters: deque[asyncio.Future[None]] = deque()
         self._forgotten: set[Flight[K, R]] = set()
         self._starting = False
@@ -374,20 +441,27 @@ class FlightTable(Generic[K, R]):
         return True
 
     def _enter(self, flight: Flight[K, R], parent: Flight[Any, Any] | None) -> None:
-        """Start a new flight, or put it in line (a background refresh behind every caller)."""
-        if self.slotless or (
-            self.running < self.maxsize
-            and not self._line
-            and not (flight.background and self._refresh_line)
-        ):
+        """Start a new flight, or put it in line (a background refresh in a line of its own)."""
+        if flight.background:
+            if self._spare_free() and not self._refresh_line:
+                self._start(flight, False, spare=True)
+            else:
+                flight.status = _WAITING
+                flight.context = contextvars.copy_context()
+                self._refresh_line.append(flight)
+        elif self.slotless or (self.running - self.spare < self.maxsize and not self._line):
             self._start(flight, False, borrowed=self.slotless)
         elif parent is not None and (lender := self.lender_of(parent)) is not None:
             self._start(flight, False, lender=lender)
         else:
             flight.status = _WAITING
             flight.context = contextvars.copy_context()
-            (self._refresh_line if flight.background else self._line).append(flight)
+            self._line.append(flight)
         del flight  # see call()
+
+    def _spare_free(self) -> bool:
+        """Whether a background refresh may start now: a slot is free and no caller waits."""
+        return self.running < self.maxsize and not self._line and not self._slot_waiters
 
     def join(self, flight: Flight[K, R]) -> asyncio.Future[R]:
         """Return a future for flight's outcome (the caller joins it)."""
@@ -406,6 +480,8 @@ class FlightTable(Generic[K, R]):
                 # Its callers' computations hold the slots it waits for: run it in theirs.
                 self._take_from_line(flight)
                 self._start(flight, True, lender=lender)
+        if flight.status is _WAITING and flight.background and not flight.uncounted:
+            self._promote(flight)
         outcome = flight.outcome
         if outcome is not None:  # delivered already (being stored, or ended in an eager step)
             self.counts.joined += 1
@@ -421,10 +497,6 @@ class FlightTable(Generic[K, R]):
             return waiter
         if flight.status is _WAITING:
             flight.uncounted += 1
-            if flight.background and flight.uncounted == 1:
-                # A caller waits for it now (its entry expired): it takes its turn among callers.
-                self._refresh_line.remove(flight)
-                self._line.append(flight)
         else:
             self.counts.joined += 1
             if _listeners.active:
@@ -434,6 +506,17 @@ class FlightTable(Generic[K, R]):
         else:
             flight.joiners.append(waiter)
         return waiter
+
+    def _promote(self, flight: Flight[K, R]) -> None:
+        """A caller joins a refresh waiting for a spare slot (its entry expired): the refresh
+        takes its turn among the callers' computations now."""
+        self._refresh_line.remove(flight)
+        if self.slotless:
+            self._start(flight, True, borrowed=True)
+        elif self.running - self.spare < self.maxsize and not self._line:
+            self._start(flight, True)
+        else:
+            self._line.append(flight)
 
     def lender_of(self, parent: Flight[Any, Any]) -> Flight[Any, Any] | None:
         """The computation of this table, holding a slot, inside which the caller runs (the
@@ -482,6 +565,15 @@ class FlightTable(Generic[K, R]):
             self.forget(key)
         return list(self._forgotten)
 
+    def abandon(self) -> None:
+        """The queue leaves this table behind, its loop stopped: should that loop run again,
+        its computations (those waiting in line too) deliver to their callers, store nothing."""
+        self.lookups.clear()
+        for flight in self.flights.values():
+            flight.forgotten = True
+            self._forgotten.add(flight)
+        self.flights.clear()
+
     def forget_lookups(self, key: K | None = None) -> None:
         """Newcomers look key (None: every key) up afresh, not sharing a lookup under way:
         one that began during an invalidation may have read what it removed."""
@@ -499,14 +591,17 @@ class FlightTable(Generic[K, R]):
         *,
         borrowed: bool = False,
         lender: Flight[Any, Any] | None = None,
+        spare: bool = False,
     ) -> None:
         """Run flight's computation in a task of its own, in its first caller's context.
 
-        ``waited``: it waited in line, so its key is looked up again first. ``lender``: it runs
-        in that computation's slot; ``borrowed``: it runs without a slot (slotless tables).
+        ``waited``: it waited in line, so its key is looked up again first (unless it is a
+        refresh). ``lender``: it runs in that computation's slot; ``borrowed``: it runs without
+        a slot (slotless tables); ``spare``: it takes a spare slot (a background refresh).
         """
         flight.status = _RUNNING
-        flight.computing = not self.slotless
+        flight.waited = waited
+        flight.computing = spare or not self.slotless
         self._count(flight, waited and not flight.refresh)
         if lender is not None:
             flight.lender = lender
@@ -520,6 +615,9 @@ class FlightTable(Generic[K, R]):
             self.borrowed += 1
         else:
             self.running += 1
+            if spare:
+                flight.spare = True
+                self.spare += 1
         context, flight.context = flight.context, None
         coro = self._run(flight, waited and not flight.refresh)
         if self.plain and flight.parent is not None:
@@ -540,13 +638,13 @@ class FlightTable(Generic[K, R]):
     def _count(self, flight: Flight[K, R], looks_again: bool = False) -> None:
         """Count a flight's calls as it starts: a miss for its first caller, joins for the rest.
 
-        ``looks_again``: its key is looked up again first, and listeners are told of the miss
-        (or the hit) only then.
+        ``looks_again``: its key is looked up again first, and its first caller is counted only
+        then (``_count_first``), as a hit or a miss.
         """
         counts = self.counts
         if flight.background:
             counts.refreshes += 1
-        else:
+        elif not looks_again:
             counts.misses += 1
         if _listeners.active:
             if flight.background:
@@ -558,6 +656,18 @@ class FlightTable(Generic[K, R]):
             counts.joined += flight.uncounted
             flight.uncounted = 0
 
+    def _count_first(self, hit: bool) -> None:
+        """Count the first caller of an item that waited in line, once it was looked up again."""
+        counts = self.counts
+        if hit:
+            counts.hits += 1
+            if _listeners.active:
+                _listeners.hit(counts.name)
+        else:
+            counts.misses += 1
+            if _listeners.active:
+                _listeners.miss(counts.name)
+
     async def _run(self, flight: Flight[K, R], waited: bool) -> None:
         # Few locals: this frame lives as long as the computation (a call in flight's memory).
         _current.set(flight)
@@ -565,19 +675,19 @@ class FlightTable(Generic[K, R]):
         try:
             if waited:
                 # The value may have been stored while it waited.
-                if self.lookup_now is not None:
-                    result = self.lookup_now(flight.key, self.miss)
-                else:
-                    result = await self._look_up_again(flight.key)
+                try:
+                    if self.lookup_now is not None:
+                        result = self.lookup_now(flight.key, self.miss)
+                    else:
+                        result = await self._look_up_again(flight.key)
+                except BaseException:
+                    self._count_first(False)  # its callers get this outcome
+                    raise
                 if result is not self.miss:
-                    self.counts.misses -= 1
-                    self.counts.hits += 1
-                    if _listeners.active:
-                        _listeners.hit(self.counts.name)
+                    self._count_first(True)
                     self._deliver(flight, result)
                     return
-                if _listeners.active:
-                    _listeners.miss(self.counts.name)
+                self._count_first(False)
             if _listeners.active:
                 started = _listeners.clock()
             if self.compute is not None:
@@ -772,8 +882,12 @@ class FlightTable(Generic[K, R]):
                 lender.borrowers.remove(flight)
             if flight.borrowers is not None:
                 self._hand_over(flight, lender)
-        elif flight.borrowers is None or not self._hand_over(flight, None):
-            self._release_slot()
+        else:
+            if flight.spare:  # a computation it hands its slot to is a caller's: not spare
+                flight.spare = False
+                self.spare -= 1
+            if flight.borrowers is None or not self._hand_over(flight, None):
+                self._release_slot()
         if not self.live and self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
 
@@ -810,7 +924,8 @@ class FlightTable(Generic[K, R]):
     # -- slots ----------------------------------------------------------------------------------
 
     def _release_slot(self) -> None:
-        """Give a freed slot to the first in line (an item, or a computation asking for one)."""
+        """Give a freed slot to the first in line (an item, or a computation asking for one),
+        or, with no caller waiting, to the first background refresh as a spare slot."""
         self.running -= 1
         if self._starting or not (self._line or self._slot_waiters or self._refresh_line):
             return  # nobody in line, or the loop below fills it (an eager task ended in it)
@@ -819,22 +934,23 @@ class FlightTable(Generic[K, R]):
         self._starting = True
         try:
             line = self._line
-            while self.running < self.maxsize:
-                if line:
-                    flight = line.popleft()
-                    waiter = flight.waiter
-                    if (waiter is None or waiter.done()) and not flight.wanted():
-                        self._drop(flight)  # every caller left before it started
-                        continue
-                    self._start(flight, True)
-                    del flight, waiter  # see call()
-                elif self._slot_waiters:
-                    asking = self._slot_waiters.popleft()
-                    if not asking.done():
-                        self.running += 1
-                        asking.set_result(None)
-                elif self._refresh_line:
-                    self._start(self._refresh_line.popleft(), True)
+            while True:
+                if self.running - self.spare < self.maxsize and (line or self._slot_waiters):
+                    if line:
+                        flight = line.popleft()
+                        waiter = flight.waiter
+                        if (waiter is None or waiter.done()) and not flight.wanted():
+                            self._drop(flight)  # every caller left before it started
+                            continue
+                        self._start(flight, True)
+                        del flight, waiter  # see call()
+                    else:
+                        asking = self._slot_waiters.popleft()
+                        if not asking.done():
+                            self.running += 1
+                            asking.set_result(None)
+                elif self._refresh_line and self._spare_free():
+                    self._start(self._refresh_line.popleft(), True, spare=True)
                 else:
                     break
         finally:
@@ -852,7 +968,7 @@ class FlightTable(Generic[K, R]):
 
     async def slot(self) -> None:
         """Wait for a slot (``slotless`` tables); the caller must ``release()`` it after."""
-        if self.running < self.maxsize and not self._slot_waiters:
+        if self.running - self.spare < self.maxsize and not self._slot_waiters:
             self.running += 1
             return
         waiter: asyncio.Future[None] = self.loop.create_future()
@@ -868,6 +984,42 @@ class FlightTable(Generic[K, R]):
 
     def release(self) -> None:
         """Give back a slot taken with ``slot()``."""
+        self._release_slot()
+
+    def computing(self) -> int:
+        """How many computations run now: in a slot of their own, or in the slot of a
+        computation that awaits them. (A ``slotless`` table's flights hold no slot while they
+        wait for another process, so there only those in ``counted()`` are.)"""
+        return self.computations if self.slotless else self.running + self.borrowed
+
+    async def counted(self, work: Callable[[], Awaitable[R]]) -> R:
+        """Run work(), a ``slotless`` table's computation proper, counted in ``computing()``."""
+        self.computations += 1
+        try:
+            return await work()
+        finally:
+            self.computations -= 1
+
+    async def hold(self, flight: Flight[K, R]) -> None:
+        """Wait for a slot for flight, started without one (``slotless``), and make it flight's
+        own: it is given back when flight ends, or with ``give_back()``."""
+        if not flight.borrowed or flight.lender is not None:
+            return
+        await self.slot()
+        flight.borrowed = False
+        self.borrowed -= 1
+        flight.computing = True
+
+    def give_back(self, flight: Flight[K, R]) -> None:
+        """flight, holding a slot of its own (``slotless``), goes on without one: to wait for
+        another process. Its computation takes one again with ``slot()`` if it must."""
+        if flight.status is not _RUNNING or flight.borrowed or flight.borrowers:
+            return
+        flight.borrowed = True
+        self.borrowed += 1
+        if flight.spare:
+            flight.spare = False
+            self.spare -= 1
         self._release_slot()
 
     def accepted(self) -> list[Flight[K, R]]:

@@ -8,7 +8,9 @@ the listeners; that happens only while some listener overrides ``on_hit``.
 
 from __future__ import annotations
 
+import itertools
 import logging
+import threading
 import time
 import weakref
 from collections.abc import Callable, Hashable
@@ -80,16 +82,65 @@ active = False
 
 _hit_listeners: tuple[Listener, ...] = ()
 
-_tracked: weakref.WeakSet[Any] = weakref.WeakSet()
-"""Every memoized function alive. Nothing here may refer to one (through its cache, say), or it
-would never be collected."""
-
-
-_retired: dict[str, list[int]] = {}
-"""The counts (as in COUNTED) of the memoized functions gone, by name."""
-
 COUNTED: Final = ("hits", "misses", "joined", "refreshes")
 """The fields of CacheInfo that count calls, in the order totals() gives them."""
+
+RETIRED_NAMES: Final = 256
+"""Names whose every function is gone kept in totals() at most, the oldest going first: enough
+for the few names a program makes functions under again and again (a factory's), and well within
+the OpenTelemetry SDK's default limit of 2000 attribute sets per instrument (400 names, at five
+outcomes each), so that names gone never crowd out names alive."""
+
+# Collection reads these tables, maybe from a thread of its own (an OpenTelemetry SDK's periodic
+# reader). So they are changed and read only under _lock, and the garbage collector, which may
+# run in any thread and in the middle of any of them, only appends to _gone: the next holder of
+# the lock moves what it names out of _live.
+_lock: Final = threading.Lock()
+
+
+class _Tracked:
+    """A memoized function alive: its name, and what it counts (nothing that refers to it)."""
+
+    __slots__ = ("counts", "name", "own_hits", "ref")
+
+    def __init__(self, name: str, counts: Any, own_hits: Callable[[], int] | None) -> None:
+        self.name = name
+        self.counts = counts
+        self.own_hits = own_hits
+        self.ref: weakref.ref[Any] | None = None
+
+    def counted(self) -> list[int]:
+        """Its counts (as in COUNTED) since it was made, those before a cache_clear() included,
+        so that they never go down: plain numbers the event loop keeps, read without a call into
+        its cache or its queue, so that any thread may read them."""
+        counts, own_hits = self.counts, self.own_hits
+        while True:
+            # A clear on the loop's thread moves counts from one place to another: read again
+            # if one ran meanwhile (or runs now), so that no total is read twice or missed.
+            seen = counts.clears
+            if seen & 1:
+                time.sleep(0)
+                continue
+            values = [counts.total(field) for field in COUNTED]
+            if own_hits is not None:
+                values[0] += own_hits()
+            if counts.clears == seen:
+                return values
+
+
+_live: dict[int, _Tracked] = {}
+"""Every memoized function alive (or collected since _lock was last held), by serial number.
+Nothing here may refer to one (through its cache, say), or it would never be collected."""
+_live_names: dict[str, int] = {}
+"""How many functions alive have each name."""
+_gone: list[int] = []
+"""The serial numbers of functions collected, appended by their weak references' callbacks."""
+_serials = itertools.count()
+
+_retired: dict[str, list[int]] = {}
+"""The counts (as in COUNTED) of the memoized functions gone while a listener was registered, by
+name, the name retired last at the end: they stay in totals(), so that what collectors read
+never goes down. Without a listener nobody reads them, and nothing is kept."""
 
 
 def track(memoized: Any, name: str) -> None:
@@ -101,37 +152,75 @@ def track(memoized: Any, name: str) -> None:
     """
     counts = memoized.queue._counts
     counts.name = name
-    _tracked.add(memoized)
-    # Its counts outlive it in totals(), so that what collectors read never goes down. The
-    # finalizer holds the counts alone, never the cache, which may refer back to the function.
-    own_hits = getattr(memoized, "_own_hits", None)
-    weakref.finalize(memoized, _retire, name, counts, own_hits).atexit = False
+    entry = _Tracked(name, counts, getattr(memoized, "_own_hits", None))
+    serial = next(_serials)
+    entry.ref = weakref.ref(memoized, lambda _ref: _gone.append(serial))
+    with _lock:
+        _fold()
+        _live[serial] = entry
+        _live_names[name] = _live_names.get(name, 0) + 1
     instrument = getattr(memoized, "_instrument", None)
     if instrument is not None and _hit_listeners:
         instrument(_notifier(name))
 
 
-def _retire(name: str, counts: Any, own_hits: Callable[[], int] | None) -> None:
-    gone = _retired.setdefault(name, [0] * len(COUNTED))
-    for i, field in enumerate(COUNTED):
-        gone[i] += getattr(counts, field)
-    if own_hits is not None:
-        gone[0] += own_hits()
+def _fold() -> None:
+    """Move the functions collected out of _live; keep their counts while a listener may read
+    them. The caller holds _lock."""
+    while _gone:
+        entry = _live.pop(_gone.pop(), None)
+        if entry is None:
+            continue
+        name = entry.name
+        left = _live_names.pop(name) - 1
+        if left:
+            _live_names[name] = left
+        if active:
+            gone = _retired.pop(name, None) or [0] * len(COUNTED)
+            for i, count in enumerate(entry.counted()):
+                gone[i] += count
+            _retired[name] = gone
+    if len(_retired) > RETIRED_NAMES:
+        # The names retired longest ago go first; a name some function still has stays, or its
+        # total would go down.
+        for name in list(_retired):
+            if len(_retired) <= RETIRED_NAMES:
+                break
+            if name not in _live_names:
+                del _retired[name]
+
+
+def _entries() -> list[_Tracked]:
+    with _lock:
+        _fold()
+        return list(_live.values())
 
 
 def tracked() -> list[tuple[str, Any]]:
-    """Every memoized function alive, with its name."""
-    return [(f.queue._counts.name, f) for f in list(_tracked)]
+    """Every memoized function alive, with its name; any thread may call it."""
+    found = []
+    for entry in _entries():
+        memoized = entry.ref() if entry.ref is not None else None
+        if memoized is not None:
+            found.append((entry.name, memoized))
+    return found
 
 
 def totals() -> dict[str, list[int]]:
-    """The calls of every memoized function so far, gone ones included, by name (COUNTED)."""
-    sums = {name: list(counts) for name, counts in _retired.items()}
-    for name, memoized in tracked():
-        info = memoized.cache_info()
-        counts = sums.setdefault(name, [0] * len(COUNTED))
-        for i, field in enumerate(COUNTED):
-            counts[i] += getattr(info, field)
+    """The calls of every memoized function so far, by name (COUNTED), those gone while a
+    listener was registered included.
+
+    Any thread may call it: it reads the counts the event loop keeps, never a cache (a
+    cachetools cache is not thread-safe: even reading a TTLCache's size deletes entries).
+    """
+    with _lock:
+        _fold()
+        sums = {name: list(counts) for name, counts in _retired.items()}
+        entries = list(_live.values())
+    for entry in entries:
+        counts = sums.setdefault(entry.name, [0] * len(COUNTED))
+        for i, count in enumerate(entry.counted()):
+            counts[i] += count
     return sums
 
 
@@ -162,10 +251,9 @@ def _set(new: tuple[Listener, ...]) -> None:
     was = bool(_hit_listeners)
     _hit_listeners = tuple(x for x in new if type(x).on_hit is not Listener.on_hit)
     if bool(_hit_listeners) != was:
-        for memoized in list(_tracked):
+        for name, memoized in tracked():
             instrument = getattr(memoized, "_instrument", None)
             if instrument is not None:
-                name = memoized.queue._counts.name
                 instrument(_notifier(name) if _hit_listeners else None)
 
 

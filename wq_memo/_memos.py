@@ -13,8 +13,6 @@ class Resettable(Protocol):
     @property
     def cache(self) -> object: ...
 
-    def _reset_counts(self) -> None: ...
-
     def cache_clear(self) -> None: ...
 
     async def acache_clear(self) -> None: ...
@@ -43,13 +41,11 @@ def reset_all_now() -> None:
     """reset_all() where every cache is synchronous; TypeError if one is not."""
     if not all(is_synchronous(m) for m in everything()):
         raise TypeError("wq_memo: an asynchronous cache needs await reset_all()")
-    _raise_all(
-        [_reset(m, m.cache_clear) for m in everything()],
-    )
+    _raise_all([_clear(m.cache_clear) for m in everything()])
 
 
 async def reset_all() -> None:
-    """Empty every memoized function's cache and set its counts back to zero.
+    """Empty every memoized function's cache and set its counts back to zero (cache_clear()).
 
     Computations under way are forgotten, as cache_clear() forgets them. Raises an
     ExceptionGroup of what the clears raised, after trying every function.
@@ -57,23 +53,20 @@ async def reset_all() -> None:
     errors: list[Exception | None] = []
     for memoized in everything():
         if is_synchronous(memoized):
-            errors.append(_reset(memoized, memoized.cache_clear))
+            errors.append(_clear(memoized.cache_clear))
         else:
             try:
                 await memoized.acache_clear()
             except Exception as exc:  # one failing cache must not spare the others
                 errors.append(exc)
-            memoized._reset_counts()
     _raise_all(errors)
 
 
-def _reset(memoized: Resettable, clear: Callable[[], object]) -> Exception | None:
+def _clear(clear: Callable[[], object]) -> Exception | None:
     try:
         clear()
     except Exception as exc:  # one failing cache must not spare the others
         return exc
-    finally:
-        memoized._reset_counts()
     return None
 
 

@@ -124,11 +124,11 @@ class BoundMethod:
         """Compute this instance's call now, store it, return it."""
         return await self.__func__.refresh(self.__self__, *args, **kwargs)
 
-    def cache_prime(self, value: Any, *args: Any, **kwargs: Any) -> None:
+    def cache_prime(self, value: Any, /, *args: Any, **kwargs: Any) -> None:
         """Store value as the result of this instance's call (a synchronous cache only)."""
         self.__func__.cache_prime(value, self.__self__, *args, **kwargs)
 
-    async def acache_prime(self, value: Any, *args: Any, **kwargs: Any) -> None:
+    async def acache_prime(self, value: Any, /, *args: Any, **kwargs: Any) -> None:
         """Store value as the result of this instance's call."""
         await self.__func__.acache_prime(value, self.__self__, *args, **kwargs)
 

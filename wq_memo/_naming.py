@@ -73,7 +73,8 @@ def shared_name(func: Any, name: str | None) -> str:
     )
 
 
-# Per async cache object: the names claimed on it, each by a weak reference to its function.
+# Per async cache object: the names claimed on it, each by a weak reference to its function
+# (removed when the function is collected, so that functions made at run time leave nothing).
 _claims: dict[int, tuple[Any, dict[str, weakref.ref[Any]]]] = {}
 
 
@@ -96,7 +97,13 @@ def claim(cache: Any, name: str, memoized: Any) -> None:
             f"({describe(other)} and {describe(memoized)}); they would share entries. "
             "Give each a distinct name="
         )
-    names[name] = weakref.ref(memoized)
+    names[name] = weakref.ref(memoized, functools.partial(_unclaim, names, name))
+
+
+def _unclaim(names: dict[str, weakref.ref[Any]], name: str, ref: weakref.ref[Any]) -> None:
+    """A function that claimed name is gone: its entry goes, unless another claims it now."""
+    if names.get(name) is ref:
+        del names[name]
 
 
 def _deref(holder: Any) -> Any:

@@ -168,18 +168,23 @@ class WorkerQueue(Generic[T, R]):
     def computing(self) -> int:
         """How many computations run now (on the current event loop)."""
         table = self._table
-        return 0 if table is None else table.running + table.borrowed
+        return 0 if table is None else table.computing()
 
     @property
     def waiting(self) -> int:
-        """How many items wait in line for a slot (their callers wait for room or a slot)."""
+        """How many items wait in line for a slot (their callers wait for room or a slot).
+
+        Metrics collection may read it from another thread: the lines are copied first, in one
+        step, since the loop may change them meanwhile.
+        """
         table = self._table
         if table is None:
             return 0
+        line, waiters = tuple(table._line), tuple(table._slot_waiters)
         return (
-            sum(f.wanted() for f in table._line)
+            sum(f.wanted() for f in line)
             + len(table._refresh_line)
-            + sum(not w.done() for w in table._slot_waiters)
+            + sum(not w.done() for w in waiters)
         )
 
     @property
@@ -225,7 +230,10 @@ class WorkerQueue(Generic[T, R]):
                     looked = True
                     value = await self._look_up(key)
                     if value is not self._miss:
+                        # A refresh of key is under way already: no need to start one.
                         self._counts.hits += 1
+                        if _listeners.active:
+                            _listeners.hit(self._counts.name)
                         return value  # type: ignore[no-any-return]
                     continue  # gone meanwhile: join the refresh, or start over if it ended
                 return await table.join(flight)
@@ -325,7 +333,7 @@ class WorkerQueue(Generic[T, R]):
             f.task
             for f in flights
             # Delivered and not ended: its store is on its way (or it is about to end).
-            if f.outcome is not None
+            if (f.outcome is not None or f.storing)
             and f.task is not None
             and not f.task.done()
             and f.task is not _me()
@@ -347,9 +355,10 @@ class WorkerQueue(Generic[T, R]):
                     "WorkerQueue is in use on another running event loop; "
                     "create one queue per event loop"
                 )
-            # The old loop has stopped: its computations can never finish. Forget them; the
-            # cache is kept.
+            # The old loop has stopped: its computations finish only if it runs again, and
+            # must not store then what may be stale. Forget them; the cache is kept.
             logger.debug("WorkerQueue moving to a new event loop; %d item(s) left behind", old.live)
+            old.abandon()
             self._closing = None
         elif old is not None:
             return old
@@ -397,7 +406,10 @@ class WorkerQueue(Generic[T, R]):
                 raise RuntimeError(
                     "WorkerQueue.aclose() called from another event loop than the one it runs on"
                 )
-            self._table = None  # its loop has stopped: nothing there can finish
+            # Its loop has stopped: nothing there finishes unless it runs again, and what
+            # finishes then stores nothing.
+            table.abandon()
+            self._table = None
             self._closing = None
             _registry.unregister(self)
             return

@@ -11,7 +11,7 @@ from typing import Any, Final
 
 from ._errors import ShutdownTimeout
 
-__all__ = ("Refresher", "check_refresh_options")
+__all__ = ("Refresher", "check_freshness_options", "check_refresh_options")
 
 logger = logging.getLogger("wq_memo")
 
@@ -22,29 +22,60 @@ _PRUNE_AT: Final = 1024
 """Due times kept before those of entries the cache dropped are pruned (then twice as many)."""
 _KEEP_UNCHECKED: Final = 100_000
 """Due times kept for a cache that cannot say what it holds (an async cache): the oldest go."""
+_SAME_ENTRY: Final = 0.05
+"""Seconds within which two reads' estimates of an entry's write time are taken for one entry
+(ages are read in milliseconds, on another clock): capped at refresh_after / 20."""
 
 
-def _seconds(name: str, value: object, *, zero: bool = False) -> float:
+def _seconds(name: str, value: object, what_to_do: str) -> float:
     ok = (
         isinstance(value, int | float)
         and not isinstance(value, bool)
         and math.isfinite(value)
-        and (value >= 0 if zero else value > 0)
+        and value > 0
     )
     if not ok:
-        what = ">= 0" if zero else "> 0"
-        raise ValueError(f"@worker_queue: {name} must be a number of seconds {what}, got {value!r}")
+        raise ValueError(
+            f"@worker_queue: {name} must be a number of seconds > 0, got {value!r}; {what_to_do}"
+        )
     return float(value)  # type: ignore[arg-type]
+
+
+def check_freshness_options(
+    refresh_backoff: object, jitter: object, timer: object
+) -> tuple[float, float]:
+    """Validate refresh_backoff, jitter and timer, which are checked whether or not
+    refresh_after is given: a bad value is a mistake either way."""
+    backoff = _seconds(
+        "refresh_backoff",
+        refresh_backoff,
+        "pass how long to wait before a failed refresh is tried again (default 1)",
+    )
+    if isinstance(jitter, bool) or not isinstance(jitter, int | float) or not 0 <= jitter < 1:
+        raise ValueError(
+            f"@worker_queue: jitter must be a fraction from 0 up to 1, got {jitter!r}; pass "
+            "jitter=0.1 to spread each entry's refresh_after by up to 10% either way, "
+            "or 0 (the default) for no spread"
+        )
+    if timer is not None and not callable(timer):
+        raise TypeError(
+            f"@worker_queue: timer must be a function returning seconds, got {timer!r}; pass "
+            "a clock such as time.monotonic, or leave it out to use the cache's own timer"
+        )
+    return backoff, float(jitter)
 
 
 def check_refresh_options(
     refresh_after: object, refresh_backoff: object, jitter: object, ttl: object
 ) -> tuple[float, float, float]:
     """Validate refresh_after, refresh_backoff and jitter against the cache's ttl, if known."""
-    after = _seconds("refresh_after", refresh_after)
-    backoff = _seconds("refresh_backoff", refresh_backoff)
-    if isinstance(jitter, bool) or not isinstance(jitter, int | float) or not 0 <= jitter < 1:
-        raise ValueError(f"@worker_queue: jitter must be a fraction from 0 up to 1, got {jitter!r}")
+    after = _seconds(
+        "refresh_after",
+        refresh_after,
+        "pass the age after which an entry is refreshed in the background, "
+        "or None for no refresh-ahead",
+    )
+    backoff, jitter = check_freshness_options(refresh_backoff, jitter, None)
     if isinstance(ttl, int | float) and not isinstance(ttl, bool) and after * (1 + jitter) >= ttl:
         raise ValueError(
             f"@worker_queue: refresh_after={after}"
@@ -52,7 +83,7 @@ def check_refresh_options(
             + f" must be below the cache's ttl={ttl}: the ttl is the hard limit, and an entry "
             "is refreshed before it; lower refresh_after, or raise the ttl"
         )
-    return after, backoff, float(jitter)
+    return after, backoff, jitter
 
 
 class Refresher:
@@ -61,10 +92,23 @@ class Refresher:
     An entry's due time is set when a value is stored (``refresh_after`` later, spread by
     ``jitter``), and pushed ``backoff`` later when a refresh starts or fails, so that calls in
     between neither start another nor hammer a failing source. Entries this process never wrote
-    (primed elsewhere, or stored by another process) have no due time and are not refreshed.
+    (primed elsewhere, or stored by another process) have no due time and are not refreshed,
+    unless the cache tells entries' ages (``dated``): then each entry, whoever wrote it, gets
+    one due time, drawn when it is first seen, however often it is read.
     """
 
-    __slots__ = ("after", "backoff", "clock", "contains", "due", "jitter", "name", "prune_at")
+    __slots__ = (
+        "after",
+        "backoff",
+        "clock",
+        "contains",
+        "due",
+        "jitter",
+        "name",
+        "prune_at",
+        "same",
+        "writes",
+    )
 
     def __init__(
         self,
@@ -74,6 +118,7 @@ class Refresher:
         clock: Callable[[], float],
         name: str,
         contains: Callable[[Hashable], bool] | None,
+        dated: bool = False,
     ) -> None:
         self.after = after
         self.backoff = backoff
@@ -84,31 +129,54 @@ class Refresher:
         """Whether the cache holds a key (to prune due times of entries it dropped)."""
         self.due: dict[Hashable, float] = {}
         self.prune_at = _PRUNE_AT
+        self.writes: dict[Hashable, tuple[float, float]] | None = {} if dated else None
+        """With a dated cache: key -> (when its newest known entry was written, on this clock;
+        when that entry is due)."""
+        self.same = min(_SAME_ENTRY, after / 20)
+
+    def _delay(self) -> float:
+        """refresh_after, spread by jitter: one draw."""
+        if self.jitter:
+            return self.after * (1 + self.jitter * (2 * random.random() - 1))
+        return self.after
 
     def stored(self, key: Hashable) -> None:
         """A value was stored for key now."""
-        delay = self.after
-        if self.jitter:
-            delay *= 1 + self.jitter * (2 * random.random() - 1)
+        now = self.clock()
+        due_at = now + self._delay()
         due = self.due
-        due[key] = self.clock() + delay
+        due[key] = due_at
+        if self.writes is not None:
+            self.writes[key] = (now, due_at)
         if len(due) > self.prune_at:
             self._prune()
 
     def written(self, key: Hashable, age: float) -> None:
         """The cache says key's entry was written ``age`` seconds ago (maybe by another process).
 
-        The due time only moves later: a refresh starting or failing here pushed it back, and an
-        entry refreshed elsewhere is younger.
+        An entry gets one due time, drawn when it is first seen: reading it again changes
+        nothing (a draw at each read, keeping the latest, would push every entry to the end of
+        its jitter). The due time only moves later: a refresh starting or failing here pushed
+        it back, and an entry refreshed elsewhere is younger.
         """
-        delay = self.after
-        if self.jitter:
-            delay *= 1 + self.jitter * (2 * random.random() - 1)
-        due = self.clock() - age + delay
-        if due > self.due.get(key, -NEVER):
-            self.due[key] = due
+        at = self.clock() - age
+        writes = self.writes
+        if writes is not None:
+            known = writes.get(key)
+            if known is not None and at <= known[0] + self.same:
+                return  # the entry drawn for already (or an older one)
+        due_at = at + self._delay()
+        if writes is not None:
+            writes[key] = (at, due_at)
+        if due_at > self.due.get(key, -NEVER):
+            self.due[key] = due_at
             if len(self.due) > self.prune_at:
                 self._prune()
+
+    def entry_due(self, key: Hashable) -> bool:
+        """Whether key's newest known entry is due (True when none is known)."""
+        known = None if self.writes is None else self.writes.get(key)
+        return known is None or self.clock() >= known[1]
 
     def started(self, key: Hashable) -> None:
         """A refresh of key started (or was under way): no other before the back-off."""
@@ -130,9 +198,13 @@ class Refresher:
 
     def forget(self, key: Hashable) -> None:
         self.due.pop(key, None)
+        if self.writes is not None:
+            self.writes.pop(key, None)
 
     def clear(self) -> None:
         self.due.clear()
+        if self.writes is not None:
+            self.writes.clear()
 
     def _prune(self) -> None:
         due = self.due
@@ -140,12 +212,16 @@ class Refresher:
         if contains is not None:
             for key in [k for k in due if not contains(k)]:
                 del due[key]
+                if self.writes is not None:
+                    self.writes.pop(key, None)
             self.prune_at = max(_PRUNE_AT, 2 * len(due))  # amortized: O(1) per store
             return
         # An async cache: the oldest due times go; those entries are refreshed again once this
         # process stores them again.
         for key in list(due)[: len(due) - _KEEP_UNCHECKED // 2]:
             del due[key]
+            if self.writes is not None:
+                self.writes.pop(key, None)
         self.prune_at = _KEEP_UNCHECKED
 
     def due_time(self, key: Any) -> float:

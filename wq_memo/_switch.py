@@ -5,10 +5,10 @@ process that never switches caching off, nothing else is checked. It is True whi
 scope is open anywhere in the process, while the pytest marker forces caching off, or while
 WQ_MEMO_DISABLE is on; a call then asks ``SWITCH.off()`` whether it is itself affected.
 
-WQ_MEMO_DISABLE is honoured as it is at the moment of the call without reading os.environ on
-every call: an audit hook (sys.addaudithook) sees every change made through os.environ,
-os.putenv and os.unsetenv, before it takes effect, and keeps the flag up to date. Where the hook
-cannot be installed, every call reads os.environ.
+WQ_MEMO_DISABLE is read once, when wq_memo is imported. Following later changes would take
+either a read of os.environ on every call (the hit path's cost, several times over) or a
+process-wide audit hook, which slows every sys._getframe() and logging call of the process;
+disabled() and the pytest marker switch caching at run time instead.
 """
 
 from __future__ import annotations
@@ -17,10 +17,9 @@ import contextlib
 import contextvars
 import logging
 import os
-import sys
 import threading
 from types import TracebackType
-from typing import Any, Final, final
+from typing import Final, final
 
 __all__ = ("ENV_VAR", "SWITCH", "disabled")
 
@@ -29,16 +28,13 @@ logger = logging.getLogger("wq_memo")
 ENV_VAR: Final = "WQ_MEMO_DISABLE"
 _ON: Final = frozenset({"1", "true", "yes", "on"})
 _OFF: Final = frozenset({"", "0", "false", "no", "off"})
-_ENV_EVENTS: Final = frozenset({"os.putenv", "os.unsetenv"})
-_ENV_KEYS: Final = frozenset({ENV_VAR, ENV_VAR.encode()})
 
 
-def _env_says_off(raw: str | bytes | None) -> bool:
+def _env_says_off(raw: str | None) -> bool:
     """Whether a value of WQ_MEMO_DISABLE switches caching off (None: the variable is unset)."""
     if raw is None:
         return False
-    text = raw.decode(errors="replace") if isinstance(raw, bytes) else raw
-    word = text.strip().lower()
+    word = raw.strip().lower()
     if word in _ON:
         return True
     if word not in _OFF:
@@ -46,7 +42,7 @@ def _env_says_off(raw: str | bytes | None) -> bool:
             "%s=%r is not understood; caching stays on. Set it to 1 (or true, yes, on) to "
             "switch caching off, or to 0 (or unset it) to keep it on",
             ENV_VAR,
-            text,
+            raw,
         )
     return False
 
@@ -71,27 +67,24 @@ _scope: contextvars.ContextVar[_Scope | None] = contextvars.ContextVar(
 class _Switch:
     """Whether caching is off, for the process and for the current context."""
 
-    __slots__ = ("_lock", "env_off", "forced", "hooked", "open_scopes", "watch")
+    __slots__ = ("_lock", "env_off", "forced", "open_scopes", "watch")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.open_scopes = 0
         self.forced = 0
-        self.hooked = False
-        """Whether the audit hook keeps env_off up to date (else off() reads os.environ)."""
         self.env_off = _env_says_off(os.environ.get(ENV_VAR))
+        """WQ_MEMO_DISABLE as it was when wq_memo was imported."""
         self.watch = True
         """What the hit path reads: False only when no call can be affected."""
         self._update()
 
     def _update(self) -> None:
-        self.watch = bool(self.open_scopes or self.forced or self.env_off or not self.hooked)
+        self.watch = bool(self.open_scopes or self.forced or self.env_off)
 
     def off(self) -> bool:
         """Whether a call made now, in the current context, must bypass the cache."""
-        if self.forced:
-            return True
-        if self.env_off if self.hooked else _env_says_off(os.environ.get(ENV_VAR)):
+        if self.forced or self.env_off:
             return True
         scope = _scope.get()
         while scope is not None:
@@ -111,31 +104,8 @@ class _Switch:
             self.forced += delta
             self._update()
 
-    def env_changed(self, raw: str | bytes | None) -> None:
-        off = _env_says_off(raw)
-        with self._lock:
-            self.env_off = off
-            self._update()
-
-    def hook(self, event: str, args: tuple[Any, ...]) -> None:
-        """The audit hook: follow every change of WQ_MEMO_DISABLE as it is made."""
-        if event in _ENV_EVENTS and args and args[0] in _ENV_KEYS:
-            self.env_changed(args[1] if event == "os.putenv" else None)
-        elif event == "wq_memo.probe":
-            self.hooked = True
-
-    def install(self) -> None:
-        """Install the audit hook, and check that it runs (an existing hook may refuse it)."""
-        sys.addaudithook(self.hook)
-        sys.audit("wq_memo.probe")
-        with self._lock:
-            self._update()
-        if not self.hooked:
-            logger.debug("audit hook refused: every memoized call reads %s", ENV_VAR)
-
 
 SWITCH: Final = _Switch()
-SWITCH.install()
 
 
 @final

@@ -1,23 +1,26 @@
 """The pytest plugin that comes with wq_memo; it does nothing until a test suite asks for it.
 
-- the fixture ``wq_memo_isolated``: before the test, every memoized function's cache is emptied
-  and its counts set to zero; after it, every queue the test started is closed;
+- the fixture ``wq_memo_isolated``: before the test, every memoized function is cleared (its
+  cache emptied, its cache_info() counts set to zero, as cache_clear() does); after it, every
+  queue the test started is closed;
 - the ini option ``wq_memo_isolate = true``: every test gets that fixture, first of all;
 - the marker ``@pytest.mark.wq_memo_disabled``: the test (its fixtures included) runs with
   caching switched off in the whole process, as with WQ_MEMO_DISABLE=1.
 
-With pytest-asyncio, the fixture runs on the event loop of the test's function scope, so it
-closes the queues a test running on that loop started, gracefully; queues left on another loop
-that has stopped are forgotten. Without pytest-asyncio, it runs its asynchronous steps with
-asyncio.run().
+With pytest-asyncio, the fixture runs on the event loop the test runs on (of the scope its
+asyncio marker's loop_scope, else the ini option asyncio_default_test_loop_scope, gives it), so
+it closes the queues a test running on that loop started, gracefully; a queue left on another
+loop that has stopped is forgotten, and its computations, should that loop run again, store
+nothing. Without pytest-asyncio, it runs its asynchronous steps with asyncio.run().
 """
 
 from __future__ import annotations
 
 import asyncio
 import importlib.util
+import inspect
 from collections.abc import AsyncIterator, Generator, Iterator
-from typing import Any
+from typing import Any, Final
 
 import pytest
 
@@ -84,7 +87,7 @@ def _has_async_caches() -> bool:
 def wq_memo_isolated(request: pytest.FixtureRequest) -> Iterator[None]:
     """Empty every memoized function's cache and counts; close the queues the test starts."""
     if request.config.pluginmanager.has_plugin("asyncio"):
-        request.getfixturevalue("_wq_memo_isolated_on_the_loop")
+        request.getfixturevalue(_on_the_loop(_loop_scope(request)))
         yield
         return
     mark = _registry.mark()
@@ -96,18 +99,56 @@ def wq_memo_isolated(request: pytest.FixtureRequest) -> Iterator[None]:
     asyncio.run(_registry.aclose_started_since(mark))
 
 
-def _asyncio_fixture() -> Any:
+LOOP_SCOPES: Final = ("function", "class", "module", "package", "session")
+"""The scopes of pytest-asyncio's event loops."""
+
+
+def _on_the_loop(scope: str) -> str:
+    """The name of the fixture that isolates a test on the event loop of scope."""
+    return f"_wq_memo_isolated_on_the_{scope}_loop"
+
+
+def _loop_scope(request: pytest.FixtureRequest) -> str:
+    """The scope of the event loop pytest-asyncio runs the test on, decided as pytest-asyncio
+    decides it: the asyncio marker's loop_scope, else the ini option
+    asyncio_default_test_loop_scope. "function" for a test it does not run."""
+    marker = request.node.get_closest_marker("asyncio")
+    if marker is None:
+        return "function"
+    scope = marker.kwargs.get("loop_scope") or marker.kwargs.get("scope")
+    if scope is None:
+        try:
+            scope = request.config.getini("asyncio_default_test_loop_scope")
+        except ValueError:  # a pytest-asyncio that has no such option: function scope
+            scope = None
+    known = _asyncio_fixtures_by_scope or {}
+    return scope if isinstance(scope, str) and _on_the_loop(scope) in known else "function"
+
+
+def _asyncio_fixtures() -> dict[str, Any]:
+    """An isolating fixture for each scope of event loop (only the function scope's where
+    pytest-asyncio cannot choose a fixture's loop), by name."""
     import pytest_asyncio
 
-    @pytest_asyncio.fixture
-    async def _wq_memo_isolated_on_the_loop() -> AsyncIterator[None]:
-        mark = await _before()
-        yield
-        await _registry.aclose_started_since(mark)
+    fixture: Any = pytest_asyncio.fixture  # its signature varies with the version
+    scoped = "loop_scope" in inspect.signature(fixture).parameters
 
-    return _wq_memo_isolated_on_the_loop
+    def isolating(scope: str) -> Any:
+        async def isolate() -> AsyncIterator[None]:
+            mark = await _before()
+            yield
+            await _registry.aclose_started_since(mark)
+
+        if not scoped:
+            return fixture(isolate, name=_on_the_loop(scope))
+        return fixture(isolate, name=_on_the_loop(scope), loop_scope=scope)
+
+    return {_on_the_loop(s): isolating(s) for s in (LOOP_SCOPES if scoped else ("function",))}
 
 
+_asyncio_fixtures_by_scope: dict[str, Any] | None = None
 if importlib.util.find_spec("pytest_asyncio") is not None:
-    # Without pytest-asyncio, wq_memo_isolated never asks for it.
-    _wq_memo_isolated_on_the_loop = _asyncio_fixture()
+    # Without pytest-asyncio, wq_memo_isolated never asks for them. Each runs on the loop of
+    # its scope, so that it clears and closes what a test left on the loop the test ran on.
+    _asyncio_fixtures_by_scope = _asyncio_fixtures()
+    globals().update(_asyncio_fixtures_by_scope)

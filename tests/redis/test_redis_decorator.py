@@ -116,6 +116,23 @@ async def test_invalidate_and_clear(make_redis_cache: Make) -> None:
     assert calls == [1, 2, 1, 1, 2]
 
 
+async def test_acache_clear_sets_the_counts_back_to_zero(make_redis_cache: Make) -> None:
+    cache = make_redis_cache()
+
+    @worker_queue(cache=cache, name="counted")
+    async def counted(x: int) -> int:
+        return x
+
+    for x in (1, 1, 2):
+        await counted(x)
+    assert counted.cache_info()[:3] == (1, 2, 0)
+    await counted.acache_clear()
+    info = counted.cache_info()
+    assert (info.hits, info.misses, info.joined, info.refreshes, info.bypassed) == (0,) * 5
+    assert await counted(1) == 1
+    assert counted.cache_info()[:3] == (0, 1, 0)  # computed again: the entry went too
+
+
 async def test_functions_sharing_a_cache_have_separate_entries(make_redis_cache: Make) -> None:
     cache = make_redis_cache()
 

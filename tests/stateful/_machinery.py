@@ -1004,7 +1004,7 @@ class QueueModelMachine(RuleBasedStateMachine):
             else 0
         )
         # Items whose callers all left before they started count as misses too.
-        dropped = table.counts.dropped if table is not None else 0
+        dropped = table.counts.total("dropped") if table is not None else 0
         assert started <= misses - dropped <= started + waiting + self.unstarted_allowance, (
             f"misses={misses}, of which {dropped} were dropped unstarted, but {started} "
             f"computations started, {waiting} wait for a slot and at most "

@@ -14,7 +14,7 @@ from cachetools.keys import hashkey
 from hypothesis import strategies as st
 from hypothesis.stateful import initialize, invariant, precondition, rule, run_state_machine_as_test
 
-from wq_memo import CacheInfo, WorkerQueue, disabled, worker_queue
+from wq_memo import CacheInfo, WorkerQueue, _listeners, disabled, worker_queue
 from wq_memo._flight import FlightTable
 from wq_memo.backends import MISSING, CallKey
 from wq_memo.metrics import Listener, add_listener, remove_listener
@@ -47,6 +47,28 @@ class Driven(Protocol):
     async def acache_invalidate(self, key: str, /) -> bool: ...
 
 
+def since_made(f: Any) -> tuple[int, int, int, int, int]:
+    """f's hits, misses, joined, refreshes and bypassed since it was made: a clear sets
+    cache_info()'s counts back to zero, not these (the metrics read them)."""
+    counts = f.queue._counts
+    tracked = _listeners._Tracked("f", counts, getattr(f, "_own_hits", None))
+    hits, misses, joined, refreshes = tracked.counted()
+    return hits, misses, joined, refreshes, counts.total("bypassed")
+
+
+def assert_counts_cleared(info: CacheInfo) -> None:
+    """info, read right after a clear, counts nothing."""
+    counted = (
+        info.hits,
+        info.misses,
+        info.joined,
+        info.refreshes,
+        info.refresh_failures,
+        info.bypassed,
+    )
+    assert counted == (0,) * 6, f"right after a clear: {info}"
+
+
 class RecordingTTLCache(cachetools.TTLCache[Hashable, Any]):
     """A TTLCache that tells the machine when a caller's lookup finds a value, and which
     computation stores each value."""
@@ -70,7 +92,8 @@ class RecordingTTLCache(cachetools.TTLCache[Hashable, Any]):
 
 
 class CountingListener(Listener):
-    """Counts what listeners are told of f: it must add up to f's cache_info()."""
+    """Counts what listeners are told of f: it must add up to what f counted (cache_info()'s
+    counts, and those a clear set back to zero)."""
 
     def __init__(self) -> None:
         self.hits = self.misses = self.joined = self.refreshes = 0
@@ -169,9 +192,13 @@ class DecoratorMachine(QueueModelMachine):
         assert self.counters() == counters
         assert len(self.comps) == computations, "a call with caching off went through the queue"
 
+    def memoized(self) -> Any:
+        """The function @worker_queue made."""
+        return self.f
+
     @invariant()
     def bypassed_counts_the_calls_made_with_caching_off(self) -> None:
-        assert self.f.cache_info().bypassed == len(self.direct)
+        assert since_made(self.memoized())[4] == len(self.direct)
 
     async def aclose(self) -> None:
         await self.f.queue.aclose()
@@ -180,8 +207,8 @@ class DecoratorMachine(QueueModelMachine):
         return self.f.queue._table
 
     def counters(self) -> tuple[int, int, int]:
-        info = self.f.cache_info()
-        return info.hits, info.misses, info.joined
+        hits, misses, joined, _, _ = since_made(self.memoized())
+        return hits, misses, joined
 
     def flight_key(self, key: str) -> object:
         return hashkey(key)
@@ -216,9 +243,10 @@ class DecoratorMachine(QueueModelMachine):
         forgotten."""
         forgotten = [c for key in KEYS for c in self.forget(key)]
         if use_async:
-            self.loop.run_until_complete(self.f.acache_clear())
+            self.loop.run_until_complete(self.cleared_async())
         else:
             self.f.cache_clear()
+            assert_counts_cleared(self.f.cache_info())
         for key in list(self.cached):
             self.uncache(key)
         self.forgotten_done(forgotten)
@@ -231,12 +259,17 @@ class DecoratorMachine(QueueModelMachine):
             if comp.cached_time + TTL <= self.fake_now:
                 self.uncache(key)
 
+    async def cleared_async(self) -> None:
+        """acache_clear(); cache_info() right after it counts nothing."""
+        await self.f.acache_clear()
+        assert_counts_cleared(self.f.cache_info())
+
     @invariant()
-    def listeners_are_told_what_cache_info_counts(self) -> None:
-        info = self.f.cache_info()
+    def listeners_are_told_what_is_counted(self) -> None:
         heard = self.listener
         told = (heard.hits, heard.misses, heard.joined, heard.refreshes)
-        assert told == (info.hits, info.misses, info.joined, info.refreshes), (told, info)
+        counted = since_made(self.memoized())[:4]
+        assert told == counted, f"listeners were told {told}, {counted} were counted"
 
     @invariant()
     def cache_info_sizes(self) -> None:
@@ -414,7 +447,7 @@ class AsyncCacheMachine(DecoratorMachine):
         invalidation forgets as it starts, what it removed as it returns."""
         if everything:
             forgotten = [c for k in KEYS for c in self.forget(k)]
-            await self.f.acache_clear()
+            await self.cleared_async()
             for k in list(self.cached):
                 self.uncache(k)
         else:

@@ -65,7 +65,7 @@ class EqualRows:
         return self.method.cache_info()
 
     def cache_clear(self) -> None:
-        self.method.cache_clear()
+        self.rows[0].load.cache_clear()  # bound to one row, it clears every row's entries
 
     async def acache_clear(self) -> None:
         await self.method.acache_clear()
@@ -103,6 +103,9 @@ class MethodMachine(DecoratorMachine):
 
     def flight_key(self, key: str) -> None:
         return None  # keyed by the instance: its first callers are not followed
+
+    def memoized(self) -> Any:
+        return self.rows.method
 
     def real_cache(self) -> dict[str, Any]:
         found = {}

@@ -3,6 +3,8 @@ calls, clock advances, failures and invalidations, against a model of entries an
 
 Invariants:
 - no call waits for a computation while its key has a live entry: it gets that entry at once;
+- a call waits for a slot only while the callers' computations fill maxsize, never behind
+  background refreshes, which take only spare slots (at most maxsize of them);
 - at most one computation (call or refresh) of a key is in flight, forgotten ones aside;
 - a failed refresh never reaches a caller that found the entry, and never removes the entry;
 - invalidation wins: a computation under way when its key is invalidated stores nothing;
@@ -213,6 +215,34 @@ class RefreshMachine(RuleBasedStateMachine):
         expected = {key: v for key in KEYS if (v := self.live(key)) is not None}
         real = {k: v for k, v in real.items() if (k,) in self.cache}  # expired ones aside
         assert real == expected, f"cache holds {real}, model expects {expected}"
+
+    @invariant()
+    def refreshes_take_only_spare_slots(self) -> None:
+        """A caller that waits for a slot waits only because the callers' own computations fill
+        maxsize, never behind refreshes; refreshes hold at most maxsize slots, and wait only
+        while no slot is spare."""
+        if not hasattr(self, "f"):
+            return
+        table = self.f.queue._table
+        if table is None:
+            return
+        callers = table.running - table.spare
+        assert 0 <= table.spare <= self.maxsize, f"{table.spare} spare slots taken"
+        assert callers <= self.maxsize, f"{callers} computations for callers, {self.maxsize=}"
+        assert len(self.active()) <= 2 * self.maxsize
+        # Pending with no computation of its key running (not even a forgotten one, which
+        # callers from before an invalidation may still await): it waits for a slot.
+        waiting = [
+            call.id for call in self.calls if not call.task.done() and not self.active(call.key)
+        ]
+        assert not waiting or callers == self.maxsize, (
+            f"calls {waiting} wait for a slot while {callers} of {self.maxsize} slots for "
+            f"callers are taken ({table.spare} by refreshes)"
+        )
+        if table._refresh_line:
+            assert table.running >= self.maxsize or table._line, (
+                f"refreshes wait although a slot is spare: {table._refresh_line}"
+            )
 
     @invariant()
     def callers_that_found_an_entry_never_see_a_failure(self) -> None:

@@ -28,6 +28,20 @@ class Service:
     async def fetch(self, key: str) -> bytes:
         return key.encode()
 
+    @worker_queue(cache={})
+    async def scaled(self, *, value: int) -> int:
+        return value
+
+
+@worker_queue(cache={})
+async def valued(value: int, *, times: int = 1) -> int:
+    return value * times
+
+
+@worker_queue(cache={})
+async def keyword_valued(*, value: int) -> str:
+    return str(value)
+
 
 async def test_signatures_survive_decoration() -> None:
     memoized: Memoized[[int], list[int]] = called
@@ -60,6 +74,19 @@ async def test_per_call_controls_keep_the_signature() -> None:
     assert_type(service.fetch.cache_peek("k"), bytes | Missing)
 
 
+async def test_a_parameter_named_value_can_be_primed() -> None:
+    # The primed value is positional-only: a parameter of the function named value is free.
+    valued.cache_prime(6, value=3, times=2)
+    await valued.acache_prime(7, value=7)
+    keyword_valued.cache_prime("4", value=4)
+    await keyword_valued.acache_prime("5", value=5)
+    service = Service()
+    service.scaled.cache_prime(8, value=8)
+    await service.scaled.acache_prime(9, value=9)
+    assert await keyword_valued(value=4) == "4"
+    assert await service.scaled(value=9) == 9
+
+
 async def wrong_calls() -> None:
     """Never run: each line must be rejected by mypy (see the module docstring)."""
     await bare("one")  # type: ignore[arg-type]
@@ -71,6 +98,8 @@ async def wrong_calls() -> None:
     bare.cache_prime(1, 1)  # type: ignore[arg-type]
     await bare.refresh("one")  # type: ignore[arg-type]
     Service().fetch.cache_prime("not bytes", "k")  # type: ignore[arg-type]
+    bare.cache_prime(value="v", x=1)  # type: ignore[call-arg]
+    keyword_valued.cache_prime(value=4)  # type: ignore[call-arg]
 
 
 def test_worker_queue_is_generic() -> None:

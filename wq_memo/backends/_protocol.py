@@ -49,6 +49,9 @@ class AsyncCache(Protocol):
 
     Implementations must not raise for a miss: ``get`` returns ``MISSING``. Errors of the store
     itself may propagate; @worker_queue logs them and carries on as if the cache were empty.
+
+    A cache may also have ``async def peek(key)``, answering as ``get`` does without counting
+    the read in its own statistics; ``acache_peek`` then reads through it.
     """
 
     async def get(self, key: Hashable) -> Any:
@@ -87,7 +90,10 @@ class SingleFlightCache(AsyncCache, Protocol):
 
         Across every process sharing the store, at most one compute() for a key runs at a time.
         An exception from compute() propagates to the caller and nothing is stored. A
-        ``delete(key)`` or ``clear()`` made while compute() runs means its result is not stored.
+        ``delete(key)``, ``clear()`` or ``set(key, ...)`` (a prime) made while compute() runs
+        means its result is not stored. @worker_queue stores computed values through this method
+        only (for f.refresh() too: it deletes the entry first, unless the cache is a
+        RefreshingCache, whose refresh() it uses), so that these rules hold for every write.
         """
         ...
 

@@ -16,6 +16,10 @@ Failures are told apart:
   second) decides; only if the probe fails too does the breaker open;
 - anything else (an error reply, a garbled answer) fails that operation only.
 
+The pub/sub connection is told apart too: Redis drops a subscriber by itself (one past its
+``client-output-buffer-limit pubsub``), and CLIENT KILL drops any connection. Its failure
+opens no breaker: the waiters subscribe again, and the probe decides whether Redis is down.
+
 Every failure is counted and logged. The writes that end a computation ignore the breaker.
 """
 
@@ -37,7 +41,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ._redis_log import Secrets, Throttle, logger
 from ._redis_pubsub import Subscriber
-from ._redis_scripts import CLAIM, DELETE, FINISH, RENEW
+from ._redis_scripts import CLAIM, CLEARED, DELETE, FINISH, RENEW
 
 __all__ = ("Connector", "Link", "Unavailable")
 
@@ -97,6 +101,7 @@ class Link:
 
     __slots__ = (
         "claim",
+        "cleared",
         "client",
         "delete",
         "finish",
@@ -119,6 +124,7 @@ class Link:
         self.renew = client.register_script(RENEW)
         self.finish = client.register_script(FINISH)
         self.delete = client.register_script(DELETE)
+        self.cleared = client.register_script(CLEARED)
         self.subscriber: Subscriber | None = None
 
 
@@ -318,8 +324,7 @@ class Connector:
 
     async def _run_probe(self) -> None:
         """PING on the probe's own connection: if Redis does not answer either, open the
-        breaker; if it does, the timeouts were those keys' own, and the subscriber (which
-        may have lost its connection unnoticed) is checked."""
+        breaker; if it does, the failures were those operations' or connections' own."""
         link = self.link()
         # At least a second: this process's own loop may be busy (reading a big value, say),
         # and a late answer must not be taken for a silent Redis.
@@ -334,8 +339,8 @@ class Connector:
             )
             return
         logger.debug(
-            "RedisCache %s: Redis answers PING; the operations that timed out were slow on "
-            "their own (a big value, say)",
+            "RedisCache %s: Redis answers PING; the operations that failed were slow on "
+            "their own (a big value, say), or their connection was dropped",
             self._label,
         )
 
@@ -352,11 +357,26 @@ class Connector:
         link = self.link()
         sub = link.subscriber
         if sub is None or sub.dead:
-            sub = link.subscriber = Subscriber(link.client.pubsub(), self._subscriber_failed)
+            sub = link.subscriber = Subscriber(link.client.pubsub(), self._subscriber_failed, sub)
         return sub
 
     def _subscriber_failed(self, what: str, exc: BaseException) -> None:
-        self.failed(what, None, exc)
+        """The subscriber's connection failed: count and log it; a failure of the connection
+        itself opens the breaker only if the probe finds Redis silent too."""
+        kind = _kind_of_failure(exc)
+        if kind not in ("down", "timeout"):
+            self.failed(what, None, exc)
+            return
+        self._counts["redis_errors"] += 1
+        self._throttle.log(
+            "subscriber",
+            "RedisCache %s: %s failed: %s; the callers waiting for other processes' "
+            "computations subscribe again and wait on, and a PING checks that Redis answers",
+            self._label,
+            what,
+            self.secrets.describe(exc),
+        )
+        self._start_probe()
 
     def subscription_timed_out(self, sub: Subscriber) -> None:
         """A SUBSCRIBE went unconfirmed for timeout seconds: Redis stalls, or the subscriber's

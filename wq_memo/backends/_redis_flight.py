@@ -5,8 +5,9 @@ A call looks at the key and, if it is missing, tries to take its lease lock (one
 - it finds the value: done;
 - it takes the lock: it *holds* the key. It calls ``compute()``, renews the lease while that
   runs, then stores the value, releases the lock and announces the outcome on the key's channel
-  (one script, FINISH, which stores only while this call's token still holds the lock). That
-  last write is retried until it lands or the lease is over, whatever the breaker says;
+  (one script, FINISH, which stores only while this call's token still holds the lock and no
+  ``clear()`` has begun since it was taken). That last write is retried until it lands or the
+  lease is over, whatever the breaker says;
 - another computation holds the lock: it *waits*. It watches the key's channel (through the
   cache's one subscriber), then looks again, then waits for an announcement or the end of the
   holder's lease, and looks again. Waiting takes none of the process's computation slots:
@@ -14,12 +15,15 @@ A call looks at the key and, if it is missing, tries to take its lease lock (one
 
 Announcements: ``d`` (stored; followed by the value itself when it is small), ``u`` (the value
 will not be stored: the waiters compute it at once, side by side), ``f`` (the computation
-failed) and ``x`` (the lock was released without a value): after those two the waiters look
-again, and one of them takes the lock. A function whose results were found uncacheable is
-marked for a while: its waiters compute at once instead of waiting.
+failed) and ``x`` (the lock was released without a value, or a holder found its lock gone and
+nobody holding it): after those two the waiters look again, and one of them takes the lock.
+A function whose results were found uncacheable is marked for a while: its waiters compute at
+once instead of waiting.
 
 A call that cannot use Redis (breaker open, an operation failed or timed out) computes on its
-own and stores nothing: only a lock holder stores, so nothing unfenced is ever written.
+own and stores nothing: only a lock holder stores, so no computed value is written unfenced.
+A primed value (``put``) goes through FINISH too: it is stored whoever holds the lock, and
+removes the lock, so that no computation that began before it overwrites it.
 
 A refresh (refresh-ahead) tries the lock once, without looking at the value: if it takes it, it
 holds the key as above (the entry stays readable meanwhile, and is replaced by FINISH); if
@@ -55,7 +59,8 @@ _INLINE_MAX: Final = 1024
 _MARKER_MS: Final = 60_000
 """How long a function stays marked uncacheable after its last uncacheable result."""
 _RESUBSCRIBE: Final = 3
-"""How many times one call watches again after its subscriber died before computing alone."""
+"""How many subscriptions in a row may die unconfirmed before a call computes alone. One whose
+connection drops after confirming it is watched again, up to the call's ``wait``."""
 
 
 class _Lease:
@@ -77,6 +82,7 @@ class Flight:
         "_conn",
         "_counts",
         "_entries",
+        "_epoch",
         "_exclusive",
         "_label",
         "_lease",
@@ -97,8 +103,10 @@ class Flight:
         ttl: float | None,
         single_flight: bool,
         label: str,
+        epoch: bytes,
     ) -> None:
         self._conn = conn
+        self._epoch = epoch
         self._entries = entries
         self._counts = counts
         self._lease = lease
@@ -121,7 +129,7 @@ class Flight:
             self._counts["hits"] += 1
             return payload  # type: ignore[no-any-return]
         if kind == _TAKEN:
-            return await self._hold(names, function, token, compute, sent)
+            return await self._hold(names, function, token, compute, sent, payload)
         if payload[1]:  # the function's results are not stored these days: nobody waits
             return await self._alone(compute, None)
         return await self._wait_then_compute(names, function, token, compute)
@@ -132,24 +140,40 @@ class Flight:
         """Compute and store the key if its lock is free; never wait for another holder."""
         token = secrets.token_hex(16).encode()
         try:
-            kind, _, sent = await self._claim(names, token, False)
+            kind, epoch, sent = await self._claim(names, token, False)
         except Unavailable:
             return False, MISSING
         if kind != _TAKEN:
             self._counts["refresh_skipped"] += 1
             return False, MISSING
-        return True, await self._hold(names, function, token, compute, sent)
+        return True, await self._hold(names, function, token, compute, sent, epoch)
+
+    async def put(self, names: KeyNames, function: str, value: Any, ttl: float | None) -> None:
+        """Store a primed value whoever holds the key's lock, release the lock and announce the
+        value to the waiters: a computation under way, in any process, does not overwrite it.
+
+        Raises Unavailable when Redis fails (logged and counted)."""
+        data = self._entries.encode(names.value, function, value, ttl)
+        if not isinstance(data, bytes):
+            return  # logged and counted
+        announce = b"d" + data if len(data) <= _INLINE_MAX else b"d"
+        px = 0 if ttl is None else max(1, round(ttl * 1000))
+        args: list[bytes | int] = [b"", b"p", data, px, names.channel, announce, _MARKER_MS, b""]
+        keys = [names.value, names.lock, names.marker, self._epoch]
+        await self._conn.call(
+            "SET", lambda link: link.finish(keys=keys, args=[*args, b"0"]), name=names.value
+        )
 
     # -- looking and claiming ----------------------------------------------------------------
 
     async def _claim(self, names: KeyNames, token: bytes, look: bool) -> tuple[int, Any, float]:
         """Read the value, or take the lock, or learn the holder's remaining lease.
 
-        Returns (kind, payload, when sent): (_HIT, value), (_TAKEN, None) or
+        Returns (kind, payload, when sent): (_HIT, value), (_TAKEN, the namespace's epoch) or
         (_HELD, (pttl in ms, marked)). An entry that is refused is computed over.
         """
         loop = asyncio.get_running_loop()
-        keys = [names.value, names.lock, names.marker]
+        keys = [names.value, names.lock, names.marker, self._epoch]
         limit = self._entries.max_bytes
         exclusive = b"1" if self._exclusive else b"0"
         while True:
@@ -176,7 +200,10 @@ class Flight:
                         self._entries.refused(
                             names.lock, "a lock without expiry (or not a string) was replaced"
                         )
-                    return kind, None, sent
+                    epoch = reply[2]
+                    if not isinstance(epoch, bytes):
+                        raise TypeError(epoch)
+                    return kind, epoch, sent
                 if kind == _HELD:
                     return kind, (int(reply[1]), bool(int(reply[2]))), sent
                 if kind == _TOO_BIG:
@@ -206,8 +233,12 @@ class Flight:
         token: bytes,
         compute: Callable[[], Awaitable[V]],
         sent: float,
+        epoch: bytes,
     ) -> V:
-        """Compute while holding the lock and renewing its lease; store, release, announce."""
+        """Compute while holding the lock and renewing its lease; store, release, announce.
+
+        ``epoch``: the namespace's epoch when the lock was taken; while a clear() that began
+        later runs, the value is not stored."""
         self._counts["computed"] += 1
         loop = asyncio.get_running_loop()
         lease = _Lease(sent + self._lease)
@@ -239,18 +270,19 @@ class Flight:
             await stop_renewing()
             cancelled = isinstance(exc, asyncio.CancelledError)
             # Waiters look again at once: one of them takes the lock.
-            await self._finish(names, token, b"n", b"", b"x" if cancelled else b"f", lease)
+            announce = b"x" if cancelled else b"f"
+            await self._finish(names, token, epoch, b"n", b"", announce, lease)
             raise
         await stop_renewing()
         data = self._entries.encode(names.value, function, value, self._ttl)
         if isinstance(data, bytes):
             announce = b"d" + data if len(data) <= _INLINE_MAX else b"d"
-            await self._finish(names, token, b"s", data, announce, lease)
+            await self._finish(names, token, epoch, b"s", data, announce, lease)
         else:
             # Not stored: the waiters compute it themselves, at once and side by side. A value
             # of a type that cannot be stored marks the function, so that nobody waits next time.
             outcome = b"u" if data == "unencodable" else b"n"
-            await self._finish(names, token, outcome, b"", b"u", lease)
+            await self._finish(names, token, epoch, outcome, b"", b"u", lease)
         return value
 
     async def _renew(self, names: KeyNames, token: bytes, lease: _Lease) -> None:
@@ -297,6 +329,7 @@ class Flight:
         self,
         names: KeyNames,
         token: bytes,
+        epoch: bytes,
         outcome: bytes,
         data: bytes,
         announce: bytes,
@@ -309,8 +342,9 @@ class Flight:
         they ignore the breaker. An attempt that timed out may still run in Redis later; the
         script tells such a repeat from a lost lock.
         """
-        args: list[bytes | int] = [token, outcome, data, 0, names.channel, announce, _MARKER_MS]
-        args[3] = 0 if self._ttl is None else max(1, round(self._ttl * 1000))
+        px = 0 if self._ttl is None else max(1, round(self._ttl * 1000))
+        args: list[bytes | int] = [token, outcome, data, px, names.channel, announce, _MARKER_MS]
+        args.append(epoch)
         if await self._finish_once(names, args, b"0", lease) or announce == b"x":
             return  # done, or a cancelled computation: its lock simply runs out
         self._conn.spawn(self._finish_later(names, args, lease))
@@ -319,7 +353,7 @@ class Flight:
         self, names: KeyNames, args: list[bytes | int], again: bytes, lease: _Lease
     ) -> bool:
         """One attempt of FINISH; return whether it landed (lost lock included)."""
-        keys = [names.value, names.lock, names.marker]
+        keys = [names.value, names.lock, names.marker, self._epoch]
         storing = args[1] == b"s"
         try:
             result = await self._conn.call(
@@ -357,7 +391,8 @@ class Flight:
     ) -> V:
         """Wait for the holder's announcement; then take the value, or compute it."""
         deadline = asyncio.get_running_loop().time() + self._wait
-        for _ in range(_RESUBSCRIBE):
+        unconfirmed = 0
+        while unconfirmed < _RESUBSCRIBE:
             try:
                 sub = self._conn.subscriber()
             except Unavailable:
@@ -371,10 +406,13 @@ class Flight:
                 self._counts["waited"] += 1
                 return detail  # type: ignore[no-any-return]
             if what == "hold":
-                return await self._hold(names, function, token, compute, detail)
+                sent, epoch = detail
+                return await self._hold(names, function, token, compute, sent, epoch)
             if what == "alone":
                 return await self._alone(compute, detail)
-            # "again": the subscriber died; watch through a new one
+            # "again": the subscriber died; watch through a new one. A connection that dropped
+            # after it had worked is no reason to stop waiting (the holder computes on).
+            unconfirmed = 0 if detail else unconfirmed + 1
         return await self._alone(compute, "fallbacks")
 
     async def _watch(
@@ -386,15 +424,16 @@ class Flight:
         ready: asyncio.Future[bool],
         deadline: float,
     ) -> tuple[str, Any]:
-        """Wait through one subscriber. Returns ("value", value), ("hold", when the lock was
-        taken), ("alone", the counter to count) or ("again", None) if the subscriber died."""
+        """Wait through one subscriber. Returns ("value", value), ("hold", (when the lock was
+        taken, the epoch then)), ("alone", the counter to count) or ("again", whether the
+        subscription had been confirmed) if the subscriber died."""
         loop = asyncio.get_running_loop()
         confirmed = await sub.subscribed(ready, self._conn.timeout)
         if confirmed is None:
             self._conn.subscription_timed_out(sub)
             return "alone", "fallbacks"
         if not confirmed:
-            return "again", None
+            return "again", False
         # Subscribed first, then looked: an announcement cannot slip in between.
         while True:
             watch.reset()
@@ -405,7 +444,7 @@ class Flight:
             if kind == _HIT:
                 return "value", payload
             if kind == _TAKEN:
-                return "hold", sent
+                return "hold", (sent, payload)
             pttl, marked = payload
             if marked:
                 return "alone", None
@@ -431,7 +470,7 @@ class Flight:
             finally:
                 watch.waiting = False
             if watch.lost:
-                return "again", None
+                return "again", True
             news = watch.payload
             if news is not None and news[:1] == b"d" and len(news) > 1:
                 value = self._entries.decode(names.value, news[1:])

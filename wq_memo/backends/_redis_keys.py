@@ -155,12 +155,15 @@ def glob_escape(name: bytes) -> bytes:
 class Namespace:
     """The Redis names of one namespace."""
 
-    __slots__ = ("name", "prefix")
+    __slots__ = ("epoch", "name", "prefix")
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.prefix = _utf8(name).replace(b":", b"::")
         """The namespace as it starts every name: with each ``:`` doubled."""
+        self.epoch = self.prefix + b":e"
+        """Set by each clear() as it begins, removed as it ends: while it is set, a computation
+        stores its result only if it took its lock under it. Outside the pattern clear() scans."""
 
     def names(self, key: Hashable) -> KeyNames:
         """Return the Redis names for key, a CallKey or (used directly) any encodable key.

@@ -11,7 +11,10 @@ Redis confirms that very SUBSCRIBE. Redis confirms the SUBSCRIBEs of a channel i
 were sent, so each channel keeps the futures of its unconfirmed ones in a queue.
 
 When the connection fails, the subscriber dies: every watcher is woken with ``lost`` set, and
-the cache makes a new subscriber for the next waiter.
+the cache makes a new subscriber for the next waiter. A connection that drops is not Redis being
+down (Redis itself drops a subscriber that falls behind its ``client-output-buffer-limit
+pubsub``, and CLIENT KILL drops any): the waiters watch again through the new subscriber, which
+first lets the dead one give its connection back, so that the bound on connections holds.
 """
 
 from __future__ import annotations
@@ -73,6 +76,7 @@ class Subscriber:
         "_closing",
         "_on_error",
         "_outbox",
+        "_previous",
         "_pubsub",
         "_reader",
         "_sender",
@@ -81,8 +85,15 @@ class Subscriber:
         "heard",
     )
 
-    def __init__(self, pubsub: Any, on_error: Callable[[str, BaseException], None]) -> None:
+    def __init__(
+        self,
+        pubsub: Any,
+        on_error: Callable[[str, BaseException], None],
+        previous: Subscriber | None = None,
+    ) -> None:
         self._pubsub = pubsub
+        self._previous = None if previous is None else previous._closing
+        """The closing of the subscriber this one replaces: awaited before connecting."""
         self._on_error = on_error
         self._channels: dict[bytes, _Channel] = {}
         self._outbox: deque[tuple[str, bytes]] = deque()
@@ -158,6 +169,12 @@ class Subscriber:
         """Send the queued commands in order, each run of one command as one command."""
         pubsub = self._pubsub
         try:
+            previous, self._previous = self._previous, None
+            if previous is not None:
+                # Bounded by the previous subscriber's own timeouts (about 2 s at most). The
+                # connection is quiet from now on only: the wait was this process's own.
+                await asyncio.wait([previous])
+                self.heard = asyncio.get_running_loop().time()
             # The dead flag is checked after every await: redis-py may swallow a cancellation.
             while not self.dead:
                 await self._wake.wait()
@@ -262,4 +279,4 @@ class Subscriber:
         self.dead = True
         self._channels.clear()
         self._outbox.clear()
-        self._sender = self._reader = None
+        self._sender = self._reader = self._previous = None

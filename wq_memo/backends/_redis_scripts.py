@@ -1,23 +1,29 @@
 """The Lua scripts behind RedisCache's single flight; each runs atomically in Redis.
 
-Every write of a computed value is tied to the lock it was computed under: FINISH stores only
-while the computation's token still holds the lock, so a holder whose lease ran out, or whose
-key was deleted (DELETE removes the lock too), never overwrites a later value.
+Every write of a value goes through FINISH. A computed value is tied to the lock it was computed
+under: FINISH stores it only while the computation's token still holds the lock, so a holder
+whose lease ran out or whose key was deleted (DELETE removes the lock too) never overwrites a
+later value. A clear cannot remove every lock at once (it scans): while it runs, the namespace's
+epoch is set, and FINISH stores only a computation that took its lock under that very epoch;
+once the clear has ended (and removed the epoch), every lock taken before it is gone. A primed
+value is stored whoever holds the lock, and removes it, so that no computation that began
+before it overwrites it.
 """
 
 from __future__ import annotations
 
 from typing import Final
 
-__all__ = ("CLAIM", "DELETE", "FINISH", "RENEW")
+__all__ = ("CLAIM", "CLEARED", "DELETE", "FINISH", "RENEW")
 
 CLAIM: Final = """
--- KEYS: value, lock, marker.
+-- KEYS: value, lock, marker, epoch.
 -- ARGV: token, lease in ms, max value bytes, '1' to look at the value first,
 --       '1' to take the lock only if it is free (single flight), '0' to take it anyway.
 -- Replies:
 --   {1, value}          the value is stored (and no larger than max value bytes)
---   {2, replaced}       token now holds the lock; replaced = 1 if a foreign lock was removed
+--   {2, replaced, epoch} token now holds the lock; replaced = 1 if a foreign lock was removed;
+--                       epoch: the namespace's epoch now ('' when no clear runs)
 --   {3, pttl, marked}   another computation holds the lock for pttl more ms; marked = 1 if
 --                       the function's results were lately found uncacheable
 --   {4, size}           the stored value is larger than max value bytes (it was not read)
@@ -36,12 +42,13 @@ if ttl == -1 or (ttl > 0 and redis.call('TYPE', KEYS[2])['ok'] ~= 'string') then
   redis.call('DEL', KEYS[2])
   replaced = 1
 end
+local epoch = redis.call('GET', KEYS[4]) or ''
 if ARGV[5] == '1' then
-  if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {2, replaced} end
+  if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {2, replaced, epoch} end
   return {3, redis.call('PTTL', KEYS[2]), redis.call('EXISTS', KEYS[3])}
 end
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
-return {2, replaced}
+return {2, replaced, epoch}
 """
 
 RENEW: Final = """
@@ -54,23 +61,43 @@ return 0
 """
 
 FINISH: Final = """
--- KEYS: value, lock, marker.
--- ARGV: token, outcome ('s': store the value; 'u': uncacheable, mark the function; 'n': nothing
---       to store), value, ttl in ms (0: none), channel, message, marker lifetime in ms,
+-- KEYS: value, lock, marker, epoch.
+-- ARGV: token, outcome ('s': store the computed value; 'u': uncacheable, mark the function;
+--       'n': nothing to store; 'p': store a primed value), value, ttl in ms (0: none), channel,
+--       message, marker lifetime in ms, the namespace's epoch when the lock was taken,
 --       '1' if an earlier attempt of this same finish may have run already.
--- If token holds the lock: stores per outcome, deletes the lock, announces message on channel
--- and returns 1. Otherwise stores nothing and returns 2 if the value stored is this very value
--- (an earlier attempt ran), else 0 (the lock was lost).
+-- 'p' stores whoever holds the lock, deletes the lock (so that the computation under way does
+-- not overwrite the primed value), announces message and returns 1.
+-- Otherwise, if token holds the lock and no clear runs that began after the lock was taken (the
+-- epoch is unset, or the one the lock was taken under): stores per outcome, deletes the lock,
+-- announces message on channel and returns 1. If token holds the lock but such a clear runs:
+-- stores nothing, deletes the lock, announces 'x' (the waiters look again) and returns 0. If
+-- token does not hold it: stores nothing and returns 2 if the value stored is this very value
+-- (an earlier attempt ran), else 0 (the lock was lost); a lost lock that nobody holds now
+-- (flushed, evicted, expired) is announced as 'x', so that the waiters look again at once
+-- instead of sleeping out the lease they last saw.
+local store = ARGV[2] == 's' or ARGV[2] == 'p'
 if ARGV[2] == 'u' then
   redis.call('SET', KEYS[3], '1', 'PX', ARGV[7])
 end
-if redis.pcall('GET', KEYS[2]) ~= ARGV[1] then
-  if ARGV[8] == '1' and ARGV[2] == 's' and redis.pcall('GET', KEYS[1]) == ARGV[3] then
-    return 2
+if ARGV[2] ~= 'p' then
+  if redis.pcall('GET', KEYS[2]) ~= ARGV[1] then
+    if ARGV[9] == '1' and store and redis.pcall('GET', KEYS[1]) == ARGV[3] then
+      return 2
+    end
+    if redis.call('EXISTS', KEYS[2]) == 0 then
+      redis.call('PUBLISH', ARGV[5], 'x')
+    end
+    return 0
   end
-  return 0
+  local epoch = redis.call('GET', KEYS[4])
+  if epoch and epoch ~= ARGV[8] then
+    redis.call('DEL', KEYS[2])
+    redis.call('PUBLISH', ARGV[5], 'x')
+    return 0
+  end
 end
-if ARGV[2] == 's' then
+if store then
   if tonumber(ARGV[4]) > 0 then
     redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[4])
   else
@@ -92,4 +119,14 @@ if redis.call('DEL', KEYS[2]) == 1 then
   redis.call('PUBLISH', ARGV[1], 'x')
 end
 return removed
+"""
+
+CLEARED: Final = """
+-- KEYS: epoch. ARGV: the epoch a clear set as it began. At its end, the clear removes the epoch
+-- (every lock taken before it is gone by then), unless a later clear has set another. Returns
+-- whether it removed it.
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
 """

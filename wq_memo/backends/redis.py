@@ -9,6 +9,7 @@ import contextlib
 import math
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
+from secrets import token_hex
 from typing import Any, Final, TypeVar, final
 
 try:
@@ -71,7 +72,25 @@ class RedisCacheStats:
 _COUNTERS: Final = tuple(RedisCacheStats.__dataclass_fields__)
 
 
-def _seconds(name: str, value: object, *, allow_none: bool = False, zero: bool = False) -> Any:
+_MAX_EXPIRY: Final = 9.2e15
+"""The most seconds a ttl or a lease may last (about 290 million years).
+
+Redis keeps a key's expiry as milliseconds since the epoch in a signed 64-bit integer: it
+refuses a SET PX or PEXPIRE that would take it past 2**63 - 1 ms, about 9.2234e15 s after the
+epoch ("invalid expire time"). Signed entries carry their expiry as 8 unsigned bytes of ms since
+the epoch, which holds twice that. This bound stays below Redis's for some 700,000 years."""
+
+
+def _seconds(
+    name: str,
+    value: object,
+    *,
+    allow_none: bool = False,
+    zero: bool = False,
+    expiry: str | None = None,
+) -> Any:
+    """Check a number of seconds; with ``expiry`` (what to do instead) it becomes a Redis
+    expiry, and must not be past _MAX_EXPIRY."""
     if value is None and allow_none:
         return None
     ok = (
@@ -83,7 +102,16 @@ def _seconds(name: str, value: object, *, allow_none: bool = False, zero: bool =
     if not ok:
         what = "a number of seconds " + (">= 0" if zero else "> 0")
         raise ValueError(f"RedisCache: {name} must be {what}, got {value!r}")
+    if expiry is not None and value > _MAX_EXPIRY:  # type: ignore[operator]
+        raise ValueError(
+            f"RedisCache: {name} must be at most {_MAX_EXPIRY:.2g} seconds (about 290 million "
+            f"years), got {value!r}: Redis keeps expiry times as milliseconds since the epoch "
+            f"in a signed 64-bit integer, and refuses one past 2**63 - 1 ms; {expiry}"
+        )
     return float(value)  # type: ignore[arg-type]
+
+
+_KEEP: Final = "pass ttl=None to keep entries until Redis evicts them"
 
 
 def _count(name: str, value: object, low: int) -> int:
@@ -114,7 +142,8 @@ class RedisCache:
             for ``max_connections + 2`` connections.
         namespace: prefix of every Redis name this cache uses (any characters).
         ttl: seconds an entry lives (Redis's own expiry; signed entries also carry it);
-            None keeps entries until evicted.
+            None keeps entries until evicted. At most 9.2e15 s (about 290 million years):
+            Redis refuses an expiry past that.
         secret: a key (str or bytes) to store values as pickle signed with HMAC-SHA256. Without
             it values are stored as JSON, and only values JSON gives back exactly are stored
             (None, bool, int, finite float, str, list, dict with str keys; not tuples or sets);
@@ -212,9 +241,13 @@ class RedisCache:
                 "RedisCache: secret must be a str or bytes of at least 16 bytes (for instance "
                 "secrets.token_hex(32)), shared by every process using this namespace"
             )
-        self._ttl: float | None = _seconds("ttl", ttl, allow_none=True)
+        self._ttl: float | None = _seconds("ttl", ttl, allow_none=True, expiry=_KEEP)
         timeout = _seconds("timeout", timeout)
-        lease = _seconds("lease", lease)
+        lease = _seconds(
+            "lease",
+            lease,
+            expiry="a lease of seconds is enough, renewed every lease/3 while the holder computes",
+        )
         if lease < 0.03:
             raise ValueError(f"RedisCache: lease must be at least 0.03 seconds, got {lease!r}")
         wait = _seconds("wait", wait, zero=True)
@@ -247,6 +280,7 @@ class RedisCache:
             ttl=self._ttl,
             single_flight=bool(single_flight),
             label=label,
+            epoch=self._ns.epoch,
         )
 
     def __repr__(self) -> str:
@@ -281,8 +315,18 @@ class RedisCache:
         """
         return (await self._read(key))[0]
 
-    async def _read(self, key: Hashable) -> tuple[Any, float]:
-        """(the value under key or MISSING, its write time in epoch seconds): one GETRANGE."""
+    async def peek(self, key: Hashable) -> Any:
+        """Return the value stored under key, or MISSING, as get() does, counting nothing in
+        stats() hits and misses (what @worker_queue's acache_peek reads through).
+
+        Raises:
+            TypeError: key has a component RedisCache cannot encode.
+        """
+        return (await self._read(key, count=False))[0]
+
+    async def _read(self, key: Hashable, count: bool = True) -> tuple[Any, float]:
+        """(the value under key or MISSING, its write time in epoch seconds): one GETRANGE.
+        ``count``: count it in stats() as a hit or a miss."""
         names, _ = self._names(key)
         limit = self._entries.max_bytes
 
@@ -308,28 +352,25 @@ class RedisCache:
             self._entries.too_big(names.value, None)
         elif data:
             found = self._entries.decode_dated(names.value, data)
-        self._counts["misses" if found[0] is MISSING else "hits"] += 1
+        if count:
+            self._counts["misses" if found[0] is MISSING else "hits"] += 1
         return found
 
     async def set(self, key: Hashable, value: Any, ttl: float | None = None) -> None:
         """Store value under key for ttl seconds (None: the cache's ttl).
 
-        A value this cache cannot store exactly, or larger than max_value_bytes, is not
-        stored (logged and counted).
+        The value wins over a computation of key under way in any process: that computation's
+        result is not stored over it (its lock is removed), and the callers waiting for it get
+        this value. A value this cache cannot store exactly, or larger than max_value_bytes, is
+        not stored (logged and counted).
 
         Raises:
             TypeError: key has a component RedisCache cannot encode.
         """
         names, function = self._names(key)
-        seconds: float | None = self._ttl if ttl is None else _seconds("ttl", ttl)
-        data = self._entries.encode(names.value, function, value, seconds)
-        if not isinstance(data, bytes):
-            return
-        px = None if seconds is None else max(1, round(seconds * 1000))
+        seconds: float | None = self._ttl if ttl is None else _seconds("ttl", ttl, expiry=_KEEP)
         with contextlib.suppress(Unavailable):  # logged and counted
-            await self._conn.call(
-                "SET", lambda link: link.client.set(names.value, data, px=px), name=names.value
-            )
+            await self._flight.put(names, function, value, seconds)
 
     async def delete(self, key: Hashable) -> bool:
         """Remove key's entry; return whether one was removed (False also when Redis fails).
@@ -351,9 +392,20 @@ class RedisCache:
     async def clear(self) -> None:
         """Remove every entry of this namespace, and no other's.
 
-        The computations under way in the namespace do not store their results (their locks
-        are removed too). On a Redis failure the clear stops where it is (logged and counted).
+        The computations under way in the namespace, in every process, do not store their
+        results, however their stores interleave with this clear: it first sets the
+        namespace's epoch, and while it is set a computation stores only if it took its lock
+        under it; then the clear removes the values and the locks, and at last the epoch
+        (unless a later clear has set another), since every lock taken before it is gone by
+        then. On a Redis failure the clear stops where it is (logged and counted).
         """
+        epoch = token_hex(8).encode()
+        try:
+            await self._conn.call(
+                "SET", lambda link: link.client.set(self._ns.epoch, epoch), name=self._ns.epoch
+            )
+        except Unavailable:
+            return  # logged and counted
         pattern = self._ns.pattern()
         lock_kind = self._ns.prefix + b":l:"
         cursor: int = 0
@@ -376,6 +428,11 @@ class RedisCache:
                     await self._conn.call("UNLINK", lambda link, n=names: batch(link, n))  # type: ignore[misc]
                 if not cursor:
                     break
+            await self._conn.call(
+                "DELETE",
+                lambda link: link.cleared(keys=[self._ns.epoch], args=[epoch]),
+                name=self._ns.epoch,
+            )
         except Unavailable:
             pass  # logged and counted
 

@@ -1,0 +1,187 @@
+"""With any SingleFlightCache, f.refresh() stores through get_or_compute, the cache's one fenced
+store: an invalidation or a clear made while the refresh computes keeps its result out (issue
+17, item 1)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Hashable
+from typing import Any, TypeVar
+
+import pytest
+
+from wq_memo import MISSING, worker_queue
+from wq_memo.backends import SingleFlightCache
+
+V = TypeVar("V")
+WAIT = 5.0
+
+
+class FencedCache:
+    """A SingleFlightCache in memory whose get_or_compute stores only if no delete or set of the
+    key and no clear came since it began, in one step after a suspension, as a script would."""
+
+    def __init__(self) -> None:
+        self.data: dict[Hashable, Any] = {}
+        self.generation: dict[Hashable, int] = {}
+        self.clears = 0
+
+    async def get(self, key: Hashable) -> Any:
+        await asyncio.sleep(0)
+        return self.data.get(key, MISSING)
+
+    async def set(self, key: Hashable, value: Any, ttl: float | None = None) -> None:
+        await asyncio.sleep(0)
+        self.generation[key] = self.generation.get(key, 0) + 1  # a prime wins
+        self.data[key] = value
+
+    async def delete(self, key: Hashable) -> bool:
+        await asyncio.sleep(0)
+        self.generation[key] = self.generation.get(key, 0) + 1
+        return self.data.pop(key, MISSING) is not MISSING
+
+    async def clear(self) -> None:
+        await asyncio.sleep(0)
+        self.clears += 1
+        self.data.clear()
+
+    async def aclose(self) -> None:
+        pass
+
+    async def get_or_compute(self, key: Hashable, compute: Callable[[], Awaitable[V]]) -> V:
+        value = await self.get(key)
+        if value is not MISSING:
+            return value  # type: ignore[no-any-return]
+        began = (self.clears, self.generation.get(key, 0))
+        value = await compute()
+        await asyncio.sleep(0)
+        if (self.clears, self.generation.get(key, 0)) == began:
+            self.data[key] = value
+        return value
+
+
+def test_the_double_is_a_single_flight_cache() -> None:
+    assert isinstance(FencedCache(), SingleFlightCache)
+
+
+@pytest.mark.parametrize("how", ["acache_invalidate", "acache_clear"])
+async def test_a_refresh_never_stores_after_an_invalidation(how: str) -> None:
+    cache = FencedCache()
+    gate, started = asyncio.Event(), asyncio.Event()
+    calls = 0
+
+    @worker_queue(cache=cache, name="fenced-refresh")
+    async def f(k: str) -> str:
+        nonlocal calls
+        calls += 1
+        n = calls
+        started.set()
+        await gate.wait()
+        return f"{k}#{n}"
+
+    gate.set()
+    async with asyncio.timeout(WAIT):
+        assert await f("k") == "k#1"
+        gate.clear()
+        started.clear()
+        refreshing = asyncio.create_task(f.refresh("k"))
+        await started.wait()
+        if how == "acache_invalidate":
+            await f.acache_invalidate("k")
+        else:
+            await f.acache_clear()
+        gate.set()
+        assert await refreshing == "k#2"  # its caller gets it ...
+        assert await f.acache_peek("k") is MISSING  # ... but it is not stored
+        assert await f("k") == "k#3"  # computed afresh
+        assert await f.acache_peek("k") == "k#3"
+        assert await f.refresh("k") == "k#4"  # with nothing in the way, a refresh stores
+        assert await f.acache_peek("k") == "k#4"
+    await f.queue.aclose()
+
+
+class HeldSetCache(FencedCache):
+    """A FencedCache whose set() can be held at a gate, as a slow network write would be."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hold_sets = False
+        self.set_began = asyncio.Event()
+        self.set_may_end = asyncio.Event()
+
+    async def set(self, key: Hashable, value: Any, ttl: float | None = None) -> None:
+        if self.hold_sets:
+            self.set_began.set()
+            await self.set_may_end.wait()
+        await super().set(key, value, ttl)
+
+
+def _refreshing(
+    cache: FencedCache, now: list[float], gate: asyncio.Event, began: asyncio.Event | None = None
+) -> Any:
+    """f(k) -> f"{k}#{n}" for its n-th computation, held at gate from the second on (setting
+    began first; failing when k is "bad"), refreshed in the background 10 s after each store."""
+    calls = 0
+
+    @worker_queue(cache=cache, name="background", refresh_after=10, timer=lambda: now[0])
+    async def f(k: str) -> str:
+        nonlocal calls
+        calls += 1
+        n = calls
+        if n > 1:
+            if began is not None:
+                began.set()
+            await gate.wait()
+            if k == "bad":
+                raise LookupError("source down")
+        return f"{k}#{n}"
+
+    return f
+
+
+@pytest.mark.parametrize("key", ["good", "bad"])
+async def test_a_background_refresh_keeps_the_entry_for_every_reader(key: str) -> None:
+    """With a SingleFlightCache that offers no refresh of its own, the entry stays while a
+    background refresh computes, every call gets it at once, and a failed refresh leaves it."""
+    cache, now, gate, began = FencedCache(), [0.0], asyncio.Event(), asyncio.Event()
+    f = _refreshing(cache, now, gate, began)
+    async with asyncio.timeout(WAIT):
+        assert await f(key) == f"{key}#1"
+        now[0] = 20.0  # due
+        assert await f(key) == f"{key}#1"  # served at once; a refresh starts
+        await began.wait()
+        assert await f(key) == f"{key}#1"  # during the refresh: the entry, at once
+        assert await f.acache_peek(key) == f"{key}#1"
+        gate.set()
+        await f.queue.aclose()  # lets the refresh end
+    expected = f"{key}#1" if key == "bad" else f"{key}#2"
+    assert await f.acache_peek(key) == expected
+    assert f.cache_info().refresh_failures == (key == "bad")
+
+
+@pytest.mark.parametrize("how", ["acache_invalidate", "acache_clear", "acache_prime"])
+async def test_an_invalidation_waits_for_a_background_refresh_store_on_its_way(how: str) -> None:
+    """The refresh's store has begun when the invalidation (or clear, or prime) is made: the
+    invalidation waits for it, so that the refreshed value does not outlive it."""
+    cache, now, gate = HeldSetCache(), [0.0], asyncio.Event()
+    f = _refreshing(cache, now, gate)
+    async with asyncio.timeout(WAIT):
+        assert await f("k") == "k#1"
+        now[0] = 20.0
+        cache.hold_sets = True
+        gate.set()
+        assert await f("k") == "k#1"  # a refresh starts, computes k#2 and begins to store it
+        await cache.set_began.wait()
+        cache.hold_sets = False
+        if how == "acache_prime":
+            done = asyncio.ensure_future(f.acache_prime("primed", "k"))
+        else:
+            done = asyncio.ensure_future(
+                getattr(f, how)(*(("k",) if how != "acache_clear" else ()))
+            )
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert not done.done(), "the invalidation returned before the store on its way ended"
+        cache.set_may_end.set()
+        await done
+        assert await f.acache_peek("k") == ("primed" if how == "acache_prime" else MISSING)

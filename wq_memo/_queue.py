@@ -217,8 +217,11 @@ class WorkerQueue(Generic[T, R]):
         refresh of key is under way, the entry it replaces is served (looked up once).
         """
         looked = False
+        # One table for the whole call: a call that starts over once the queue has closed (the
+        # lookup it shared ended without an answer) is refused, as the caller it shared with
+        # was; it does not start the queue again after aclose() has returned.
+        table = self._table_now()
         while True:
-            table = self._table_now()
             flight = table.flights.get(key)
             if flight is not None:
                 if table.closing:

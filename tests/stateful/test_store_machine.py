@@ -144,6 +144,8 @@ class Call:
     returned: int | None = None
     joinable: list[Comp] = field(default_factory=list)
     """A refresh: the computations of its key under way, not superseded, when it was made."""
+    stored_then: object = None
+    """What the cache held for its key when it was made."""
     checked: bool = False
     got: Comp | None = None
     """The computation whose result it got."""
@@ -196,8 +198,8 @@ class GatedAsyncCache:
         self.reads = 0
 
     async def get(self, key: Hashable) -> Any:
-        await self.machine.at("get")
         self.reads += 1
+        await self.machine.at("get")
         return self.data.get(key, MISSING)
 
     async def peek(self, key: Hashable) -> Any:
@@ -495,6 +497,7 @@ class StoreMachine(RuleBasedStateMachine):
 
     async def calling(self, call: Call) -> object:
         call.created = self.tick()
+        call.stored_then = self.stored.get(call.key)
         if call.refresh:
             call.joinable = [
                 c
@@ -574,10 +577,16 @@ class StoreMachine(RuleBasedStateMachine):
         if isinstance(value, Primed):
             op = value.op
             assert op.key == call.key, f"{where} got {value!r}, primed for {op.key!r}"
-            assert not call.refresh or self.under_way(call.key, call.created), (
-                f"{where} returned the primed {value!r}, not a computation's"
-            )
             assert op.written is not None
+            # A prime that lands while a refresh looks the key up (a SingleFlightCache's
+            # get_or_compute after its delete, or that of the call it joined) wins over it:
+            # the refresh returns the primed value.
+            assert (
+                not call.refresh
+                or op.written > call.created
+                or value is call.stored_then
+                or self.under_way(call.key, call.created)
+            ), f"{where} returned the primed {value!r}, replaced before it was made"
             later = self.superseding(call.key, op.written, before=call.created)
             assert not later, f"{where} got {value!r}, removed or replaced by {later} first"
             return
@@ -661,11 +670,12 @@ class StoreMachine(RuleBasedStateMachine):
                 value = returned.value
             else:
                 coroutine.close()
+                assert getattr(self.cache, "reads", 0) == reads, "a peek looked the key up"
                 raise AssertionError("acache_peek() suspended although the cache's peek does not")
         expected = self.stored.get(key, MISSING)
         assert value is expected, f"peek({key!r}) gave {value!r}, the cache holds {expected!r}"
         assert self.f.cache_info() == counted, f"a peek counted: {counted} -> {self.f.cache_info()}"
-        assert getattr(self.cache, "reads", 0) == reads, "a peek looked the key up in the cache"
+        assert getattr(self.cache, "reads", 0) == reads, "a peek looked the key up"
         assert len(self.comps) == comps, "a peek computed"
         table = self.f.queue._table
         assert (dict(table.flights) if table is not None else {}) == flights, "a peek started"
@@ -687,6 +697,46 @@ class StoreMachine(RuleBasedStateMachine):
         name = data.draw(st.sampled_from(sorted(self.gates)))
         self.gates.pop(name).set()
         self.drive()
+
+    @precondition(lambda self: self.active() and self.gate_names)
+    @rule(
+        pick=st.integers(0, 7),
+        kind=st.sampled_from(["invalidate", "clear", "prime"]),
+        op_first=st.booleans(),
+        during=st.lists(st.tuples(keys, st.booleans()), max_size=2),
+    )
+    def store_lands_around(
+        self, pick: int, kind: str, op_first: bool, during: list[tuple[str, bool]]
+    ) -> None:
+        """A computation ends while an invalidation, a clear or a prime of its key is under way:
+        its store is held while the operation starts (or the operation is held at its cache
+        step while the store goes on), calls and refreshes come in, then everything goes on."""
+        active = self.active()
+        comp = active[pick % len(active)]
+        store_gate = "finish" if "finish" in self.gate_names else "set"
+        op_gate = {"invalidate": "delete", "prime": "set"}.get(kind, "clear")
+        if kind == "clear" and op_first and "scan" in self.gate_names:
+            op_gate = "scan"  # the clear's epoch is set, its removals not made yet
+        first, second = (op_gate, store_gate) if op_first else (store_gate, op_gate)
+        added = [name for name in (first,) if name not in self.gates]
+        for name in added:
+            self.gates[name] = asyncio.Event()
+        if op_first:
+            self.start_op(kind, None if kind == "clear" else comp.key, sync=False)
+            self.drive()
+            comp.gate.set()
+        else:
+            comp.gate.set()
+            self.drive()
+            self.start_op(kind, None if kind == "clear" else comp.key, sync=False)
+        self.drive()
+        for key, refresh in during:
+            self.start_call(key, refresh)
+        self.drive()
+        for name in added:
+            self.gates.pop(name).set()
+        self.drive()
+        del second
 
     # -- invariants -----------------------------------------------------------------------------
 

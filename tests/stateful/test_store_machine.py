@@ -466,7 +466,8 @@ class StoreMachine(RuleBasedStateMachine):
 
     def storing(self, comp: Comp) -> bool:
         """Whether comp has delivered its result and its flight is still in the queue's table
-        (its store is on its way): f.refresh() of its key joins it and returns that result."""
+        (its store is on its way): f.refresh() of its key joins it and returns that result
+        without computing, a gap tests/test_refresh_while_storing.py marks."""
         table = self.f.queue._table
         if table is None or comp.result is None:
             return False
@@ -717,10 +718,10 @@ class StoreMachine(RuleBasedStateMachine):
         op_gate = {"invalidate": "delete", "prime": "set"}.get(kind, "clear")
         if kind == "clear" and op_first and "scan" in self.gate_names:
             op_gate = "scan"  # the clear's epoch is set, its removals not made yet
-        first, second = (op_gate, store_gate) if op_first else (store_gate, op_gate)
-        added = [name for name in (first,) if name not in self.gates]
-        for name in added:
-            self.gates[name] = asyncio.Event()
+        held = op_gate if op_first else store_gate
+        added = held not in self.gates
+        if added:
+            self.gates[held] = asyncio.Event()
         if op_first:
             self.start_op(kind, None if kind == "clear" else comp.key, sync=False)
             self.drive()
@@ -733,10 +734,9 @@ class StoreMachine(RuleBasedStateMachine):
         for key, refresh in during:
             self.start_call(key, refresh)
         self.drive()
-        for name in added:
-            self.gates.pop(name).set()
+        if added:
+            self.gates.pop(held).set()
         self.drive()
-        del second
 
     # -- invariants -----------------------------------------------------------------------------
 

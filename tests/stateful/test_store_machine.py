@@ -465,16 +465,20 @@ class StoreMachine(RuleBasedStateMachine):
         self.stored.pop(key, None)
 
     def storing(self, comp: Comp) -> bool:
-        """Whether comp has delivered its result and its flight is still in the queue's table
-        (its store is on its way): f.refresh() of its key joins it and returns that result
-        without computing, a gap tests/test_refresh_while_storing.py marks."""
+        """Whether comp has ended and its flight is still in the queue's table, its store on
+        its way (after delivering, with an AsyncCache; before, in a single-flight cache's
+        get_or_compute): f.refresh() of its key joins it and returns that result without
+        computing, a gap tests/test_refresh_while_storing.py marks."""
         table = self.f.queue._table
-        if table is None or comp.result is None:
+        if table is None or not comp.done:
             return False
-        return any(
-            flight.outcome is not None and flight.outcome[1] is comp.result
-            for flight in table.flights.values()
-        )
+        for flight in table.flights.values():
+            if name_of(flight.key) == comp.key:
+                if flight.outcome is not None:
+                    return flight.outcome[1] is comp.result
+                latest = max(c.id for c in self.comps if c.key == comp.key)
+                return comp.id == latest
+        return False
 
     def active(self) -> list[Comp]:
         return [c for c in self.comps if not c.done and not c.gate.is_set()]

@@ -363,3 +363,39 @@ async def test_a_call_made_while_acache_clear_runs_is_cleared_with_the_rest(
     await bounded(clearing)
     assert f.cache_info()[:3] == (0, 0, 0)
     assert otel_calls.of("during-the-clear")["hit"] == 1  # the metrics keep it
+
+
+class HeldClearAndLookups(HeldClear):
+    """A HeldClear whose lookups can be held at a gate too (a slow remote read)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hold_gets = False
+        self.looking, self.found = asyncio.Event(), asyncio.Event()
+
+    async def get(self, key: Hashable) -> Any:
+        if self.hold_gets:
+            self.looking.set()
+            await self.found.wait()
+        return await super().get(key)
+
+
+async def test_a_call_whose_lookup_outlasts_acache_clear_is_counted_after_it() -> None:
+    cache = HeldClearAndLookups()
+
+    @worker_queue(cache=cache, name="slow-lookup-during-the-clear")
+    async def f(x: int) -> int:
+        return x
+
+    assert await f(1) == 1
+    clearing = asyncio.create_task(f.acache_clear())
+    await until(cache.clearing)
+    cache.hold_gets = True
+    call = asyncio.create_task(f(2))
+    await until(cache.looking)
+    cache.release.set()
+    await bounded(clearing)
+    assert f.cache_info()[:3] == (0, 0, 0)  # right after the clear: nothing counted
+    cache.found.set()
+    assert await bounded(call) == 2
+    assert f.cache_info()[:3] == (0, 1, 0)  # its lookup ended after the clear: counted after

@@ -151,6 +151,36 @@ async def test_a_background_refresh_is_told(recorder: Recorder) -> None:
     assert recorder.agrees_with(r.cache_info(), "r")
 
 
+async def test_hits_served_while_a_refresh_runs_are_told(recorder: Recorder) -> None:
+    """With an async cache, a call that finds a refresh of its key under way gets the entry:
+    a hit, told to the listeners as cache_info() counts it."""
+    now = [0.0]
+    gate, refreshing = asyncio.Event(), asyncio.Event()
+    computed = 0
+
+    @worker_queue(cache=MemoryAsyncCache(), refresh_after=10, timer=lambda: now[0], name="rh")
+    async def rh(x: int) -> int:
+        nonlocal computed
+        computed += 1
+        if computed > 1:
+            refreshing.set()
+            await gate.wait()
+        return x
+
+    async with asyncio.timeout(WAIT):
+        await rh(1)
+        now[0] = 20.0
+        assert await rh(1) == 1  # served at once; a refresh starts
+        await refreshing.wait()
+        for _ in range(5):
+            assert await rh(1) == 1  # during the refresh
+        gate.set()
+        await rh.queue.aclose()
+    assert rh.cache_info().hits == 6  # the call that found it due, and five during the refresh
+    assert recorder.events["hit", "rh"] == 6
+    assert recorder.agrees_with(rh.cache_info(), "rh")
+
+
 def _free(f: Any, name: str) -> Any:
     """What the closure variable name of f's hit path holds now."""
     return f.__closure__[f.__code__.co_freevars.index(name)].cell_contents

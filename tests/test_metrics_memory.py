@@ -123,3 +123,53 @@ def test_gone_functions_are_forgotten_even_if_collected_in_another_thread() -> N
     _listeners.tracked()
     assert "dropped-elsewhere" not in _listeners._live_names
     assert "dropped-elsewhere" not in _listeners.totals()
+
+
+async def test_bypassed_counts_of_dropped_functions_are_bounded_too(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The OpenTelemetry counts of calls made with caching off are kept as the others are:
+    functions made at run time, each called once switched off and dropped, leave at most
+    RETIRED_NAMES names, and never crowd a live function's counts out of the SDK's limit."""
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from wq_memo import disabled
+    from wq_memo.metrics import enable_opentelemetry
+
+    monkeypatch.setattr(_listeners, "_retired", {})
+    reader = InMemoryMetricReader()
+    adapter = enable_opentelemetry(meter_provider=MeterProvider(metric_readers=[reader]))
+    try:
+        for i in range(2 * MANY):
+
+            @worker_queue(cache={}, name=f"bypassed-at-run-time-{i}")
+            async def f(x: int) -> int:
+                return x
+
+            with disabled():
+                await f(1)
+            del f
+        gc.collect()
+
+        @worker_queue(cache={}, name="live")
+        async def live(x: int) -> int:
+            return x
+
+        for _ in range(3):
+            await live(1)
+        data = reader.get_metrics_data()
+        assert data is not None
+        points = [
+            (dict(point.attributes or {}), getattr(point, "value", None))
+            for metric in data.resource_metrics[0].scope_metrics[0].metrics
+            if metric.name == "wq_memo.calls"
+            for point in metric.data.data_points
+        ]
+        names = {attributes.get("function") for attributes, _ in points}
+        assert len(names) <= _listeners.RETIRED_NAMES + 1, len(names)
+        assert not [a for a, _ in points if a.get("otel.metric.overflow")]
+        assert ({"function": "live", "outcome": "hit"}, 2) in points
+        assert ({"function": "live", "outcome": "miss"}, 1) in points
+    finally:
+        remove_listener(adapter)

@@ -11,7 +11,7 @@ import pytest
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
-from wq_memo import _listeners, worker_queue
+from wq_memo import disabled, worker_queue
 from wq_memo.metrics import enable_opentelemetry, remove_listener
 
 WAIT = 5.0
@@ -95,9 +95,20 @@ async def test_calls_by_outcome_durations_and_failures_by_type(otel: Metrics) ->
 
 
 async def test_bypassed_calls_are_counted(otel: Metrics) -> None:
-    _listeners.bypassed("direct")
-    _listeners.bypassed("direct")
-    assert calls(otel.collect(), "direct") == {"bypassed": 2}
+    @worker_queue(cache={}, name="direct")
+    async def f(x: int) -> int:
+        return x
+
+    with disabled():
+        await f(1)
+        await f(1)
+    assert calls(otel.collect(), "direct") == {
+        "hit": 0,
+        "miss": 0,
+        "joined": 0,
+        "refresh": 0,
+        "bypassed": 2,
+    }
 
 
 async def test_functions_of_one_name_add_up_and_counts_never_go_down(otel: Metrics) -> None:

@@ -149,3 +149,32 @@ async def test_collections_while_the_loop_stores_and_expires_fail_nothing(
     assert failures == []
     info = f.cache_info()
     assert info.hits + info.misses == calls
+
+
+def test_a_read_from_another_thread_during_a_clear_counts_nothing_twice() -> None:
+    """A clear moves the counts into the lifetime totals, and the hit path's own hits with them,
+    in several steps: a reader in another thread that comes meanwhile reads again once it ends,
+    so that it sees every call once (a total read twice would then go down)."""
+    from wq_memo import _listeners
+    from wq_memo._flight import Counts
+
+    counts = Counts()
+    counts.hits, counts.misses = 5, 2
+    own = [3]  # hits the hit path counts itself
+    tracked = _listeners._Tracked("t", counts, lambda: own[0])
+    read: list[list[int]] = []
+    readers: list[threading.Thread] = []
+
+    def meanwhile() -> None:
+        # Halfway: the counts have moved, the hit path's own hits are not yet zero.
+        reader = threading.Thread(target=lambda: read.append(tracked.counted()))
+        reader.start()
+        reader.join(0.1)
+        assert reader.is_alive(), "the reader did not wait for the clear to end"
+        readers.append(reader)
+        own[0] = 0
+
+    counts.clear(own[0], meanwhile)
+    readers[0].join(5)
+    assert read == [[8, 2, 0, 0, 0]]
+    assert tracked.counted() == [8, 2, 0, 0, 0]

@@ -92,6 +92,34 @@ async def test_a_require_still_checking_the_cache_when_aclose_ends_does_not_rest
     assert h.worker.calls == []
 
 
+async def test_a_require_sharing_a_lookup_when_aclose_ends_does_not_restart_the_queue() -> None:
+    h = make()
+    looking = asyncio.Event()
+    answer = asyncio.Event()
+
+    async def cache_get(item: int) -> str | None:
+        looking.set()
+        await answer.wait()
+        return None
+
+    queue: WorkerQueue[int, str] = WorkerQueue(h.worker, cache_get, h.cache.set)
+    first = asyncio.create_task(queue.require(1))
+    await until(looking)
+    assert queue._table is not None
+    lookup = queue._table.lookups[1]
+    second = asyncio.create_task(queue.require(1))
+    await eventually(lambda: lookup.answer is not None)  # the second shares the first's lookup
+    await bounded(queue.aclose())
+    answer.set()
+    # The first is refused; the second, left without an answer, starts over and is refused too.
+    for task in (first, second):
+        with pytest.raises(QueueShutDown):
+            await bounded(task)
+    assert not queue.running
+    assert queue._table is None
+    assert h.worker.calls == []
+
+
 async def test_queue_shut_down_is_a_runtime_error() -> None:
     assert issubclass(QueueShutDown, RuntimeError)
 

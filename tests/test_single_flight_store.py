@@ -98,3 +98,143 @@ async def test_a_refresh_never_stores_after_an_invalidation(how: str) -> None:
         assert await f.refresh("k") == "k#4"  # with nothing in the way, a refresh stores
         assert await f.acache_peek("k") == "k#4"
     await f.queue.aclose()
+
+
+class HeldSetCache(FencedCache):
+    """A FencedCache whose set() can be held at a gate, as a slow network write would be."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hold_sets = False
+        self.set_began = asyncio.Event()
+        self.set_may_end = asyncio.Event()
+
+    async def set(self, key: Hashable, value: Any, ttl: float | None = None) -> None:
+        if self.hold_sets:
+            self.set_began.set()
+            await self.set_may_end.wait()
+        await super().set(key, value, ttl)
+
+
+def _refreshing(
+    cache: FencedCache, now: list[float], gate: asyncio.Event, began: asyncio.Event | None = None
+) -> Any:
+    """f(k) -> f"{k}#{n}" for its n-th computation, held at gate from the second on (setting
+    began first; failing when k is "bad"), refreshed in the background 10 s after each store."""
+    calls = 0
+
+    @worker_queue(cache=cache, name="background", refresh_after=10, timer=lambda: now[0])
+    async def f(k: str) -> str:
+        nonlocal calls
+        calls += 1
+        n = calls
+        if n > 1:
+            if began is not None:
+                began.set()
+            await gate.wait()
+            if k == "bad":
+                raise LookupError("source down")
+        return f"{k}#{n}"
+
+    return f
+
+
+@pytest.mark.parametrize("key", ["good", "bad"])
+async def test_a_background_refresh_keeps_the_entry_for_every_reader(key: str) -> None:
+    """With a SingleFlightCache that offers no refresh of its own, the entry stays while a
+    background refresh computes, every call gets it at once, and a failed refresh leaves it."""
+    cache, now, gate, began = FencedCache(), [0.0], asyncio.Event(), asyncio.Event()
+    f = _refreshing(cache, now, gate, began)
+    async with asyncio.timeout(WAIT):
+        assert await f(key) == f"{key}#1"
+        now[0] = 20.0  # due
+        assert await f(key) == f"{key}#1"  # served at once; a refresh starts
+        await began.wait()
+        assert await f(key) == f"{key}#1"  # during the refresh: the entry, at once
+        assert await f.acache_peek(key) == f"{key}#1"
+        gate.set()
+        await f.queue.aclose()  # lets the refresh end
+    expected = f"{key}#1" if key == "bad" else f"{key}#2"
+    assert await f.acache_peek(key) == expected
+    assert f.cache_info().refresh_failures == (key == "bad")
+
+
+@pytest.mark.parametrize("how", ["acache_invalidate", "acache_clear", "acache_prime"])
+async def test_an_invalidation_waits_for_a_background_refresh_store_on_its_way(how: str) -> None:
+    """The refresh's store has begun when the invalidation (or clear, or prime) is made: the
+    invalidation waits for it, so that the refreshed value does not outlive it."""
+    cache, now, gate = HeldSetCache(), [0.0], asyncio.Event()
+    f = _refreshing(cache, now, gate)
+    async with asyncio.timeout(WAIT):
+        assert await f("k") == "k#1"
+        now[0] = 20.0
+        cache.hold_sets = True
+        gate.set()
+        assert await f("k") == "k#1"  # a refresh starts, computes k#2 and begins to store it
+        await cache.set_began.wait()
+        cache.hold_sets = False
+        if how == "acache_prime":
+            done = asyncio.ensure_future(f.acache_prime("primed", "k"))
+        else:
+            done = asyncio.ensure_future(
+                getattr(f, how)(*(("k",) if how != "acache_clear" else ()))
+            )
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert not done.done(), "the invalidation returned before the store on its way ended"
+        cache.set_may_end.set()
+        await done
+        assert await f.acache_peek("k") == ("primed" if how == "acache_prime" else MISSING)
+
+
+async def test_a_nested_computation_its_caller_gave_up_on_frees_the_slot_once() -> None:
+    """maxsize=1, a single-flight cache, refresh-ahead: while a computation holds the slot, a
+    due key's refresh waits in line and is invalidated; the computation then calls the key,
+    which runs in its slot, gives up waiting for it and returns; the key's computation takes
+    the slot over. Each slot is given back once: afterwards, callers' computations stay within
+    maxsize again (the slot was given back twice, and two ran at once)."""
+    cache, now = FencedCache(), [0.0]
+    p_go, k_began, k_may_end, k_ended = (asyncio.Event() for _ in range(4))
+    live = most = computed = 0
+
+    @worker_queue(cache=cache, name="gave-up", maxsize=1, refresh_after=10, timer=lambda: now[0])
+    async def f(k: str) -> str:
+        nonlocal live, most, computed
+        computed += 1
+        live += 1
+        most = max(most, live)
+        try:
+            if k == "p":
+                await p_go.wait()
+                nested = asyncio.ensure_future(f("k"))
+                await k_began.wait()
+                nested.cancel()  # gives up on it, as asyncio.wait_for would
+                return "p"
+            if k == "k" and computed > 1:
+                k_began.set()
+                try:
+                    await k_may_end.wait()
+                finally:
+                    k_ended.set()
+            await asyncio.sleep(0)
+            return k
+        finally:
+            live -= 1
+
+    async with asyncio.timeout(WAIT):
+        assert await f("k") == "k"
+        now[0] = 20.0  # k is due
+        parent = asyncio.ensure_future(f("p"))
+        while f.queue.computing == 0:  # noqa: ASYNC110  # p is computing
+            await asyncio.sleep(0)
+        assert await f("k") == "k"  # a hit; its refresh waits for a spare slot
+        await f.acache_invalidate("k")
+        p_go.set()
+        assert await parent == "p"
+        k_may_end.set()
+        await k_ended.wait()
+        for _ in range(10):  # a few loop turns: k's computation ends and gives its slot back
+            await asyncio.sleep(0)
+        most = 0
+        assert list(await asyncio.gather(f("a"), f("b"), f("d"))) == ["a", "b", "d"]
+    assert most == 1

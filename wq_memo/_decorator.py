@@ -616,7 +616,6 @@ def _with_mapping(
         return True
 
     def cache_clear() -> None:
-        nonlocal hits
         try:
             purge()
             queue._forget_all()
@@ -626,8 +625,11 @@ def _with_mapping(
                 instances.clear()
             cache.clear()
         finally:
-            counts.clear(hits)
-            hits = 0
+            counts.clear(hits, zero_hits)
+
+    def zero_hits() -> None:
+        nonlocal hits
+        hits = 0
 
     def cache_prime(value: R, /, *args: P.args, **kwargs: P.kwargs) -> None:
         k = key_of(args, kwargs)
@@ -746,6 +748,8 @@ def _with_async_cache(
 
             if flight.refresh and isinstance(single_flight, RefreshingCache):
                 return _refresh_across(single_flight, table, flight, compute, refresher)
+            if flight.background:
+                return _refresh_beside(single_flight, flight, compute, refresher)
             if flight.refresh:
                 return _refresh_through(single_flight, flight.key, compute, refresher)
             return _get_or_compute(single_flight, flight.key, compute, refresher)
@@ -927,6 +931,28 @@ async def _refresh_through(
     deleted first, so that get_or_compute computes."""
     await cache.delete(k)
     return await _get_or_compute(cache, k, compute, refresher)
+
+
+async def _refresh_beside(
+    cache: SingleFlightCache,
+    flight: Flight[Any, R],
+    compute: Callable[[], Awaitable[R]],
+    refresher: Refresher | None,
+) -> R:
+    """A background refresh with a SingleFlightCache that offers no refresh of its own: the
+    entry stays for every reader while the new value is computed, and a failure leaves it as
+    it is. The value is stored unless the computation was forgotten meanwhile (an invalidation,
+    a clear or a prime here); such a cache gives no way to fence it against another process."""
+    value = await compute()
+    if not flight.forgotten:
+        flight.storing = True  # from here on, an invalidation waits for this store to end
+        try:
+            await cache.set(flight.key, value)
+        finally:
+            flight.storing = False
+        if refresher is not None:
+            refresher.stored(flight.key)
+    return value
 
 
 def _attach(

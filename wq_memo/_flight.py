@@ -86,6 +86,7 @@ class Counts:
     __slots__ = (
         "before",
         "bypassed",
+        "clears",
         "dropped",
         "hits",
         "joined",
@@ -108,18 +109,28 @@ class Counts:
     def __init__(self) -> None:
         self.name: str | None = None
         self.before: dict[str, int] = dict.fromkeys(self.FIELDS, 0)
+        self.clears = 0
+        """Odd while a clear() moves the counts: a reader in another thread (metrics
+        collection) reads again until it is even and unchanged across its reads."""
         self._zero()
 
-    def clear(self, hits: int = 0) -> None:
+    def clear(self, hits: int = 0, then: Callable[[], None] | None = None) -> None:
         """Count afresh from now on (cache_clear()), keeping what was counted in ``before``.
 
-        ``hits``: hits counted elsewhere until now (an in-process cache's hit path), kept too.
+        ``hits``: hits counted elsewhere until now (an in-process cache's hit path), kept too;
+        ``then()`` sets that count back to zero, within the same step for readers.
         """
-        before = self.before
-        for field in self.FIELDS:
-            before[field] += getattr(self, field)
-        before["hits"] += hits
-        self._zero()
+        self.clears += 1
+        try:
+            before = self.before
+            for field in self.FIELDS:
+                before[field] += getattr(self, field)
+            before["hits"] += hits
+            self._zero()
+            if then is not None:
+                then()
+        finally:
+            self.clears += 1
 
     def total(self, field: str) -> int:
         """A count since the start, clears or not (hits of an in-process hit path left out)."""
@@ -157,6 +168,7 @@ class Flight(Generic[K, R]):
         "refresh",
         "spare",
         "status",
+        "storing",
         "task",
         "uncounted",
         "waited",
@@ -206,6 +218,10 @@ class Flight(Generic[K, R]):
         """Holds a spare slot (a background refresh): callers' computations do not count it."""
         self.waited = False
         """Waited in line before it started."""
+        self.storing = False
+        """Its value is being stored before it is delivered (a background refresh through a
+        cache that cannot fence it): an invalidation waits for that store, as for one sent
+        after delivery."""
 
     def __repr__(self) -> str:
         return f"<Flight {self.key!r} {self.status.value} callers={self.callers}>"
@@ -865,12 +881,13 @@ class FlightTable(Generic[K, R]):
             if lender is not None and lender.borrowers and flight in lender.borrowers:
                 lender.borrowers.remove(flight)
             if flight.borrowers is not None:
-                self._hand_over(flight, lender)
+                # Its own slot, if it took one to compute (slotless), is given back already.
+                self._hand_over(flight, lender, held=False)
         else:
             if flight.spare:  # a computation it hands its slot to is a caller's: not spare
                 flight.spare = False
                 self.spare -= 1
-            if flight.borrowers is None or not self._hand_over(flight, None):
+            if flight.borrowers is None or not self._hand_over(flight, None, held=True):
                 self._release_slot()
         if not self.live and self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
@@ -881,10 +898,13 @@ class FlightTable(Generic[K, R]):
         self.flights.clear()
         self.flights.update(kept)
 
-    def _hand_over(self, flight: Flight[K, R], lender: Flight[Any, Any] | None) -> bool:
+    def _hand_over(
+        self, flight: Flight[K, R], lender: Flight[Any, Any] | None, *, held: bool
+    ) -> bool:
         """Computations still running in flight's slot, which it no longer needs: they move to
-        flight's own lender, or (flight held a slot) the first takes the slot over and the
-        others take slots of their own, over the bound until they end. Whether any was left."""
+        flight's own lender, or they take slots of their own, over the bound until they end:
+        the first takes flight's slot over if flight still ``held`` it (a ``slotless`` flight
+        gave back the slot it computed in as its computation ended). Whether any was left."""
         borrowers = flight.borrowers
         flight.borrowers = None
         live = [b for b in borrowers or () if b.status is _RUNNING]
@@ -901,7 +921,7 @@ class FlightTable(Generic[K, R]):
                 borrower.borrowed = False
                 self.borrowed -= 1
                 self.running += 1
-        if lender is None:
+        if lender is None and held:
             self.running -= 1  # flight's own slot, taken over by the first
         return True
 

@@ -82,7 +82,7 @@ active = False
 
 _hit_listeners: tuple[Listener, ...] = ()
 
-COUNTED: Final = ("hits", "misses", "joined", "refreshes")
+COUNTED: Final = ("hits", "misses", "joined", "refreshes", "bypassed")
 """The fields of CacheInfo that count calls, in the order totals() gives them."""
 
 RETIRED_NAMES: Final = 256
@@ -113,11 +113,19 @@ class _Tracked:
         """Its counts (as in COUNTED) since it was made, those before a cache_clear() included,
         so that they never go down: plain numbers the event loop keeps, read without a call into
         its cache or its queue, so that any thread may read them."""
-        counts = self.counts
-        values = [counts.total(field) for field in COUNTED]
-        if self.own_hits is not None:
-            values[0] += self.own_hits()
-        return values
+        counts, own_hits = self.counts, self.own_hits
+        while True:
+            # A clear on the loop's thread moves counts from one place to another: read again
+            # if one ran meanwhile (or runs now), so that no total is read twice or missed.
+            seen = counts.clears
+            if seen & 1:
+                time.sleep(0)
+                continue
+            values = [counts.total(field) for field in COUNTED]
+            if own_hits is not None:
+                values[0] += own_hits()
+            if counts.clears == seen:
+                return values
 
 
 _live: dict[int, _Tracked] = {}

@@ -13,7 +13,9 @@ from ._listeners import Listener
 
 __all__ = ("OpenTelemetryMetrics",)
 
-_OUTCOMES: Final = dict(zip(_listeners.COUNTED, ("hit", "miss", "joined", "refresh"), strict=True))
+_OUTCOMES: Final = dict(
+    zip(_listeners.COUNTED, ("hit", "miss", "joined", "refresh", "bypassed"), strict=True)
+)
 
 _DURATION_BUCKETS: Final = (
     0.0005,
@@ -49,7 +51,6 @@ class OpenTelemetryMetrics(Listener):
         from . import __version__
 
         meter = metrics.get_meter("wq_memo", __version__, meter_provider=meter_provider)
-        self._bypassed: dict[str, int] = {}
         self._duration = meter.create_histogram(
             "wq_memo.computation.duration",
             unit="s",
@@ -93,9 +94,6 @@ class OpenTelemetryMetrics(Listener):
 
     # -- told as things happen ----------------------------------------------------------------
 
-    def on_bypassed(self, name: str) -> None:
-        self._bypassed[name] = self._bypassed.get(name, 0) + 1
-
     def on_computed(self, name: str, seconds: float, error: type[BaseException] | None) -> None:
         if error is None:
             self._duration.record(seconds, {"function": name})
@@ -112,16 +110,14 @@ class OpenTelemetryMetrics(Listener):
     def _calls(self, _: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
         if not self._reporting():
             return []
-        points = [
+        # Read from the tracked functions' own counts, so that names gone are forgotten as
+        # _listeners forgets them; "bypassed" only once caching was switched off for a call.
+        return [
             metrics.Observation(count, {"function": name, "outcome": outcome})
             for name, counts in _listeners.totals().items()
             for outcome, count in zip(_OUTCOMES.values(), counts, strict=True)
+            if count or outcome != "bypassed"
         ]
-        points.extend(
-            metrics.Observation(count, {"function": name, "outcome": "bypassed"})
-            for name, count in self._bypassed.items()
-        )
-        return points
 
     def _gauge(self, what: str) -> list[metrics.Observation]:
         if not self._reporting():

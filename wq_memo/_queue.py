@@ -217,8 +217,11 @@ class WorkerQueue(Generic[T, R]):
         refresh of key is under way, the entry it replaces is served (looked up once).
         """
         looked = False
+        # One table for the whole call: a call that starts over once the queue has closed (the
+        # lookup it shared ended without an answer) is refused, as the caller it shared with
+        # was; it does not start the queue again after aclose() has returned.
+        table = self._table_now()
         while True:
-            table = self._table_now()
             flight = table.flights.get(key)
             if flight is not None:
                 if table.closing:
@@ -227,7 +230,10 @@ class WorkerQueue(Generic[T, R]):
                     looked = True
                     value = await self._look_up(key)
                     if value is not self._miss:
+                        # A refresh of key is under way already: no need to start one.
                         self._counts.hits += 1
+                        if _listeners.active:
+                            _listeners.hit(self._counts.name)
                         return value  # type: ignore[no-any-return]
                     continue  # gone meanwhile: join the refresh, or start over if it ended
                 return await table.join(flight)
@@ -327,7 +333,7 @@ class WorkerQueue(Generic[T, R]):
             f.task
             for f in flights
             # Delivered and not ended: its store is on its way (or it is about to end).
-            if f.outcome is not None
+            if (f.outcome is not None or f.storing)
             and f.task is not None
             and not f.task.done()
             and f.task is not _me()

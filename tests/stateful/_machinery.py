@@ -11,8 +11,12 @@ loop they own, one step at a time, and check it against a small model:
   most one computation: a computation may only start when no other of its key is running and
   the model holds no cached value for the key.
 
-Every result is an object of its own (``Value``) and every failure an exception of its own
-(``ComputationFailed``), so a caller's outcome tells which computation it came from.
+Every result identifies the computation that produced it: a ``Value`` of its own, an exception
+of its own (``ComputationFailed``), or ``None``, which at most one computation of each key
+returns (a rule asking a later one for ``None`` gets a ``Value``). No two results of a key
+compare equal unless one computation produced them, so a caller's outcome and a cache's entry
+tell which computation they came from. The caches of the machines also tell which computation's
+task stores each value (``PRODUCER``): a store is attributed to the computation that made it.
 
 Each caller runs as its own tenant: its task sets ``TENANT`` to the caller's number before it
 calls. A computation reads the tenant it runs as, which names the caller whose context it was
@@ -22,16 +26,25 @@ which computations are admitted.
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import contextvars
+import inspect
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import (
+    INVARIANT_MARKER,
+    RuleBasedStateMachine,
+    invariant,
+    precondition,
+    rule,
+)
 
 from wq_memo import QueueShutDown, ShutdownTimeout
+from wq_memo._flight import _current as running_flight
 
 KEYS = ("a", "b", "c", "d")
 keys = st.sampled_from(KEYS)
@@ -39,6 +52,27 @@ FINISH_TIMEOUT = 1.0
 """What a close gives unfinished computations, in loop time: the machine's loop skips it."""
 TENANT: contextvars.ContextVar[int | None] = contextvars.ContextVar("tenant", default=None)
 """The number of the caller whose context the running code belongs to."""
+PRODUCER: contextvars.ContextVar[int | None] = contextvars.ContextVar("producer", default=None)
+"""The computation whose task the running code belongs to: set by the worker, read by stores."""
+
+
+def replay(machine: type[RuleBasedStateMachine], steps: str) -> None:
+    """Run steps, as Hypothesis prints a failing example ("decorate(maxsize=1, yielding=False);
+    calls(batch=['a'])"), on a new machine, checking every invariant after each rule."""
+    invariants = [f for _, f in inspect.getmembers(machine) if getattr(f, INVARIANT_MARKER, None)]
+    state = machine()
+    try:
+        for number, step in enumerate(steps.split(";")):
+            call = ast.parse(step.strip(), mode="eval").body
+            assert isinstance(call, ast.Call), step
+            assert isinstance(call.func, ast.Name), step
+            arguments = {str(k.arg): ast.literal_eval(k.value) for k in call.keywords}
+            getattr(state, call.func.id)(**arguments)
+            if number:  # the first step is the machine's initialize rule
+                for check in invariants:
+                    check(state)
+    finally:
+        state.teardown()
 
 
 class FastForwardLoop(asyncio.SelectorEventLoop):
@@ -98,6 +132,10 @@ class Computation:
     slotted: bool = True
     """Whether it counts against maxsize: a computation started by a call from inside
     another one does not (it never waits for a slot)."""
+    first: Caller | None = None
+    """The caller whose call made its flight (the first caller; None: not made by a caller)."""
+    nested: bool = False
+    """Its flight was made by a call from inside another computation."""
 
 
 @dataclass(eq=False)
@@ -159,6 +197,23 @@ class QueueModelMachine(RuleBasedStateMachine):
         """Calls made by computations themselves (counted by the code under test too)."""
         self.last_admitted: Caller | None = None
         """The starter of the latest computation that took a slot."""
+        self.none_of: dict[str, Computation] = {}
+        """Per key, the one computation that returned None."""
+        self.lookup_gate: asyncio.Event | None = None
+        """While set, the cache's lookups wait on this gate before they answer (they read at
+        once)."""
+        self.store_gate: asyncio.Event | None = None
+        """While set, the cache's stores wait on this gate before they write."""
+        self.lookers: list[Caller] = []
+        """The callers whose own lookups reached the lookup gate (not those sharing them)."""
+        self.invalidating: list[asyncio.Task[None]] = []
+        """Invalidations a rule started while lookups or stores were held."""
+        self.making: dict[str, Caller] = {}
+        """Per key, the caller about to make its flight (its lookup found neither a value nor a
+        flight), until the flight is seen."""
+        self.makers: dict[object, Caller] = {}
+        """Flights, each with the caller whose call made it."""
+        self.firsts_checked = 0
 
     # -- what a concrete machine provides -------------------------------------------------------
 
@@ -181,6 +236,15 @@ class QueueModelMachine(RuleBasedStateMachine):
     def real_cache(self) -> dict[str, Any]:
         """What the cache under test holds now, per key, without counting as a hit."""
         raise NotImplementedError
+
+    def flight_key(self, key: str) -> object:
+        """The key of key's flights in the queue's table (None: the machine does not say)."""
+        return None
+
+    def looks_up(self) -> bool:
+        """Whether the cache under test calls ``about_to_call`` when a caller's lookup misses;
+        if not, a call goes straight from its first step to the queue's table."""
+        return True
 
     # -- the event loop -------------------------------------------------------------------------
 
@@ -233,6 +297,12 @@ class QueueModelMachine(RuleBasedStateMachine):
         comp = Computation(len(self.comps), key, self.tick())
         self.comps.append(comp)
         comp.tenant = TENANT.get()
+        PRODUCER.set(comp.id)  # read by the stores this computation's task makes
+        self.seen_making(key)
+        flight = running_flight.get()
+        if flight is not None:
+            comp.first = self.makers.get(flight)
+            comp.nested = flight.parent is not None
         comp.slotted = self.takes_a_slot(comp)
         if any(c.key == key and not c.forgotten for c in self.active):
             self.violations.append(f"{key!r} computed twice at once (computation #{comp.id})")
@@ -336,28 +406,76 @@ class QueueModelMachine(RuleBasedStateMachine):
         self.last_admitted = starter
 
     def stored(self, key: str, value: object) -> None:
-        """The model's side of the queue storing a result in the machine's cache."""
-        comp = self.storing.pop(key, None)
-        forgotten = [
-            c
-            for c in self.comps
-            if c.key == key and c.forget_done and c.succeeded and c.outcome is value
-        ]
-        if forgotten:
+        """The model's side of the queue storing a result in the machine's cache (called by the
+        cache, in the task that stores): the store is attributed to the computation whose task
+        makes it, which must be the one the model expects to store key."""
+        producer = self.producer(key, value)
+        if producer is None:
+            return
+        if producer.forget_done:
             self.violations.append(
-                f"{value!r} stored for {key!r} after the invalidation that forgot "
-                f"computation #{forgotten[0].id} had returned"
+                f"{value!r} stored for {key!r} by computation #{producer.id} after the "
+                "invalidation that forgot it had returned"
             )
             return
-        if comp is None or comp.outcome is not value:
-            self.violations.append(f"{value!r} stored for {key!r}, expected {comp}")
+        expected = self.storing.get(key)
+        if expected is not producer:
+            self.violations.append(
+                f"{value!r} stored for {key!r} by computation #{producer.id}; the model expects "
+                f"a store by {expected}"
+            )
             return
-        comp.cached_time = self.fake_now
-        self.cached[key] = comp
+        del self.storing[key]
+        producer.cached_time = self.fake_now
+        self.cached[key] = producer
+
+    def stored_now(self, value: object) -> None:
+        """A synchronous cache's side of a store (the model counts the value as cached when the
+        worker returns it): it must be by the computation the model holds as cached."""
+        producer = self.producer(None, value)
+        if producer is not None and self.cached.get(producer.key) is not producer:
+            self.violations.append(
+                f"{value!r} stored for {producer.key!r} by computation #{producer.id}, which "
+                f"the model does not hold as cached ({self.cached.get(producer.key)})"
+            )
+
+    def producer(self, key: str | None, value: object) -> Computation | None:
+        """The computation whose task stores value (for key), or None after a violation."""
+        producer_id = PRODUCER.get()
+        if producer_id is None:
+            self.violations.append(f"{value!r} stored for {key!r} outside any computation")
+            return None
+        producer = self.comps[producer_id]
+        if (key is not None and producer.key != key) or not (
+            producer.succeeded and value is producer.outcome
+        ):
+            self.violations.append(
+                f"{value!r} stored for {key!r} by computation #{producer.id} of "
+                f"{producer.key!r}, which returned {producer.outcome!r}"
+            )
+            return None
+        return producer
 
     async def answer_late(self) -> None:
-        """A yielding cache's answer travels back: one turn of the loop, more for slow calls."""
-        for _ in range(1 + self.lookup_delay.get(asyncio.current_task(), 0)):
+        """A yielding cache's answer travels back: one turn of the loop, more for slow calls,
+        and while ``lookup_gate`` is set, not before it opens."""
+        task = asyncio.current_task()
+        gate = self.lookup_gate
+        if gate is not None:
+            caller = self.caller_of_task.get(task)  # type: ignore[arg-type]
+            if caller is not None:
+                self.lookers.append(caller)
+            await gate.wait()
+        for _ in range(1 + self.lookup_delay.get(task, 0)):
+            await asyncio.sleep(0)
+
+    async def store_late(self) -> None:
+        """A cache's store on its way: held while ``store_gate`` is set, and one turn of the
+        loop for a yielding cache."""
+        gate = self.store_gate
+        if gate is not None:
+            await gate.wait()
+        if self.yielding:
             await asyncio.sleep(0)
 
     forget_refuses_pending_store: ClassVar[bool] = False
@@ -432,11 +550,44 @@ class QueueModelMachine(RuleBasedStateMachine):
         TENANT.set(caller_id)
         self.arrivals += 1
         self.callers[caller_id].arrived = self.arrivals
+        if not self.looks_up():
+            self.about_to_call(key)
         try:
             return await self.call(key)
         finally:
             if TENANT.get() != caller_id:
                 self.violations.append(f"caller #{caller_id}'s context was changed by its call")
+
+    def about_to_call(self, key: str) -> None:
+        """Called by the cache in the task of a caller whose lookup of key missed (or, for a
+        machine without lookups, as the call begins): the call goes on to the queue's table
+        without suspending, and makes key's flight if there is none."""
+        if self.flight_key(key) is None:
+            return
+        self.seen_making(key)
+        try:
+            task = asyncio.current_task()
+        except RuntimeError:  # the machine itself, looking at the cache
+            return
+        caller = self.caller_of_task.get(task)  # type: ignore[arg-type]
+        if caller is None:
+            return
+        table = self.queue_table()
+        if table is None or table.flights.get(self.flight_key(key)) is None:
+            self.making[key] = caller
+
+    def seen_making(self, key: str) -> None:
+        """The flight of key that the caller in ``making`` made is in the table now (or was
+        never made: the call was refused)."""
+        caller = self.making.pop(key, None)
+        if caller is None:
+            return
+        table = self.queue_table()
+        if table is None:
+            return
+        flight = table.flights.get(self.flight_key(key))
+        if flight is not None and flight not in self.makers:
+            self.makers[flight] = caller
 
     def record_hit(self) -> None:
         """Called by the cache when a caller's lookup finds a value."""
@@ -501,23 +652,20 @@ class QueueModelMachine(RuleBasedStateMachine):
     def check_value(self, caller: Caller, value: object) -> None:
         where = f"caller #{caller.id} ({caller.key!r}, created at {caller.created_at})"
         if isinstance(value, Value):
+            assert 0 <= value.comp_id < len(self.comps), f"{where} got a value of no computation"
             comp = self.comps[value.comp_id]
             assert comp.outcome is value, f"{where} got a value #{comp.id} never returned"
-            candidates = [comp]
         else:
             assert value is None, f"{where} got {value!r}"
             assert self.none_results, f"{where} got None, which no computation returns"
-            candidates = [c for c in self.comps if c.succeeded and c.outcome is None]
-        for comp in candidates:
-            if (
-                comp.key == caller.key
-                and comp.succeeded
-                and (comp.uncached_at is None or caller.created_at < comp.uncached_at)
-            ):
-                return
-        raise AssertionError(
-            f"{where} got {value!r}, which no computation it could have joined returned "
-            f"(candidates: {[(c.id, c.key, c.finished_at, c.uncached_at) for c in candidates]})"
+            found = self.none_of.get(caller.key)
+            assert found is not None, f"{where} got None, which no computation of its key returned"
+            comp = found
+        assert comp.key == caller.key, f"{where} got the value of #{comp.id} ({comp.key!r})"
+        assert comp.succeeded, f"{where} got the value of #{comp.id}, which has not returned"
+        assert comp.uncached_at is None or caller.created_at < comp.uncached_at, (
+            f"{where} got the value of #{comp.id}, which had stopped being available before "
+            f"the call (at {comp.uncached_at})"
         )
 
     # -- rules ----------------------------------------------------------------------------------
@@ -573,8 +721,9 @@ class QueueModelMachine(RuleBasedStateMachine):
     def set_outcome(self, comp: Computation, fail: bool, none: bool) -> None:
         if fail:
             comp.outcome = ComputationFailed(comp.id)
-        elif none and self.none_results:
+        elif none and self.none_results and comp.key not in self.none_of:
             comp.outcome = None
+            self.none_of[comp.key] = comp
         else:
             comp.outcome = Value(comp.id)
         comp.released = True
@@ -602,15 +751,37 @@ class QueueModelMachine(RuleBasedStateMachine):
         Calls made while it closes are refused. A computation whose gate stays shut outlives
         finish_timeout, so its callers get ShutdownTimeout.
         """
+        self.shut_down(release, fail, during)
+
+    def shut_down(
+        self,
+        release: list[int],
+        fail: bool,
+        during: list[str],
+        opening: asyncio.Event | None = None,
+        store_held: bool = False,
+    ) -> None:
+        """The close rule; ``opening``, a gate that opens once the queue has begun to close
+        (held lookups or stores then go on while it closes); ``store_held``: the store gate
+        stays shut past finish_timeout, so that the store is cancelled by the shutdown."""
         self.phase = "close"
         self.allow_unstarted()
         closing = self.loop.create_task(self.aclose())
         self.drive()
+        refused = []
         if not closing.done():
             for caller in self.start_calls(during):
                 self.drive()
-                assert caller.task.done(), f"a call made while the queue closes waits: {caller}"
-        to_release = {self.active[i % len(self.active)] for i in release} if self.active else set()
+                refused.append(caller)
+        if opening is not None:
+            opening.set()
+            self.drive()
+        # Refused at once, or (sharing a held lookup) as soon as it answers.
+        waiting = [c for c in refused if not c.task.done()]
+        assert not waiting, f"a call made while the queue closes waits: {waiting}"
+        to_release = (
+            dict.fromkeys(self.active[i % len(self.active)] for i in release) if self.active else {}
+        )
         for comp in to_release:
             self.set_outcome(comp, fail, False)
         self.drive()
@@ -619,9 +790,112 @@ class QueueModelMachine(RuleBasedStateMachine):
             self.loop.offset += FINISH_TIMEOUT
             self.loop.run_until_complete(asyncio.wait_for(closing, 5))
         self.drive()
+        if store_held:
+            # Cancelled on their way by the shutdown: those values are never stored.
+            for comp in self.storing.values():
+                comp.uncached_at = self.tick()
+            self.storing.clear()
         assert not self.pending(), f"callers still waiting after aclose(): {self.pending()}"
         assert not self.active, f"computations still running after aclose(): {self.active}"
         self.phase = "idle"
+
+    stores_suspend: ClassVar[bool] = False
+    """Whether the cache under test stores through coroutines, which ``store_gate`` can hold."""
+
+    invalidation_forgets_lookups: ClassVar[bool] = True
+    """Whether an invalidation stops later calls sharing a lookup under way (not with a bare
+    WorkerQueue, which has no invalidation: its machine edits the cache behind its back)."""
+
+    def start_invalidation(self, key: str | None) -> asyncio.Task[None] | None:
+        """Invalidate key (None: clear the cache) as the machine's invalidate or clear rule
+        does; an invalidation that awaits runs in the returned task."""
+        raise NotImplementedError
+
+    def land(self, action: str, pick: int, pending: list[Caller], key: str) -> None:
+        """Land a rule while lookups or stores are held: cancel one of ``pending``, invalidate
+        key or clear (waiting for the invalidation only as far as it goes without them)."""
+        if action == "cancel":
+            if pending:
+                caller = pending[pick % len(pending)]
+                caller.cancel_requested = True
+                caller.task.cancel()
+        else:
+            task = self.start_invalidation(key if action == "invalidate" else None)
+            if task is not None:
+                self.invalidating.append(task)
+        self.drive()
+
+    @precondition(lambda self: self.yielding)
+    @rule(
+        batch=st.lists(keys, min_size=1, max_size=4),
+        action=st.sampled_from(["cancel", "invalidate", "clear", "close"]),
+        pick=st.integers(0, 7),
+        after=st.lists(keys, max_size=3),
+    )
+    def while_looking_up(self, batch: list[str], action: str, pick: int, after: list[str]) -> None:
+        """Calls whose lookups are held on their way back (callers of a key share the lookup
+        under way); meanwhile the caller that started a lookup is cancelled, its key is
+        invalidated, the cache is cleared or the queue closed. Calls come in (``after``)
+        before the lookups answer: they must not share one an invalidation overtook."""
+        gate = self.lookup_gate = asyncio.Event()
+        self.lookers = []
+        try:
+            self.start_calls(batch)
+            self.drive()
+            if action == "close":
+                self.lookup_gate = None  # calls made while it closes are refused at once
+                self.shut_down([], False, after, opening=gate)
+                return
+            lookers = [c for c in self.lookers if not c.task.done()]
+            if not self.invalidation_forgets_lookups:
+                action = "cancel"
+            self.land(action, pick, lookers, batch[pick % len(batch)])
+            self.start_calls(after)
+            self.drive()
+            assert all(not c.task.done() for c in lookers if not c.cancel_requested), (
+                "a lookup answered before its gate opened"
+            )
+        finally:
+            gate.set()
+            self.lookup_gate = None
+        self.drive()
+        self.invalidations_returned()
+
+    @precondition(lambda self: self.active and self.stores_suspend)
+    @rule(
+        pick=st.integers(0, 7),
+        none=st.booleans(),
+        action=st.sampled_from(["cancel", "invalidate", "clear", "close", "close-held"]),
+        after=st.lists(keys, max_size=3),
+    )
+    def while_storing(self, pick: int, none: bool, action: str, after: list[str]) -> None:
+        """A computation returns and its store is held on its way; meanwhile a caller waiting
+        (with a single-flight cache, for that store) is cancelled, the key is invalidated, the
+        cache is cleared or the queue closed (the store goes on while it closes, or, held past
+        finish_timeout, is cancelled). Calls come in before the store lands."""
+        comp = self.active[pick % len(self.active)]
+        gate = self.store_gate = asyncio.Event()
+        try:
+            self.set_outcome(comp, fail=False, none=none)
+            self.drive()
+            if action.startswith("close"):
+                held = action == "close-held"
+                self.shut_down([], False, after, None if held else gate, store_held=held)
+                return
+            self.land(action, pick, self.pending(), comp.key)
+            self.start_calls(after)
+            self.drive()
+        finally:
+            gate.set()
+            self.store_gate = None
+        self.drive()
+        self.invalidations_returned()
+
+    def invalidations_returned(self) -> None:
+        for task in self.invalidating:
+            assert task.done(), "an invalidation never returned"
+            task.result()
+        self.invalidating = []
 
     def allow_unstarted(self) -> None:
         """Accepted items a close or a loop change may drop unstarted: the line, or with a
@@ -646,6 +920,21 @@ class QueueModelMachine(RuleBasedStateMachine):
     @invariant()
     def no_violation_seen_by_the_worker(self) -> None:
         assert not self.violations, self.violations
+
+    @invariant()
+    def each_computation_runs_in_its_first_callers_context(self) -> None:
+        """The caller whose call made a computation's flight is the tenant it runs as, whether
+        it starts at once or after waiting in line, and whatever lookups did meanwhile."""
+        for comp in self.comps[self.firsts_checked :]:
+            where = f"computation #{comp.id} of {comp.key!r}"
+            if comp.nested or self.flight_key(comp.key) is None:
+                continue
+            assert comp.first is not None, f"{where} was made by no caller the model saw"
+            assert comp.tenant == comp.first.id, (
+                f"{where} ran as tenant {comp.tenant}, not in the context of caller "
+                f"#{comp.first.id}, whose call made it"
+            )
+        self.firsts_checked = len(self.comps)
 
     @invariant()
     def a_free_slot_leaves_nobody_waiting(self) -> None:

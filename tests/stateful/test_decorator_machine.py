@@ -52,8 +52,8 @@ def since_made(f: Any) -> tuple[int, int, int, int, int]:
     cache_info()'s counts back to zero, not these (the metrics read them)."""
     counts = f.queue._counts
     tracked = _listeners._Tracked("f", counts, getattr(f, "_own_hits", None))
-    hits, misses, joined, refreshes = tracked.counted()
-    return hits, misses, joined, refreshes, counts.total("bypassed")
+    hits, misses, joined, refreshes, bypassed = tracked.counted()
+    return hits, misses, joined, refreshes, bypassed
 
 
 def assert_counts_cleared(info: CacheInfo) -> None:
@@ -70,16 +70,25 @@ def assert_counts_cleared(info: CacheInfo) -> None:
 
 
 class RecordingTTLCache(cachetools.TTLCache[Hashable, Any]):
-    """A TTLCache that tells the machine when a caller's lookup finds a value."""
+    """A TTLCache that tells the machine when a caller's lookup finds a value, and which
+    computation stores each value."""
 
     def __init__(self, machine: QueueModelMachine) -> None:
         super().__init__(maxsize=100, ttl=TTL, timer=lambda: machine.fake_now)
         self.machine = machine
 
     def __getitem__(self, key: Hashable) -> Any:
-        value = super().__getitem__(key)
+        try:
+            value = super().__getitem__(key)
+        except KeyError:
+            self.machine.about_to_call(key[0])  # type: ignore[index]
+            raise
         self.machine.record_hit()
         return value
+
+    def __setitem__(self, key: Hashable, value: Any) -> None:
+        super().__setitem__(key, value)
+        self.machine.stored_now(value)
 
 
 class CountingListener(Listener):
@@ -201,6 +210,12 @@ class DecoratorMachine(QueueModelMachine):
         hits, misses, joined, _, _ = since_made(self.memoized())
         return hits, misses, joined
 
+    def flight_key(self, key: str) -> object:
+        return hashkey(key)
+
+    def looks_up(self) -> bool:
+        return self.cache is not None
+
     def real_cache(self) -> dict[str, Any]:
         if self.cache is None:
             return {}
@@ -267,13 +282,12 @@ class DecoratorMachine(QueueModelMachine):
 
 class MemoryAsyncCache:
     """An AsyncCache in memory, on the machine's fake clock; with ``yielding``, every operation
-    suspends as a remote cache's would (a lookup reads at once and answers late)."""
+    suspends as a remote cache's would (a lookup reads at once and answers late). The machine's
+    gates can hold lookups and stores longer."""
 
     def __init__(self, machine: QueueModelMachine) -> None:
         self.machine = machine
         self.data: dict[Hashable, tuple[Any, float]] = {}
-        self.store_gate: asyncio.Event | None = None
-        """While set, stores wait on this gate before they write."""
 
     def peek(self, key: Hashable) -> Any:
         value, expires = self.data.get(key, (MISSING, 0.0))
@@ -285,14 +299,12 @@ class MemoryAsyncCache:
             await self.machine.answer_late()
         if value is not MISSING:
             self.machine.record_hit()
+        else:
+            self.machine.about_to_call(key.key[0])  # type: ignore[attr-defined]
         return value
 
     async def set(self, key: Hashable, value: Any, ttl: float | None = None) -> None:
-        gate = self.store_gate
-        if gate is not None:
-            await gate.wait()
-        if self.machine.yielding:
-            await asyncio.sleep(0)
+        await self.machine.store_late()
         assert isinstance(key, CallKey), key
         self.data[key] = (value, self.machine.fake_now + (TTL if ttl is None else ttl))
         self.machine.stored(key.key[0], value)  # type: ignore[index]
@@ -338,8 +350,7 @@ class MemorySingleFlightCache(MemoryAsyncCache):
             return value  # type: ignore[no-any-return]
         generation = self.generation(key)
         result = await compute()
-        if self.machine.yielding:
-            await asyncio.sleep(0)
+        await self.machine.store_late()
         if self.generation(key) == generation:  # checked and written in one step, as a script would
             assert isinstance(key, CallKey), key
             self.data[key] = (result, self.machine.fake_now + TTL)
@@ -352,9 +363,13 @@ class AsyncCacheMachine(DecoratorMachine):
 
     stored_by_worker = False
     async_cache = True
+    stores_suspend = True
 
     def make_cache(self) -> Any:
         return MemoryAsyncCache(self)
+
+    def flight_key(self, key: str) -> object:
+        return CallKey("f", (key,))
 
     def real_cache(self) -> dict[str, Any]:
         assert not self.storing, f"results returned but never stored: {self.storing}"
@@ -401,7 +416,7 @@ class AsyncCacheMachine(DecoratorMachine):
         invalidation returns, the value is gone and never stored again."""
         assert isinstance(self.cache, MemoryAsyncCache)
         comp = self.active[pick % len(self.active)]
-        gate = self.cache.store_gate = asyncio.Event()
+        gate = self.store_gate = asyncio.Event()
         invalidating = []
         try:
             self.set_outcome(comp, fail=False, none=False)
@@ -418,11 +433,14 @@ class AsyncCacheMachine(DecoratorMachine):
                 self.drive()
         finally:
             gate.set()
-            self.cache.store_gate = None
+            self.store_gate = None
         self.drive()
         for task in invalidating:
             assert task.done(), "an invalidation never returned"
             task.result()
+
+    def start_invalidation(self, key: str | None) -> asyncio.Task[None]:
+        return self.loop.create_task(self.invalidation(key or "", everything=key is None))
 
     async def invalidation(self, key: str, everything: bool) -> None:
         """acache_invalidate(key) or acache_clear(), the model following each step: what the

@@ -101,6 +101,9 @@ class MethodMachine(DecoratorMachine):
         self.rows = EqualRows((MemoRow(0), MemoRow(1)), MemoRow.load)
         return self.rows
 
+    def flight_key(self, key: str) -> None:
+        return None  # keyed by the instance: its first callers are not followed
+
     def memoized(self) -> Any:
         return self.rows.method
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Coroutine
 from typing import Any
 
@@ -20,10 +19,12 @@ class WorkerQueueMachine(QueueModelMachine):
 
     With ``yielding``, cache_get and cache_set suspend once, as a remote cache would: other
     callers then run between a caller's lookup and its computation, and between a computation's
-    end and the storing of its result.
+    end and the storing of its result. The machine's gates can hold lookups and stores longer.
     """
 
     stored_by_worker = False
+    stores_suspend = True
+    invalidation_forgets_lookups = False
     queue: WorkerQueue[str, Value]
 
     @initialize(maxsize=st.integers(1, 3), yielding=st.booleans())
@@ -44,11 +45,12 @@ class WorkerQueueMachine(QueueModelMachine):
                 await self.answer_late()
             if value is not None:
                 self.record_hit()
+            else:
+                self.about_to_call(key)
             return value
 
         async def cache_set(key: str, value: Value) -> None:
-            if yielding:
-                await asyncio.sleep(0)
+            await self.store_late()
             self.store[key] = value
             self.stored(key, value)
 
@@ -67,6 +69,9 @@ class WorkerQueueMachine(QueueModelMachine):
         c = self.queue._counts
         return c.hits, c.misses, c.joined
 
+    def flight_key(self, key: str) -> str:
+        return key
+
     def real_cache(self) -> dict[str, Any]:
         assert not self.storing, f"results returned but never stored: {self.storing}"
         return dict(self.store)
@@ -82,6 +87,12 @@ class WorkerQueueMachine(QueueModelMachine):
         self.store.clear()
         for key in list(self.cached):
             self.uncache(key)
+
+    def start_invalidation(self, key: str | None) -> None:
+        if key is None:
+            self.clear()
+        else:
+            self.invalidate(key)
 
 
 def test_worker_queue_machine() -> None:

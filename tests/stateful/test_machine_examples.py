@@ -1,0 +1,43 @@
+"""Examples the machines once got wrong, or that caught a broken library: each is replayed
+step by step, with every invariant checked after each rule."""
+
+from __future__ import annotations
+
+from ._machinery import replay
+from .test_decorator_machine import AsyncCacheMachine, SingleFlightMachine
+from .test_queue_machine import WorkerQueueMachine
+
+
+def test_two_computations_returning_none_are_told_apart() -> None:
+    # The older computation is forgotten and returns None; the newer one returns None too and
+    # stores it, rightly. A model telling results apart by value blamed the older one.
+    replay(
+        SingleFlightMachine,
+        "decorate(maxsize=1, yielding=False); calls(batch=['a']);"
+        "invalidate(key='a', use_async=True); release(pick=0, fail=False, none=True);"
+        "calls(batch=['a']); release(pick=0, fail=False, none=True)",
+    )
+
+
+def test_cancelling_the_caller_whose_lookup_others_share() -> None:
+    # The caller that started the lookup is cancelled while it is held: the caller sharing it
+    # starts over. (A library that tells those sharing only when the lookup raises an
+    # Exception, not on cancellation, leaves that caller waiting forever.)
+    for machine in (WorkerQueueMachine, AsyncCacheMachine, SingleFlightMachine):
+        init = "make_queue" if machine is WorkerQueueMachine else "decorate"
+        replay(
+            machine,
+            f"{init}(maxsize=1, yielding=True);"
+            "while_looking_up(action='cancel', after=[], batch=['a', 'a'], pick=0)",
+        )
+
+
+def test_an_item_waiting_in_line_runs_in_its_first_callers_context() -> None:
+    # 'b' waits in line; its second caller shares the first one's lookup and joins. (A library
+    # handing the item the context of a caller that joined it through a shared lookup ran it
+    # as caller #2.)
+    replay(
+        WorkerQueueMachine,
+        "make_queue(maxsize=1, yielding=True); calls(batch=['a', 'b', 'b']);"
+        "release(fail=False, none=False, pick=0)",
+    )

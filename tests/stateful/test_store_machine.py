@@ -656,6 +656,14 @@ class StoreMachine(RuleBasedStateMachine):
         """Move the clock: entries become due, and the next hit starts a background refresh."""
         self.now += seconds
 
+    @rule(key=keys)
+    def call_when_due(self, key: str) -> None:
+        """Move the clock past refresh_after and call: a hit on a stored entry starts a
+        background refresh."""
+        self.now += REFRESH_AFTER + 1
+        self.start_call(key, refresh=False)
+        self.drive()
+
     @rule(key=keys, sync=st.booleans())
     def peek(self, key: str, sync: bool) -> None:
         """cache_peek() or acache_peek(): what the cache holds, at once; nothing computed, looked
@@ -709,16 +717,19 @@ class StoreMachine(RuleBasedStateMachine):
         kind=st.sampled_from(["invalidate", "clear", "prime"]),
         op_first=st.booleans(),
         during=st.lists(st.tuples(keys, st.booleans()), max_size=2),
+        by_set=st.booleans(),
     )
     def store_lands_around(
-        self, pick: int, kind: str, op_first: bool, during: list[tuple[str, bool]]
+        self, pick: int, kind: str, op_first: bool, during: list[tuple[str, bool]], by_set: bool
     ) -> None:
         """A computation ends while an invalidation, a clear or a prime of its key is under way:
         its store is held while the operation starts (or the operation is held at its cache
-        step while the store goes on), calls and refreshes come in, then everything goes on."""
+        step while the store goes on), calls and refreshes come in, then everything goes on.
+        ``by_set``: with a single-flight cache, hold set() (a background refresh beside the
+        entry stores through it) rather than get_or_compute's finish."""
         active = self.active()
         comp = active[pick % len(active)]
-        store_gate = "finish" if "finish" in self.gate_names else "set"
+        store_gate = "finish" if "finish" in self.gate_names and not by_set else "set"
         op_gate = {"invalidate": "delete", "prime": "set"}.get(kind, "clear")
         if kind == "clear" and op_first and "scan" in self.gate_names:
             op_gate = "scan"  # the clear's epoch is set, its removals not made yet

@@ -656,13 +656,18 @@ class StoreMachine(RuleBasedStateMachine):
         """Move the clock: entries become due, and the next hit starts a background refresh."""
         self.now += seconds
 
-    @rule(key=keys)
-    def call_when_due(self, key: str) -> None:
+    @rule(key=keys, then=st.sampled_from([None, "invalidate", "clear", "prime"]))
+    def call_when_due(self, key: str, then: str | None) -> None:
         """Move the clock past refresh_after and call: a hit on a stored entry starts a
-        background refresh."""
+        background refresh; ``then`` lands an operation on its key while it stores."""
         self.now += REFRESH_AFTER + 1
+        before = len(self.comps)
         self.start_call(key, refresh=False)
         self.drive()
+        started = [c for c in self.comps[before:] if c.key == key and not c.done]
+        if then is not None and started and self.gate_names:
+            active = self.active()
+            self.store_lands_around(active.index(started[0]), then, False, [], True)
 
     @rule(key=keys, sync=st.booleans())
     def peek(self, key: str, sync: bool) -> None:

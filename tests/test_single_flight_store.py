@@ -238,3 +238,28 @@ async def test_a_nested_computation_its_caller_gave_up_on_frees_the_slot_once() 
         most = 0
         assert list(await asyncio.gather(f("a"), f("b"), f("d"))) == ["a", "b", "d"]
     assert most == 1
+
+
+async def test_recursion_joining_a_computation_that_waits_for_the_slot_runs_it_in_its_own() -> None:
+    """maxsize=1, a single-flight cache: fib(5) holds the slot; a call of fib(3) from outside
+    is under way, its computation waiting for the slot. fib(5)'s nested fib(4) then needs
+    fib(3): it lends fib(3) its slot, as it would to an item waiting in line (it waited for
+    ever: fib(3) for the slot, fib(5) for fib(4), fib(4) for fib(3))."""
+    go = asyncio.Event()
+
+    @worker_queue(cache=FencedCache(), name="fib", maxsize=1)
+    async def fib(n: int) -> int:
+        if n == 5:
+            await go.wait()
+        return n if n < 2 else await fib(n - 1) + await fib(n - 2)
+
+    async with asyncio.timeout(WAIT):
+        five = asyncio.ensure_future(fib(5))
+        while fib.queue.computing == 0:  # noqa: ASYNC110  # fib(5) holds the slot
+            await asyncio.sleep(0)
+        three = asyncio.ensure_future(fib(3))
+        for _ in range(20):  # fib(3)'s lookups and claim, up to its wait for the slot
+            await asyncio.sleep(0)
+        go.set()
+        assert await five == 5
+        assert await three == 2

@@ -739,7 +739,10 @@ def _with_async_cache(
                 if flight.parent is not None and table.lender_of(flight.parent) is not None:
                     flight.computing = True
                     return await table.counted(lambda: func(*flight.args, **flight.kwargs))
-                await table.slot()
+                if not await table.slot(flight):
+                    # Lent a slot meanwhile by a caller of it that holds one and awaits it.
+                    flight.computing = True
+                    return await table.counted(lambda: func(*flight.args, **flight.kwargs))
                 flight.computing = True
                 try:
                     return await table.counted(lambda: func(*flight.args, **flight.kwargs))

@@ -152,6 +152,7 @@ class Flight(Generic[K, R]):
 
     __slots__ = (
         "args",
+        "asking",
         "awaiting",
         "background",
         "borrowed",
@@ -218,6 +219,9 @@ class Flight(Generic[K, R]):
         """Holds a spare slot (a background refresh): callers' computations do not count it."""
         self.waited = False
         """Waited in line before it started."""
+        self.asking: asyncio.Future[bool] | None = None
+        """With ``slotless``: its computation's wait for a slot (see ``slot()``), which a nested
+        caller holding a slot may end by lending it that slot (see ``join()``)."""
         self.storing = False
         """Its value is being stored before it is delivered (a background refresh through a
         cache that cannot fence it): an invalidation waits for that store, as for one sent
@@ -365,7 +369,7 @@ class FlightTable(Generic[K, R]):
         self._line: deque[Flight[K, R]] = deque()
         self._refresh_line: deque[Flight[K, R]] = deque()
         """Background refreshes waiting for a spare slot."""
-        self._slot_waiters: deque[asyncio.Future[None]] = deque()
+        self._slot_waiters: deque[asyncio.Future[bool]] = deque()
         self._forgotten: set[Flight[K, R]] = set()
         self._starting = False
         self._drained: asyncio.Future[None] | None = None
@@ -480,6 +484,14 @@ class FlightTable(Generic[K, R]):
                 # Its callers' computations hold the slots it waits for: run it in theirs.
                 self._take_from_line(flight)
                 self._start(flight, True, lender=lender)
+            elif (
+                (asking := flight.asking) is not None
+                and not asking.done()
+                and (lender := self.lender_of(parent)) is not None
+            ):
+                # Under way (slotless), its computation waits for a slot a caller holds: the same.
+                self._lend(flight, lender)
+                asking.set_result(False)
         if flight.status is _WAITING and flight.background and not flight.uncounted:
             self._promote(flight)
         outcome = flight.outcome
@@ -604,11 +616,7 @@ class FlightTable(Generic[K, R]):
         flight.computing = spare or not self.slotless
         self._count(flight, waited and not flight.refresh)
         if lender is not None:
-            flight.lender = lender
-            if lender.borrowers is None:
-                lender.borrowers = [flight]
-            else:
-                lender.borrowers.append(flight)
+            self._lend(flight, lender)
             borrowed = True
         if borrowed:
             flight.borrowed = True
@@ -898,6 +906,15 @@ class FlightTable(Generic[K, R]):
         self.flights.clear()
         self.flights.update(kept)
 
+    @staticmethod
+    def _lend(flight: Flight[K, R], lender: Flight[Any, Any]) -> None:
+        """flight computes in lender's slot (lender awaits it)."""
+        flight.lender = lender
+        if lender.borrowers is None:
+            lender.borrowers = [flight]
+        else:
+            lender.borrowers.append(flight)
+
     def _hand_over(
         self, flight: Flight[K, R], lender: Flight[Any, Any] | None, *, held: bool
     ) -> bool:
@@ -952,7 +969,7 @@ class FlightTable(Generic[K, R]):
                         asking = self._slot_waiters.popleft()
                         if not asking.done():
                             self.running += 1
-                            asking.set_result(None)
+                            asking.set_result(True)
                 elif self._refresh_line and self._spare_free():
                     self._start(self._refresh_line.popleft(), True, spare=True)
                 else:
@@ -970,21 +987,28 @@ class FlightTable(Generic[K, R]):
         if not self.live and self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
 
-    async def slot(self) -> None:
-        """Wait for a slot (``slotless`` tables); the caller must ``release()`` it after."""
+    async def slot(self, flight: Flight[K, R] | None = None) -> bool:
+        """Wait for a slot (``slotless`` tables): True once taken, and the caller must
+        ``release()`` it after; False if flight was lent one meanwhile (``join()``: a caller
+        of it holds a slot and awaits it), which it then computes in without taking its own."""
         if self.running - self.spare < self.maxsize and not self._slot_waiters:
             self.running += 1
-            return
-        waiter: asyncio.Future[None] = self.loop.create_future()
+            return True
+        waiter: asyncio.Future[bool] = self.loop.create_future()
         self._slot_waiters.append(waiter)
+        if flight is not None:
+            flight.asking = waiter
         try:
-            await waiter
+            return await waiter
         except BaseException:
-            if waiter.done() and not waiter.cancelled():
+            if waiter.done() and not waiter.cancelled() and waiter.result():
                 self._release_slot()  # given the slot, then cancelled: pass it on
             else:
                 waiter.cancel()  # skipped when its turn comes
             raise
+        finally:
+            if flight is not None:
+                flight.asking = None
 
     def release(self) -> None:
         """Give back a slot taken with ``slot()``."""

@@ -10,8 +10,10 @@ import pytest
 
 pytest.importorskip("redis")
 
+import cachetools.keys
 from redis_waits import until, waiting
 
+from wq_memo import worker_queue
 from wq_memo.backends import MISSING, CallKey
 from wq_memo.backends._redis_keys import key_names
 from wq_memo.backends.redis import RedisCache
@@ -264,3 +266,29 @@ async def test_result_announced_while_subscribing_is_not_missed(
     async with asyncio.timeout(10):
         assert await cache.get_or_compute(KEY, compute) == "raced"
     assert claims == 2
+
+
+async def test_recursion_joining_a_claimed_computation_waiting_for_the_slot(
+    make_redis_cache: Make, sync_redis: Any
+) -> None:
+    """maxsize=1: fib(5) holds the slot; fib(3), called from outside, has claimed its lock and
+    waits for the slot; fib(5)'s nested fib(4) joins fib(3) and lends it its slot (the three
+    waited on each other for ever, the lock's lease renewed all along)."""
+    go = asyncio.Event()
+    cache = make_redis_cache()
+
+    @worker_queue(cache=cache, name="fib", maxsize=1)
+    async def fib(n: int) -> int:
+        if n == 5:
+            await go.wait()
+        return n if n < 2 else await fib(n - 1) + await fib(n - 2)
+
+    async with asyncio.timeout(10):
+        five = asyncio.ensure_future(fib(5))
+        await until(lambda: fib.queue.computing == 1)
+        three = asyncio.ensure_future(fib(3))
+        names = key_names(cache.namespace, CallKey("fib", cachetools.keys.hashkey(3)))
+        await until(lambda: sync_redis.exists(names.lock) == 1)
+        go.set()
+        assert await five == 5
+        assert await three == 2

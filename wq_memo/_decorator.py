@@ -730,24 +730,22 @@ def _with_async_cache(
             table = queue._table_now()
 
             async def compute() -> R:
-                # Waiting for another process holds no slot: only computing here does. A call
-                # made inside a computation of this queue runs in that computation's slot.
-                if not flight.borrowed or flight.lender is not None:
-                    # A slot of its own (see _refresh_across), or its lender's.
-                    flight.computing = True
-                    return await table.counted(lambda: func(*flight.args, **flight.kwargs))
-                if flight.parent is not None and table.lender_of(flight.parent) is not None:
-                    flight.computing = True
-                    return await table.counted(lambda: func(*flight.args, **flight.kwargs))
-                if not await table.slot(flight):
-                    # Lent a slot meanwhile by a caller of it that holds one and awaits it.
-                    flight.computing = True
-                    return await table.counted(lambda: func(*flight.args, **flight.kwargs))
+                # Waiting for another process holds no slot: only computing here does. It runs
+                # in a slot of its own (see _refresh_across) or its lender's, or, made inside a
+                # computation of this queue, in that one's; else it takes one, unless a caller
+                # of it that holds a slot lends it that one meanwhile (slot() is then False).
+                took = (
+                    flight.borrowed
+                    and flight.lender is None
+                    and (flight.parent is None or table.lender_of(flight.parent) is None)
+                    and await table.slot(flight)
+                )
                 flight.computing = True
                 try:
                     return await table.counted(lambda: func(*flight.args, **flight.kwargs))
                 finally:
-                    table.release()
+                    if took:
+                        table.release()
 
             if flight.refresh and isinstance(single_flight, RefreshingCache):
                 return _refresh_across(single_flight, table, flight, compute, refresher)

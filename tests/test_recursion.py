@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 import pytest
 
 from wq_memo import MISSING, WorkerQueue, worker_queue
-from wq_memo.backends import SingleFlightCache
+from wq_memo.backends import CallKey, SingleFlightCache
 
 V = TypeVar("V")
 
@@ -293,3 +293,52 @@ async def test_recursion_through_a_single_flight_cache_runs_in_the_callers_slot(
     async with asyncio.timeout(WAIT):
         assert await fib(15) == 610
     assert cache.computed == 16
+
+
+class HeldSingleFlightCache(SingleFlightMemoryCache):
+    """As SingleFlightMemoryCache, holding the computation of each call whose arguments are in
+    ``held`` until its event is set: the key is claimed, its computation has not asked for a
+    slot yet."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: dict[Hashable, asyncio.Event] = {}
+        self.claimed: dict[Hashable, asyncio.Event] = {}
+
+    async def get_or_compute(self, key: Hashable, compute: Callable[[], Awaitable[V]]) -> V:
+        args = key.key if isinstance(key, CallKey) else key
+        if args in self.held:
+            self.claimed.setdefault(args, asyncio.Event()).set()
+            await self.held[args].wait()
+        return await super().get_or_compute(key, compute)
+
+
+async def test_a_nested_call_joining_a_claimed_key_before_it_asks_for_a_slot_lends_its_own() -> (
+    None
+):
+    # "a" is claimed by a caller of its own, its computation held before it asks for a slot;
+    # "b" takes the only slot and awaits "a". When "a" asks for a slot, the one it needs is
+    # b's, which b lends it: before, a waited for that slot and b for a, for ever.
+    cache = HeldSingleFlightCache()
+    cache.held[("a",)] = release_a = asyncio.Event()
+    b_awaits_a = asyncio.Event()
+
+    @worker_queue(maxsize=1, cache=cache, name="tests.recursion.nested_before_slot")
+    async def f(key: str) -> str:
+        if key == "b":
+            nested = asyncio.ensure_future(f("a"))
+            await asyncio.sleep(0)  # the nested call joins a's flight
+            b_awaits_a.set()
+            return "b" + await nested
+        return key
+
+    async with asyncio.timeout(WAIT):
+        first_a = asyncio.ensure_future(f("a"))
+        await cache.claimed.setdefault(("a",), asyncio.Event()).wait()
+        b = asyncio.ensure_future(f("b"))
+        await b_awaits_a.wait()
+        assert f.queue.computing == 1, "b holds the only slot"
+        release_a.set()
+        assert await b == "ba"
+        assert await first_a == "a"
+    assert cache.computed == 2

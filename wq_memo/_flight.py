@@ -164,6 +164,7 @@ class Flight(Generic[K, R]):
         "key",
         "kwargs",
         "lender",
+        "nested",
         "outcome",
         "parent",
         "refresh",
@@ -220,6 +221,10 @@ class Flight(Generic[K, R]):
         self.waited = False
         """Waited in line before it started."""
         self.asking: asyncio.Future[bool] | None = None
+        self.nested: list[tuple[Flight[Any, Any], asyncio.Future[Any]]] | None = None
+        """With ``slotless``: computations of this table that joined it (each with the future
+        it waits on) before it asked for a slot; ``slot()`` borrows the slot of one still
+        waiting rather than wait for a slot it may hold."""
         """With ``slotless``: its computation's wait for a slot (see ``slot()``), which a nested
         caller holding a slot may end by lending it that slot (see ``join()``)."""
         self.storing = False
@@ -492,6 +497,13 @@ class FlightTable(Generic[K, R]):
                 # Under way (slotless), its computation waits for a slot a caller holds: the same.
                 self._lend(flight, lender)
                 asking.set_result(False)
+            elif self.slotless and not flight.computing and flight.status is _RUNNING:
+                # Under way (slotless), its computation has not asked for a slot yet: it will
+                # borrow the caller's rather than wait for it (see slot()).
+                if flight.nested is None:
+                    flight.nested = [(parent, waiter)]
+                else:
+                    flight.nested.append((parent, waiter))
         if flight.status is _WAITING and flight.background and not flight.uncounted:
             self._promote(flight)
         outcome = flight.outcome
@@ -989,11 +1001,18 @@ class FlightTable(Generic[K, R]):
 
     async def slot(self, flight: Flight[K, R] | None = None) -> bool:
         """Wait for a slot (``slotless`` tables): True once taken, and the caller must
-        ``release()`` it after; False if flight was lent one meanwhile (``join()``: a caller
-        of it holds a slot and awaits it), which it then computes in without taking its own."""
+        ``release()`` it after; False if flight is lent one (``join()``: a caller of it holds
+        a slot and awaits it, having joined before or while it waits), which it then computes
+        in without taking its own."""
         if self.running - self.spare < self.maxsize and not self._slot_waiters:
             self.running += 1
             return True
+        if flight is not None and (nested := flight.nested) is not None:
+            flight.nested = None
+            for parent, joined in nested:
+                if not joined.done() and (lender := self.lender_of(parent)) is not None:
+                    self._lend(flight, lender)
+                    return False
         waiter: asyncio.Future[bool] = self.loop.create_future()
         self._slot_waiters.append(waiter)
         if flight is not None:

@@ -20,7 +20,7 @@ from hypothesis.stateful import invariant, run_state_machine_as_test
 from wq_memo import QueueShutDown, ShutdownTimeout
 
 from ._machinery import KEYS, Computation, ComputationFailed
-from .test_decorator_machine import DecoratorMachine
+from .test_decorator_machine import DecoratorMachine, SingleFlightMachine
 
 BELOW: dict[str, tuple[str, ...]] = {"a": (), "b": ("a",), "c": ("b", "a"), "d": ("c", "b")}
 """The keys each key's computation awaits, all at once, before it waits on its gate."""
@@ -96,4 +96,16 @@ class RecursionMachine(DecoratorMachine):
 def test_recursion_machine() -> None:
     run_state_machine_as_test(
         RecursionMachine, settings=settings(max_examples=150, stateful_step_count=30)
+    )
+
+
+class SingleFlightRecursionMachine(RecursionMachine, SingleFlightMachine):
+    """As RecursionMachine, with a cache that computes through get_or_compute, as RedisCache
+    does: a nested call may join a flight that holds the key's claim and waits for a slot, and
+    must lend it its own instead of waiting for a slot its caller holds."""
+
+
+def test_recursion_machine_over_a_single_flight_cache() -> None:
+    run_state_machine_as_test(
+        SingleFlightRecursionMachine, settings=settings(max_examples=150, stateful_step_count=30)
     )

@@ -747,3 +747,28 @@ async def test_refresh_joining_an_item_waiting_in_line_computes_it() -> None:
         assert await waiting == "computed-1"
     assert computed == [0, 1]
     assert f.cache_peek(1) == "computed-1"
+
+
+def test_due_times_of_an_async_cache_are_pruned_by_when_they_were_last_set(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # An async cache cannot say what it holds, so past a bound the due times set longest ago
+    # go. A key stored again (refreshed) is young, wherever it was first inserted: it keeps
+    # its due time, and the one stored once long ago goes.
+    from wq_memo import _refresh
+
+    monkeypatch.setattr(_refresh, "_PRUNE_AT", 8)
+    monkeypatch.setattr(_refresh, "_KEEP_UNCHECKED", 8)
+    now = [0.0]
+    refresher = _refresh.Refresher(10.0, 1.0, 0.0, lambda: now[0], "f", None)
+    refresher.stored("hot")
+    refresher.stored("cold")
+    for i in range(20):
+        now[0] += 1.0
+        refresher.stored(i)
+        if i % 3 == 0:
+            refresher.started("hot")
+            refresher.stored("hot")
+    assert refresher.due_time("hot") == 19.0 + 10.0, "the key stored again at 19 was pruned"
+    assert refresher.due_time("cold") == _refresh.NEVER, "the key stored once, first, was kept"
+    assert len(refresher.due) <= 8 + 1

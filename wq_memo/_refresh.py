@@ -144,12 +144,9 @@ class Refresher:
         """A value was stored for key now."""
         now = self.clock()
         due_at = now + self._delay()
-        due = self.due
-        due[key] = due_at
+        self._set_due(key, due_at)
         if self.writes is not None:
             self.writes[key] = (now, due_at)
-        if len(due) > self.prune_at:
-            self._prune()
 
     def written(self, key: Hashable, age: float) -> None:
         """The cache says key's entry was written ``age`` seconds ago (maybe by another process).
@@ -169,9 +166,7 @@ class Refresher:
         if writes is not None:
             writes[key] = (at, due_at)
         if due_at > self.due.get(key, -NEVER):
-            self.due[key] = due_at
-            if len(self.due) > self.prune_at:
-                self._prune()
+            self._set_due(key, due_at)
 
     def entry_due(self, key: Hashable) -> bool:
         """Whether key's newest known entry is due (True when none is known)."""
@@ -180,11 +175,11 @@ class Refresher:
 
     def started(self, key: Hashable) -> None:
         """A refresh of key started (or was under way): no other before the back-off."""
-        self.due[key] = self.clock() + self.backoff
+        self._set_due(key, self.clock() + self.backoff)
 
     def failed(self, key: Hashable, exc: BaseException) -> None:
         """A refresh of key failed: keep serving the old value, try again after the back-off."""
-        self.due[key] = self.clock() + self.backoff
+        self._set_due(key, self.clock() + self.backoff)
         if isinstance(exc, ShutdownTimeout):
             return
         logger.warning(
@@ -195,6 +190,15 @@ class Refresher:
             self.backoff,
             exc_info=exc,
         )
+
+    def _set_due(self, key: Hashable, due_at: float) -> None:
+        """Set key's due time, moving it to the end of ``due``: kept in the order they were
+        last set, the first are the oldest, which a prune without ``contains`` drops."""
+        due = self.due
+        due.pop(key, None)
+        due[key] = due_at
+        if len(due) > self.prune_at:
+            self._prune()
 
     def forget(self, key: Hashable) -> None:
         self.due.pop(key, None)
@@ -216,8 +220,8 @@ class Refresher:
                     self.writes.pop(key, None)
             self.prune_at = max(_PRUNE_AT, 2 * len(due))  # amortized: O(1) per store
             return
-        # An async cache: the oldest due times go; those entries are refreshed again once this
-        # process stores them again.
+        # An async cache: the due times set longest ago go (of entries most likely gone from
+        # the cache); those entries are refreshed again once this process stores them again.
         for key in list(due)[: len(due) - _KEEP_UNCHECKED // 2]:
             del due[key]
             if self.writes is not None:

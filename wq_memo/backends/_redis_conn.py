@@ -42,6 +42,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from ._redis_log import Secrets, Throttle, logger
 from ._redis_pubsub import Subscriber
 from ._redis_scripts import CLAIM, CLEARED, DELETE, FINISH, RENEW
+from ._redis_stats import Counters
 
 __all__ = ("Connector", "Link", "Unavailable")
 
@@ -167,7 +168,7 @@ class Connector:
         timeout: float,
         retry_interval: float,
         max_connections: int,
-        counts: dict[str, int],
+        counts: Counters,
         label: str,
         secrets: Secrets,
         shown: str,
@@ -265,7 +266,7 @@ class Connector:
 
     def failed(self, what: str, name: bytes | None, exc: BaseException) -> None:
         """Count and log a failed operation; open the breaker or start a probe as it calls for."""
-        self._counts["redis_errors"] += 1
+        self._counts.redis_errors += 1
         kind = _kind_of_failure(exc)
         where = f" of {name.decode('utf-8', 'backslashreplace')}" if name is not None else ""
         detail = self.secrets.describe(exc)
@@ -333,7 +334,7 @@ class Connector:
             async with asyncio.timeout(patience):
                 await link.client.ping()
         except Exception as exc:
-            self._counts["redis_errors"] += 1
+            self._counts.redis_errors += 1
             self._open(
                 f"Redis did not answer PING within {patience:.3g} s ({self.secrets.describe(exc)})"
             )
@@ -367,7 +368,7 @@ class Connector:
         if kind not in ("down", "timeout"):
             self.failed(what, None, exc)
             return
-        self._counts["redis_errors"] += 1
+        self._counts.redis_errors += 1
         self._throttle.log(
             "subscriber",
             "RedisCache %s: %s failed: %s; the callers waiting for other processes' "
@@ -381,7 +382,7 @@ class Connector:
     def subscription_timed_out(self, sub: Subscriber) -> None:
         """A SUBSCRIBE went unconfirmed for timeout seconds: Redis stalls, or the subscriber's
         connection is dead without having said so. Give it up only if Redis answers."""
-        self._counts["redis_errors"] += 1
+        self._counts.redis_errors += 1
         self._throttle.log(
             "subscribe timeout",
             "RedisCache %s: Redis did not confirm a subscription within timeout=%.3g s; "

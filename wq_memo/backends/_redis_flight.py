@@ -35,18 +35,22 @@ from __future__ import annotations
 import asyncio
 import secrets
 from collections.abc import Awaitable, Callable
-from typing import Any, Final, TypeVar
+from typing import Any, Final, Literal, TypeAlias, TypeVar
 
 from ._protocol import MISSING, Missing
 from ._redis_conn import Connector, Unavailable
 from ._redis_keys import KeyNames
 from ._redis_log import Throttle
 from ._redis_pubsub import Subscriber, Watch
+from ._redis_stats import Counters
 from ._redis_values import Entries
 
 __all__ = ("Flight",)
 
 V = TypeVar("V")
+
+Reason: TypeAlias = Literal["fallbacks", "wait_timeouts"] | None
+"""Why a call computes without the lock, as counted in stats() (None: not counted)."""
 
 _HIT: Final = 1
 _TAKEN: Final = 2
@@ -96,7 +100,7 @@ class Flight:
         self,
         conn: Connector,
         entries: Entries,
-        counts: dict[str, int],
+        counts: Counters,
         *,
         lease: float,
         wait: float,
@@ -126,7 +130,7 @@ class Flight:
         except Unavailable:
             return await self._alone(compute, "fallbacks")
         if kind == _HIT:
-            self._counts["hits"] += 1
+            self._counts.hits += 1
             return payload  # type: ignore[no-any-return]
         if kind == _TAKEN:
             return await self._hold(names, function, token, compute, sent, payload)
@@ -144,7 +148,7 @@ class Flight:
         except Unavailable:
             return False, MISSING
         if kind != _TAKEN:
-            self._counts["refresh_skipped"] += 1
+            self._counts.refresh_skipped += 1
             return False, MISSING
         return True, await self._hold(names, function, token, compute, sent, epoch)
 
@@ -217,11 +221,13 @@ class Flight:
                 self._conn.failed("lock", names.value, ValueError(f"unexpected reply {reply!r}"))
                 raise Unavailable("lock") from exc
 
-    async def _alone(self, compute: Callable[[], Awaitable[V]], reason: str | None) -> V:
+    async def _alone(self, compute: Callable[[], Awaitable[V]], reason: Reason) -> V:
         """Compute without the lock; the value is not stored."""
-        if reason is not None:
-            self._counts[reason] += 1
-        self._counts["computed"] += 1
+        if reason == "fallbacks":
+            self._counts.fallbacks += 1
+        elif reason == "wait_timeouts":
+            self._counts.wait_timeouts += 1
+        self._counts.computed += 1
         return await compute()
 
     # -- holding -----------------------------------------------------------------------------
@@ -239,7 +245,7 @@ class Flight:
 
         ``epoch``: the namespace's epoch when the lock was taken; while a clear() that began
         later runs, the value is not stored."""
-        self._counts["computed"] += 1
+        self._counts.computed += 1
         loop = asyncio.get_running_loop()
         lease = _Lease(sent + self._lease)
         # A timer (cheaper than a task) starts the renewing task only for computations that
@@ -314,7 +320,7 @@ class Flight:
             return  # without single flight, the last computation to start is the one stored
         if not lease.lost:
             lease.lost = True
-            self._counts["lock_lost"] += 1
+            self._counts.lock_lost += 1
         self._throttle.log(
             "lost",
             "RedisCache %s: the lock on %s was gone when %s (the lease of %.3g s ran out, the "
@@ -403,7 +409,7 @@ class Flight:
             finally:
                 sub.unwatch(watch)
             if what == "value":
-                self._counts["waited"] += 1
+                self._counts.waited += 1
                 return detail  # type: ignore[no-any-return]
             if what == "hold":
                 sent, epoch = detail

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Awaitable, Callable, Hashable
-from dataclasses import dataclass
 from secrets import token_hex
 from typing import Any, Final, TypeVar, final
 
@@ -27,6 +26,7 @@ from ._redis_conn import Connector, Link, Unavailable
 from ._redis_flight import Flight
 from ._redis_keys import KeyNames, Namespace
 from ._redis_log import Secrets, redact_url
+from ._redis_stats import Counters, RedisCacheStats
 from ._redis_values import Entries, ValueCodec
 
 __all__ = ("RedisCache", "RedisCacheStats")
@@ -34,42 +34,6 @@ __all__ = ("RedisCache", "RedisCacheStats")
 V = TypeVar("V")
 
 DEFAULT_MAX_VALUE_BYTES: Final = 8 * 1024 * 1024
-
-
-@final
-@dataclass(frozen=True, slots=True)
-class RedisCacheStats:
-    """Counters of one RedisCache in this process, since it was created."""
-
-    hits: int
-    """Values found in Redis by get(), or by get_or_compute() before computing or waiting."""
-    misses: int
-    """get() lookups that found nothing usable."""
-    computed: int
-    """compute() calls this cache ran, for whatever reason (including the two below)."""
-    waited: int
-    """Results another process (or caller) computed while this one waited for them."""
-    fallbacks: int
-    """Computations run without the lock because Redis failed (their values are not stored)."""
-    wait_timeouts: int
-    """Computations run after waiting ``wait`` seconds for another holder in vain."""
-    redis_errors: int
-    """Redis operations that failed or timed out; each was logged."""
-    bad_entries: int
-    """Entries refused (bad or missing signature, expired, not wq_memo's); never unpickled."""
-    unencodable: int
-    """Values returned uncached because this cache cannot store them exactly."""
-    lock_lost: int
-    """Computations whose lock was gone when they renewed it or stored their result (the
-    lease ran out, the key was deleted or cleared, Redis restarted); their result was not
-    stored."""
-    oversized: int = 0
-    """Values not stored, or entries not read, because larger than ``max_value_bytes``."""
-    refresh_skipped: int = 0
-    """Refreshes given up at once because another computation of the key held its lock."""
-
-
-_COUNTERS: Final = tuple(RedisCacheStats.__dataclass_fields__)
 
 
 _MAX_EXPIRY: Final = 9.2e15
@@ -258,7 +222,7 @@ class RedisCache:
         self._given = given
         self._repr = f"RedisCache({shown!r}, namespace={namespace!r})"
         label = repr(namespace)
-        self._counts = dict.fromkeys(_COUNTERS, 0)
+        self._counts = Counters()
         self._conn = Connector(
             url,
             given,
@@ -299,7 +263,7 @@ class RedisCache:
 
     def stats(self) -> RedisCacheStats:
         """Return this cache's counters (this process only)."""
-        return RedisCacheStats(**self._counts)
+        return self._counts.snapshot()
 
     def _names(self, key: Hashable) -> tuple[KeyNames, str]:
         names = self._ns.names(key)
@@ -353,7 +317,10 @@ class RedisCache:
         elif data:
             found = self._entries.decode_dated(names.value, data)
         if count:
-            self._counts["misses" if found[0] is MISSING else "hits"] += 1
+            if found[0] is MISSING:
+                self._counts.misses += 1
+            else:
+                self._counts.hits += 1
         return found
 
     async def set(self, key: Hashable, value: Any, ttl: float | None = None) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Awaitable, Callable, Hashable
-from secrets import token_hex
 from typing import Any, Final, TypeVar, final
 
 try:
@@ -23,9 +22,10 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess witho
 
 from ._protocol import MISSING, CallKey, Missing
 from ._redis_conn import Connector, Link, Unavailable
-from ._redis_flight import Flight
+from ._redis_flight import SingleFlight
 from ._redis_keys import KeyNames, Namespace
 from ._redis_log import Secrets, redact_url
+from ._redis_pubsub import Subscriptions
 from ._redis_stats import Counters, RedisCacheStats
 from ._redis_values import Entries, ValueCodec
 
@@ -150,6 +150,7 @@ class RedisCache:
         "_given",
         "_ns",
         "_repr",
+        "_subscriptions",
         "_ttl",
     )
 
@@ -235,8 +236,10 @@ class RedisCache:
             shown=shown,
         )
         self._entries = Entries(ValueCodec(secret), max_value_bytes, self._counts, label)
-        self._flight = Flight(
+        self._subscriptions = Subscriptions(self._conn, self._counts, label)
+        self._flight = SingleFlight(
             self._conn,
+            self._subscriptions,
             self._entries,
             self._counts,
             lease=lease,
@@ -244,7 +247,7 @@ class RedisCache:
             ttl=self._ttl,
             single_flight=bool(single_flight),
             label=label,
-            epoch=self._ns.epoch,
+            namespace=self._ns,
         )
 
     def __repr__(self) -> str:
@@ -347,14 +350,9 @@ class RedisCache:
         """
         names, _ = self._names(key)
         try:
-            removed = await self._conn.call(
-                "DELETE",
-                lambda link: link.delete(keys=[names.value, names.lock], args=[names.channel]),
-                name=names.value,
-            )
+            return await self._flight.delete(names)
         except Unavailable:
             return False
-        return bool(removed)
 
     async def clear(self) -> None:
         """Remove every entry of this namespace, and no other's.
@@ -366,42 +364,8 @@ class RedisCache:
         (unless a later clear has set another), since every lock taken before it is gone by
         then. On a Redis failure the clear stops where it is (logged and counted).
         """
-        epoch = token_hex(8).encode()
-        try:
-            await self._conn.call(
-                "SET", lambda link: link.client.set(self._ns.epoch, epoch), name=self._ns.epoch
-            )
-        except Unavailable:
-            return  # logged and counted
-        pattern = self._ns.pattern()
-        lock_kind = self._ns.prefix + b":l:"
-        cursor: int = 0
-
-        async def batch(link: Link, names: list[bytes]) -> None:
-            pipe = link.client.pipeline(transaction=False)
-            pipe.unlink(*names)
-            for name in names:
-                if name.startswith(lock_kind):
-                    pipe.publish(self._ns.channel_of_lock(name), b"x")
-            await pipe.execute()
-
-        try:
-            while True:
-                cursor, names = await self._conn.call(
-                    "SCAN",
-                    lambda link, at=cursor: link.client.scan(at, match=pattern, count=1000),  # type: ignore[misc]
-                )
-                if names:
-                    await self._conn.call("UNLINK", lambda link, n=names: batch(link, n))  # type: ignore[misc]
-                if not cursor:
-                    break
-            await self._conn.call(
-                "DELETE",
-                lambda link: link.cleared(keys=[self._ns.epoch], args=[epoch]),
-                name=self._ns.epoch,
-            )
-        except Unavailable:
-            pass  # logged and counted
+        with contextlib.suppress(Unavailable):  # logged and counted
+            await self._flight.clear()
 
     async def aclose(self) -> None:
         """Close the connections this cache opened on the running loop (a client you passed

@@ -55,7 +55,7 @@ from redis.asyncio import Redis
 from ._protocol import MISSING, Missing
 from ._redis_conn import Connector, Link, Unavailable
 from ._redis_keys import KeyNames, Namespace
-from ._redis_log import Throttle
+from ._redis_log import Throttle, logger
 from ._redis_pubsub import News, Subscriber, Subscriptions, Watch, hear
 from ._redis_stats import Counters
 from ._redis_values import Entries
@@ -71,6 +71,9 @@ _INLINE_MAX: Final = 1024
 """Values up to this many bytes travel in the announcement itself: no read afterwards."""
 _MARKER_MS: Final = 60_000
 """How long a function stays marked uncacheable after its last uncacheable result."""
+_EPOCH_MS: Final = 600_000
+"""How long a clear's epoch lives unless the clear removes it first (each batch the clear
+removes renews it). A clear that outlives it would no longer fence the computations under way."""
 _RESUBSCRIBE: Final = 3
 """How many subscriptions in a row may die unconfirmed before a call computes alone. One whose
 connection drops after confirming it is watched again, up to the call's ``wait``."""
@@ -436,10 +439,30 @@ class SingleFlight:
         """Remove every value and lock of the namespace, fencing the computations under way:
         set the epoch, scan and unlink (waking each lock's waiters), remove the epoch.
 
-        Raises Unavailable when Redis fails (logged and counted); the clear stops there."""
+        When Redis fails the clear stops there, and says so at WARNING (the failure itself is
+        logged and counted too); the epoch it set expires on its own.
+        """
+        try:
+            await self._clear()
+        except Unavailable as exc:
+            logger.warning(
+                "RedisCache %s: clear() did not complete (%s failed): entries of the namespace "
+                "may remain, and computations that began before it may still store their "
+                "results; call clear() again once Redis answers",
+                self._label,
+                exc,
+            )
+
+    async def _clear(self) -> None:
         ns = self._ns
         epoch = secrets.token_hex(8).encode()
-        await self._conn.call("SET", lambda link: link.client.set(ns.epoch, epoch), name=ns.epoch)
+        # The epoch expires, so that a clear that Redis stops midway leaves nothing for ever;
+        # each batch the clear removes gives it its full lifetime again.
+        await self._conn.call(
+            "SET",
+            lambda link: link.client.set(ns.epoch, epoch, px=_EPOCH_MS),
+            name=ns.epoch,
+        )
         pattern = ns.pattern()
         lock_kind = ns.prefix + b":l:"
         cursor: int = 0
@@ -447,6 +470,7 @@ class SingleFlight:
         async def batch(link: Link, names: list[bytes]) -> None:
             pipe = link.client.pipeline(transaction=False)
             pipe.unlink(*names)
+            pipe.pexpire(ns.epoch, _EPOCH_MS)
             for name in names:
                 if name.startswith(lock_kind):
                     pipe.publish(ns.channel_of_lock(name), News.LOOK_AGAIN.value)

@@ -362,10 +362,10 @@ class RedisCache:
         namespace's epoch, and while it is set a computation stores only if it took its lock
         under it; then the clear removes the values and the locks, and at last the epoch
         (unless a later clear has set another), since every lock taken before it is gone by
-        then. On a Redis failure the clear stops where it is (logged and counted).
+        then. On a Redis failure the clear stops where it is, logs at WARNING that it did not
+        complete (call it again), and the epoch expires on its own (after 10 minutes).
         """
-        with contextlib.suppress(Unavailable):  # logged and counted
-            await self._flight.clear()
+        await self._flight.clear()
 
     async def aclose(self) -> None:
         """Close the connections this cache opened on the running loop (a client you passed

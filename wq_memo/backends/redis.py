@@ -294,12 +294,12 @@ class RedisCache:
     async def _read(self, key: Hashable, count: bool = True) -> tuple[Any, float]:
         """(the value under key or MISSING, its write time in epoch seconds): one GETRANGE.
         ``count``: count it in stats() as a hit or a miss."""
-        names, _ = self._names(key)
+        name = self._ns.value_name(key)
         limit = self._entries.max_bytes
 
         async def read(link: Link) -> bytes | None:
             try:
-                data = await link.client.getrange(names.value, 0, limit)
+                data = await link.client.getrange(name, 0, limit)
             except ResponseError as exc:
                 if "WRONGTYPE" in str(exc):
                     return None
@@ -309,16 +309,16 @@ class RedisCache:
             return data
 
         try:
-            data = await self._conn.call("GET", read, name=names.value)
+            data = await self._conn.call("GET", read, name=name)
         except Unavailable:
             return MISSING, 0.0
         found: tuple[Any, float] = (MISSING, 0.0)
         if data is None:
-            self._entries.refused(names.value, "it is not a string")
+            self._entries.refused(name, "it is not a string")
         elif len(data) > limit:
-            self._entries.too_big(names.value, None)
+            self._entries.too_big(name, None)
         elif data:
-            found = self._entries.decode_dated(names.value, data)
+            found = self._entries.decode_dated(name, data)
         if count:
             if found[0] is MISSING:
                 self._counts.misses += 1

@@ -20,8 +20,7 @@ async def until(
 
 def waiting(cache: Any, channel: bytes) -> int:
     """How many of cache's callers wait for news on channel (not those about to look)."""
-    link = cache._conn._link
-    sub = None if link is None else link.subscriber
+    sub = cache._subscriptions.current
     if sub is None or sub.dead:
         return 0
     ch = sub._channels.get(channel)
@@ -30,8 +29,7 @@ def waiting(cache: Any, channel: bytes) -> int:
 
 def waiting_anywhere(cache: Any) -> int:
     """How many of cache's callers wait for news, on any channel."""
-    link = cache._conn._link
-    sub = None if link is None else link.subscriber
+    sub = cache._subscriptions.current
     if sub is None or sub.dead:
         return 0
     return sum(w.waiting for ch in sub._channels.values() for w in ch.watches)

@@ -152,3 +152,59 @@ async def test_garbage_answers_are_redis_errors_not_call_failures() -> None:
         await cache.aclose()
         server.close()
         await server.wait_closed()
+
+
+async def test_a_clear_stopped_by_a_stall_says_so_and_leaves_no_epoch_for_ever(
+    own_redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis stalls between the clear's SCAN and its UNLINK: the clear cannot complete. It says
+    so (a WARNING naming clear() and what to do), and the namespace's epoch, which fences the
+    computations under way while a clear runs, expires instead of staying for ever."""
+    import redis
+    from redis.asyncio import Redis
+
+    from wq_memo.backends._redis_keys import Namespace
+
+    assert own_redis.proc is not None
+    pid = own_redis.proc.pid
+    client = Redis.from_url(own_redis.url, max_connections=12)
+    cache = RedisCache(client, namespace="stalled", timeout=0.3, retry_interval=0.0)
+    for key in range(3):
+        await cache.set(CallKey("m.f", (key,)), key)
+    scan = client.scan
+    stalled = False
+
+    async def scan_then_stall(cursor: int = 0, **kwargs: object) -> object:
+        nonlocal stalled
+        reply = await scan(cursor, **kwargs)  # type: ignore[arg-type]
+        os.kill(pid, signal.SIGSTOP)  # the server hangs: the UNLINK that follows times out
+        stalled = True
+        return reply
+
+    client.scan = scan_then_stall  # type: ignore[method-assign,assignment]
+    try:
+        with caplog.at_level("WARNING", logger="wq_memo"):
+            async with asyncio.timeout(10):
+                await cache.clear()  # Redis errors never propagate: logged and counted
+    finally:
+        if stalled:
+            os.kill(pid, signal.SIGCONT)
+        await cache.aclose()
+        await client.aclose()
+    assert stalled
+    said = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "wq_memo"
+        and r.levelname == "WARNING"
+        and "clear() did not complete" in r.getMessage()
+    ]
+    assert len(said) == 1, [r.getMessage() for r in caplog.records]
+    assert "call clear() again" in said[0]
+    admin = redis.Redis.from_url(own_redis.url, socket_timeout=10)
+    try:
+        epoch = Namespace("stalled").epoch
+        assert admin.exists(epoch) == 1  # the clear stopped before removing it...
+        assert admin.pttl(epoch) > 0  # ...but it expires
+    finally:
+        admin.close()

@@ -152,14 +152,14 @@ async def test_a_repeated_finish_is_told_from_a_lost_lock(make_redis_cache: Make
     as a lost lock."""
     cache = make_redis_cache()
     names = key_names(cache.namespace, KEY)
-    link = cache._conn.link()
+    scripts = cache._flight.scripts(cache._conn.link())
     keys = [names.value, names.lock, names.marker, cache._ns.epoch]
-    claimed = await link.claim(keys=keys, args=[b"t1", 10_000, 1000, b"1", b"1"])
+    claimed = await scripts.claim(keys=keys, args=[b"t1", 10_000, 1000, b"1", b"1"])
     epoch = claimed[2]
 
     async def finish(token: bytes, data: bytes, again: bytes) -> Any:
         args = [token, b"s", data, 0, names.channel, b"d", 60_000, epoch, again]
-        return await link.finish(keys=keys, args=args)
+        return await scripts.finish(keys=keys, args=args)
 
     assert await finish(b"t1", b'wq1j"v"', b"0") == 1  # stored, unlocked, announced
     assert await finish(b"t1", b'wq1j"v"', b"1") == 2  # a repeat of that very store

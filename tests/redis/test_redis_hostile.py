@@ -123,7 +123,7 @@ async def test_redis_restarted_while_callers_wait(own_redis: RedisServer) -> Non
             first = asyncio.create_task(holder.get_or_compute(KEY, held))
             await started.wait()
             second = asyncio.create_task(waiter.get_or_compute(KEY, own))
-            await until(lambda: waiter._conn._link is not None and waiter._conn._link.subscriber)
+            await until(lambda: waiter._subscriptions.current is not None)
             await asyncio.sleep(0.05)
             await asyncio.to_thread(own_redis.stop)
             await asyncio.to_thread(own_redis.start)  # same port, empty: the lock is gone

@@ -196,3 +196,22 @@ _keys = st.recursive(
 @given(_keys, _keys)
 def test_encoding_is_injective_on_typed_structure(a: Any, b: Any) -> None:
     assert (encode_key(a) == encode_key(b)) == (_canon(a) == _canon(b))
+
+
+@given(st.sampled_from(["ns", "X:v", "a*b", "é:"]), st.text(max_size=4), _keys)
+def test_the_value_name_alone_is_the_value_of_all_the_names(
+    namespace: str, function: str, key: Any
+) -> None:
+    ns = Namespace(namespace)
+    for k in (CallKey(function, key), key):
+        assert ns.value_name(k) == ns.names(k).value
+
+
+def test_the_value_name_alone_refuses_what_the_names_refuse() -> None:
+    ns = Namespace("ns")
+    for bad in (CallKey(1, ()), CallKey("f", (object(),))):  # type: ignore[arg-type]
+        with pytest.raises(TypeError) as names_error:
+            ns.names(bad)
+        with pytest.raises(TypeError) as value_error:
+            ns.value_name(bad)
+        assert str(value_error.value) == str(names_error.value)

@@ -44,7 +44,7 @@ pytest.importorskip("redis.asyncio")
 from redis_names import delete_namespace
 
 from wq_memo.backends import CallKey
-from wq_memo.backends._redis_flight import Flight
+from wq_memo.backends._redis_flight import SingleFlight
 from wq_memo.backends._redis_keys import KeyNames, key_names
 from wq_memo.backends._redis_values import BadEntry, ValueCodec
 from wq_memo.backends.redis import RedisCache
@@ -143,19 +143,19 @@ class RedisFlightMachine(RuleBasedStateMachine):
         self.holders: dict[tuple[str, int], Computation] = {}
         self.lost = [0 for _ in PROCESSES]
         self.violations: list[str] = []
-        self._patches = (Flight._hold, Flight._alone)
+        self._patches = (SingleFlight._hold, SingleFlight._alone)
         hold, alone = self._patches
 
-        async def hold_with_role(flight: Flight, *args: Any) -> Any:
+        async def hold_with_role(flight: SingleFlight, *args: Any) -> Any:
             ROLE.set("hold")
             return await hold(flight, *args)
 
-        async def alone_with_role(flight: Flight, *args: Any) -> Any:
+        async def alone_with_role(flight: SingleFlight, *args: Any) -> Any:
             ROLE.set("alone")
             return await alone(flight, *args)
 
-        Flight._hold = hold_with_role  # type: ignore[method-assign,assignment]
-        Flight._alone = alone_with_role  # type: ignore[method-assign,assignment]
+        SingleFlight._hold = hold_with_role  # type: ignore[method-assign,assignment]
+        SingleFlight._alone = alone_with_role  # type: ignore[method-assign,assignment]
 
     def tick(self) -> int:
         self.now = next(self.clock)
@@ -188,8 +188,7 @@ class RedisFlightMachine(RuleBasedStateMachine):
         return compute
 
     def waiting(self, process: int, key: str) -> int:
-        link = self.caches[process]._conn._link
-        sub = link.subscriber if link is not None else None
+        sub = self.caches[process]._subscriptions.current
         if sub is None or sub.dead:
             return 0
         ch = sub._channels.get(self.names(key).channel)
@@ -367,7 +366,7 @@ class RedisFlightMachine(RuleBasedStateMachine):
                 assert cache.stats().lock_lost == self.lost[process]
 
     def teardown(self) -> None:
-        Flight._hold, Flight._alone = self._patches  # type: ignore[method-assign]
+        SingleFlight._hold, SingleFlight._alone = self._patches  # type: ignore[method-assign]
         loop = self.loop
         for comp in self.comps:  # let every computation end
             if not comp.gate.is_set():

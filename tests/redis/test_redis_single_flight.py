@@ -242,14 +242,14 @@ async def test_small_value_travels_in_the_announcement(
 async def test_result_announced_while_subscribing_is_not_missed(
     make_redis_cache: Make, sync_redis: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from wq_memo.backends._redis_flight import Flight
+    from wq_memo.backends._redis_flight import SingleFlight
 
     cache = make_redis_cache()
     sync_redis.set(key_names(cache.namespace, KEY).lock, "holder elsewhere", px=60_000)
-    claim = Flight._claim
+    claim = SingleFlight._claim
     claims = 0
 
-    async def claim_after_the_holder_finished(self: Flight, *args: Any) -> Any:
+    async def claim_after_the_holder_finished(self: SingleFlight, *args: Any) -> Any:
         nonlocal claims
         claims += 1
         if claims == 2:
@@ -258,7 +258,7 @@ async def test_result_announced_while_subscribing_is_not_missed(
             _finish_as_holder(sync_redis, cache, b'wq1j"raced"')
         return await claim(self, *args)
 
-    monkeypatch.setattr(Flight, "_claim", claim_after_the_holder_finished)
+    monkeypatch.setattr(SingleFlight, "_claim", claim_after_the_holder_finished)
 
     async def compute() -> str:
         raise AssertionError("the waiter must read the holder's value")

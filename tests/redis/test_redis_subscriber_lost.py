@@ -90,9 +90,7 @@ async def test_waiters_outlive_their_subscriber_connection(
                 for _ in range(2)
             ]
             await until(lambda: waiting_anywhere(waiter) == 2 * KEYS, WAIT)
-            link = waiter._conn._link
-            assert link is not None
-            first = link.subscriber
+            first = waiter._subscriptions.current
             assert first is not None
             channel = key_names(waiter.namespace, keys[0]).channel
             await asyncio.to_thread(drop, admin, channel)
@@ -100,7 +98,7 @@ async def test_waiters_outlive_their_subscriber_connection(
             # Every waiter is back, waiting through a new subscription; none computed.
             await until(lambda: waiting_anywhere(waiter) == 2 * KEYS or computed_by_waiter, WAIT)
             assert computed_by_waiter == []
-            assert link.subscriber is not first
+            assert waiter._subscriptions.current is not first
             assert not waiter._conn.down
             release.set()
             assert await asyncio.gather(*holding) == [{"key": k, "by": 1} for k in range(KEYS)]
@@ -140,9 +138,7 @@ def test_a_process_waiting_on_2000_keys_of_another_computes_none_after_its_drop(
                     for i in range(keys)
                 ]
                 await until(lambda: waiting_anywhere(cache) == keys, WAIT)
-                link = cache._conn._link
-                assert link is not None
-                first = link.subscriber
+                first = cache._subscriptions.current
                 assert first is not None
                 await asyncio.to_thread(_kill_subscribers, admin, b"")
                 await until(lambda: first.dead, WAIT)

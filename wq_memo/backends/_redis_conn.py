@@ -2,7 +2,8 @@
 
 Per RedisCache and event loop there is one client whose pool holds at most
 ``max_connections + 2`` connections: ``max_connections`` for commands, one for the pub/sub
-subscriber (shared by every key being waited for) and one for the health probe. Commands wait
+subscriber (shared by every key being waited for; ``_redis_pubsub``) and one for the health
+probe. Commands wait
 their turn for a connection in this process (``Lanes``); a wait for a local connection is never
 taken for a failure of Redis. The writes that end a computation (store, unlock, announce) and
 renew its lease go first.
@@ -16,11 +17,10 @@ Failures are told apart:
   second) decides; only if the probe fails too does the breaker open;
 - anything else (an error reply, a garbled answer) fails that operation only.
 
-The pub/sub connection is told apart too: Redis drops a subscriber by itself (one past its
-``client-output-buffer-limit pubsub``), and CLIENT KILL drops any connection. Its failure
-opens no breaker: the waiters subscribe again, and the probe decides whether Redis is down.
-
 Every failure is counted and logged. The writes that end a computation ignore the breaker.
+
+What else lives on a loop's client (the pub/sub subscriber) is attached to the connector
+(``attach``): it is told when the client is dropped for another loop's, and closed with it.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import contextlib
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, Final, TypeVar
+from typing import Any, Final, Protocol, TypeVar
 
 from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.connection import parse_url
@@ -40,10 +40,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ._redis_log import Secrets, Throttle, logger
-from ._redis_pubsub import Subscriber
-from ._redis_scripts import CLAIM, CLEARED, DELETE, FINISH, RENEW
+from ._redis_stats import Counters
 
-__all__ = ("Connector", "Link", "Unavailable")
+__all__ = ("Attached", "Connector", "Link", "Unavailable", "kind_of_failure")
 
 T = TypeVar("T")
 
@@ -97,20 +96,9 @@ class Lanes:
 
 
 class Link:
-    """One redis-py client, its lanes, scripts and subscriber, bound to one event loop."""
+    """One redis-py client and its lanes, bound to one event loop."""
 
-    __slots__ = (
-        "claim",
-        "cleared",
-        "client",
-        "delete",
-        "finish",
-        "lanes",
-        "loop",
-        "owned",
-        "renew",
-        "subscriber",
-    )
+    __slots__ = ("client", "lanes", "loop", "owned")
 
     def __init__(
         self, client: Redis, loop: asyncio.AbstractEventLoop, lanes: int, owned: bool
@@ -120,15 +108,20 @@ class Link:
         self.owned = owned
         """Whether the cache made this client (and closes it)."""
         self.lanes = Lanes(lanes)
-        self.claim = client.register_script(CLAIM)
-        self.renew = client.register_script(RENEW)
-        self.finish = client.register_script(FINISH)
-        self.delete = client.register_script(DELETE)
-        self.cleared = client.register_script(CLEARED)
-        self.subscriber: Subscriber | None = None
 
 
-def _kind_of_failure(exc: BaseException) -> str:
+class Attached(Protocol):
+    """Something kept per client besides the client itself (the pub/sub subscriber)."""
+
+    def forget(self, link: Link) -> None:
+        """The client of link is dropped for another loop's: let go of what belongs to it,
+        touching nothing of its loop."""
+
+    async def aclose(self, link: Link) -> None:
+        """The client of link is being closed on its own loop: close what belongs to it."""
+
+
+def kind_of_failure(exc: BaseException) -> str:
     """'pool' (local pool exhausted), 'timeout', 'down' (connection level) or 'reply'."""
     if isinstance(exc, RedisConnectionError) and any(s in str(exc) for s in _POOL_EXHAUSTED):
         return "pool"
@@ -143,6 +136,7 @@ class Connector:
     """Runs Redis operations for one RedisCache: connections per loop, lanes, breaker, probe."""
 
     __slots__ = (
+        "_attached",
         "_background",
         "_counts",
         "_down_until",
@@ -167,7 +161,7 @@ class Connector:
         timeout: float,
         retry_interval: float,
         max_connections: int,
-        counts: dict[str, int],
+        counts: Counters,
         label: str,
         secrets: Secrets,
         shown: str,
@@ -187,6 +181,11 @@ class Connector:
         self._probe: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._throttle = Throttle()
+        self._attached: list[Attached] = []
+
+    def attach(self, part: Attached) -> None:
+        """Have part told when a client is dropped or closed (see Attached)."""
+        self._attached.append(part)
 
     # -- the client of the running loop ------------------------------------------------------
 
@@ -265,8 +264,8 @@ class Connector:
 
     def failed(self, what: str, name: bytes | None, exc: BaseException) -> None:
         """Count and log a failed operation; open the breaker or start a probe as it calls for."""
-        self._counts["redis_errors"] += 1
-        kind = _kind_of_failure(exc)
+        self._counts.redis_errors += 1
+        kind = kind_of_failure(exc)
         where = f" of {name.decode('utf-8', 'backslashreplace')}" if name is not None else ""
         detail = self.secrets.describe(exc)
         if kind == "down":
@@ -282,7 +281,7 @@ class Connector:
                 self.timeout,
                 detail,
             )
-            self._start_probe()
+            self.start_probe()
         elif kind == "pool":
             self._throttle.log(
                 "pool",
@@ -317,7 +316,9 @@ class Connector:
             self.shown,
         )
 
-    def _start_probe(self) -> None:
+    def start_probe(self) -> None:
+        """Check in the background (PING on the probe's own connection) whether Redis answers;
+        open the breaker if it does not. One probe at a time."""
         if self._probe is not None and not self._probe.done():
             return
         self._probe = asyncio.get_running_loop().create_task(self._run_probe())
@@ -333,7 +334,7 @@ class Connector:
             async with asyncio.timeout(patience):
                 await link.client.ping()
         except Exception as exc:
-            self._counts["redis_errors"] += 1
+            self._counts.redis_errors += 1
             self._open(
                 f"Redis did not answer PING within {patience:.3g} s ({self.secrets.describe(exc)})"
             )
@@ -344,53 +345,6 @@ class Connector:
             self._label,
         )
 
-    # -- the subscriber ----------------------------------------------------------------------
-
-    def subscriber(self) -> Subscriber:
-        """This loop's subscriber, made if there is none (or the last one died).
-
-        Raises:
-            Unavailable: the breaker is open.
-        """
-        if self.down:
-            raise Unavailable("SUBSCRIBE")
-        link = self.link()
-        sub = link.subscriber
-        if sub is None or sub.dead:
-            sub = link.subscriber = Subscriber(link.client.pubsub(), self._subscriber_failed, sub)
-        return sub
-
-    def _subscriber_failed(self, what: str, exc: BaseException) -> None:
-        """The subscriber's connection failed: count and log it; a failure of the connection
-        itself opens the breaker only if the probe finds Redis silent too."""
-        kind = _kind_of_failure(exc)
-        if kind not in ("down", "timeout"):
-            self.failed(what, None, exc)
-            return
-        self._counts["redis_errors"] += 1
-        self._throttle.log(
-            "subscriber",
-            "RedisCache %s: %s failed: %s; the callers waiting for other processes' "
-            "computations subscribe again and wait on, and a PING checks that Redis answers",
-            self._label,
-            what,
-            self.secrets.describe(exc),
-        )
-        self._start_probe()
-
-    def subscription_timed_out(self, sub: Subscriber) -> None:
-        """A SUBSCRIBE went unconfirmed for timeout seconds: Redis stalls, or the subscriber's
-        connection is dead without having said so. Give it up only if Redis answers."""
-        self._counts["redis_errors"] += 1
-        self._throttle.log(
-            "subscribe timeout",
-            "RedisCache %s: Redis did not confirm a subscription within timeout=%.3g s; "
-            "computing without waiting for this call",
-            self._label,
-            self.timeout,
-        )
-        self.spawn(self._check_subscriber(sub))
-
     def spawn(self, work: Coroutine[Any, Any, None]) -> None:
         """Run work in the background; aclose() gives it timeout seconds to end, then cancels
         it."""
@@ -398,19 +352,10 @@ class Connector:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _check_subscriber(self, sub: Subscriber) -> None:
-        asked = asyncio.get_running_loop().time()
-        try:
-            await self.call("PING", lambda link: link.client.ping(), urgent=True)
-        except Unavailable:
-            return  # Redis itself stalls; the subscriber may well recover with it
-        if sub.heard < asked:
-            sub.kill()  # Redis answers, but not on the subscriber's connection
-
     # -- closing -----------------------------------------------------------------------------
 
     async def aclose(self) -> None:
-        """Close this loop's subscriber and, if the cache made it, its client.
+        """Close what is attached to this loop's client and, if the cache made it, the client.
 
         Stores still being retried in the background get one more timeout to land first.
         """
@@ -439,8 +384,8 @@ class Connector:
                 await task
         if link is None:
             return  # closed meanwhile by a concurrent aclose()
-        if link.subscriber is not None:
-            await link.subscriber.aclose()
+        for part in self._attached:
+            await part.aclose(link)
         if not link.owned:
             return
         try:
@@ -456,8 +401,8 @@ class Connector:
     def _forget(self, link: Link) -> None:
         self._background.clear()
         self._probe = None
-        if link.subscriber is not None:
-            link.subscriber.forget()
+        for part in self._attached:
+            part.forget(link)
         if link.owned:
             _drop(link)
 

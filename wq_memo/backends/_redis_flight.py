@@ -4,21 +4,21 @@ A call looks at the key and, if it is missing, tries to take its lease lock (one
 
 - it finds the value: done;
 - it takes the lock: it *holds* the key. It calls ``compute()``, renews the lease while that
-  runs, then stores the value, releases the lock and announces the outcome on the key's channel
-  (one script, FINISH, which stores only while this call's token still holds the lock and no
-  ``clear()`` has begun since it was taken). That last write is retried until it lands or the
-  lease is over, whatever the breaker says;
+  runs (RENEW), then stores the value, releases the lock and announces the outcome on the key's
+  channel (one script, FINISH, which stores only while this call's token still holds the lock
+  and no ``clear()`` has begun since it was taken). That last write is retried until it lands
+  or the lease is over, whatever the breaker says;
 - another computation holds the lock: it *waits*. It watches the key's channel (through the
   cache's one subscriber), then looks again, then waits for an announcement or the end of the
   holder's lease, and looks again. Waiting takes none of the process's computation slots:
   ``compute()`` is called only by a call that computes.
 
-Announcements: ``d`` (stored; followed by the value itself when it is small), ``u`` (the value
-will not be stored: the waiters compute it at once, side by side), ``f`` (the computation
-failed) and ``x`` (the lock was released without a value, or a holder found its lock gone and
-nobody holding it): after those two the waiters look again, and one of them takes the lock.
-A function whose results were found uncacheable is marked for a while: its waiters compute at
-once instead of waiting.
+Announcements (``News``, defined with the subscriber): STORED (followed by the entry itself
+when it is small), UNCACHEABLE (the waiters compute it at once, side by side), FAILED and
+LOOK_AGAIN (the lock was released without a value, or a holder found its lock gone and nobody
+holding it): after those two the waiters look again, and one of them takes the lock. A function
+whose results were found uncacheable is marked for a while: its waiters compute at once
+instead of waiting.
 
 A call that cannot use Redis (breaker open, an operation failed or timed out) computes on its
 own and stores nothing: only a lock holder stores, so no computed value is written unfenced.
@@ -28,39 +28,253 @@ removes the lock, so that no computation that began before it overwrites it.
 A refresh (refresh-ahead) tries the lock once, without looking at the value: if it takes it, it
 holds the key as above (the entry stays readable meanwhile, and is replaced by FINISH); if
 another computation holds it, or Redis fails, it gives up at once, computing nothing.
+
+Fencing. Every write of a value goes through FINISH. A computed value is tied to the lock it
+was computed under: FINISH stores it only while the computation's token still holds the lock, so
+a holder whose lease ran out or whose key was deleted (DELETE removes the lock too) never
+overwrites a later value. A clear cannot remove every lock at once (it scans): while it runs,
+the namespace's epoch is set, and FINISH stores only a computation that took its lock under
+that very epoch; once the clear has ended (and removed the epoch, CLEARED), every lock taken
+before it is gone.
+
+The scripts are registered on each client the protocol runs on (redis-py sends EVALSHA, and the
+script itself when Redis does not know it); each one runs atomically in Redis. Their texts, keys
+and replies are the wire format shared with every other process using the namespace.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import secrets
 from collections.abc import Awaitable, Callable
-from typing import Any, Final, TypeVar
+from typing import Any, Final, Literal, NamedTuple, TypeAlias, TypeVar
+
+from redis.asyncio import Redis
 
 from ._protocol import MISSING, Missing
-from ._redis_conn import Connector, Unavailable
-from ._redis_keys import KeyNames
-from ._redis_log import Throttle
-from ._redis_pubsub import Subscriber, Watch
+from ._redis_conn import Connector, Link, Unavailable
+from ._redis_keys import KeyNames, Namespace
+from ._redis_log import Throttle, logger
+from ._redis_pubsub import News, Subscriber, Subscriptions, Watch, hear
+from ._redis_stats import Counters
 from ._redis_values import Entries
 
-__all__ = ("Flight",)
+__all__ = ("SingleFlight",)
 
 V = TypeVar("V")
 
-_HIT: Final = 1
-_TAKEN: Final = 2
-_HELD: Final = 3
-_TOO_BIG: Final = 4
-_NOT_STRING: Final = 5
+Reason: TypeAlias = Literal["fallbacks", "wait_timeouts"] | None
+"""Why a call computes without the lock, as counted in stats() (None: not counted)."""
 
 _INLINE_MAX: Final = 1024
 """Values up to this many bytes travel in the announcement itself: no read afterwards."""
 _MARKER_MS: Final = 60_000
 """How long a function stays marked uncacheable after its last uncacheable result."""
+_EPOCH_MS: Final = 600_000
+"""How long a clear's epoch lives unless the clear removes it first (each batch the clear
+removes renews it). A clear that outlives it would no longer fence the computations under way."""
 _RESUBSCRIBE: Final = 3
 """How many subscriptions in a row may die unconfirmed before a call computes alone. One whose
 connection drops after confirming it is watched again, up to the call's ``wait``."""
+
+
+# -- CLAIM: look at the value, or take the lock -------------------------------------------------
+
+_CLAIM: Final = """
+-- KEYS: value, lock, marker, epoch.
+-- ARGV: token, lease in ms, max value bytes, '1' to look at the value first,
+--       '1' to take the lock only if it is free (single flight), '0' to take it anyway.
+-- Replies:
+--   {1, value}          the value is stored (and no larger than max value bytes)
+--   {2, replaced, epoch} token now holds the lock; replaced = 1 if a foreign lock was removed;
+--                       epoch: the namespace's epoch now ('' when no clear runs)
+--   {3, pttl, marked}   another computation holds the lock for pttl more ms; marked = 1 if
+--                       the function's results were lately found uncacheable
+--   {4, size}           the stored value is larger than max value bytes (it was not read)
+--   {5}                 the value's name holds something that is not a string
+if ARGV[4] == '1' then
+  local size = redis.pcall('STRLEN', KEYS[1])
+  if type(size) == 'table' then return {5} end
+  if size > tonumber(ARGV[3]) then return {4, size} end
+  if size > 0 then return {1, redis.call('GET', KEYS[1])} end
+end
+local replaced = 0
+local ttl = redis.call('PTTL', KEYS[2])
+-- A lock never lives without expiry, and always holds a string: anything else was written by
+-- something else, and would block every caller for ever.
+if ttl == -1 or (ttl > 0 and redis.call('TYPE', KEYS[2])['ok'] ~= 'string') then
+  redis.call('DEL', KEYS[2])
+  replaced = 1
+end
+local epoch = redis.call('GET', KEYS[4]) or ''
+if ARGV[5] == '1' then
+  if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {2, replaced, epoch} end
+  return {3, redis.call('PTTL', KEYS[2]), redis.call('EXISTS', KEYS[3])}
+end
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+return {2, replaced, epoch}
+"""
+
+
+class Claimed(enum.IntEnum):
+    """The first element of CLAIM's reply (see the script)."""
+
+    HIT = 1
+    TAKEN = 2
+    HELD = 3
+    TOO_BIG = 4
+    NOT_STRING = 5
+
+
+class Hit(NamedTuple):
+    """The value was found (by CLAIM, or in an announcement)."""
+
+    value: Any
+
+
+class Taken(NamedTuple):
+    """This call's token holds the lock."""
+
+    sent: float
+    """When the CLAIM that took it was sent (loop time): the lease runs from then."""
+    epoch: bytes
+    """The namespace's epoch then (b"" when no clear ran), which FINISH is given back."""
+
+
+class Held(NamedTuple):
+    """Another computation holds the lock."""
+
+    pttl: int
+    """Milliseconds its lease has left (negative: the lock went meanwhile)."""
+    marked: bool
+    """Whether the function's results were lately found uncacheable (nobody waits then)."""
+
+
+# -- RENEW: extend the lease of a lock still held -------------------------------------------------
+
+_RENEW: Final = """
+-- KEYS: lock. ARGV: token, lease in ms. Extends the lease only if token still holds the lock;
+-- returns 1 if it did, else 0.
+if redis.pcall('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+# -- FINISH: store (fenced), release the lock, announce -------------------------------------------
+
+_FINISH: Final = """
+-- KEYS: value, lock, marker, epoch.
+-- ARGV: token, outcome ('s': store the computed value; 'u': uncacheable, mark the function;
+--       'n': nothing to store; 'p': store a primed value), value, ttl in ms (0: none), channel,
+--       message, marker lifetime in ms, the namespace's epoch when the lock was taken,
+--       '1' if an earlier attempt of this same finish may have run already.
+-- 'p' stores whoever holds the lock, deletes the lock (so that the computation under way does
+-- not overwrite the primed value), announces message and returns 1.
+-- Otherwise, if token holds the lock and no clear runs that began after the lock was taken (the
+-- epoch is unset, or the one the lock was taken under): stores per outcome, deletes the lock,
+-- announces message on channel and returns 1. If token holds the lock but such a clear runs:
+-- stores nothing, deletes the lock, announces 'x' (the waiters look again) and returns 0. If
+-- token does not hold it: stores nothing and returns 2 if the value stored is this very value
+-- (an earlier attempt ran), else 0 (the lock was lost); a lost lock that nobody holds now
+-- (flushed, evicted, expired) is announced as 'x', so that the waiters look again at once
+-- instead of sleeping out the lease they last saw.
+local store = ARGV[2] == 's' or ARGV[2] == 'p'
+if ARGV[2] == 'u' then
+  redis.call('SET', KEYS[3], '1', 'PX', ARGV[7])
+end
+if ARGV[2] ~= 'p' then
+  if redis.pcall('GET', KEYS[2]) ~= ARGV[1] then
+    if ARGV[9] == '1' and store and redis.pcall('GET', KEYS[1]) == ARGV[3] then
+      return 2
+    end
+    if redis.call('EXISTS', KEYS[2]) == 0 then
+      redis.call('PUBLISH', ARGV[5], 'x')
+    end
+    return 0
+  end
+  local epoch = redis.call('GET', KEYS[4])
+  if epoch and epoch ~= ARGV[8] then
+    redis.call('DEL', KEYS[2])
+    redis.call('PUBLISH', ARGV[5], 'x')
+    return 0
+  end
+end
+if store then
+  if tonumber(ARGV[4]) > 0 then
+    redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[4])
+  else
+    redis.call('SET', KEYS[1], ARGV[3])
+  end
+  redis.call('DEL', KEYS[3])
+end
+redis.call('DEL', KEYS[2])
+redis.call('PUBLISH', ARGV[5], ARGV[6])
+return 1
+"""
+
+
+class Outcome(bytes, enum.Enum):
+    """What FINISH is asked to store (its second argument)."""
+
+    STORE = b"s"
+    """Store the computed value, if the lock is still this computation's."""
+    UNCACHEABLE = b"u"
+    """Store nothing; mark the function uncacheable for a while."""
+    NOTHING = b"n"
+    """Store nothing (the computation failed, or its value is not stored)."""
+    PRIME = b"p"
+    """Store a primed value whoever holds the lock, and remove the lock."""
+
+
+class Finished(enum.IntEnum):
+    """FINISH's reply (see the script)."""
+
+    LOST = 0
+    """Nothing stored: the lock was not this token's, or a later clear runs."""
+    DONE = 1
+    """Stored per the outcome, lock released, message announced."""
+    REPEATED = 2
+    """An earlier attempt of this very finish had landed already."""
+
+
+# -- DELETE and CLEARED: a deletion and a clear fence the computations under way ------------------
+
+_DELETE: Final = """
+-- KEYS: value, lock. ARGV: channel. Removes the value and the lock, so that a computation under
+-- way cannot store its result, and wakes the waiters (to compute afresh). Returns whether a
+-- value was removed.
+local removed = redis.call('DEL', KEYS[1])
+if redis.call('DEL', KEYS[2]) == 1 then
+  redis.call('PUBLISH', ARGV[1], 'x')
+end
+return removed
+"""
+
+_CLEARED: Final = """
+-- KEYS: epoch. ARGV: the epoch a clear set as it began. At its end, the clear removes the epoch
+-- (every lock taken before it is gone by then), unless a later clear has set another. Returns
+-- whether it removed it.
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+class Scripts:
+    """The protocol's scripts, registered on one client."""
+
+    __slots__ = ("claim", "cleared", "client", "delete", "finish", "renew")
+
+    def __init__(self, client: Redis) -> None:
+        self.client = client
+        self.claim = client.register_script(_CLAIM)
+        self.renew = client.register_script(_RENEW)
+        self.finish = client.register_script(_FINISH)
+        self.delete = client.register_script(_DELETE)
+        self.cleared = client.register_script(_CLEARED)
 
 
 class _Lease:
@@ -75,7 +289,25 @@ class _Lease:
         self.ended = False
 
 
-class Flight:
+class _Alone(NamedTuple):
+    """Compute without the lock (and count why)."""
+
+    reason: Reason
+
+
+class _Again(NamedTuple):
+    """The subscriber died: watch through a new one."""
+
+    confirmed: bool
+    """Whether the subscription had been confirmed (a working connection that dropped)."""
+
+
+def _announce_stored(data: bytes) -> bytes:
+    """The STORED message for an entry: the entry goes along when it is small."""
+    return News.STORED.with_entry(data) if len(data) <= _INLINE_MAX else News.STORED.value
+
+
+class SingleFlight:
     """The single-flight protocol of one RedisCache (see the module docstring)."""
 
     __slots__ = (
@@ -87,6 +319,9 @@ class Flight:
         "_label",
         "_lease",
         "_lease_ms",
+        "_ns",
+        "_scripts",
+        "_subs",
         "_throttle",
         "_ttl",
         "_wait",
@@ -95,18 +330,21 @@ class Flight:
     def __init__(
         self,
         conn: Connector,
+        subs: Subscriptions,
         entries: Entries,
-        counts: dict[str, int],
+        counts: Counters,
         *,
         lease: float,
         wait: float,
         ttl: float | None,
         single_flight: bool,
         label: str,
-        epoch: bytes,
+        namespace: Namespace,
     ) -> None:
         self._conn = conn
-        self._epoch = epoch
+        self._subs = subs
+        self._ns = namespace
+        self._epoch = namespace.epoch
         self._entries = entries
         self._counts = counts
         self._lease = lease
@@ -116,21 +354,29 @@ class Flight:
         self._exclusive = single_flight
         self._label = label
         self._throttle = Throttle()
+        self._scripts: Scripts | None = None
+
+    def scripts(self, link: Link) -> Scripts:
+        """The scripts registered on link's client (registered on first use)."""
+        scripts = self._scripts
+        if scripts is None or scripts.client is not link.client:
+            scripts = self._scripts = Scripts(link.client)
+        return scripts
 
     async def get_or_compute(
         self, names: KeyNames, function: str, compute: Callable[[], Awaitable[V]]
     ) -> V:
         token = secrets.token_hex(16).encode()
         try:
-            kind, payload, sent = await self._claim(names, token, True)
+            claimed = await self._claim(names, token, True)
         except Unavailable:
             return await self._alone(compute, "fallbacks")
-        if kind == _HIT:
-            self._counts["hits"] += 1
-            return payload  # type: ignore[no-any-return]
-        if kind == _TAKEN:
-            return await self._hold(names, function, token, compute, sent, payload)
-        if payload[1]:  # the function's results are not stored these days: nobody waits
+        if isinstance(claimed, Hit):
+            self._counts.hits += 1
+            return claimed.value  # type: ignore[no-any-return]
+        if isinstance(claimed, Taken):
+            return await self._hold(names, function, token, compute, claimed)
+        if claimed.marked:  # the function's results are not stored these days: nobody waits
             return await self._alone(compute, None)
         return await self._wait_then_compute(names, function, token, compute)
 
@@ -140,13 +386,13 @@ class Flight:
         """Compute and store the key if its lock is free; never wait for another holder."""
         token = secrets.token_hex(16).encode()
         try:
-            kind, epoch, sent = await self._claim(names, token, False)
+            claimed = await self._claim(names, token, False)
         except Unavailable:
             return False, MISSING
-        if kind != _TAKEN:
-            self._counts["refresh_skipped"] += 1
+        if not isinstance(claimed, Taken):
+            self._counts.refresh_skipped += 1
             return False, MISSING
-        return True, await self._hold(names, function, token, compute, sent, epoch)
+        return True, await self._hold(names, function, token, compute, claimed)
 
     async def put(self, names: KeyNames, function: str, value: Any, ttl: float | None) -> None:
         """Store a primed value whoever holds the key's lock, release the lock and announce the
@@ -156,21 +402,101 @@ class Flight:
         data = self._entries.encode(names.value, function, value, ttl)
         if not isinstance(data, bytes):
             return  # logged and counted
-        announce = b"d" + data if len(data) <= _INLINE_MAX else b"d"
         px = 0 if ttl is None else max(1, round(ttl * 1000))
-        args: list[bytes | int] = [b"", b"p", data, px, names.channel, announce, _MARKER_MS, b""]
+        args: list[bytes | int] = [
+            b"",
+            Outcome.PRIME.value,
+            data,
+            px,
+            names.channel,
+            _announce_stored(data),
+            _MARKER_MS,
+            b"",
+            b"0",
+        ]
         keys = [names.value, names.lock, names.marker, self._epoch]
         await self._conn.call(
-            "SET", lambda link: link.finish(keys=keys, args=[*args, b"0"]), name=names.value
+            "SET",
+            lambda link: self.scripts(link).finish(keys=keys, args=args),
+            name=names.value,
+        )
+
+    async def delete(self, names: KeyNames) -> bool:
+        """Remove the key's value and lock (a computation under way stores nothing), wake its
+        waiters; return whether a value was removed.
+
+        Raises Unavailable when Redis fails (logged and counted)."""
+        removed = await self._conn.call(
+            "DELETE",
+            lambda link: self.scripts(link).delete(
+                keys=[names.value, names.lock], args=[names.channel]
+            ),
+            name=names.value,
+        )
+        return bool(removed)
+
+    async def clear(self) -> None:
+        """Remove every value and lock of the namespace, fencing the computations under way:
+        set the epoch, scan and unlink (waking each lock's waiters), remove the epoch.
+
+        When Redis fails the clear stops there, and says so at WARNING (the failure itself is
+        logged and counted too); the epoch it set expires on its own.
+        """
+        try:
+            await self._clear()
+        except Unavailable as exc:
+            logger.warning(
+                "RedisCache %s: clear() did not complete (%s failed): entries of the namespace "
+                "may remain, and computations that began before it may still store their "
+                "results; call clear() again once Redis answers",
+                self._label,
+                exc,
+            )
+
+    async def _clear(self) -> None:
+        ns = self._ns
+        epoch = secrets.token_hex(8).encode()
+        # The epoch expires, so that a clear that Redis stops midway leaves nothing for ever;
+        # each batch the clear removes gives it its full lifetime again.
+        await self._conn.call(
+            "SET",
+            lambda link: link.client.set(ns.epoch, epoch, px=_EPOCH_MS),
+            name=ns.epoch,
+        )
+        pattern = ns.pattern()
+        lock_kind = ns.prefix + b":l:"
+        cursor: int = 0
+
+        async def batch(link: Link, names: list[bytes]) -> None:
+            pipe = link.client.pipeline(transaction=False)
+            pipe.unlink(*names)
+            pipe.pexpire(ns.epoch, _EPOCH_MS)
+            for name in names:
+                if name.startswith(lock_kind):
+                    pipe.publish(ns.channel_of_lock(name), News.LOOK_AGAIN.value)
+            await pipe.execute()
+
+        while True:
+            cursor, names = await self._conn.call(
+                "SCAN",
+                lambda link, at=cursor: link.client.scan(at, match=pattern, count=1000),  # type: ignore[misc]
+            )
+            if names:
+                await self._conn.call("UNLINK", lambda link, n=names: batch(link, n))  # type: ignore[misc]
+            if not cursor:
+                break
+        await self._conn.call(
+            "DELETE",
+            lambda link: self.scripts(link).cleared(keys=[ns.epoch], args=[epoch]),
+            name=ns.epoch,
         )
 
     # -- looking and claiming ----------------------------------------------------------------
 
-    async def _claim(self, names: KeyNames, token: bytes, look: bool) -> tuple[int, Any, float]:
+    async def _claim(self, names: KeyNames, token: bytes, look: bool) -> Hit | Taken | Held:
         """Read the value, or take the lock, or learn the holder's remaining lease.
 
-        Returns (kind, payload, when sent): (_HIT, value), (_TAKEN, the namespace's epoch) or
-        (_HELD, (pttl in ms, marked)). An entry that is refused is computed over.
+        An entry that is refused is computed over.
         """
         loop = asyncio.get_running_loop()
         keys = [names.value, names.lock, names.marker, self._epoch]
@@ -181,12 +507,12 @@ class Flight:
             sent = loop.time()
             reply = await self._conn.call(
                 "lock",
-                lambda link, a=args: link.claim(keys=keys, args=a),  # type: ignore[misc]
+                lambda link, a=args: self.scripts(link).claim(keys=keys, args=a),  # type: ignore[misc]
                 name=names.value,
             )
             try:
-                kind = int(reply[0])
-                if kind == _HIT:
+                kind = Claimed(int(reply[0]))
+                if kind is Claimed.HIT:
                     data = reply[1]
                     if not isinstance(data, bytes):
                         raise TypeError(data)
@@ -194,8 +520,8 @@ class Flight:
                     if value is MISSING:
                         look = False  # a refused entry: compute over it, through the lock
                         continue
-                    return kind, value, sent
-                if kind == _TAKEN:
+                    return Hit(value)
+                if kind is Claimed.TAKEN:
                     if int(reply[1]):
                         self._entries.refused(
                             names.lock, "a lock without expiry (or not a string) was replaced"
@@ -203,25 +529,25 @@ class Flight:
                     epoch = reply[2]
                     if not isinstance(epoch, bytes):
                         raise TypeError(epoch)
-                    return kind, epoch, sent
-                if kind == _HELD:
-                    return kind, (int(reply[1]), bool(int(reply[2]))), sent
-                if kind == _TOO_BIG:
+                    return Taken(sent, epoch)
+                if kind is Claimed.HELD:
+                    return Held(int(reply[1]), bool(int(reply[2])))
+                if kind is Claimed.TOO_BIG:
                     self._entries.too_big(names.value, int(reply[1]))
-                elif kind == _NOT_STRING:
-                    self._entries.refused(names.value, "it is not a string")
                 else:
-                    raise ValueError(kind)
+                    self._entries.refused(names.value, "it is not a string")
                 look = False
             except (TypeError, ValueError, IndexError, KeyError) as exc:
                 self._conn.failed("lock", names.value, ValueError(f"unexpected reply {reply!r}"))
                 raise Unavailable("lock") from exc
 
-    async def _alone(self, compute: Callable[[], Awaitable[V]], reason: str | None) -> V:
+    async def _alone(self, compute: Callable[[], Awaitable[V]], reason: Reason) -> V:
         """Compute without the lock; the value is not stored."""
-        if reason is not None:
-            self._counts[reason] += 1
-        self._counts["computed"] += 1
+        if reason == "fallbacks":
+            self._counts.fallbacks += 1
+        elif reason == "wait_timeouts":
+            self._counts.wait_timeouts += 1
+        self._counts.computed += 1
         return await compute()
 
     # -- holding -----------------------------------------------------------------------------
@@ -232,16 +558,16 @@ class Flight:
         function: str,
         token: bytes,
         compute: Callable[[], Awaitable[V]],
-        sent: float,
-        epoch: bytes,
+        taken: Taken,
     ) -> V:
         """Compute while holding the lock and renewing its lease; store, release, announce.
 
-        ``epoch``: the namespace's epoch when the lock was taken; while a clear() that began
-        later runs, the value is not stored."""
-        self._counts["computed"] += 1
+        ``taken.epoch``: the namespace's epoch when the lock was taken; while a clear() that
+        began later runs, the value is not stored."""
+        self._counts.computed += 1
         loop = asyncio.get_running_loop()
-        lease = _Lease(sent + self._lease)
+        epoch = taken.epoch
+        lease = _Lease(taken.sent + self._lease)
         # A timer (cheaper than a task) starts the renewing task only for computations that
         # last a third of the lease.
         renewer: asyncio.Task[None] | None = None
@@ -270,19 +596,19 @@ class Flight:
             await stop_renewing()
             cancelled = isinstance(exc, asyncio.CancelledError)
             # Waiters look again at once: one of them takes the lock.
-            announce = b"x" if cancelled else b"f"
-            await self._finish(names, token, epoch, b"n", b"", announce, lease)
+            news = News.LOOK_AGAIN if cancelled else News.FAILED
+            await self._finish(names, token, epoch, Outcome.NOTHING, b"", news.value, lease)
             raise
         await stop_renewing()
         data = self._entries.encode(names.value, function, value, self._ttl)
         if isinstance(data, bytes):
-            announce = b"d" + data if len(data) <= _INLINE_MAX else b"d"
-            await self._finish(names, token, epoch, b"s", data, announce, lease)
+            announce = _announce_stored(data)
+            await self._finish(names, token, epoch, Outcome.STORE, data, announce, lease)
         else:
             # Not stored: the waiters compute it themselves, at once and side by side. A value
             # of a type that cannot be stored marks the function, so that nobody waits next time.
-            outcome = b"u" if data == "unencodable" else b"n"
-            await self._finish(names, token, epoch, outcome, b"", b"u", lease)
+            outcome = Outcome.UNCACHEABLE if data == "unencodable" else Outcome.NOTHING
+            await self._finish(names, token, epoch, outcome, b"", News.UNCACHEABLE.value, lease)
         return value
 
     async def _renew(self, names: KeyNames, token: bytes, lease: _Lease) -> None:
@@ -294,7 +620,9 @@ class Flight:
             try:
                 held = await self._conn.call(
                     "lease renewal",
-                    lambda link: link.renew(keys=[names.lock], args=[token, self._lease_ms]),
+                    lambda link: self.scripts(link).renew(
+                        keys=[names.lock], args=[token, self._lease_ms]
+                    ),
                     name=names.value,
                     urgent=True,
                 )
@@ -314,7 +642,7 @@ class Flight:
             return  # without single flight, the last computation to start is the one stored
         if not lease.lost:
             lease.lost = True
-            self._counts["lock_lost"] += 1
+            self._counts.lock_lost += 1
         self._throttle.log(
             "lost",
             "RedisCache %s: the lock on %s was gone when %s (the lease of %.3g s ran out, the "
@@ -330,7 +658,7 @@ class Flight:
         names: KeyNames,
         token: bytes,
         epoch: bytes,
-        outcome: bytes,
+        outcome: Outcome,
         data: bytes,
         announce: bytes,
         lease: _Lease,
@@ -343,9 +671,17 @@ class Flight:
         script tells such a repeat from a lost lock.
         """
         px = 0 if self._ttl is None else max(1, round(self._ttl * 1000))
-        args: list[bytes | int] = [token, outcome, data, px, names.channel, announce, _MARKER_MS]
-        args.append(epoch)
-        if await self._finish_once(names, args, b"0", lease) or announce == b"x":
+        args: list[bytes | int] = [
+            token,
+            outcome.value,
+            data,
+            px,
+            names.channel,
+            announce,
+            _MARKER_MS,
+            epoch,
+        ]
+        if await self._finish_once(names, args, b"0", lease) or announce == News.LOOK_AGAIN:
             return  # done, or a cancelled computation: its lock simply runs out
         self._conn.spawn(self._finish_later(names, args, lease))
 
@@ -354,17 +690,17 @@ class Flight:
     ) -> bool:
         """One attempt of FINISH; return whether it landed (lost lock included)."""
         keys = [names.value, names.lock, names.marker, self._epoch]
-        storing = args[1] == b"s"
+        storing = args[1] == Outcome.STORE
         try:
             result = await self._conn.call(
                 "store and unlock" if storing else "unlock",
-                lambda link: link.finish(keys=keys, args=[*args, again]),
+                lambda link: self.scripts(link).finish(keys=keys, args=[*args, again]),
                 name=names.value,
                 urgent=True,
             )
         except Unavailable:
             return False
-        if storing and result == 0:
+        if storing and result == Finished.LOST:
             self._lost(names, lease, "storing its result")
         return True
 
@@ -394,25 +730,24 @@ class Flight:
         unconfirmed = 0
         while unconfirmed < _RESUBSCRIBE:
             try:
-                sub = self._conn.subscriber()
+                sub = self._subs.subscriber()
             except Unavailable:
                 break
             watch, ready = sub.watch(names.channel)
             try:
-                what, detail = await self._watch(names, token, sub, watch, ready, deadline)
+                outcome = await self._watch(names, token, sub, watch, ready, deadline)
             finally:
                 sub.unwatch(watch)
-            if what == "value":
-                self._counts["waited"] += 1
-                return detail  # type: ignore[no-any-return]
-            if what == "hold":
-                sent, epoch = detail
-                return await self._hold(names, function, token, compute, sent, epoch)
-            if what == "alone":
-                return await self._alone(compute, detail)
-            # "again": the subscriber died; watch through a new one. A connection that dropped
-            # after it had worked is no reason to stop waiting (the holder computes on).
-            unconfirmed = 0 if detail else unconfirmed + 1
+            if isinstance(outcome, Hit):
+                self._counts.waited += 1
+                return outcome.value  # type: ignore[no-any-return]
+            if isinstance(outcome, Taken):
+                return await self._hold(names, function, token, compute, outcome)
+            if isinstance(outcome, _Alone):
+                return await self._alone(compute, outcome.reason)
+            # The subscriber died; watch through a new one. A connection that dropped after it
+            # had worked is no reason to stop waiting (the holder computes on).
+            unconfirmed = 0 if outcome.confirmed else unconfirmed + 1
         return await self._alone(compute, "fallbacks")
 
     async def _watch(
@@ -423,31 +758,28 @@ class Flight:
         watch: Watch,
         ready: asyncio.Future[bool],
         deadline: float,
-    ) -> tuple[str, Any]:
-        """Wait through one subscriber. Returns ("value", value), ("hold", (when the lock was
-        taken, the epoch then)), ("alone", the counter to count) or ("again", whether the
-        subscription had been confirmed) if the subscriber died."""
+    ) -> Hit | Taken | _Alone | _Again:
+        """Wait through one subscriber: for the value, the lock, a reason to compute alone, or
+        (_Again) the subscriber's death."""
         loop = asyncio.get_running_loop()
         confirmed = await sub.subscribed(ready, self._conn.timeout)
         if confirmed is None:
-            self._conn.subscription_timed_out(sub)
-            return "alone", "fallbacks"
+            self._subs.timed_out(sub)
+            return _Alone("fallbacks")
         if not confirmed:
-            return "again", False
+            return _Again(False)
         # Subscribed first, then looked: an announcement cannot slip in between.
         while True:
             watch.reset()
             try:
-                kind, payload, sent = await self._claim(names, token, True)
+                claimed = await self._claim(names, token, True)
             except Unavailable:
-                return "alone", "fallbacks"
-            if kind == _HIT:
-                return "value", payload
-            if kind == _TAKEN:
-                return "hold", (sent, payload)
-            pttl, marked = payload
-            if marked:
-                return "alone", None
+                return _Alone("fallbacks")
+            if not isinstance(claimed, Held):
+                return claimed
+            if claimed.marked:
+                return _Alone(None)
+            pttl = claimed.pttl
             remaining = deadline - loop.time()
             if remaining <= 0:
                 self._throttle.log(
@@ -458,7 +790,7 @@ class Flight:
                     self._wait,
                     names.value.decode("utf-8", "backslashreplace"),
                 )
-                return "alone", "wait_timeouts"
+                return _Alone("wait_timeouts")
             # No announcement comes if the holder died: look again when its lease ends.
             nap = remaining if pttl < 0 else min(remaining, pttl / 1000 + 0.01)
             watch.waiting = True
@@ -470,11 +802,13 @@ class Flight:
             finally:
                 watch.waiting = False
             if watch.lost:
-                return "again", True
-            news = watch.payload
-            if news is not None and news[:1] == b"d" and len(news) > 1:
-                value = self._entries.decode(names.value, news[1:])
+                return _Again(True)
+            heard = hear(watch.payload)
+            if heard is None:
+                continue
+            if heard.news is News.STORED and heard.entry:
+                value = self._entries.decode(names.value, heard.entry)
                 if value is not MISSING:
-                    return "value", value
-            elif news == b"u":
-                return "alone", None
+                    return Hit(value)
+            elif heard.news is News.UNCACHEABLE and not heard.entry:
+                return _Alone(None)

@@ -171,18 +171,19 @@ class Namespace:
         Raises:
             TypeError: key has a component that has no canonical encoding.
         """
-        if isinstance(key, CallKey):
-            function, call_key = key.function, key.key
-            if type(function) is not str:
-                raise TypeError(
-                    f"CallKey.function must be a str, got {type(function).__qualname__}"
-                )
-        else:
-            function, call_key = "", key
-        fn = _utf8(function)
-        tail = b"%s:%s" % (fn, key_digest(call_key).encode())
+        fn, digest = _parts(key)
+        tail = b"%s:%s" % (fn, digest)
         p = self.prefix
         return KeyNames(p + b":v:" + tail, p + b":l:" + tail, p + b":c:" + tail, p + b":u:" + fn)
+
+    def value_name(self, key: Hashable) -> bytes:
+        """Return the name of key's value alone (``names(key).value``), all that a read needs.
+
+        Raises:
+            TypeError: key has a component that has no canonical encoding.
+        """
+        fn, digest = _parts(key)
+        return b"%s:v:%s:%s" % (self.prefix, fn, digest)
 
     def pattern(self) -> bytes:
         """The SCAN pattern of every key of this namespace (values, locks, markers), only."""
@@ -192,6 +193,17 @@ class Namespace:
         """The channel on which the waiters of a lock's computation listen."""
         cut = len(self.prefix) + 1
         return lock[:cut] + b"c" + lock[cut + 1 :]
+
+
+def _parts(key: Hashable) -> tuple[bytes, bytes]:
+    """(the function's name, the hex digest of the call key) of a CallKey or any key."""
+    if isinstance(key, CallKey):
+        function, call_key = key.function, key.key
+        if type(function) is not str:
+            raise TypeError(f"CallKey.function must be a str, got {type(function).__qualname__}")
+    else:
+        function, call_key = "", key
+    return _utf8(function), key_digest(call_key).encode()
 
 
 def key_names(namespace: str, key: Hashable) -> KeyNames:

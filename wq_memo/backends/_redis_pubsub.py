@@ -15,19 +15,66 @@ the cache makes a new subscriber for the next waiter. A connection that drops is
 down (Redis itself drops a subscriber that falls behind its ``client-output-buffer-limit
 pubsub``, and CLIENT KILL drops any): the waiters watch again through the new subscriber, which
 first lets the dead one give its connection back, so that the bound on connections holds.
+Such a failure opens no breaker: a probe decides whether Redis is down. A SUBSCRIBE that goes
+unconfirmed for ``timeout`` seconds gets its caller computing alone, and the subscriber is given
+up if Redis answers a PING meanwhile (its connection is dead without having said so).
+
+What is said on a key's channel (``News``) is defined here, once; the Lua scripts that announce
+write the same bytes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 from collections import deque
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
-from ._redis_log import logger
+from ._redis_conn import Connector, Link, Unavailable, kind_of_failure
+from ._redis_log import Throttle, logger
+from ._redis_stats import Counters
 
-__all__ = ("Subscriber", "Watch")
+__all__ = ("Heard", "News", "Subscriber", "Subscriptions", "Watch", "hear")
+
+
+class News(bytes, enum.Enum):
+    """What a key's channel says: the first byte of every message published on it."""
+
+    STORED = b"d"
+    """The value is stored; the rest of the message, if any, is the stored entry itself."""
+    UNCACHEABLE = b"u"
+    """The value will not be stored: the waiters compute it at once, side by side."""
+    FAILED = b"f"
+    """The computation failed: the waiters look again, and one of them takes the lock."""
+    LOOK_AGAIN = b"x"
+    """The lock was released without a value (cancelled, deleted, cleared, lost): the waiters
+    look again, and one of them takes the lock."""
+
+    def with_entry(self, entry: bytes) -> bytes:
+        """The message announcing STORED with the entry inline (waiters need not read it)."""
+        return self.value + entry
+
+
+class Heard(NamedTuple):
+    """A message heard on a key's channel."""
+
+    news: News
+    entry: bytes
+    """The stored entry sent along with STORED (b"" when it was too big to send)."""
+
+
+def hear(payload: bytes | None) -> Heard | None:
+    """Read a channel's message; None if it says nothing known."""
+    if not payload:
+        return None
+    try:
+        news = News(payload[:1])
+    except ValueError:
+        return None
+    return Heard(news, payload[1:])
+
 
 _SUBSCRIBE: Final = "SUBSCRIBE"
 _UNSUBSCRIBE: Final = "UNSUBSCRIBE"
@@ -280,3 +327,93 @@ class Subscriber:
         self._channels.clear()
         self._outbox.clear()
         self._sender = self._reader = self._previous = None
+
+
+class Subscriptions:
+    """The subscriber of one RedisCache on the running loop, and its health: made when a
+    waiter needs one, made anew after the last one died, given up when it stops answering."""
+
+    __slots__ = ("_conn", "_counts", "_label", "_link", "_sub", "_throttle")
+
+    def __init__(self, conn: Connector, counts: Counters, label: str) -> None:
+        self._conn = conn
+        self._counts = counts
+        self._label = label
+        self._throttle = Throttle()
+        self._link: Link | None = None
+        self._sub: Subscriber | None = None
+        conn.attach(self)
+
+    @property
+    def current(self) -> Subscriber | None:
+        """The latest subscriber made (maybe dead), or None (for the tests)."""
+        return self._sub
+
+    def subscriber(self) -> Subscriber:
+        """This loop's subscriber, made if there is none (or the last one died).
+
+        Raises:
+            Unavailable: the breaker is open.
+        """
+        if self._conn.down:
+            raise Unavailable("SUBSCRIBE")
+        link = self._conn.link()
+        sub = self._sub if self._link is link else None
+        if sub is None or sub.dead:
+            sub = Subscriber(link.client.pubsub(), self._failed, sub)
+            self._link, self._sub = link, sub
+        return sub
+
+    def _failed(self, what: str, exc: BaseException) -> None:
+        """The subscriber's connection failed: count and log it; a failure of the connection
+        itself opens the breaker only if the probe finds Redis silent too."""
+        kind = kind_of_failure(exc)
+        if kind not in ("down", "timeout"):
+            self._conn.failed(what, None, exc)
+            return
+        self._counts.redis_errors += 1
+        self._throttle.log(
+            "subscriber",
+            "RedisCache %s: %s failed: %s; the callers waiting for other processes' "
+            "computations subscribe again and wait on, and a PING checks that Redis answers",
+            self._label,
+            what,
+            self._conn.secrets.describe(exc),
+        )
+        self._conn.start_probe()
+
+    def timed_out(self, sub: Subscriber) -> None:
+        """A SUBSCRIBE went unconfirmed for timeout seconds: Redis stalls, or the subscriber's
+        connection is dead without having said so. Give it up only if Redis answers."""
+        self._counts.redis_errors += 1
+        self._throttle.log(
+            "subscribe timeout",
+            "RedisCache %s: Redis did not confirm a subscription within timeout=%.3g s; "
+            "computing without waiting for this call",
+            self._label,
+            self._conn.timeout,
+        )
+        self._conn.spawn(self._check(sub))
+
+    async def _check(self, sub: Subscriber) -> None:
+        asked = asyncio.get_running_loop().time()
+        try:
+            await self._conn.call("PING", lambda link: link.client.ping(), urgent=True)
+        except Unavailable:
+            return  # Redis itself stalls; the subscriber may well recover with it
+        if sub.heard < asked:
+            sub.kill()  # Redis answers, but not on the subscriber's connection
+
+    def forget(self, link: Link) -> None:
+        """Drop the subscriber of a client made on another loop, touching nothing of it."""
+        if self._link is link:
+            sub, self._link, self._sub = self._sub, None, None
+            if sub is not None:
+                sub.forget()
+
+    async def aclose(self, link: Link) -> None:
+        """Close the subscriber of a client being closed (its waiters are woken)."""
+        if self._link is link:
+            sub, self._link, self._sub = self._sub, None, None
+            if sub is not None:
+                await sub.aclose()

@@ -31,6 +31,7 @@ from typing import Any, Final, Literal
 
 from ._protocol import MISSING
 from ._redis_log import Throttle
+from ._redis_stats import Counters
 
 __all__ = ("BadEntry", "Entries", "Unencodable", "ValueCodec")
 
@@ -210,9 +211,7 @@ class Entries:
 
     __slots__ = ("_codec", "_counts", "_label", "_throttle", "max_bytes")
 
-    def __init__(
-        self, codec: ValueCodec, max_bytes: int, counts: dict[str, int], label: str
-    ) -> None:
+    def __init__(self, codec: ValueCodec, max_bytes: int, counts: Counters, label: str) -> None:
         self._codec = codec
         self.max_bytes = max_bytes
         self._counts = counts
@@ -224,7 +223,7 @@ class Entries:
         try:
             data = self._codec.dumps(name, value, ttl)
         except Unencodable as exc:
-            self._counts["unencodable"] += 1
+            self._counts.unencodable += 1
             self._throttle.log(
                 ("unencodable", function),
                 "RedisCache %s: result for %s returned uncached: %s",
@@ -234,7 +233,7 @@ class Entries:
             )
             return "unencodable"
         if len(data) > self.max_bytes:
-            self._counts["oversized"] += 1
+            self._counts.oversized += 1
             self._throttle.log(
                 ("oversized", function),
                 "RedisCache %s: result for %s returned uncached: it takes %d bytes, more than "
@@ -269,7 +268,7 @@ class Entries:
 
     def refused(self, name: bytes, why: str) -> None:
         """Count and log an entry read from Redis and treated as a miss."""
-        self._counts["bad_entries"] += 1
+        self._counts.bad_entries += 1
         self._throttle.log(
             ("bad", name),
             "RedisCache %s: entry %s treated as a miss: %s",
@@ -280,7 +279,7 @@ class Entries:
 
     def too_big(self, name: bytes, size: int | None) -> None:
         """Count and log an entry left unread because it is larger than max_value_bytes."""
-        self._counts["oversized"] += 1
+        self._counts.oversized += 1
         self._throttle.log(
             ("too big", name),
             "RedisCache %s: entry %s treated as a miss without reading it: it takes %s bytes, "

@@ -8,8 +8,6 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Awaitable, Callable, Hashable
-from dataclasses import dataclass
-from secrets import token_hex
 from typing import Any, Final, TypeVar, final
 
 try:
@@ -24,9 +22,11 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess witho
 
 from ._protocol import MISSING, CallKey, Missing
 from ._redis_conn import Connector, Link, Unavailable
-from ._redis_flight import Flight
+from ._redis_flight import SingleFlight
 from ._redis_keys import KeyNames, Namespace
 from ._redis_log import Secrets, redact_url
+from ._redis_pubsub import Subscriptions
+from ._redis_stats import Counters, RedisCacheStats
 from ._redis_values import Entries, ValueCodec
 
 __all__ = ("RedisCache", "RedisCacheStats")
@@ -34,42 +34,6 @@ __all__ = ("RedisCache", "RedisCacheStats")
 V = TypeVar("V")
 
 DEFAULT_MAX_VALUE_BYTES: Final = 8 * 1024 * 1024
-
-
-@final
-@dataclass(frozen=True, slots=True)
-class RedisCacheStats:
-    """Counters of one RedisCache in this process, since it was created."""
-
-    hits: int
-    """Values found in Redis by get(), or by get_or_compute() before computing or waiting."""
-    misses: int
-    """get() lookups that found nothing usable."""
-    computed: int
-    """compute() calls this cache ran, for whatever reason (including the two below)."""
-    waited: int
-    """Results another process (or caller) computed while this one waited for them."""
-    fallbacks: int
-    """Computations run without the lock because Redis failed (their values are not stored)."""
-    wait_timeouts: int
-    """Computations run after waiting ``wait`` seconds for another holder in vain."""
-    redis_errors: int
-    """Redis operations that failed or timed out; each was logged."""
-    bad_entries: int
-    """Entries refused (bad or missing signature, expired, not wq_memo's); never unpickled."""
-    unencodable: int
-    """Values returned uncached because this cache cannot store them exactly."""
-    lock_lost: int
-    """Computations whose lock was gone when they renewed it or stored their result (the
-    lease ran out, the key was deleted or cleared, Redis restarted); their result was not
-    stored."""
-    oversized: int = 0
-    """Values not stored, or entries not read, because larger than ``max_value_bytes``."""
-    refresh_skipped: int = 0
-    """Refreshes given up at once because another computation of the key held its lock."""
-
-
-_COUNTERS: Final = tuple(RedisCacheStats.__dataclass_fields__)
 
 
 _MAX_EXPIRY: Final = 9.2e15
@@ -186,6 +150,7 @@ class RedisCache:
         "_given",
         "_ns",
         "_repr",
+        "_subscriptions",
         "_ttl",
     )
 
@@ -258,7 +223,7 @@ class RedisCache:
         self._given = given
         self._repr = f"RedisCache({shown!r}, namespace={namespace!r})"
         label = repr(namespace)
-        self._counts = dict.fromkeys(_COUNTERS, 0)
+        self._counts = Counters()
         self._conn = Connector(
             url,
             given,
@@ -271,8 +236,10 @@ class RedisCache:
             shown=shown,
         )
         self._entries = Entries(ValueCodec(secret), max_value_bytes, self._counts, label)
-        self._flight = Flight(
+        self._subscriptions = Subscriptions(self._conn, self._counts, label)
+        self._flight = SingleFlight(
             self._conn,
+            self._subscriptions,
             self._entries,
             self._counts,
             lease=lease,
@@ -280,7 +247,7 @@ class RedisCache:
             ttl=self._ttl,
             single_flight=bool(single_flight),
             label=label,
-            epoch=self._ns.epoch,
+            namespace=self._ns,
         )
 
     def __repr__(self) -> str:
@@ -299,7 +266,7 @@ class RedisCache:
 
     def stats(self) -> RedisCacheStats:
         """Return this cache's counters (this process only)."""
-        return RedisCacheStats(**self._counts)
+        return self._counts.snapshot()
 
     def _names(self, key: Hashable) -> tuple[KeyNames, str]:
         names = self._ns.names(key)
@@ -327,12 +294,12 @@ class RedisCache:
     async def _read(self, key: Hashable, count: bool = True) -> tuple[Any, float]:
         """(the value under key or MISSING, its write time in epoch seconds): one GETRANGE.
         ``count``: count it in stats() as a hit or a miss."""
-        names, _ = self._names(key)
+        name = self._ns.value_name(key)
         limit = self._entries.max_bytes
 
         async def read(link: Link) -> bytes | None:
             try:
-                data = await link.client.getrange(names.value, 0, limit)
+                data = await link.client.getrange(name, 0, limit)
             except ResponseError as exc:
                 if "WRONGTYPE" in str(exc):
                     return None
@@ -342,18 +309,21 @@ class RedisCache:
             return data
 
         try:
-            data = await self._conn.call("GET", read, name=names.value)
+            data = await self._conn.call("GET", read, name=name)
         except Unavailable:
             return MISSING, 0.0
         found: tuple[Any, float] = (MISSING, 0.0)
         if data is None:
-            self._entries.refused(names.value, "it is not a string")
+            self._entries.refused(name, "it is not a string")
         elif len(data) > limit:
-            self._entries.too_big(names.value, None)
+            self._entries.too_big(name, None)
         elif data:
-            found = self._entries.decode_dated(names.value, data)
+            found = self._entries.decode_dated(name, data)
         if count:
-            self._counts["misses" if found[0] is MISSING else "hits"] += 1
+            if found[0] is MISSING:
+                self._counts.misses += 1
+            else:
+                self._counts.hits += 1
         return found
 
     async def set(self, key: Hashable, value: Any, ttl: float | None = None) -> None:
@@ -380,14 +350,9 @@ class RedisCache:
         """
         names, _ = self._names(key)
         try:
-            removed = await self._conn.call(
-                "DELETE",
-                lambda link: link.delete(keys=[names.value, names.lock], args=[names.channel]),
-                name=names.value,
-            )
+            return await self._flight.delete(names)
         except Unavailable:
             return False
-        return bool(removed)
 
     async def clear(self) -> None:
         """Remove every entry of this namespace, and no other's.
@@ -397,44 +362,10 @@ class RedisCache:
         namespace's epoch, and while it is set a computation stores only if it took its lock
         under it; then the clear removes the values and the locks, and at last the epoch
         (unless a later clear has set another), since every lock taken before it is gone by
-        then. On a Redis failure the clear stops where it is (logged and counted).
+        then. On a Redis failure the clear stops where it is, logs at WARNING that it did not
+        complete (call it again), and the epoch expires on its own (after 10 minutes).
         """
-        epoch = token_hex(8).encode()
-        try:
-            await self._conn.call(
-                "SET", lambda link: link.client.set(self._ns.epoch, epoch), name=self._ns.epoch
-            )
-        except Unavailable:
-            return  # logged and counted
-        pattern = self._ns.pattern()
-        lock_kind = self._ns.prefix + b":l:"
-        cursor: int = 0
-
-        async def batch(link: Link, names: list[bytes]) -> None:
-            pipe = link.client.pipeline(transaction=False)
-            pipe.unlink(*names)
-            for name in names:
-                if name.startswith(lock_kind):
-                    pipe.publish(self._ns.channel_of_lock(name), b"x")
-            await pipe.execute()
-
-        try:
-            while True:
-                cursor, names = await self._conn.call(
-                    "SCAN",
-                    lambda link, at=cursor: link.client.scan(at, match=pattern, count=1000),  # type: ignore[misc]
-                )
-                if names:
-                    await self._conn.call("UNLINK", lambda link, n=names: batch(link, n))  # type: ignore[misc]
-                if not cursor:
-                    break
-            await self._conn.call(
-                "DELETE",
-                lambda link: link.cleared(keys=[self._ns.epoch], args=[epoch]),
-                name=self._ns.epoch,
-            )
-        except Unavailable:
-            pass  # logged and counted
+        await self._flight.clear()
 
     async def aclose(self) -> None:
         """Close the connections this cache opened on the running loop (a client you passed

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from asyncio import get_running_loop
 from collections.abc import Awaitable, Callable, Hashable, MutableMapping
 from typing import (
     Any,
@@ -22,11 +21,17 @@ import cachetools.keys
 
 from . import _listeners, _memos, _naming
 from ._controls import AsyncCacheKind, MappingKind, Memoized, NoCacheKind, attach
-from ._flight import Counts, Flight, FlightTable
+from ._flight import Flight, FlightTable
+from ._hitpath import (
+    async_cache_wrapper,
+    mapping_hit_path,
+    no_cache_wrapper,
+    refresh_starter,
+    unhashable,
+)
 from ._methods import InstanceKeys, MemoizedClassMethod, MemoizedMethod, MethodState
 from ._queue import WorkerQueue, is_async_callable
-from ._refresh import NEVER, Refresher, check_freshness_options, check_refresh_options
-from ._switch import SWITCH
+from ._refresh import Refresher, check_freshness_options, check_refresh_options
 from ._ttl_lookup import fast_lookup, raw_timer
 from .backends._protocol import (
     MISSING,
@@ -44,13 +49,6 @@ R = TypeVar("R")
 logger = logging.getLogger("wq_memo")
 
 
-def _unhashable(name: str, exc: TypeError) -> TypeError:
-    return TypeError(
-        f"{name}(): the arguments cannot be made into a cache key ({exc}); "
-        "pass key= to @worker_queue to build a hashable key from them"
-    )
-
-
 class _Default:
     """The default cache: a fresh LRUCache(maxsize=128) for each decorated function."""
 
@@ -59,8 +57,6 @@ class _Default:
 
 
 _DEFAULT_CACHE: Final = _Default()
-
-_hashkey: Final[Callable[..., Hashable]] = cachetools.keys.hashkey
 
 _GENERIC_KEYS: Final = (cachetools.keys.hashkey, cachetools.keys.typedkey)
 """Key functions that know nothing of instances: for methods, the instance is replaced by a
@@ -212,17 +208,6 @@ def _refuse_instances(
     return method_key
 
 
-def _args_are_key(key: Callable[..., Hashable]) -> bool:
-    """Whether the positional arguments' tuple can stand in for key(*args) without keywords.
-
-    ``hashkey(*args)`` is a tuple subclass equal to ``args`` and hashing alike, so either finds
-    the other's entries; the plain tuple is already built and hashes in C, where hashkey's
-    tuple is built anew and hashes through a Python method on every lookup. Only for
-    in-process caches: an async cache may serialize keys, and a tuple serializes differently.
-    """
-    return key is cachetools.keys.hashkey
-
-
 def _key_builder(
     key: Callable[..., Hashable], display: str, name: str | None = None
 ) -> Callable[[tuple[Any, ...], dict[str, Any]], Hashable]:
@@ -235,35 +220,10 @@ def _key_builder(
                 k = CallKey(name, k)
             hash(k)
         except TypeError as exc:
-            raise _unhashable(display, exc) from exc
+            raise unhashable(display, exc) from exc
         return k
 
     return key_of
-
-
-def _bypass(
-    counts: Counts, func: Callable[..., Awaitable[R]], args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> Awaitable[R]:
-    """A call made with caching switched off: counted, told to listeners, run directly."""
-    counts.bypassed += 1
-    _listeners.bypassed(counts.name)
-    return func(*args, **kwargs)
-
-
-def _refresh_starter(
-    queue: WorkerQueue[Any, Any], refresher: Refresher
-) -> Callable[[Hashable, tuple[Any, ...], dict[str, Any]], None]:
-    """What a hit does once its entry is due: a background refresh through the queue."""
-    clock = refresher.clock
-    due_get = refresher.due.get
-
-    def refresh_if_due(k: Hashable, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if clock() >= due_get(k, NEVER):
-            # First: a refresh that ends in its eager first step sets the key's next due time.
-            refresher.started(k)
-            queue._table_now().refresh_in_background(k, args, kwargs)
-
-    return refresh_if_due
 
 
 def _with_mapping(
@@ -301,141 +261,7 @@ def _with_mapping(
         store_now=store_now,
         on_refresh_failed=None if refresher is None else refresher.failed,
     )
-    counts = queue._counts
-    hits = 0
-    args_are_key = _args_are_key(key)
-    # What the hit paths read the cache through: _listeners.track swaps in counting ones while
-    # a listener wants hits, so that without one a hit costs nothing more.
-    entries: Any = cache
-    find_any = find = cache.get if fast is None else fast
-
-    # The hot path: one key build, one lookup; no task, no future, no queue. As cachetools
-    # does, one flat function per combination (the default key or not, a lookup returning
-    # MISSING or raising KeyError, refresh-ahead or not): each test left out of the hit path
-    # is measured time.
-    if refresher is not None:
-        clock = refresher.clock
-        due_get = refresher.due.get
-        refresh_if_due = _refresh_starter(queue, refresher)
-
-        async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-            nonlocal hits
-            if SWITCH.watch and SWITCH.off():
-                return await _bypass(counts, func, args, kwargs)
-            k = args if args_are_key and not kwargs else key(*args, **kwargs)
-            try:
-                value = find_any(k, MISSING)
-            except TypeError as exc:
-                raise _unhashable(display, exc) from exc
-            if value is not MISSING:
-                hits += 1
-                if clock() >= due_get(k, NEVER):
-                    refresh_if_due(k, args, kwargs)
-                return value  # type: ignore[no-any-return]
-            table = queue._table
-            if table is None or table.loop is not get_running_loop():
-                table = queue._bind()
-            return await table.call(k, args, kwargs)
-
-    elif fast is not None and args_are_key:
-
-        async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-            nonlocal hits
-            if SWITCH.watch and SWITCH.off():
-                return await _bypass(counts, func, args, kwargs)
-            k = args if not kwargs else _hashkey(*args, **kwargs)
-            try:
-                value = find(k, MISSING)
-            except TypeError as exc:
-                raise _unhashable(display, exc) from exc
-            if value is not MISSING:
-                hits += 1
-                return value  # type: ignore[no-any-return]
-            table = queue._table
-            if table is None or table.loop is not get_running_loop():
-                table = queue._bind()
-            return await table.call(k, args, kwargs)
-
-    elif fast is not None:
-
-        async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-            nonlocal hits
-            if SWITCH.watch and SWITCH.off():
-                return await _bypass(counts, func, args, kwargs)
-            k = key(*args, **kwargs)
-            try:
-                value = find(k, MISSING)
-            except TypeError as exc:
-                raise _unhashable(display, exc) from exc
-            if value is not MISSING:
-                hits += 1
-                return value  # type: ignore[no-any-return]
-            table = queue._table
-            if table is None or table.loop is not get_running_loop():
-                table = queue._bind()
-            return await table.call(k, args, kwargs)
-
-    elif args_are_key:
-
-        async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-            nonlocal hits
-            if SWITCH.watch and SWITCH.off():
-                return await _bypass(counts, func, args, kwargs)
-            k = args if not kwargs else _hashkey(*args, **kwargs)
-            try:
-                value = entries[k]
-            except KeyError:
-                pass
-            except TypeError as exc:
-                raise _unhashable(display, exc) from exc
-            else:
-                hits += 1
-                return value  # type: ignore[no-any-return]
-            table = queue._table
-            if table is None or table.loop is not get_running_loop():
-                table = queue._bind()
-            return await table.call(k, args, kwargs)
-
-    else:
-
-        async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-            nonlocal hits
-            if SWITCH.watch and SWITCH.off():
-                return await _bypass(counts, func, args, kwargs)
-            k = key(*args, **kwargs)
-            try:
-                value = entries[k]
-            except KeyError:
-                pass
-            except TypeError as exc:
-                raise _unhashable(display, exc) from exc
-            else:
-                hits += 1
-                return value  # type: ignore[no-any-return]
-            table = queue._table
-            if table is None or table.loop is not get_running_loop():
-                table = queue._bind()
-            return await table.call(k, args, kwargs)
-
-    def instrument(notify: Callable[[], None] | None) -> None:
-        nonlocal entries, find, find_any
-        plain = cache.get if fast is None else fast
-        if notify is None:
-            entries, find, find_any = cache, plain, plain
-        else:
-            find = find_any = _listeners.counting_lookup(plain, notify)
-            entries = _listeners.CountingEntries(cache, notify)
-
-    def own_hits() -> int:
-        return hits
-
-    def zero_hits() -> None:
-        nonlocal hits
-        hits = 0
-
-    # For _listeners.track (which must hold nothing referring to the cache).
-    wrapper._instrument = instrument  # type: ignore[attr-defined]
-    wrapper._own_hits = own_hits  # type: ignore[attr-defined]
+    hit_path = mapping_hit_path(func, display, cache, key, queue, fast, refresher)
     kind = MappingKind(
         queue,
         _key_builder(key, display),
@@ -443,10 +269,10 @@ def _with_mapping(
         store_now,
         instances,
         refresher,
-        own_hits,
-        zero_hits,
+        hit_path.own_hits,
+        hit_path.zero_hits,
     )
-    return attach(wrapper, queue, cache, kind)
+    return attach(hit_path.wrapper, queue, cache, kind)
 
 
 def _dedup_only(
@@ -458,22 +284,7 @@ def _dedup_only(
     queue: WorkerQueue[Any, R] = WorkerQueue._internal(
         func, options.maxsize, options.finish_timeout, miss=MISSING
     )
-    counts = queue._counts
-    args_are_key = _args_are_key(key)
-
-    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        if SWITCH.watch and SWITCH.off():
-            return await _bypass(counts, func, args, kwargs)
-        try:
-            k = args if args_are_key and not kwargs else key(*args, **kwargs)
-            hash(k)
-        except TypeError as exc:
-            raise _unhashable(display, exc) from exc
-        table = queue._table
-        if table is None or table.loop is not get_running_loop():
-            table = queue._bind()
-        return await table.call(k, args, kwargs)
-
+    wrapper = no_cache_wrapper(func, display, key, queue)
     return attach(wrapper, queue, None, NoCacheKind(queue, _key_builder(key, display)))
 
 
@@ -559,15 +370,9 @@ def _with_async_cache(
             on_refresh_failed=on_refresh_failed,
         )
     if refresher is not None:
-        queue._on_hit = _refresh_starter(queue, refresher)
-    require = queue._require
-    counts = queue._counts
+        queue._on_hit = refresh_starter(queue, refresher)
     key_of = _key_builder(key, display, name)
-
-    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        if SWITCH.watch and SWITCH.off():
-            return await _bypass(counts, func, args, kwargs)
-        return await require(key_of(args, kwargs), args, kwargs)
+    wrapper = async_cache_wrapper(func, key_of, queue)
 
     return attach(wrapper, queue, cache, AsyncCacheKind(queue, key_of, cache, refresher, display))
 

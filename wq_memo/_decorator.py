@@ -19,7 +19,7 @@ from typing import (
 import cachetools
 import cachetools.keys
 
-from . import _listeners, _memos, _naming
+from . import _listeners, _memo_registry, _naming
 from ._controls import AsyncCacheKind, MappingKind, Memoized, NoCacheKind, attach
 from ._flight import Flight, FlightTable
 from ._hitpath import (
@@ -145,7 +145,7 @@ def _build(func: Any, options: _Options, state: MethodState | None) -> Any:
         memoized = _with_async_cache(func, display, cache, key, shared, options, refresher)
         _naming.claim(cache, shared, memoized)
     functools.update_wrapper(memoized, func)
-    _memos.register(memoized)
+    _memo_registry.register(memoized)
     memoized._refresher = refresher  # type: ignore[attr-defined]  # its due times, for tests
     if not isinstance(getattr(func, "__qualname__", None), str):
         memoized.__name__ = memoized.__qualname__ = display

@@ -1,4 +1,8 @@
-"""worker_queue(): memoize an async function through a hidden WorkerQueue."""
+"""worker_queue(): memoize an async function through a hidden WorkerQueue.
+
+The options and their validation, and the dispatch on the kind of cache: each kind gets its queue,
+its flat wrapper (_hitpath) and its controls (_controls).
+"""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 from _queue_harness import bounded, eventually, make, returned, until
 
-from wq_memo import WorkerQueue, _registry
+from wq_memo import WorkerQueue, _queue_registry
 
 
 async def test_aclose_all_closes_every_running_queue() -> None:
@@ -25,7 +25,7 @@ async def test_aclose_all_closes_every_running_queue() -> None:
     assert all(h.queue._table is None for h in started)
     assert not idle.queue.running
     assert idle.queue._table is None  # aclose_all did not start it
-    assert not any(h.queue in _registry._queues for h in started)
+    assert not any(h.queue in _queue_registry._queues for h in started)
 
 
 async def test_aclose_all_lets_accepted_items_finish() -> None:
@@ -74,7 +74,7 @@ async def test_queues_started_after_aclose_all_are_registered_again() -> None:
     await bounded(h.queue.require(1))
     await bounded(WorkerQueue.aclose_all())
     await bounded(h.queue.require(2))
-    assert h.queue in _registry._queues
+    assert h.queue in _queue_registry._queues
     await bounded(WorkerQueue.aclose_all())
     assert not h.queue.running
 
@@ -87,7 +87,7 @@ async def test_a_queue_dropped_by_its_owner_is_garbage_collected() -> None:
     await bounded(closed.require(1))
     await bounded(closed.aclose())
     refs = [weakref.ref(q) for q in (never_started, started, closed)]
-    assert started in _registry._queues
+    assert started in _queue_registry._queues
     del never_started, started, closed
     gc.collect()
     assert [r() for r in refs] == [None, None, None]

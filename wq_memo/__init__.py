@@ -4,7 +4,8 @@
 ``@worker_queue`` memoizes any async function through a hidden WorkerQueue.
 """
 
-from ._decorator import BoundMemoized, CacheInfo, Memoized, worker_queue
+from ._controls import BoundMemoized, CacheInfo, Memoized
+from ._decorator import worker_queue
 from ._errors import QueueShutDown, ShutdownTimeout
 from ._queue import WorkerQueue
 from ._switch import disabled

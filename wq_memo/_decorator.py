@@ -1,20 +1,20 @@
-"""worker_queue(): memoize an async function through a hidden WorkerQueue."""
+"""worker_queue(): memoize an async function through a hidden WorkerQueue.
+
+The options and their validation, and the dispatch on the kind of cache: each kind gets its queue,
+its flat wrapper (_hitpath) and its controls (_controls).
+"""
 
 from __future__ import annotations
 
 import functools
 import logging
 import time
-from asyncio import get_running_loop
-from collections.abc import Awaitable, Callable, Coroutine, Hashable, MutableMapping
+from collections.abc import Awaitable, Callable, Hashable, MutableMapping
 from typing import (
     Any,
-    Concatenate,
     Final,
     NamedTuple,
     ParamSpec,
-    Protocol,
-    Self,
     TypeVar,
     final,
     overload,
@@ -23,173 +23,34 @@ from typing import (
 import cachetools
 import cachetools.keys
 
-from . import _listeners, _memos, _naming
-from ._flight import Counts, Flight, FlightTable
+from . import _listeners, _memo_registry, _naming
+from ._controls import AsyncCacheKind, MappingKind, Memoized, NoCacheKind, attach
+from ._flight import Flight, FlightTable
+from ._hitpath import (
+    async_cache_wrapper,
+    mapping_hit_path,
+    no_cache_wrapper,
+    refresh_starter,
+    unhashable,
+)
 from ._methods import InstanceKeys, MemoizedClassMethod, MemoizedMethod, MethodState
 from ._queue import WorkerQueue, is_async_callable
-from ._refresh import NEVER, Refresher, check_freshness_options, check_refresh_options
-from ._switch import SWITCH
+from ._refresh import Refresher, check_freshness_options, check_refresh_options
 from ._ttl_lookup import fast_lookup, raw_timer
 from .backends._protocol import (
     MISSING,
     AsyncCache,
     CallKey,
-    Missing,
     RefreshingCache,
     SingleFlightCache,
 )
 
-__all__ = ("BoundMemoized", "CacheInfo", "Memoized", "worker_queue")
+__all__ = ("worker_queue",)
 
 P = ParamSpec("P")
-P2 = ParamSpec("P2")
 R = TypeVar("R")
-S = TypeVar("S")
 
 logger = logging.getLogger("wq_memo")
-
-
-class CacheInfo(NamedTuple):
-    """What cache_info() reports; hits + misses + joined is the number of calls."""
-
-    hits: int
-    """Calls answered from the cache."""
-    misses: int
-    """Calls that started a computation."""
-    joined: int
-    """Calls that joined a computation already under way."""
-    maxsize: int | None
-    """The cache's maxsize (None: unbounded, no cache, or an async cache)."""
-    currsize: int | None
-    """The cache's current size (None for an async cache)."""
-    refreshes: int = 0
-    """Background refreshes started (refresh_after)."""
-    refresh_failures: int = 0
-    """Background refreshes that failed (the old value was kept)."""
-    bypassed: int = 0
-    """Calls that ran the function directly, caching switched off (wq_memo.disabled())."""
-
-
-class CacheControls(Protocol):
-    """The attributes a memoized function has, looked up on it or on one of its instances."""
-
-    __name__: str
-    __qualname__: str
-
-    @property
-    def queue(self) -> WorkerQueue[Any, Any]:
-        """The hidden WorkerQueue that computes the misses."""
-        ...
-
-    @property
-    def cache(self) -> MutableMapping[Any, Any] | AsyncCache | None:
-        """The cache given to the decorator (None: deduplication only), shared by instances."""
-        ...
-
-    def cache_info(self) -> CacheInfo:
-        """Hits, misses and joins since the last clear (over every instance), and the cache's
-        size."""
-        ...
-
-    def cache_clear(self) -> None:
-        """Empty the cache and set cache_info()'s counts back to zero (a synchronous cache
-        only; otherwise await acache_clear())."""
-        ...
-
-    async def acache_clear(self) -> None:
-        """Empty the cache and set cache_info()'s counts back to zero, whatever kind it is."""
-        ...
-
-
-class Memoized(CacheControls, Protocol[P, R]):
-    """What @worker_queue returns: the function, memoized, with its queue and cache at hand.
-
-    On a method, ``instance.method.cache_info()`` and the other attributes work as well, and
-    ``instance.method.cache_invalidate(...)`` removes that instance's entry.
-    """
-
-    __wrapped__: Callable[P, Awaitable[R]]
-
-    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, R]: ...
-
-    def cache_invalidate(self, *args: P.args, **kwargs: P.kwargs) -> bool:
-        """Remove the entry of the call with these arguments; return whether there was one."""
-        ...
-
-    async def acache_invalidate(self, *args: P.args, **kwargs: P.kwargs) -> bool:
-        """Remove the entry of the call with these arguments, whatever kind the cache is."""
-        ...
-
-    async def refresh(self, *args: P.args, **kwargs: P.kwargs) -> R:
-        """Compute the call now through the queue (joining one under way), store it, return it."""
-        ...
-
-    def cache_prime(self, value: R, /, *args: P.args, **kwargs: P.kwargs) -> None:
-        """Store value as the result of the call (a synchronous cache only)."""
-        ...
-
-    async def acache_prime(self, value: R, /, *args: P.args, **kwargs: P.kwargs) -> None:
-        """Store value as the result of the call, whatever kind the cache is."""
-        ...
-
-    def cache_peek(self, *args: P.args, **kwargs: P.kwargs) -> R | Missing:
-        """The cached result of the call, or MISSING: no computation, not counted."""
-        ...
-
-    async def acache_peek(self, *args: P.args, **kwargs: P.kwargs) -> R | Missing:
-        """The cached result of the call, or MISSING, whatever kind the cache is."""
-        ...
-
-    @overload
-    def __get__(self, instance: None, owner: type[Any] | None = None) -> Self: ...
-
-    @overload
-    def __get__(
-        self: Memoized[Concatenate[S, P2], R], instance: S, owner: type[Any] | None = None
-    ) -> BoundMemoized[P2, R]: ...
-
-
-class BoundMemoized(CacheControls, Protocol[P, R]):
-    """A memoized method looked up on an instance: the instance is bound as the first argument."""
-
-    __wrapped__: Callable[..., Awaitable[R]]
-
-    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, R]: ...
-
-    def cache_invalidate(self, *args: P.args, **kwargs: P.kwargs) -> bool:
-        """Remove this instance's entry for these arguments; return whether there was one."""
-        ...
-
-    async def acache_invalidate(self, *args: P.args, **kwargs: P.kwargs) -> bool:
-        """Remove this instance's entry for these arguments, whatever kind the cache is."""
-        ...
-
-    async def refresh(self, *args: P.args, **kwargs: P.kwargs) -> R:
-        """Compute this instance's call now, store it, return it."""
-        ...
-
-    def cache_prime(self, value: R, /, *args: P.args, **kwargs: P.kwargs) -> None:
-        """Store value as the result of this instance's call (a synchronous cache only)."""
-        ...
-
-    async def acache_prime(self, value: R, /, *args: P.args, **kwargs: P.kwargs) -> None:
-        """Store value as the result of this instance's call."""
-        ...
-
-    def cache_peek(self, *args: P.args, **kwargs: P.kwargs) -> R | Missing:
-        """This instance's cached result of the call, or MISSING."""
-        ...
-
-    async def acache_peek(self, *args: P.args, **kwargs: P.kwargs) -> R | Missing:
-        """This instance's cached result of the call, or MISSING."""
-        ...
-
-
-def _unhashable(name: str, exc: TypeError) -> TypeError:
-    return TypeError(
-        f"{name}(): the arguments cannot be made into a cache key ({exc}); "
-        "pass key= to @worker_queue to build a hashable key from them"
-    )
 
 
 class _Default:
@@ -200,8 +61,6 @@ class _Default:
 
 
 _DEFAULT_CACHE: Final = _Default()
-
-_hashkey: Final[Callable[..., Hashable]] = cachetools.keys.hashkey
 
 _GENERIC_KEYS: Final = (cachetools.keys.hashkey, cachetools.keys.typedkey)
 """Key functions that know nothing of instances: for methods, the instance is replaced by a
@@ -290,7 +149,7 @@ def _build(func: Any, options: _Options, state: MethodState | None) -> Any:
         memoized = _with_async_cache(func, display, cache, key, shared, options, refresher)
         _naming.claim(cache, shared, memoized)
     functools.update_wrapper(memoized, func)
-    _memos.register(memoized)
+    _memo_registry.register(memoized)
     memoized._refresher = refresher  # type: ignore[attr-defined]  # its due times, for tests
     if not isinstance(getattr(func, "__qualname__", None), str):
         memoized.__name__ = memoized.__qualname__ = display
@@ -353,17 +212,6 @@ def _refuse_instances(
     return method_key
 
 
-def _args_are_key(key: Callable[..., Hashable]) -> bool:
-    """Whether the positional arguments' tuple can stand in for key(*args) without keywords.
-
-    ``hashkey(*args)`` is a tuple subclass equal to ``args`` and hashing alike, so either finds
-    the other's entries; the plain tuple is already built and hashes in C, where hashkey's
-    tuple is built anew and hashes through a Python method on every lookup. Only for
-    in-process caches: an async cache may serialize keys, and a tuple serializes differently.
-    """
-    return key is cachetools.keys.hashkey
-
-
 def _key_builder(
     key: Callable[..., Hashable], display: str, name: str | None = None
 ) -> Callable[[tuple[Any, ...], dict[str, Any]], Hashable]:
@@ -376,43 +224,10 @@ def _key_builder(
                 k = CallKey(name, k)
             hash(k)
         except TypeError as exc:
-            raise _unhashable(display, exc) from exc
+            raise unhashable(display, exc) from exc
         return k
 
     return key_of
-
-
-def _bypass(
-    counts: Counts, func: Callable[..., Awaitable[R]], args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> Awaitable[R]:
-    """A call made with caching switched off: counted, told to listeners, run directly."""
-    counts.bypassed += 1
-    _listeners.bypassed(counts.name)
-    return func(*args, **kwargs)
-
-
-def _peek(cache: MutableMapping[Any, Any], k: Hashable) -> Any:
-    """The value cache holds for k, or MISSING, leaving its order of use alone where it can."""
-    if isinstance(cache, cachetools.Cache):
-        # Membership checks expiry but not order; Cache.__getitem__ reads without reordering.
-        return cachetools.Cache.__getitem__(cache, k) if k in cache else MISSING
-    return cache.get(k, MISSING)
-
-
-def _refresh_starter(
-    queue: WorkerQueue[Any, Any], refresher: Refresher
-) -> Callable[[Hashable, tuple[Any, ...], dict[str, Any]], None]:
-    """What a hit does once its entry is due: a background refresh through the queue."""
-    clock = refresher.clock
-    due_get = refresher.due.get
-
-    def refresh_if_due(k: Hashable, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if clock() >= due_get(k, NEVER):
-            # First: a refresh that ends in its eager first step sets the key's next due time.
-            refresher.started(k)
-            queue._table_now().refresh_in_background(k, args, kwargs)
-
-    return refresh_if_due
 
 
 def _with_mapping(
@@ -450,206 +265,18 @@ def _with_mapping(
         store_now=store_now,
         on_refresh_failed=None if refresher is None else refresher.failed,
     )
-    counts = queue._counts
-    hits = 0
-    args_are_key = _args_are_key(key)
-    # What the hit paths read the cache through: _listeners.track swaps in counting ones while
-    # a listener wants hits, so that without one a hit costs nothing more.
-    entries: Any = cache
-    find_any = find = cache.get if fast is None else fast
-
-    # The hot path: one key build, one lookup; no task, no future, no queue. As cachetools
-    # does, one flat function per combination (the default key or not, a lookup returning
-    # MISSING or raising KeyError, refresh-ahead or not): each test left out of the hit path
-    # is measured time.
-    if refresher is not None:
-        clock = refresher.clock
-        due_get = refresher.due.get
-        refresh_if_due = _refresh_starter(queue, refresher)
-
-        async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-            nonlocal hits
-            if SWITCH.watch and SWITCH.off():
-                return await _bypass(counts, func, args, kwargs)
-            k = args if args_are_key and not kwargs else key(*args, **kwargs)
-            try:
-                value = find_any(k, MISSING)
-            except TypeError as exc:
-                raise _unhashable(display, exc) from exc
-            if value is not MISSING:
-                hits += 1
-                if clock() >= due_get(k, NEVER):
-                    refresh_if_due(k, args, kwargs)
-                return value  # type: ignore[no-any-return]
-            table = queue._table
-            if table is None or table.loop is not get_running_loop():
-                table = queue._bind()
-            return await table.call(k, args, kwargs)
-
-    elif fast is not None and args_are_key:
-
-        async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-            nonlocal hits
-            if SWITCH.watch and SWITCH.off():
-                return await _bypass(counts, func, args, kwargs)
-            k = args if not kwargs else _hashkey(*args, **kwargs)
-            try:
-                value = find(k, MISSING)
-            except TypeError as exc:
-                raise _unhashable(display, exc) from exc
-            if value is not MISSING:
-                hits += 1
-                return value  # type: ignore[no-any-return]
-            table = queue._table
-            if table is None or table.loop is not get_running_loop():
-                table = queue._bind()
-            return await table.call(k, args, kwargs)
-
-    elif fast is not None:
-
-        async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-            nonlocal hits
-            if SWITCH.watch and SWITCH.off():
-                return await _bypass(counts, func, args, kwargs)
-            k = key(*args, **kwargs)
-            try:
-                value = find(k, MISSING)
-            except TypeError as exc:
-                raise _unhashable(display, exc) from exc
-            if value is not MISSING:
-                hits += 1
-                return value  # type: ignore[no-any-return]
-            table = queue._table
-            if table is None or table.loop is not get_running_loop():
-                table = queue._bind()
-            return await table.call(k, args, kwargs)
-
-    elif args_are_key:
-
-        async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-            nonlocal hits
-            if SWITCH.watch and SWITCH.off():
-                return await _bypass(counts, func, args, kwargs)
-            k = args if not kwargs else _hashkey(*args, **kwargs)
-            try:
-                value = entries[k]
-            except KeyError:
-                pass
-            except TypeError as exc:
-                raise _unhashable(display, exc) from exc
-            else:
-                hits += 1
-                return value  # type: ignore[no-any-return]
-            table = queue._table
-            if table is None or table.loop is not get_running_loop():
-                table = queue._bind()
-            return await table.call(k, args, kwargs)
-
-    else:
-
-        async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-            nonlocal hits
-            if SWITCH.watch and SWITCH.off():
-                return await _bypass(counts, func, args, kwargs)
-            k = key(*args, **kwargs)
-            try:
-                value = entries[k]
-            except KeyError:
-                pass
-            except TypeError as exc:
-                raise _unhashable(display, exc) from exc
-            else:
-                hits += 1
-                return value  # type: ignore[no-any-return]
-            table = queue._table
-            if table is None or table.loop is not get_running_loop():
-                table = queue._bind()
-            return await table.call(k, args, kwargs)
-
-    def instrument(notify: Callable[[], None] | None) -> None:
-        nonlocal entries, find, find_any
-        plain = cache.get if fast is None else fast
-        if notify is None:
-            entries, find, find_any = cache, plain, plain
-        else:
-            find = find_any = _listeners.counting_lookup(plain, notify)
-            entries = _listeners.CountingEntries(cache, notify)
-
-    def own_hits() -> int:
-        return hits
-
-    # For _listeners.track (which must hold nothing referring to the cache).
-    wrapper._instrument = instrument  # type: ignore[attr-defined]
-    wrapper._own_hits = own_hits  # type: ignore[attr-defined]
-    key_of = _key_builder(key, display)
-
-    def purge() -> None:
-        if instances is not None:
-            instances.purge()
-
-    def cache_info() -> CacheInfo:
-        purge()
-        maxsize = getattr(cache, "maxsize", None)
-        return CacheInfo(
-            hits + counts.hits,
-            counts.misses,
-            counts.joined,
-            maxsize if isinstance(maxsize, int) else None,
-            int(getattr(cache, "currsize", len(cache))),
-            counts.refreshes,
-            counts.refresh_failures,
-            counts.bypassed,
-        )
-
-    def cache_invalidate(*args: P.args, **kwargs: P.kwargs) -> bool:
-        purge()
-        k = key_of(args, kwargs)
-        queue._forget(k)
-        if refresher is not None:
-            refresher.forget(k)
-        if instances is not None:
-            instances.forget(k)
-        try:
-            del cache[k]
-        except KeyError:
-            return False
-        return True
-
-    def cache_clear() -> None:
-        try:
-            purge()
-            queue._forget_all()
-            if refresher is not None:
-                refresher.clear()
-            if instances is not None:
-                instances.clear()
-            cache.clear()
-        finally:
-            counts.clear(hits, zero_hits)
-
-    def zero_hits() -> None:
-        nonlocal hits
-        hits = 0
-
-    def cache_prime(value: R, /, *args: P.args, **kwargs: P.kwargs) -> None:
-        k = key_of(args, kwargs)
-        queue._forget(k)  # a computation under way must not overwrite it
-        store_now(k, value)
-
-    def cache_peek(*args: P.args, **kwargs: P.kwargs) -> R | Missing:
-        return _peek(cache, key_of(args, kwargs))  # type: ignore[no-any-return]
-
-    return _attach(
-        wrapper,
+    hit_path = mapping_hit_path(func, display, cache, key, queue, fast, refresher)
+    kind = MappingKind(
         queue,
+        _key_builder(key, display),
         cache,
-        key_of,
-        cache_info=cache_info,
-        cache_clear=cache_clear,
-        cache_invalidate=cache_invalidate,
-        cache_prime=cache_prime,
-        cache_peek=cache_peek,
+        store_now,
+        instances,
+        refresher,
+        hit_path.own_hits,
+        hit_path.zero_hits,
     )
+    return attach(hit_path.wrapper, queue, cache, kind)
 
 
 def _dedup_only(
@@ -661,55 +288,8 @@ def _dedup_only(
     queue: WorkerQueue[Any, R] = WorkerQueue._internal(
         func, options.maxsize, options.finish_timeout, miss=MISSING
     )
-    counts = queue._counts
-    args_are_key = _args_are_key(key)
-
-    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        if SWITCH.watch and SWITCH.off():
-            return await _bypass(counts, func, args, kwargs)
-        try:
-            k = args if args_are_key and not kwargs else key(*args, **kwargs)
-            hash(k)
-        except TypeError as exc:
-            raise _unhashable(display, exc) from exc
-        table = queue._table
-        if table is None or table.loop is not get_running_loop():
-            table = queue._bind()
-        return await table.call(k, args, kwargs)
-
-    key_of = _key_builder(key, display)
-
-    def cache_info() -> CacheInfo:
-        return CacheInfo(
-            counts.hits, counts.misses, counts.joined, None, 0, bypassed=counts.bypassed
-        )
-
-    def cache_invalidate(*args: P.args, **kwargs: P.kwargs) -> bool:
-        queue._forget(key_of(args, kwargs))
-        return False
-
-    def cache_clear() -> None:
-        queue._forget_all()
-        counts.clear()
-
-    def cache_prime(value: R, /, *args: P.args, **kwargs: P.kwargs) -> None:
-        queue._forget(key_of(args, kwargs))  # no cache to hold it; later calls compute
-
-    def cache_peek(*args: P.args, **kwargs: P.kwargs) -> R | Missing:
-        key_of(args, kwargs)
-        return MISSING
-
-    return _attach(
-        wrapper,
-        queue,
-        None,
-        key_of,
-        cache_info=cache_info,
-        cache_clear=cache_clear,
-        cache_invalidate=cache_invalidate,
-        cache_prime=cache_prime,
-        cache_peek=cache_peek,
-    )
+    wrapper = no_cache_wrapper(func, display, key, queue)
+    return attach(wrapper, queue, None, NoCacheKind(queue, _key_builder(key, display)))
 
 
 def _with_async_cache(
@@ -794,85 +374,11 @@ def _with_async_cache(
             on_refresh_failed=on_refresh_failed,
         )
     if refresher is not None:
-        queue._on_hit = _refresh_starter(queue, refresher)
-    require = queue._require
-    counts = queue._counts
+        queue._on_hit = refresh_starter(queue, refresher)
     key_of = _key_builder(key, display, name)
+    wrapper = async_cache_wrapper(func, key_of, queue)
 
-    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        if SWITCH.watch and SWITCH.off():
-            return await _bypass(counts, func, args, kwargs)
-        return await require(key_of(args, kwargs), args, kwargs)
-
-    def cache_info() -> CacheInfo:
-        return CacheInfo(
-            counts.hits,
-            counts.misses,
-            counts.joined,
-            None,
-            None,
-            counts.refreshes,
-            counts.refresh_failures,
-            counts.bypassed,
-        )
-
-    def synchronous(what: str) -> Callable[..., Any]:
-        def refuse(*args: Any, **kwargs: Any) -> Any:
-            raise TypeError(
-                f"{display}.{what}(): the cache is asynchronous; use await .a{what}(...)"
-            )
-
-        return refuse
-
-    async def acache_clear() -> None:
-        try:
-            await queue._stores_done(queue._forget_all())
-            if refresher is not None:
-                refresher.clear()
-            await cache.clear()
-            queue._forget_lookups()
-        finally:
-            counts.clear()  # last: what was counted while it cleared is before the clear
-
-    async def acache_invalidate(*args: P.args, **kwargs: P.kwargs) -> bool:
-        k = key_of(args, kwargs)
-        await queue._stores_done(queue._forget(k))
-        if refresher is not None:
-            refresher.forget(k)
-        deleted = await cache.delete(k)
-        queue._forget_lookups(k)
-        return deleted
-
-    async def acache_prime(value: R, /, *args: P.args, **kwargs: P.kwargs) -> None:
-        k = key_of(args, kwargs)
-        # Computations under way must not overwrite it.
-        await queue._stores_done(queue._forget(k))
-        await cache.set(k, value)
-        queue._forget_lookups(k)
-        if refresher is not None:
-            refresher.stored(k)
-
-    # A cache that can read without counting the read (RedisCache.peek) is peeked through it.
-    peek: Callable[[Hashable], Awaitable[Any]] = getattr(cache, "peek", None) or cache.get
-
-    async def acache_peek(*args: P.args, **kwargs: P.kwargs) -> R | Missing:
-        return await peek(key_of(args, kwargs))  # type: ignore[no-any-return]
-
-    return _attach(
-        wrapper,
-        queue,
-        cache,
-        key_of,
-        cache_info=cache_info,
-        cache_clear=synchronous("cache_clear"),
-        cache_invalidate=synchronous("cache_invalidate"),
-        cache_prime=synchronous("cache_prime"),
-        cache_peek=synchronous("cache_peek"),
-        acache_clear=acache_clear,
-        acache_invalidate=acache_invalidate,
-        acache_prime=acache_prime,
-        acache_peek=acache_peek,
-    )
+    return attach(wrapper, queue, cache, AsyncCacheKind(queue, key_of, cache, refresher, display))
 
 
 async def _get_or_compute(
@@ -954,46 +460,6 @@ async def _refresh_beside(
         if refresher is not None:
             refresher.stored(flight.key)
     return value
-
-
-def _attach(
-    wrapper: Callable[P, Coroutine[Any, Any, R]],
-    queue: WorkerQueue[Any, R],
-    cache: MutableMapping[Any, Any] | AsyncCache | None,
-    key_of: Callable[[tuple[Any, ...], dict[str, Any]], Hashable],
-    **controls: Callable[..., Any],
-) -> Memoized[P, R]:
-    """Give wrapper its attributes: the queue, the cache and the per-call controls.
-
-    The async forms that controls lack are made from the synchronous ones.
-    """
-
-    async def refresh(*args: P.args, **kwargs: P.kwargs) -> R:
-        return await queue._table_now().call(key_of(args, kwargs), args, kwargs, refresh=True)
-
-    async def acache_clear() -> None:
-        controls["cache_clear"]()
-
-    async def acache_invalidate(*args: P.args, **kwargs: P.kwargs) -> bool:
-        return controls["cache_invalidate"](*args, **kwargs)  # type: ignore[no-any-return]
-
-    async def acache_prime(value: R, /, *args: P.args, **kwargs: P.kwargs) -> None:
-        controls["cache_prime"](value, *args, **kwargs)
-
-    async def acache_peek(*args: P.args, **kwargs: P.kwargs) -> R | Missing:
-        return controls["cache_peek"](*args, **kwargs)  # type: ignore[no-any-return]
-
-    w: Any = wrapper
-    w.queue = queue
-    w.cache = cache
-    w.refresh = refresh
-    w.acache_clear = acache_clear
-    w.acache_invalidate = acache_invalidate
-    w.acache_prime = acache_prime
-    w.acache_peek = acache_peek
-    for attribute, control in controls.items():
-        setattr(w, attribute, control)
-    return w  # type: ignore[no-any-return]
 
 
 @final

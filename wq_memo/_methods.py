@@ -7,7 +7,9 @@ import weakref
 from collections.abc import Callable, Hashable
 from typing import Any
 
-__all__ = ("BoundMethod", "InstanceKeys", "MemoizedClassMethod", "MemoizedMethod")
+from ._controls import BoundMethod
+
+__all__ = ("InstanceKeys", "MemoizedClassMethod", "MemoizedMethod", "MethodState")
 
 
 class _Instance:
@@ -98,63 +100,6 @@ class InstanceKeys:
             for key in stand_in.keys:
                 self._drop(key)
             stand_in.keys.clear()
-
-
-class BoundMethod:
-    """A memoized method looked up on an instance (or a class method on its class)."""
-
-    __slots__ = ("__func__", "__self__")
-
-    def __init__(self, func: Any, obj: Any) -> None:
-        self.__func__ = func
-        self.__self__ = obj
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.__func__(self.__self__, *args, **kwargs)
-
-    def cache_invalidate(self, *args: Any, **kwargs: Any) -> bool:
-        """Remove this instance's entry for these arguments; return whether there was one."""
-        return self.__func__.cache_invalidate(self.__self__, *args, **kwargs)  # type: ignore[no-any-return]
-
-    async def acache_invalidate(self, *args: Any, **kwargs: Any) -> bool:
-        """Remove this instance's entry for these arguments, whatever kind the cache is."""
-        return await self.__func__.acache_invalidate(self.__self__, *args, **kwargs)  # type: ignore[no-any-return]
-
-    async def refresh(self, *args: Any, **kwargs: Any) -> Any:
-        """Compute this instance's call now, store it, return it."""
-        return await self.__func__.refresh(self.__self__, *args, **kwargs)
-
-    def cache_prime(self, value: Any, /, *args: Any, **kwargs: Any) -> None:
-        """Store value as the result of this instance's call (a synchronous cache only)."""
-        self.__func__.cache_prime(value, self.__self__, *args, **kwargs)
-
-    async def acache_prime(self, value: Any, /, *args: Any, **kwargs: Any) -> None:
-        """Store value as the result of this instance's call."""
-        await self.__func__.acache_prime(value, self.__self__, *args, **kwargs)
-
-    def cache_peek(self, *args: Any, **kwargs: Any) -> Any:
-        """This instance's cached result of the call, or MISSING."""
-        return self.__func__.cache_peek(self.__self__, *args, **kwargs)
-
-    async def acache_peek(self, *args: Any, **kwargs: Any) -> Any:
-        """This instance's cached result of the call, or MISSING."""
-        return await self.__func__.acache_peek(self.__self__, *args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.__func__, name)
-
-    def __eq__(self, other: object) -> bool:
-        return (
-            isinstance(other, BoundMethod)
-            and self.__func__ is other.__func__
-            and self.__self__ is other.__self__
-        )
-
-    def __hash__(self) -> int:
-        return hash((id(self.__func__), id(self.__self__)))
-
-    def __repr__(self) -> str:
-        return f"<bound memoized method {self.__func__.__qualname__} of {self.__self__!r}>"
 
 
 class MemoizedMethod:

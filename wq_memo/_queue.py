@@ -10,7 +10,8 @@ from collections.abc import Awaitable, Callable, Hashable
 from types import TracebackType
 from typing import Any, Generic, TypeVar, final
 
-from . import _listeners, _registry
+from . import _listeners
+from . import _queue_registry as _registry
 from ._errors import QueueShutDown
 from ._flight import _NO_KWARGS, Counts, Flight, FlightTable, Lookup, NotAsync, Status
 

@@ -24,7 +24,7 @@ from typing import Any, Final
 
 import pytest
 
-from . import _memos, _registry
+from . import _memo_registry, _queue_registry
 from ._switch import SWITCH
 
 __all__ = ("wq_memo_isolated",)
@@ -74,13 +74,13 @@ def pytest_runtest_protocol(item: pytest.Item) -> Generator[None, object, None]:
 
 
 async def _before() -> int:
-    mark = _registry.mark()
-    await _memos.reset_all()
+    mark = _queue_registry.mark()
+    await _memo_registry.reset_all()
     return mark
 
 
 def _has_async_caches() -> bool:
-    return any(not _memos.is_synchronous(m) for m in _memos.everything())
+    return any(not _memo_registry.is_synchronous(m) for m in _memo_registry.everything())
 
 
 @pytest.fixture
@@ -90,13 +90,13 @@ def wq_memo_isolated(request: pytest.FixtureRequest) -> Iterator[None]:
         request.getfixturevalue(_on_the_loop(_loop_scope(request)))
         yield
         return
-    mark = _registry.mark()
+    mark = _queue_registry.mark()
     if _has_async_caches():
-        asyncio.run(_memos.reset_all())
+        asyncio.run(_memo_registry.reset_all())
     else:
-        _memos.reset_all_now()
+        _memo_registry.reset_all_now()
     yield
-    asyncio.run(_registry.aclose_started_since(mark))
+    asyncio.run(_queue_registry.aclose_started_since(mark))
 
 
 LOOP_SCOPES: Final = ("function", "class", "module", "package", "session")
@@ -137,7 +137,7 @@ def _asyncio_fixtures() -> dict[str, Any]:
         async def isolate() -> AsyncIterator[None]:
             mark = await _before()
             yield
-            await _registry.aclose_started_since(mark)
+            await _queue_registry.aclose_started_since(mark)
 
         if not scoped:
             return fixture(isolate, name=_on_the_loop(scope))

@@ -1,4 +1,8 @@
-"""The weak registry of memoized functions, behind the pytest plugin's isolation."""
+"""The weak registry of memoized functions, behind reset_all() and the pytest plugin's isolation.
+
+It holds every function @worker_queue made, to empty their caches; the started queues, to close
+them, are in _queue_registry.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""The weak, loop-aware registry of queues behind aclose_all()."""
+"""The weak, loop-aware registry of started queues behind aclose_all().
+
+It holds every WorkerQueue bound to a loop, hidden ones included, to close them; the memoized
+functions, to empty their caches, are in _memo_registry.
+"""
 
 from __future__ import annotations
 

@@ -1,0 +1,269 @@
+"""The memoized function itself: a flat wrapper for each kind of cache and each structural variant.
+
+The hit is the product's hot path: one key build, one lookup; no task, no future, no queue. As
+cachetools does, there is one flat function per variant that differs in structure (a lookup
+returning MISSING or raising KeyError, the default key or another, refresh-ahead or not), chosen
+once at decoration: each test left out of the hit path is measured time. A miss goes to the
+queue's flight table.
+"""
+
+from __future__ import annotations
+
+from asyncio import get_running_loop
+from collections.abc import Awaitable, Callable, Coroutine, Hashable, MutableMapping
+from typing import Any, Final, NamedTuple, ParamSpec, TypeVar
+
+import cachetools.keys
+
+from . import _listeners
+from ._flight import Counts
+from ._queue import WorkerQueue
+from ._refresh import NEVER, Refresher
+from ._switch import SWITCH
+from .backends._protocol import MISSING
+
+__all__ = (
+    "MappingHitPath",
+    "args_are_key",
+    "async_cache_wrapper",
+    "mapping_hit_path",
+    "no_cache_wrapper",
+    "refresh_starter",
+    "unhashable",
+)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+_hashkey: Final[Callable[..., Hashable]] = cachetools.keys.hashkey
+
+
+def unhashable(name: str, exc: TypeError) -> TypeError:
+    """The error of a call whose arguments make no cache key."""
+    return TypeError(
+        f"{name}(): the arguments cannot be made into a cache key ({exc}); "
+        "pass key= to @worker_queue to build a hashable key from them"
+    )
+
+
+def args_are_key(key: Callable[..., Hashable]) -> bool:
+    """Whether the positional arguments' tuple can stand in for key(*args) without keywords.
+
+    ``hashkey(*args)`` is a tuple subclass equal to ``args`` and hashing alike, so either finds
+    the other's entries; the plain tuple is already built and hashes in C, where hashkey's
+    tuple is built anew and hashes through a Python method on every lookup. Only for
+    in-process caches: an async cache may serialize keys, and a tuple serializes differently.
+    """
+    return key is cachetools.keys.hashkey
+
+
+def _bypass(
+    counts: Counts, func: Callable[..., Awaitable[R]], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Awaitable[R]:
+    """A call made with caching switched off: counted, told to listeners, run directly."""
+    counts.bypassed += 1
+    _listeners.bypassed(counts.name)
+    return func(*args, **kwargs)
+
+
+def refresh_starter(
+    queue: WorkerQueue[Any, Any], refresher: Refresher
+) -> Callable[[Hashable, tuple[Any, ...], dict[str, Any]], None]:
+    """What a hit does once its entry is due: a background refresh through the queue."""
+    clock = refresher.clock
+    due_get = refresher.due.get
+
+    def refresh_if_due(k: Hashable, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if clock() >= due_get(k, NEVER):
+            # First: a refresh that ends in its eager first step sets the key's next due time.
+            refresher.started(k)
+            queue._table_now().refresh_in_background(k, args, kwargs)
+
+    return refresh_if_due
+
+
+class MappingHitPath(NamedTuple):
+    """The wrapper over an in-process cache, and the hits it counts itself."""
+
+    wrapper: Callable[..., Coroutine[Any, Any, Any]]
+    own_hits: Callable[[], int]
+    """The hits counted since the last zero_hits()."""
+    zero_hits: Callable[[], None]
+
+
+def mapping_hit_path(
+    func: Callable[P, Awaitable[R]],
+    display: str,
+    cache: MutableMapping[Any, Any],
+    key: Callable[..., Hashable],
+    queue: WorkerQueue[Any, R],
+    fast: Callable[[Hashable, object], Any] | None,
+    refresher: Refresher | None,
+) -> MappingHitPath:
+    """The wrapper over cache, a MutableMapping; ``fast``: a lookup that returns MISSING (None:
+    the cache raises KeyError).
+
+    The wrapper gets ``_instrument`` and ``_own_hits`` for _listeners.track (which must hold
+    nothing referring to the cache).
+    """
+    counts = queue._counts
+    hits = 0
+    default_key = args_are_key(key)
+    # What the hit paths read the cache through: _listeners.track swaps in counting ones while
+    # a listener wants hits, so that without one a hit costs nothing more.
+    entries: Any = cache
+    find_any = find = cache.get if fast is None else fast
+    # A miss: the queue's flight table on the running loop (bound to it first if need be).
+    table_now = queue._table_now
+
+    if refresher is not None:
+        clock = refresher.clock
+        due_get = refresher.due.get
+        refresh_if_due = refresh_starter(queue, refresher)
+
+        async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            nonlocal hits
+            if SWITCH.watch and SWITCH.off():
+                return await _bypass(counts, func, args, kwargs)
+            k = args if default_key and not kwargs else key(*args, **kwargs)
+            try:
+                value = find_any(k, MISSING)
+            except TypeError as exc:
+                raise unhashable(display, exc) from exc
+            if value is not MISSING:
+                hits += 1
+                if clock() >= due_get(k, NEVER):
+                    refresh_if_due(k, args, kwargs)
+                return value  # type: ignore[no-any-return]
+            return await table_now().call(k, args, kwargs)
+
+    elif fast is not None and default_key:
+
+        async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            nonlocal hits
+            if SWITCH.watch and SWITCH.off():
+                return await _bypass(counts, func, args, kwargs)
+            k = args if not kwargs else _hashkey(*args, **kwargs)
+            try:
+                value = find(k, MISSING)
+            except TypeError as exc:
+                raise unhashable(display, exc) from exc
+            if value is not MISSING:
+                hits += 1
+                return value  # type: ignore[no-any-return]
+            return await table_now().call(k, args, kwargs)
+
+    elif fast is not None:
+
+        async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            nonlocal hits
+            if SWITCH.watch and SWITCH.off():
+                return await _bypass(counts, func, args, kwargs)
+            k = key(*args, **kwargs)
+            try:
+                value = find(k, MISSING)
+            except TypeError as exc:
+                raise unhashable(display, exc) from exc
+            if value is not MISSING:
+                hits += 1
+                return value  # type: ignore[no-any-return]
+            return await table_now().call(k, args, kwargs)
+
+    elif default_key:
+
+        async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            nonlocal hits
+            if SWITCH.watch and SWITCH.off():
+                return await _bypass(counts, func, args, kwargs)
+            k = args if not kwargs else _hashkey(*args, **kwargs)
+            try:
+                value = entries[k]
+            except KeyError:
+                pass
+            except TypeError as exc:
+                raise unhashable(display, exc) from exc
+            else:
+                hits += 1
+                return value  # type: ignore[no-any-return]
+            return await table_now().call(k, args, kwargs)
+
+    else:
+
+        async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            nonlocal hits
+            if SWITCH.watch and SWITCH.off():
+                return await _bypass(counts, func, args, kwargs)
+            k = key(*args, **kwargs)
+            try:
+                value = entries[k]
+            except KeyError:
+                pass
+            except TypeError as exc:
+                raise unhashable(display, exc) from exc
+            else:
+                hits += 1
+                return value  # type: ignore[no-any-return]
+            return await table_now().call(k, args, kwargs)
+
+    def instrument(notify: Callable[[], None] | None) -> None:
+        nonlocal entries, find, find_any
+        plain = cache.get if fast is None else fast
+        if notify is None:
+            entries, find, find_any = cache, plain, plain
+        else:
+            find = find_any = _listeners.counting_lookup(plain, notify)
+            entries = _listeners.CountingEntries(cache, notify)
+
+    def own_hits() -> int:
+        return hits
+
+    def zero_hits() -> None:
+        nonlocal hits
+        hits = 0
+
+    wrapper._instrument = instrument  # type: ignore[attr-defined]
+    wrapper._own_hits = own_hits  # type: ignore[attr-defined]
+    return MappingHitPath(wrapper, own_hits, zero_hits)
+
+
+def no_cache_wrapper(
+    func: Callable[P, Awaitable[R]],
+    display: str,
+    key: Callable[..., Hashable],
+    queue: WorkerQueue[Any, R],
+) -> Callable[P, Coroutine[Any, Any, R]]:
+    """The wrapper without a cache: every call joins or starts a computation."""
+    counts = queue._counts
+    default_key = args_are_key(key)
+
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        if SWITCH.watch and SWITCH.off():
+            return await _bypass(counts, func, args, kwargs)
+        try:
+            k = args if default_key and not kwargs else key(*args, **kwargs)
+            hash(k)
+        except TypeError as exc:
+            raise unhashable(display, exc) from exc
+        table = queue._table
+        if table is None or table.loop is not get_running_loop():
+            table = queue._bind()
+        return await table.call(k, args, kwargs)
+
+    return wrapper
+
+
+def async_cache_wrapper(
+    func: Callable[P, Awaitable[R]],
+    key_of: Callable[[tuple[Any, ...], dict[str, Any]], Hashable],
+    queue: WorkerQueue[Any, R],
+) -> Callable[P, Coroutine[Any, Any, R]]:
+    """The wrapper over an async cache: the queue looks the key up, shared among callers."""
+    counts = queue._counts
+    require = queue._require
+
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        if SWITCH.watch and SWITCH.off():
+            return await _bypass(counts, func, args, kwargs)
+        return await require(key_of(args, kwargs), args, kwargs)
+
+    return wrapper

@@ -51,7 +51,7 @@ from hypothesis.stateful import (
 from wq_memo import MISSING, Memoized, worker_queue
 from wq_memo.backends import CallKey, Missing, RefreshingCache, SingleFlightCache
 
-from ._machinery import FastForwardLoop
+from ._machinery import ComputationFailed, FastForwardLoop, Value
 
 V = TypeVar("V")
 KEYS = ("a", "b")
@@ -59,18 +59,6 @@ keys = st.sampled_from(KEYS)
 REFRESH_AFTER = 5.0
 ASYNC_GATES = ("get", "set", "delete", "clear")
 SINGLE_FLIGHT_GATES = ("get", "claim", "finish", "set", "delete", "clear", "scan")
-
-
-class Result:
-    """What one computation returns: compared by identity."""
-
-    __slots__ = ("comp_id",)
-
-    def __init__(self, comp_id: int) -> None:
-        self.comp_id = comp_id
-
-    def __repr__(self) -> str:
-        return f"Result(#{self.comp_id})"
 
 
 class Primed:
@@ -85,14 +73,6 @@ class Primed:
         return f"Primed(op #{self.op.id})"
 
 
-class Failed(Exception):
-    """The failure of one computation."""
-
-    def __init__(self, comp_id: int) -> None:
-        super().__init__(f"computation #{comp_id} failed")
-        self.comp_id = comp_id
-
-
 @dataclass(eq=False)
 class Comp:
     """One call of the worker, held open by its gate."""
@@ -101,7 +81,7 @@ class Comp:
     key: str
     began: int
     gate: asyncio.Event = field(default_factory=asyncio.Event)
-    result: Result | None = None
+    result: Value | None = None
     fail: bool = False
     done: bool = False
     written: int | None = None
@@ -395,7 +375,7 @@ class StoreMachine(RuleBasedStateMachine):
         if gate is not None:
             await gate.wait()
 
-    async def work(self, key: str) -> Result:
+    async def work(self, key: str) -> Value:
         comp = Comp(len(self.comps), key, self.tick())
         self.comps.append(comp)
         try:
@@ -403,8 +383,8 @@ class StoreMachine(RuleBasedStateMachine):
         finally:
             comp.done = True
         if comp.fail:
-            raise Failed(comp.id)
-        comp.result = Result(comp.id)
+            raise ComputationFailed(comp.id)
+        comp.result = Value(comp.id)
         return comp.result
 
     def superseding(self, key: str, since: int, before: int | None = None) -> list[Op]:
@@ -441,7 +421,7 @@ class StoreMachine(RuleBasedStateMachine):
             if value.op.written is None:
                 value.op.written = now
             return
-        if not isinstance(value, Result):
+        if not isinstance(value, Value):
             self.violations.append(f"{value!r} stored for {key!r}: no computation returned it")
             return
         comp = self.comps[value.comp_id]
@@ -573,7 +553,7 @@ class StoreMachine(RuleBasedStateMachine):
         exc = task.exception()
         assert call.created is not None
         if exc is not None:
-            assert isinstance(exc, Failed), f"{where} raised {exc!r}"
+            assert isinstance(exc, ComputationFailed), f"{where} raised {exc!r}"
             comp = self.comps[exc.comp_id]
             assert comp.key == call.key, f"{where} got the failure of #{comp.id} ({comp.key!r})"
             return
@@ -595,7 +575,7 @@ class StoreMachine(RuleBasedStateMachine):
             later = self.superseding(call.key, op.written, before=call.created)
             assert not later, f"{where} got {value!r}, removed or replaced by {later} first"
             return
-        assert isinstance(value, Result), f"{where} got {value!r}"
+        assert isinstance(value, Value), f"{where} got {value!r}"
         comp = self.comps[value.comp_id]
         assert comp.key == call.key, f"{where} got {value!r}, computed for {comp.key!r}"
         stale = self.superseding(call.key, comp.began, before=call.created)

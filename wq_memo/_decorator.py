@@ -24,7 +24,8 @@ import cachetools
 import cachetools.keys
 
 from . import _listeners, _memos, _naming
-from ._flight import Counts, Flight, FlightTable
+from ._counts import Counts
+from ._flight import Flight, FlightTable
 from ._methods import InstanceKeys, MemoizedClassMethod, MemoizedMethod, MethodState
 from ._queue import WorkerQueue, is_async_callable
 from ._refresh import NEVER, Refresher, check_freshness_options, check_refresh_options
@@ -734,13 +735,8 @@ def _with_async_cache(
                 # in a slot of its own (see _refresh_across) or its lender's, or, made inside a
                 # computation of this queue, in that one's; else it takes one, unless a caller
                 # of it that holds a slot lends it that one meanwhile (slot() is then False).
-                took = (
-                    flight.borrowed
-                    and flight.lender is None
-                    and (flight.parent is None or table.lender_of(flight.parent) is None)
-                    and await table.slot(flight)
-                )
-                flight.computing = True
+                took = table.needs_slot(flight) and await table.slot(flight)
+                table.computes(flight)
                 try:
                     return await table.counted(lambda: func(*flight.args, **flight.kwargs))
                 finally:

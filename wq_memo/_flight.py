@@ -9,142 +9,54 @@ An item in flight is, in order:
 - FINISHED: its outcome is delivered and it has left the table.
 
 Callers never wake up for room: each one awaits a future of its own, which the computation's
-task completes directly with the result or the exception. A slot that frees up goes to the
-first item in line, so computations start in the order their first callers arrived. Calls are
-counted when their item starts (as a miss for its first caller, joins for the others); the first
-caller of an item that waited in line is counted once its key has been looked up again, as a
-hit or a miss, so that no count is ever taken back. The table belongs to one event loop;
+task completes directly with the result or the exception. The table belongs to one event loop;
 WorkerQueue makes a new one when the loop changes.
 
-Background refreshes (nobody waits for them) never take a slot a caller could use: one starts
-only in a *spare* slot, while fewer than ``maxsize`` computations run in all and no caller waits
-for a slot, and the callers' computations do not count the spare slots against ``maxsize``. So a
-miss never waits behind a refresh; at most ``maxsize`` refreshes and ``maxsize`` computations for
-callers run at once (``2 * maxsize``), and refreshes alone never go past ``maxsize``.
+The table's other jobs live in modules of their own, which it calls with explicit arguments:
+the slots and the lines waiting for them in ``_slots`` (a slot that frees up goes to the first
+item in line, so computations start in the order their first callers arrived; background
+refreshes take only spare slots, so a miss never waits behind one), nested calls and cycles in
+``_nesting``, lookups shared among callers in ``_lookups``, and counting in ``_counts``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
-import enum
 import logging
 import sys
 from asyncio import Future, Task
-from collections import deque
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Any, Final, Generic, TypeVar
 
 from . import _listeners
+from ._counts import (
+    Counts,
+    count_first,
+    count_joined,
+    count_refresh_failed,
+    count_started,
+    count_unstarted,
+)
 from ._errors import QueueShutDown, ShutdownTimeout
+from ._lookups import Lookup, Lookups, NotAsync, look_up
+from ._nesting import awaits, check_no_cycle, current, hand_over, leave_lender, lend, lender_of
+from ._slots import Slots
+from ._status import FINISHED as _FINISHED
+from ._status import RUNNING as _RUNNING
+from ._status import WAITING as _WAITING
 
-__all__ = ("Counts", "Flight", "FlightTable", "Lookup", "Status")
+__all__ = ("Flight", "FlightTable")
 
 K = TypeVar("K", bound=Hashable)
 R = TypeVar("R")
 
 logger = logging.getLogger("wq_memo")
 
-_current: Final[contextvars.ContextVar[Flight[Any, Any] | None]] = contextvars.ContextVar(
-    "wq_memo_current_flight", default=None
-)
-"""The computation whose task the running code belongs to (None outside any computation)."""
-
 _NO_KWARGS: Final[dict[str, Any]] = {}
 
 _EAGER_START: Final = sys.version_info >= (3, 12)
 """Whether tasks can run their first step eagerly (Task(..., eager_start=True), Python 3.12+)."""
-
-
-class NotAsync(TypeError):
-    """A cache function that must be async returned something that cannot be awaited."""
-
-
-class Status(enum.Enum):
-    """Where an item is in its life."""
-
-    WAITING = "waiting"
-    RUNNING = "running"
-    FINISHED = "finished"
-
-
-# Module-level names: reading an Enum member through its class is slow on the hot path.
-_WAITING: Final = Status.WAITING
-_RUNNING: Final = Status.RUNNING
-_FINISHED: Final = Status.FINISHED
-
-
-class Counts:
-    """Calls answered by the cache, calls that started a computation, calls that joined one;
-    background refreshes started, and those that failed; calls that bypassed the cache.
-    ``name``: the memoized function's name that listeners are told (None: nobody is told).
-
-    The counts are those since the last ``clear()``; ``before`` keeps what was counted before
-    it, so that ``total()`` never goes down.
-    """
-
-    __slots__ = (
-        "before",
-        "bypassed",
-        "clears",
-        "dropped",
-        "hits",
-        "joined",
-        "misses",
-        "name",
-        "refresh_failures",
-        "refreshes",
-    )
-
-    FIELDS: Final = (
-        "hits",
-        "misses",
-        "joined",
-        "refreshes",
-        "refresh_failures",
-        "dropped",
-        "bypassed",
-    )
-
-    def __init__(self) -> None:
-        self.name: str | None = None
-        self.before: dict[str, int] = dict.fromkeys(self.FIELDS, 0)
-        self.clears = 0
-        """Odd while a clear() moves the counts: a reader in another thread (metrics
-        collection) reads again until it is even and unchanged across its reads."""
-        self._zero()
-
-    def clear(self, hits: int = 0, then: Callable[[], None] | None = None) -> None:
-        """Count afresh from now on (cache_clear()), keeping what was counted in ``before``.
-
-        ``hits``: hits counted elsewhere until now (an in-process cache's hit path), kept too;
-        ``then()`` sets that count back to zero, within the same step for readers.
-        """
-        self.clears += 1
-        try:
-            before = self.before
-            for field in self.FIELDS:
-                before[field] += getattr(self, field)
-            before["hits"] += hits
-            self._zero()
-            if then is not None:
-                then()
-        finally:
-            self.clears += 1
-
-    def total(self, field: str) -> int:
-        """A count since the start, clears or not (hits of an in-process hit path left out)."""
-        return self.before[field] + getattr(self, field)  # type: ignore[no-any-return]
-
-    def _zero(self) -> None:
-        self.hits = 0
-        self.misses = 0
-        self.joined = 0
-        self.refreshes = 0
-        self.refresh_failures = 0
-        self.dropped = 0
-        """Items counted as misses that never started: every caller left while they waited."""
-        self.bypassed = 0
 
 
 class Flight(Generic[K, R]):
@@ -250,36 +162,6 @@ class Flight(Generic[K, R]):
         return any(not joiner.done() for joiner in self.joiners or ())
 
 
-class Lookup:
-    """A cache lookup under way, which callers asking for the same item meanwhile share.
-
-    Its answer is ``(True, value)`` when the value was found, ``(False, flight)`` once the
-    looking caller has joined or started the item's computation, or None when that caller
-    left without either (the others then start over).
-    """
-
-    __slots__ = ("answer",)
-
-    def __init__(self) -> None:
-        self.answer: asyncio.Future[tuple[bool, Any] | None] | None = None
-
-
-def _reaches(start: Flight[Any, Any], target: Flight[Any, Any]) -> bool:
-    """Whether start's computation awaits target, directly or through other computations."""
-    seen: set[int] = set()
-    stack = [start]
-    while stack:
-        flight = stack.pop()
-        if flight is target:
-            return True
-        if id(flight) in seen or flight.status is _FINISHED:
-            continue
-        seen.add(id(flight))
-        if flight.awaiting:
-            stack.extend(f for f, waiter in flight.awaiting if not waiter.done())
-    return False
-
-
 class FlightTable(Generic[K, R]):
     """The items one queue has in flight on one event loop, and the slots they run in.
 
@@ -297,10 +179,6 @@ class FlightTable(Generic[K, R]):
     __slots__ = (
         "_drained",
         "_forgotten",
-        "_line",
-        "_refresh_line",
-        "_slot_waiters",
-        "_starting",
         "borrowed",
         "closing",
         "computations",
@@ -317,9 +195,8 @@ class FlightTable(Generic[K, R]):
         "miss",
         "on_refresh_failed",
         "plain",
-        "running",
         "slotless",
-        "spare",
+        "slots",
         "store",
         "store_now",
     )
@@ -353,11 +230,10 @@ class FlightTable(Generic[K, R]):
         self.slotless = slotless
         self.on_refresh_failed = on_refresh_failed
         self.flights: dict[K, Flight[K, R]] = {}
-        self.lookups: dict[K, Lookup] = {}
-        self.running = 0
-        """Slots taken (computations running in a slot of their own), spare ones included."""
-        self.spare = 0
-        """Spare slots taken (background refreshes, which callers' computations do not count)."""
+        self.lookups: Lookups[K] = Lookups()
+        self.slots: Slots[Flight[K, R]] = Slots(maxsize, self._admit, self._can_admit)
+        """The slots computations run in, and the lines of items waiting for one (background
+        refreshes in a line of their own, for spare slots)."""
         self.borrowed = 0
         """Computations running in the slot of a computation that awaits them (with
         ``slotless``: flights started without a slot)."""
@@ -366,18 +242,26 @@ class FlightTable(Generic[K, R]):
         self.live = 0
         """Flights not yet finished, forgotten ones included."""
         self.closing = False
-        self._line: deque[Flight[K, R]] = deque()
-        self._refresh_line: deque[Flight[K, R]] = deque()
-        """Background refreshes waiting for a spare slot."""
-        self._slot_waiters: deque[asyncio.Future[bool]] = deque()
         self._forgotten: set[Flight[K, R]] = set()
-        self._starting = False
         self._drained: asyncio.Future[None] | None = None
         # Futures and tasks are made directly when the loop makes plain ones (asyncio's and
         # uvloop's loops, with no task factory set): a Python-level method call less for each.
         probe = loop.create_future()
         self.plain = type(probe) is asyncio.Future
         probe.cancel()
+
+    @property
+    def running(self) -> int:
+        """Slots taken (computations running in a slot of their own), spare ones included."""
+        return self.slots.running
+
+    @property
+    def spare(self) -> int:
+        """Spare slots taken (background refreshes, which callers' computations do not count)."""
+        return self.slots.spare
+
+    def _can_admit(self) -> bool:
+        return not self.loop.is_closed()  # destroyed with its loop: nothing can start now
 
     # -- accepting ------------------------------------------------------------------------------
 
@@ -408,7 +292,7 @@ class FlightTable(Generic[K, R]):
         waiter: asyncio.Future[R] = (
             Future(loop=self.loop) if self.plain else self.loop.create_future()
         )
-        parent = _current.get()
+        parent = current.get()
         flight = Flight(key, args, kwargs, waiter, parent)
         flight.refresh = refresh
         self.flights[key] = flight
@@ -416,12 +300,12 @@ class FlightTable(Generic[K, R]):
         if lookup is not None:
             self.answer(key, lookup, (False, flight))
         if parent is not None:
-            _awaits(parent, flight, waiter)
+            awaits(parent, flight, waiter)
         self._enter(flight, parent)
         # A computation that fails within its first, eager, step (3.12 and newer) keeps the
         # frames that started it in its traceback, as their f_back: this call, _enter and
-        # _start (or _release_slot). Left holding the flight or the waiter, they would make a
-        # cycle through the exception, which only the garbage collector frees.
+        # _start (or Slots.release and _admit). Left holding the flight or the waiter, they
+        # would make a cycle through the exception, which only the garbage collector frees.
         del flight
         try:
             return waiter
@@ -446,43 +330,36 @@ class FlightTable(Generic[K, R]):
 
     def _enter(self, flight: Flight[K, R], parent: Flight[Any, Any] | None) -> None:
         """Start a new flight, or put it in line (a background refresh in a line of its own)."""
+        slots = self.slots
         if flight.background:
-            if self._spare_free() and not self._refresh_line:
+            if slots.spare_free() and not slots.refresh_line:
                 self._start(flight, False, spare=True)
             else:
                 flight.status = _WAITING
                 flight.context = contextvars.copy_context()
-                self._refresh_line.append(flight)
-        elif self.slotless or (self.running - self.spare < self.maxsize and not self._line):
+                slots.enqueue(flight, low=True)
+        elif self.slotless or (slots.running - slots.spare < slots.maxsize and not slots.line):
             self._start(flight, False, borrowed=self.slotless)
         elif parent is not None and (lender := self.lender_of(parent)) is not None:
             self._start(flight, False, lender=lender)
         else:
             flight.status = _WAITING
             flight.context = contextvars.copy_context()
-            self._line.append(flight)
+            slots.enqueue(flight)
         del flight  # see call()
-
-    def _spare_free(self) -> bool:
-        """Whether a background refresh may start now: a slot is free and no caller waits."""
-        return self.running < self.maxsize and not self._line and not self._slot_waiters
 
     def join(self, flight: Flight[K, R]) -> asyncio.Future[R]:
         """Return a future for flight's outcome (the caller joins it)."""
         waiter: asyncio.Future[R] = (
             Future(loop=self.loop) if self.plain else self.loop.create_future()
         )
-        parent = _current.get()
+        parent = current.get()
         if parent is not None:
-            if flight is parent or _reaches(flight, parent):
-                raise RecursionError(
-                    f"computing {parent.key!r} requires {flight.key!r}, whose computation "
-                    f"is waiting for it: a memoized call depends on itself"
-                )
-            _awaits(parent, flight, waiter)
+            check_no_cycle(parent, flight)
+            awaits(parent, flight, waiter)
             if flight.status is _WAITING and (lender := self.lender_of(parent)) is not None:
                 # Its callers' computations hold the slots it waits for: run it in theirs.
-                self._take_from_line(flight)
+                self.slots.remove(flight)
                 self._start(flight, True, lender=lender)
             elif (
                 (asking := flight.asking) is not None
@@ -490,15 +367,13 @@ class FlightTable(Generic[K, R]):
                 and (lender := self.lender_of(parent)) is not None
             ):
                 # Under way (slotless), its computation waits for a slot a caller holds: the same.
-                self._lend(flight, lender)
-                asking.set_result(False)
+                lend(flight, lender)
+                Slots.lend(asking)
         if flight.status is _WAITING and flight.background and not flight.uncounted:
             self._promote(flight)
         outcome = flight.outcome
         if outcome is not None:  # delivered already (being stored, or ended in an eager step)
-            self.counts.joined += 1
-            if _listeners.active:
-                _listeners.joined(self.counts.name)
+            count_joined(self.counts)
             if outcome[0]:
                 waiter.set_result(outcome[1])
             elif isinstance(outcome[1], asyncio.CancelledError):
@@ -510,9 +385,7 @@ class FlightTable(Generic[K, R]):
         if flight.status is _WAITING:
             flight.uncounted += 1
         else:
-            self.counts.joined += 1
-            if _listeners.active:
-                _listeners.joined(self.counts.name)
+            count_joined(self.counts)
         if flight.joiners is None:
             flight.joiners = [waiter]
         else:
@@ -522,34 +395,37 @@ class FlightTable(Generic[K, R]):
     def _promote(self, flight: Flight[K, R]) -> None:
         """A caller joins a refresh waiting for a spare slot (its entry expired): the refresh
         takes its turn among the callers' computations now."""
-        self._refresh_line.remove(flight)
+        slots = self.slots
         if self.slotless:
+            slots.remove(flight)
             self._start(flight, True, borrowed=True)
-        elif self.running - self.spare < self.maxsize and not self._line:
+        elif slots.has_room():
+            slots.remove(flight)
             self._start(flight, True)
         else:
-            self._line.append(flight)
+            slots.promote(flight)
 
     def lender_of(self, parent: Flight[Any, Any]) -> Flight[Any, Any] | None:
         """The computation of this table, holding a slot, inside which the caller runs (the
         nearest of parent and its own callers), or None."""
-        flight: Flight[Any, Any] | None = parent
-        while flight is not None:
-            if (
-                flight.status is _RUNNING
-                and flight.computing
-                and (self.flights.get(flight.key) is flight or flight in self._forgotten)
-            ):
-                return flight
-            flight = flight.parent
-        return None
+        return lender_of(parent, self.flights, self._forgotten)
+
+    def needs_slot(self, flight: Flight[K, R]) -> bool:
+        """Whether flight, started without a slot (``slotless``), must take one to compute: it
+        runs in no lender's slot, and in no slot of a computation of this table calling it."""
+        return (
+            flight.borrowed
+            and flight.lender is None
+            and (flight.parent is None or self.lender_of(flight.parent) is None)
+        )
+
+    def computes(self, flight: Flight[K, R]) -> None:
+        """flight's computation proper begins (``slotless``: it has a slot, or one lent)."""
+        flight.computing = True
 
     def answer(self, key: K, lookup: Lookup, answer: tuple[bool, Any] | None) -> None:
         """End lookup, telling those who share it; a lookup already answered is left alone."""
-        if self.lookups.get(key) is lookup:
-            del self.lookups[key]
-        if lookup.answer is not None and not lookup.answer.done():
-            lookup.answer.set_result(answer)
+        self.lookups.answer(key, lookup, answer)
 
     # -- invalidation ---------------------------------------------------------------------------
 
@@ -562,7 +438,7 @@ class FlightTable(Generic[K, R]):
         """
         # A lookup under way may read what is being invalidated: those sharing it asked before
         # the invalidation and keep it; newcomers look up afresh.
-        self.lookups.pop(key, None)
+        self.lookups.forget(key)
         flight = self.flights.get(key)
         if flight is not None and flight.computing:  # else not started: it reads fresh data
             del self.flights[key]
@@ -572,7 +448,7 @@ class FlightTable(Generic[K, R]):
 
     def forget_all(self) -> list[Flight[K, R]]:
         """forget() every key."""
-        self.lookups.clear()
+        self.lookups.forget()
         for key in list(self.flights):
             self.forget(key)
         return list(self._forgotten)
@@ -580,7 +456,7 @@ class FlightTable(Generic[K, R]):
     def abandon(self) -> None:
         """The queue leaves this table behind, its loop stopped: should that loop run again,
         its computations (those waiting in line too) deliver to their callers, store nothing."""
-        self.lookups.clear()
+        self.lookups.forget()
         for flight in self.flights.values():
             flight.forgotten = True
             self._forgotten.add(flight)
@@ -589,10 +465,7 @@ class FlightTable(Generic[K, R]):
     def forget_lookups(self, key: K | None = None) -> None:
         """Newcomers look key (None: every key) up afresh, not sharing a lookup under way:
         one that began during an invalidation may have read what it removed."""
-        if key is None:
-            self.lookups.clear()
-        else:
-            self.lookups.pop(key, None)
+        self.lookups.forget(key)
 
     # -- running --------------------------------------------------------------------------------
 
@@ -614,18 +487,20 @@ class FlightTable(Generic[K, R]):
         flight.status = _RUNNING
         flight.waited = waited
         flight.computing = spare or not self.slotless
-        self._count(flight, waited and not flight.refresh)
+        count_started(
+            self.counts, flight.background, flight.uncounted, waited and not flight.refresh
+        )
+        flight.uncounted = 0
         if lender is not None:
-            self._lend(flight, lender)
+            lend(flight, lender)
             borrowed = True
         if borrowed:
             flight.borrowed = True
             self.borrowed += 1
         else:
-            self.running += 1
+            self.slots.take(1, spare)
             if spare:
                 flight.spare = True
-                self.spare += 1
         context, flight.context = flight.context, None
         coro = self._run(flight, waited and not flight.refresh)
         if self.plain and flight.parent is not None:
@@ -643,42 +518,9 @@ class FlightTable(Generic[K, R]):
             flight.task = task
         del flight, task, context, coro  # see call()
 
-    def _count(self, flight: Flight[K, R], looks_again: bool = False) -> None:
-        """Count a flight's calls as it starts: a miss for its first caller, joins for the rest.
-
-        ``looks_again``: its key is looked up again first, and its first caller is counted only
-        then (``_count_first``), as a hit or a miss.
-        """
-        counts = self.counts
-        if flight.background:
-            counts.refreshes += 1
-        elif not looks_again:
-            counts.misses += 1
-        if _listeners.active:
-            if flight.background:
-                _listeners.refresh(counts.name)
-            elif not looks_again:
-                _listeners.miss(counts.name)
-            _listeners.joined(counts.name, flight.uncounted)
-        if flight.uncounted:
-            counts.joined += flight.uncounted
-            flight.uncounted = 0
-
-    def _count_first(self, hit: bool) -> None:
-        """Count the first caller of an item that waited in line, once it was looked up again."""
-        counts = self.counts
-        if hit:
-            counts.hits += 1
-            if _listeners.active:
-                _listeners.hit(counts.name)
-        else:
-            counts.misses += 1
-            if _listeners.active:
-                _listeners.miss(counts.name)
-
     async def _run(self, flight: Flight[K, R], waited: bool) -> None:
         # Few locals: this frame lives as long as the computation (a call in flight's memory).
-        _current.set(flight)
+        current.set(flight)
         started: float | None = None  # set while listeners are told of computations
         try:
             if waited:
@@ -687,15 +529,15 @@ class FlightTable(Generic[K, R]):
                     if self.lookup_now is not None:
                         result = self.lookup_now(flight.key, self.miss)
                     else:
-                        result = await self._look_up_again(flight.key)
+                        result = await look_up(self.lookup, flight.key, self.miss)
                 except BaseException:
-                    self._count_first(False)  # its callers get this outcome
+                    count_first(self.counts, False)  # its callers get this outcome
                     raise
                 if result is not self.miss:
-                    self._count_first(True)
+                    count_first(self.counts, True)
                     self._deliver(flight, result)
                     return
-                self._count_first(False)
+                count_first(self.counts, False)
             if _listeners.active:
                 started = _listeners.clock()
             if self.compute is not None:
@@ -778,17 +620,6 @@ class FlightTable(Generic[K, R]):
                 "cache_set failed for %r; the result was returned uncached", flight.key
             )
 
-    async def _look_up_again(self, key: K) -> Any:
-        if self.lookup is None:
-            return self.miss
-        try:
-            return await self.lookup(key)
-        except NotAsync:
-            raise
-        except Exception:
-            logger.exception("cache_get failed for %r; treating it as a miss", key)
-            return self.miss
-
     def _deliver(self, flight: Flight[K, R], value: R) -> None:
         if flight.outcome is not None:  # failed already by a shutdown
             return
@@ -819,7 +650,7 @@ class FlightTable(Generic[K, R]):
                 received = True
         flight.waiter = flight.joiners = None
         if flight.background:
-            self.counts.refresh_failures += 1
+            count_refresh_failed(self.counts)
             if self.on_refresh_failed is not None:
                 self.on_refresh_failed(flight.key, exc)
         elif not received:
@@ -837,31 +668,16 @@ class FlightTable(Generic[K, R]):
             waiter.cancel()
         flight.waiter = flight.joiners = None
 
-    def _take_from_line(self, flight: Flight[K, R]) -> None:
-        if flight in self._refresh_line:
-            self._refresh_line.remove(flight)
-        else:
-            self._line.remove(flight)
-
     def _cancel_waiting(self) -> None:
-        for line in (self._line, self._refresh_line):
-            while line:
-                flight = line.popleft()
+        for low in (False, True):
+            for flight in self.slots.clear_line(low):
                 self._count_unstarted(flight)
                 self._cancel(flight)
                 self._finish(flight)
 
     def _count_unstarted(self, flight: Flight[K, R]) -> None:
         """Count the calls of a flight that ends without starting: a miss and joins."""
-        counts = self.counts
-        if not flight.background:
-            counts.misses += 1
-            counts.dropped += 1
-            if _listeners.active:
-                _listeners.miss(counts.name)
-        if _listeners.active:
-            _listeners.joined(counts.name, flight.uncounted)
-        counts.joined += flight.uncounted
+        count_unstarted(self.counts, flight.background, flight.uncounted)
         flight.uncounted = 0
 
     def _finish(self, flight: Flight[K, R]) -> None:
@@ -885,18 +701,16 @@ class FlightTable(Generic[K, R]):
             pass
         elif flight.borrowed:
             self.borrowed -= 1
-            lender = flight.lender
-            if lender is not None and lender.borrowers and flight in lender.borrowers:
-                lender.borrowers.remove(flight)
+            leave_lender(flight)
             if flight.borrowers is not None:
                 # Its own slot, if it took one to compute (slotless), is given back already.
-                self._hand_over(flight, lender, held=False)
+                self._hand_over(flight, flight.lender, held=False)
         else:
             if flight.spare:  # a computation it hands its slot to is a caller's: not spare
                 flight.spare = False
-                self.spare -= 1
+                self.slots.unspare()
             if flight.borrowers is None or not self._hand_over(flight, None, held=True):
-                self._release_slot()
+                self.slots.release()
         if not self.live and self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
 
@@ -906,15 +720,6 @@ class FlightTable(Generic[K, R]):
         self.flights.clear()
         self.flights.update(kept)
 
-    @staticmethod
-    def _lend(flight: Flight[K, R], lender: Flight[Any, Any]) -> None:
-        """flight computes in lender's slot (lender awaits it)."""
-        flight.lender = lender
-        if lender.borrowers is None:
-            lender.borrowers = [flight]
-        else:
-            lender.borrowers.append(flight)
-
     def _hand_over(
         self, flight: Flight[K, R], lender: Flight[Any, Any] | None, *, held: bool
     ) -> bool:
@@ -922,60 +727,29 @@ class FlightTable(Generic[K, R]):
         flight's own lender, or they take slots of their own, over the bound until they end:
         the first takes flight's slot over if flight still ``held`` it (a ``slotless`` flight
         gave back the slot it computed in as its computation ended). Whether any was left."""
-        borrowers = flight.borrowers
-        flight.borrowers = None
-        live = [b for b in borrowers or () if b.status is _RUNNING]
-        if not live:
+        moved = hand_over(flight, lender)
+        if not moved:
             return False
-        for borrower in live:
-            borrower.lender = lender
-            if lender is not None:
-                if lender.borrowers is None:
-                    lender.borrowers = [borrower]
-                else:
-                    lender.borrowers.append(borrower)
-            else:
+        if lender is None:
+            for borrower in moved:
                 borrower.borrowed = False
-                self.borrowed -= 1
-                self.running += 1
-        if lender is None and held:
-            self.running -= 1  # flight's own slot, taken over by the first
+            self.borrowed -= len(moved)
+            # Slots of their own, over the bound; flight's own, if it ``held`` it, is the first's.
+            self.slots.take(len(moved) - 1 if held else len(moved))
         return True
 
     # -- slots ----------------------------------------------------------------------------------
 
-    def _release_slot(self) -> None:
-        """Give a freed slot to the first in line (an item, or a computation asking for one),
-        or, with no caller waiting, to the first background refresh as a spare slot."""
-        self.running -= 1
-        if self._starting or not (self._line or self._slot_waiters or self._refresh_line):
-            return  # nobody in line, or the loop below fills it (an eager task ended in it)
-        if self.loop.is_closed():
-            return  # destroyed with its loop: nothing can start now
-        self._starting = True
-        try:
-            line = self._line
-            while True:
-                if self.running - self.spare < self.maxsize and (line or self._slot_waiters):
-                    if line:
-                        flight = line.popleft()
-                        waiter = flight.waiter
-                        if (waiter is None or waiter.done()) and not flight.wanted():
-                            self._drop(flight)  # every caller left before it started
-                            continue
-                        self._start(flight, True)
-                        del flight, waiter  # see call()
-                    else:
-                        asking = self._slot_waiters.popleft()
-                        if not asking.done():
-                            self.running += 1
-                            asking.set_result(True)
-                elif self._refresh_line and self._spare_free():
-                    self._start(self._refresh_line.popleft(), True, spare=True)
-                else:
-                    break
-        finally:
-            self._starting = False
+    def _admit(self, flight: Flight[K, R], spare: bool) -> None:
+        """flight's turn for a slot has come (``spare``: a background refresh's spare slot)."""
+        if not spare:
+            waiter = flight.waiter
+            if (waiter is None or waiter.done()) and not flight.wanted():
+                self._drop(flight)  # every caller left before it started
+                return
+            del waiter  # see call()
+        self._start(flight, True, spare=spare)
+        del flight  # see call()
 
     def _drop(self, flight: Flight[K, R]) -> None:
         """Forget a flight that never started, counting its calls."""
@@ -991,34 +765,23 @@ class FlightTable(Generic[K, R]):
         """Wait for a slot (``slotless`` tables): True once taken, and the caller must
         ``release()`` it after; False if flight was lent one meanwhile (``join()``: a caller
         of it holds a slot and awaits it), which it then computes in without taking its own."""
-        if self.running - self.spare < self.maxsize and not self._slot_waiters:
-            self.running += 1
-            return True
-        waiter: asyncio.Future[bool] = self.loop.create_future()
-        self._slot_waiters.append(waiter)
-        if flight is not None:
+        if flight is None:
+            return await self.slots.acquire()
+
+        def asking(waiter: asyncio.Future[bool] | None) -> None:
             flight.asking = waiter
-        try:
-            return await waiter
-        except BaseException:
-            if waiter.done() and not waiter.cancelled() and waiter.result():
-                self._release_slot()  # given the slot, then cancelled: pass it on
-            else:
-                waiter.cancel()  # skipped when its turn comes
-            raise
-        finally:
-            if flight is not None:
-                flight.asking = None
+
+        return await self.slots.acquire(asking)
 
     def release(self) -> None:
         """Give back a slot taken with ``slot()``."""
-        self._release_slot()
+        self.slots.release()
 
     def computing(self) -> int:
         """How many computations run now: in a slot of their own, or in the slot of a
         computation that awaits them. (A ``slotless`` table's flights hold no slot while they
         wait for another process, so there only those in ``counted()`` are.)"""
-        return self.computations if self.slotless else self.running + self.borrowed
+        return self.computations if self.slotless else self.slots.running + self.borrowed
 
     async def counted(self, work: Callable[[], Awaitable[R]]) -> R:
         """Run work(), a ``slotless`` table's computation proper, counted in ``computing()``."""
@@ -1047,33 +810,45 @@ class FlightTable(Generic[K, R]):
         self.borrowed += 1
         if flight.spare:
             flight.spare = False
-            self.spare -= 1
-        self._release_slot()
+            self.slots.unspare()
+        self.slots.release()
 
     def accepted(self) -> list[Flight[K, R]]:
         """The items in line that are accepted: their callers wait for a slot.
 
         Items whose callers all left hold no place: they are dropped when their turn comes.
         """
-        return [f for f in self._line if f.wanted()][: self.maxsize]
+        return [f for f in self.slots.line if f.wanted()][: self.maxsize]
 
     def outside(self) -> list[Flight[K, R]]:
         """The items in line beyond the accepted: their callers wait for room."""
-        return [f for f in self._line if f.wanted()][self.maxsize :]
+        return [f for f in self.slots.line if f.wanted()][self.maxsize :]
+
+    def lines(self) -> tuple[int, int, int]:
+        """How many wait for a slot: items in line (their callers' left or not), background
+        refreshes waiting for a spare slot, computations waiting in ``slot()``."""
+        line, refreshes, tasks = self.slots.snapshot()
+        return len(line), len(refreshes), tasks
+
+    def waiting(self) -> int:
+        """How many items wait for a slot: in line with a caller left, background refreshes, and
+        computations waiting in ``slot()``. Safe to call from another thread (metrics)."""
+        line, refreshes, tasks = self.slots.snapshot()
+        return sum(f.wanted() for f in line) + len(refreshes) + tasks
 
     # -- shutting down --------------------------------------------------------------------------
 
     def close(self) -> None:
         """Refuse new work: callers of items still waiting for room get QueueShutDown."""
         self.closing = True
-        for flight in [f for f in self._line if not f.wanted()]:
-            self._line.remove(flight)
+        slots = self.slots
+        for flight in [f for f in slots.line if not f.wanted()]:
+            slots.remove(flight)
             self._drop(flight)
-        while self._refresh_line:  # nobody waits for them: they are dropped
-            self._drop(self._refresh_line.popleft())
-        line = self._line
-        while len(line) > self.maxsize:
-            flight = line.pop()
+        for flight in slots.clear_line(low=True):  # nobody waits for them: they are dropped
+            self._drop(flight)
+        while len(slots.line) > self.maxsize:
+            flight = slots.pop_last()
             exc = QueueShutDown("the queue was closed while waiting for room")
             for waiter in flight.futures():
                 if not waiter.done():
@@ -1099,11 +874,12 @@ class FlightTable(Generic[K, R]):
         """
         tasks: list[asyncio.Task[None]] = []
         unfinished = [*self.flights.values(), *self._forgotten]
-        self._line.clear()
-        self._refresh_line.clear()
+        self.slots.clear_line()
+        self.slots.clear_line(low=True)
         for flight in unfinished:
             if flight.status is _WAITING:  # accepted, never started: its callers get an outcome
-                self._count(flight)
+                count_started(self.counts, flight.background, flight.uncounted, False)
+                flight.uncounted = 0
             self._fail(
                 flight,
                 ShutdownTimeout(f"{flight.key!r} did not finish within finish_timeout={grace}s"),
@@ -1125,20 +901,6 @@ class FlightTable(Generic[K, R]):
                 "%d computation(s) ignored cancellation at shutdown and are still running",
                 len(pending),
             )
-
-
-def _awaits(
-    parent: Flight[Any, Any], flight: Flight[Any, Any], waiter: asyncio.Future[Any]
-) -> None:
-    """Record that parent's computation awaits flight through waiter. A wait that has ended
-    (waiter done, even cancelled a moment ago) is no edge, whatever happens to flight later."""
-    awaiting = parent.awaiting
-    if awaiting is None:
-        parent.awaiting = [(flight, waiter)]
-        return
-    if len(awaiting) >= 64:
-        awaiting[:] = [(f, w) for f, w in awaiting if not w.done() and f.status is not _FINISHED]
-    awaiting.append((flight, waiter))
 
 
 def _refused() -> QueueShutDown:

@@ -239,9 +239,10 @@ class RefreshMachine(RuleBasedStateMachine):
             f"calls {waiting} wait for a slot while {callers} of {self.maxsize} slots for "
             f"callers are taken ({table.spare} by refreshes)"
         )
-        if table._refresh_line:
-            assert table.running >= self.maxsize or table._line, (
-                f"refreshes wait although a slot is spare: {table._refresh_line}"
+        in_line, refreshes, _ = table.lines()
+        if refreshes:
+            assert table.running >= self.maxsize or in_line, (
+                f"refreshes wait although a slot is spare: {table.slots}"
             )
 
     @invariant()

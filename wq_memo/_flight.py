@@ -42,9 +42,12 @@ from ._errors import QueueShutDown, ShutdownTimeout
 from ._lookups import Lookup, Lookups, NotAsync, look_up
 from ._nesting import awaits, check_no_cycle, current, hand_over, leave_lender, lend, lender_of
 from ._slots import Slots
-from ._status import FINISHED as _FINISHED
-from ._status import RUNNING as _RUNNING
-from ._status import WAITING as _WAITING
+from ._state import AWAITING_ELSEWHERE as _AWAITING_ELSEWHERE
+from ._state import FINISHED as _FINISHED
+from ._state import RUNNING as _RUNNING
+from ._state import RUNNING_LENT as _RUNNING_LENT
+from ._state import WAITING as _WAITING
+from ._state import State
 
 __all__ = ("Flight", "FlightTable")
 
@@ -67,7 +70,6 @@ class Flight(Generic[K, R]):
         "asking",
         "awaiting",
         "background",
-        "borrowed",
         "borrowers",
         "computing",
         "context",
@@ -80,7 +82,7 @@ class Flight(Generic[K, R]):
         "parent",
         "refresh",
         "spare",
-        "status",
+        "state",
         "storing",
         "task",
         "uncounted",
@@ -104,7 +106,8 @@ class Flight(Generic[K, R]):
         self.joiners: list[asyncio.Future[R]] | None = None
         """The futures of the callers who joined it."""
         self.parent = parent
-        self.status = _RUNNING
+        self.state: State = _WAITING
+        """Where it is in its life (see _state); changed only in this module."""
         self.task: asyncio.Task[None] | None = None
         self.context: contextvars.Context | None = None
         self.outcome: tuple[bool, Any] | None = None
@@ -112,10 +115,8 @@ class Flight(Generic[K, R]):
         self.awaiting: list[tuple[Flight[Any, Any], asyncio.Future[Any]]] | None = None
         """Flights this one's computation awaits, each with the future it waits on: an edge
         of the graph cycles live in while that future is pending."""
-        self.borrowed = False
-        """Runs without a slot of its own: in its lender's, or (slotless) taking one to compute."""
         self.lender: Flight[Any, Any] | None = None
-        """The computation of this table whose slot it runs in (it awaits this one)."""
+        """RUNNING_LENT: the computation of this table whose slot it runs in (which awaits it)."""
         self.borrowers: list[Flight[Any, Any]] | None = None
         """The computations running in this one's slot."""
         self.refresh = False
@@ -123,12 +124,13 @@ class Flight(Generic[K, R]):
         self.background = False
         """A refresh nobody called for: its failure is reported, not delivered."""
         self.computing = False
-        """Whether its computation has begun (with ``slotless``, once it has a slot)."""
+        """Whether its computation proper has begun: at its start, or (AWAITING_ELSEWHERE) once
+        it computes here, in a slot it took with ``slot()`` or one lent to it."""
         self.forgotten = False
         self.uncounted = 0
         """Callers who joined it while it waited in line, counted when it starts."""
         self.spare = False
-        """Holds a spare slot (a background refresh): callers' computations do not count it."""
+        """RUNNING in a spare slot (a background refresh): callers' computations do not count it."""
         self.waited = False
         """Waited in line before it started."""
         self.asking: asyncio.Future[bool] | None = None
@@ -140,7 +142,7 @@ class Flight(Generic[K, R]):
         after delivery."""
 
     def __repr__(self) -> str:
-        return f"<Flight {self.key!r} {self.status.value} callers={self.callers}>"
+        return f"<Flight {self.key!r} {self.state.value} callers={self.callers}>"
 
     @property
     def callers(self) -> int:
@@ -235,8 +237,7 @@ class FlightTable(Generic[K, R]):
         """The slots computations run in, and the lines of items waiting for one (background
         refreshes in a line of their own, for spare slots)."""
         self.borrowed = 0
-        """Computations running in the slot of a computation that awaits them (with
-        ``slotless``: flights started without a slot)."""
+        """Flights RUNNING_LENT or AWAITING_ELSEWHERE: running in no slot of their own."""
         self.computations = 0
         """With ``slotless``: the computations running now (see ``counted()``)."""
         self.live = 0
@@ -286,7 +287,7 @@ class FlightTable(Generic[K, R]):
         if flight is not None:
             if lookup is not None:
                 self.answer(key, lookup, (False, flight))
-            if refresh and flight.status is _WAITING:
+            if refresh and flight.state is _WAITING:
                 flight.refresh = True  # computed when its turn comes, not looked up again
             return self.join(flight)
         waiter: asyncio.Future[R] = (
@@ -335,7 +336,6 @@ class FlightTable(Generic[K, R]):
             if slots.spare_free() and not slots.refresh_line:
                 self._start(flight, False, spare=True)
             else:
-                flight.status = _WAITING
                 flight.context = contextvars.copy_context()
                 slots.enqueue(flight, low=True)
         elif self.slotless or (slots.running - slots.spare < slots.maxsize and not slots.line):
@@ -343,7 +343,6 @@ class FlightTable(Generic[K, R]):
         elif parent is not None and (lender := self.lender_of(parent)) is not None:
             self._start(flight, False, lender=lender)
         else:
-            flight.status = _WAITING
             flight.context = contextvars.copy_context()
             slots.enqueue(flight)
         del flight  # see call()
@@ -357,7 +356,7 @@ class FlightTable(Generic[K, R]):
         if parent is not None:
             check_no_cycle(parent, flight)
             awaits(parent, flight, waiter)
-            if flight.status is _WAITING and (lender := self.lender_of(parent)) is not None:
+            if flight.state is _WAITING and (lender := self.lender_of(parent)) is not None:
                 # Its callers' computations hold the slots it waits for: run it in theirs.
                 self.slots.remove(flight)
                 self._start(flight, True, lender=lender)
@@ -368,8 +367,9 @@ class FlightTable(Generic[K, R]):
             ):
                 # Under way (slotless), its computation waits for a slot a caller holds: the same.
                 lend(flight, lender)
+                flight.state = _RUNNING_LENT
                 Slots.lend(asking)
-        if flight.status is _WAITING and flight.background and not flight.uncounted:
+        if flight.state is _WAITING and flight.background and not flight.uncounted:
             self._promote(flight)
         outcome = flight.outcome
         if outcome is not None:  # delivered already (being stored, or ended in an eager step)
@@ -380,9 +380,9 @@ class FlightTable(Generic[K, R]):
                 waiter.cancel()
             else:
                 waiter.set_exception(outcome[1])
-                waiter.exception()  # retrieved: see _fail
+                waiter.exception()  # retrieved: see _settle
             return waiter
-        if flight.status is _WAITING:
+        if flight.state is _WAITING:
             flight.uncounted += 1
         else:
             count_joined(self.counts)
@@ -413,10 +413,8 @@ class FlightTable(Generic[K, R]):
     def needs_slot(self, flight: Flight[K, R]) -> bool:
         """Whether flight, started without a slot (``slotless``), must take one to compute: it
         runs in no lender's slot, and in no slot of a computation of this table calling it."""
-        return (
-            flight.borrowed
-            and flight.lender is None
-            and (flight.parent is None or self.lender_of(flight.parent) is None)
+        return flight.state is _AWAITING_ELSEWHERE and (
+            flight.parent is None or self.lender_of(flight.parent) is None
         )
 
     def computes(self, flight: Flight[K, R]) -> None:
@@ -484,7 +482,6 @@ class FlightTable(Generic[K, R]):
         refresh). ``lender``: it runs in that computation's slot; ``borrowed``: it runs without
         a slot (slotless tables); ``spare``: it takes a spare slot (a background refresh).
         """
-        flight.status = _RUNNING
         flight.waited = waited
         flight.computing = spare or not self.slotless
         count_started(
@@ -493,11 +490,13 @@ class FlightTable(Generic[K, R]):
         flight.uncounted = 0
         if lender is not None:
             lend(flight, lender)
-            borrowed = True
-        if borrowed:
-            flight.borrowed = True
+            flight.state = _RUNNING_LENT
+            self.borrowed += 1
+        elif borrowed:
+            flight.state = _AWAITING_ELSEWHERE
             self.borrowed += 1
         else:
+            flight.state = _RUNNING
             self.slots.take(1, spare)
             if spare:
                 flight.spare = True
@@ -514,7 +513,7 @@ class FlightTable(Generic[K, R]):
             task = Task(coro, loop=self.loop, context=context, eager_start=True)  # type: ignore[call-arg]
         else:
             task = Task(coro, loop=self.loop, context=context)
-        if flight.status is not _FINISHED:  # else it ended within its first, eager, step
+        if flight.state is not _FINISHED:  # else it ended within its first, eager, step
             flight.task = task
         del flight, task, context, coro  # see call()
 
@@ -522,6 +521,7 @@ class FlightTable(Generic[K, R]):
         # Few locals: this frame lives as long as the computation (a call in flight's memory).
         current.set(flight)
         started: float | None = None  # set while listeners are told of computations
+        outcome: tuple[bool, Any] | None = None  # None: delivered already, or nobody to tell
         try:
             if waited:
                 # The value may have been stored while it waited.
@@ -535,7 +535,7 @@ class FlightTable(Generic[K, R]):
                     raise
                 if result is not self.miss:
                     count_first(self.counts, True)
-                    self._deliver(flight, result)
+                    outcome = (True, result)
                     return
                 count_first(self.counts, False)
             if _listeners.active:
@@ -550,31 +550,33 @@ class FlightTable(Generic[K, R]):
             if started is not None:
                 _listeners.computed(self.counts.name, started, asyncio.CancelledError)
             self._cancelled(flight)
+            outcome = (False, asyncio.CancelledError())
             raise
         except BaseException as exc:
             if started is not None:
                 _listeners.computed(self.counts.name, started, type(exc))
-            if self._raised(flight, exc):
+            if not self._destroyed(flight, exc):
+                outcome = (False, exc)
+            if outcome is None or isinstance(exc, KeyboardInterrupt | SystemExit):
                 raise
         else:
             if started is not None:
                 _listeners.computed(self.counts.name, started, None)
+            outcome = (True, result)
             if self.store_now is not None:
                 if not flight.forgotten:
                     self._store_now(flight, result)
-                self._deliver(flight, result)
-            else:
-                self._deliver(flight, result)
-                if self.store is not None and not flight.forgotten:
-                    await self._store(flight, result)
+            elif self.store is not None and not flight.forgotten:
+                self._settle(flight, outcome)  # callers do not wait for the store
+                await self._store(flight, result)
         finally:
-            self._finish(flight)
-            # A failure's traceback keeps this frame: without flight in it, no cycle
+            self._end(flight, outcome)
+            # A failure's traceback keeps this frame: without flight and outcome in it, no cycle
             # (exception -> traceback -> frame -> flight -> outcome -> exception) outlives it.
-            del flight
+            del flight, outcome
 
     def _cancelled(self, flight: Flight[K, R]) -> None:
-        """The computation ended with CancelledError: its callers are cancelled."""
+        """The computation ended with CancelledError: its callers are to be cancelled."""
         task = asyncio.current_task(self.loop)
         if task is not None and task.cancelling():
             # Cancelled from outside the queue (a shutdown, or its loop cancelling every task
@@ -587,19 +589,14 @@ class FlightTable(Generic[K, R]):
                 "its callers are cancelled too",
                 flight.key,
             )
-        self._cancel(flight)
 
-    def _raised(self, flight: Flight[K, R], exc: BaseException) -> bool:
-        """The computation raised exc: deliver it; return whether it must propagate."""
-        if isinstance(exc, GeneratorExit) and (
+    def _destroyed(self, flight: Flight[K, R], exc: BaseException) -> bool:
+        """Whether exc was thrown in because the task is being destroyed (outside any step of
+        it): nobody is left to tell. Raised by the worker itself, it reaches the callers."""
+        return isinstance(exc, GeneratorExit) and (
             self.loop.is_closed()
             or (flight.task is not None and asyncio.current_task(self.loop) is not flight.task)
-        ):
-            # Thrown in because the task is being destroyed (outside any step of it): nobody
-            # is left to tell. Raised by the worker itself, it reaches the callers.
-            return True
-        self._fail(flight, exc)
-        return isinstance(exc, KeyboardInterrupt | SystemExit)
+        )
 
     def _store_now(self, flight: Flight[K, R], result: R) -> None:
         assert self.store_now is not None
@@ -620,72 +617,76 @@ class FlightTable(Generic[K, R]):
                 "cache_set failed for %r; the result was returned uncached", flight.key
             )
 
-    def _deliver(self, flight: Flight[K, R], value: R) -> None:
-        if flight.outcome is not None:  # failed already by a shutdown
-            return
-        flight.outcome = (True, value)
-        waiter = flight.waiter
-        if waiter is not None:
-            flight.waiter = None
-            if not waiter.done():
-                waiter.set_result(value)
-        joiners = flight.joiners
-        if joiners is not None:
-            flight.joiners = None
-            for waiter in joiners:
-                if not waiter.done():
-                    waiter.set_result(value)
+    def _settle(self, flight: Flight[K, R], outcome: tuple[bool, Any]) -> None:
+        """Deliver outcome, ``(True, value)`` or ``(False, exception)``, to every caller of
+        flight, once: a later outcome (a result after a shutdown failed it) is dropped.
 
-    def _fail(self, flight: Flight[K, R], exc: BaseException) -> None:
-        """Deliver exc to every caller of flight; log it if nobody is left to receive it."""
+        A CancelledError cancels the callers. A failure nobody is left to receive is logged; a
+        background refresh's is reported instead (``on_refresh_failed``).
+        """
         if flight.outcome is not None:
             return
-        flight.outcome = (False, exc)
+        flight.outcome = outcome
+        ok, what = outcome
+        if ok:
+            waiter = flight.waiter
+            if waiter is not None:
+                flight.waiter = None
+                if not waiter.done():
+                    waiter.set_result(what)
+            joiners = flight.joiners
+            if joiners is not None:
+                flight.joiners = None
+                for waiter in joiners:
+                    if not waiter.done():
+                        waiter.set_result(what)
+            return
+        futures = flight.futures()
+        flight.waiter = flight.joiners = None
+        if isinstance(what, asyncio.CancelledError):
+            for waiter in futures:
+                waiter.cancel()
+            return
         received = False
-        for waiter in flight.futures():
+        for waiter in futures:
             if not waiter.done():
-                waiter.set_exception(exc)
+                waiter.set_exception(what)
                 # Marked retrieved: a caller cancelled before it resumes would leave it unread.
                 waiter.exception()
                 received = True
-        flight.waiter = flight.joiners = None
         if flight.background:
             count_refresh_failed(self.counts)
             if self.on_refresh_failed is not None:
-                self.on_refresh_failed(flight.key, exc)
+                self.on_refresh_failed(flight.key, what)
         elif not received:
             logger.error(
                 "computing %r failed and no caller was left to receive the error",
                 flight.key,
-                exc_info=exc,
+                exc_info=what,
             )
-
-    def _cancel(self, flight: Flight[K, R]) -> None:
-        if flight.outcome is not None:
-            return
-        flight.outcome = (False, asyncio.CancelledError())
-        for waiter in flight.futures():
-            waiter.cancel()
-        flight.waiter = flight.joiners = None
 
     def _cancel_waiting(self) -> None:
         for low in (False, True):
             for flight in self.slots.clear_line(low):
                 self._count_unstarted(flight)
-                self._cancel(flight)
-                self._finish(flight)
+                self._end(flight, (False, asyncio.CancelledError()))
 
     def _count_unstarted(self, flight: Flight[K, R]) -> None:
         """Count the calls of a flight that ends without starting: a miss and joins."""
         count_unstarted(self.counts, flight.background, flight.uncounted)
         flight.uncounted = 0
 
-    def _finish(self, flight: Flight[K, R]) -> None:
-        """Take flight out of the table, free its slot and start the next item in line."""
-        status = flight.status
-        if status is _FINISHED:
+    def _end(self, flight: Flight[K, R], outcome: tuple[bool, Any] | None) -> None:
+        """The one way a flight ends, whatever ended it: deliver outcome (unless delivered
+        already, or None), take flight out of the table, and give back its slot, to the next
+        item in line or to the computations running in it. A flight ending while WAITING has
+        been taken out of its line by the caller. Ending it again does nothing."""
+        if outcome is not None and flight.outcome is None:
+            self._settle(flight, outcome)
+        state = flight.state
+        if state is _FINISHED:
             return
-        flight.status = _FINISHED
+        flight.state = _FINISHED
         # The task's context refers back to the flight: break the cycle, so that reference
         # counting frees them at once, without waiting for the garbage collector.
         flight.task = flight.awaiting = None
@@ -697,20 +698,18 @@ class FlightTable(Generic[K, R]):
                 del self.flights[flight.key]
             except KeyError:
                 self._unmap(flight)
-        if status is not _RUNNING:
-            pass
-        elif flight.borrowed:
-            self.borrowed -= 1
-            leave_lender(flight)
-            if flight.borrowers is not None:
-                # Its own slot, if it took one to compute (slotless), is given back already.
-                self._hand_over(flight, flight.lender, held=False)
-        else:
+        if state is _RUNNING:
             if flight.spare:  # a computation it hands its slot to is a caller's: not spare
                 flight.spare = False
                 self.slots.unspare()
             if flight.borrowers is None or not self._hand_over(flight, None, held=True):
                 self.slots.release()
+        elif state is not _WAITING:  # RUNNING_LENT or AWAITING_ELSEWHERE: no slot of its own
+            self.borrowed -= 1
+            leave_lender(flight)
+            if flight.borrowers is not None:
+                # Its own slot, if it took one to compute (slotless), is given back already.
+                self._hand_over(flight, flight.lender, held=False)
         if not self.live and self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
 
@@ -732,7 +731,7 @@ class FlightTable(Generic[K, R]):
             return False
         if lender is None:
             for borrower in moved:
-                borrower.borrowed = False
+                borrower.state = _RUNNING
             self.borrowed -= len(moved)
             # Slots of their own, over the bound; flight's own, if it ``held`` it, is the first's.
             self.slots.take(len(moved) - 1 if held else len(moved))
@@ -752,14 +751,9 @@ class FlightTable(Generic[K, R]):
         del flight  # see call()
 
     def _drop(self, flight: Flight[K, R]) -> None:
-        """Forget a flight that never started, counting its calls."""
-        flight.status = _FINISHED
+        """End a flight that never started (out of its line), counting its calls."""
         self._count_unstarted(flight)
-        self.live -= 1
-        if self.flights.get(flight.key) is flight:
-            del self.flights[flight.key]
-        if not self.live and self._drained is not None and not self._drained.done():
-            self._drained.set_result(None)
+        self._end(flight, None)
 
     async def slot(self, flight: Flight[K, R] | None = None) -> bool:
         """Wait for a slot (``slotless`` tables): True once taken, and the caller must
@@ -794,24 +788,79 @@ class FlightTable(Generic[K, R]):
     async def hold(self, flight: Flight[K, R]) -> None:
         """Wait for a slot for flight, started without one (``slotless``), and make it flight's
         own: it is given back when flight ends, or with ``give_back()``."""
-        if not flight.borrowed or flight.lender is not None:
+        if flight.state is not _AWAITING_ELSEWHERE:
             return
         await self.slot()
-        flight.borrowed = False
+        flight.state = _RUNNING
         self.borrowed -= 1
         flight.computing = True
 
     def give_back(self, flight: Flight[K, R]) -> None:
         """flight, holding a slot of its own (``slotless``), goes on without one: to wait for
         another process. Its computation takes one again with ``slot()`` if it must."""
-        if flight.status is not _RUNNING or flight.borrowed or flight.borrowers:
+        if flight.state is not _RUNNING or flight.borrowers:
             return
-        flight.borrowed = True
+        flight.state = _AWAITING_ELSEWHERE
         self.borrowed += 1
         if flight.spare:
             flight.spare = False
             self.slots.unspare()
         self.slots.release()
+
+    def check(self) -> None:
+        """Assert the table's invariants; for tests, between steps of the event loop.
+
+        Every flight not finished is either the one its key maps to or forgotten, and counted
+        in ``live``; the lines hold exactly the WAITING flights (background refreshes alone in
+        theirs); the slots taken are those of the RUNNING flights (a ``slotless`` table's
+        computations also take slots with ``slot()``), the spare ones those of the RUNNING
+        background refreshes; ``borrowed`` counts the flights running in no slot of their own;
+        a flight RUNNING_LENT runs in the slot of a live lender that lists it as a borrower.
+        """
+        mapped = list(self.flights.values())
+        flights = mapped + list(self._forgotten)
+        ids = {id(f) for f in flights}
+        assert len(ids) == len(flights), f"a flight is both mapped and forgotten: {flights}"
+        assert self.live == len(flights), f"live={self.live}, but {len(flights)} flights"
+        for flight in mapped:
+            assert not flight.forgotten, f"{flight} is forgotten yet mapped"
+        for flight in flights:
+            assert flight.state is not _FINISHED, f"{flight} has finished yet stays"
+        line, refreshes, _ = self.slots.snapshot()
+        queued = [*line, *refreshes]
+        assert len({id(f) for f in queued}) == len(queued), f"a flight is twice in line: {queued}"
+        assert all(f.background for f in refreshes), f"not a refresh, in its line: {refreshes}"
+        waiting = [f for f in flights if f.state is _WAITING]
+        assert {id(f) for f in queued} == {id(f) for f in waiting}, (
+            f"in line {queued}, but WAITING {waiting}"
+        )
+        running = [f for f in flights if f.state is _RUNNING]
+        slots = self.slots
+        if self.slotless:
+            assert slots.running >= len(running), f"{slots}, but {len(running)} run: {running}"
+        else:
+            assert slots.running == len(running), f"{slots}, but {len(running)} run: {running}"
+        spare = [f for f in flights if f.spare]
+        assert all(f.state is _RUNNING and f.background for f in spare), f"spare: {spare}"
+        assert slots.spare == len(spare), f"{slots}, but {len(spare)} in spare slots: {spare}"
+        slotless = [f for f in flights if f.state in (_RUNNING_LENT, _AWAITING_ELSEWHERE)]
+        assert self.borrowed == len(slotless), f"borrowed={self.borrowed}, but {slotless}"
+        for flight in flights:
+            lender = flight.lender
+            if flight.state is _RUNNING_LENT:
+                assert lender is not None, f"{flight} runs in a lent slot with no lender"
+                assert id(lender) in ids, f"{flight} is lent a slot by {lender}, not in flight"
+                assert lender.state is not _WAITING, f"{flight} lent a slot by {lender}"
+                assert lender.borrowers is not None, f"{lender} lends {flight} no slot"
+                assert flight in lender.borrowers, f"{flight} not among {lender.borrowers}"
+            elif flight.state is not _WAITING:
+                assert lender is None, f"{flight} has a lender {lender}"
+            for borrower in flight.borrowers or ():
+                assert borrower.lender is flight, f"{flight} lends its slot to {borrower}"
+                assert borrower.state is _RUNNING_LENT, f"{flight} lends its slot to {borrower}"
+            asking = flight.asking
+            if asking is not None and not asking.done():
+                assert flight.state is _AWAITING_ELSEWHERE, f"{flight} asks for a slot"
 
     def accepted(self) -> list[Flight[K, R]]:
         """The items in line that are accepted: their callers wait for a slot.
@@ -848,18 +897,8 @@ class FlightTable(Generic[K, R]):
         for flight in slots.clear_line(low=True):  # nobody waits for them: they are dropped
             self._drop(flight)
         while len(slots.line) > self.maxsize:
-            flight = slots.pop_last()
-            exc = QueueShutDown("the queue was closed while waiting for room")
-            for waiter in flight.futures():
-                if not waiter.done():
-                    waiter.set_exception(exc)
-                    waiter.exception()
-            flight.waiter = flight.joiners = None
-            flight.outcome = (False, exc)
-            flight.status = _FINISHED
-            self.live -= 1
-            if self.flights.get(flight.key) is flight:
-                del self.flights[flight.key]
+            refused = QueueShutDown("the queue was closed while waiting for room")
+            self._end(slots.pop_last(), (False, refused))
 
     async def wait_drained(self) -> None:
         """Wait until every accepted item has finished."""
@@ -877,18 +916,16 @@ class FlightTable(Generic[K, R]):
         self.slots.clear_line()
         self.slots.clear_line(low=True)
         for flight in unfinished:
-            if flight.status is _WAITING:  # accepted, never started: its callers get an outcome
+            if flight.state is _WAITING:  # accepted, never started: its callers get an outcome
                 count_started(self.counts, flight.background, flight.uncounted, False)
                 flight.uncounted = 0
-            self._fail(
-                flight,
-                ShutdownTimeout(f"{flight.key!r} did not finish within finish_timeout={grace}s"),
-            )
+            exc = ShutdownTimeout(f"{flight.key!r} did not finish within finish_timeout={grace}s")
             if flight.task is not None and not flight.task.done():
+                self._settle(flight, (False, exc))  # at once: its task ends when it ends
                 flight.task.cancel()
                 tasks.append(flight.task)
             else:
-                self._finish(flight)
+                self._end(flight, (False, exc))
         if not tasks:
             return
         await asyncio.sleep(0)

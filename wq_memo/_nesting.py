@@ -21,7 +21,7 @@ import contextvars
 from collections.abc import Container, Mapping
 from typing import TYPE_CHECKING, Any, Final
 
-from ._status import FINISHED, RUNNING
+from ._state import FINISHED, RUNNING_LENT
 
 if TYPE_CHECKING:
     import asyncio
@@ -44,7 +44,7 @@ def _reaches(start: Flight[Any, Any], target: Flight[Any, Any]) -> bool:
         flight = stack.pop()
         if flight is target:
             return True
-        if id(flight) in seen or flight.status is FINISHED:
+        if id(flight) in seen or flight.state is FINISHED:
             continue
         seen.add(id(flight))
         if flight.awaiting:
@@ -69,7 +69,7 @@ def awaits(parent: Flight[Any, Any], flight: Flight[Any, Any], waiter: asyncio.F
         parent.awaiting = [(flight, waiter)]
         return
     if len(awaiting) >= 64:
-        awaiting[:] = [(f, w) for f, w in awaiting if not w.done() and f.status is not FINISHED]
+        awaiting[:] = [(f, w) for f, w in awaiting if not w.done() and f.state is not FINISHED]
     awaiting.append((flight, waiter))
 
 
@@ -83,8 +83,8 @@ def lender_of(
     flight: Flight[Any, Any] | None = parent
     while flight is not None:
         if (
-            flight.status is RUNNING
-            and flight.computing
+            flight.computing
+            and flight.state is not FINISHED
             and (flights.get(flight.key) is flight or flight in forgotten)
         ):
             return flight
@@ -114,7 +114,7 @@ def hand_over(flight: Flight[Any, Any], lender: Flight[Any, Any] | None) -> list
     Returns the computations moved."""
     borrowers = flight.borrowers
     flight.borrowers = None
-    live = [b for b in borrowers or () if b.status is RUNNING]
+    live = [b for b in borrowers or () if b.state is RUNNING_LENT]
     for borrower in live:
         borrower.lender = lender
         if lender is not None:

@@ -15,7 +15,7 @@ from ._counts import Counts, count_hit
 from ._errors import QueueShutDown
 from ._flight import _NO_KWARGS, Flight, FlightTable
 from ._lookups import NotAsync, look_up
-from ._status import FINISHED
+from ._state import FINISHED
 
 __all__ = ("WorkerQueue",)
 
@@ -244,7 +244,7 @@ class WorkerQueue(Generic[T, R]):
                     if self._on_hit is not None:
                         self._on_hit(key, args, kwargs or _NO_KWARGS)
                     return what  # type: ignore[no-any-return]
-                if what.status is not FINISHED or what.outcome is not None:
+                if what.state is not FINISHED or what.outcome is not None:
                     return await table.join(what)
                 # Its computation ended with nobody to tell (every caller left): start over.
             # Otherwise that caller left without an answer (cancelled, refused): start over.

@@ -922,6 +922,12 @@ class QueueModelMachine(RuleBasedStateMachine):
         assert not self.violations, self.violations
 
     @invariant()
+    def the_table_is_consistent(self) -> None:
+        table = self.queue_table()
+        if table is not None:
+            table.check()
+
+    @invariant()
     def each_computation_runs_in_its_first_callers_context(self) -> None:
         """The caller whose call made a computation's flight is the tenant it runs as, whether
         it starts at once or after waiting in line, and whatever lookups did meanwhile."""

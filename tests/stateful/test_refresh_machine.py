@@ -205,6 +205,12 @@ class RefreshMachine(RuleBasedStateMachine):
         assert not self.violations, self.violations
 
     @invariant()
+    def the_table_is_consistent(self) -> None:
+        table = self.f.queue._table if hasattr(self, "f") else None
+        if table is not None:
+            table.check()
+
+    @invariant()
     def the_cache_holds_the_live_entries(self) -> None:
         if not hasattr(self, "cache"):
             return

@@ -145,6 +145,7 @@ class Harness:
         assert table.live == 0
         assert table.lines() == (0, 0, 0)
         assert not table.lookups
+        table.check()
 
 
 def make(*, maxsize: int = 3, finish_timeout: float = 3.0, yields: bool = False) -> Harness:

@@ -233,7 +233,7 @@ class FlightTable(Generic[K, R]):
         self.on_refresh_failed = on_refresh_failed
         self.flights: dict[K, Flight[K, R]] = {}
         self.lookups: Lookups[K] = Lookups()
-        self.slots: Slots[Flight[K, R]] = Slots(maxsize, self._admit, self._can_admit)
+        self.slots: Slots[Flight[K, R]] = Slots(maxsize, self._admit, loop)
         """The slots computations run in, and the lines of items waiting for one (background
         refreshes in a line of their own, for spare slots)."""
         self.borrowed = 0
@@ -260,9 +260,6 @@ class FlightTable(Generic[K, R]):
     def spare(self) -> int:
         """Spare slots taken (background refreshes, which callers' computations do not count)."""
         return self.slots.spare
-
-    def _can_admit(self) -> bool:
-        return not self.loop.is_closed()  # destroyed with its loop: nothing can start now
 
     # -- accepting ------------------------------------------------------------------------------
 
@@ -682,7 +679,22 @@ class FlightTable(Generic[K, R]):
         item in line or to the computations running in it. A flight ending while WAITING has
         been taken out of its line by the caller. Ending it again does nothing."""
         if outcome is not None and flight.outcome is None:
-            self._settle(flight, outcome)
+            if outcome[0]:  # a result, the common case: delivered here, a call less
+                flight.outcome = outcome
+                value = outcome[1]
+                waiter = flight.waiter
+                if waiter is not None:
+                    flight.waiter = None
+                    if not waiter.done():
+                        waiter.set_result(value)
+                joiners = flight.joiners
+                if joiners is not None:
+                    flight.joiners = None
+                    for waiter in joiners:
+                        if not waiter.done():
+                            waiter.set_result(value)
+            else:
+                self._settle(flight, outcome)
         state = flight.state
         if state is _FINISHED:
             return

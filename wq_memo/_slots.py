@@ -38,17 +38,13 @@ __all__ = ("Slots",)
 T = TypeVar("T")
 
 
-def _always() -> bool:
-    return True
-
-
 class Slots(Generic[T]):
     """``maxsize`` slots, lines of items and of tasks waiting for one, a line of low-priority
     items that take only spare slots.
 
     ``admit(item, spare)`` is called for an item whose turn has come; it must ``take()`` the
-    slot if it runs the item. ``can_admit()`` says whether anything may be admitted now (an owner
-    whose event loop has closed cannot start anything).
+    slot if it runs the item. Nothing is admitted once ``loop`` (if given) has closed: nothing
+    could start on it.
 
     ``running``, ``spare`` and ``maxsize`` may be read freely; change them only through the
     methods.
@@ -56,8 +52,8 @@ class Slots(Generic[T]):
 
     __slots__ = (
         "_admit",
-        "_can_admit",
         "_handing",
+        "_loop",
         "_waiters",
         "line",
         "maxsize",
@@ -70,7 +66,7 @@ class Slots(Generic[T]):
         self,
         maxsize: int,
         admit: Callable[[T, bool], None],
-        can_admit: Callable[[], bool] = _always,
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         self.maxsize = maxsize
         self.running = 0
@@ -83,7 +79,7 @@ class Slots(Generic[T]):
         """Low-priority items waiting for a spare slot (read it; change it through the methods)."""
         self._waiters: deque[asyncio.Future[bool]] = deque()
         self._admit = admit
-        self._can_admit = can_admit
+        self._loop = loop
         self._handing = False
 
     def __repr__(self) -> str:
@@ -149,8 +145,8 @@ class Slots(Generic[T]):
         self.running -= 1
         if self._handing or not (self.line or self._waiters or self.refresh_line):
             return  # nobody waits, or the loop below fills it (an eager task ended in it)
-        if not self._can_admit():
-            return
+        if self._loop is not None and self._loop.is_closed():
+            return  # destroyed with its loop: nothing can start now
         self._handing = True
         try:
             line = self.line

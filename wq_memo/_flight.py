@@ -281,6 +281,10 @@ class FlightTable(Generic[K, R]):
         if self.closing:
             raise _refused()
         flight = self.flights.get(key)
+        if flight is not None and refresh and flight.outcome is not None:
+            # Delivered, its store on its way: a refresh computes anew, and stores after it.
+            self._forget(flight)
+            flight = None
         if flight is not None:
             if lookup is not None:
                 self.answer(key, lookup, (False, flight))
@@ -436,10 +440,14 @@ class FlightTable(Generic[K, R]):
         self.lookups.forget(key)
         flight = self.flights.get(key)
         if flight is not None and flight.computing:  # else not started: it reads fresh data
-            del self.flights[key]
-            flight.forgotten = True
-            self._forgotten.add(flight)
+            self._forget(flight)
         return [f for f in self._forgotten if f.key == key] if self._forgotten else []
+
+    def _forget(self, flight: Flight[K, R]) -> None:
+        """flight, the one its key maps to, no longer is: later calls start afresh."""
+        del self.flights[flight.key]
+        flight.forgotten = True
+        self._forgotten.add(flight)
 
     def forget_all(self) -> list[Flight[K, R]]:
         """forget() every key."""
@@ -605,6 +613,20 @@ class FlightTable(Generic[K, R]):
     async def _store(self, flight: Flight[K, R], result: R) -> None:
         """Store result with the async cache (callers have it already: see _stores_done)."""
         assert self.store is not None
+        if self._forgotten:
+            # Stores of earlier computations of key still on their way land first: the last
+            # computation's value is the one left in the cache.
+            earlier = [
+                f.task
+                for f in self._forgotten
+                if f.key == flight.key and f.task is not None and f.outcome is not None
+            ]
+            me = asyncio.current_task()
+            earlier = [t for t in earlier if t is not me and not t.done()]
+            if earlier:
+                await asyncio.wait(earlier)
+            if flight.forgotten:
+                return  # invalidated meanwhile
         try:
             await self.store(flight.key, result)
         except NotAsync as exc:

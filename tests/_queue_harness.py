@@ -143,9 +143,9 @@ class Harness:
         assert table.flights == {}
         assert table.running == 0
         assert table.live == 0
-        assert not table._line
-        assert not table._slot_waiters
-        assert table.lookups == {}
+        assert table.lines() == (0, 0, 0)
+        assert not table.lookups
+        table.check()
 
 
 def make(*, maxsize: int = 3, finish_timeout: float = 3.0, yields: bool = False) -> Harness:

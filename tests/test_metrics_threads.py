@@ -156,7 +156,7 @@ def test_a_read_from_another_thread_during_a_clear_counts_nothing_twice() -> Non
     in several steps: a reader in another thread that comes meanwhile reads again once it ends,
     so that it sees every call once (a total read twice would then go down)."""
     from wq_memo import _listeners
-    from wq_memo._flight import Counts
+    from wq_memo._counts import Counts
 
     counts = Counts()
     counts.hits, counts.misses = 5, 2

@@ -284,7 +284,7 @@ async def test_a_slow_lookup_never_lets_a_second_computation_start() -> None:
     assert await gathered(queue.require("k"), queue.require("k")) == ["K", "K"]
     assert computed == ["k"]
     assert queue._table is not None
-    assert queue._table.lookups == {}
+    assert not queue._table.lookups
     assert queue._table.flights == {}
     c = queue._counts
     assert (c.hits, c.misses, c.joined) == (0, 1, 1)

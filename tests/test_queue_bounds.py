@@ -75,7 +75,7 @@ async def test_a_full_queue_makes_callers_wait_then_serves_them_all() -> None:
 def sharing_lookup(h: Harness, item: int) -> bool:
     table = h.queue._table
     assert table is not None
-    lookup = table.lookups.get(item)
+    lookup = table.lookups.under_way(item)
     return lookup is not None and lookup.answer is not None
 
 

@@ -89,7 +89,8 @@ async def test_no_bookkeeping_is_left_after_a_shutdown_in_the_middle_of_a_mix(
     assert table.flights == {}
     assert table.running == 0
     assert table.live == 0
-    assert not table._line
+    assert table.lines() == (0, 0, 0)
+    table.check()
     # The queue starts again with a clean slate.
     for gate in gates.values():
         gate.set()

@@ -106,7 +106,8 @@ async def test_a_require_sharing_a_lookup_when_aclose_ends_does_not_restart_the_
     first = asyncio.create_task(queue.require(1))
     await until(looking)
     assert queue._table is not None
-    lookup = queue._table.lookups[1]
+    lookup = queue._table.lookups.under_way(1)
+    assert lookup is not None
     second = asyncio.create_task(queue.require(1))
     await eventually(lambda: lookup.answer is not None)  # the second shares the first's lookup
     await bounded(queue.aclose())

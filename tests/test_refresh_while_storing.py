@@ -7,8 +7,6 @@ import asyncio
 from collections.abc import Hashable
 from typing import Any
 
-import pytest
-
 from wq_memo import MISSING, worker_queue
 
 WAIT = 5.0
@@ -42,11 +40,6 @@ class HeldStores:
         pass
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="f.refresh() joins a computation that has ended and whose store is on its way, and "
-    "returns its result without computing",
-)
 async def test_a_refresh_computes_even_while_the_last_result_is_being_stored() -> None:
     cache = HeldStores()
     computed = 0

@@ -28,7 +28,7 @@ import cachetools
 from .backends._protocol import MISSING, AsyncCache, Missing
 
 if TYPE_CHECKING:
-    from ._flight import Counts
+    from ._counts import Counts
     from ._methods import InstanceKeys
     from ._queue import WorkerQueue
     from ._refresh import Refresher

@@ -314,13 +314,8 @@ def _with_async_cache(
                 # in a slot of its own (see _refresh_across) or its lender's, or, made inside a
                 # computation of this queue, in that one's; else it takes one, unless a caller
                 # of it that holds a slot lends it that one meanwhile (slot() is then False).
-                took = (
-                    flight.borrowed
-                    and flight.lender is None
-                    and (flight.parent is None or table.lender_of(flight.parent) is None)
-                    and await table.slot(flight)
-                )
-                flight.computing = True
+                took = table.needs_slot(flight) and await table.slot(flight)
+                table.computes(flight)
                 try:
                     return await table.counted(lambda: func(*flight.args, **flight.kwargs))
                 finally:

@@ -9,142 +9,57 @@ An item in flight is, in order:
 - FINISHED: its outcome is delivered and it has left the table.
 
 Callers never wake up for room: each one awaits a future of its own, which the computation's
-task completes directly with the result or the exception. A slot that frees up goes to the
-first item in line, so computations start in the order their first callers arrived. Calls are
-counted when their item starts (as a miss for its first caller, joins for the others); the first
-caller of an item that waited in line is counted once its key has been looked up again, as a
-hit or a miss, so that no count is ever taken back. The table belongs to one event loop;
+task completes directly with the result or the exception. The table belongs to one event loop;
 WorkerQueue makes a new one when the loop changes.
 
-Background refreshes (nobody waits for them) never take a slot a caller could use: one starts
-only in a *spare* slot, while fewer than ``maxsize`` computations run in all and no caller waits
-for a slot, and the callers' computations do not count the spare slots against ``maxsize``. So a
-miss never waits behind a refresh; at most ``maxsize`` refreshes and ``maxsize`` computations for
-callers run at once (``2 * maxsize``), and refreshes alone never go past ``maxsize``.
+The table's other jobs live in modules of their own, which it calls with explicit arguments:
+the slots and the lines waiting for them in ``_slots`` (a slot that frees up goes to the first
+item in line, so computations start in the order their first callers arrived; background
+refreshes take only spare slots, so a miss never waits behind one), nested calls and cycles in
+``_nesting``, lookups shared among callers in ``_lookups``, and counting in ``_counts``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
-import enum
 import logging
 import sys
 from asyncio import Future, Task
-from collections import deque
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Any, Final, Generic, TypeVar
 
 from . import _listeners
+from ._counts import (
+    Counts,
+    count_first,
+    count_joined,
+    count_refresh_failed,
+    count_started,
+    count_unstarted,
+)
 from ._errors import QueueShutDown, ShutdownTimeout
+from ._lookups import Lookup, Lookups, NotAsync, look_up
+from ._nesting import awaits, check_no_cycle, current, hand_over, leave_lender, lend, lender_of
+from ._slots import Slots
+from ._state import AWAITING_ELSEWHERE as _AWAITING_ELSEWHERE
+from ._state import FINISHED as _FINISHED
+from ._state import RUNNING as _RUNNING
+from ._state import RUNNING_LENT as _RUNNING_LENT
+from ._state import WAITING as _WAITING
+from ._state import State
 
-__all__ = ("Counts", "Flight", "FlightTable", "Lookup", "Status")
+__all__ = ("Flight", "FlightTable")
 
 K = TypeVar("K", bound=Hashable)
 R = TypeVar("R")
 
 logger = logging.getLogger("wq_memo")
 
-_current: Final[contextvars.ContextVar[Flight[Any, Any] | None]] = contextvars.ContextVar(
-    "wq_memo_current_flight", default=None
-)
-"""The computation whose task the running code belongs to (None outside any computation)."""
-
 _NO_KWARGS: Final[dict[str, Any]] = {}
 
 _EAGER_START: Final = sys.version_info >= (3, 12)
 """Whether tasks can run their first step eagerly (Task(..., eager_start=True), Python 3.12+)."""
-
-
-class NotAsync(TypeError):
-    """A cache function that must be async returned something that cannot be awaited."""
-
-
-class Status(enum.Enum):
-    """Where an item is in its life."""
-
-    WAITING = "waiting"
-    RUNNING = "running"
-    FINISHED = "finished"
-
-
-# Module-level names: reading an Enum member through its class is slow on the hot path.
-_WAITING: Final = Status.WAITING
-_RUNNING: Final = Status.RUNNING
-_FINISHED: Final = Status.FINISHED
-
-
-class Counts:
-    """Calls answered by the cache, calls that started a computation, calls that joined one;
-    background refreshes started, and those that failed; calls that bypassed the cache.
-    ``name``: the memoized function's name that listeners are told (None: nobody is told).
-
-    The counts are those since the last ``clear()``; ``before`` keeps what was counted before
-    it, so that ``total()`` never goes down.
-    """
-
-    __slots__ = (
-        "before",
-        "bypassed",
-        "clears",
-        "dropped",
-        "hits",
-        "joined",
-        "misses",
-        "name",
-        "refresh_failures",
-        "refreshes",
-    )
-
-    FIELDS: Final = (
-        "hits",
-        "misses",
-        "joined",
-        "refreshes",
-        "refresh_failures",
-        "dropped",
-        "bypassed",
-    )
-
-    def __init__(self) -> None:
-        self.name: str | None = None
-        self.before: dict[str, int] = dict.fromkeys(self.FIELDS, 0)
-        self.clears = 0
-        """Odd while a clear() moves the counts: a reader in another thread (metrics
-        collection) reads again until it is even and unchanged across its reads."""
-        self._zero()
-
-    def clear(self, hits: int = 0, then: Callable[[], None] | None = None) -> None:
-        """Count afresh from now on (cache_clear()), keeping what was counted in ``before``.
-
-        ``hits``: hits counted elsewhere until now (an in-process cache's hit path), kept too;
-        ``then()`` sets that count back to zero, within the same step for readers.
-        """
-        self.clears += 1
-        try:
-            before = self.before
-            for field in self.FIELDS:
-                before[field] += getattr(self, field)
-            before["hits"] += hits
-            self._zero()
-            if then is not None:
-                then()
-        finally:
-            self.clears += 1
-
-    def total(self, field: str) -> int:
-        """A count since the start, clears or not (hits of an in-process hit path left out)."""
-        return self.before[field] + getattr(self, field)  # type: ignore[no-any-return]
-
-    def _zero(self) -> None:
-        self.hits = 0
-        self.misses = 0
-        self.joined = 0
-        self.refreshes = 0
-        self.refresh_failures = 0
-        self.dropped = 0
-        """Items counted as misses that never started: every caller left while they waited."""
-        self.bypassed = 0
 
 
 class Flight(Generic[K, R]):
@@ -155,7 +70,6 @@ class Flight(Generic[K, R]):
         "asking",
         "awaiting",
         "background",
-        "borrowed",
         "borrowers",
         "computing",
         "context",
@@ -169,7 +83,7 @@ class Flight(Generic[K, R]):
         "parent",
         "refresh",
         "spare",
-        "status",
+        "state",
         "storing",
         "task",
         "uncounted",
@@ -193,7 +107,8 @@ class Flight(Generic[K, R]):
         self.joiners: list[asyncio.Future[R]] | None = None
         """The futures of the callers who joined it."""
         self.parent = parent
-        self.status = _RUNNING
+        self.state: State = _WAITING
+        """Where it is in its life (see _state); changed only in this module."""
         self.task: asyncio.Task[None] | None = None
         self.context: contextvars.Context | None = None
         self.outcome: tuple[bool, Any] | None = None
@@ -201,10 +116,8 @@ class Flight(Generic[K, R]):
         self.awaiting: list[tuple[Flight[Any, Any], asyncio.Future[Any]]] | None = None
         """Flights this one's computation awaits, each with the future it waits on: an edge
         of the graph cycles live in while that future is pending."""
-        self.borrowed = False
-        """Runs without a slot of its own: in its lender's, or (slotless) taking one to compute."""
         self.lender: Flight[Any, Any] | None = None
-        """The computation of this table whose slot it runs in (it awaits this one)."""
+        """RUNNING_LENT: the computation of this table whose slot it runs in (which awaits it)."""
         self.borrowers: list[Flight[Any, Any]] | None = None
         """The computations running in this one's slot."""
         self.refresh = False
@@ -212,12 +125,13 @@ class Flight(Generic[K, R]):
         self.background = False
         """A refresh nobody called for: its failure is reported, not delivered."""
         self.computing = False
-        """Whether its computation has begun (with ``slotless``, once it has a slot)."""
+        """Whether its computation proper has begun: at its start, or (AWAITING_ELSEWHERE) once
+        it computes here, in a slot it took with ``slot()`` or one lent to it."""
         self.forgotten = False
         self.uncounted = 0
         """Callers who joined it while it waited in line, counted when it starts."""
         self.spare = False
-        """Holds a spare slot (a background refresh): callers' computations do not count it."""
+        """RUNNING in a spare slot (a background refresh): callers' computations do not count it."""
         self.waited = False
         """Waited in line before it started."""
         self.asking: asyncio.Future[bool] | None = None
@@ -233,7 +147,7 @@ class Flight(Generic[K, R]):
         after delivery."""
 
     def __repr__(self) -> str:
-        return f"<Flight {self.key!r} {self.status.value} callers={self.callers}>"
+        return f"<Flight {self.key!r} {self.state.value} callers={self.callers}>"
 
     @property
     def callers(self) -> int:
@@ -255,36 +169,6 @@ class Flight(Generic[K, R]):
         return any(not joiner.done() for joiner in self.joiners or ())
 
 
-class Lookup:
-    """A cache lookup under way, which callers asking for the same item meanwhile share.
-
-    Its answer is ``(True, value)`` when the value was found, ``(False, flight)`` once the
-    looking caller has joined or started the item's computation, or None when that caller
-    left without either (the others then start over).
-    """
-
-    __slots__ = ("answer",)
-
-    def __init__(self) -> None:
-        self.answer: asyncio.Future[tuple[bool, Any] | None] | None = None
-
-
-def _reaches(start: Flight[Any, Any], target: Flight[Any, Any]) -> bool:
-    """Whether start's computation awaits target, directly or through other computations."""
-    seen: set[int] = set()
-    stack = [start]
-    while stack:
-        flight = stack.pop()
-        if flight is target:
-            return True
-        if id(flight) in seen or flight.status is _FINISHED:
-            continue
-        seen.add(id(flight))
-        if flight.awaiting:
-            stack.extend(f for f, waiter in flight.awaiting if not waiter.done())
-    return False
-
-
 class FlightTable(Generic[K, R]):
     """The items one queue has in flight on one event loop, and the slots they run in.
 
@@ -302,10 +186,6 @@ class FlightTable(Generic[K, R]):
     __slots__ = (
         "_drained",
         "_forgotten",
-        "_line",
-        "_refresh_line",
-        "_slot_waiters",
-        "_starting",
         "borrowed",
         "closing",
         "computations",
@@ -322,9 +202,8 @@ class FlightTable(Generic[K, R]):
         "miss",
         "on_refresh_failed",
         "plain",
-        "running",
         "slotless",
-        "spare",
+        "slots",
         "store",
         "store_now",
     )
@@ -358,31 +237,34 @@ class FlightTable(Generic[K, R]):
         self.slotless = slotless
         self.on_refresh_failed = on_refresh_failed
         self.flights: dict[K, Flight[K, R]] = {}
-        self.lookups: dict[K, Lookup] = {}
-        self.running = 0
-        """Slots taken (computations running in a slot of their own), spare ones included."""
-        self.spare = 0
-        """Spare slots taken (background refreshes, which callers' computations do not count)."""
+        self.lookups: Lookups[K] = Lookups()
+        self.slots: Slots[Flight[K, R]] = Slots(maxsize, self._admit, loop)
+        """The slots computations run in, and the lines of items waiting for one (background
+        refreshes in a line of their own, for spare slots)."""
         self.borrowed = 0
-        """Computations running in the slot of a computation that awaits them (with
-        ``slotless``: flights started without a slot)."""
+        """Flights RUNNING_LENT or AWAITING_ELSEWHERE: running in no slot of their own."""
         self.computations = 0
         """With ``slotless``: the computations running now (see ``counted()``)."""
         self.live = 0
         """Flights not yet finished, forgotten ones included."""
         self.closing = False
-        self._line: deque[Flight[K, R]] = deque()
-        self._refresh_line: deque[Flight[K, R]] = deque()
-        """Background refreshes waiting for a spare slot."""
-        self._slot_waiters: deque[asyncio.Future[bool]] = deque()
         self._forgotten: set[Flight[K, R]] = set()
-        self._starting = False
         self._drained: asyncio.Future[None] | None = None
         # Futures and tasks are made directly when the loop makes plain ones (asyncio's and
         # uvloop's loops, with no task factory set): a Python-level method call less for each.
         probe = loop.create_future()
         self.plain = type(probe) is asyncio.Future
         probe.cancel()
+
+    @property
+    def running(self) -> int:
+        """Slots taken (computations running in a slot of their own), spare ones included."""
+        return self.slots.running
+
+    @property
+    def spare(self) -> int:
+        """Spare slots taken (background refreshes, which callers' computations do not count)."""
+        return self.slots.spare
 
     # -- accepting ------------------------------------------------------------------------------
 
@@ -404,16 +286,20 @@ class FlightTable(Generic[K, R]):
         if self.closing:
             raise _refused()
         flight = self.flights.get(key)
+        if flight is not None and refresh and flight.outcome is not None:
+            # Delivered, its store on its way: a refresh computes anew, and stores after it.
+            self._forget(flight)
+            flight = None
         if flight is not None:
             if lookup is not None:
                 self.answer(key, lookup, (False, flight))
-            if refresh and flight.status is _WAITING:
+            if refresh and flight.state is _WAITING:
                 flight.refresh = True  # computed when its turn comes, not looked up again
             return self.join(flight)
         waiter: asyncio.Future[R] = (
             Future(loop=self.loop) if self.plain else self.loop.create_future()
         )
-        parent = _current.get()
+        parent = current.get()
         flight = Flight(key, args, kwargs, waiter, parent)
         flight.refresh = refresh
         self.flights[key] = flight
@@ -421,12 +307,12 @@ class FlightTable(Generic[K, R]):
         if lookup is not None:
             self.answer(key, lookup, (False, flight))
         if parent is not None:
-            _awaits(parent, flight, waiter)
+            awaits(parent, flight, waiter)
         self._enter(flight, parent)
         # A computation that fails within its first, eager, step (3.12 and newer) keeps the
         # frames that started it in its traceback, as their f_back: this call, _enter and
-        # _start (or _release_slot). Left holding the flight or the waiter, they would make a
-        # cycle through the exception, which only the garbage collector frees.
+        # _start (or Slots.release and _admit). Left holding the flight or the waiter, they
+        # would make a cycle through the exception, which only the garbage collector frees.
         del flight
         try:
             return waiter
@@ -451,43 +337,34 @@ class FlightTable(Generic[K, R]):
 
     def _enter(self, flight: Flight[K, R], parent: Flight[Any, Any] | None) -> None:
         """Start a new flight, or put it in line (a background refresh in a line of its own)."""
+        slots = self.slots
         if flight.background:
-            if self._spare_free() and not self._refresh_line:
+            if slots.spare_free() and not slots.refresh_line:
                 self._start(flight, False, spare=True)
             else:
-                flight.status = _WAITING
                 flight.context = contextvars.copy_context()
-                self._refresh_line.append(flight)
-        elif self.slotless or (self.running - self.spare < self.maxsize and not self._line):
+                slots.enqueue(flight, low=True)
+        elif self.slotless or (slots.running - slots.spare < slots.maxsize and not slots.line):
             self._start(flight, False, borrowed=self.slotless)
         elif parent is not None and (lender := self.lender_of(parent)) is not None:
             self._start(flight, False, lender=lender)
         else:
-            flight.status = _WAITING
             flight.context = contextvars.copy_context()
-            self._line.append(flight)
+            slots.enqueue(flight)
         del flight  # see call()
-
-    def _spare_free(self) -> bool:
-        """Whether a background refresh may start now: a slot is free and no caller waits."""
-        return self.running < self.maxsize and not self._line and not self._slot_waiters
 
     def join(self, flight: Flight[K, R]) -> asyncio.Future[R]:
         """Return a future for flight's outcome (the caller joins it)."""
         waiter: asyncio.Future[R] = (
             Future(loop=self.loop) if self.plain else self.loop.create_future()
         )
-        parent = _current.get()
+        parent = current.get()
         if parent is not None:
-            if flight is parent or _reaches(flight, parent):
-                raise RecursionError(
-                    f"computing {parent.key!r} requires {flight.key!r}, whose computation "
-                    f"is waiting for it: a memoized call depends on itself"
-                )
-            _awaits(parent, flight, waiter)
-            if flight.status is _WAITING and (lender := self.lender_of(parent)) is not None:
+            check_no_cycle(parent, flight)
+            awaits(parent, flight, waiter)
+            if flight.state is _WAITING and (lender := self.lender_of(parent)) is not None:
                 # Its callers' computations hold the slots it waits for: run it in theirs.
-                self._take_from_line(flight)
+                self.slots.remove(flight)
                 self._start(flight, True, lender=lender)
             elif (
                 (asking := flight.asking) is not None
@@ -495,36 +372,33 @@ class FlightTable(Generic[K, R]):
                 and (lender := self.lender_of(parent)) is not None
             ):
                 # Under way (slotless), its computation waits for a slot a caller holds: the same.
-                self._lend(flight, lender)
-                asking.set_result(False)
-            elif self.slotless and not flight.computing and flight.status is _RUNNING:
+                lend(flight, lender)
+                flight.state = _RUNNING_LENT
+                Slots.lend(asking)
+            elif flight.state is _AWAITING_ELSEWHERE and not flight.computing:
                 # Under way (slotless), its computation has not asked for a slot yet: it will
                 # borrow the caller's rather than wait for it (see slot()).
                 if flight.nested is None:
                     flight.nested = [(parent, waiter)]
                 else:
                     flight.nested.append((parent, waiter))
-        if flight.status is _WAITING and flight.background and not flight.uncounted:
+        if flight.state is _WAITING and flight.background and not flight.uncounted:
             self._promote(flight)
         outcome = flight.outcome
         if outcome is not None:  # delivered already (being stored, or ended in an eager step)
-            self.counts.joined += 1
-            if _listeners.active:
-                _listeners.joined(self.counts.name)
+            count_joined(self.counts)
             if outcome[0]:
                 waiter.set_result(outcome[1])
             elif isinstance(outcome[1], asyncio.CancelledError):
                 waiter.cancel()
             else:
                 waiter.set_exception(outcome[1])
-                waiter.exception()  # retrieved: see _fail
+                waiter.exception()  # retrieved: see _settle
             return waiter
-        if flight.status is _WAITING:
+        if flight.state is _WAITING:
             flight.uncounted += 1
         else:
-            self.counts.joined += 1
-            if _listeners.active:
-                _listeners.joined(self.counts.name)
+            count_joined(self.counts)
         if flight.joiners is None:
             flight.joiners = [waiter]
         else:
@@ -534,34 +408,35 @@ class FlightTable(Generic[K, R]):
     def _promote(self, flight: Flight[K, R]) -> None:
         """A caller joins a refresh waiting for a spare slot (its entry expired): the refresh
         takes its turn among the callers' computations now."""
-        self._refresh_line.remove(flight)
+        slots = self.slots
         if self.slotless:
+            slots.remove(flight)
             self._start(flight, True, borrowed=True)
-        elif self.running - self.spare < self.maxsize and not self._line:
+        elif slots.has_room():
+            slots.remove(flight)
             self._start(flight, True)
         else:
-            self._line.append(flight)
+            slots.promote(flight)
 
     def lender_of(self, parent: Flight[Any, Any]) -> Flight[Any, Any] | None:
         """The computation of this table, holding a slot, inside which the caller runs (the
         nearest of parent and its own callers), or None."""
-        flight: Flight[Any, Any] | None = parent
-        while flight is not None:
-            if (
-                flight.status is _RUNNING
-                and flight.computing
-                and (self.flights.get(flight.key) is flight or flight in self._forgotten)
-            ):
-                return flight
-            flight = flight.parent
-        return None
+        return lender_of(parent, self.flights, self._forgotten)
+
+    def needs_slot(self, flight: Flight[K, R]) -> bool:
+        """Whether flight, started without a slot (``slotless``), must take one to compute: it
+        runs in no lender's slot, and in no slot of a computation of this table calling it."""
+        return flight.state is _AWAITING_ELSEWHERE and (
+            flight.parent is None or self.lender_of(flight.parent) is None
+        )
+
+    def computes(self, flight: Flight[K, R]) -> None:
+        """flight's computation proper begins (``slotless``: it has a slot, or one lent)."""
+        flight.computing = True
 
     def answer(self, key: K, lookup: Lookup, answer: tuple[bool, Any] | None) -> None:
         """End lookup, telling those who share it; a lookup already answered is left alone."""
-        if self.lookups.get(key) is lookup:
-            del self.lookups[key]
-        if lookup.answer is not None and not lookup.answer.done():
-            lookup.answer.set_result(answer)
+        self.lookups.answer(key, lookup, answer)
 
     # -- invalidation ---------------------------------------------------------------------------
 
@@ -574,17 +449,21 @@ class FlightTable(Generic[K, R]):
         """
         # A lookup under way may read what is being invalidated: those sharing it asked before
         # the invalidation and keep it; newcomers look up afresh.
-        self.lookups.pop(key, None)
+        self.lookups.forget(key)
         flight = self.flights.get(key)
         if flight is not None and flight.computing:  # else not started: it reads fresh data
-            del self.flights[key]
-            flight.forgotten = True
-            self._forgotten.add(flight)
+            self._forget(flight)
         return [f for f in self._forgotten if f.key == key] if self._forgotten else []
+
+    def _forget(self, flight: Flight[K, R]) -> None:
+        """flight, the one its key maps to, no longer is: later calls start afresh."""
+        del self.flights[flight.key]
+        flight.forgotten = True
+        self._forgotten.add(flight)
 
     def forget_all(self) -> list[Flight[K, R]]:
         """forget() every key."""
-        self.lookups.clear()
+        self.lookups.forget()
         for key in list(self.flights):
             self.forget(key)
         return list(self._forgotten)
@@ -592,7 +471,7 @@ class FlightTable(Generic[K, R]):
     def abandon(self) -> None:
         """The queue leaves this table behind, its loop stopped: should that loop run again,
         its computations (those waiting in line too) deliver to their callers, store nothing."""
-        self.lookups.clear()
+        self.lookups.forget()
         for flight in self.flights.values():
             flight.forgotten = True
             self._forgotten.add(flight)
@@ -601,10 +480,7 @@ class FlightTable(Generic[K, R]):
     def forget_lookups(self, key: K | None = None) -> None:
         """Newcomers look key (None: every key) up afresh, not sharing a lookup under way:
         one that began during an invalidation may have read what it removed."""
-        if key is None:
-            self.lookups.clear()
-        else:
-            self.lookups.pop(key, None)
+        self.lookups.forget(key)
 
     # -- running --------------------------------------------------------------------------------
 
@@ -623,21 +499,24 @@ class FlightTable(Generic[K, R]):
         refresh). ``lender``: it runs in that computation's slot; ``borrowed``: it runs without
         a slot (slotless tables); ``spare``: it takes a spare slot (a background refresh).
         """
-        flight.status = _RUNNING
         flight.waited = waited
         flight.computing = spare or not self.slotless
-        self._count(flight, waited and not flight.refresh)
+        count_started(
+            self.counts, flight.background, flight.uncounted, waited and not flight.refresh
+        )
+        flight.uncounted = 0
         if lender is not None:
-            self._lend(flight, lender)
-            borrowed = True
-        if borrowed:
-            flight.borrowed = True
+            lend(flight, lender)
+            flight.state = _RUNNING_LENT
+            self.borrowed += 1
+        elif borrowed:
+            flight.state = _AWAITING_ELSEWHERE
             self.borrowed += 1
         else:
-            self.running += 1
+            flight.state = _RUNNING
+            self.slots.take(1, spare)
             if spare:
                 flight.spare = True
-                self.spare += 1
         context, flight.context = flight.context, None
         coro = self._run(flight, waited and not flight.refresh)
         if self.plain and flight.parent is not None:
@@ -651,47 +530,15 @@ class FlightTable(Generic[K, R]):
             task = Task(coro, loop=self.loop, context=context, eager_start=True)  # type: ignore[call-arg]
         else:
             task = Task(coro, loop=self.loop, context=context)
-        if flight.status is not _FINISHED:  # else it ended within its first, eager, step
+        if flight.state is not _FINISHED:  # else it ended within its first, eager, step
             flight.task = task
         del flight, task, context, coro  # see call()
 
-    def _count(self, flight: Flight[K, R], looks_again: bool = False) -> None:
-        """Count a flight's calls as it starts: a miss for its first caller, joins for the rest.
-
-        ``looks_again``: its key is looked up again first, and its first caller is counted only
-        then (``_count_first``), as a hit or a miss.
-        """
-        counts = self.counts
-        if flight.background:
-            counts.refreshes += 1
-        elif not looks_again:
-            counts.misses += 1
-        if _listeners.active:
-            if flight.background:
-                _listeners.refresh(counts.name)
-            elif not looks_again:
-                _listeners.miss(counts.name)
-            _listeners.joined(counts.name, flight.uncounted)
-        if flight.uncounted:
-            counts.joined += flight.uncounted
-            flight.uncounted = 0
-
-    def _count_first(self, hit: bool) -> None:
-        """Count the first caller of an item that waited in line, once it was looked up again."""
-        counts = self.counts
-        if hit:
-            counts.hits += 1
-            if _listeners.active:
-                _listeners.hit(counts.name)
-        else:
-            counts.misses += 1
-            if _listeners.active:
-                _listeners.miss(counts.name)
-
     async def _run(self, flight: Flight[K, R], waited: bool) -> None:
         # Few locals: this frame lives as long as the computation (a call in flight's memory).
-        _current.set(flight)
+        current.set(flight)
         started: float | None = None  # set while listeners are told of computations
+        outcome: tuple[bool, Any] | None = None  # None: delivered already, or nobody to tell
         try:
             if waited:
                 # The value may have been stored while it waited.
@@ -699,15 +546,15 @@ class FlightTable(Generic[K, R]):
                     if self.lookup_now is not None:
                         result = self.lookup_now(flight.key, self.miss)
                     else:
-                        result = await self._look_up_again(flight.key)
+                        result = await look_up(self.lookup, flight.key, self.miss)
                 except BaseException:
-                    self._count_first(False)  # its callers get this outcome
+                    count_first(self.counts, False)  # its callers get this outcome
                     raise
                 if result is not self.miss:
-                    self._count_first(True)
-                    self._deliver(flight, result)
+                    count_first(self.counts, True)
+                    outcome = (True, result)
                     return
-                self._count_first(False)
+                count_first(self.counts, False)
             if _listeners.active:
                 started = _listeners.clock()
             if self.compute is not None:
@@ -720,31 +567,33 @@ class FlightTable(Generic[K, R]):
             if started is not None:
                 _listeners.computed(self.counts.name, started, asyncio.CancelledError)
             self._cancelled(flight)
+            outcome = (False, asyncio.CancelledError())
             raise
         except BaseException as exc:
             if started is not None:
                 _listeners.computed(self.counts.name, started, type(exc))
-            if self._raised(flight, exc):
+            if not self._destroyed(flight, exc):
+                outcome = (False, exc)
+            if outcome is None or isinstance(exc, KeyboardInterrupt | SystemExit):
                 raise
         else:
             if started is not None:
                 _listeners.computed(self.counts.name, started, None)
+            outcome = (True, result)
             if self.store_now is not None:
                 if not flight.forgotten:
                     self._store_now(flight, result)
-                self._deliver(flight, result)
-            else:
-                self._deliver(flight, result)
-                if self.store is not None and not flight.forgotten:
-                    await self._store(flight, result)
+            elif self.store is not None and not flight.forgotten:
+                self._settle(flight, outcome)  # callers do not wait for the store
+                await self._store(flight, result)
         finally:
-            self._finish(flight)
-            # A failure's traceback keeps this frame: without flight in it, no cycle
+            self._end(flight, outcome)
+            # A failure's traceback keeps this frame: without flight and outcome in it, no cycle
             # (exception -> traceback -> frame -> flight -> outcome -> exception) outlives it.
-            del flight
+            del flight, outcome
 
     def _cancelled(self, flight: Flight[K, R]) -> None:
-        """The computation ended with CancelledError: its callers are cancelled."""
+        """The computation ended with CancelledError: its callers are to be cancelled."""
         task = asyncio.current_task(self.loop)
         if task is not None and task.cancelling():
             # Cancelled from outside the queue (a shutdown, or its loop cancelling every task
@@ -757,19 +606,14 @@ class FlightTable(Generic[K, R]):
                 "its callers are cancelled too",
                 flight.key,
             )
-        self._cancel(flight)
 
-    def _raised(self, flight: Flight[K, R], exc: BaseException) -> bool:
-        """The computation raised exc: deliver it; return whether it must propagate."""
-        if isinstance(exc, GeneratorExit) and (
+    def _destroyed(self, flight: Flight[K, R], exc: BaseException) -> bool:
+        """Whether exc was thrown in because the task is being destroyed (outside any step of
+        it): nobody is left to tell. Raised by the worker itself, it reaches the callers."""
+        return isinstance(exc, GeneratorExit) and (
             self.loop.is_closed()
             or (flight.task is not None and asyncio.current_task(self.loop) is not flight.task)
-        ):
-            # Thrown in because the task is being destroyed (outside any step of it): nobody
-            # is left to tell. Raised by the worker itself, it reaches the callers.
-            return True
-        self._fail(flight, exc)
-        return isinstance(exc, KeyboardInterrupt | SystemExit)
+        )
 
     def _store_now(self, flight: Flight[K, R], result: R) -> None:
         assert self.store_now is not None
@@ -781,6 +625,20 @@ class FlightTable(Generic[K, R]):
     async def _store(self, flight: Flight[K, R], result: R) -> None:
         """Store result with the async cache (callers have it already: see _stores_done)."""
         assert self.store is not None
+        if self._forgotten:
+            # Stores of earlier computations of key still on their way land first: the last
+            # computation's value is the one left in the cache.
+            earlier = [
+                f.task
+                for f in self._forgotten
+                if f.key == flight.key and f.task is not None and f.outcome is not None
+            ]
+            me = asyncio.current_task()
+            earlier = [t for t in earlier if t is not me and not t.done()]
+            if earlier:
+                await asyncio.wait(earlier)
+            if flight.forgotten:
+                return  # invalidated meanwhile
         try:
             await self.store(flight.key, result)
         except NotAsync as exc:
@@ -790,98 +648,91 @@ class FlightTable(Generic[K, R]):
                 "cache_set failed for %r; the result was returned uncached", flight.key
             )
 
-    async def _look_up_again(self, key: K) -> Any:
-        if self.lookup is None:
-            return self.miss
-        try:
-            return await self.lookup(key)
-        except NotAsync:
-            raise
-        except Exception:
-            logger.exception("cache_get failed for %r; treating it as a miss", key)
-            return self.miss
+    def _settle(self, flight: Flight[K, R], outcome: tuple[bool, Any]) -> None:
+        """Deliver outcome, ``(True, value)`` or ``(False, exception)``, to every caller of
+        flight, once: a later outcome (a result after a shutdown failed it) is dropped.
 
-    def _deliver(self, flight: Flight[K, R], value: R) -> None:
-        if flight.outcome is not None:  # failed already by a shutdown
-            return
-        flight.outcome = (True, value)
-        waiter = flight.waiter
-        if waiter is not None:
-            flight.waiter = None
-            if not waiter.done():
-                waiter.set_result(value)
-        joiners = flight.joiners
-        if joiners is not None:
-            flight.joiners = None
-            for waiter in joiners:
-                if not waiter.done():
-                    waiter.set_result(value)
-
-    def _fail(self, flight: Flight[K, R], exc: BaseException) -> None:
-        """Deliver exc to every caller of flight; log it if nobody is left to receive it."""
+        A CancelledError cancels the callers. A failure nobody is left to receive is logged; a
+        background refresh's is reported instead (``on_refresh_failed``).
+        """
         if flight.outcome is not None:
             return
-        flight.outcome = (False, exc)
+        flight.outcome = outcome
+        ok, what = outcome
+        if ok:
+            waiter = flight.waiter
+            if waiter is not None:
+                flight.waiter = None
+                if not waiter.done():
+                    waiter.set_result(what)
+            joiners = flight.joiners
+            if joiners is not None:
+                flight.joiners = None
+                for waiter in joiners:
+                    if not waiter.done():
+                        waiter.set_result(what)
+            return
+        futures = flight.futures()
+        flight.waiter = flight.joiners = None
+        if isinstance(what, asyncio.CancelledError):
+            for waiter in futures:
+                waiter.cancel()
+            return
         received = False
-        for waiter in flight.futures():
+        for waiter in futures:
             if not waiter.done():
-                waiter.set_exception(exc)
+                waiter.set_exception(what)
                 # Marked retrieved: a caller cancelled before it resumes would leave it unread.
                 waiter.exception()
                 received = True
-        flight.waiter = flight.joiners = None
         if flight.background:
-            self.counts.refresh_failures += 1
+            count_refresh_failed(self.counts)
             if self.on_refresh_failed is not None:
-                self.on_refresh_failed(flight.key, exc)
+                self.on_refresh_failed(flight.key, what)
         elif not received:
             logger.error(
                 "computing %r failed and no caller was left to receive the error",
                 flight.key,
-                exc_info=exc,
+                exc_info=what,
             )
 
-    def _cancel(self, flight: Flight[K, R]) -> None:
-        if flight.outcome is not None:
-            return
-        flight.outcome = (False, asyncio.CancelledError())
-        for waiter in flight.futures():
-            waiter.cancel()
-        flight.waiter = flight.joiners = None
-
-    def _take_from_line(self, flight: Flight[K, R]) -> None:
-        if flight in self._refresh_line:
-            self._refresh_line.remove(flight)
-        else:
-            self._line.remove(flight)
-
     def _cancel_waiting(self) -> None:
-        for line in (self._line, self._refresh_line):
-            while line:
-                flight = line.popleft()
+        for low in (False, True):
+            for flight in self.slots.clear_line(low):
                 self._count_unstarted(flight)
-                self._cancel(flight)
-                self._finish(flight)
+                self._end(flight, (False, asyncio.CancelledError()))
 
     def _count_unstarted(self, flight: Flight[K, R]) -> None:
         """Count the calls of a flight that ends without starting: a miss and joins."""
-        counts = self.counts
-        if not flight.background:
-            counts.misses += 1
-            counts.dropped += 1
-            if _listeners.active:
-                _listeners.miss(counts.name)
-        if _listeners.active:
-            _listeners.joined(counts.name, flight.uncounted)
-        counts.joined += flight.uncounted
+        count_unstarted(self.counts, flight.background, flight.uncounted)
         flight.uncounted = 0
 
-    def _finish(self, flight: Flight[K, R]) -> None:
-        """Take flight out of the table, free its slot and start the next item in line."""
-        status = flight.status
-        if status is _FINISHED:
+    def _end(self, flight: Flight[K, R], outcome: tuple[bool, Any] | None) -> None:
+        """The one way a flight ends, whatever ended it: deliver outcome (unless delivered
+        already, or None), take flight out of the table, and give back its slot, to the next
+        item in line or to the computations running in it. A flight ending while WAITING has
+        been taken out of its line by the caller. Ending it again does nothing."""
+        if outcome is not None and flight.outcome is None:
+            if outcome[0]:  # a result, the common case: delivered here, a call less
+                flight.outcome = outcome
+                value = outcome[1]
+                waiter = flight.waiter
+                if waiter is not None:
+                    flight.waiter = None
+                    if not waiter.done():
+                        waiter.set_result(value)
+                joiners = flight.joiners
+                if joiners is not None:
+                    flight.joiners = None
+                    for waiter in joiners:
+                        if not waiter.done():
+                            waiter.set_result(value)
+            else:
+                self._settle(flight, outcome)
+        state = flight.state
+        if state is _FINISHED:
             return
-        flight.status = _FINISHED
+        flight.state = _FINISHED
         # The task's context refers back to the flight: break the cycle, so that reference
         # counting frees them at once, without waiting for the garbage collector.
         flight.task = flight.awaiting = None
@@ -893,22 +744,18 @@ class FlightTable(Generic[K, R]):
                 del self.flights[flight.key]
             except KeyError:
                 self._unmap(flight)
-        if status is not _RUNNING:
-            pass
-        elif flight.borrowed:
-            self.borrowed -= 1
-            lender = flight.lender
-            if lender is not None and lender.borrowers and flight in lender.borrowers:
-                lender.borrowers.remove(flight)
-            if flight.borrowers is not None:
-                # Its own slot, if it took one to compute (slotless), is given back already.
-                self._hand_over(flight, lender, held=False)
-        else:
+        if state is _RUNNING:
             if flight.spare:  # a computation it hands its slot to is a caller's: not spare
                 flight.spare = False
-                self.spare -= 1
+                self.slots.unspare()
             if flight.borrowers is None or not self._hand_over(flight, None, held=True):
-                self._release_slot()
+                self.slots.release()
+        elif state is not _WAITING:  # RUNNING_LENT or AWAITING_ELSEWHERE: no slot of its own
+            self.borrowed -= 1
+            leave_lender(flight)
+            if flight.borrowers is not None:
+                # Its own slot, if it took one to compute (slotless), is given back already.
+                self._hand_over(flight, flight.lender, held=False)
         if not self.live and self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
 
@@ -918,15 +765,6 @@ class FlightTable(Generic[K, R]):
         self.flights.clear()
         self.flights.update(kept)
 
-    @staticmethod
-    def _lend(flight: Flight[K, R], lender: Flight[Any, Any]) -> None:
-        """flight computes in lender's slot (lender awaits it)."""
-        flight.lender = lender
-        if lender.borrowers is None:
-            lender.borrowers = [flight]
-        else:
-            lender.borrowers.append(flight)
-
     def _hand_over(
         self, flight: Flight[K, R], lender: Flight[Any, Any] | None, *, held: bool
     ) -> bool:
@@ -934,110 +772,65 @@ class FlightTable(Generic[K, R]):
         flight's own lender, or they take slots of their own, over the bound until they end:
         the first takes flight's slot over if flight still ``held`` it (a ``slotless`` flight
         gave back the slot it computed in as its computation ended). Whether any was left."""
-        borrowers = flight.borrowers
-        flight.borrowers = None
-        live = [b for b in borrowers or () if b.status is _RUNNING]
-        if not live:
+        moved = hand_over(flight, lender)
+        if not moved:
             return False
-        for borrower in live:
-            borrower.lender = lender
-            if lender is not None:
-                if lender.borrowers is None:
-                    lender.borrowers = [borrower]
-                else:
-                    lender.borrowers.append(borrower)
-            else:
-                borrower.borrowed = False
-                self.borrowed -= 1
-                self.running += 1
-        if lender is None and held:
-            self.running -= 1  # flight's own slot, taken over by the first
+        if lender is None:
+            for borrower in moved:
+                borrower.state = _RUNNING
+            self.borrowed -= len(moved)
+            # Slots of their own, over the bound; flight's own, if it ``held`` it, is the first's.
+            self.slots.take(len(moved) - 1 if held else len(moved))
         return True
 
     # -- slots ----------------------------------------------------------------------------------
 
-    def _release_slot(self) -> None:
-        """Give a freed slot to the first in line (an item, or a computation asking for one),
-        or, with no caller waiting, to the first background refresh as a spare slot."""
-        self.running -= 1
-        if self._starting or not (self._line or self._slot_waiters or self._refresh_line):
-            return  # nobody in line, or the loop below fills it (an eager task ended in it)
-        if self.loop.is_closed():
-            return  # destroyed with its loop: nothing can start now
-        self._starting = True
-        try:
-            line = self._line
-            while True:
-                if self.running - self.spare < self.maxsize and (line or self._slot_waiters):
-                    if line:
-                        flight = line.popleft()
-                        waiter = flight.waiter
-                        if (waiter is None or waiter.done()) and not flight.wanted():
-                            self._drop(flight)  # every caller left before it started
-                            continue
-                        self._start(flight, True)
-                        del flight, waiter  # see call()
-                    else:
-                        asking = self._slot_waiters.popleft()
-                        if not asking.done():
-                            self.running += 1
-                            asking.set_result(True)
-                elif self._refresh_line and self._spare_free():
-                    self._start(self._refresh_line.popleft(), True, spare=True)
-                else:
-                    break
-        finally:
-            self._starting = False
+    def _admit(self, flight: Flight[K, R], spare: bool) -> None:
+        """flight's turn for a slot has come (``spare``: a background refresh's spare slot)."""
+        if not spare:
+            waiter = flight.waiter
+            if (waiter is None or waiter.done()) and not flight.wanted():
+                self._drop(flight)  # every caller left before it started
+                return
+            del waiter  # see call()
+        self._start(flight, True, spare=spare)
+        del flight  # see call()
 
     def _drop(self, flight: Flight[K, R]) -> None:
-        """Forget a flight that never started, counting its calls."""
-        flight.status = _FINISHED
+        """End a flight that never started (out of its line), counting its calls."""
         self._count_unstarted(flight)
-        self.live -= 1
-        if self.flights.get(flight.key) is flight:
-            del self.flights[flight.key]
-        if not self.live and self._drained is not None and not self._drained.done():
-            self._drained.set_result(None)
+        self._end(flight, None)
 
     async def slot(self, flight: Flight[K, R] | None = None) -> bool:
         """Wait for a slot (``slotless`` tables): True once taken, and the caller must
         ``release()`` it after; False if flight is lent one (``join()``: a caller of it holds
         a slot and awaits it, having joined before or while it waits), which it then computes
         in without taking its own."""
-        if self.running - self.spare < self.maxsize and not self._slot_waiters:
-            self.running += 1
-            return True
-        if flight is not None and (nested := flight.nested) is not None:
+        if flight is None:
+            return await self.slots.acquire()
+        nested = flight.nested
+        if nested is not None:
             flight.nested = None
             for parent, joined in nested:
                 if not joined.done() and (lender := self.lender_of(parent)) is not None:
-                    self._lend(flight, lender)
+                    lend(flight, lender)
+                    flight.state = _RUNNING_LENT
                     return False
-        waiter: asyncio.Future[bool] = self.loop.create_future()
-        self._slot_waiters.append(waiter)
-        if flight is not None:
+
+        def asking(waiter: asyncio.Future[bool] | None) -> None:
             flight.asking = waiter
-        try:
-            return await waiter
-        except BaseException:
-            if waiter.done() and not waiter.cancelled() and waiter.result():
-                self._release_slot()  # given the slot, then cancelled: pass it on
-            else:
-                waiter.cancel()  # skipped when its turn comes
-            raise
-        finally:
-            if flight is not None:
-                flight.asking = None
+
+        return await self.slots.acquire(asking)
 
     def release(self) -> None:
         """Give back a slot taken with ``slot()``."""
-        self._release_slot()
+        self.slots.release()
 
     def computing(self) -> int:
         """How many computations run now: in a slot of their own, or in the slot of a
         computation that awaits them. (A ``slotless`` table's flights hold no slot while they
         wait for another process, so there only those in ``counted()`` are.)"""
-        return self.computations if self.slotless else self.running + self.borrowed
+        return self.computations if self.slotless else self.slots.running + self.borrowed
 
     async def counted(self, work: Callable[[], Awaitable[R]]) -> R:
         """Run work(), a ``slotless`` table's computation proper, counted in ``computing()``."""
@@ -1050,60 +843,117 @@ class FlightTable(Generic[K, R]):
     async def hold(self, flight: Flight[K, R]) -> None:
         """Wait for a slot for flight, started without one (``slotless``), and make it flight's
         own: it is given back when flight ends, or with ``give_back()``."""
-        if not flight.borrowed or flight.lender is not None:
+        if flight.state is not _AWAITING_ELSEWHERE:
             return
         await self.slot()
-        flight.borrowed = False
+        flight.state = _RUNNING
         self.borrowed -= 1
         flight.computing = True
 
     def give_back(self, flight: Flight[K, R]) -> None:
         """flight, holding a slot of its own (``slotless``), goes on without one: to wait for
         another process. Its computation takes one again with ``slot()`` if it must."""
-        if flight.status is not _RUNNING or flight.borrowed or flight.borrowers:
+        if flight.state is not _RUNNING or flight.borrowers:
             return
-        flight.borrowed = True
+        flight.state = _AWAITING_ELSEWHERE
         self.borrowed += 1
         if flight.spare:
             flight.spare = False
-            self.spare -= 1
-        self._release_slot()
+            self.slots.unspare()
+        self.slots.release()
+
+    def check(self) -> None:
+        """Assert the table's invariants; for tests, between steps of the event loop.
+
+        Every flight not finished is either the one its key maps to or forgotten, and counted
+        in ``live``; the lines hold exactly the WAITING flights (background refreshes alone in
+        theirs); the slots taken are those of the RUNNING flights (a ``slotless`` table's
+        computations also take slots with ``slot()``), the spare ones those of the RUNNING
+        background refreshes; ``borrowed`` counts the flights running in no slot of their own;
+        a flight RUNNING_LENT runs in the slot of a live lender that lists it as a borrower.
+        """
+        mapped = list(self.flights.values())
+        flights = mapped + list(self._forgotten)
+        ids = {id(f) for f in flights}
+        assert len(ids) == len(flights), f"a flight is both mapped and forgotten: {flights}"
+        assert self.live == len(flights), f"live={self.live}, but {len(flights)} flights"
+        for flight in mapped:
+            assert not flight.forgotten, f"{flight} is forgotten yet mapped"
+        for flight in flights:
+            assert flight.state is not _FINISHED, f"{flight} has finished yet stays"
+        line, refreshes, _ = self.slots.snapshot()
+        queued = [*line, *refreshes]
+        assert len({id(f) for f in queued}) == len(queued), f"a flight is twice in line: {queued}"
+        assert all(f.background for f in refreshes), f"not a refresh, in its line: {refreshes}"
+        waiting = [f for f in flights if f.state is _WAITING]
+        assert {id(f) for f in queued} == {id(f) for f in waiting}, (
+            f"in line {queued}, but WAITING {waiting}"
+        )
+        running = [f for f in flights if f.state is _RUNNING]
+        slots = self.slots
+        if self.slotless:
+            assert slots.running >= len(running), f"{slots}, but {len(running)} run: {running}"
+        else:
+            assert slots.running == len(running), f"{slots}, but {len(running)} run: {running}"
+        spare = [f for f in flights if f.spare]
+        assert all(f.state is _RUNNING and f.background for f in spare), f"spare: {spare}"
+        assert slots.spare == len(spare), f"{slots}, but {len(spare)} in spare slots: {spare}"
+        slotless = [f for f in flights if f.state in (_RUNNING_LENT, _AWAITING_ELSEWHERE)]
+        assert self.borrowed == len(slotless), f"borrowed={self.borrowed}, but {slotless}"
+        for flight in flights:
+            lender = flight.lender
+            if flight.state is _RUNNING_LENT:
+                assert lender is not None, f"{flight} runs in a lent slot with no lender"
+                assert id(lender) in ids, f"{flight} is lent a slot by {lender}, not in flight"
+                assert lender.state is not _WAITING, f"{flight} lent a slot by {lender}"
+                assert lender.borrowers is not None, f"{lender} lends {flight} no slot"
+                assert flight in lender.borrowers, f"{flight} not among {lender.borrowers}"
+            elif flight.state is not _WAITING:
+                assert lender is None, f"{flight} has a lender {lender}"
+            for borrower in flight.borrowers or ():
+                assert borrower.lender is flight, f"{flight} lends its slot to {borrower}"
+                assert borrower.state is _RUNNING_LENT, f"{flight} lends its slot to {borrower}"
+            asking = flight.asking
+            if asking is not None and not asking.done():
+                assert flight.state is _AWAITING_ELSEWHERE, f"{flight} asks for a slot"
 
     def accepted(self) -> list[Flight[K, R]]:
         """The items in line that are accepted: their callers wait for a slot.
 
         Items whose callers all left hold no place: they are dropped when their turn comes.
         """
-        return [f for f in self._line if f.wanted()][: self.maxsize]
+        return [f for f in self.slots.line if f.wanted()][: self.maxsize]
 
     def outside(self) -> list[Flight[K, R]]:
         """The items in line beyond the accepted: their callers wait for room."""
-        return [f for f in self._line if f.wanted()][self.maxsize :]
+        return [f for f in self.slots.line if f.wanted()][self.maxsize :]
+
+    def lines(self) -> tuple[int, int, int]:
+        """How many wait for a slot: items in line (their callers' left or not), background
+        refreshes waiting for a spare slot, computations waiting in ``slot()``."""
+        line, refreshes, tasks = self.slots.snapshot()
+        return len(line), len(refreshes), tasks
+
+    def waiting(self) -> int:
+        """How many items wait for a slot: in line with a caller left, background refreshes, and
+        computations waiting in ``slot()``. Safe to call from another thread (metrics)."""
+        line, refreshes, tasks = self.slots.snapshot()
+        return sum(f.wanted() for f in line) + len(refreshes) + tasks
 
     # -- shutting down --------------------------------------------------------------------------
 
     def close(self) -> None:
         """Refuse new work: callers of items still waiting for room get QueueShutDown."""
         self.closing = True
-        for flight in [f for f in self._line if not f.wanted()]:
-            self._line.remove(flight)
+        slots = self.slots
+        for flight in [f for f in slots.line if not f.wanted()]:
+            slots.remove(flight)
             self._drop(flight)
-        while self._refresh_line:  # nobody waits for them: they are dropped
-            self._drop(self._refresh_line.popleft())
-        line = self._line
-        while len(line) > self.maxsize:
-            flight = line.pop()
-            exc = QueueShutDown("the queue was closed while waiting for room")
-            for waiter in flight.futures():
-                if not waiter.done():
-                    waiter.set_exception(exc)
-                    waiter.exception()
-            flight.waiter = flight.joiners = None
-            flight.outcome = (False, exc)
-            flight.status = _FINISHED
-            self.live -= 1
-            if self.flights.get(flight.key) is flight:
-                del self.flights[flight.key]
+        for flight in slots.clear_line(low=True):  # nobody waits for them: they are dropped
+            self._drop(flight)
+        while len(slots.line) > self.maxsize:
+            refused = QueueShutDown("the queue was closed while waiting for room")
+            self._end(slots.pop_last(), (False, refused))
 
     async def wait_drained(self) -> None:
         """Wait until every accepted item has finished."""
@@ -1118,20 +968,19 @@ class FlightTable(Generic[K, R]):
         """
         tasks: list[asyncio.Task[None]] = []
         unfinished = [*self.flights.values(), *self._forgotten]
-        self._line.clear()
-        self._refresh_line.clear()
+        self.slots.clear_line()
+        self.slots.clear_line(low=True)
         for flight in unfinished:
-            if flight.status is _WAITING:  # accepted, never started: its callers get an outcome
-                self._count(flight)
-            self._fail(
-                flight,
-                ShutdownTimeout(f"{flight.key!r} did not finish within finish_timeout={grace}s"),
-            )
+            if flight.state is _WAITING:  # accepted, never started: its callers get an outcome
+                count_started(self.counts, flight.background, flight.uncounted, False)
+                flight.uncounted = 0
+            exc = ShutdownTimeout(f"{flight.key!r} did not finish within finish_timeout={grace}s")
             if flight.task is not None and not flight.task.done():
+                self._settle(flight, (False, exc))  # at once: its task ends when it ends
                 flight.task.cancel()
                 tasks.append(flight.task)
             else:
-                self._finish(flight)
+                self._end(flight, (False, exc))
         if not tasks:
             return
         await asyncio.sleep(0)
@@ -1144,20 +993,6 @@ class FlightTable(Generic[K, R]):
                 "%d computation(s) ignored cancellation at shutdown and are still running",
                 len(pending),
             )
-
-
-def _awaits(
-    parent: Flight[Any, Any], flight: Flight[Any, Any], waiter: asyncio.Future[Any]
-) -> None:
-    """Record that parent's computation awaits flight through waiter. A wait that has ended
-    (waiter done, even cancelled a moment ago) is no edge, whatever happens to flight later."""
-    awaiting = parent.awaiting
-    if awaiting is None:
-        parent.awaiting = [(flight, waiter)]
-        return
-    if len(awaiting) >= 64:
-        awaiting[:] = [(f, w) for f, w in awaiting if not w.done() and f.status is not _FINISHED]
-    awaiting.append((flight, waiter))
 
 
 def _refused() -> QueueShutDown:

@@ -16,7 +16,7 @@ from typing import Any, Final, NamedTuple, ParamSpec, TypeVar
 import cachetools.keys
 
 from . import _listeners
-from ._flight import Counts
+from ._counts import Counts
 from ._queue import WorkerQueue
 from ._refresh import NEVER, Refresher
 from ._switch import SWITCH

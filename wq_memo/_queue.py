@@ -10,10 +10,12 @@ from collections.abc import Awaitable, Callable, Hashable
 from types import TracebackType
 from typing import Any, Generic, TypeVar, final
 
-from . import _listeners
 from . import _queue_registry as _registry
+from ._counts import Counts, count_hit
 from ._errors import QueueShutDown
-from ._flight import _NO_KWARGS, Counts, Flight, FlightTable, Lookup, NotAsync, Status
+from ._flight import _NO_KWARGS, Flight, FlightTable
+from ._lookups import NotAsync, look_up
+from ._state import FINISHED
 
 __all__ = ("WorkerQueue",)
 
@@ -179,14 +181,7 @@ class WorkerQueue(Generic[T, R]):
         step, since the loop may change them meanwhile.
         """
         table = self._table
-        if table is None:
-            return 0
-        line, waiters = tuple(table._line), tuple(table._slot_waiters)
-        return (
-            sum(f.wanted() for f in line)
-            + len(table._refresh_line)
-            + sum(not w.done() for w in waiters)
-        )
+        return 0 if table is None else table.waiting()
 
     @property
     def running(self) -> bool:
@@ -229,33 +224,27 @@ class WorkerQueue(Generic[T, R]):
                     raise _shutting_down()
                 if flight.refresh and not looked:
                     looked = True
-                    value = await self._look_up(key)
+                    value = await look_up(self._lookup, key, self._miss)
                     if value is not self._miss:
                         # A refresh of key is under way already: no need to start one.
-                        self._counts.hits += 1
-                        if _listeners.active:
-                            _listeners.hit(self._counts.name)
+                        count_hit(self._counts)
                         return value  # type: ignore[no-any-return]
                     continue  # gone meanwhile: join the refresh, or start over if it ended
                 return await table.join(flight)
-            lookup = table.lookups.get(key)
+            lookup = table.lookups.under_way(key)
             if lookup is None:
                 return await self._look_up_then_call(table, key, args, kwargs)
             # Another caller is looking key up: no computation of it can start meanwhile.
             # Share what that caller finds, so as never to compute what it finds stored.
-            if lookup.answer is None:
-                lookup.answer = table.loop.create_future()
-            answer = await asyncio.shield(lookup.answer)
+            answer = await lookup.shared(table.loop)
             if answer is not None:
                 found, what = answer
                 if found:
-                    self._counts.hits += 1
-                    if _listeners.active:
-                        _listeners.hit(self._counts.name)
+                    count_hit(self._counts)
                     if self._on_hit is not None:
                         self._on_hit(key, args, kwargs or _NO_KWARGS)
                     return what  # type: ignore[no-any-return]
-                if what.status is not Status.FINISHED or what.outcome is not None:
+                if what.state is not FINISHED or what.outcome is not None:
                     return await table.join(what)
                 # Its computation ended with nobody to tell (every caller left): start over.
             # Otherwise that caller left without an answer (cancelled, refused): start over.
@@ -267,13 +256,11 @@ class WorkerQueue(Generic[T, R]):
         args: tuple[Any, ...],
         kwargs: dict[str, Any] | None,
     ) -> R:
-        lookup = table.lookups[key] = Lookup()
+        lookup = table.lookups.begin(key)
         try:
-            value = await self._look_up(key)
+            value = await look_up(self._lookup, key, self._miss)
             if value is not self._miss:
-                self._counts.hits += 1
-                if _listeners.active:
-                    _listeners.hit(self._counts.name)
+                count_hit(self._counts)
                 table.answer(key, lookup, (True, value))
                 if self._on_hit is not None:
                     self._on_hit(key, args, kwargs or _NO_KWARGS)
@@ -283,18 +270,6 @@ class WorkerQueue(Generic[T, R]):
             return await table.call(key, args, kwargs or _NO_KWARGS, lookup)
         finally:
             table.answer(key, lookup, None)  # if not answered yet: those sharing start over
-
-    async def _look_up(self, key: T) -> Any:
-        lookup = self._lookup
-        if lookup is None:
-            return self._miss
-        try:
-            return await lookup(key)
-        except NotAsync:
-            raise
-        except Exception:
-            logger.exception("cache_get failed for %r; treating it as a miss", key)
-            return self._miss
 
     def _call(self, key: T, args: tuple[Any, ...], kwargs: dict[str, Any]) -> asyncio.Future[R]:
         """Join or start key's computation, for a caller that found no cached value."""

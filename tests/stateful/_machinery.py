@@ -44,7 +44,7 @@ from hypothesis.stateful import (
 )
 
 from wq_memo import QueueShutDown, ShutdownTimeout
-from wq_memo._flight import _current as running_flight
+from wq_memo._nesting import current as running_flight
 
 KEYS = ("a", "b", "c", "d")
 keys = st.sampled_from(KEYS)
@@ -922,6 +922,12 @@ class QueueModelMachine(RuleBasedStateMachine):
         assert not self.violations, self.violations
 
     @invariant()
+    def the_table_is_consistent(self) -> None:
+        table = self.queue_table()
+        if table is not None:
+            table.check()
+
+    @invariant()
     def each_computation_runs_in_its_first_callers_context(self) -> None:
         """The caller whose call made a computation's flight is the tenant it runs as, whether
         it starts at once or after waiting in line, and whatever lookups did meanwhile."""
@@ -967,10 +973,11 @@ class QueueModelMachine(RuleBasedStateMachine):
         if self.pending() or self.active or table is None:
             return
         assert not table.flights, f"nothing in flight, yet the table keeps {table.flights}"
-        assert not table._line, f"nothing in flight, yet items wait: {table._line}"
+        in_line, _, asking = table.lines()
+        assert not in_line, f"nothing in flight, yet items wait: {table.slots}"
         assert table.running == 0, f"nothing in flight, yet running={table.running}"
         assert table.live == 0, f"nothing in flight, yet {table.live} flights are live"
-        assert not table._slot_waiters, f"nothing in flight, yet computations wait: {table}"
+        assert not asking, f"nothing in flight, yet computations wait: {table.slots}"
 
     @invariant()
     def cache_agrees_with_the_model(self) -> None:
@@ -998,11 +1005,7 @@ class QueueModelMachine(RuleBasedStateMachine):
         assert hits >= self.hits, f"hits={hits}, but callers found {self.hits} cached values"
         table = self.queue_table()
         # Items in line, and (single-flight caches) computations started that wait for a slot.
-        waiting = (
-            len(table.accepted()) + sum(not w.done() for w in table._slot_waiters)
-            if table is not None
-            else 0
-        )
+        waiting = len(table.accepted()) + table.lines()[2] if table is not None else 0
         # Items whose callers all left before they started count as misses too.
         dropped = table.counts.total("dropped") if table is not None else 0
         assert started <= misses - dropped <= started + waiting + self.unstarted_allowance, (

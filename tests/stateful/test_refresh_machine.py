@@ -205,6 +205,12 @@ class RefreshMachine(RuleBasedStateMachine):
         assert not self.violations, self.violations
 
     @invariant()
+    def the_table_is_consistent(self) -> None:
+        table = self.f.queue._table if hasattr(self, "f") else None
+        if table is not None:
+            table.check()
+
+    @invariant()
     def the_cache_holds_the_live_entries(self) -> None:
         if not hasattr(self, "cache"):
             return
@@ -239,9 +245,10 @@ class RefreshMachine(RuleBasedStateMachine):
             f"calls {waiting} wait for a slot while {callers} of {self.maxsize} slots for "
             f"callers are taken ({table.spare} by refreshes)"
         )
-        if table._refresh_line:
-            assert table.running >= self.maxsize or table._line, (
-                f"refreshes wait although a slot is spare: {table._refresh_line}"
+        in_line, refreshes, _ = table.lines()
+        if refreshes:
+            assert table.running >= self.maxsize or in_line, (
+                f"refreshes wait although a slot is spare: {table.slots}"
             )
 
     @invariant()

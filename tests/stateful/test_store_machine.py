@@ -745,6 +745,12 @@ class StoreMachine(RuleBasedStateMachine):
         assert not self.violations, self.violations
 
     @invariant()
+    def the_table_is_consistent(self) -> None:
+        table = self.f.queue._table if hasattr(self, "f") else None
+        if table is not None:
+            table.check()
+
+    @invariant()
     def results_are_stored_once_nothing_is_held(self) -> None:
         """A result delivered is stored, unless an invalidation, a clear or a prime of its key
         overlapped its flight: from the first call that got it (a single-flight cache claims

@@ -772,3 +772,32 @@ def test_due_times_of_an_async_cache_are_pruned_by_when_they_were_last_set(
     assert refresher.due_time("hot") == 19.0 + 10.0, "the key stored again at 19 was pruned"
     assert refresher.due_time("cold") == _refresh.NEVER, "the key stored once, first, was kept"
     assert len(refresher.due) <= 8 + 1
+
+
+async def test_a_nested_call_of_a_background_refresh_runs_in_its_spare_slot() -> None:
+    """A background refresh in the spare slot calls f on another key: that nested call shares
+    the refresh's slot instead of taking the only caller slot, so a miss arriving meanwhile
+    starts at once (before, it waited for the nested call)."""
+    clock = Clock()
+    gates: dict[str, asyncio.Event] = {"part": asyncio.Event()}
+    began: dict[str, asyncio.Event] = {"part": asyncio.Event()}
+
+    @worker_queue(maxsize=1, cache={}, refresh_after=5, timer=clock)
+    async def f(key: str) -> str:
+        if key == "page":
+            return "page of " + await f(f"part {clock.now}")
+        if key.startswith("part") and clock.now:
+            began["part"].set()
+            await gates["part"].wait()
+        return key
+
+    assert await bounded(f("page")) == "page of part 0.0"
+    clock.now = 6
+    assert await f("page") == "page of part 0.0"  # due: refreshed in the background
+    await bounded(began["part"].wait())  # the refresh's nested call is held
+    assert f.queue.computing == 2
+    assert await bounded(f("miss")) == "miss"
+    assert not gates["part"].is_set()
+    gates["part"].set()
+    await settle()
+    assert await f("page") == "page of part 6"

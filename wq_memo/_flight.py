@@ -40,7 +40,16 @@ from ._counts import (
 )
 from ._errors import QueueShutDown, ShutdownTimeout
 from ._lookups import Lookup, Lookups, NotAsync, look_up
-from ._nesting import awaits, check_no_cycle, current, hand_over, leave_lender, lend, lender_of
+from ._nesting import (
+    awaits,
+    check_no_cycle,
+    current,
+    hand_over,
+    leave_lender,
+    lend,
+    lender_of,
+    on_spare,
+)
 from ._slots import Slots
 from ._state import AWAITING_ELSEWHERE as _AWAITING_ELSEWHERE
 from ._state import FINISHED as _FINISHED
@@ -344,10 +353,22 @@ class FlightTable(Generic[K, R]):
             else:
                 flight.context = contextvars.copy_context()
                 slots.enqueue(flight, low=True)
-        elif self.slotless or (slots.running - slots.spare < slots.maxsize and not slots.line):
-            self._start(flight, False, borrowed=self.slotless)
-        elif parent is not None and (lender := self.lender_of(parent)) is not None:
+        elif self.slotless:
+            self._start(flight, False, borrowed=True)
+        elif parent is None:
+            if slots.running - slots.spare < slots.maxsize and not slots.line:
+                self._start(flight, False)
+            else:
+                flight.context = contextvars.copy_context()
+                slots.enqueue(flight)
+        elif (lender := self.lender_of(parent)) is not None and (
+            on_spare(lender) or not slots.has_room()
+        ):
+            # A nested call runs in its caller's slot when no slot is free, and always when that
+            # slot is a background refresh's spare one: a slot it took would be a caller's.
             self._start(flight, False, lender=lender)
+        elif slots.has_room():
+            self._start(flight, False)
         else:
             flight.context = contextvars.copy_context()
             slots.enqueue(flight)
@@ -845,9 +866,17 @@ class FlightTable(Generic[K, R]):
         own: it is given back when flight ends, or with ``give_back()``."""
         if flight.state is not _AWAITING_ELSEWHERE:
             return
-        await self.slot()
-        flight.state = _RUNNING
-        self.borrowed -= 1
+        parent = flight.parent
+        lender = None if parent is None else self.lender_of(parent)
+        if lender is not None:
+            # Made inside a computation of this table: it runs in that one's slot, as a nested
+            # call does (waiting for a slot here could wait for the one its caller holds).
+            lend(flight, lender)
+            flight.state = _RUNNING_LENT
+        elif await self.slot(flight):
+            flight.state = _RUNNING
+            self.borrowed -= 1
+        # else: a caller of it holding a slot lent it that one while it waited (RUNNING_LENT).
         flight.computing = True
 
     def give_back(self, flight: Flight[K, R]) -> None:

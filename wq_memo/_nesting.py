@@ -28,7 +28,16 @@ if TYPE_CHECKING:
 
     from ._flight import Flight
 
-__all__ = ("awaits", "check_no_cycle", "current", "hand_over", "leave_lender", "lend", "lender_of")
+__all__ = (
+    "awaits",
+    "check_no_cycle",
+    "current",
+    "hand_over",
+    "leave_lender",
+    "lend",
+    "lender_of",
+    "on_spare",
+)
 
 current: Final[contextvars.ContextVar[Flight[Any, Any] | None]] = contextvars.ContextVar(
     "wq_memo_current_flight", default=None
@@ -120,3 +129,14 @@ def hand_over(flight: Flight[Any, Any], lender: Flight[Any, Any] | None) -> list
         if lender is not None:
             lend(borrower, lender)
     return live
+
+
+def on_spare(lender: Flight[Any, Any]) -> bool:
+    """Whether lender computes in a spare slot (a background refresh's), its own or its own
+    lender's: the slot a nested call of it must share, since a slot it took would be a caller's."""
+    flight: Flight[Any, Any] | None = lender
+    while flight is not None:
+        if flight.spare:
+            return True
+        flight = flight.lender
+    return False

@@ -292,3 +292,46 @@ async def test_recursion_joining_a_claimed_computation_waiting_for_the_slot(
         go.set()
         assert await five == 5
         assert await three == 2
+
+
+async def test_a_computation_awaiting_an_explicit_refresh_of_another_key_lends_it_its_slot(
+    make_redis_cache: Make,
+) -> None:
+    """f(3) awaits f.refresh(2), which awaits f.refresh(1)...: with maxsize=1 each refresh runs
+    in the slot of the computation awaiting it (before, it waited for that slot for ever)."""
+    cache = make_redis_cache()
+
+    @worker_queue(maxsize=1, cache=cache, name="tests.redis.nested_refresh")
+    async def f(k: int) -> int:
+        return 0 if k == 0 else 1 + await f.refresh(k - 1)
+
+    async with asyncio.timeout(10):
+        assert await f(3) == 3
+    assert f.queue.computing == 0
+
+
+async def test_a_nested_call_joining_an_explicit_refresh_that_waits_for_a_slot_lends_it_its_own(
+    make_redis_cache: Make,
+) -> None:
+    """f(2) holds the only slot; f.refresh(1) waits for it; then f(2) calls f(1), joining the
+    refresh: it lends the refresh its slot (before, each waited for the other for ever)."""
+    cache = make_redis_cache()
+    go = asyncio.Event()
+    computing_two = asyncio.Event()
+
+    @worker_queue(maxsize=1, cache=cache, name="tests.redis.join_refresh")
+    async def f(k: int) -> int:
+        if k == 2:
+            computing_two.set()
+            await go.wait()
+            return 1 + await f(1)
+        return k
+
+    async with asyncio.timeout(10):
+        top = asyncio.create_task(f(2))
+        await computing_two.wait()
+        refresh = asyncio.create_task(f.refresh(1))
+        await until(lambda: f.queue.waiting == 1)
+        go.set()
+        assert await top == 2
+        assert await refresh == 1

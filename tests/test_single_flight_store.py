@@ -263,3 +263,51 @@ async def test_recursion_joining_a_computation_that_waits_for_the_slot_runs_it_i
         go.set()
         assert await five == 5
         assert await three == 2
+
+
+class OtherProcessCache(FencedCache):
+    """As FencedCache, where another process computes ``waited_key``: get_or_compute waits for
+    it (``answer``) and returns what that process stored, without computing here."""
+
+    def __init__(self, waited_key: Hashable) -> None:
+        super().__init__()
+        self.waited_key = waited_key
+        self.waiting = asyncio.Event()
+        self.answer: asyncio.Future[Any] | None = None
+
+    async def get_or_compute(self, key: Hashable, compute: Callable[[], Awaitable[V]]) -> V:
+        if getattr(key, "key", None) != self.waited_key or self.answer is not None:
+            return await super().get_or_compute(key, compute)
+        self.answer = asyncio.get_running_loop().create_future()
+        self.waiting.set()
+        value: V = await self.answer
+        return value
+
+
+@pytest.mark.parametrize("how", ["invalidate", "clear"])
+async def test_a_call_after_an_invalidation_never_joins_a_wait_for_another_process(
+    how: str,
+) -> None:
+    # A caller waits for another process's computation of key 1, which began before the
+    # invalidation; once the invalidation has returned, a new call must not join that wait:
+    # it would get the old result.
+    cache = OtherProcessCache((1,))
+
+    @worker_queue(cache=cache, name="tests.single_flight.waited_elsewhere")
+    async def f(k: int) -> str:
+        return f"new {k}"
+
+    async with asyncio.timeout(WAIT):
+        first = asyncio.create_task(f(1))
+        await cache.waiting.wait()
+        if how == "invalidate":
+            await f.acache_invalidate(1)
+        else:
+            await f.acache_clear()
+        later = asyncio.create_task(f(1))
+        for _ in range(10):  # loop turns: its lookup misses, and it joins or makes a flight
+            await asyncio.sleep(0)
+        assert cache.answer is not None
+        cache.answer.set_result("old 1")  # read after the invalidation returned
+        assert await first == "old 1"  # called before the invalidation: may get it
+        assert await later == "new 1"

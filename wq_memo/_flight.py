@@ -472,7 +472,9 @@ class FlightTable(Generic[K, R]):
         # the invalidation and keep it; newcomers look up afresh.
         self.lookups.forget(key)
         flight = self.flights.get(key)
-        if flight is not None and flight.computing:  # else not started: it reads fresh data
+        # Not started, it will read fresh data, unless it is a single-flight cache's: there it
+        # may be waiting for another process's computation, which began before.
+        if flight is not None and (flight.computing or self.slotless):
             self._forget(flight)
         return [f for f in self._forgotten if f.key == key] if self._forgotten else []
 

@@ -190,7 +190,7 @@ class QueueModelMachine(RuleBasedStateMachine):
         self.yielding = False
         """Whether the cache under test suspends in its operations, as a remote cache would."""
         self.lookup_delay: dict[asyncio.Task[Any] | None, int] = {}
-        self.fenced: set[str] = set()
+        self.fenced: set[object] = set()
         """Keys whose next computation a single-flight cache will not store."""
         self.arrivals = 0
         self.inner_calls = 0
@@ -315,10 +315,14 @@ class QueueModelMachine(RuleBasedStateMachine):
         self.check_starter(comp)
         if self.phase == "loop":
             self.violations.append(f"{key!r} started (#{comp.id}) while its loop was ending")
-        if key in self.fenced:
-            # Its flight claimed the key before an invalidation, then waited for a slot.
-            self.fenced.discard(key)
-            comp.unstored = True
+        if flight is not None and flight in self.fenced:
+            # Its flight was forgotten by an invalidation before its computation began (it
+            # claimed the key, or waited for another process): its callers, all of whom called
+            # before the invalidation, get its outcome; it is never stored, and no later call
+            # gets it.
+            self.fenced.discard(flight)
+            comp.unstored = comp.forgotten = comp.forget_done = True
+            comp.uncached_at = self.tick()
         self.active.append(comp)
         self.running_now += comp.slotted
         if self.running_now > self.maxsize:

@@ -470,12 +470,15 @@ class SingleFlightMachine(AsyncCacheMachine):
     """Its callers get a result only once get_or_compute has stored it."""
 
     def forget(self, key: str) -> list[Computation]:
-        # A flight that claimed the key in the cache and still waits for a slot is not
-        # forgotten (its computation has not begun), but the cache will refuse its store.
+        # A flight whose computation has not begun here (it claimed the key in the cache and
+        # waits for a slot, or waits for the cache) is forgotten too: its outcome may come from
+        # a computation that began before the invalidation. Its caller is recorded as its maker
+        # now, while the table still maps the key to it.
+        self.seen_making(key)
         table = self.queue_table()
         flight = table.flights.get(CallKey("f", (key,))) if table is not None else None
         if flight is not None and not flight.computing and flight.outcome is None:
-            self.fenced.add(key)
+            self.fenced.add(flight)
         return super().forget(key)
 
     def make_cache(self) -> Any:

@@ -129,7 +129,7 @@ class Harness:
 
     def flights(self) -> dict[Any, Any]:
         """The items the queue has accepted on its current loop (empty when it has none)."""
-        table = self.queue._table
+        table = self.queue._engine.table
         if table is None:
             return {}
         outside = table.outside()
@@ -137,7 +137,7 @@ class Harness:
 
     def assert_no_bookkeeping(self) -> None:
         """Nothing in flight, no slot taken, nobody waiting for room."""
-        table = self.queue._table
+        table = self.queue._engine.table
         if table is None:
             return
         assert table.flights == {}
@@ -193,19 +193,19 @@ async def returned(awaitable: Awaitable[object], within: float = WAIT) -> object
 
 def room_waiters(queue: WorkerQueue[int, str]) -> int:
     """How many callers wait for room (their items were asked for while the line was full)."""
-    table = queue._table
+    table = queue._engine.table
     return 0 if table is None else sum(f.callers for f in table.outside())
 
 
 def waiting_items(queue: WorkerQueue[int, str]) -> list[int]:
     """The items accepted and waiting for a slot, in order."""
-    table = queue._table
+    table = queue._engine.table
     return [] if table is None else [f.key for f in table.accepted()]
 
 
 def callers(queue: WorkerQueue[int, str], item: int) -> int:
     """How many callers await item's computation."""
-    table = queue._table
+    table = queue._engine.table
     if table is None:
         return 0
     flight = table.flights.get(item)

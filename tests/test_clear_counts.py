@@ -296,7 +296,7 @@ async def test_the_metrics_never_go_down_when_a_function_is_cleared(
 
 def callers(f: Any, key: Hashable) -> int:
     """How many callers await key's item in f's queue."""
-    table = f.queue._table
+    table = f.queue._engine.table
     flight = None if table is None else table.flights.get(key)
     return 0 if flight is None else int(flight.callers)
 

@@ -96,7 +96,7 @@ async def test_counters_tell_hits_computations_and_joins_apart() -> None:
     gate.set()
     await gathered(*tasks)
     await bounded(h.queue.require(1))
-    c = h.queue._counts
+    c = h.queue._engine.counts
     assert (c.hits, c.misses, c.joined) == (1, 1, 2)
 
 
@@ -106,7 +106,7 @@ async def test_counters_tell_hits_computations_and_joins_apart() -> None:
 async def test_the_queue_starts_on_the_first_require() -> None:
     h = make()
     assert not h.queue.running
-    assert h.queue._table is None
+    assert h.queue._engine.table is None
     assert await bounded(h.queue.require(1)) == "r1"
     assert h.queue.running
 
@@ -131,7 +131,7 @@ async def test_async_with_starts_and_closes_the_queue() -> None:
         assert queue.running
         assert await bounded(queue.require(3)) == "r3"
     assert not h.queue.running
-    assert h.queue._table is None
+    assert h.queue._engine.table is None
 
 
 async def test_async_with_closes_the_queue_when_its_body_raises() -> None:
@@ -196,8 +196,8 @@ async def test_a_worker_that_is_not_async_fails_the_callers_not_the_queue() -> N
     with pytest.raises(TypeError):
         await bounded(queue.require(1))
     assert queue.running
-    assert queue._table is not None
-    assert queue._table.flights == {}
+    assert queue._engine.table is not None
+    assert queue._engine.table.flights == {}
 
 
 # -- construction ----------------------------------------------------------------------------------
@@ -246,7 +246,7 @@ def test_a_bad_finish_timeout_is_refused(finish_timeout: Any) -> None:
 def test_constructing_a_queue_needs_no_event_loop_and_starts_nothing() -> None:
     h = make()
     assert not h.queue.running
-    assert h.queue._table is None
+    assert h.queue._engine.table is None
     assert "maxsize=3" in repr(h.queue)
 
 
@@ -283,9 +283,9 @@ async def test_a_slow_lookup_never_lets_a_second_computation_start() -> None:
     queue: WorkerQueue[str, str] = WorkerQueue(work, cache_get, cache_set)
     assert await gathered(queue.require("k"), queue.require("k")) == ["K", "K"]
     assert computed == ["k"]
-    assert queue._table is not None
-    assert not queue._table.lookups
-    assert queue._table.flights == {}
-    c = queue._counts
+    assert queue._engine.table is not None
+    assert not queue._engine.table.lookups
+    assert queue._engine.table.flights == {}
+    c = queue._engine.counts
     assert (c.hits, c.misses, c.joined) == (0, 1, 1)
     await bounded(queue.aclose())

@@ -22,7 +22,7 @@ def waiting_items(h: Harness) -> list[int]:
 
 
 def items_waiting_for_room(h: Harness) -> list[int]:
-    table = h.queue._table
+    table = h.queue._engine.table
     return [] if table is None else [f.key for f in table.outside()]
 
 
@@ -73,7 +73,7 @@ async def test_a_full_queue_makes_callers_wait_then_serves_them_all() -> None:
 
 
 def sharing_lookup(h: Harness, item: int) -> bool:
-    table = h.queue._table
+    table = h.queue._engine.table
     assert table is not None
     lookup = table.lookups.under_way(item)
     return lookup is not None and lookup.answer is not None
@@ -105,8 +105,8 @@ async def test_callers_waiting_for_room_are_not_woken_until_their_result_is_read
     t1 = asyncio.create_task(h.queue.require(1))
     await eventually(lambda: waiting_items(h) == [1])
     # Through _call, as @worker_queue calls it after its own cache lookup.
-    w2a = h.queue._call(2, (2,), {})
-    w2b = h.queue._call(2, (2,), {})
+    w2a = h.queue._engine.table_now().call(2, (2,), {})
+    w2b = h.queue._engine.table_now().call(2, (2,), {})
     w3 = asyncio.create_task(h.queue.require(3))
     await eventually(lambda: room_waiters(h) == 3)
     gates[0].set()  # item 1 runs; item 2 is admitted into the line for both of its callers

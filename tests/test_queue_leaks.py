@@ -79,13 +79,13 @@ async def test_no_bookkeeping_is_left_after_a_shutdown_in_the_middle_of_a_mix(
             rng.choice(tasks).cancel()
         elif roll < 0.5:
             gates[rng.choice(ITEMS)].set()
-    table = h.queue._table
+    table = h.queue._engine.table
     assert table is not None
     await bounded(h.queue.aclose())
     outcomes = await bounded(asyncio.gather(*tasks, return_exceptions=True))
     allowed = (str, Boom, asyncio.CancelledError, ShutdownTimeout, QueueShutDown)
     assert all(isinstance(o, allowed) for o in outcomes)
-    assert h.queue._table is None
+    assert h.queue._engine.table is None
     assert table.flights == {}
     assert table.running == 0
     assert table.live == 0

@@ -164,7 +164,7 @@ def test_a_loop_closed_with_computations_pending_is_forgotten_quietly(
             asyncio.create_task(h.queue.require(i))  # noqa: RUF006 - left pending on purpose
         await h.worker.started(0).wait()
         await asyncio.sleep(0)
-        assert h.queue._table is not None
+        assert h.queue._engine.table is not None
         assert room_waiters(h.queue) == 1
 
     first.run_until_complete(start())
@@ -216,7 +216,7 @@ def test_aclose_in_a_later_loop_forgets_a_queue_of_a_closed_loop() -> None:
 
     run(close)
     assert not h.queue.running
-    assert h.queue._table is None
+    assert h.queue._engine.table is None
     assert run(use) == "r1"
 
 
@@ -325,7 +325,7 @@ def test_aclose_closes_the_queue_every_time_when_tasks_start_eagerly() -> None:
             assert h.queue.running
             await h.queue.aclose()
             assert not h.queue.running
-            assert h.queue._closing is None
+            assert h.queue._engine._closing is None
         await h.queue.require(9)
         await WorkerQueue.aclose_all()
         assert not h.queue.running

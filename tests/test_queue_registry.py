@@ -22,9 +22,9 @@ async def test_aclose_all_closes_every_running_queue() -> None:
     assert all(h.queue.running for h in started)
     assert await returned(WorkerQueue.aclose_all()) is None
     assert not any(h.queue.running for h in started)
-    assert all(h.queue._table is None for h in started)
+    assert all(h.queue._engine.table is None for h in started)
     assert not idle.queue.running
-    assert idle.queue._table is None  # aclose_all did not start it
+    assert idle.queue._engine.table is None  # aclose_all did not start it
     assert not any(h.queue in _queue_registry._queues for h in started)
 
 
@@ -58,7 +58,7 @@ async def test_aclose_all_waits_for_a_queue_already_closing() -> None:
     assert not closing_all.done()  # it waits for the shutdown under way
     gate.set()
     assert await returned(closing_all) is None
-    assert h.queue._table is None
+    assert h.queue._engine.table is None
     assert task.done()
     assert await bounded(task) == "r1"
     assert await returned(closing) is None
@@ -105,7 +105,7 @@ async def test_a_queue_dropped_while_its_callers_were_cancelled_is_collected_aft
     await eventually(task.done)  # not awaited: its CancelledError would hold the caller's frames
     assert task.cancelled()
     ref = weakref.ref(h.queue)
-    table = h.queue._table
+    table = h.queue._engine.table
     assert table is not None
     del h.queue, task
     gc.collect()

@@ -88,7 +88,7 @@ async def test_a_require_still_checking_the_cache_when_aclose_ends_does_not_rest
     with pytest.raises(QueueShutDown):
         await bounded(task)
     assert not queue.running
-    assert queue._table is None
+    assert queue._engine.table is None
     assert h.worker.calls == []
 
 
@@ -105,8 +105,8 @@ async def test_a_require_sharing_a_lookup_when_aclose_ends_does_not_restart_the_
     queue: WorkerQueue[int, str] = WorkerQueue(h.worker, cache_get, h.cache.set)
     first = asyncio.create_task(queue.require(1))
     await until(looking)
-    assert queue._table is not None
-    lookup = queue._table.lookups.under_way(1)
+    assert queue._engine.table is not None
+    lookup = queue._engine.table.lookups.under_way(1)
     assert lookup is not None
     second = asyncio.create_task(queue.require(1))
     await eventually(lambda: lookup.answer is not None)  # the second shares the first's lookup
@@ -117,7 +117,7 @@ async def test_a_require_sharing_a_lookup_when_aclose_ends_does_not_restart_the_
         with pytest.raises(QueueShutDown):
             await bounded(task)
     assert not queue.running
-    assert queue._table is None
+    assert queue._engine.table is None
     assert h.worker.calls == []
 
 
@@ -140,7 +140,7 @@ async def test_running_and_waiting_items_finish_and_are_cached_during_aclose() -
     assert h.cache.data == {0: "r0", 1: "r1"}
     assert h.worker.cancelled == []
     assert not h.queue.running
-    assert h.queue._table is None
+    assert h.queue._engine.table is None
     assert other_tasks() == set()
 
 
@@ -182,7 +182,7 @@ async def test_items_unfinished_at_finish_timeout_fail_with_shutdown_timeout(
     assert h.worker.cancelled == [0]  # item 0's computation was cancelled
     assert any("finish_timeout" in r.getMessage() for r in caplog.records)
     assert not h.queue.running
-    assert h.queue._table is None
+    assert h.queue._engine.table is None
     assert other_tasks() == set()
 
 
@@ -273,7 +273,7 @@ async def test_aclose_on_a_queue_never_started_does_nothing() -> None:
     h = make()
     assert await returned(h.queue.aclose()) is None
     assert not h.queue.running
-    assert h.queue._table is None
+    assert h.queue._engine.table is None
     assert h.worker.calls == []
     assert await bounded(h.queue.require(1)) == "r1"  # and it still starts later
 
@@ -291,7 +291,7 @@ async def test_cancelling_the_caller_of_aclose_does_not_stop_the_shutdown() -> N
     assert not h.queue.running  # still shutting down
     gate.set()
     assert await bounded(task) == "r1"
-    await eventually(lambda: h.queue._table is None)
+    await eventually(lambda: h.queue._engine.table is None)
     assert h.cache.data == {1: "r1"}
 
 

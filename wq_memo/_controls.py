@@ -29,6 +29,7 @@ from .backends._protocol import MISSING, AsyncCache, Missing
 
 if TYPE_CHECKING:
     from ._counts import Counts
+    from ._engine import Engine
     from ._methods import InstanceKeys
     from ._queue import WorkerQueue
     from ._refresh import Refresher
@@ -43,6 +44,7 @@ __all__ = (
     "Memoized",
     "NoCacheKind",
     "attach",
+    "kind_of",
 )
 
 P = ParamSpec("P")
@@ -171,10 +173,10 @@ class CacheKind:
     The async forms run the synchronous ones unless a kind needs to await.
     """
 
-    __slots__ = ("key_of", "queue")
+    __slots__ = ("engine", "key_of")
 
-    def __init__(self, queue: WorkerQueue[Any, Any], key_of: KeyOf) -> None:
-        self.queue = queue
+    def __init__(self, engine: Engine[Any, Any], key_of: KeyOf) -> None:
+        self.engine = engine
         self.key_of = key_of
 
     def cache_info(self) -> CacheInfo:
@@ -206,7 +208,7 @@ class CacheKind:
 
     async def refresh(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         k = self.key_of(args, kwargs)
-        return await self.queue._table_now().call(k, args, kwargs, refresh=True)
+        return await self.engine.table_now().call(k, args, kwargs, refresh=True)
 
 
 class MappingKind(CacheKind):
@@ -228,7 +230,7 @@ class MappingKind(CacheKind):
 
     def __init__(
         self,
-        queue: WorkerQueue[Any, Any],
+        engine: Engine[Any, Any],
         key_of: KeyOf,
         cache: MutableMapping[Any, Any],
         store_now: Callable[[Hashable, Any], None],
@@ -237,10 +239,10 @@ class MappingKind(CacheKind):
         own_hits: Callable[[], int],
         zero_hits: Callable[[], None],
     ) -> None:
-        super().__init__(queue, key_of)
+        super().__init__(engine, key_of)
         self.cache = cache
         self.store_now = store_now
-        self._counts: Counts = queue._counts
+        self._counts: Counts = engine.counts
         self._instances = instances
         self._refresher = refresher
         self._own_hits = own_hits
@@ -268,7 +270,7 @@ class MappingKind(CacheKind):
     def cache_clear(self) -> None:
         try:
             self._purge()
-            self.queue._forget_all()
+            self.engine.forget_all()
             if self._refresher is not None:
                 self._refresher.clear()
             if self._instances is not None:
@@ -280,7 +282,7 @@ class MappingKind(CacheKind):
     def invalidate(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
         self._purge()
         k = self.key_of(args, kwargs)
-        self.queue._forget(k)
+        self.engine.forget(k)
         if self._refresher is not None:
             self._refresher.forget(k)
         if self._instances is not None:
@@ -293,7 +295,7 @@ class MappingKind(CacheKind):
 
     def prime(self, value: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         k = self.key_of(args, kwargs)
-        self.queue._forget(k)  # a computation under way must not overwrite it
+        self.engine.forget(k)  # a computation under way must not overwrite it
         self.store_now(k, value)
 
     def peek(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -311,21 +313,21 @@ class NoCacheKind(CacheKind):
     __slots__ = ()
 
     def cache_info(self) -> CacheInfo:
-        counts = self.queue._counts
+        counts = self.engine.counts
         return CacheInfo(
             counts.hits, counts.misses, counts.joined, None, 0, bypassed=counts.bypassed
         )
 
     def cache_clear(self) -> None:
-        self.queue._forget_all()
-        self.queue._counts.clear()
+        self.engine.forget_all()
+        self.engine.counts.clear()
 
     def invalidate(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
-        self.queue._forget(self.key_of(args, kwargs))
+        self.engine.forget(self.key_of(args, kwargs))
         return False
 
     def prime(self, value: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        self.queue._forget(self.key_of(args, kwargs))  # no cache to hold it; later calls compute
+        self.engine.forget(self.key_of(args, kwargs))  # no cache to hold it; later calls compute
 
     def peek(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         self.key_of(args, kwargs)  # the arguments must still make a key
@@ -339,13 +341,13 @@ class AsyncCacheKind(CacheKind):
 
     def __init__(
         self,
-        queue: WorkerQueue[Any, Any],
+        engine: Engine[Any, Any],
         key_of: KeyOf,
         cache: AsyncCache,
         refresher: Refresher | None,
         display: str,
     ) -> None:
-        super().__init__(queue, key_of)
+        super().__init__(engine, key_of)
         self.cache = cache
         self._refresher = refresher
         self._display = display
@@ -358,7 +360,7 @@ class AsyncCacheKind(CacheKind):
         )
 
     def cache_info(self) -> CacheInfo:
-        counts = self.queue._counts
+        counts = self.engine.counts
         return CacheInfo(
             counts.hits,
             counts.misses,
@@ -374,37 +376,37 @@ class AsyncCacheKind(CacheKind):
         raise self._refuse("cache_clear")
 
     async def acache_clear(self) -> None:
-        queue = self.queue
+        engine = self.engine
         try:
-            await queue._stores_done(queue._forget_all())
+            await engine.aforget_all()
             if self._refresher is not None:
                 self._refresher.clear()
             await self.cache.clear()
-            queue._forget_lookups()
+            engine.forget_lookups()
         finally:
-            queue._counts.clear()  # last: what was counted while it cleared is before the clear
+            engine.counts.clear()  # last: what was counted while it cleared is before the clear
 
     def invalidate(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
         raise self._refuse("cache_invalidate")
 
     async def ainvalidate(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
-        queue, k = self.queue, self.key_of(args, kwargs)
-        await queue._stores_done(queue._forget(k))
+        engine, k = self.engine, self.key_of(args, kwargs)
+        await engine.aforget(k)
         if self._refresher is not None:
             self._refresher.forget(k)
         deleted = await self.cache.delete(k)
-        queue._forget_lookups(k)
+        engine.forget_lookups(k)
         return deleted
 
     def prime(self, value: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         raise self._refuse("cache_prime")
 
     async def aprime(self, value: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        queue, k = self.queue, self.key_of(args, kwargs)
+        engine, k = self.engine, self.key_of(args, kwargs)
         # Computations under way must not overwrite it.
-        await queue._stores_done(queue._forget(k))
+        await engine.aforget(k)
         await self.cache.set(k, value)
-        queue._forget_lookups(k)
+        engine.forget_lookups(k)
         if self._refresher is not None:
             self._refresher.stored(k)
 
@@ -540,3 +542,9 @@ def attach(
     for name in PER_CALL:
         setattr(w, name, getattr(controls, name))
     return w  # type: ignore[no-any-return]
+
+
+def kind_of(memoized: Any) -> CacheKind:
+    """What the controls of memoized (a function attach() was given) go through."""
+    kind: CacheKind = memoized._cache_kind
+    return kind

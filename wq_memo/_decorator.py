@@ -24,7 +24,8 @@ import cachetools
 import cachetools.keys
 
 from . import _listeners, _memo_registry, _naming
-from ._controls import AsyncCacheKind, MappingKind, Memoized, NoCacheKind, attach
+from ._controls import AsyncCacheKind, MappingKind, Memoized, NoCacheKind, attach, kind_of
+from ._engine import Engine
 from ._flight import Flight, FlightTable
 from ._hitpath import (
     async_cache_wrapper,
@@ -34,7 +35,7 @@ from ._hitpath import (
     unhashable,
 )
 from ._methods import InstanceKeys, MemoizedClassMethod, MemoizedMethod, MethodState
-from ._queue import WorkerQueue, is_async_callable
+from ._queue import WorkerQueue, facade, is_async_callable
 from ._refresh import Refresher, check_freshness_options, check_refresh_options
 from ._ttl_lookup import fast_lookup, raw_timer
 from .backends._protocol import (
@@ -153,7 +154,7 @@ def _build(func: Any, options: _Options, state: MethodState | None) -> Any:
     memoized._refresher = refresher  # type: ignore[attr-defined]  # its due times, for tests
     if not isinstance(getattr(func, "__qualname__", None), str):
         memoized.__name__ = memoized.__qualname__ = display
-    _listeners.track(memoized, options.name or display)
+    _listeners.track(memoized, kind_of(memoized).engine.counts, options.name or display)
     return memoized
 
 
@@ -256,7 +257,7 @@ def _with_mapping(
         if refresher is not None:
             refresher.stored(k)
 
-    queue: WorkerQueue[Any, R] = WorkerQueue._internal(
+    engine: Engine[Any, R] = Engine(
         func,
         options.maxsize,
         options.finish_timeout,
@@ -265,9 +266,9 @@ def _with_mapping(
         store_now=store_now,
         on_refresh_failed=None if refresher is None else refresher.failed,
     )
-    hit_path = mapping_hit_path(func, display, cache, key, queue, fast, refresher)
+    hit_path = mapping_hit_path(func, display, cache, key, engine, fast, refresher)
     kind = MappingKind(
-        queue,
+        engine,
         _key_builder(key, display),
         cache,
         store_now,
@@ -276,7 +277,7 @@ def _with_mapping(
         hit_path.own_hits,
         hit_path.zero_hits,
     )
-    return attach(hit_path.wrapper, queue, cache, kind)
+    return attach(hit_path.wrapper, facade(engine), cache, kind)
 
 
 def _dedup_only(
@@ -285,11 +286,10 @@ def _dedup_only(
     key: Callable[..., Hashable],
     options: _Options,
 ) -> Memoized[P, R]:
-    queue: WorkerQueue[Any, R] = WorkerQueue._internal(
-        func, options.maxsize, options.finish_timeout, miss=MISSING
-    )
-    wrapper = no_cache_wrapper(func, display, key, queue)
-    return attach(wrapper, queue, None, NoCacheKind(queue, _key_builder(key, display)))
+    engine: Engine[Any, R] = Engine(func, options.maxsize, options.finish_timeout, miss=MISSING)
+    wrapper = no_cache_wrapper(func, display, key, engine)
+    kind = NoCacheKind(engine, _key_builder(key, display))
+    return attach(wrapper, facade(engine), None, kind)
 
 
 def _with_async_cache(
@@ -301,13 +301,13 @@ def _with_async_cache(
     options: _Options,
     refresher: Refresher | None,
 ) -> Memoized[P, R]:
-    queue: WorkerQueue[Any, R]
+    engine: Engine[Any, R]
     on_refresh_failed = None if refresher is None else refresher.failed
     if isinstance(cache, SingleFlightCache):
         single_flight = cache
 
         def compute_single_flight(flight: Flight[Any, R]) -> Awaitable[R]:
-            table = queue._table_now()
+            table = engine.table_now()
 
             async def compute() -> R:
                 # Waiting for another process holds no slot: only computing here does. It runs
@@ -342,7 +342,7 @@ def _with_async_cache(
 
             lookup = lookup_with_age
 
-        queue = WorkerQueue._internal(
+        engine = Engine(
             func,
             options.maxsize,
             options.finish_timeout,
@@ -359,7 +359,7 @@ def _with_async_cache(
             if refresher is not None:
                 refresher.stored(k)
 
-        queue = WorkerQueue._internal(
+        engine = Engine(
             func,
             options.maxsize,
             options.finish_timeout,
@@ -369,11 +369,11 @@ def _with_async_cache(
             on_refresh_failed=on_refresh_failed,
         )
     if refresher is not None:
-        queue._on_hit = refresh_starter(queue, refresher)
+        engine.on_hit = refresh_starter(engine, refresher)
     key_of = _key_builder(key, display, name)
-    wrapper = async_cache_wrapper(func, key_of, queue)
-
-    return attach(wrapper, queue, cache, AsyncCacheKind(queue, key_of, cache, refresher, display))
+    wrapper = async_cache_wrapper(func, key_of, engine)
+    kind = AsyncCacheKind(engine, key_of, cache, refresher, display)
+    return attach(wrapper, facade(engine), cache, kind)
 
 
 async def _get_or_compute(

@@ -10,7 +10,7 @@ An item in flight is, in order:
 
 Callers never wake up for room: each one awaits a future of its own, which the computation's
 task completes directly with the result or the exception. The table belongs to one event loop;
-WorkerQueue makes a new one when the loop changes.
+its Engine (_engine) makes a new one when the loop changes.
 
 The table's other jobs live in modules of their own, which it calls with explicit arguments:
 the slots and the lines waiting for them in ``_slots`` (a slot that frees up goes to the first
@@ -188,8 +188,8 @@ class FlightTable(Generic[K, R]):
     ``slotless``, computations start at once and ``compute`` itself takes a slot with ``slot()``
     (for a cache that may wait on another process before computing).
 
-    Nothing here refers back to the WorkerQueue, so that a queue its owner drops can be
-    garbage-collected.
+    Nothing here refers back to the Engine or its WorkerQueue, so that a queue its owner drops
+    can be garbage-collected.
     """
 
     __slots__ = (

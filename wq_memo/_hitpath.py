@@ -17,7 +17,7 @@ import cachetools.keys
 
 from . import _listeners
 from ._counts import Counts
-from ._queue import WorkerQueue
+from ._engine import Engine
 from ._refresh import NEVER, Refresher
 from ._switch import SWITCH
 from .backends._protocol import MISSING
@@ -67,9 +67,10 @@ def _bypass(
 
 
 def refresh_starter(
-    queue: WorkerQueue[Any, Any], refresher: Refresher
+    engine: Engine[Any, Any], refresher: Refresher
 ) -> Callable[[Hashable, tuple[Any, ...], dict[str, Any]], None]:
     """What a hit does once its entry is due: a background refresh through the queue."""
+    table_now = engine.table_now
     clock = refresher.clock
     due_get = refresher.due.get
 
@@ -77,7 +78,7 @@ def refresh_starter(
         if clock() >= due_get(k, NEVER):
             # First: a refresh that ends in its eager first step sets the key's next due time.
             refresher.started(k)
-            queue._table_now().refresh_in_background(k, args, kwargs)
+            table_now().refresh_in_background(k, args, kwargs)
 
     return refresh_if_due
 
@@ -96,7 +97,7 @@ def mapping_hit_path(
     display: str,
     cache: MutableMapping[Any, Any],
     key: Callable[..., Hashable],
-    queue: WorkerQueue[Any, R],
+    engine: Engine[Any, R],
     fast: Callable[[Hashable, object], Any] | None,
     refresher: Refresher | None,
 ) -> MappingHitPath:
@@ -106,7 +107,7 @@ def mapping_hit_path(
     The wrapper gets ``_instrument`` and ``_own_hits`` for _listeners.track (which must hold
     nothing referring to the cache).
     """
-    counts = queue._counts
+    counts = engine.counts
     hits = 0
     default_key = args_are_key(key)
     # What the hit paths read the cache through: _listeners.track swaps in counting ones while
@@ -114,12 +115,12 @@ def mapping_hit_path(
     entries: Any = cache
     find_any = find = cache.get if fast is None else fast
     # A miss: the queue's flight table on the running loop (bound to it first if need be).
-    table_now = queue._table_now
+    table_now = engine.table_now
 
     if refresher is not None:
         clock = refresher.clock
         due_get = refresher.due.get
-        refresh_if_due = refresh_starter(queue, refresher)
+        refresh_if_due = refresh_starter(engine, refresher)
 
         async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
             nonlocal hits
@@ -230,10 +231,11 @@ def no_cache_wrapper(
     func: Callable[P, Awaitable[R]],
     display: str,
     key: Callable[..., Hashable],
-    queue: WorkerQueue[Any, R],
+    engine: Engine[Any, R],
 ) -> Callable[P, Coroutine[Any, Any, R]]:
     """The wrapper without a cache: every call joins or starts a computation."""
-    counts = queue._counts
+    counts = engine.counts
+    bind = engine.bind
     default_key = args_are_key(key)
 
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
@@ -244,9 +246,9 @@ def no_cache_wrapper(
             hash(k)
         except TypeError as exc:
             raise unhashable(display, exc) from exc
-        table = queue._table
+        table = engine.table
         if table is None or table.loop is not get_running_loop():
-            table = queue._bind()
+            table = bind()
         return await table.call(k, args, kwargs)
 
     return wrapper
@@ -255,11 +257,11 @@ def no_cache_wrapper(
 def async_cache_wrapper(
     func: Callable[P, Awaitable[R]],
     key_of: Callable[[tuple[Any, ...], dict[str, Any]], Hashable],
-    queue: WorkerQueue[Any, R],
+    engine: Engine[Any, R],
 ) -> Callable[P, Coroutine[Any, Any, R]]:
     """The wrapper over an async cache: the queue looks the key up, shared among callers."""
-    counts = queue._counts
-    require = queue._require
+    counts = engine.counts
+    require = engine.require
 
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         if SWITCH.watch and SWITCH.off():

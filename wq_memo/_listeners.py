@@ -14,7 +14,10 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Hashable
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
+
+if TYPE_CHECKING:
+    from ._counts import Counts
 
 __all__ = (
     "COUNTED",
@@ -143,14 +146,13 @@ name, the name retired last at the end: they stay in totals(), so that what coll
 never goes down. Without a listener nobody reads them, and nothing is kept."""
 
 
-def track(memoized: Any, name: str) -> None:
-    """Register a new memoized function under name.
+def track(memoized: Any, counts: Counts, name: str) -> None:
+    """Register a new memoized function under name; counts: its queue's.
 
     Its ``_instrument(notify)``, if it has one, makes its hit path call notify() on each hit
     (``_instrument(None)`` undoes it); its ``_own_hits()``, the hits it counts itself, beside
-    those of its queue's Counts.
+    those in counts.
     """
-    counts = memoized.queue._counts
     counts.name = name
     entry = _Tracked(name, counts, getattr(memoized, "_own_hits", None))
     serial = next(_serials)

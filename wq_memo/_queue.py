@@ -1,28 +1,23 @@
-"""WorkerQueue: accepting items, deduplicating them, bounding their computations, shutting down."""
+"""WorkerQueue: the public face of an Engine (_engine), which accepts items, deduplicates them,
+bounds their computations and shuts down; here, the checks of what a user passes in."""
 
 from __future__ import annotations
 
-import asyncio
 import inspect
-import logging
 import types
+import weakref
 from collections.abc import Awaitable, Callable, Hashable
 from types import TracebackType
 from typing import Any, Generic, TypeVar, final
 
 from . import _queue_registry as _registry
-from ._counts import Counts, count_hit
-from ._errors import QueueShutDown
-from ._flight import _NO_KWARGS, Flight, FlightTable
-from ._lookups import NotAsync, look_up
-from ._state import FINISHED
+from ._engine import Engine, shutting_down
+from ._lookups import NotAsync
 
-__all__ = ("WorkerQueue",)
+__all__ = ("WorkerQueue", "facade", "is_async_callable")
 
 T = TypeVar("T", bound=Hashable)
 R = TypeVar("R")
-
-logger = logging.getLogger("wq_memo")
 
 _SYNC_CALLABLES = (
     types.BuiltinFunctionType,
@@ -31,10 +26,6 @@ _SYNC_CALLABLES = (
     types.WrapperDescriptorType,
     types.MethodDescriptorType,
 )
-
-
-def _shutting_down() -> QueueShutDown:
-    return QueueShutDown("the queue is shutting down; require() again once aclose() ends")
 
 
 def is_async_callable(fn: object) -> bool:
@@ -89,19 +80,9 @@ class WorkerQueue(Generic[T, R]):
     loop at a time.
     """
 
-    __slots__ = (
-        "__weakref__",
-        "_closing",
-        "_counts",
-        "_lookup",
-        "_miss",
-        "_on_hit",
-        "_ops",
-        "_table",
-        "_worker",
-        "finish_timeout",
-        "maxsize",
-    )
+    __slots__ = ("__weakref__", "_engine")
+
+    _engine: Engine[T, R]
 
     def __init__(
         self,
@@ -114,63 +95,40 @@ class WorkerQueue(Generic[T, R]):
         worker = _async_only("worker", worker)
         cache_get = _async_only("cache_get", cache_get)
         cache_set = _async_only("cache_set", cache_set)
-        self._setup(worker, maxsize, finish_timeout, miss=None, lookup=cache_get, store=cache_set)
-
-    def _setup(
-        self,
-        worker: Any,
-        maxsize: int,
-        finish_timeout: float,
-        *,
-        miss: object,
-        lookup: Callable[[T], Awaitable[Any]] | None = None,
-        **ops: Any,
-    ) -> None:
-        if isinstance(maxsize, bool) or not isinstance(maxsize, int) or maxsize < 1:
-            raise ValueError(f"WorkerQueue: maxsize must be an int of at least 1, got {maxsize!r}")
-        if (
-            isinstance(finish_timeout, bool)
-            or not isinstance(finish_timeout, int | float)
-            or not finish_timeout >= 0
-        ):
-            raise ValueError(
-                f"WorkerQueue: finish_timeout must be a number of seconds >= 0, "
-                f"got {finish_timeout!r}"
-            )
-        self._worker = worker
-        self._lookup = lookup
-        self._miss = miss
-        self._ops = dict(ops, miss=miss, lookup=lookup)
-        self.maxsize = maxsize
-        self.finish_timeout = float(finish_timeout)
-        self._table: FlightTable[T, R] | None = None
-        self._closing: asyncio.Task[None] | None = None
-        self._counts = Counts()
-        self._on_hit: Callable[[T, tuple[Any, ...], dict[str, Any]], None] | None = None
-        """Told of each hit of _require (the decorator's refresh-ahead)."""
-
-    @classmethod
-    def _internal(
-        cls, func: Any, maxsize: int, finish_timeout: float, **ops: Any
-    ) -> WorkerQueue[T, R]:
-        """A queue for @worker_queue: func(*args, **kwargs) computes; cache operations and the
-        rest as FlightTable takes them."""
-        queue: WorkerQueue[T, R] = cls.__new__(cls)
-        queue._setup(func, maxsize, finish_timeout, **ops)
-        return queue
+        _front(
+            self,
+            Engine(worker, maxsize, finish_timeout, miss=None, lookup=cache_get, store=cache_set),
+        )
 
     def __repr__(self) -> str:
-        table = self._table
-        inflight = table.live if table is not None else 0
+        engine = self._engine
         return (
-            f"<WorkerQueue worker={self._worker!r} maxsize={self.maxsize} "
-            f"running={self.running} in_flight={inflight}>"
+            f"<WorkerQueue worker={engine.func!r} maxsize={engine.maxsize} "
+            f"running={self.running} in_flight={engine.live}>"
         )
+
+    @property
+    def maxsize(self) -> int:
+        """How many computations run at once, at most (and how many more may wait in line)."""
+        return self._engine.maxsize
+
+    @maxsize.setter
+    def maxsize(self, value: int) -> None:
+        self._engine.maxsize = value
+
+    @property
+    def finish_timeout(self) -> float:
+        """How many seconds aclose() gives accepted items to finish."""
+        return self._engine.finish_timeout
+
+    @finish_timeout.setter
+    def finish_timeout(self, value: float) -> None:
+        self._engine.finish_timeout = value
 
     @property
     def computing(self) -> int:
         """How many computations run now (on the current event loop)."""
-        table = self._table
+        table = self._engine.table
         return 0 if table is None else table.computing()
 
     @property
@@ -180,13 +138,13 @@ class WorkerQueue(Generic[T, R]):
         Metrics collection may read it from another thread: the lines are copied first, in one
         step, since the loop may change them meanwhile.
         """
-        table = self._table
+        table = self._engine.table
         return 0 if table is None else table.waiting()
 
     @property
     def running(self) -> bool:
         """Whether the queue is started and accepting work (False from the start of aclose)."""
-        table = self._table
+        table = self._engine.table
         return table is not None and not table.closing
 
     # -- requiring ------------------------------------------------------------------------------
@@ -199,166 +157,21 @@ class WorkerQueue(Generic[T, R]):
         item finished, RecursionError if a computation requires its own item. Waits for room
         when ``maxsize`` items run and ``maxsize`` more wait.
         """
-        table = self._table
+        engine = self._engine
+        table = engine.table
         if table is not None and table.closing:
-            raise _shutting_down()
-        return await self._require(item, (item,))
+            raise shutting_down()
+        return await engine.require(item, (item,))
 
-    async def _require(
-        self, key: T, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None
-    ) -> R:
-        """Look key up (sharing a lookup under way), then join or start its computation.
-
-        Hits are served while the queue closes; a miss then raises QueueShutDown. While a
-        refresh of key is under way, the entry it replaces is served (looked up once).
-        """
-        looked = False
-        # One table for the whole call: a call that starts over once the queue has closed (the
-        # lookup it shared ended without an answer) is refused, as the caller it shared with
-        # was; it does not start the queue again after aclose() has returned.
-        table = self._table_now()
-        while True:
-            flight = table.flights.get(key)
-            if flight is not None:
-                if table.closing:
-                    raise _shutting_down()
-                if flight.refresh and not looked:
-                    looked = True
-                    value = await look_up(self._lookup, key, self._miss)
-                    if value is not self._miss:
-                        # A refresh of key is under way already: no need to start one.
-                        count_hit(self._counts)
-                        return value  # type: ignore[no-any-return]
-                    continue  # gone meanwhile: join the refresh, or start over if it ended
-                return await table.join(flight)
-            lookup = table.lookups.under_way(key)
-            if lookup is None:
-                return await self._look_up_then_call(table, key, args, kwargs)
-            # Another caller is looking key up: no computation of it can start meanwhile.
-            # Share what that caller finds, so as never to compute what it finds stored.
-            answer = await lookup.shared(table.loop)
-            if answer is not None:
-                found, what = answer
-                if found:
-                    count_hit(self._counts)
-                    if self._on_hit is not None:
-                        self._on_hit(key, args, kwargs or _NO_KWARGS)
-                    return what  # type: ignore[no-any-return]
-                if what.state is not FINISHED or what.outcome is not None:
-                    return await table.join(what)
-                # Its computation ended with nobody to tell (every caller left): start over.
-            # Otherwise that caller left without an answer (cancelled, refused): start over.
-
-    async def _look_up_then_call(
-        self,
-        table: FlightTable[T, R],
-        key: T,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any] | None,
-    ) -> R:
-        lookup = table.lookups.begin(key)
-        try:
-            value = await look_up(self._lookup, key, self._miss)
-            if value is not self._miss:
-                count_hit(self._counts)
-                table.answer(key, lookup, (True, value))
-                if self._on_hit is not None:
-                    self._on_hit(key, args, kwargs or _NO_KWARGS)
-                return value  # type: ignore[no-any-return]
-            # aclose() may have run while we looked: table.call refuses then, so that the
-            # queue does not start again.
-            return await table.call(key, args, kwargs or _NO_KWARGS, lookup)
-        finally:
-            table.answer(key, lookup, None)  # if not answered yet: those sharing start over
-
-    def _call(self, key: T, args: tuple[Any, ...], kwargs: dict[str, Any]) -> asyncio.Future[R]:
-        """Join or start key's computation, for a caller that found no cached value."""
-        table = self._table
-        if table is None or table.loop is not asyncio.get_running_loop():
-            table = self._bind()
-        return table.call(key, args, kwargs)
-
-    def _table_now(self) -> FlightTable[T, R]:
-        table = self._table
-        if table is None or table.loop is not asyncio.get_running_loop():
-            table = self._bind()
-        return table
-
-    # -- invalidation ---------------------------------------------------------------------------
-
-    def _forget(self, key: T) -> list[Flight[T, R]]:
-        """Make later calls of key start afresh; the computations under way will store nothing.
-        Returns the forgotten computations of key still running (see _stores_done)."""
-        table = self._table
-        return [] if table is None else table.forget(key)
-
-    def _forget_all(self) -> list[Flight[T, R]]:
-        table = self._table
-        return [] if table is None else table.forget_all()
-
-    def _forget_lookups(self, key: T | None = None) -> None:
-        """After an invalidation's last await: newcomers no longer share a lookup that began
-        during it."""
-        table = self._table
-        if table is not None:
-            table.forget_lookups(key)
-
-    async def _stores_done(self, flights: list[Flight[T, R]]) -> None:
-        """Wait until the stores already sent for these forgotten computations have ended."""
-        tasks = [
-            f.task
-            for f in flights
-            # Delivered and not ended: its store is on its way (or it is about to end).
-            if (f.outcome is not None or f.storing)
-            and f.task is not None
-            and not f.task.done()
-            and f.task is not _me()
-        ]
-        loop = asyncio.get_running_loop()
-        tasks = [t for t in tasks if t.get_loop() is loop]
-        if tasks:
-            await asyncio.wait(tasks)
-
-    # -- the event loop -------------------------------------------------------------------------
-
-    def _bind(self) -> FlightTable[T, R]:
-        """Start the queue on the running loop, leaving behind a loop that has stopped."""
-        loop = asyncio.get_running_loop()
-        old = self._table
-        if old is not None and old.loop is not loop:
-            if old.loop.is_running():
-                raise RuntimeError(
-                    "WorkerQueue is in use on another running event loop; "
-                    "create one queue per event loop"
-                )
-            # The old loop has stopped: its computations finish only if it runs again, and
-            # must not store then what may be stale. Forget them; the cache is kept.
-            logger.debug("WorkerQueue moving to a new event loop; %d item(s) left behind", old.live)
-            old.abandon()
-            self._closing = None
-        elif old is not None:
-            return old
-        table: FlightTable[T, R] = FlightTable(
-            loop, self._worker, self.maxsize, self._counts, **self._ops
-        )
-        self._table = table
-        _registry.register(self)
-        return table
+    # -- what the registry of started queues asks ------------------------------------------------
 
     def _started(self) -> bool:
         """Whether the queue has been started and not yet fully closed (it may be closing)."""
-        return self._table is not None
+        return self._engine.started()
 
     def _bound_elsewhere(self) -> bool:
         """Whether the queue's computations belong to another event loop that is still running."""
-        table = self._table
-        if table is None:
-            return False
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            loop = None
-        return table.loop is not loop and table.loop.is_running()
+        return self._engine.bound_elsewhere()
 
     # -- shutting down --------------------------------------------------------------------------
 
@@ -373,47 +186,7 @@ class WorkerQueue(Generic[T, R]):
         already delivered to callers. Idempotent, safe to call concurrently, a no-op on a queue
         never started. Cancelling the caller of aclose() does not stop the shutdown.
         """
-        table = self._table
-        if table is None:
-            return
-        loop = asyncio.get_running_loop()
-        if table.loop is not loop:
-            if table.loop.is_running():
-                raise RuntimeError(
-                    "WorkerQueue.aclose() called from another event loop than the one it runs on"
-                )
-            # Its loop has stopped: nothing there finishes unless it runs again, and what
-            # finishes then stores nothing.
-            table.abandon()
-            self._table = None
-            self._closing = None
-            _registry.unregister(self)
-            return
-        closing = self._closing
-        if closing is None:
-            table.close()  # now, not when the shutdown task first runs
-            closing = loop.create_task(self._shutdown(table))
-            if self._table is table:  # else an eager task factory has run the shutdown already
-                self._closing = closing
-        await asyncio.shield(closing)
-
-    async def _shutdown(self, table: FlightTable[T, R]) -> None:
-        try:
-            try:
-                async with asyncio.timeout(self.finish_timeout):
-                    await table.wait_drained()
-            except TimeoutError:
-                logger.warning(
-                    "aclose(): %d item(s) unfinished after finish_timeout=%ss; cancelling them",
-                    table.live,
-                    self.finish_timeout,
-                )
-                await table.abort(self.finish_timeout)
-        finally:
-            if self._table is table:
-                self._table = None
-                self._closing = None
-                _registry.unregister(self)
+        await self._engine.aclose()
 
     @classmethod
     async def aclose_all(cls) -> None:
@@ -421,9 +194,9 @@ class WorkerQueue(Generic[T, R]):
         await _registry.aclose_all()
 
     async def __aenter__(self) -> WorkerQueue[T, R]:
-        table = self._table_now()
+        table = self._engine.table_now()
         if table.closing:
-            raise _shutting_down()
+            raise shutting_down()
         return self
 
     async def __aexit__(
@@ -435,5 +208,15 @@ class WorkerQueue(Generic[T, R]):
         await self.aclose()
 
 
-def _me() -> asyncio.Task[Any] | None:
-    return asyncio.current_task()
+def facade(engine: Engine[T, R]) -> WorkerQueue[T, R]:
+    """The WorkerQueue in front of engine (the hidden queue of a memoized function)."""
+    queue: WorkerQueue[T, R] = WorkerQueue.__new__(WorkerQueue)
+    _front(queue, engine)
+    return queue
+
+
+def _front(queue: WorkerQueue[T, R], engine: Engine[T, R]) -> None:
+    """Put queue in front of engine: the one way a WorkerQueue is made."""
+    queue._engine = engine
+    # Weakly: a queue its owner drops is garbage-collected, started or not.
+    engine.serve(weakref.ref(queue))

@@ -33,7 +33,7 @@ async def test_redis_stats_are_reported_by_event_and_namespace(
     adapter = enable_opentelemetry(meter_provider=provider)
     try:
         assert await square(3) == 9
-        square.queue._forget_all()
+        square.queue._engine.forget_all()
         assert await square(3) == 9  # from Redis
         data = reader.get_metrics_data()
     finally:

@@ -50,7 +50,7 @@ class Driven(Protocol):
 def since_made(f: Any) -> tuple[int, int, int, int, int]:
     """f's hits, misses, joined, refreshes and bypassed since it was made: a clear sets
     cache_info()'s counts back to zero, not these (the metrics read them)."""
-    counts = f.queue._counts
+    counts = f.queue._engine.counts
     tracked = _listeners._Tracked("f", counts, getattr(f, "_own_hits", None))
     hits, misses, joined, refreshes, bypassed = tracked.counted()
     return hits, misses, joined, refreshes, bypassed
@@ -204,7 +204,7 @@ class DecoratorMachine(QueueModelMachine):
         await self.f.queue.aclose()
 
     def queue_table(self) -> FlightTable[Any, Any] | None:
-        return self.f.queue._table
+        return self.f.queue._engine.table
 
     def counters(self) -> tuple[int, int, int]:
         hits, misses, joined, _, _ = since_made(self.memoized())

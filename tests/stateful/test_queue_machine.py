@@ -63,10 +63,10 @@ class WorkerQueueMachine(QueueModelMachine):
         await self.queue.aclose()
 
     def queue_table(self) -> FlightTable[str, Value] | None:
-        return self.queue._table
+        return self.queue._engine.table
 
     def counters(self) -> tuple[int, int, int]:
-        c = self.queue._counts
+        c = self.queue._engine.counts
         return c.hits, c.misses, c.joined
 
     def flight_key(self, key: str) -> str:

@@ -163,7 +163,7 @@ class RefreshMachine(RuleBasedStateMachine):
                 assert call.task.done(), (
                     f"call #{call.id} of {call.key!r} waits although its entry is live"
                 )
-        table = self.f.queue._table
+        table = self.f.queue._engine.table
         assert table is not None
         for key in refreshing:
             assert (key,) in table.flights, (
@@ -206,7 +206,7 @@ class RefreshMachine(RuleBasedStateMachine):
 
     @invariant()
     def the_table_is_consistent(self) -> None:
-        table = self.f.queue._table if hasattr(self, "f") else None
+        table = self.f.queue._engine.table if hasattr(self, "f") else None
         if table is not None:
             table.check()
 
@@ -229,7 +229,7 @@ class RefreshMachine(RuleBasedStateMachine):
         while no slot is spare."""
         if not hasattr(self, "f"):
             return
-        table = self.f.queue._table
+        table = self.f.queue._engine.table
         if table is None:
             return
         callers = table.running - table.spare

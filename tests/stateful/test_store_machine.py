@@ -449,7 +449,7 @@ class StoreMachine(RuleBasedStateMachine):
         its way (after delivering, with an AsyncCache; before, in a single-flight cache's
         get_or_compute): f.refresh() of its key joins it and returns that result without
         computing, a gap tests/test_refresh_while_storing.py marks."""
-        table = self.f.queue._table
+        table = self.f.queue._engine.table
         if table is None or not comp.done:
             return False
         for flight in table.flights.values():
@@ -655,7 +655,7 @@ class StoreMachine(RuleBasedStateMachine):
         up, counted or started."""
         counted, comps = self.f.cache_info(), len(self.comps)
         reads = getattr(self.cache, "reads", 0)
-        table = self.f.queue._table
+        table = self.f.queue._engine.table
         flights = dict(table.flights) if table is not None else {}
         if sync and self.synchronous:
             value = self.f.cache_peek(key)
@@ -675,7 +675,7 @@ class StoreMachine(RuleBasedStateMachine):
         assert self.f.cache_info() == counted, f"a peek counted: {counted} -> {self.f.cache_info()}"
         assert getattr(self.cache, "reads", 0) == reads, "a peek looked the key up"
         assert len(self.comps) == comps, "a peek computed"
-        table = self.f.queue._table
+        table = self.f.queue._engine.table
         assert (dict(table.flights) if table is not None else {}) == flights, "a peek started"
         self.drive()
 
@@ -746,7 +746,7 @@ class StoreMachine(RuleBasedStateMachine):
 
     @invariant()
     def the_table_is_consistent(self) -> None:
-        table = self.f.queue._table if hasattr(self, "f") else None
+        table = self.f.queue._engine.table if hasattr(self, "f") else None
         if table is not None:
             table.check()
 

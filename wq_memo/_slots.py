@@ -3,7 +3,8 @@
 Design notes
 ------------
 One small primitive, so that every bound in the library is fair the same way (admission to the
-in-flight table today; Redis lanes can sit on it too). It keeps three lines, served in order:
+in-flight table, and the lanes that bound a RedisCache's commands). It keeps three lines, served
+in order:
 
 - ``line``: items (not tasks) waiting for a slot. A freed slot goes to the first of them through
   the ``admit(item, spare)`` callback the owner gives, which starts it (and takes the slot with
@@ -12,7 +13,10 @@ in-flight table today; Redis lanes can sit on it too). It keeps three lines, ser
   to the first of them directly (the count stays taken): the woken task never races a newcomer
   for it. A waiter cancelled after it was handed a slot passes the slot on; one cancelled before
   is skipped when its turn comes (a cancelled future costs nothing to leave in the line, and
-  removing it from the middle of a deque would cost a scan).
+  removing it from the middle of a deque would cost a scan). Urgent waiters
+  (``acquire(urgent=True)``, the Redis writes that end a computation) go ahead of the others,
+  first come first served among themselves: they wait at the front of the same line, and a
+  count says how many, so that a line without them costs nothing more.
 - ``refresh_line``: low-priority items that only ever take a *spare* slot: one free while no
   item and no waiter waits. Spare slots are counted in ``spare`` as well as ``running``, and
   the room for the other two lines is ``running - spare < maxsize``: so low-priority work never
@@ -54,6 +58,7 @@ class Slots(Generic[T]):
         "_admit",
         "_handing",
         "_loop",
+        "_urgent",
         "_waiters",
         "line",
         "maxsize",
@@ -78,6 +83,8 @@ class Slots(Generic[T]):
         self.refresh_line: deque[T] = deque()
         """Low-priority items waiting for a spare slot (read it; change it through the methods)."""
         self._waiters: deque[asyncio.Future[bool]] = deque()
+        self._urgent = 0
+        """How many of the first waiters are urgent ones."""
         self._admit = admit
         self._loop = loop
         self._handing = False
@@ -157,6 +164,8 @@ class Slots(Generic[T]):
                         self._admit(line.popleft(), False)
                     else:
                         waiter = waiters.popleft()
+                        if self._urgent:
+                            self._urgent -= 1
                         if not waiter.done():
                             self.running += 1
                             waiter.set_result(True)
@@ -168,20 +177,30 @@ class Slots(Generic[T]):
             self._handing = False
 
     async def acquire(
-        self, on_wait: Callable[[asyncio.Future[bool] | None], None] | None = None
+        self,
+        on_wait: Callable[[asyncio.Future[bool] | None], None] | None = None,
+        urgent: bool = False,
     ) -> bool:
         """Wait for a slot: True once taken, and the caller must ``release()`` it after.
+
+        An ``urgent`` task waits ahead of the others waiting here (not of the items in line).
 
         A task waiting may be told False instead (``lend()``): it is to go on without a slot of
         its own. ``on_wait(future)`` is told of the wait's future when it starts, and of None
         when it ends. Cancelled while waiting, it leaves the line; cancelled just after it was
         handed a slot, it passes the slot on.
         """
-        if self.running - self.spare < self.maxsize and not self._waiters:
+        if self.running - self.spare < self.maxsize and (
+            not self._waiters or (urgent and not self._urgent)
+        ):
             self.running += 1
             return True
         waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
+        if urgent:
+            self._waiters.insert(self._urgent, waiter)
+            self._urgent += 1
+        else:
+            self._waiters.append(waiter)
         if on_wait is not None:
             on_wait(waiter)
         try:

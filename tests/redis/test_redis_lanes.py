@@ -59,3 +59,48 @@ async def test_a_waiter_cancelled_before_its_turn_leaves_the_queue() -> None:
     lanes.release()
     await lanes.acquire(False)  # the lane came back free, not to the cancelled waiter
     assert order == []
+
+
+async def test_a_lane_handed_to_a_waiter_is_not_taken_by_a_newcomer() -> None:
+    lanes = Lanes(1)
+    order: list[str] = []
+    await lanes.acquire(False)
+    waiting = asyncio.create_task(_take(lanes, False, order, "waiting"))
+    await asyncio.sleep(0)
+    lanes.release()  # hands the lane to the waiting task, which has not run yet
+    newcomers = [
+        asyncio.create_task(_take(lanes, urgent, order, name))
+        for name, urgent in [("late", False), ("late urgent", True)]
+    ]
+    async with asyncio.timeout(1):
+        await waiting
+    assert order == ["waiting"]
+    lanes.release()
+    await asyncio.sleep(0)
+    assert order == ["waiting", "late urgent"]
+    lanes.release()
+    async with asyncio.timeout(1):
+        await asyncio.gather(*newcomers)
+    assert order == ["waiting", "late urgent", "late"]
+
+
+async def test_urgent_waiters_cancelled_before_their_turn_leave_the_others_in_order() -> None:
+    lanes = Lanes(1)
+    order: list[str] = []
+    await lanes.acquire(False)
+    tasks = {
+        name: asyncio.create_task(_take(lanes, urgent, order, name))
+        for name, urgent in [("a", False), ("gone", True), ("u", True), ("b", False)]
+    }
+    await asyncio.sleep(0)
+    tasks["gone"].cancel()
+    await asyncio.gather(tasks["gone"], return_exceptions=True)
+    lanes.release()
+    await asyncio.sleep(0)
+    late = asyncio.create_task(_take(lanes, True, order, "late urgent"))  # still before a
+    for _ in range(3):
+        await asyncio.sleep(0)
+        lanes.release()
+    async with asyncio.timeout(1):
+        await asyncio.gather(tasks["a"], tasks["u"], tasks["b"], late)
+    assert order == ["u", "late urgent", "a", "b"]

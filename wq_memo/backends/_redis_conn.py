@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Final, Protocol, TypeVar
 
@@ -39,6 +38,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from .._slots import Slots
 from ._redis_log import Secrets, Throttle, logger
 from ._redis_stats import Counters
 
@@ -58,41 +58,26 @@ class Unavailable(Exception):
 class Lanes:
     """At most ``size`` operations at once, first come first served; urgent ones go first.
 
-    A waiter that is cancelled after being handed a lane passes it on to the next one.
+    A waiter that is cancelled after being handed a lane passes it on to the next one. The
+    library's one fair primitive (``Slots``) does the work: its tasks waiting in ``acquire()``,
+    urgent ones first; it has no line of items.
     """
 
-    __slots__ = ("_free", "_normal", "_urgent")
+    __slots__ = ("_slots",)
 
     def __init__(self, size: int) -> None:
-        self._free = size
-        self._urgent: deque[asyncio.Future[None]] = deque()
-        self._normal: deque[asyncio.Future[None]] = deque()
+        self._slots: Slots[object] = Slots(size, _no_items)
 
-    async def acquire(self, urgent: bool) -> None:
-        if self._free > 0 and not self._urgent and (urgent or not self._normal):
-            self._free -= 1
-            return
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        queue = self._urgent if urgent else self._normal
-        queue.append(waiter)
-        try:
-            await waiter
-        except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled():
-                self.release()  # handed a lane, then cancelled: pass it on
-            else:
-                with contextlib.suppress(ValueError):
-                    queue.remove(waiter)
-            raise
+    def acquire(self, urgent: bool) -> Coroutine[Any, Any, bool]:
+        """Wait for a lane (await it); the caller must ``release()`` it after."""
+        return self._slots.acquire(None, urgent)
 
     def release(self) -> None:
-        for queue in (self._urgent, self._normal):
-            while queue:
-                waiter = queue.popleft()
-                if not waiter.done():
-                    waiter.set_result(None)
-                    return
-        self._free += 1
+        self._slots.release()
+
+
+def _no_items(item: object, spare: bool) -> None:
+    raise AssertionError("Lanes never put items in line")
 
 
 class Link:

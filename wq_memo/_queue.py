@@ -360,6 +360,11 @@ class WorkerQueue(Generic[T, R]):
             loop = None
         return table.loop is not loop and table.loop.is_running()
 
+    def _bound_here(self) -> bool:
+        """Whether the queue is started on the running event loop."""
+        table = self._table
+        return table is not None and table.loop is asyncio.get_running_loop()
+
     # -- shutting down --------------------------------------------------------------------------
 
     async def aclose(self) -> None:
@@ -414,6 +419,19 @@ class WorkerQueue(Generic[T, R]):
                 self._table = None
                 self._closing = None
                 _registry.unregister(self)
+
+    async def _aclose_at_once(self) -> None:
+        """aclose() without the grace: every item in flight on the running loop (computing,
+        waiting in line, a background refresh) is cancelled now and stores nothing; its callers
+        get ShutdownTimeout, and its task gets up to ``finish_timeout`` seconds to end. A later
+        require starts the queue again. The pytest plugin's isolation ends a test with it."""
+        table = self._table
+        if table is not None and table.loop is asyncio.get_running_loop():
+            if not table.closing:
+                table.close()
+            table.forget_all()
+            await table.abort(self.finish_timeout)
+        await self.aclose()
 
     @classmethod
     async def aclose_all(cls) -> None:

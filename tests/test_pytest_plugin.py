@@ -360,3 +360,147 @@ def test_the_metrics_never_go_down_between_isolated_tests(run: RunSuite) -> None
         """,
     )
     result.assert_outcomes(passed=2)
+
+
+PRESTARTED = textwrap.dedent("""
+    import asyncio
+    import pytest
+    import pytest_asyncio
+    from wq_memo import MISSING, ShutdownTimeout, worker_queue
+
+    WAIT = 5
+    pytestmark = pytest.mark.asyncio(loop_scope=SCOPE)
+
+    source = {"queued": "the first test's data"}
+    started, gate = asyncio.Event(), asyncio.Event()
+    cancelled, left = [], []
+
+    @worker_queue(maxsize=1, cache={})
+    async def f(x):
+        if x == "slow":
+            started.set()
+            try:
+                await gate.wait()
+            except asyncio.CancelledError:
+                cancelled.append(x)
+                raise
+        return source.get(x, x)
+
+    now = [0.0]
+    refresh_started, refresh_gate, refresh_ended = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    @worker_queue(cache={}, refresh_after=5, timer=lambda: now[0])
+    async def g(x):
+        if now[0]:  # a refresh
+            refresh_started.set()
+            try:
+                await refresh_gate.wait()
+            finally:
+                refresh_ended.set()
+            raise RuntimeError("the refresh failed")
+        return x
+
+    @pytest_asyncio.fixture(loop_scope=SCOPE, scope=SCOPE)
+    async def app():
+        # Warms the app up: f's and g's queues are started before any test.
+        assert await f("warm") == "warm" and await g("warm") == "warm"
+        assert f.queue.running and g.queue.running
+        yield
+        async with asyncio.timeout(WAIT):
+            assert await f("warm") == "warm"  # still works once the tests are over
+
+    async def leave_slow_running():
+        left.append(asyncio.create_task(f("slow")))
+        async with asyncio.timeout(WAIT):
+            await started.wait()
+        assert f.queue.computing == 1
+""")
+
+
+def prestarted(scope: str, tests: str) -> str:
+    return PRESTARTED.replace("SCOPE", repr(scope)) + textwrap.dedent(tests)
+
+
+@pytest.mark.parametrize("scope", ["module", "session"])
+def test_isolation_stores_nothing_from_a_queue_started_before_the_test(
+    run: RunSuite, scope: str
+) -> None:
+    """A computation a test leaves running, and an item it leaves in line, on a queue a wider
+    fixture started, store nothing into the next test's cache and count nothing there."""
+    tests = """
+        async def test_leaves_work_running_and_in_line(app, wq_memo_isolated):
+            await leave_slow_running()
+            left.append(asyncio.create_task(f("queued")))
+            async with asyncio.timeout(WAIT):
+                while not f.queue.waiting:
+                    await asyncio.sleep(0)
+
+        async def test_the_next_one_sees_none_of_it(app, wq_memo_isolated):
+            source["queued"] = "the second test's data"
+            gate.set()  # the first test's computation would end, and the item in line start
+            async with asyncio.timeout(WAIT):
+                assert await f("probe") == "probe"  # in line after them, were they still there
+            assert f.cache_peek("queued") is MISSING, f.cache_info()
+            assert f.cache_info()[:3] == (0, 1, 0)
+            assert f.cache == {("probe",): "probe"}
+    """
+    run(test_suite=prestarted(scope, tests)).assert_outcomes(passed=2)
+
+
+def test_isolation_ends_the_tasks_of_a_queue_started_before_the_test(run: RunSuite) -> None:
+    """What a test leaves running on a queue a wider fixture started is cancelled and awaited
+    when the test ends: its callers get ShutdownTimeout, and no slot stays taken."""
+    tests = """
+        async def test_leaves_work_running(app, wq_memo_isolated):
+            await leave_slow_running()
+
+        async def test_the_next_one_finds_it_ended(app, wq_memo_isolated):
+            assert cancelled == ["slow"]
+            assert (f.queue.computing, f.queue.waiting) == (0, 0)
+            assert left[0].done()
+            assert isinstance(left[0].exception(), ShutdownTimeout)
+    """
+    run(test_suite=prestarted("module", tests)).assert_outcomes(passed=2)
+
+
+def test_isolation_ends_a_background_refresh_of_a_queue_started_before_the_test(
+    run: RunSuite,
+) -> None:
+    """A background refresh a test starts on a queue a wider fixture started never fails, nor
+    counts, in the next test."""
+    tests = """
+        async def test_starts_a_refresh(app, wq_memo_isolated):
+            assert await g("k") == "k"
+            now[0] = 10  # the entry is due for a refresh
+            assert await g("k") == "k"  # served, and refreshed in the background
+            async with asyncio.timeout(WAIT):
+                await refresh_started.wait()
+            assert g.cache_info().refreshes == 1
+
+        async def test_the_next_one_counts_none_of_it(app, wq_memo_isolated):
+            assert g.cache_info()[:3] == (0, 0, 0)
+            refresh_gate.set()  # the refresh, still running, would fail now
+            async with asyncio.timeout(WAIT):
+                await refresh_ended.wait()
+            assert g.cache_info().refresh_failures == 0, g.cache_info()
+            assert g.cache_info().refreshes == 0
+    """
+    run(test_suite=prestarted("module", tests)).assert_outcomes(passed=2)
+
+
+def test_a_queue_started_before_the_test_keeps_working_after_it(run: RunSuite) -> None:
+    """The function the module fixture warmed up still computes in the next test (the first
+    test left its only slot taken), and in the fixture's teardown."""
+    tests = """
+        async def test_leaves_its_only_slot_taken(app, wq_memo_isolated):
+            await leave_slow_running()
+
+        async def test_the_next_one_computes(app, wq_memo_isolated):
+            async with asyncio.timeout(WAIT):
+                assert await f("x") == "x"
+            assert f.queue.running
+            assert f.cache_info()[:3] == (0, 1, 0)
+            assert await f("x") == "x"
+            assert f.cache_info()[:3] == (1, 1, 0)
+    """
+    run(test_suite=prestarted("module", tests)).assert_outcomes(passed=2)

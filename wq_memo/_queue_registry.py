@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import weakref
-from typing import Protocol
+from collections.abc import Coroutine
+from typing import Any, Protocol
 
 
 class Closable(Protocol):
@@ -18,7 +19,11 @@ class Closable(Protocol):
 
     def _bound_elsewhere(self) -> bool: ...
 
+    def _bound_here(self) -> bool: ...
+
     async def aclose(self) -> None: ...
+
+    async def _aclose_at_once(self) -> None: ...
 
 
 # Weak: a queue its owner drops is garbage-collected, started or not.
@@ -37,7 +42,7 @@ def register(queue: Closable) -> None:
 
 
 def mark() -> int:
-    """A mark to pass to aclose_started_since() later."""
+    """A mark to pass to aclose_at_once() later."""
     return _starts
 
 
@@ -53,24 +58,31 @@ async def aclose_all() -> None:
 
     Raises an ExceptionGroup of what the closes raised, after every close has finished.
     """
-    await _aclose_started("aclose_all()", 0)
-
-
-async def aclose_started_since(since: int) -> None:
-    """Close, as aclose_all() does, the queues started (or moved to a new loop) since mark()."""
-    await _aclose_started("closing the queues started since a mark", since)
-
-
-async def _aclose_started(what: str, since: int) -> None:
     # A list first: closing queues unregisters them while we iterate.
+    queues = [q for q in list(_queues) if q._started() and not q._bound_elsewhere()]
+    await _gather("aclose_all()", [q.aclose() for q in queues])
+
+
+async def aclose_at_once(since: int) -> None:
+    """End a test (the pytest plugin's isolation): close at once (without the grace of aclose(),
+    storing nothing) every queue started on the running loop, whenever it was started, and
+    every queue started (or moved to a new loop) since mark() that no other running loop holds.
+
+    Raises an ExceptionGroup of what the closes raised, after every close has finished.
+    """
     queues = [
         q
         for q in list(_queues)
-        if q._started() and not q._bound_elsewhere() and _started_at.get(q, 0) > since
+        if q._bound_here()
+        or (q._started() and not q._bound_elsewhere() and _started_at.get(q, 0) > since)
     ]
-    if not queues:
+    await _gather("closing the queues of a test", [q._aclose_at_once() for q in queues])
+
+
+async def _gather(what: str, closes: list[Coroutine[Any, Any, None]]) -> None:
+    if not closes:
         return
-    results = await asyncio.gather(*(q.aclose() for q in queues), return_exceptions=True)
+    results = await asyncio.gather(*closes, return_exceptions=True)
     errors = [r for r in results if isinstance(r, Exception)]
     if errors:
         raise ExceptionGroup(f"{what}: some queues failed to close", errors)

@@ -2,16 +2,21 @@
 
 - the fixture ``wq_memo_isolated``: before the test, every memoized function is cleared (its
   cache emptied, its cache_info() counts set to zero, as cache_clear() does); after it, every
-  queue the test started is closed;
+  queue started on the test's event loop, whoever started it (a wider fixture too), and every
+  queue the test started is closed at once: what it has in flight (computations, items in
+  line, background refreshes) is cancelled and stores nothing, its callers get
+  ShutdownTimeout, its tasks are awaited (up to the queue's finish_timeout), and the queue
+  starts again at its next call;
 - the ini option ``wq_memo_isolate = true``: every test gets that fixture, first of all;
 - the marker ``@pytest.mark.wq_memo_disabled``: the test (its fixtures included) runs with
   caching switched off in the whole process, as with WQ_MEMO_DISABLE=1.
 
 With pytest-asyncio, the fixture runs on the event loop the test runs on (of the scope its
 asyncio marker's loop_scope, else the ini option asyncio_default_test_loop_scope, gives it), so
-it closes the queues a test running on that loop started, gracefully; a queue left on another
-loop that has stopped is forgotten, and its computations, should that loop run again, store
-nothing. Without pytest-asyncio, it runs its asynchronous steps with asyncio.run().
+it ends what is under way on that loop; a queue the test left on another loop that has stopped
+is forgotten, and its computations, should that loop run again, store nothing, while a queue
+started before the test on such a loop is left alone. Without pytest-asyncio, it runs its
+asynchronous steps with asyncio.run().
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini(
         INI,
         "give every test the wq_memo_isolated fixture: empty caches and counts before it, "
-        "its queues closed after it",
+        "what its queues have in flight cancelled after it",
         type="bool",
         default=False,
     )
@@ -85,7 +90,8 @@ def _has_async_caches() -> bool:
 
 @pytest.fixture
 def wq_memo_isolated(request: pytest.FixtureRequest) -> Iterator[None]:
-    """Empty every memoized function's cache and counts; close the queues the test starts."""
+    """Empty every memoized function's cache and counts; after the test, cancel what the queues
+    on its event loop, and those it started, have in flight (see the module's docstring)."""
     if request.config.pluginmanager.has_plugin("asyncio"):
         request.getfixturevalue(_on_the_loop(_loop_scope(request)))
         yield
@@ -96,7 +102,7 @@ def wq_memo_isolated(request: pytest.FixtureRequest) -> Iterator[None]:
     else:
         _memo_registry.reset_all_now()
     yield
-    asyncio.run(_queue_registry.aclose_started_since(mark))
+    asyncio.run(_queue_registry.aclose_at_once(mark))
 
 
 LOOP_SCOPES: Final = ("function", "class", "module", "package", "session")
@@ -137,7 +143,7 @@ def _asyncio_fixtures() -> dict[str, Any]:
         async def isolate() -> AsyncIterator[None]:
             mark = await _before()
             yield
-            await _queue_registry.aclose_started_since(mark)
+            await _queue_registry.aclose_at_once(mark)
 
         if not scoped:
             return fixture(isolate, name=_on_the_loop(scope))

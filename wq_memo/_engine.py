@@ -300,6 +300,24 @@ class Engine(Generic[K, R]):
 
     # -- shutting down --------------------------------------------------------------------------
 
+    def bound_here(self) -> bool:
+        """Whether the engine is started on the running event loop."""
+        table = self.table
+        return table is not None and table.loop is asyncio.get_running_loop()
+
+    async def aclose_at_once(self) -> None:
+        """aclose() without the grace: every item in flight on the running loop (computing,
+        waiting in line, a background refresh) is cancelled now and stores nothing; its callers
+        get ShutdownTimeout, and its task gets up to ``finish_timeout`` seconds to end. A later
+        require starts it again."""
+        table = self.table
+        if table is not None and table.loop is asyncio.get_running_loop():
+            if not table.closing:
+                table.close()
+            table.forget_all()
+            await table.abort(self.finish_timeout)
+        await self.aclose()
+
     async def aclose(self) -> None:
         """Shut down gracefully; see WorkerQueue.aclose()."""
         table = self.table

@@ -175,8 +175,7 @@ class WorkerQueue(Generic[T, R]):
 
     def _bound_here(self) -> bool:
         """Whether the queue is started on the running event loop."""
-        table = self._table
-        return table is not None and table.loop is asyncio.get_running_loop()
+        return self._engine.bound_here()
 
     # -- shutting down --------------------------------------------------------------------------
 
@@ -194,17 +193,9 @@ class WorkerQueue(Generic[T, R]):
         await self._engine.aclose()
 
     async def _aclose_at_once(self) -> None:
-        """aclose() without the grace: every item in flight on the running loop (computing,
-        waiting in line, a background refresh) is cancelled now and stores nothing; its callers
-        get ShutdownTimeout, and its task gets up to ``finish_timeout`` seconds to end. A later
-        require starts the queue again. The pytest plugin's isolation ends a test with it."""
-        table = self._table
-        if table is not None and table.loop is asyncio.get_running_loop():
-            if not table.closing:
-                table.close()
-            table.forget_all()
-            await table.abort(self.finish_timeout)
-        await self.aclose()
+        """aclose() without the grace (see ``Engine.aclose_at_once``): the pytest plugin's
+        isolation ends a test with it."""
+        await self._engine.aclose_at_once()
 
     @classmethod
     async def aclose_all(cls) -> None:

@@ -16,6 +16,7 @@ from ._errors import QueueShutDown
 from ._flight import _NO_KWARGS, Flight, FlightTable
 from ._lookups import NotAsync, look_up
 from ._state import FINISHED
+from ._store import Store, stores_done
 
 __all__ = ("WorkerQueue",)
 
@@ -114,7 +115,8 @@ class WorkerQueue(Generic[T, R]):
         worker = _async_only("worker", worker)
         cache_get = _async_only("cache_get", cache_get)
         cache_set = _async_only("cache_set", cache_set)
-        self._setup(worker, maxsize, finish_timeout, miss=None, lookup=cache_get, store=cache_set)
+        store: Store[T, R] = Store("WorkerQueue", write=cache_set)
+        self._setup(worker, maxsize, finish_timeout, miss=None, lookup=cache_get, store=store)
 
     def _setup(
         self,
@@ -304,20 +306,8 @@ class WorkerQueue(Generic[T, R]):
             table.forget_lookups(key)
 
     async def _stores_done(self, flights: list[Flight[T, R]]) -> None:
-        """Wait until the stores already sent for these forgotten computations have ended."""
-        tasks = [
-            f.task
-            for f in flights
-            # Delivered and not ended: its store is on its way (or it is about to end).
-            if (f.outcome is not None or f.storing)
-            and f.task is not None
-            and not f.task.done()
-            and f.task is not _me()
-        ]
-        loop = asyncio.get_running_loop()
-        tasks = [t for t in tasks if t.get_loop() is loop]
-        if tasks:
-            await asyncio.wait(tasks)
+        """Wait until the stores already on their way of these forgotten computations end."""
+        await stores_done(flights)
 
     # -- the event loop -------------------------------------------------------------------------
 
@@ -433,7 +423,3 @@ class WorkerQueue(Generic[T, R]):
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
-
-
-def _me() -> asyncio.Task[Any] | None:
-    return asyncio.current_task()

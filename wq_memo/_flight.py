@@ -27,7 +27,7 @@ import logging
 import sys
 from asyncio import Future, Task
 from collections.abc import Awaitable, Callable, Hashable
-from typing import Any, Final, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
 
 from . import _listeners
 from ._counts import (
@@ -48,7 +48,9 @@ from ._state import RUNNING as _RUNNING
 from ._state import RUNNING_LENT as _RUNNING_LENT
 from ._state import WAITING as _WAITING
 from ._state import State
-from ._store import Store
+
+if TYPE_CHECKING:
+    from ._store import Store
 
 __all__ = ("Flight", "FlightTable")
 
@@ -456,15 +458,11 @@ class FlightTable(Generic[K, R]):
         flight = self.flights.get(key)
         if flight is not None and flight.computing:  # else not started: it reads fresh data
             self._forget(flight)
-        return self.forgotten(key) if self._forgotten else []
-
-    def has_forgotten(self) -> bool:
-        """Whether any forgotten computation is still running."""
-        return bool(self._forgotten)
+        return self.forgotten(key)
 
     def forgotten(self, key: K) -> list[Flight[K, R]]:
         """The forgotten computations of key still running."""
-        return [f for f in self._forgotten if f.key == key]
+        return [f for f in self._forgotten if f.key == key] if self._forgotten else []
 
     def _forget(self, flight: Flight[K, R]) -> None:
         """flight, the one its key maps to, no longer is: later calls start afresh."""

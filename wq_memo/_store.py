@@ -108,10 +108,10 @@ class Store(Generic[K, R]):
             table = self.tables()
             await stores_done([] if table is None else table.forget(key))
         else:
-            if table is not None and table.has_forgotten():
+            if table is not None and (earlier := table.forgotten(key)):
                 # Stores of earlier computations of key still on their way land first: the last
                 # computation's value is the one left in the cache.
-                await stores_done(table.forgotten(key))
+                await stores_done(earlier)
             if flight.forgotten:
                 return  # invalidated (or primed) meanwhile
             flight.storing = True  # from here on, an invalidation waits for this store to end

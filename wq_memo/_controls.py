@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from ._methods import InstanceKeys
     from ._queue import WorkerQueue
     from ._refresh import Refresher
+    from ._store import Store
 
 __all__ = (
     "AsyncCacheKind",
@@ -215,7 +216,7 @@ class MappingKind(CacheKind):
     """An in-process cache (a MutableMapping): every control is synchronous.
 
     ``own_hits()`` reads the hits the hit path counts itself, ``zero_hits()`` sets them back
-    to zero; ``store_now`` is the queue's store, which a prime goes through too.
+    to zero; ``store`` is the one store of values, which a prime goes through too.
     """
 
     __slots__ = (
@@ -225,7 +226,7 @@ class MappingKind(CacheKind):
         "_refresher",
         "_zero_hits",
         "cache",
-        "store_now",
+        "store",
     )
 
     def __init__(
@@ -233,7 +234,7 @@ class MappingKind(CacheKind):
         engine: Engine[Any, Any],
         key_of: KeyOf,
         cache: MutableMapping[Any, Any],
-        store_now: Callable[[Hashable, Any], None],
+        store: Store[Hashable, Any],
         instances: InstanceKeys | None,
         refresher: Refresher | None,
         own_hits: Callable[[], int],
@@ -241,7 +242,7 @@ class MappingKind(CacheKind):
     ) -> None:
         super().__init__(engine, key_of)
         self.cache = cache
-        self.store_now = store_now
+        self.store = store
         self._counts: Counts = engine.counts
         self._instances = instances
         self._refresher = refresher
@@ -294,9 +295,7 @@ class MappingKind(CacheKind):
         return True
 
     def prime(self, value: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        k = self.key_of(args, kwargs)
-        self.engine.forget(k)  # a computation under way must not overwrite it
-        self.store_now(k, value)
+        self.store.now(self.key_of(args, kwargs), value)
 
     def peek(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         # The value held, or MISSING, leaving the cache's order of use alone where it can.
@@ -337,18 +336,20 @@ class NoCacheKind(CacheKind):
 class AsyncCacheKind(CacheKind):
     """An async cache: only the async forms work; the synchronous ones raise TypeError."""
 
-    __slots__ = ("_display", "_peek", "_refresher", "cache")
+    __slots__ = ("_display", "_peek", "_refresher", "cache", "store")
 
     def __init__(
         self,
         engine: Engine[Any, Any],
         key_of: KeyOf,
         cache: AsyncCache,
+        store: Store[Hashable, Any],
         refresher: Refresher | None,
         display: str,
     ) -> None:
         super().__init__(engine, key_of)
         self.cache = cache
+        self.store = store
         self._refresher = refresher
         self._display = display
         # A cache that can read without counting the read (RedisCache.peek) is peeked through it.
@@ -402,13 +403,7 @@ class AsyncCacheKind(CacheKind):
         raise self._refuse("cache_prime")
 
     async def aprime(self, value: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        engine, k = self.engine, self.key_of(args, kwargs)
-        # Computations under way must not overwrite it.
-        await engine.aforget(k)
-        await self.cache.set(k, value)
-        engine.forget_lookups(k)
-        if self._refresher is not None:
-            self._refresher.stored(k)
+        await self.store(self.key_of(args, kwargs), value)
 
     def peek(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         raise self._refuse("cache_peek")

@@ -37,6 +37,7 @@ from ._hitpath import (
 from ._methods import InstanceKeys, MemoizedClassMethod, MemoizedMethod, MethodState
 from ._queue import WorkerQueue, facade, is_async_callable
 from ._refresh import Refresher, check_freshness_options, check_refresh_options
+from ._store import Store
 from ._ttl_lookup import fast_lookup, raw_timer
 from .backends._protocol import (
     MISSING,
@@ -246,32 +247,24 @@ def _with_mapping(
     if fast is None and type(cache) is dict:
         fast = cache.get
 
-    def store_now(k: Hashable, value: R) -> None:
-        try:
-            cache[k] = value
-        except ValueError as exc:  # cachetools: the value is larger than the cache's maxsize
-            logger.info("%s(): result not cached: %s", display, exc)
-            return
-        if instances is not None:
-            instances.stored(k)
-        if refresher is not None:
-            refresher.stored(k)
-
+    stored = _bookkeeping(instances, refresher)
+    store: Store[Hashable, R] = Store(display, mapping=cache, stored=stored)
     engine: Engine[Any, R] = Engine(
         func,
         options.maxsize,
         options.finish_timeout,
         miss=MISSING,
         lookup_now=cache.get if fast is None else fast,
-        store_now=store_now,
+        store=store,
         on_refresh_failed=None if refresher is None else refresher.failed,
     )
+    store.tables = _tables(engine)
     hit_path = mapping_hit_path(func, display, cache, key, engine, fast, refresher)
     kind = MappingKind(
         engine,
         _key_builder(key, display),
         cache,
-        store_now,
+        store,
         instances,
         refresher,
         hit_path.own_hits,
@@ -303,6 +296,12 @@ def _with_async_cache(
 ) -> Memoized[P, R]:
     engine: Engine[Any, R]
     on_refresh_failed = None if refresher is None else refresher.failed
+    store: Store[Hashable, R] = Store(
+        display,
+        write=cache.set,
+        single_flight=cache if isinstance(cache, SingleFlightCache) else None,
+        stored=None if refresher is None else refresher.stored,
+    )
     if isinstance(cache, SingleFlightCache):
         single_flight = cache
 
@@ -323,12 +322,12 @@ def _with_async_cache(
                         table.release()
 
             if flight.refresh and isinstance(single_flight, RefreshingCache):
-                return _refresh_across(single_flight, table, flight, compute, refresher)
+                return _refresh_across(single_flight, store, table, flight, compute, refresher)
             if flight.background:
-                return _refresh_beside(single_flight, flight, compute, refresher)
+                return _refresh_beside(store, table, flight, compute)
             if flight.refresh:
-                return _refresh_through(single_flight, flight.key, compute, refresher)
-            return _get_or_compute(single_flight, flight.key, compute, refresher)
+                return _refresh_through(single_flight, store, flight.key, compute)
+            return store.fenced(flight.key, compute)
 
         lookup: Callable[[Hashable], Awaitable[Any]] = cache.get
         if refresher is not None and isinstance(cache, RefreshingCache):
@@ -349,16 +348,11 @@ def _with_async_cache(
             miss=MISSING,
             compute=compute_single_flight,
             lookup=lookup,
+            store=store,
             slotless=True,
             on_refresh_failed=on_refresh_failed,
         )
     else:
-
-        async def store(k: Hashable, value: R) -> None:
-            await cache.set(k, value)
-            if refresher is not None:
-                refresher.stored(k)
-
         engine = Engine(
             func,
             options.maxsize,
@@ -368,28 +362,44 @@ def _with_async_cache(
             store=store,
             on_refresh_failed=on_refresh_failed,
         )
+    store.tables = _tables(engine)
     if refresher is not None:
         engine.on_hit = refresh_starter(engine, refresher)
     key_of = _key_builder(key, display, name)
     wrapper = async_cache_wrapper(func, key_of, engine)
-    kind = AsyncCacheKind(engine, key_of, cache, refresher, display)
+    kind = AsyncCacheKind(engine, key_of, cache, store, refresher, display)
     return attach(wrapper, facade(engine), cache, kind)
 
 
-async def _get_or_compute(
-    cache: SingleFlightCache,
-    k: Hashable,
-    compute: Callable[[], Awaitable[R]],
-    refresher: Refresher | None,
-) -> R:
-    value = await cache.get_or_compute(k, compute)
-    if refresher is not None:
-        refresher.stored(k)  # its write time, as near as this process knows it
-    return value
+def _bookkeeping(
+    instances: InstanceKeys | None, refresher: Refresher | None
+) -> Callable[[Hashable], None] | None:
+    """What a write to a mapping tells the instance keys and the refresh-ahead policy."""
+    if instances is None:
+        return None if refresher is None else refresher.stored
+    if refresher is None:
+        return instances.stored
+    both = (instances.stored, refresher.stored)
+
+    def stored(k: Hashable) -> None:
+        for told in both:
+            told(k)
+
+    return stored
+
+
+def _tables(engine: Engine[Any, R]) -> Callable[[], FlightTable[Any, R] | None]:
+    """The engine's flight table now (None: not started), whose computations a prime forgets."""
+
+    def table() -> FlightTable[Any, R] | None:
+        return engine.table
+
+    return table
 
 
 async def _refresh_across(
     cache: RefreshingCache,
+    store: Store[Hashable, R],
     table: FlightTable[Any, R],
     flight: Flight[Any, R],
     compute: Callable[[], Awaitable[R]],
@@ -411,49 +421,40 @@ async def _refresh_across(
             refresher.written(k, age)
             if not refresher.entry_due(k):
                 return value  # type: ignore[no-any-return]
-    refreshed, value = await cache.refresh(k, compute)
+    refreshed, value = await store.fenced_refresh(k, compute)
     if refreshed:
-        if refresher is not None:
-            refresher.stored(k)
         return value  # type: ignore[return-value]
     # Another process refreshes (or computes) it: the entry as it is, or, if it expired meanwhile,
     # the other process's result. Waiting for it holds no slot.
     table.give_back(flight)
-    return await cache.get_or_compute(k, compute)
+    return await store.fenced(k, compute)
 
 
 async def _refresh_through(
     cache: SingleFlightCache,
+    store: Store[Hashable, R],
     k: Hashable,
     compute: Callable[[], Awaitable[R]],
-    refresher: Refresher | None,
 ) -> R:
     """Compute k anew and store it, whatever the cache holds, through get_or_compute: the one
     store of a SingleFlightCache that a delete or clear made meanwhile keeps out. The entry is
     deleted first, so that get_or_compute computes."""
     await cache.delete(k)
-    return await _get_or_compute(cache, k, compute, refresher)
+    return await store.fenced(k, compute)
 
 
 async def _refresh_beside(
-    cache: SingleFlightCache,
+    store: Store[Hashable, R],
+    table: FlightTable[Any, R],
     flight: Flight[Any, R],
     compute: Callable[[], Awaitable[R]],
-    refresher: Refresher | None,
 ) -> R:
     """A background refresh with a SingleFlightCache that offers no refresh of its own: the
     entry stays for every reader while the new value is computed, and a failure leaves it as
-    it is. The value is stored unless the computation was forgotten meanwhile (an invalidation,
-    a clear or a prime here); such a cache gives no way to fence it against another process."""
+    it is. The value is stored as a computation's is with an async cache (through set: such a
+    cache fences it against a prime or a delete, not against another process)."""
     value = await compute()
-    if not flight.forgotten:
-        flight.storing = True  # from here on, an invalidation waits for this store to end
-        try:
-            await cache.set(flight.key, value)
-        finally:
-            flight.storing = False
-        if refresher is not None:
-            refresher.stored(flight.key)
+    await store(flight.key, value, flight, table)
     return value
 
 

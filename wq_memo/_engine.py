@@ -20,6 +20,7 @@ from ._errors import QueueShutDown
 from ._flight import _NO_KWARGS, Flight, FlightTable
 from ._lookups import look_up
 from ._state import FINISHED
+from ._store import Store, stores_done
 
 __all__ = ("Engine", "HitHook", "shutting_down")
 
@@ -46,8 +47,8 @@ class Engine(Generic[K, R]):
 
     ``func(*args, **kwargs)`` computes (or ``compute(flight)``, which then runs the whole
     computation itself); ``miss`` is what a lookup returns for a key it does not hold. An
-    in-process cache is read and written with ``lookup_now`` and ``store_now``; an async one
-    with ``lookup`` and ``store``. ``slotless``: computations take their slots themselves
+    in-process cache is read with ``lookup_now``, an async one with ``lookup``; every write goes
+    through ``store`` (see _store). ``slotless``: computations take their slots themselves
     (``FlightTable.slot()``), not before they start. ``on_refresh_failed`` is told of a
     background refresh that failed.
     """
@@ -62,7 +63,6 @@ class Engine(Generic[K, R]):
         "_owner",
         "_slotless",
         "_store",
-        "_store_now",
         "counts",
         "finish_timeout",
         "func",
@@ -80,9 +80,8 @@ class Engine(Generic[K, R]):
         miss: object,
         compute: Callable[[Flight[K, R]], Awaitable[R]] | None = None,
         lookup_now: Callable[[K, object], Any] | None = None,
-        store_now: Callable[[K, R], None] | None = None,
         lookup: Callable[[K], Awaitable[Any]] | None = None,
-        store: Callable[[K, R], Awaitable[None]] | None = None,
+        store: Store[K, R] | None = None,
         slotless: bool = False,
         on_refresh_failed: Callable[[K, BaseException], None] | None = None,
     ) -> None:
@@ -103,7 +102,6 @@ class Engine(Generic[K, R]):
         self._miss = miss
         self._compute = compute
         self._lookup_now = lookup_now
-        self._store_now = store_now
         self._lookup = lookup
         self._store = store
         self._slotless = slotless
@@ -239,13 +237,13 @@ class Engine(Generic[K, R]):
         computations have ended."""
         table = self.table
         if table is not None:
-            await _stores_done(table.forget(key))
+            await stores_done(table.forget(key))
 
     async def aforget_all(self) -> None:
         """``aforget`` every key."""
         table = self.table
         if table is not None:
-            await _stores_done(table.forget_all())
+            await stores_done(table.forget_all())
 
     def forget_lookups(self, key: K | None = None) -> None:
         """After an invalidation's last await: newcomers no longer share a lookup of key (None:
@@ -281,7 +279,6 @@ class Engine(Generic[K, R]):
             miss=self._miss,
             compute=self._compute,
             lookup_now=self._lookup_now,
-            store_now=self._store_now,
             lookup=self._lookup,
             store=self._store,
             slotless=self._slotless,
@@ -361,21 +358,3 @@ class Engine(Generic[K, R]):
                 self.table = None
                 self._closing = None
                 self._unregister()
-
-
-async def _stores_done(flights: list[Flight[Any, Any]]) -> None:
-    """Wait until the stores already sent for these forgotten computations have ended."""
-    me = asyncio.current_task()
-    loop = asyncio.get_running_loop()
-    tasks = [
-        f.task
-        for f in flights
-        # Delivered and not ended: its store is on its way (or it is about to end).
-        if (f.outcome is not None or f.storing)
-        and f.task is not None
-        and not f.task.done()
-        and f.task is not me
-        and f.task.get_loop() is loop
-    ]
-    if tasks:
-        await asyncio.wait(tasks)

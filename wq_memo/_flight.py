@@ -27,7 +27,7 @@ import logging
 import sys
 from asyncio import Future, Task
 from collections.abc import Awaitable, Callable, Hashable
-from typing import Any, Final, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
 
 from . import _listeners
 from ._counts import (
@@ -39,7 +39,7 @@ from ._counts import (
     count_unstarted,
 )
 from ._errors import QueueShutDown, ShutdownTimeout
-from ._lookups import Lookup, Lookups, NotAsync, look_up
+from ._lookups import Lookup, Lookups, look_up
 from ._nesting import (
     awaits,
     check_no_cycle,
@@ -57,6 +57,9 @@ from ._state import RUNNING as _RUNNING
 from ._state import RUNNING_LENT as _RUNNING_LENT
 from ._state import WAITING as _WAITING
 from ._state import State
+
+if TYPE_CHECKING:
+    from ._store import Store
 
 __all__ = ("Flight", "FlightTable")
 
@@ -151,9 +154,8 @@ class Flight(Generic[K, R]):
         """With ``slotless``: its computation's wait for a slot (see ``slot()``), which a nested
         caller holding a slot may end by lending it that slot (see ``join()``)."""
         self.storing = False
-        """Its value is being stored before it is delivered (a background refresh through a
-        cache that cannot fence it): an invalidation waits for that store, as for one sent
-        after delivery."""
+        """Its value is on its way to the cache (set by _store around the write): an
+        invalidation or a prime of its key waits for that store to end."""
 
     def __repr__(self) -> str:
         return f"<Flight {self.key!r} {self.state.value} callers={self.callers}>"
@@ -182,9 +184,11 @@ class FlightTable(Generic[K, R]):
     """The items one queue has in flight on one event loop, and the slots they run in.
 
     ``func(*flight.args, **flight.kwargs)`` is the computation, unless ``compute(flight)`` is
-    given. The cache is reached either synchronously (``lookup_now(key, miss)``/``store_now``,
-    for in-process mappings: no coroutine, no suspension) or through coroutines
-    (``lookup``/``store``). Lookups return ``miss`` for a miss. With
+    given. The cache is read either synchronously (``lookup_now(key, miss)``, for in-process
+    mappings: no coroutine, no suspension) or through a coroutine (``lookup``); lookups return
+    ``miss`` for a miss. Results are written through ``store`` (see _store), the one way every
+    write goes: synchronously for a mapping, after delivering for an async cache, and not here
+    for a single-flight cache, whose ``compute`` writes through it. With
     ``slotless``, computations start at once and ``compute`` itself takes a slot with ``slot()``
     (for a cache that may wait on another process before computing).
 
@@ -227,9 +231,8 @@ class FlightTable(Generic[K, R]):
         miss: object,
         compute: Callable[[Flight[K, R]], Awaitable[R]] | None = None,
         lookup_now: Callable[[K, object], Any] | None = None,
-        store_now: Callable[[K, R], None] | None = None,
         lookup: Callable[[K], Awaitable[Any]] | None = None,
-        store: Callable[[K, R], Awaitable[None]] | None = None,
+        store: Store[K, R] | None = None,
         slotless: bool = False,
         on_refresh_failed: Callable[[K, BaseException], None] | None = None,
     ) -> None:
@@ -240,9 +243,11 @@ class FlightTable(Generic[K, R]):
         self.counts = counts
         self.miss = miss
         self.lookup_now = lookup_now
-        self.store_now = store_now
         self.lookup = lookup
-        self.store = store
+        # The store of a computation's result: synchronous for a mapping, else awaited after
+        # delivering; none here when compute() writes it (a single-flight cache).
+        self.store_now = store.now if store is not None and store.mapping is not None else None
+        self.store = None if store is None or store.write is None or compute else store
         self.slotless = slotless
         self.on_refresh_failed = on_refresh_failed
         self.flights: dict[K, Flight[K, R]] = {}
@@ -476,6 +481,10 @@ class FlightTable(Generic[K, R]):
         # may be waiting for another process's computation, which began before.
         if flight is not None and (flight.computing or self.slotless):
             self._forget(flight)
+        return self.forgotten(key)
+
+    def forgotten(self, key: K) -> list[Flight[K, R]]:
+        """The forgotten computations of key still running."""
         return [f for f in self._forgotten if f.key == key] if self._forgotten else []
 
     def _forget(self, flight: Flight[K, R]) -> None:
@@ -604,11 +613,10 @@ class FlightTable(Generic[K, R]):
                 _listeners.computed(self.counts.name, started, None)
             outcome = (True, result)
             if self.store_now is not None:
-                if not flight.forgotten:
-                    self._store_now(flight, result)
+                self.store_now(flight.key, result, flight)
             elif self.store is not None and not flight.forgotten:
                 self._settle(flight, outcome)  # callers do not wait for the store
-                await self._store(flight, result)
+                await self.store(flight.key, result, flight, self)
         finally:
             self._end(flight, outcome)
             # A failure's traceback keeps this frame: without flight and outcome in it, no cycle
@@ -637,39 +645,6 @@ class FlightTable(Generic[K, R]):
             self.loop.is_closed()
             or (flight.task is not None and asyncio.current_task(self.loop) is not flight.task)
         )
-
-    def _store_now(self, flight: Flight[K, R], result: R) -> None:
-        assert self.store_now is not None
-        try:
-            self.store_now(flight.key, result)
-        except Exception:
-            logger.exception("storing %r failed; the result was returned uncached", flight.key)
-
-    async def _store(self, flight: Flight[K, R], result: R) -> None:
-        """Store result with the async cache (callers have it already: see _stores_done)."""
-        assert self.store is not None
-        if self._forgotten:
-            # Stores of earlier computations of key still on their way land first: the last
-            # computation's value is the one left in the cache.
-            earlier = [
-                f.task
-                for f in self._forgotten
-                if f.key == flight.key and f.task is not None and f.outcome is not None
-            ]
-            me = asyncio.current_task()
-            earlier = [t for t in earlier if t is not me and not t.done()]
-            if earlier:
-                await asyncio.wait(earlier)
-            if flight.forgotten:
-                return  # invalidated meanwhile
-        try:
-            await self.store(flight.key, result)
-        except NotAsync as exc:
-            logger.error("%s; no result is stored until it is", exc)
-        except Exception:
-            logger.exception(
-                "cache_set failed for %r; the result was returned uncached", flight.key
-            )
 
     def _settle(self, flight: Flight[K, R], outcome: tuple[bool, Any]) -> None:
         """Deliver outcome, ``(True, value)`` or ``(False, exception)``, to every caller of

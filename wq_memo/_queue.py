@@ -13,6 +13,7 @@ from typing import Any, Generic, TypeVar, final
 from . import _queue_registry as _registry
 from ._engine import Engine, shutting_down
 from ._lookups import NotAsync
+from ._store import Store
 
 __all__ = ("WorkerQueue", "facade", "is_async_callable")
 
@@ -97,7 +98,14 @@ class WorkerQueue(Generic[T, R]):
         cache_set = _async_only("cache_set", cache_set)
         _front(
             self,
-            Engine(worker, maxsize, finish_timeout, miss=None, lookup=cache_get, store=cache_set),
+            Engine(
+                worker,
+                maxsize,
+                finish_timeout,
+                miss=None,
+                lookup=cache_get,
+                store=Store("WorkerQueue", write=cache_set),
+            ),
         )
 
     def __repr__(self) -> str:

@@ -57,8 +57,10 @@ V = TypeVar("V")
 KEYS = ("a", "b")
 keys = st.sampled_from(KEYS)
 REFRESH_AFTER = 5.0
-ASYNC_GATES = ("get", "set", "delete", "clear")
-SINGLE_FLIGHT_GATES = ("get", "claim", "finish", "set", "delete", "clear", "scan")
+ASYNC_GATES = ("get", "set", "prime", "delete", "clear")
+SINGLE_FLIGHT_GATES = ("get", "claim", "finish", "set", "prime", "delete", "clear", "scan")
+"""The gates of the cache's operations: "set" holds the sets of computations' results, "prime"
+those of primes, so that a prime can land while a computation's store is held on its way."""
 
 
 class Primed:
@@ -144,6 +146,11 @@ def name_of(key: Hashable) -> str:
 # -- the caches ---------------------------------------------------------------------------------
 
 
+def set_gate(value: object) -> str:
+    """The gate a set of value waits at: a prime's, or a computation's store."""
+    return "prime" if isinstance(value, Primed) else "set"
+
+
 class RecordingLRUCache(cachetools.LRUCache[Hashable, Any]):
     """A mapping cache that tells the machine every write and removal."""
 
@@ -197,7 +204,7 @@ class GatedAsyncCache:
         return found
 
     async def set(self, key: Hashable, value: Any, ttl: float | None = None) -> None:
-        await self.machine.at("set")
+        await self.machine.at(set_gate(value))
         self.put(key, value)
 
     async def delete(self, key: Hashable) -> bool:
@@ -238,7 +245,7 @@ class GatedSingleFlightCache(GatedAsyncCache):
             self.released = asyncio.Event()
 
     async def set(self, key: Hashable, value: Any, ttl: float | None = None) -> None:
-        await self.machine.at("set")
+        await self.machine.at(set_gate(value))
         self.put(key, value)  # a prime wins over the computation under way
         self.unlock(key)
 
@@ -711,11 +718,13 @@ class StoreMachine(RuleBasedStateMachine):
         its store is held while the operation starts (or the operation is held at its cache
         step while the store goes on), calls and refreshes come in, then everything goes on.
         ``by_set``: with a single-flight cache, hold set() (a background refresh beside the
-        entry stores through it) rather than get_or_compute's finish."""
+        entry stores through it) rather than get_or_compute's finish. A prime's set has a
+        gate of its own: held, the store goes on under it; not held, the prime goes on while
+        the store is held on its way, and must wait for it rather than be overwritten."""
         active = self.active()
         comp = active[pick % len(active)]
         store_gate = "finish" if "finish" in self.gate_names and not by_set else "set"
-        op_gate = {"invalidate": "delete", "prime": "set"}.get(kind, "clear")
+        op_gate = {"invalidate": "delete", "prime": "prime"}.get(kind, "clear")
         if kind == "clear" and op_first and "scan" in self.gate_names:
             op_gate = "scan"  # the clear's epoch is set, its removals not made yet
         held = op_gate if op_first else store_gate

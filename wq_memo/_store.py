@@ -1,0 +1,175 @@
+"""The one way a value is written to the cache, whatever wrote it, and the rules it applies.
+
+Every write goes through a ``Store``: a computation's result (a miss, an explicit refresh, a
+background refresh) and a prime alike. A feature that writes calls it; it never writes the cache
+on a path of its own (tests/test_store_path.py fails a write made outside this module). The rules:
+
+- invalidation wins: a forgotten computation (an invalidation, a clear or a prime of its key came
+  while it ran) stores nothing, and an invalidation waits for a store already on its way
+  (``flight.storing``, set here around the write; see ``stores_done``);
+- a prime wins over the computations that began before it: it forgets them first, then waits for
+  their stores on their way, then writes;
+- the last computation's value is the one left: a store waits for the stores of earlier
+  computations of its key still on their way;
+- with a SingleFlightCache, a computation's write is fenced by the cache itself, inside its
+  single-flight protocol (``fenced``, ``fenced_refresh``); a write outside a computation goes
+  through the cache's ``set``, which such a cache fences against computations under way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Hashable, MutableMapping
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from ._lookups import NotAsync
+
+if TYPE_CHECKING:
+    from ._flight import Flight, FlightTable
+    from .backends._protocol import Missing, RefreshingCache, SingleFlightCache
+
+__all__ = ("Store", "stores_done")
+
+K = TypeVar("K", bound=Hashable)
+R = TypeVar("R")
+
+logger = logging.getLogger("wq_memo")
+
+
+def _no_table() -> FlightTable[Any, Any] | None:
+    return None
+
+
+class Store(Generic[K, R]):
+    """Writes values to one cache: an in-process ``mapping`` (synchronously, with ``now``), or
+    an async cache's ``write`` (``cache.set``, awaited); ``single_flight``: a cache whose own
+    protocol stores computations' results (``fenced``). ``stored(key)`` is told of each write
+    (due times of refresh-ahead, instance keys). ``tables()`` is the queue's current flight
+    table, whose computations a prime forgets (None: not started)."""
+
+    __slots__ = ("mapping", "name", "single_flight", "stored", "tables", "write")
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        mapping: MutableMapping[Any, Any] | None = None,
+        write: Callable[[K, R], Awaitable[None]] | None = None,
+        single_flight: SingleFlightCache | None = None,
+        stored: Callable[[K], None] | None = None,
+    ) -> None:
+        self.name = name
+        self.mapping = mapping
+        self.write = write
+        self.single_flight = single_flight
+        self.stored = stored
+        self.tables: Callable[[], FlightTable[K, R] | None] = _no_table
+
+    def now(self, key: K, value: R, flight: Flight[K, R] | None = None) -> None:
+        """Write value to the mapping: flight's result (nothing if flight is forgotten; a
+        failure is logged) or, with no flight, a prime (computations of key under way are
+        forgotten first; a failure propagates). A value too large for the cache is not cached.
+        """
+        if flight is None:
+            table = self.tables()
+            if table is not None:
+                table.forget(key)  # a computation under way must not overwrite it
+        elif flight.forgotten:
+            return
+        mapping = self.mapping
+        assert mapping is not None
+        try:
+            mapping[key] = value
+            if self.stored is not None:
+                self.stored(key)
+        except ValueError as exc:  # cachetools: the value is larger than the cache's maxsize
+            logger.info("%s(): result not cached: %s", self.name, exc)
+        except Exception:
+            if flight is None:
+                raise
+            logger.exception("storing %r failed; the result was returned uncached", key)
+
+    async def __call__(
+        self,
+        key: K,
+        value: R,
+        flight: Flight[K, R] | None = None,
+        table: FlightTable[K, R] | None = None,
+    ) -> None:
+        """Write value with the async cache: flight's result, computed in ``table`` (nothing
+        is written if flight is forgotten, before or while earlier stores of key on their way
+        land; a failure is logged if its callers have the value already, else it propagates)
+        or, with no flight, a prime (computations of key under way are forgotten and their
+        stores on their way awaited first; a failure propagates)."""
+        write = self.write
+        assert write is not None
+        if flight is None:
+            table = self.tables()
+            await stores_done([] if table is None else table.forget(key))
+        else:
+            if table is not None and (earlier := table.forgotten(key)):
+                # Stores of earlier computations of key still on their way land first: the last
+                # computation's value is the one left in the cache.
+                await stores_done(earlier)
+            if flight.forgotten:
+                return  # invalidated (or primed) meanwhile
+            flight.storing = True  # from here on, an invalidation waits for this store to end
+        try:
+            await write(key, value)
+            if self.stored is not None:
+                self.stored(key)
+        except NotAsync as exc:
+            if flight is None or flight.outcome is None:
+                raise
+            logger.error("%s; no result is stored until it is", exc)
+            return
+        except Exception:
+            if flight is None or flight.outcome is None:
+                raise  # the prime's, or the outcome of a computation not delivered yet
+            logger.exception("cache_set failed for %r; the result was returned uncached", key)
+            return
+        finally:
+            if flight is not None:
+                flight.storing = False
+        if flight is None and table is not None:
+            # Newcomers no longer share a lookup that began before the prime.
+            table.forget_lookups(key)
+
+    async def fenced(self, key: K, compute: Callable[[], Awaitable[R]]) -> R:
+        """key's value from the SingleFlightCache: found, computed elsewhere, or computed with
+        compute() and written by the cache itself, fenced (``get_or_compute``)."""
+        cache = self.single_flight
+        assert cache is not None
+        value = await cache.get_or_compute(key, compute)
+        if self.stored is not None:
+            self.stored(key)  # its write time, as near as this process knows it
+        return value
+
+    async def fenced_refresh(
+        self, key: K, compute: Callable[[], Awaitable[R]]
+    ) -> tuple[bool, R | Missing]:
+        """Refresh key through the RefreshingCache (``refresh``): (True, value) once computed
+        and written by the cache itself, fenced; (False, MISSING) if another process holds it."""
+        cache: RefreshingCache = self.single_flight  # type: ignore[assignment]
+        refreshed, value = await cache.refresh(key, compute)
+        if refreshed and self.stored is not None:
+            self.stored(key)
+        return refreshed, value
+
+
+async def stores_done(flights: list[Flight[Any, Any]]) -> None:
+    """Wait until the stores on their way (``storing``) of these forgotten computations end."""
+    me = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+    tasks = [
+        f.task
+        for f in flights
+        if f.storing
+        and f.task is not None
+        and not f.task.done()
+        and f.task is not me
+        and f.task.get_loop() is loop
+    ]
+    if tasks:
+        await asyncio.wait(tasks)

@@ -284,7 +284,7 @@ class OtherProcessCache(FencedCache):
         return value
 
 
-@pytest.mark.parametrize("how", ["invalidate", "clear"])
+@pytest.mark.parametrize("how", ["invalidate", "clear", "prime"])
 async def test_a_call_after_an_invalidation_never_joins_a_wait_for_another_process(
     how: str,
 ) -> None:
@@ -302,12 +302,14 @@ async def test_a_call_after_an_invalidation_never_joins_a_wait_for_another_proce
         await cache.waiting.wait()
         if how == "invalidate":
             await f.acache_invalidate(1)
-        else:
+        elif how == "clear":
             await f.acache_clear()
+        else:
+            await f.acache_prime("primed 1", 1)
         later = asyncio.create_task(f(1))
         for _ in range(10):  # loop turns: its lookup misses, and it joins or makes a flight
             await asyncio.sleep(0)
         assert cache.answer is not None
         cache.answer.set_result("old 1")  # read after the invalidation returned
         assert await first == "old 1"  # called before the invalidation: may get it
-        assert await later == "new 1"
+        assert await later == ("primed 1" if how == "prime" else "new 1")

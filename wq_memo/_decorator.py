@@ -321,13 +321,15 @@ def _with_async_cache(
                     if took:
                         table.release()
 
+            if flight.background and not isinstance(single_flight, RefreshingCache):
+                return _refresh_beside(store, table, flight, compute)  # stored through store()
+            # The cache stores what compute() returns: not if this table was left behind.
+            checked = store.unless_abandoned(compute, table)
             if flight.refresh and isinstance(single_flight, RefreshingCache):
-                return _refresh_across(single_flight, store, table, flight, compute, refresher)
-            if flight.background:
-                return _refresh_beside(store, table, flight, compute)
+                return _refresh_across(single_flight, store, table, flight, checked, refresher)
             if flight.refresh:
-                return _refresh_through(single_flight, store, flight.key, compute)
-            return store.fenced(flight.key, compute)
+                return _refresh_through(single_flight, store, flight.key, checked)
+            return store.fenced(flight.key, checked)
 
         lookup: Callable[[Hashable], Awaitable[Any]] = cache.get
         if refresher is not None and isinstance(cache, RefreshingCache):

@@ -136,12 +136,32 @@ class Store(Generic[K, R]):
             # Newcomers no longer share a lookup that began before the prime.
             table.forget_lookups(key)
 
+    def unless_abandoned(
+        self, compute: Callable[[], Awaitable[R]], table: FlightTable[Any, R]
+    ) -> Callable[[], Awaitable[R]]:
+        """compute(), for a computation of table through a SingleFlightCache, which stores
+        whatever compute() returns: if table was left behind meanwhile (the queue moved to
+        another event loop, or closed), the value is carried past the cache, which then stores
+        nothing (``fenced`` hands it to the callers all the same)."""
+        tables = self.tables
+
+        async def checked() -> R:
+            value = await compute()
+            if tables() is not table:
+                raise _Unstored(value)
+            return value
+
+        return checked
+
     async def fenced(self, key: K, compute: Callable[[], Awaitable[R]]) -> R:
         """key's value from the SingleFlightCache: found, computed elsewhere, or computed with
         compute() and written by the cache itself, fenced (``get_or_compute``)."""
         cache = self.single_flight
         assert cache is not None
-        value = await cache.get_or_compute(key, compute)
+        try:
+            value = await cache.get_or_compute(key, compute)
+        except _Unstored as exc:
+            return exc.value  # type: ignore[no-any-return]
         if self.stored is not None:
             self.stored(key)  # its write time, as near as this process knows it
         return value
@@ -152,10 +172,22 @@ class Store(Generic[K, R]):
         """Refresh key through the RefreshingCache (``refresh``): (True, value) once computed
         and written by the cache itself, fenced; (False, MISSING) if another process holds it."""
         cache: RefreshingCache = self.single_flight  # type: ignore[assignment]
-        refreshed, value = await cache.refresh(key, compute)
+        try:
+            refreshed, value = await cache.refresh(key, compute)
+        except _Unstored as exc:
+            return True, exc.value
         if refreshed and self.stored is not None:
             self.stored(key)
         return refreshed, value
+
+
+class _Unstored(Exception):
+    """Carries the value of a computation whose table was left behind past the cache's write
+    (see ``Store.unless_abandoned``)."""
+
+    def __init__(self, value: Any) -> None:
+        super().__init__("a computation of an abandoned table: not stored")
+        self.value = value
 
 
 async def stores_done(flights: list[Flight[Any, Any]]) -> None:

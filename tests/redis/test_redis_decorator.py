@@ -229,3 +229,47 @@ async def test_waiting_for_another_process_takes_none_of_the_functions_slots(
         release.set()
         await a.queue.aclose()
         await b.queue.aclose()
+
+
+def test_a_computation_left_on_an_earlier_event_loop_stores_nothing(
+    redis_url: str, redis_namespace: str
+) -> None:
+    """f(1) computes on one loop, which stops; f is called on a second loop (the queue moves
+    there); then the first loop runs again and the computation ends: RedisCache, which stores
+    whatever the computation returns, must store nothing, as the other caches do."""
+    cache = RedisCache(redis_url, namespace=redis_namespace)
+    release = asyncio.Event()
+    began = asyncio.Event()
+
+    @worker_queue(cache=cache, name="tests.redis.old_loop")
+    async def f(k: int) -> str:
+        if k == 1:
+            began.set()
+            await release.wait()
+        return f"computed {k}"
+
+    first = asyncio.new_event_loop()
+    try:
+        left = first.create_task(f(1))
+        first.run_until_complete(asyncio.wait_for(began.wait(), 10))
+
+        async def on_the_second_loop() -> object:
+            assert await f(2) == "computed 2"
+            return await f.acache_peek(1)
+
+        assert asyncio.run(on_the_second_loop()) is MISSING
+        release.set()
+        assert first.run_until_complete(asyncio.wait_for(left, 10)) == "computed 1"
+
+        async def afterwards() -> object:
+            try:
+                return await f.acache_peek(1)
+            finally:
+                await f.acache_clear()
+                await f.queue.aclose()
+                await cache.aclose()
+
+        assert asyncio.run(afterwards()) is MISSING
+    finally:
+        first.run_until_complete(first.shutdown_asyncgens())
+        first.close()

@@ -546,8 +546,10 @@ class FlightTable(Generic[K, R]):
             self.borrowed += 1
         else:
             flight.state = _RUNNING
-            self.slots.take(1, spare)
+            slots = self.slots
+            slots.running += 1  # Slots.take(1, spare), inline: once per miss
             if spare:
+                slots.spare += 1
                 flight.spare = True
         context, flight.context = flight.context, None
         coro = self._run(flight, waited and not flight.refresh)

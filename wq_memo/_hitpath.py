@@ -114,8 +114,9 @@ def mapping_hit_path(
     # a listener wants hits, so that without one a hit costs nothing more.
     entries: Any = cache
     find_any = find = cache.get if fast is None else fast
-    # A miss: the queue's flight table on the running loop (bound to it first if need be).
-    table_now = engine.table_now
+    # A miss: the queue's flight table on the running loop (bound to it first if need be),
+    # read inline: a call fewer per miss than engine.table_now().
+    bind = engine.bind
 
     if refresher is not None:
         clock = refresher.clock
@@ -136,7 +137,10 @@ def mapping_hit_path(
                 if clock() >= due_get(k, NEVER):
                     refresh_if_due(k, args, kwargs)
                 return value  # type: ignore[no-any-return]
-            return await table_now().call(k, args, kwargs)
+            table = engine.table
+            if table is None or table.loop is not get_running_loop():
+                table = bind()
+            return await table.call(k, args, kwargs)
 
     elif fast is not None and default_key:
 
@@ -152,7 +156,10 @@ def mapping_hit_path(
             if value is not MISSING:
                 hits += 1
                 return value  # type: ignore[no-any-return]
-            return await table_now().call(k, args, kwargs)
+            table = engine.table
+            if table is None or table.loop is not get_running_loop():
+                table = bind()
+            return await table.call(k, args, kwargs)
 
     elif fast is not None:
 
@@ -168,7 +175,10 @@ def mapping_hit_path(
             if value is not MISSING:
                 hits += 1
                 return value  # type: ignore[no-any-return]
-            return await table_now().call(k, args, kwargs)
+            table = engine.table
+            if table is None or table.loop is not get_running_loop():
+                table = bind()
+            return await table.call(k, args, kwargs)
 
     elif default_key:
 
@@ -186,7 +196,10 @@ def mapping_hit_path(
             else:
                 hits += 1
                 return value  # type: ignore[no-any-return]
-            return await table_now().call(k, args, kwargs)
+            table = engine.table
+            if table is None or table.loop is not get_running_loop():
+                table = bind()
+            return await table.call(k, args, kwargs)
 
     else:
 
@@ -204,7 +217,10 @@ def mapping_hit_path(
             else:
                 hits += 1
                 return value  # type: ignore[no-any-return]
-            return await table_now().call(k, args, kwargs)
+            table = engine.table
+            if table is None or table.loop is not get_running_loop():
+                table = bind()
+            return await table.call(k, args, kwargs)
 
     def instrument(notify: Callable[[], None] | None) -> None:
         nonlocal entries, find, find_any

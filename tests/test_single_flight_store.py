@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 import pytest
 
 from wq_memo import MISSING, worker_queue
-from wq_memo.backends import SingleFlightCache
+from wq_memo.backends import RefreshingCache, SingleFlightCache
 
 V = TypeVar("V")
 WAIT = 5.0
@@ -313,3 +313,81 @@ async def test_a_call_after_an_invalidation_never_joins_a_wait_for_another_proce
         cache.answer.set_result("old 1")  # read after the invalidation returned
         assert await first == "old 1"  # called before the invalidation: may get it
         assert await later == ("primed 1" if how == "prime" else "new 1")
+
+
+class GivenUpElsewhereCache(FencedCache):
+    """A RefreshingCache in memory where another process holds every refresh, then gives the
+    key up: refresh() leaves it to that process, and get_or_compute() computes here (that
+    process failed). Entries are dated on a clock moved by hand."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = 0.0
+        self.written: dict[Hashable, float] = {}
+        self.waiting = asyncio.Event()
+        self.given_up = asyncio.Event()
+
+    async def set(self, key: Hashable, value: Any, ttl: float | None = None) -> None:
+        await super().set(key, value, ttl)
+        self.written[key] = self.now
+
+    async def get_with_age(self, key: Hashable) -> tuple[Any, float | None]:
+        value = await self.get(key)
+        return value, None if value is MISSING else self.now - self.written[key]
+
+    async def refresh(self, key: Hashable, compute: Callable[[], Awaitable[V]]) -> tuple[bool, Any]:
+        return False, MISSING
+
+    async def get_or_compute(self, key: Hashable, compute: Callable[[], Awaitable[V]]) -> V:
+        if key not in self.data:
+            value = await compute()
+            self.data[key] = value
+            self.written[key] = self.now
+            return value
+        self.waiting.set()
+        await self.given_up.wait()  # the process computing it gives up: computed here
+        return await compute()
+
+
+async def test_a_refresh_computing_after_another_process_gave_up_takes_no_callers_slot() -> None:
+    # maxsize=1: a due entry's background refresh is left to another process, which gives the
+    # key up while no spare slot is free; the refresh does not take the caller's slot (a miss
+    # would wait behind it): it is deferred, neither logged nor counted as a failure.
+    cache = GivenUpElsewhereCache()
+    assert isinstance(cache, RefreshingCache)
+    gates: dict[str, asyncio.Event] = {}
+    began: dict[str, asyncio.Event] = {}
+    calls: list[str] = []
+
+    @worker_queue(
+        maxsize=1,
+        cache=cache,
+        refresh_after=5,
+        timer=lambda: cache.now,
+        name="tests.single_flight.given_up",
+    )
+    async def f(k: str) -> str:
+        calls.append(k)
+        began.setdefault(k, asyncio.Event()).set()
+        await gates.setdefault(k, asyncio.Event()).wait()
+        return f"{k}#{len(calls)}"
+
+    async with asyncio.timeout(WAIT):
+        gates["a"] = asyncio.Event()
+        gates["a"].set()
+        assert await f("a") == "a#1"
+        gates["a"].clear()  # a refresh of "a" that computes is held
+        cache.now = 6  # due
+        assert await f("a") == "a#1"  # served; its refresh starts in the spare slot
+        await cache.waiting.wait()  # left to another process: it gave its slot back
+        slow = asyncio.create_task(f("slow"))  # a caller's miss takes the only slot
+        await began.setdefault("slow", asyncio.Event()).wait()
+        cache.given_up.set()  # the other process gives up: the refresh would compute here
+        gates["slow"].set()
+        assert await slow == "slow#2"
+        gates["b"] = asyncio.Event()
+        gates["b"].set()
+        assert await f("b") == "b#3", "a miss waited behind the refresh"
+        assert calls == ["a", "slow", "b"]
+        assert f.cache_info().refresh_failures == 0
+    assert f.queue.computing == 0

@@ -36,7 +36,7 @@ from ._hitpath import (
 )
 from ._methods import InstanceKeys, MemoizedClassMethod, MemoizedMethod, MethodState
 from ._queue import WorkerQueue, facade, is_async_callable
-from ._refresh import Refresher, check_freshness_options, check_refresh_options
+from ._refresh import RefreshDeferred, Refresher, check_freshness_options, check_refresh_options
 from ._store import Store
 from ._ttl_lookup import fast_lookup, raw_timer
 from .backends._protocol import (
@@ -313,7 +313,15 @@ def _with_async_cache(
                 # in a slot of its own (see _refresh_across) or its lender's, or, made inside a
                 # computation of this queue, in that one's; else it takes one, unless a caller
                 # of it that holds a slot lends it that one meanwhile (slot() is then False).
-                took = table.needs_slot(flight) and await table.slot(flight)
+                if flight.background and not flight.callers and table.needs_slot(flight):
+                    # A refresh nobody waits for, computing here after all (another process
+                    # gave the key up): in a spare slot, or not now, so that no caller's miss
+                    # waits behind it.
+                    if not table.take_spare(flight):
+                        raise RefreshDeferred(f"{display}(): no spare slot to refresh in now")
+                    took = False  # its spare slot is given back when it ends
+                else:
+                    took = table.needs_slot(flight) and await table.slot(flight)
                 table.computes(flight)
                 try:
                     return await table.counted(lambda: func(*flight.args, **flight.kwargs))

@@ -50,6 +50,7 @@ from ._nesting import (
     lender_of,
     on_spare,
 )
+from ._refresh import RefreshDeferred
 from ._slots import Slots
 from ._state import AWAITING_ELSEWHERE as _AWAITING_ELSEWHERE
 from ._state import FINISHED as _FINISHED
@@ -686,7 +687,8 @@ class FlightTable(Generic[K, R]):
                 waiter.exception()
                 received = True
         if flight.background:
-            count_refresh_failed(self.counts)
+            if not isinstance(what, RefreshDeferred):
+                count_refresh_failed(self.counts)
             if self.on_refresh_failed is not None:
                 self.on_refresh_failed(flight.key, what)
         elif not received:
@@ -857,6 +859,20 @@ class FlightTable(Generic[K, R]):
             self.borrowed -= 1
         # else: a caller of it holding a slot lent it that one while it waited (RUNNING_LENT).
         flight.computing = True
+
+    def take_spare(self, flight: Flight[K, R]) -> bool:
+        """flight, a background refresh started without a slot (``slotless``) that nobody
+        waits for, takes a spare slot if one is free (True): a slot no caller needs, given back
+        when it ends. Else it must not compute now (False)."""
+        slots = self.slots
+        if flight.state is not _AWAITING_ELSEWHERE or not slots.spare_free():
+            return False
+        flight.state = _RUNNING
+        self.borrowed -= 1
+        slots.running += 1
+        slots.spare += 1
+        flight.spare = True
+        return True
 
     def give_back(self, flight: Flight[K, R]) -> None:
         """flight, holding a slot of its own (``slotless``), goes on without one: to wait for

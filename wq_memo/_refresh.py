@@ -11,7 +11,7 @@ from typing import Any, Final
 
 from ._errors import ShutdownTimeout
 
-__all__ = ("Refresher", "check_freshness_options", "check_refresh_options")
+__all__ = ("RefreshDeferred", "Refresher", "check_freshness_options", "check_refresh_options")
 
 logger = logging.getLogger("wq_memo")
 
@@ -25,6 +25,12 @@ _KEEP_UNCHECKED: Final = 100_000
 _SAME_ENTRY: Final = 0.05
 """Seconds within which two reads' estimates of an entry's write time are taken for one entry
 (ages are read in milliseconds, on another clock): capped at refresh_after / 20."""
+
+
+class RefreshDeferred(Exception):
+    """A background refresh that found, when it came to compute (another process having given
+    up the key), no spare slot free: it does not take a slot a caller may need, and is tried
+    again after the back-off. Neither logged nor counted as a failure."""
 
 
 def _seconds(name: str, value: object, what_to_do: str) -> float:
@@ -180,7 +186,7 @@ class Refresher:
     def failed(self, key: Hashable, exc: BaseException) -> None:
         """A refresh of key failed: keep serving the old value, try again after the back-off."""
         self._set_due(key, self.clock() + self.backoff)
-        if isinstance(exc, ShutdownTimeout):
+        if isinstance(exc, ShutdownTimeout | RefreshDeferred):
             return
         logger.warning(
             "%s(): refreshing %r failed; the cached value is served until it expires, and the "

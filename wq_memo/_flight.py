@@ -869,8 +869,7 @@ class FlightTable(Generic[K, R]):
             return False
         flight.state = _RUNNING
         self.borrowed -= 1
-        slots.running += 1
-        slots.spare += 1
+        slots.take(1, spare=True)
         flight.spare = True
         return True
 

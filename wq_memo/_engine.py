@@ -237,13 +237,13 @@ class Engine(Generic[K, R]):
         computations have ended."""
         table = self.table
         if table is not None:
-            await stores_done(table.forget(key))
+            await stores_done(table, table.forget(key))
 
     async def aforget_all(self) -> None:
         """``aforget`` every key."""
         table = self.table
         if table is not None:
-            await stores_done(table.forget_all())
+            await stores_done(table, table.forget_all())
 
     def forget_lookups(self, key: K | None = None) -> None:
         """After an invalidation's last await: newcomers no longer share a lookup of key (None:

@@ -4,8 +4,9 @@ An item in flight is, in order:
 
 - WAITING: in the line for one of ``maxsize`` slots. The first ``maxsize`` items in line are
   accepted; the callers of the others wait for room, and a close refuses them.
-- RUNNING: its computation task runs, in a slot of its own or in the slot of a computation of
-  the same queue that is suspended waiting for it (a nested call).
+- RUNNING: its computation task runs, in a slot of its own (RUNNING_SPARE: a background
+  refresh's spare slot) or in the slot of a computation of the same queue that is suspended
+  waiting for it (RUNNING_LENT: a nested call).
 - FINISHED: its outcome is delivered and it has left the table.
 
 Callers never wake up for room: each one awaits a future of its own, which the computation's
@@ -56,6 +57,7 @@ from ._state import AWAITING_ELSEWHERE as _AWAITING_ELSEWHERE
 from ._state import FINISHED as _FINISHED
 from ._state import RUNNING as _RUNNING
 from ._state import RUNNING_LENT as _RUNNING_LENT
+from ._state import RUNNING_SPARE as _RUNNING_SPARE
 from ._state import WAITING as _WAITING
 from ._state import State
 
@@ -71,6 +73,9 @@ logger = logging.getLogger("wq_memo")
 
 _NO_KWARGS: Final[dict[str, Any]] = {}
 
+_RAISED: Final = (asyncio.CancelledError, KeyboardInterrupt, SystemExit)
+"""What a computation's task raises again once its callers have the outcome."""
+
 _EAGER_START: Final = sys.version_info >= (3, 12)
 """Whether tasks can run their first step eagerly (Task(..., eager_start=True), Python 3.12+)."""
 
@@ -80,7 +85,6 @@ class Flight(Generic[K, R]):
 
     __slots__ = (
         "args",
-        "asking",
         "awaiting",
         "background",
         "borrowers",
@@ -91,15 +95,11 @@ class Flight(Generic[K, R]):
         "key",
         "kwargs",
         "lender",
-        "nested",
         "outcome",
         "parent",
         "refresh",
-        "spare",
         "state",
-        "storing",
         "task",
-        "uncounted",
         "waited",
         "waiter",
     )
@@ -141,22 +141,8 @@ class Flight(Generic[K, R]):
         """Whether its computation proper has begun: at its start, or (AWAITING_ELSEWHERE) once
         it computes here, in a slot it took with ``slot()`` or one lent to it."""
         self.forgotten = False
-        self.uncounted = 0
-        """Callers who joined it while it waited in line, counted when it starts."""
-        self.spare = False
-        """RUNNING in a spare slot (a background refresh): callers' computations do not count it."""
         self.waited = False
         """Waited in line before it started."""
-        self.asking: asyncio.Future[bool] | None = None
-        self.nested: list[tuple[Flight[Any, Any], asyncio.Future[Any]]] | None = None
-        """With ``slotless``: computations of this table that joined it (each with the future
-        it waits on) before it asked for a slot; ``slot()`` borrows the slot of one still
-        waiting rather than wait for a slot it may hold."""
-        """With ``slotless``: its computation's wait for a slot (see ``slot()``), which a nested
-        caller holding a slot may end by lending it that slot (see ``join()``)."""
-        self.storing = False
-        """Its value is on its way to the cache (set by _store around the write): an
-        invalidation or a prime of its key waits for that store to end."""
 
     def __repr__(self) -> str:
         return f"<Flight {self.key!r} {self.state.value} callers={self.callers}>"
@@ -170,6 +156,12 @@ class Flight(Generic[K, R]):
         """Every caller's future."""
         first = [] if self.waiter is None else [self.waiter]
         return first + self.joiners if self.joiners else first
+
+    def joined(self) -> int:
+        """How many callers joined it: while it is WAITING, those not counted yet (a call that
+        joins an item in line is counted when the item starts or is dropped)."""
+        joiners = self.joiners
+        return 0 if joiners is None else len(joiners)
 
     def wanted(self) -> bool:
         """Whether a caller still awaits the outcome (a background refresh is always wanted)."""
@@ -200,6 +192,7 @@ class FlightTable(Generic[K, R]):
     __slots__ = (
         "_drained",
         "_forgotten",
+        "asking",
         "borrowed",
         "closing",
         "computations",
@@ -214,12 +207,14 @@ class FlightTable(Generic[K, R]):
         "loop",
         "maxsize",
         "miss",
+        "nested",
         "on_refresh_failed",
         "plain",
         "slotless",
         "slots",
         "store",
         "store_now",
+        "storing",
     )
 
     def __init__(
@@ -262,6 +257,16 @@ class FlightTable(Generic[K, R]):
         """With ``slotless``: the computations running now (see ``counted()``)."""
         self.live = 0
         """Flights not yet finished, forgotten ones included."""
+        self.asking: dict[Flight[K, R], asyncio.Future[bool]] = {}
+        """With ``slotless``: computations' waits for a slot (see ``slot()``), which a nested
+        caller holding a slot may end by lending that slot (see ``join()``)."""
+        self.nested: dict[Flight[K, R], list[tuple[Flight[Any, Any], asyncio.Future[Any]]]] = {}
+        """With ``slotless``: for a flight that has not asked for a slot yet, the computations of
+        this table that joined it (each with the future it waits on); ``slot()`` borrows the
+        slot of one still waiting rather than wait for a slot it may hold."""
+        self.storing: set[Flight[K, R]] = set()
+        """Flights whose value is on its way to the cache (set by _store around the write): an
+        invalidation or a prime of its key waits for that store to end."""
         self.closing = False
         self._forgotten: set[Flight[K, R]] = set()
         self._drained: asyncio.Future[None] | None = None
@@ -394,7 +399,7 @@ class FlightTable(Generic[K, R]):
                 self.slots.remove(flight)
                 self._start(flight, True, lender=lender)
             elif (
-                (asking := flight.asking) is not None
+                (asking := self.asking.get(flight)) is not None
                 and not asking.done()
                 and (lender := self.lender_of(parent)) is not None
             ):
@@ -405,11 +410,8 @@ class FlightTable(Generic[K, R]):
             elif flight.state is _AWAITING_ELSEWHERE and not flight.computing:
                 # Under way (slotless), its computation has not asked for a slot yet: it will
                 # borrow the caller's rather than wait for it (see slot()).
-                if flight.nested is None:
-                    flight.nested = [(parent, waiter)]
-                else:
-                    flight.nested.append((parent, waiter))
-        if flight.state is _WAITING and flight.background and not flight.uncounted:
+                self.nested.setdefault(flight, []).append((parent, waiter))
+        if flight.state is _WAITING and flight.background and not flight.joiners:
             self._promote(flight)
         outcome = flight.outcome
         if outcome is not None:  # delivered already (being stored, or ended in an eager step)
@@ -422,9 +424,7 @@ class FlightTable(Generic[K, R]):
                 waiter.set_exception(outcome[1])
                 waiter.exception()  # retrieved: see _settle
             return waiter
-        if flight.state is _WAITING:
-            flight.uncounted += 1
-        else:
+        if flight.state is not _WAITING:  # else counted when it starts (see _start)
             count_joined(self.counts)
         if flight.joiners is None:
             flight.joiners = [waiter]
@@ -534,10 +534,8 @@ class FlightTable(Generic[K, R]):
         """
         flight.waited = waited
         flight.computing = spare or not self.slotless
-        count_started(
-            self.counts, flight.background, flight.uncounted, waited and not flight.refresh
-        )
-        flight.uncounted = 0
+        looks_again = waited and not flight.refresh
+        count_started(self.counts, flight.background, flight.joined(), looks_again)
         if lender is not None:
             lend(flight, lender)
             flight.state = _RUNNING_LENT
@@ -546,14 +544,15 @@ class FlightTable(Generic[K, R]):
             flight.state = _AWAITING_ELSEWHERE
             self.borrowed += 1
         else:
-            flight.state = _RUNNING
             slots = self.slots
             slots.running += 1  # Slots.take(1, spare), inline: once per miss
             if spare:
                 slots.spare += 1
-                flight.spare = True
+                flight.state = _RUNNING_SPARE
+            else:
+                flight.state = _RUNNING
         context, flight.context = flight.context, None
-        coro = self._run(flight, waited and not flight.refresh)
+        coro = self._run(flight)
         if self.plain and flight.parent is not None:
             # A nested call: never eager (not even through the loop's task factory), or the
             # steps of a deep recursion would pile up on the stack of their callers.
@@ -569,27 +568,20 @@ class FlightTable(Generic[K, R]):
             flight.task = task
         del flight, task, context, coro  # see call()
 
-    async def _run(self, flight: Flight[K, R], waited: bool) -> None:
-        # Few locals: this frame lives as long as the computation (a call in flight's memory).
+    async def _run(self, flight: Flight[K, R]) -> None:
+        # Few locals and a shallow stack: this frame lives as long as the computation (a call
+        # in flight's memory); the rarer steps are methods of their own.
         current.set(flight)
         started: float | None = None  # set while listeners are told of computations
         outcome: tuple[bool, Any] | None = None  # None: delivered already, or nobody to tell
         try:
-            if waited:
-                # The value may have been stored while it waited.
-                try:
-                    if self.lookup_now is not None:
-                        result = self.lookup_now(flight.key, self.miss)
-                    else:
-                        result = await look_up(self.lookup, flight.key, self.miss)
-                except BaseException:
-                    count_first(self.counts, False)  # its callers get this outcome
-                    raise
-                if result is not self.miss:
-                    count_first(self.counts, True)
-                    outcome = (True, result)
+            if flight.waited and not flight.refresh:  # stored while it waited?
+                if self.lookup_now is not None:
+                    outcome = self._look_again(flight)
+                else:
+                    outcome = await self._look_again_async(flight)
+                if outcome is not None:
                     return
-                count_first(self.counts, False)
             if _listeners.active:
                 started = _listeners.clock()
             if self.compute is not None:
@@ -598,18 +590,9 @@ class FlightTable(Generic[K, R]):
                 result = await self.func(*flight.args, **flight.kwargs)
             else:  # no empty keyword dict copied for the call
                 result = await self.func(*flight.args)
-        except asyncio.CancelledError:
-            if started is not None:
-                _listeners.computed(self.counts.name, started, asyncio.CancelledError)
-            self._cancelled(flight)
-            outcome = (False, asyncio.CancelledError())
-            raise
         except BaseException as exc:
-            if started is not None:
-                _listeners.computed(self.counts.name, started, type(exc))
-            if not self._destroyed(flight, exc):
-                outcome = (False, exc)
-            if outcome is None or isinstance(exc, KeyboardInterrupt | SystemExit):
+            outcome = self._failed(flight, exc, started)
+            if outcome is None or isinstance(exc, _RAISED):
                 raise
         else:
             if started is not None:
@@ -625,6 +608,49 @@ class FlightTable(Generic[K, R]):
             # A failure's traceback keeps this frame: without flight and outcome in it, no cycle
             # (exception -> traceback -> frame -> flight -> outcome -> exception) outlives it.
             del flight, outcome
+
+    def _look_again(self, flight: Flight[K, R]) -> tuple[bool, Any] | None:
+        """Look flight's key up again (a mapping) as it starts after waiting in line: the cached
+        value as its outcome, or None to compute it. Its first caller is counted here."""
+        assert self.lookup_now is not None
+        try:
+            result = self.lookup_now(flight.key, self.miss)
+        except BaseException:
+            count_first(self.counts, False)  # its callers get this outcome
+            raise
+        hit = result is not self.miss
+        count_first(self.counts, hit)
+        return (True, result) if hit else None
+
+    async def _look_again_async(self, flight: Flight[K, R]) -> tuple[bool, Any] | None:
+        """``_look_again`` for an async cache."""
+        try:
+            result = await look_up(self.lookup, flight.key, self.miss)
+        except BaseException:
+            count_first(self.counts, False)
+            raise
+        hit = result is not self.miss
+        count_first(self.counts, hit)
+        return (True, result) if hit else None
+
+    def _failed(
+        self, flight: Flight[K, R], exc: BaseException, started: float | None
+    ) -> tuple[bool, Any] | None:
+        """flight's computation raised exc: its outcome for the callers, or None if nobody is
+        left to tell (exc was thrown in as the task is destroyed). ``_run`` raises exc again
+        if it is a cancellation, KeyboardInterrupt or SystemExit."""
+        if started is not None:
+            _listeners.computed(
+                self.counts.name,
+                started,
+                asyncio.CancelledError if isinstance(exc, asyncio.CancelledError) else type(exc),
+            )
+        if isinstance(exc, asyncio.CancelledError):
+            self._cancelled(flight)
+            return (False, asyncio.CancelledError())
+        if self._destroyed(flight, exc):
+            return None
+        return (False, exc)
 
     def _cancelled(self, flight: Flight[K, R]) -> None:
         """The computation ended with CancelledError: its callers are to be cancelled."""
@@ -706,8 +732,7 @@ class FlightTable(Generic[K, R]):
 
     def _count_unstarted(self, flight: Flight[K, R]) -> None:
         """Count the calls of a flight that ends without starting: a miss and joins."""
-        count_unstarted(self.counts, flight.background, flight.uncounted)
-        flight.uncounted = 0
+        count_unstarted(self.counts, flight.background, flight.joined())
 
     def _end(self, flight: Flight[K, R], outcome: tuple[bool, Any] | None) -> None:
         """The one way a flight ends, whatever ended it: deliver outcome (unless delivered
@@ -739,6 +764,8 @@ class FlightTable(Generic[K, R]):
         # counting frees them at once, without waiting for the garbage collector.
         flight.task = flight.awaiting = None
         self.live -= 1
+        if self.nested:  # joined by nested calls before it asked for a slot, which it never did
+            self.nested.pop(flight, None)
         if flight.forgotten:
             self._forgotten.discard(flight)
         else:  # a flight not forgotten is the one its key maps to until it finishes
@@ -746,9 +773,8 @@ class FlightTable(Generic[K, R]):
                 del self.flights[flight.key]
             except KeyError:
                 self._unmap(flight)
-        if state is _RUNNING:
-            if flight.spare:  # a computation it hands its slot to is a caller's: not spare
-                flight.spare = False
+        if state is _RUNNING or state is _RUNNING_SPARE:
+            if state is _RUNNING_SPARE:  # a computation it hands its slot to is a caller's
                 self.slots.unspare()
             if flight.borrowers is None or not self._hand_over(flight, None, held=True):
                 self.slots.release()
@@ -810,9 +836,8 @@ class FlightTable(Generic[K, R]):
         in without taking its own."""
         if flight is None:
             return await self.slots.acquire()
-        nested = flight.nested
+        nested = self.nested.pop(flight, None)
         if nested is not None:
-            flight.nested = None
             for parent, joined in nested:
                 if not joined.done() and (lender := self.lender_of(parent)) is not None:
                     lend(flight, lender)
@@ -820,7 +845,10 @@ class FlightTable(Generic[K, R]):
                     return False
 
         def asking(waiter: asyncio.Future[bool] | None) -> None:
-            flight.asking = waiter
+            if waiter is None:
+                del self.asking[flight]
+            else:
+                self.asking[flight] = waiter
 
         return await self.slots.acquire(asking)
 
@@ -867,21 +895,20 @@ class FlightTable(Generic[K, R]):
         slots = self.slots
         if flight.state is not _AWAITING_ELSEWHERE or not slots.spare_free():
             return False
-        flight.state = _RUNNING
+        flight.state = _RUNNING_SPARE
         self.borrowed -= 1
         slots.take(1, spare=True)
-        flight.spare = True
         return True
 
     def give_back(self, flight: Flight[K, R]) -> None:
         """flight, holding a slot of its own (``slotless``), goes on without one: to wait for
         another process. Its computation takes one again with ``slot()`` if it must."""
-        if flight.state is not _RUNNING or flight.borrowers:
+        state = flight.state
+        if (state is not _RUNNING and state is not _RUNNING_SPARE) or flight.borrowers:
             return
         flight.state = _AWAITING_ELSEWHERE
         self.borrowed += 1
-        if flight.spare:
-            flight.spare = False
+        if state is _RUNNING_SPARE:
             self.slots.unspare()
         self.slots.release()
 
@@ -912,17 +939,18 @@ class FlightTable(Generic[K, R]):
         assert {id(f) for f in queued} == {id(f) for f in waiting}, (
             f"in line {queued}, but WAITING {waiting}"
         )
-        running = [f for f in flights if f.state is _RUNNING]
+        running = [f for f in flights if f.state in (_RUNNING, _RUNNING_SPARE)]
         slots = self.slots
         if self.slotless:
             assert slots.running >= len(running), f"{slots}, but {len(running)} run: {running}"
         else:
             assert slots.running == len(running), f"{slots}, but {len(running)} run: {running}"
-        spare = [f for f in flights if f.spare]
-        assert all(f.state is _RUNNING and f.background for f in spare), f"spare: {spare}"
+        spare = [f for f in flights if f.state is _RUNNING_SPARE]
+        assert all(f.background for f in spare), f"not a refresh, in a spare slot: {spare}"
         assert slots.spare == len(spare), f"{slots}, but {len(spare)} in spare slots: {spare}"
         slotless = [f for f in flights if f.state in (_RUNNING_LENT, _AWAITING_ELSEWHERE)]
         assert self.borrowed == len(slotless), f"borrowed={self.borrowed}, but {slotless}"
+        assert all(id(f) in ids for f in self.nested), f"ended flights in {self.nested}"
         for flight in flights:
             lender = flight.lender
             if flight.state is _RUNNING_LENT:
@@ -936,7 +964,7 @@ class FlightTable(Generic[K, R]):
             for borrower in flight.borrowers or ():
                 assert borrower.lender is flight, f"{flight} lends its slot to {borrower}"
                 assert borrower.state is _RUNNING_LENT, f"{flight} lends its slot to {borrower}"
-            asking = flight.asking
+            asking = self.asking.get(flight)
             if asking is not None and not asking.done():
                 assert flight.state is _AWAITING_ELSEWHERE, f"{flight} asks for a slot"
 
@@ -995,8 +1023,7 @@ class FlightTable(Generic[K, R]):
         self.slots.clear_line(low=True)
         for flight in unfinished:
             if flight.state is _WAITING:  # accepted, never started: its callers get an outcome
-                count_started(self.counts, flight.background, flight.uncounted, False)
-                flight.uncounted = 0
+                count_started(self.counts, flight.background, flight.joined(), False)
             exc = ShutdownTimeout(f"{flight.key!r} did not finish within finish_timeout={grace}s")
             if flight.task is not None and not flight.task.done():
                 self._settle(flight, (False, exc))  # at once: its task ends when it ends

@@ -21,7 +21,7 @@ import contextvars
 from collections.abc import Container, Mapping
 from typing import TYPE_CHECKING, Any, Final
 
-from ._state import FINISHED, RUNNING_LENT
+from ._state import FINISHED, RUNNING_LENT, RUNNING_SPARE
 
 if TYPE_CHECKING:
     import asyncio
@@ -136,7 +136,7 @@ def on_spare(lender: Flight[Any, Any]) -> bool:
     lender's: the slot a nested call of it must share, since a slot it took would be a caller's."""
     flight: Flight[Any, Any] | None = lender
     while flight is not None:
-        if flight.spare:
+        if flight.state is RUNNING_SPARE:
             return True
         flight = flight.lender
     return False

@@ -6,7 +6,7 @@ on a path of its own (tests/test_store_path.py fails a write made outside this m
 
 - invalidation wins: a forgotten computation (an invalidation, a clear or a prime of its key came
   while it ran) stores nothing, and an invalidation waits for a store already on its way
-  (``flight.storing``, set here around the write; see ``stores_done``);
+  (the table's ``storing``, kept here around the write; see ``stores_done``);
 - a prime wins over the computations that began before it: it forgets them first, then waits for
   their stores on their way, then writes;
 - the last computation's value is the one left: a store waits for the stores of earlier
@@ -106,15 +106,17 @@ class Store(Generic[K, R]):
         assert write is not None
         if flight is None:
             table = self.tables()
-            await stores_done([] if table is None else table.forget(key))
+            if table is not None:
+                await stores_done(table, table.forget(key))
         else:
-            if table is not None and (earlier := table.forgotten(key)):
+            assert table is not None
+            if earlier := table.forgotten(key):
                 # Stores of earlier computations of key still on their way land first: the last
                 # computation's value is the one left in the cache.
-                await stores_done(earlier)
+                await stores_done(table, earlier)
             if flight.forgotten:
                 return  # invalidated (or primed) meanwhile
-            flight.storing = True  # from here on, an invalidation waits for this store to end
+            table.storing.add(flight)  # from here on, an invalidation waits for this store to end
         try:
             await write(key, value)
             if self.stored is not None:
@@ -130,8 +132,8 @@ class Store(Generic[K, R]):
             logger.exception("cache_set failed for %r; the result was returned uncached", key)
             return
         finally:
-            if flight is not None:
-                flight.storing = False
+            if flight is not None and table is not None:
+                table.storing.discard(flight)
         if flight is None and table is not None:
             # Newcomers no longer share a lookup that began before the prime.
             table.forget_lookups(key)
@@ -190,14 +192,17 @@ class _Unstored(Exception):
         self.value = value
 
 
-async def stores_done(flights: list[Flight[Any, Any]]) -> None:
-    """Wait until the stores on their way (``storing``) of these forgotten computations end."""
+async def stores_done(table: FlightTable[Any, Any], flights: list[Flight[Any, Any]]) -> None:
+    """Wait until the stores on their way (``table.storing``) of these forgotten computations
+    of table end."""
+    if not table.storing:
+        return
     me = asyncio.current_task()
     loop = asyncio.get_running_loop()
     tasks = [
         f.task
         for f in flights
-        if f.storing
+        if f in table.storing
         and f.task is not None
         and not f.task.done()
         and f.task is not me

@@ -111,6 +111,7 @@ class Flight(Generic[K, R]):
         kwargs: dict[str, Any],
         waiter: asyncio.Future[R] | None,
         parent: Flight[Any, Any] | None,
+        refresh: bool = False,
     ) -> None:
         self.key = key
         self.args = args
@@ -133,7 +134,7 @@ class Flight(Generic[K, R]):
         """RUNNING_LENT: the computation of this table whose slot it runs in (which awaits it)."""
         self.borrowers: list[Flight[Any, Any]] | None = None
         """The computations running in this one's slot."""
-        self.refresh = False
+        self.refresh = refresh
         """Computed whatever the cache holds (a refresh): not looked up again at its start."""
         self.background = False
         """A refresh nobody called for: its failure is reported, not delivered."""
@@ -306,22 +307,20 @@ class FlightTable(Generic[K, R]):
         if self.closing:
             raise _refused()
         flight = self.flights.get(key)
-        if flight is not None and refresh and flight.outcome is not None:
+        if flight is not None:
+            if not refresh or flight.outcome is None:
+                if lookup is not None:
+                    self.answer(key, lookup, (False, flight))
+                if refresh and flight.state is _WAITING:
+                    flight.refresh = True  # computed when its turn comes, not looked up again
+                return self.join(flight)
             # Delivered, its store on its way: a refresh computes anew, and stores after it.
             self._forget(flight)
-            flight = None
-        if flight is not None:
-            if lookup is not None:
-                self.answer(key, lookup, (False, flight))
-            if refresh and flight.state is _WAITING:
-                flight.refresh = True  # computed when its turn comes, not looked up again
-            return self.join(flight)
         waiter: asyncio.Future[R] = (
             Future(loop=self.loop) if self.plain else self.loop.create_future()
         )
         parent = current.get()
-        flight = Flight(key, args, kwargs, waiter, parent)
-        flight.refresh = refresh
+        flight = Flight(key, args, kwargs, waiter, parent, refresh)
         self.flights[key] = flight
         self.live += 1
         if lookup is not None:
@@ -347,8 +346,8 @@ class FlightTable(Generic[K, R]):
         if self.closing or key in self.flights:
             return False
         # No parent: nothing awaits it, so it never runs in another computation's slot.
-        flight: Flight[K, R] = Flight(key, args, kwargs, None, None)
-        flight.refresh = flight.background = True
+        flight: Flight[K, R] = Flight(key, args, kwargs, None, None, True)
+        flight.background = True
         self.flights[key] = flight
         self.live += 1
         self._enter(flight, flight.parent)
@@ -534,8 +533,9 @@ class FlightTable(Generic[K, R]):
         """
         flight.waited = waited
         flight.computing = spare or not self.slotless
+        joiners = flight.joiners  # while it waited in line: counted now
         looks_again = waited and not flight.refresh
-        count_started(self.counts, flight.background, flight.joined(), looks_again)
+        count_started(self.counts, flight.background, len(joiners) if joiners else 0, looks_again)
         if lender is not None:
             lend(flight, lender)
             flight.state = _RUNNING_LENT
@@ -821,7 +821,9 @@ class FlightTable(Generic[K, R]):
                 self._drop(flight)  # every caller left before it started
                 return
             del waiter  # see call()
-        self._start(flight, True, spare=spare)
+            self._start(flight, True)
+        else:
+            self._start(flight, True, spare=True)
         del flight  # see call()
 
     def _drop(self, flight: Flight[K, R]) -> None:

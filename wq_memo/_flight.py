@@ -205,6 +205,7 @@ class FlightTable(Generic[K, R]):
         "computations",
         "compute",
         "counts",
+        "fail_now",
         "flights",
         "func",
         "live",
@@ -249,6 +250,13 @@ class FlightTable(Generic[K, R]):
         # delivering; none here when compute() writes it (a single-flight cache).
         self.store_now = store.now if store is not None and store.mapping is not None else None
         self.store = None if store is None or store.write is None or compute else store
+        # A failed computation's outcome under a dated policy: a remembered error, or a stale
+        # value served (see Store.failed_now).
+        self.fail_now = (
+            store.failed_now
+            if store is not None and store.policy is not None and store.policy.dated
+            else None
+        )
         self.slotless = slotless
         self.on_refresh_failed = on_refresh_failed
         self.flights: dict[K, Flight[K, R]] = {}
@@ -609,6 +617,14 @@ class FlightTable(Generic[K, R]):
                 _listeners.computed(self.counts.name, started, type(exc))
             if not self._destroyed(flight, exc):
                 outcome = (False, exc)
+                if (
+                    self.fail_now is not None
+                    and isinstance(exc, Exception)
+                    and not flight.background
+                ):
+                    outcome = self.fail_now(flight.key, exc, flight)
+                    if outcome[0]:
+                        return  # a stale value served: delivered by _end (finally)
             if outcome is None or isinstance(exc, KeyboardInterrupt | SystemExit):
                 raise
         else:

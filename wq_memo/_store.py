@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Awaitable, Callable, Hashable, MutableMapping
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from ._lookups import NotAsync
+from ._policy import SKIP, CachedError, Kept, Policy
 
 if TYPE_CHECKING:
     from ._flight import Flight, FlightTable
@@ -46,20 +48,26 @@ class Store(Generic[K, R]):
     an async cache's ``write`` (``cache.set``, awaited); ``single_flight``: a cache whose own
     protocol stores computations' results (``fenced``). ``stored(key)`` is told of each write
     (due times of refresh-ahead, instance keys). ``tables()`` is the queue's current flight
-    table, whose computations a prime forgets (None: not started)."""
+    table, whose computations a prime forgets (None: not started). ``policy``: what is kept
+    and for how long (see _policy): a result it skips is not written, a ttl goes with the write
+    (a ``Kept`` entry in a dated mapping, ``cache.set``'s ttl for an async cache), and a failed
+    computation of a mapping may leave a remembered error or serve a stale value
+    (``failed_now``)."""
 
-    __slots__ = ("mapping", "name", "single_flight", "stored", "tables", "write")
+    __slots__ = ("mapping", "name", "policy", "single_flight", "stored", "tables", "write")
 
     def __init__(
         self,
         name: str,
         *,
         mapping: MutableMapping[Any, Any] | None = None,
-        write: Callable[[K, R], Awaitable[None]] | None = None,
+        write: Callable[..., Awaitable[None]] | None = None,
         single_flight: SingleFlightCache | None = None,
         stored: Callable[[K], None] | None = None,
+        policy: Policy | None = None,
     ) -> None:
         self.name = name
+        self.policy = policy
         self.mapping = mapping
         self.write = write
         self.single_flight = single_flight
@@ -79,8 +87,13 @@ class Store(Generic[K, R]):
             return
         mapping = self.mapping
         assert mapping is not None
+        entry: Any = value
+        if self.policy is not None:
+            entry = self._entry(key, value, flight is None)
+            if entry is SKIP:
+                return
         try:
-            mapping[key] = value
+            mapping[key] = entry
             if self.stored is not None:
                 self.stored(key)
         except ValueError as exc:  # cachetools: the value is larger than the cache's maxsize
@@ -89,6 +102,73 @@ class Store(Generic[K, R]):
             if flight is None:
                 raise
             logger.exception("storing %r failed; the result was returned uncached", key)
+
+    def _lifetime(self, key: K, value: R, primed: bool) -> Any:
+        """The policy's lifetime of value (seconds, None or SKIP); a failing cache_if is logged
+        and the result not stored, unless it is a prime's (the failure propagates)."""
+        policy = self.policy
+        assert policy is not None
+        try:
+            return policy.lifetime(value, primed)
+        except Exception:
+            if primed:
+                raise
+            logger.exception(
+                "%s(): cache_if failed for %r; the result was not cached", self.name, key
+            )
+            policy.skipped()
+            return SKIP
+
+    def _entry(self, key: K, value: R, primed: bool) -> Any:
+        """What the mapping holds for value under the policy, or SKIP: value itself, or a
+        ``Kept`` entry dated on the policy's clock. A failing cache_if is logged (the result is
+        not stored); a prime's failure propagates."""
+        policy = self.policy
+        assert policy is not None
+        seconds = self._lifetime(key, value, primed)
+        if seconds is SKIP or not policy.dated:
+            return SKIP if seconds is SKIP else value
+        expires = policy.clock() + (math.inf if seconds is None else seconds)
+        return Kept(value, expires, expires + (policy.stale or 0.0))
+
+    def failed_now(self, key: K, exc: Exception, flight: Flight[K, R]) -> tuple[bool, Any]:
+        """The outcome of flight, a computation of key in the mapping that raised exc, under
+        the policy: its key's expired value if ``stale_if_error`` still allows it (the next
+        attempt then waits ``backoff``), else exc, remembered if ``cache_errors`` names its
+        type. A forgotten computation leaves nothing and serves nothing stale."""
+        policy = self.policy
+        mapping = self.mapping
+        assert policy is not None
+        assert mapping is not None
+        if flight.forgotten:
+            return (False, exc)
+        now = policy.clock()
+        try:
+            if policy.stale is not None:
+                old = mapping.get(key)
+                if type(old) is Kept and old.error is None and old.expires <= now < old.until:
+                    if not old.warned:
+                        logger.warning(
+                            "%s(): computing %r failed (%r); serving its value expired %.3gs "
+                            "ago (stale_if_error)",
+                            self.name,
+                            key,
+                            exc,
+                            now - old.expires,
+                        )
+                    again = min(now + policy.backoff, old.until)  # the next attempt, no sooner
+                    mapping[key] = Kept(old.value, again, old.until, None, True)
+                    policy.served_stale()
+                    return (True, old.value)
+            seconds = policy.error_time(exc)
+            if seconds is not None:
+                expires = now + seconds
+                mapping[key] = Kept(None, expires, expires, CachedError(type(exc), exc.args))
+                if self.stored is not None:
+                    self.stored(key)
+        except Exception:
+            logger.exception("%s(): keeping the failure of %r failed", self.name, key)
+        return (False, exc)
 
     async def __call__(
         self,
@@ -104,6 +184,11 @@ class Store(Generic[K, R]):
         stores on their way awaited first; a failure propagates)."""
         write = self.write
         assert write is not None
+        seconds: Any = None
+        if flight is None and self.policy is not None:
+            seconds = self._lifetime(key, value, True)  # a bad ttl fails the prime first
+            if seconds is SKIP:
+                return
         if flight is None:
             table = self.tables()
             await stores_done([] if table is None else table.forget(key))
@@ -114,9 +199,16 @@ class Store(Generic[K, R]):
                 await stores_done(earlier)
             if flight.forgotten:
                 return  # invalidated (or primed) meanwhile
+            if self.policy is not None:
+                seconds = self._lifetime(key, value, False)
+                if seconds is SKIP:
+                    return
             flight.storing = True  # from here on, an invalidation waits for this store to end
         try:
-            await write(key, value)
+            if seconds is None:
+                await write(key, value)
+            else:
+                await write(key, value, seconds)
             if self.stored is not None:
                 self.stored(key)
         except NotAsync as exc:

@@ -51,7 +51,7 @@ class Source:
 class ClockedAsyncCache:
     """An AsyncCache over a dict whose entries expire after ``set``'s ttl on a clock."""
 
-    def __init__(self, clock: Clock) -> None:
+    def __init__(self, clock: Callable[[], float]) -> None:
         self.clock = clock
         self.data: dict[Hashable, tuple[Any, float]] = {}
         self.ttls: list[float | None] = []

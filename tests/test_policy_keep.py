@@ -264,3 +264,29 @@ async def test_an_invalidated_computation_stores_nothing_with_a_ttl() -> None:
     source.gate.set()
     assert await bounded(call) == "a@0"
     assert f.cache_peek("a") is MISSING
+
+
+async def test_listeners_are_told_of_fresh_entries_only_as_hits() -> None:
+    from wq_memo.metrics import Listener, add_listener, remove_listener
+
+    class Hits(Listener):
+        def __init__(self) -> None:
+            self.hits = 0
+
+        def on_hit(self, name: str) -> None:
+            self.hits += 1
+
+    clock = Clock()
+    listener = Hits()
+    add_listener(listener)
+    try:
+        f = worker_queue(cache={}, ttl=5, timer=clock, name="told")(Source())
+        await bounded(f("a"))
+        await bounded(f("a"))
+        clock.now = 5
+        await bounded(f("a"))  # expired: a miss
+        info = f.cache_info()
+        assert (info.hits, info.misses) == (1, 2)
+        assert listener.hits == 1
+    finally:
+        remove_listener(listener)

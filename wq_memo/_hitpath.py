@@ -253,6 +253,8 @@ def mapping_hit_path(
         plain = cache.get if fast is None else fast
         if notify is None:
             entries, find, find_any = cache, plain, plain
+        elif policy is not None and policy.dated:
+            find = find_any = _fresh_counting_lookup(plain, notify, policy.clock)
         else:
             find = find_any = _listeners.counting_lookup(plain, notify)
             entries = _listeners.CountingEntries(cache, notify)
@@ -267,6 +269,21 @@ def mapping_hit_path(
     wrapper._instrument = instrument  # type: ignore[attr-defined]
     wrapper._own_hits = own_hits  # type: ignore[attr-defined]
     return MappingHitPath(wrapper, own_hits, zero_hits)
+
+
+def _fresh_counting_lookup(
+    find: Callable[[Hashable, object], Any], notify: Callable[[], None], now: Callable[[], float]
+) -> Callable[[Hashable, object], Any]:
+    """find(key, default) over dated entries, telling notify() of each fresh one found (an
+    expired entry is a miss)."""
+
+    def find_counting(k: Hashable, default: object) -> Any:
+        entry = find(k, default)
+        if entry is not default and now() < entry.expires:
+            notify()
+        return entry
+
+    return find_counting
 
 
 def no_cache_wrapper(

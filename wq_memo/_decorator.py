@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
 import time
 from collections.abc import Awaitable, Callable, Hashable, Mapping, MutableMapping
 from typing import (
@@ -220,18 +221,19 @@ def _check_policy_cache(
             f"@worker_queue: refresh_after cannot be combined with {_POLICY_OPTIONS} yet; "
             "use one or the other"
         )
-    if isinstance(cache, SingleFlightCache):
+    if isinstance(cache, SingleFlightCache) and not _takes_lifetime(cache):
         raise ValueError(
-            f"@worker_queue: {_POLICY_OPTIONS} are not supported with {type(cache).__name__} "
-            "yet; use an in-process cache, or a plain async cache, for them"
+            f"@worker_queue: {_POLICY_OPTIONS} are not supported with {type(cache).__name__}, "
+            "whose get_or_compute stores values itself; use an in-process cache, a plain async "
+            "cache or a RedisCache for them"
         )
     if not isinstance(cache, MutableMapping) and (
         options.cache_errors or options.stale_if_error is not None
     ):
         raise ValueError(
             "@worker_queue: cache_errors and stale_if_error work with an in-process cache "
-            "(a cachetools cache or a dict) only, for now; with an async cache use cache_if "
-            "and ttl"
+            "(a cachetools cache or a dict) only, for now; with an async cache (RedisCache "
+            "too) use cache_if and ttl"
         )
     if (
         isinstance(cache, MutableMapping)
@@ -242,6 +244,13 @@ def _check_policy_cache(
             "@worker_queue: stale_if_error needs expired entries kept, which a "
             f"{type(cache).__name__} drops; use an LRUCache (or a dict) with ttl= instead"
         )
+
+
+def _takes_lifetime(cache: object) -> bool:
+    """Whether cache is a RedisCache, whose get_or_compute and refresh take ``lifetime=``
+    (imported only if redis is, so that a cache of another kind needs no redis installed)."""
+    module = sys.modules.get("wq_memo.backends.redis")
+    return module is not None and isinstance(cache, module.RedisCache)
 
 
 def _policy(

@@ -119,6 +119,17 @@ class Store(Generic[K, R]):
             policy.skipped()
             return SKIP
 
+    def _lifetime_of(self, key: K) -> Callable[[Any], tuple[bool, float | None]]:
+        """The policy's decision on a computed value of key, for a cache that stores it itself
+        (a RedisCache, fenced): whether to store it, and for how long (None: the cache's ttl).
+        """
+
+        def lifetime(value: Any) -> tuple[bool, float | None]:
+            seconds = self._lifetime(key, value, False)
+            return (False, None) if seconds is SKIP else (True, seconds)
+
+        return lifetime
+
     def _entry(self, key: K, value: R, primed: bool) -> Any:
         """What the mapping holds for value under the policy, or SKIP: value itself, or a
         ``Kept`` entry dated on the policy's clock. A failing cache_if is logged (the result is
@@ -251,7 +262,12 @@ class Store(Generic[K, R]):
         cache = self.single_flight
         assert cache is not None
         try:
-            value = await cache.get_or_compute(key, compute)
+            if self.policy is None:
+                value = await cache.get_or_compute(key, compute)
+            else:
+                value = await cache.get_or_compute(  # type: ignore[call-arg]
+                    key, compute, lifetime=self._lifetime_of(key)
+                )
         except _Unstored as exc:
             return exc.value  # type: ignore[no-any-return]
         if self.stored is not None:
@@ -265,7 +281,12 @@ class Store(Generic[K, R]):
         and written by the cache itself, fenced; (False, MISSING) if another process holds it."""
         cache: RefreshingCache = self.single_flight  # type: ignore[assignment]
         try:
-            refreshed, value = await cache.refresh(key, compute)
+            if self.policy is None:
+                refreshed, value = await cache.refresh(key, compute)
+            else:
+                refreshed, value = await cache.refresh(  # type: ignore[call-arg]
+                    key, compute, lifetime=self._lifetime_of(key)
+                )
         except _Unstored as exc:
             return True, exc.value
         if refreshed and self.stored is not None:

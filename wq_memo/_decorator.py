@@ -468,7 +468,7 @@ def _with_async_cache(
                 return _refresh_across(single_flight, store, table, flight, checked, refresher)
             if flight.refresh:
                 return _refresh_through(single_flight, store, flight.key, checked)
-            return store.fenced(flight.key, checked)
+            return store.fenced(flight.key, checked, flight)
 
         lookup: Callable[[Hashable], Awaitable[Any]] = cache.get
         if refresher is not None and isinstance(cache, RefreshingCache):
@@ -564,13 +564,13 @@ async def _refresh_across(
             refresher.written(k, age)
             if not refresher.entry_due(k):
                 return value  # type: ignore[no-any-return]
-    refreshed, value = await store.fenced_refresh(k, compute)
+    refreshed, value = await store.fenced_refresh(k, compute, flight)
     if refreshed:
         return value  # type: ignore[return-value]
     # Another process refreshes (or computes) it: the entry as it is, or, if it expired meanwhile,
     # the other process's result. Waiting for it holds no slot.
     table.give_back(flight)
-    return await store.fenced(k, compute)
+    return await store.fenced(k, compute, flight)
 
 
 async def _refresh_through(

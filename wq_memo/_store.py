@@ -119,12 +119,17 @@ class Store(Generic[K, R]):
             policy.skipped()
             return SKIP
 
-    def _lifetime_of(self, key: K) -> Callable[[Any], tuple[bool, float | None]]:
+    def _lifetime_of(
+        self, key: K, flight: Flight[K, R] | None
+    ) -> Callable[[Any], tuple[bool, float | None]]:
         """The policy's decision on a computed value of key, for a cache that stores it itself
         (a RedisCache, fenced): whether to store it, and for how long (None: the cache's ttl).
-        """
+        A forgotten computation's value is not stored, and not put to the policy, as with any
+        other cache (the cache would refuse its store anyway)."""
 
         def lifetime(value: Any) -> tuple[bool, float | None]:
+            if flight is not None and flight.forgotten:
+                return (False, None)
             seconds = self._lifetime(key, value, False)
             return (False, None) if seconds is SKIP else (True, seconds)
 
@@ -256,9 +261,12 @@ class Store(Generic[K, R]):
 
         return checked
 
-    async def fenced(self, key: K, compute: Callable[[], Awaitable[R]]) -> R:
+    async def fenced(
+        self, key: K, compute: Callable[[], Awaitable[R]], flight: Flight[K, R] | None = None
+    ) -> R:
         """key's value from the SingleFlightCache: found, computed elsewhere, or computed with
-        compute() and written by the cache itself, fenced (``get_or_compute``)."""
+        compute() (for ``flight``) and written by the cache itself, fenced
+        (``get_or_compute``), as the policy decides."""
         cache = self.single_flight
         assert cache is not None
         try:
@@ -266,7 +274,7 @@ class Store(Generic[K, R]):
                 value = await cache.get_or_compute(key, compute)
             else:
                 value = await cache.get_or_compute(  # type: ignore[call-arg]
-                    key, compute, lifetime=self._lifetime_of(key)
+                    key, compute, lifetime=self._lifetime_of(key, flight)
                 )
         except _Unstored as exc:
             return exc.value  # type: ignore[no-any-return]
@@ -275,7 +283,7 @@ class Store(Generic[K, R]):
         return value
 
     async def fenced_refresh(
-        self, key: K, compute: Callable[[], Awaitable[R]]
+        self, key: K, compute: Callable[[], Awaitable[R]], flight: Flight[K, R] | None = None
     ) -> tuple[bool, R | Missing]:
         """Refresh key through the RefreshingCache (``refresh``): (True, value) once computed
         and written by the cache itself, fenced; (False, MISSING) if another process holds it."""
@@ -285,7 +293,7 @@ class Store(Generic[K, R]):
                 refreshed, value = await cache.refresh(key, compute)
             else:
                 refreshed, value = await cache.refresh(  # type: ignore[call-arg]
-                    key, compute, lifetime=self._lifetime_of(key)
+                    key, compute, lifetime=self._lifetime_of(key, flight)
                 )
         except _Unstored as exc:
             return True, exc.value

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import cachetools
 from _policy_harness import ClockedAsyncCache
@@ -54,10 +56,6 @@ class Plain(ValueError):
     """A failure of a type that is never cached."""
 
 
-def ttl_of(value: str) -> float | None:
-    return TTLS[value.rsplit(":", 1)[1]]
-
-
 def keep(value: str) -> bool:
     return not value.endswith(":skip")
 
@@ -78,6 +76,7 @@ class PolicyMachine(RuleBasedStateMachine):
     stale_if_error options are on (in-process cache)."""
 
     dated = True
+    ttls: ClassVar[dict[str, float | None]] = TTLS
 
     def __init__(self) -> None:
         super().__init__()
@@ -93,6 +92,9 @@ class PolicyMachine(RuleBasedStateMachine):
 
     def make(self) -> Memoized[[str], str]:
         raise NotImplementedError
+
+    def ttl_of(self, value: str) -> float | None:
+        return self.ttls[value.rsplit(":", 1)[1]]
 
     @initialize()
     def decorate(self) -> None:
@@ -143,7 +145,7 @@ class PolicyMachine(RuleBasedStateMachine):
                 self.entries[key] = Entry(None, (key, n), self.now + REMEMBER, self.now + REMEMBER)
             return False, (Remembered if outcome == "remembered" else Plain, (key, n))
         value = f"{key}#{n}:{outcome}"
-        ttl = TTLS.get(outcome)
+        ttl = self.ttls.get(outcome)
         if outcome == "skip" or (ttl is not None and ttl < 0):
             self.counts["uncached"] += 1
         else:
@@ -160,9 +162,15 @@ class PolicyMachine(RuleBasedStateMachine):
             assert type(got) is kind, f"got {got!r}, the model says {kind.__name__}{args}"
             assert got.args == args
 
-    async def settle(self) -> None:
-        for _ in range(10):
-            await asyncio.sleep(0)
+    def until(self, condition: Callable[[], bool]) -> None:
+        """Run the loop until condition() holds: turns of the loop first, then short naps (a
+        RedisCache waits on the network); fail after 10 s."""
+        deadline = time.monotonic() + 10
+        turns = 0
+        while not condition():
+            assert time.monotonic() < deadline, "the calls never got there"
+            turns += 1
+            self.loop.run_until_complete(asyncio.sleep(0 if turns < 50 else 0.002))
 
     async def outcome(self, call: Any) -> Any:
         try:
@@ -202,12 +210,14 @@ class PolicyMachine(RuleBasedStateMachine):
             return
         self.plans[key] = [outcome]
         self.gate = gate = asyncio.Event()
+        before = len(self.computed)
+        joined = self.f.cache_info().joined
         first = self.loop.create_task(self.outcome(self.f(key)))
-        self.run(self.settle())
+        self.until(lambda: len(self.computed) > before)
         assert self.computed[-1:] == [key]
         n = self.made - 1
         others = [self.loop.create_task(self.outcome(self.f(key))) for _ in range(joiners)]
-        self.run(self.settle())
+        self.until(lambda: self.f.cache_info().joined == joined + joiners)
         self.counts["misses"] += 1
         self.counts["joined"] += joiners
         if action != "nothing":
@@ -252,9 +262,8 @@ class PolicyMachine(RuleBasedStateMachine):
         value = f"{key}#primed{self.made}:long"
         self.made += 1
         self.run(self.f.acache_prime(value, key))
-        self.entries[key] = Entry(
-            value, None, self.now + 20.0, self.now + 20.0 + (STALE if self.dated else 0)
-        )
+        expires = self.now + (self.ttls["long"] or math.inf)
+        self.entries[key] = Entry(value, None, expires, expires + (STALE if self.dated else 0))
 
     # -- invariants -----------------------------------------------------------------------------
 
@@ -295,7 +304,7 @@ class MappingPolicyMachine(PolicyMachine):
         @worker_queue(
             cache=cachetools.LRUCache(100),
             cache_if=keep,
-            ttl=ttl_of,
+            ttl=self.ttl_of,
             cache_errors={Remembered: REMEMBER},
             stale_if_error=STALE,
             refresh_backoff=BACKOFF,
@@ -313,7 +322,7 @@ class AsyncPolicyMachine(PolicyMachine):
     def make(self) -> Memoized[[str], str]:
         self.cache = ClockedAsyncCache(lambda: self.now)
 
-        @worker_queue(cache=self.cache, cache_if=keep, ttl=ttl_of, name="policy.machine")
+        @worker_queue(cache=self.cache, cache_if=keep, ttl=self.ttl_of, name="policy.machine")
         async def f(key: str) -> str:
             return await self.work(key)
 

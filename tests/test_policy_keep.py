@@ -290,3 +290,17 @@ async def test_listeners_are_told_of_fresh_entries_only_as_hits() -> None:
         assert listener.hits == 1
     finally:
         remove_listener(listener)
+
+
+async def test_a_prime_with_a_bad_ttl_leaves_the_computation_under_way_alone() -> None:
+    clock = Clock()
+    source = Source()
+    source.gate = asyncio.Event()
+    f = worker_queue(cache={}, ttl=lambda v: -1 if v == "bad" else 5, timer=clock)(source)
+    call = asyncio.ensure_future(f("a"))
+    await bounded(source.started.wait())
+    with pytest.raises(ValueError, match="ttl"):
+        f.cache_prime("bad", "a")
+    source.gate.set()
+    assert await bounded(call) == "a@0"
+    assert f.cache_peek("a") == "a@0"  # stored: the failed prime forgot nothing

@@ -79,19 +79,20 @@ class Store(Generic[K, R]):
         failure is logged) or, with no flight, a prime (computations of key under way are
         forgotten first; a failure propagates). A value too large for the cache is not cached.
         """
+        if flight is not None and flight.forgotten:
+            return
+        entry: Any = value
+        if self.policy is not None:
+            # A prime's bad ttl raises here, before anything under way is forgotten.
+            entry = self._entry(key, value, flight is None)
+            if entry is SKIP:
+                return
         if flight is None:
             table = self.tables()
             if table is not None:
                 table.forget(key)  # a computation under way must not overwrite it
-        elif flight.forgotten:
-            return
         mapping = self.mapping
         assert mapping is not None
-        entry: Any = value
-        if self.policy is not None:
-            entry = self._entry(key, value, flight is None)
-            if entry is SKIP:
-                return
         try:
             mapping[key] = entry
             if self.stored is not None:

@@ -675,8 +675,9 @@ class _WorkerQueueDecorator:
         raise it anew without computing. ``stale_if_error`` seconds: a recomputation that
         fails within that long after its entry expired serves the expired value instead,
         and the next attempt waits ``refresh_backoff``. cache_errors and stale_if_error need
-        an in-process cache (stale_if_error: not a TTLCache); none of the four works with a
-        SingleFlightCache or with refresh_after yet.
+        an in-process cache (stale_if_error: not a TTLCache); of the single-flight caches,
+        only a RedisCache takes cache_if and ttl; none of the four works with refresh_after
+        yet.
 
         Raises TypeError at decoration time for a function that is not async, and for a
         function an async cache cannot tell from others; ValueError for a bad parameter (a

@@ -421,3 +421,27 @@ def test_options_not_supported_with_a_cache_are_refused(
     )
     with pytest.raises(ValueError, match=match):
         worker_queue(cache=made, name="t.refused", **options)(source_fn)
+
+
+async def test_a_cancellation_is_never_remembered_even_with_exception_listed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = Clock()
+    source, f = remembering(clock, cache_errors={Exception: 5.0})
+    source.failures["a"] = asyncio.CancelledError()  # raised by the worker itself
+    with caplog.at_level(logging.WARNING, logger="wq_memo"), pytest.raises(asyncio.CancelledError):
+        await bounded(f("a"))
+    assert f.cache_peek("a") is MISSING
+    del source.failures["a"]
+    assert await bounded(f("a")) == "a@1"
+
+
+async def test_a_refresh_whose_result_cache_if_refuses_keeps_the_entry() -> None:
+    clock = Clock()
+    source = Source()
+    f = worker_queue(cache={}, cache_if=lambda v: v != "", ttl=10, timer=clock)(source)
+    assert await bounded(f("a")) == "a@0"
+    source.results["a"] = ""
+    assert await bounded(f.refresh("a")) == ""
+    assert f.cache_peek("a") == "a@0"
+    assert f.cache_info().uncached == 1

@@ -126,6 +126,17 @@ def test_hit_path_sets_refresh_after_beside_the_plain_ttl_cache(
     assert f"hit, {refreshing}: ns more than {plain}" in figures
 
 
+def test_hit_path_sets_the_ttl_function_beside_the_plain_ttl_cache(
+    run: tuple[int, Path, dict[str, Any]],
+) -> None:
+    table = run[2]["tables"]["hit_path"]
+    names = [row[0] for row in table["rows"]]
+    plain, dated = "wq_memo (TTLCache)", "wq_memo (TTLCache, ttl function)"
+    assert names.index(dated) == names.index(plain) + 2  # after the refresh_after row
+    targets = {t["what"]: t["limit"] for t in table["targets"]}
+    assert targets[f"hit, {dated} x {plain}"] == 1.3
+
+
 def test_refresh_ahead_reports_every_contender(run: tuple[int, Path, dict[str, Any]]) -> None:
     table = run[2]["tables"]["refresh_ahead"]
     assert [row[0] for row in table["rows"]] == [v.name for v in refresh_ahead.VARIANTS]

@@ -336,5 +336,16 @@ def test_importing_and_using_wq_memo_installs_no_audit_hook() -> None:
 
 
 def test_cache_info_keeps_its_field_order() -> None:
-    assert CacheInfo._fields[-1] == "bypassed"
+    # New fields come after the old ones, so that positional reads keep working.
+    assert CacheInfo._fields[:8] == (
+        "hits",
+        "misses",
+        "joined",
+        "maxsize",
+        "currsize",
+        "refreshes",
+        "refresh_failures",
+        "bypassed",
+    )
+    assert CacheInfo._fields[8:] == ("uncached", "stale")
     assert CacheInfo(0, 0, 0, None, None).bypassed == 0

@@ -7,6 +7,7 @@
 from ._controls import BoundMemoized, CacheInfo, Memoized
 from ._decorator import worker_queue
 from ._errors import QueueShutDown, ShutdownTimeout
+from ._policy import CachedError
 from ._queue import WorkerQueue
 from ._switch import disabled
 from .backends._protocol import MISSING, Missing
@@ -17,6 +18,7 @@ __all__ = (
     "MISSING",
     "BoundMemoized",
     "CacheInfo",
+    "CachedError",
     "Memoized",
     "Missing",
     "QueueShutDown",

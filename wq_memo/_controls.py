@@ -25,6 +25,7 @@ from typing import (
 
 import cachetools
 
+from ._policy import CachedError, Kept
 from .backends._protocol import MISSING, AsyncCache, Missing
 
 if TYPE_CHECKING:
@@ -76,6 +77,10 @@ class CacheInfo(NamedTuple):
     """Background refreshes that failed (the old value was kept)."""
     bypassed: int = 0
     """Calls that ran the function directly, caching switched off (wq_memo.disabled())."""
+    uncached: int = 0
+    """Results returned but not stored: ``cache_if`` was false, or ``ttl`` gave no lifetime."""
+    stale: int = 0
+    """Failed computations whose callers got an expired value instead (``stale_if_error``)."""
 
 
 class CacheControls(Protocol):
@@ -135,12 +140,14 @@ class PerCallControls(CacheControls, Protocol[P, R]):
         """Store value as the result of the call, whatever kind the cache is."""
         ...
 
-    def cache_peek(self, *args: P.args, **kwargs: P.kwargs) -> R | Missing:
-        """The cached result of the call, or MISSING: no computation, not counted."""
+    def cache_peek(self, *args: P.args, **kwargs: P.kwargs) -> R | Missing | CachedError:
+        """The cached result of the call, MISSING, or a CachedError for a remembered exception
+        (``cache_errors``): no computation, not counted."""
         ...
 
-    async def acache_peek(self, *args: P.args, **kwargs: P.kwargs) -> R | Missing:
-        """The cached result of the call, or MISSING, whatever kind the cache is."""
+    async def acache_peek(self, *args: P.args, **kwargs: P.kwargs) -> R | Missing | CachedError:
+        """The cached result of the call, MISSING, or a CachedError, whatever kind the cache
+        is."""
         ...
 
 
@@ -266,6 +273,8 @@ class MappingKind(CacheKind):
             counts.refreshes,
             counts.refresh_failures,
             counts.bypassed,
+            counts.uncached,
+            counts.stale,
         )
 
     def cache_clear(self) -> None:
@@ -302,8 +311,15 @@ class MappingKind(CacheKind):
         cache, k = self.cache, self.key_of(args, kwargs)
         if isinstance(cache, cachetools.Cache):
             # Membership checks expiry but not order; Cache.__getitem__ reads without reordering.
-            return cachetools.Cache.__getitem__(cache, k) if k in cache else MISSING
-        return cache.get(k, MISSING)
+            value = cachetools.Cache.__getitem__(cache, k) if k in cache else MISSING
+        else:
+            value = cache.get(k, MISSING)
+        policy = self.store.policy
+        if policy is None or not policy.dated or type(value) is not Kept:
+            return value
+        if policy.clock() >= value.expires:
+            return MISSING  # expired: a stale value is served only when recomputing fails
+        return value.value if value.error is None else value.error
 
 
 class NoCacheKind(CacheKind):
@@ -315,7 +331,7 @@ class NoCacheKind(CacheKind):
         counts = self.engine.counts
         return CacheInfo(
             counts.hits, counts.misses, counts.joined, None, 0, bypassed=counts.bypassed
-        )
+        )  # no cache: no policy either
 
     def cache_clear(self) -> None:
         self.engine.forget_all()
@@ -371,6 +387,8 @@ class AsyncCacheKind(CacheKind):
             counts.refreshes,
             counts.refresh_failures,
             counts.bypassed,
+            counts.uncached,
+            counts.stale,
         )
 
     def cache_clear(self) -> None:

@@ -45,6 +45,8 @@ class Counts:
         "name",
         "refresh_failures",
         "refreshes",
+        "stale",
+        "uncached",
     )
 
     FIELDS: Final = (
@@ -55,6 +57,8 @@ class Counts:
         "refresh_failures",
         "dropped",
         "bypassed",
+        "uncached",
+        "stale",
     )
 
     def __init__(self) -> None:
@@ -96,6 +100,10 @@ class Counts:
         self.dropped = 0
         """Items counted as misses that never started: every caller left while they waited."""
         self.bypassed = 0
+        self.uncached = 0
+        """Results returned but not stored (cache_if false, a bad ttl)."""
+        self.stale = 0
+        """Failed computations whose callers got an expired value (stale_if_error)."""
 
 
 def count_hit(counts: Counts) -> None:

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
 import time
-from collections.abc import Awaitable, Callable, Hashable, MutableMapping
+from collections.abc import Awaitable, Callable, Hashable, Mapping, MutableMapping
 from typing import (
     Any,
     Final,
@@ -35,6 +36,7 @@ from ._hitpath import (
     unhashable,
 )
 from ._methods import InstanceKeys, MemoizedClassMethod, MemoizedMethod, MethodState
+from ._policy import Kept, Policy, make_policy
 from ._queue import WorkerQueue, facade, is_async_callable
 from ._refresh import RefreshDeferred, Refresher, check_freshness_options, check_refresh_options
 from ._store import Store
@@ -79,6 +81,19 @@ class _Options(NamedTuple):
     refresh_backoff: float
     jitter: float
     timer: Callable[[], float] | None
+    cache_if: Callable[[Any], object] | None = None
+    ttl: float | Callable[[Any], object] | None = None
+    cache_errors: dict[type[Exception], float] | None = None
+    stale_if_error: float | None = None
+
+    def policy_asked(self) -> bool:
+        """Whether any of cache_if, ttl, cache_errors or stale_if_error was given."""
+        return (
+            self.cache_if is not None
+            or self.ttl is not None
+            or bool(self.cache_errors)
+            or self.stale_if_error is not None
+        )
 
 
 def _memoize(func: Any, cache: Any, options: _Options) -> Memoized[P, R]:
@@ -142,6 +157,7 @@ def _build(func: Any, options: _Options, state: MethodState | None) -> Any:
         else:
             key = _refuse_instances(key, state, display)
     refresher = _refresher(options, cache, display)
+    _check_policy_cache(options, cache)
     if cache is None:
         memoized = _dedup_only(func, display, key, options)
     elif isinstance(cache, MutableMapping):
@@ -184,6 +200,99 @@ def _refresher(
     contains = cache.__contains__ if isinstance(cache, MutableMapping) else None
     dated = isinstance(cache, RefreshingCache)
     return Refresher(after, backoff, jitter, clock, display, contains, dated)
+
+
+_POLICY_OPTIONS: Final = "cache_if, ttl, cache_errors and stale_if_error"
+
+
+def _check_policy_cache(
+    options: _Options, cache: MutableMapping[Any, Any] | AsyncCache | None
+) -> None:
+    """Refuse the policy options with a cache, or an option, they do not work with (yet)."""
+    if not options.policy_asked():
+        return
+    if cache is None:
+        raise ValueError(
+            f"@worker_queue: {_POLICY_OPTIONS} need a cache to keep results in; pass cache= "
+            "(a cachetools cache, a dict or an async cache)"
+        )
+    if options.refresh_after is not None:
+        raise ValueError(
+            f"@worker_queue: refresh_after cannot be combined with {_POLICY_OPTIONS} yet; "
+            "use one or the other"
+        )
+    if isinstance(cache, SingleFlightCache) and not _takes_lifetime(cache):
+        raise ValueError(
+            f"@worker_queue: {_POLICY_OPTIONS} are not supported with {type(cache).__name__}, "
+            "whose get_or_compute stores values itself; use an in-process cache, a plain async "
+            "cache or a RedisCache for them"
+        )
+    if not isinstance(cache, MutableMapping) and (
+        options.cache_errors or options.stale_if_error is not None
+    ):
+        raise ValueError(
+            "@worker_queue: cache_errors and stale_if_error work with an in-process cache "
+            "(a cachetools cache or a dict) only, for now; with an async cache (RedisCache "
+            "too) use cache_if and ttl"
+        )
+    if (
+        isinstance(cache, MutableMapping)
+        and options.stale_if_error is not None
+        and isinstance(cache, cachetools.TTLCache | cachetools.TLRUCache)
+    ):
+        raise ValueError(
+            "@worker_queue: stale_if_error needs expired entries kept, which a "
+            f"{type(cache).__name__} drops; use an LRUCache (or a dict) with ttl= instead"
+        )
+
+
+def _takes_lifetime(cache: object) -> bool:
+    """Whether cache is a RedisCache, whose get_or_compute and refresh take ``lifetime=``
+    (imported only if redis is, so that a cache of another kind needs no redis installed)."""
+    module = sys.modules.get("wq_memo.backends.redis")
+    return module is not None and isinstance(cache, module.RedisCache)
+
+
+def _policy(
+    options: _Options, display: str, cache: MutableMapping[Any, Any] | AsyncCache
+) -> Policy | None:
+    """The per-result policy asked for (None: none of its options)."""
+    if not options.policy_asked():
+        return None
+    dated = isinstance(cache, MutableMapping) and (
+        options.ttl is not None or bool(options.cache_errors) or options.stale_if_error is not None
+    )
+    clock = options.timer
+    if clock is None and isinstance(cache, MutableMapping):
+        clock = raw_timer(cache)  # a TTLCache's own clock: its expiry and the entries' agree
+    if clock is None:
+        timer = getattr(cache, "timer", None)
+        clock = timer if callable(timer) else time.monotonic
+    return Policy(
+        display,
+        options.cache_if,
+        options.ttl,
+        options.cache_errors or {},
+        options.stale_if_error,
+        clock,
+        options.refresh_backoff,
+        dated,
+    )
+
+
+def _dated_lookup(
+    find: Callable[[Hashable, object], Any], clock: Callable[[], float]
+) -> Callable[[Hashable, object], Any]:
+    """find(key, miss) for a dated mapping: a fresh entry's value, else miss (a computation
+    that waited in line looks its key up again through it)."""
+
+    def lookup(k: Hashable, miss: object) -> Any:
+        entry = find(k, miss)
+        if type(entry) is not Kept or entry.error is not None or clock() >= entry.expires:
+            return miss
+        return entry.value
+
+    return lookup
 
 
 def _method_key(
@@ -248,18 +357,24 @@ def _with_mapping(
         fast = cache.get
 
     stored = _bookkeeping(instances, refresher)
-    store: Store[Hashable, R] = Store(display, mapping=cache, stored=stored)
+    policy = _policy(options, display, cache)
+    store: Store[Hashable, R] = Store(display, mapping=cache, stored=stored, policy=policy)
+    lookup_now: Callable[[Hashable, object], Any] = cache.get if fast is None else fast
+    if policy is not None and policy.dated:
+        lookup_now = _dated_lookup(lookup_now, policy.clock)
     engine: Engine[Any, R] = Engine(
         func,
         options.maxsize,
         options.finish_timeout,
         miss=MISSING,
-        lookup_now=cache.get if fast is None else fast,
+        lookup_now=lookup_now,
         store=store,
         on_refresh_failed=None if refresher is None else refresher.failed,
     )
     store.tables = _tables(engine)
-    hit_path = mapping_hit_path(func, display, cache, key, engine, fast, refresher)
+    if policy is not None:
+        _count_policy(policy, engine)
+    hit_path = mapping_hit_path(func, display, cache, key, engine, fast, refresher, policy)
     kind = MappingKind(
         engine,
         _key_builder(key, display),
@@ -271,6 +386,20 @@ def _with_mapping(
         hit_path.zero_hits,
     )
     return attach(hit_path.wrapper, facade(engine), cache, kind)
+
+
+def _count_policy(policy: Policy, engine: Engine[Any, Any]) -> None:
+    """Count the policy's skipped results and stale values served in the engine's counts."""
+    counts = engine.counts
+
+    def skipped() -> None:
+        counts.uncached += 1
+
+    def served_stale() -> None:
+        counts.stale += 1
+
+    policy.skipped = skipped
+    policy.served_stale = served_stale
 
 
 def _dedup_only(
@@ -296,11 +425,13 @@ def _with_async_cache(
 ) -> Memoized[P, R]:
     engine: Engine[Any, R]
     on_refresh_failed = None if refresher is None else refresher.failed
+    policy = _policy(options, display, cache)
     store: Store[Hashable, R] = Store(
         display,
         write=cache.set,
         single_flight=cache if isinstance(cache, SingleFlightCache) else None,
         stored=None if refresher is None else refresher.stored,
+        policy=policy,
     )
     if isinstance(cache, SingleFlightCache):
         single_flight = cache
@@ -337,7 +468,7 @@ def _with_async_cache(
                 return _refresh_across(single_flight, store, table, flight, checked, refresher)
             if flight.refresh:
                 return _refresh_through(single_flight, store, flight.key, checked)
-            return store.fenced(flight.key, checked)
+            return store.fenced(flight.key, checked, flight)
 
         lookup: Callable[[Hashable], Awaitable[Any]] = cache.get
         if refresher is not None and isinstance(cache, RefreshingCache):
@@ -373,6 +504,8 @@ def _with_async_cache(
             on_refresh_failed=on_refresh_failed,
         )
     store.tables = _tables(engine)
+    if policy is not None:
+        _count_policy(policy, engine)
     if refresher is not None:
         engine.on_hit = refresh_starter(engine, refresher)
     key_of = _key_builder(key, display, name)
@@ -431,13 +564,13 @@ async def _refresh_across(
             refresher.written(k, age)
             if not refresher.entry_due(k):
                 return value  # type: ignore[no-any-return]
-    refreshed, value = await store.fenced_refresh(k, compute)
+    refreshed, value = await store.fenced_refresh(k, compute, flight)
     if refreshed:
         return value  # type: ignore[return-value]
     # Another process refreshes (or computes) it: the entry as it is, or, if it expired meanwhile,
     # the other process's result. Waiting for it holds no slot.
     table.give_back(flight)
-    return await store.fenced(k, compute)
+    return await store.fenced(k, compute, flight)
 
 
 async def _refresh_through(
@@ -490,6 +623,10 @@ class _WorkerQueueDecorator:
         refresh_backoff: float = 1.0,
         jitter: float = 0.0,
         timer: Callable[[], float] | None = None,
+        cache_if: Callable[[Any], object] | None = None,
+        ttl: float | Callable[[Any], float | None] | None = None,
+        cache_errors: Mapping[type[Exception], float] | None = None,
+        stale_if_error: float | None = None,
     ) -> Callable[[Callable[P, Awaitable[R]]], Memoized[P, R]]: ...
 
     def __call__(
@@ -506,6 +643,10 @@ class _WorkerQueueDecorator:
         refresh_backoff: float = 1.0,
         jitter: float = 0.0,
         timer: Callable[[], float] | None = None,
+        cache_if: Callable[[Any], object] | None = None,
+        ttl: float | Callable[[Any], float | None] | None = None,
+        cache_errors: Mapping[type[Exception], float] | None = None,
+        stale_if_error: float | None = None,
     ) -> Memoized[P, R] | Callable[[Callable[P, Awaitable[R]]], Memoized[P, R]]:
         """Memoize an async function through a hidden WorkerQueue.
 
@@ -525,10 +666,26 @@ class _WorkerQueueDecorator:
         way. ``timer`` is the clock of entry ages (default: the cache's ``timer``, as a
         TTLCache has, else ``time.monotonic``).
 
+        What is kept, and for how long (see the README): ``cache_if(result)`` false: the
+        result goes to its callers and is not stored (counted in cache_info().uncached).
+        ``ttl``: seconds an entry lives, a number or a function of the result (None: the
+        cache's own lifetime); with a TTLCache the shorter wins, with a dict or LRUCache
+        wq_memo enforces it, with an async cache it is ``set``'s ttl. ``cache_errors``
+        ({ExceptionType: seconds}): such an exception is remembered that long, and calls
+        raise it anew without computing. ``stale_if_error`` seconds: a recomputation that
+        fails within that long after its entry expired serves the expired value instead,
+        and the next attempt waits ``refresh_backoff``. cache_errors and stale_if_error need
+        an in-process cache (stale_if_error: not a TTLCache); of the single-flight caches,
+        only a RedisCache takes cache_if and ttl; none of the four works with refresh_after
+        yet.
+
         Raises TypeError at decoration time for a function that is not async, and for a
         function an async cache cannot tell from others; ValueError for a bad parameter (a
         refresh_after that is not below the cache's ttl, say).
         """
+        checked_if, checked_ttl, errors, stale = make_policy(
+            cache_if, ttl, cache_errors, stale_if_error
+        )
         options = _Options(
             maxsize,
             None,
@@ -539,6 +696,10 @@ class _WorkerQueueDecorator:
             refresh_backoff,
             jitter,
             timer,
+            checked_if,
+            checked_ttl,
+            errors,
+            stale,
         )
         if func is not None:
             return _memoize(func, cache, options)
@@ -560,4 +721,5 @@ class _WorkerQueueDecorator:
 worker_queue: Final = _WorkerQueueDecorator()
 """Memoize an async function through a hidden WorkerQueue: ``@worker_queue`` or
 ``@worker_queue(maxsize=3, cache=LRUCache(128), key=hashkey, finish_timeout=3.0, name=None,
-refresh_after=None, refresh_backoff=1.0, jitter=0.0, timer=None)``."""
+refresh_after=None, refresh_backoff=1.0, jitter=0.0, timer=None, cache_if=None, ttl=None,
+cache_errors=None, stale_if_error=None)``."""

@@ -199,6 +199,7 @@ class FlightTable(Generic[K, R]):
         "computations",
         "compute",
         "counts",
+        "fail_now",
         "flights",
         "func",
         "live",
@@ -245,6 +246,13 @@ class FlightTable(Generic[K, R]):
         # delivering; none here when compute() writes it (a single-flight cache).
         self.store_now = store.now if store is not None and store.mapping is not None else None
         self.store = None if store is None or store.write is None or compute else store
+        # A failed computation's outcome under a dated policy: a remembered error, or a stale
+        # value served (see Store.failed_now).
+        self.fail_now = (
+            store.failed_now
+            if store is not None and store.policy is not None and store.policy.dated
+            else None
+        )
         self.slotless = slotless
         self.on_refresh_failed = on_refresh_failed
         self.flights: dict[K, Flight[K, R]] = {}
@@ -637,8 +645,9 @@ class FlightTable(Generic[K, R]):
         self, flight: Flight[K, R], exc: BaseException, started: float | None
     ) -> tuple[bool, Any] | None:
         """flight's computation raised exc: its outcome for the callers, or None if nobody is
-        left to tell (exc was thrown in as the task is destroyed). ``_run`` raises exc again
-        if it is a cancellation, KeyboardInterrupt or SystemExit."""
+        left to tell (exc was thrown in as the task is destroyed); under a dated policy, a stale
+        value served instead, or exc remembered (``fail_now``). ``_run`` raises exc again if it
+        is a cancellation, KeyboardInterrupt or SystemExit."""
         if started is not None:
             _listeners.computed(
                 self.counts.name,
@@ -650,6 +659,8 @@ class FlightTable(Generic[K, R]):
             return (False, asyncio.CancelledError())
         if self._destroyed(flight, exc):
             return None
+        if self.fail_now is not None and isinstance(exc, Exception) and not flight.background:
+            return self.fail_now(flight.key, exc, flight)  # a stale value, or exc remembered
         return (False, exc)
 
     def _cancelled(self, flight: Flight[K, R]) -> None:

@@ -18,6 +18,7 @@ import cachetools.keys
 from . import _listeners
 from ._counts import Counts
 from ._engine import Engine
+from ._policy import Policy
 from ._refresh import NEVER, Refresher
 from ._switch import SWITCH
 from .backends._protocol import MISSING
@@ -100,9 +101,11 @@ def mapping_hit_path(
     engine: Engine[Any, R],
     fast: Callable[[Hashable, object], Any] | None,
     refresher: Refresher | None,
+    policy: Policy | None = None,
 ) -> MappingHitPath:
     """The wrapper over cache, a MutableMapping; ``fast``: a lookup that returns MISSING (None:
-    the cache raises KeyError).
+    the cache raises KeyError). ``policy``: entries are ``Kept`` if it is dated (see
+    _policy), read on its clock; a remembered error is raised anew.
 
     The wrapper gets ``_instrument`` and ``_own_hits`` for _listeners.track (which must hold
     nothing referring to the cache).
@@ -118,7 +121,30 @@ def mapping_hit_path(
     # read inline: a call fewer per miss than engine.table_now().
     bind = engine.bind
 
-    if refresher is not None:
+    if policy is not None and policy.dated:
+        assert refresher is None
+        now = policy.clock
+
+        async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            nonlocal hits
+            if SWITCH.watch and SWITCH.off():
+                return await _bypass(counts, func, args, kwargs)
+            k = args if default_key and not kwargs else key(*args, **kwargs)
+            try:
+                entry = find_any(k, MISSING)
+            except TypeError as exc:
+                raise unhashable(display, exc) from exc
+            if entry is not MISSING and now() < entry.expires:
+                hits += 1
+                if entry.error is None:
+                    return entry.value  # type: ignore[no-any-return]
+                raise entry.error.rebuild()
+            table = engine.table
+            if table is None or table.loop is not get_running_loop():
+                table = bind()
+            return await table.call(k, args, kwargs)
+
+    elif refresher is not None:
         clock = refresher.clock
         due_get = refresher.due.get
         refresh_if_due = refresh_starter(engine, refresher)
@@ -227,6 +253,8 @@ def mapping_hit_path(
         plain = cache.get if fast is None else fast
         if notify is None:
             entries, find, find_any = cache, plain, plain
+        elif policy is not None and policy.dated:
+            find = find_any = _fresh_counting_lookup(plain, notify, policy.clock)
         else:
             find = find_any = _listeners.counting_lookup(plain, notify)
             entries = _listeners.CountingEntries(cache, notify)
@@ -241,6 +269,21 @@ def mapping_hit_path(
     wrapper._instrument = instrument  # type: ignore[attr-defined]
     wrapper._own_hits = own_hits  # type: ignore[attr-defined]
     return MappingHitPath(wrapper, own_hits, zero_hits)
+
+
+def _fresh_counting_lookup(
+    find: Callable[[Hashable, object], Any], notify: Callable[[], None], now: Callable[[], float]
+) -> Callable[[Hashable, object], Any]:
+    """find(key, default) over dated entries, telling notify() of each fresh one found (an
+    expired entry is a miss)."""
+
+    def find_counting(k: Hashable, default: object) -> Any:
+        entry = find(k, default)
+        if entry is not default and now() < entry.expires:
+            notify()
+        return entry
+
+    return find_counting
 
 
 def no_cache_wrapper(

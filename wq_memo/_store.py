@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Awaitable, Callable, Hashable, MutableMapping
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from ._lookups import NotAsync
+from ._policy import SKIP, CachedError, Kept, Policy
 
 if TYPE_CHECKING:
     from ._flight import Flight, FlightTable
@@ -46,20 +48,26 @@ class Store(Generic[K, R]):
     an async cache's ``write`` (``cache.set``, awaited); ``single_flight``: a cache whose own
     protocol stores computations' results (``fenced``). ``stored(key)`` is told of each write
     (due times of refresh-ahead, instance keys). ``tables()`` is the queue's current flight
-    table, whose computations a prime forgets (None: not started)."""
+    table, whose computations a prime forgets (None: not started). ``policy``: what is kept
+    and for how long (see _policy): a result it skips is not written, a ttl goes with the write
+    (a ``Kept`` entry in a dated mapping, ``cache.set``'s ttl for an async cache), and a failed
+    computation of a mapping may leave a remembered error or serve a stale value
+    (``failed_now``)."""
 
-    __slots__ = ("mapping", "name", "single_flight", "stored", "tables", "write")
+    __slots__ = ("mapping", "name", "policy", "single_flight", "stored", "tables", "write")
 
     def __init__(
         self,
         name: str,
         *,
         mapping: MutableMapping[Any, Any] | None = None,
-        write: Callable[[K, R], Awaitable[None]] | None = None,
+        write: Callable[..., Awaitable[None]] | None = None,
         single_flight: SingleFlightCache | None = None,
         stored: Callable[[K], None] | None = None,
+        policy: Policy | None = None,
     ) -> None:
         self.name = name
+        self.policy = policy
         self.mapping = mapping
         self.write = write
         self.single_flight = single_flight
@@ -71,16 +79,22 @@ class Store(Generic[K, R]):
         failure is logged) or, with no flight, a prime (computations of key under way are
         forgotten first; a failure propagates). A value too large for the cache is not cached.
         """
+        if flight is not None and flight.forgotten:
+            return
+        entry: Any = value
+        if self.policy is not None:
+            # A prime's bad ttl raises here, before anything under way is forgotten.
+            entry = self._entry(key, value, flight is None)
+            if entry is SKIP:
+                return
         if flight is None:
             table = self.tables()
             if table is not None:
                 table.forget(key)  # a computation under way must not overwrite it
-        elif flight.forgotten:
-            return
         mapping = self.mapping
         assert mapping is not None
         try:
-            mapping[key] = value
+            mapping[key] = entry
             if self.stored is not None:
                 self.stored(key)
         except ValueError as exc:  # cachetools: the value is larger than the cache's maxsize
@@ -89,6 +103,89 @@ class Store(Generic[K, R]):
             if flight is None:
                 raise
             logger.exception("storing %r failed; the result was returned uncached", key)
+
+    def _lifetime(self, key: K, value: R, primed: bool) -> Any:
+        """The policy's lifetime of value (seconds, None or SKIP); a failing cache_if is logged
+        and the result not stored, unless it is a prime's (the failure propagates)."""
+        policy = self.policy
+        assert policy is not None
+        try:
+            return policy.lifetime(value, primed)
+        except Exception:
+            if primed:
+                raise
+            logger.exception(
+                "%s(): cache_if failed for %r; the result was not cached", self.name, key
+            )
+            policy.skipped()
+            return SKIP
+
+    def _lifetime_of(
+        self, key: K, flight: Flight[K, R] | None
+    ) -> Callable[[Any], tuple[bool, float | None]]:
+        """The policy's decision on a computed value of key, for a cache that stores it itself
+        (a RedisCache, fenced): whether to store it, and for how long (None: the cache's ttl).
+        A forgotten computation's value is not stored, and not put to the policy, as with any
+        other cache (the cache would refuse its store anyway)."""
+
+        def lifetime(value: Any) -> tuple[bool, float | None]:
+            if flight is not None and flight.forgotten:
+                return (False, None)
+            seconds = self._lifetime(key, value, False)
+            return (False, None) if seconds is SKIP else (True, seconds)
+
+        return lifetime
+
+    def _entry(self, key: K, value: R, primed: bool) -> Any:
+        """What the mapping holds for value under the policy, or SKIP: value itself, or a
+        ``Kept`` entry dated on the policy's clock. A failing cache_if is logged (the result is
+        not stored); a prime's failure propagates."""
+        policy = self.policy
+        assert policy is not None
+        seconds = self._lifetime(key, value, primed)
+        if seconds is SKIP or not policy.dated:
+            return SKIP if seconds is SKIP else value
+        expires = policy.clock() + (math.inf if seconds is None else seconds)
+        return Kept(value, expires, expires + (policy.stale or 0.0))
+
+    def failed_now(self, key: K, exc: Exception, flight: Flight[K, R]) -> tuple[bool, Any]:
+        """The outcome of flight, a computation of key in the mapping that raised exc, under
+        the policy: its key's expired value if ``stale_if_error`` still allows it (the next
+        attempt then waits ``backoff``), else exc, remembered if ``cache_errors`` names its
+        type. A forgotten computation leaves nothing and serves nothing stale."""
+        policy = self.policy
+        mapping = self.mapping
+        assert policy is not None
+        assert mapping is not None
+        if flight.forgotten:
+            return (False, exc)
+        now = policy.clock()
+        try:
+            if policy.stale is not None:
+                old = mapping.get(key)
+                if type(old) is Kept and old.error is None and old.expires <= now < old.until:
+                    if not old.warned:
+                        logger.warning(
+                            "%s(): computing %r failed (%r); serving its value expired %.3gs "
+                            "ago (stale_if_error)",
+                            self.name,
+                            key,
+                            exc,
+                            now - old.expires,
+                        )
+                    again = min(now + policy.backoff, old.until)  # the next attempt, no sooner
+                    mapping[key] = Kept(old.value, again, old.until, None, True)
+                    policy.served_stale()
+                    return (True, old.value)
+            seconds = policy.error_time(exc)
+            if seconds is not None:
+                expires = now + seconds
+                mapping[key] = Kept(None, expires, expires, CachedError(type(exc), exc.args))
+                if self.stored is not None:
+                    self.stored(key)
+        except Exception:
+            logger.exception("%s(): keeping the failure of %r failed", self.name, key)
+        return (False, exc)
 
     async def __call__(
         self,
@@ -104,6 +201,11 @@ class Store(Generic[K, R]):
         stores on their way awaited first; a failure propagates)."""
         write = self.write
         assert write is not None
+        seconds: Any = None
+        if flight is None and self.policy is not None:
+            seconds = self._lifetime(key, value, True)  # a bad ttl fails the prime first
+            if seconds is SKIP:
+                return
         if flight is None:
             table = self.tables()
             if table is not None:
@@ -116,9 +218,16 @@ class Store(Generic[K, R]):
                 await stores_done(table, earlier)
             if flight.forgotten:
                 return  # invalidated (or primed) meanwhile
+            if self.policy is not None:
+                seconds = self._lifetime(key, value, False)
+                if seconds is SKIP:
+                    return
             table.storing.add(flight)  # from here on, an invalidation waits for this store to end
         try:
-            await write(key, value)
+            if seconds is None:
+                await write(key, value)
+            else:
+                await write(key, value, seconds)
             if self.stored is not None:
                 self.stored(key)
         except NotAsync as exc:
@@ -155,13 +264,21 @@ class Store(Generic[K, R]):
 
         return checked
 
-    async def fenced(self, key: K, compute: Callable[[], Awaitable[R]]) -> R:
+    async def fenced(
+        self, key: K, compute: Callable[[], Awaitable[R]], flight: Flight[K, R] | None = None
+    ) -> R:
         """key's value from the SingleFlightCache: found, computed elsewhere, or computed with
-        compute() and written by the cache itself, fenced (``get_or_compute``)."""
+        compute() (for ``flight``) and written by the cache itself, fenced
+        (``get_or_compute``), as the policy decides."""
         cache = self.single_flight
         assert cache is not None
         try:
-            value = await cache.get_or_compute(key, compute)
+            if self.policy is None:
+                value = await cache.get_or_compute(key, compute)
+            else:
+                value = await cache.get_or_compute(  # type: ignore[call-arg]
+                    key, compute, lifetime=self._lifetime_of(key, flight)
+                )
         except _Unstored as exc:
             return exc.value  # type: ignore[no-any-return]
         if self.stored is not None:
@@ -169,13 +286,18 @@ class Store(Generic[K, R]):
         return value
 
     async def fenced_refresh(
-        self, key: K, compute: Callable[[], Awaitable[R]]
+        self, key: K, compute: Callable[[], Awaitable[R]], flight: Flight[K, R] | None = None
     ) -> tuple[bool, R | Missing]:
         """Refresh key through the RefreshingCache (``refresh``): (True, value) once computed
         and written by the cache itself, fenced; (False, MISSING) if another process holds it."""
         cache: RefreshingCache = self.single_flight  # type: ignore[assignment]
         try:
-            refreshed, value = await cache.refresh(key, compute)
+            if self.policy is None:
+                refreshed, value = await cache.refresh(key, compute)
+            else:
+                refreshed, value = await cache.refresh(  # type: ignore[call-arg]
+                    key, compute, lifetime=self._lifetime_of(key, flight)
+                )
         except _Unstored as exc:
             return True, exc.value
         if refreshed and self.stored is not None:

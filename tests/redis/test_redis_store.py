@@ -331,7 +331,7 @@ async def test_peeking_adds_nothing_to_the_stats(make_redis_cache: Make) -> None
         assert cache.stats() == before
         assert await cache.peek(CallKey("src", ("k",))) == "primed"
     assert cache.stats() == before
-    assert f.cache_info() == (0, 0, 0, None, None, 0, 0, 0)
+    assert f.cache_info() == (0, 0, 0, None, None, 0, 0, 0, 0, 0)
 
 
 # -- what the queue counts (issue 22) ------------------------------------------------------------

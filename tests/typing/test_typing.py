@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Coroutine
 from typing import Any, assert_type
 
-from wq_memo import BoundMemoized, CacheInfo, Memoized, WorkerQueue, worker_queue
+from wq_memo import BoundMemoized, CachedError, CacheInfo, Memoized, WorkerQueue, worker_queue
 from wq_memo.backends import Missing
 
 
@@ -65,13 +65,13 @@ async def test_signatures_survive_decoration() -> None:
 async def test_per_call_controls_keep_the_signature() -> None:
     assert_type(await bare.refresh(1, name="n"), str)
     bare.cache_prime("v", 1, name="n")
-    assert_type(bare.cache_peek(1, name="n"), str | Missing)
+    assert_type(bare.cache_peek(1, name="n"), str | Missing | CachedError)
     await bare.acache_prime("w", 1)
-    assert_type(await bare.acache_peek(1), str | Missing)
+    assert_type(await bare.acache_peek(1), str | Missing | CachedError)
     service = Service()
     assert_type(await service.fetch.refresh("k"), bytes)
     service.fetch.cache_prime(b"v", "k")
-    assert_type(service.fetch.cache_peek("k"), bytes | Missing)
+    assert_type(service.fetch.cache_peek("k"), bytes | Missing | CachedError)
 
 
 async def test_a_parameter_named_value_can_be_primed() -> None:

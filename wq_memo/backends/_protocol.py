@@ -10,6 +10,7 @@ __all__ = (
     "MISSING",
     "AsyncCache",
     "CallKey",
+    "Lifetime",
     "Missing",
     "RefreshingCache",
     "SingleFlightCache",
@@ -29,6 +30,11 @@ class Missing(enum.Enum):
 
 MISSING: Final = Missing.MISSING
 """What AsyncCache.get returns for a key it does not hold, so that None can be a cached value."""
+
+Lifetime = Callable[[Any], tuple[bool, "float | None"]]
+"""Told a computed value by a cache that stores it itself (RedisCache's ``get_or_compute`` and
+``refresh``, given ``lifetime=``): whether to store it, and for how long (None: the cache's ttl).
+"""
 
 
 class CallKey(NamedTuple):

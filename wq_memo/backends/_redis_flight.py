@@ -52,7 +52,7 @@ from typing import Any, Final, Literal, NamedTuple, TypeAlias, TypeVar
 
 from redis.asyncio import Redis
 
-from ._protocol import MISSING, Missing
+from ._protocol import MISSING, Lifetime, Missing
 from ._redis_conn import Connector, Link, Unavailable
 from ._redis_keys import KeyNames, Namespace
 from ._redis_log import Throttle, logger
@@ -364,7 +364,11 @@ class SingleFlight:
         return scripts
 
     async def get_or_compute(
-        self, names: KeyNames, function: str, compute: Callable[[], Awaitable[V]]
+        self,
+        names: KeyNames,
+        function: str,
+        compute: Callable[[], Awaitable[V]],
+        lifetime: Lifetime | None = None,
     ) -> V:
         token = secrets.token_hex(16).encode()
         try:
@@ -375,13 +379,17 @@ class SingleFlight:
             self._counts.hits += 1
             return claimed.value  # type: ignore[no-any-return]
         if isinstance(claimed, Taken):
-            return await self._hold(names, function, token, compute, claimed)
+            return await self._hold(names, function, token, compute, claimed, lifetime)
         if claimed.marked:  # the function's results are not stored these days: nobody waits
             return await self._alone(compute, None)
-        return await self._wait_then_compute(names, function, token, compute)
+        return await self._wait_then_compute(names, function, token, compute, lifetime)
 
     async def refresh(
-        self, names: KeyNames, function: str, compute: Callable[[], Awaitable[V]]
+        self,
+        names: KeyNames,
+        function: str,
+        compute: Callable[[], Awaitable[V]],
+        lifetime: Lifetime | None = None,
     ) -> tuple[bool, V | Missing]:
         """Compute and store the key if its lock is free; never wait for another holder."""
         token = secrets.token_hex(16).encode()
@@ -392,7 +400,7 @@ class SingleFlight:
         if not isinstance(claimed, Taken):
             self._counts.refresh_skipped += 1
             return False, MISSING
-        return True, await self._hold(names, function, token, compute, claimed)
+        return True, await self._hold(names, function, token, compute, claimed, lifetime)
 
     async def put(self, names: KeyNames, function: str, value: Any, ttl: float | None) -> None:
         """Store a primed value whoever holds the key's lock, release the lock and announce the
@@ -559,11 +567,14 @@ class SingleFlight:
         token: bytes,
         compute: Callable[[], Awaitable[V]],
         taken: Taken,
+        lifetime: Lifetime | None = None,
     ) -> V:
         """Compute while holding the lock and renewing its lease; store, release, announce.
 
         ``taken.epoch``: the namespace's epoch when the lock was taken; while a clear() that
-        began later runs, the value is not stored."""
+        began later runs, the value is not stored. ``lifetime(value)``: whether to store the
+        value, and for how long (None: the cache's ttl); a value not to be stored is handed to
+        the waiters as one that cannot be stored is (they compute it themselves)."""
         self._counts.computed += 1
         loop = asyncio.get_running_loop()
         epoch = taken.epoch
@@ -600,10 +611,23 @@ class SingleFlight:
             await self._finish(names, token, epoch, Outcome.NOTHING, b"", news.value, lease)
             raise
         await stop_renewing()
-        data = self._entries.encode(names.value, function, value, self._ttl)
+        ttl = self._ttl
+        if lifetime is not None:
+            try:
+                keep, seconds = lifetime(value)
+            except Exception:
+                logger.exception("RedisCache %s: lifetime(result) failed", self._label)
+                keep, seconds = False, None
+            if not keep:
+                skipped = News.UNCACHEABLE.value
+                await self._finish(names, token, epoch, Outcome.NOTHING, b"", skipped, lease)
+                return value
+            if seconds is not None:
+                ttl = seconds
+        data = self._entries.encode(names.value, function, value, ttl)
         if isinstance(data, bytes):
             announce = _announce_stored(data)
-            await self._finish(names, token, epoch, Outcome.STORE, data, announce, lease)
+            await self._finish(names, token, epoch, Outcome.STORE, data, announce, lease, ttl)
         else:
             # Not stored: the waiters compute it themselves, at once and side by side. A value
             # of a type that cannot be stored marks the function, so that nobody waits next time.
@@ -662,15 +686,19 @@ class SingleFlight:
         data: bytes,
         announce: bytes,
         lease: _Lease,
+        ttl: float | Missing | None = MISSING,
     ) -> None:
-        """Store (per outcome), release the lock and announce.
+        """Store (per outcome) for ttl seconds (None: no expiry; default: the cache's ttl),
+        release the lock and announce.
 
         The first attempt is made here. If it fails, the caller gets its value (or exception)
         at once, and the attempts go on in the background until one lands or the lease ends;
         they ignore the breaker. An attempt that timed out may still run in Redis later; the
         script tells such a repeat from a lost lock.
         """
-        px = 0 if self._ttl is None else max(1, round(self._ttl * 1000))
+        if ttl is MISSING:
+            ttl = self._ttl
+        px = 0 if ttl is None else max(1, round(ttl * 1000))
         args: list[bytes | int] = [
             token,
             outcome.value,
@@ -723,7 +751,12 @@ class SingleFlight:
     # -- waiting -----------------------------------------------------------------------------
 
     async def _wait_then_compute(
-        self, names: KeyNames, function: str, token: bytes, compute: Callable[[], Awaitable[V]]
+        self,
+        names: KeyNames,
+        function: str,
+        token: bytes,
+        compute: Callable[[], Awaitable[V]],
+        lifetime: Lifetime | None,
     ) -> V:
         """Wait for the holder's announcement; then take the value, or compute it."""
         deadline = asyncio.get_running_loop().time() + self._wait
@@ -742,7 +775,7 @@ class SingleFlight:
                 self._counts.waited += 1
                 return outcome.value  # type: ignore[no-any-return]
             if isinstance(outcome, Taken):
-                return await self._hold(names, function, token, compute, outcome)
+                return await self._hold(names, function, token, compute, outcome, lifetime)
             if isinstance(outcome, _Alone):
                 return await self._alone(compute, outcome.reason)
             # The subscriber died; watch through a new one. A connection that dropped after it

@@ -20,7 +20,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess witho
         "pip install 'wq_memo[redis]'"
     ) from exc
 
-from ._protocol import MISSING, CallKey, Missing
+from ._protocol import MISSING, CallKey, Lifetime, Missing
 from ._redis_conn import Connector, Link, Unavailable
 from ._redis_flight import SingleFlight
 from ._redis_keys import KeyNames, Namespace
@@ -374,8 +374,17 @@ class RedisCache:
 
     # -- single flight -------------------------------------------------------------------------
 
-    async def get_or_compute(self, key: Hashable, compute: Callable[[], Awaitable[V]]) -> V:
+    async def get_or_compute(
+        self,
+        key: Hashable,
+        compute: Callable[[], Awaitable[V]],
+        lifetime: Lifetime | None = None,
+    ) -> V:
         """Return the value under key, computing and storing it with compute() if absent.
+
+        ``lifetime(value)``, if given, says whether a computed value is stored and for how long
+        (None: the cache's ttl); one not stored goes to this call, and the calls waiting for it
+        in other processes compute it themselves.
 
         With ``single_flight``, at most one compute() for a key runs at a time across every
         process sharing the Redis namespace (while Redis works): the others wait for its result
@@ -387,7 +396,7 @@ class RedisCache:
             Exception: whatever compute() raises (nothing is stored then).
         """
         names, function = self._names(key)
-        return await self._flight.get_or_compute(names, function, compute)
+        return await self._flight.get_or_compute(names, function, compute, lifetime)
 
     # -- refresh-ahead -------------------------------------------------------------------------
 
@@ -407,9 +416,13 @@ class RedisCache:
         return value, self._entries.age(written)
 
     async def refresh(
-        self, key: Hashable, compute: Callable[[], Awaitable[V]]
+        self,
+        key: Hashable,
+        compute: Callable[[], Awaitable[V]],
+        lifetime: Lifetime | None = None,
     ) -> tuple[bool, V | Missing]:
-        """Compute key anew and store it, unless another computation of it holds its lock.
+        """Compute key anew and store it, unless another computation of it holds its lock
+        (``lifetime``: as for get_or_compute).
 
         One attempt to take the key's lease lock, never a wait: if another process (or caller)
         computes or refreshes the key, returns ``(False, MISSING)`` at once without calling
@@ -425,4 +438,4 @@ class RedisCache:
             Exception: whatever compute() raises (nothing is stored then; the entry stays).
         """
         names, function = self._names(key)
-        return await self._flight.refresh(names, function, compute)
+        return await self._flight.refresh(names, function, compute, lifetime)

@@ -1,0 +1,104 @@
+"""The policy state machine with a RedisCache: cache_if and ttl, against the model of
+tests/stateful/test_policy_machine.py.
+
+Redis keeps its own time, so this machine moves no clock: ttls are long enough that nothing
+expires during a run, and an invariant checks instead that each entry's expiry in Redis is the
+one its ttl gives. The rest is the same model: results with different ttls, skipped results, bad
+ttls, failures never cached, invalidations, clears and primes, some landing while a computation
+with joined callers is under way (the cache fences its store then).
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import ClassVar
+
+import cachetools.keys
+import pytest
+
+pytest.importorskip("redis.asyncio")
+
+from hypothesis import HealthCheck, settings
+from hypothesis.stateful import invariant, precondition, rule, run_state_machine_as_test
+from redis_names import delete_namespace
+from stateful.test_policy_machine import AsyncPolicyMachine, keep
+
+from wq_memo import Memoized, worker_queue
+from wq_memo.backends import CallKey
+from wq_memo.backends._redis_keys import key_names
+from wq_memo.backends.redis import RedisCache
+
+pytest_plugins = ("redis_fixtures",)
+
+
+class RedisPolicyMachine(AsyncPolicyMachine):
+    url: ClassVar[str] = ""
+    ttls: ClassVar[dict[str, float | None]] = {
+        "short": 300.0,
+        "long": 2000.0,
+        "forever": None,
+        "bad": -1.0,
+    }
+
+    def make(self) -> Memoized[[str], str]:
+        import redis
+
+        self.namespace = f"wq_memo_test_policy_machine_{uuid.uuid4().hex[:12]}"
+        self.redis = RedisCache(self.url, namespace=self.namespace, ttl=None, lease=5)
+        self.admin = redis.Redis.from_url(self.url, socket_timeout=5, socket_connect_timeout=5)
+
+        @worker_queue(cache=self.redis, cache_if=keep, ttl=self.ttl_of, name="policy.redis")
+        async def f(key: str) -> str:
+            value: str = await self.work(key)
+            return value
+
+        return f
+
+    @precondition(lambda self: False)
+    @rule()
+    def tick(self, seconds: float = 0.0) -> None:
+        """Redis keeps its own time: no clock moves here."""
+
+    @invariant()
+    def expiries_in_redis_agree_with_the_model(self) -> None:
+        if not hasattr(self, "redis"):
+            return
+        for key, entry in self.entries.items():
+            names = key_names(self.namespace, CallKey("policy.redis", cachetools.keys.hashkey(key)))
+            pttl = int(self.admin.pttl(names.value))
+            if entry.expires == float("inf"):
+                assert pttl == -1, f"{key!r}: PTTL {pttl}, the model keeps it for ever"
+            else:
+                ttl_ms = (entry.expires - self.now) * 1000
+                assert 0 < pttl <= ttl_ms, f"{key!r}: PTTL {pttl}, the model says {ttl_ms}"
+                assert pttl > ttl_ms - 60_000, f"{key!r}: PTTL {pttl}, far below {ttl_ms}"
+
+    def teardown(self) -> None:
+        try:
+            if self.gate is not None:
+                self.gate.set()
+            if hasattr(self, "f"):
+                self.loop.run_until_complete(self.f.queue.aclose())
+                self.loop.run_until_complete(self.redis.aclose())
+            self.loop.close()
+        finally:
+            if hasattr(self, "redis"):
+                self.admin.close()
+                delete_namespace(self.url, self.namespace)
+
+
+@pytest.mark.timeout(300)
+def test_redis_policy_machine(redis_url: str) -> None:
+    RedisPolicyMachine.url = redis_url
+    run_state_machine_as_test(
+        RedisPolicyMachine,
+        settings=settings(
+            max_examples=40,
+            stateful_step_count=15,
+            derandomize=True,
+            database=None,
+            deadline=None,
+            print_blob=False,
+            suppress_health_check=[HealthCheck.too_slow],
+        ),
+    )

@@ -1,0 +1,337 @@
+"""Model-based test of the per-result policy (cache_if, ttl, cache_errors, stale_if_error) on a
+fake clock: results with different ttls, skipped results, results with a bad ttl, remembered and
+plain errors, expiries, failing recomputations inside and outside the stale window,
+invalidations, clears and primes, some of them landing while a computation is under way.
+
+Two machines: an LRUCache with every option, and an async cache (honouring set's ttl) with
+cache_if and ttl. After every step the real function is checked against a model of entries:
+- a call computes exactly when the model holds no fresh entry of its key, and gets what the
+  model says (the fresh value, the remembered error rebuilt, the computation's outcome, or the
+  stale value when its recomputation fails within the window);
+- invalidation wins: a computation under way when its key is invalidated, cleared or primed
+  stores nothing, remembers nothing and serves nothing stale;
+- one computation per key at a time: callers of a key under way join it;
+- ``cache_peek`` shows each key's fresh value, remembered error or MISSING, as the model does,
+  and ``cache_info()`` counts hits, misses, joins, skipped results and stale values alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import cachetools
+from _policy_harness import ClockedAsyncCache
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    rule,
+    run_state_machine_as_test,
+)
+
+from wq_memo import MISSING, CachedError, Memoized, worker_queue
+
+KEYS = ("a", "b", "c")
+keys = st.sampled_from(KEYS)
+TTLS: dict[str, float | None] = {"short": 3.0, "long": 20.0, "forever": None, "bad": -1.0}
+"""A result's kind -> what ttl(result) returns; a "skip" result fails cache_if."""
+REMEMBER = 4.0
+STALE = 10.0
+BACKOFF = 2.0
+OUTCOMES = ("short", "long", "forever", "bad", "skip", "remembered", "plain")
+outcomes = st.sampled_from(OUTCOMES)
+
+
+class Remembered(TimeoutError):
+    """A failure of a type named in cache_errors."""
+
+
+class Plain(ValueError):
+    """A failure of a type that is never cached."""
+
+
+def keep(value: str) -> bool:
+    return not value.endswith(":skip")
+
+
+@dataclass
+class Entry:
+    """The model's entry of a key: a value, or a remembered error (its args)."""
+
+    value: str | None
+    error: tuple[Any, ...] | None
+    expires: float
+    until: float
+    warned: bool = False
+
+
+class PolicyMachine(RuleBasedStateMachine):
+    """The model and the rules shared by both machines; ``dated``: the cache_errors and
+    stale_if_error options are on (in-process cache)."""
+
+    dated = True
+    ttls: ClassVar[dict[str, float | None]] = TTLS
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loop = asyncio.new_event_loop()
+        self.now = 0.0
+        self.made = 0
+        self.plans: dict[str, list[str]] = {k: [] for k in KEYS}
+        """Per key, the outcomes its next computations are to have."""
+        self.gate: asyncio.Event | None = None
+        self.computed: list[str] = []
+        self.entries: dict[str, Entry] = {}
+        self.counts = {"hits": 0, "misses": 0, "joined": 0, "uncached": 0, "stale": 0}
+
+    def make(self) -> Memoized[[str], str]:
+        raise NotImplementedError
+
+    def ttl_of(self, value: str) -> float | None:
+        return self.ttls[value.rsplit(":", 1)[1]]
+
+    @initialize()
+    def decorate(self) -> None:
+        self.f = self.make()
+
+    async def work(self, key: str) -> str:
+        n = self.made
+        self.made += 1
+        self.computed.append(key)
+        outcome = self.plans[key].pop(0)
+        if self.gate is not None:
+            await self.gate.wait()
+        if outcome == "remembered":
+            raise Remembered(key, n)
+        if outcome == "plain":
+            raise Plain(key, n)
+        return f"{key}#{n}:{outcome}"
+
+    def run(self, coro: Any) -> Any:
+        async def bounded() -> Any:
+            async with asyncio.timeout(5):
+                return await coro
+
+        return self.loop.run_until_complete(bounded())
+
+    # -- the model ------------------------------------------------------------------------------
+
+    def fresh(self, key: str) -> Entry | None:
+        entry = self.entries.get(key)
+        return entry if entry is not None and self.now < entry.expires else None
+
+    def expect_computed(self, key: str, outcome: str, n: int) -> tuple[bool, Any]:
+        """The model's outcome of key's computation number n with this outcome, stored."""
+        if outcome in ("remembered", "plain"):
+            old = self.entries.get(key)
+            if (
+                self.dated
+                and old is not None
+                and old.error is None
+                and old.expires <= self.now < old.until
+            ):
+                self.entries[key] = Entry(
+                    old.value, None, min(self.now + BACKOFF, old.until), old.until, True
+                )
+                self.counts["stale"] += 1
+                return True, old.value
+            if outcome == "remembered" and self.dated:
+                self.entries[key] = Entry(None, (key, n), self.now + REMEMBER, self.now + REMEMBER)
+            return False, (Remembered if outcome == "remembered" else Plain, (key, n))
+        value = f"{key}#{n}:{outcome}"
+        ttl = self.ttls.get(outcome)
+        if outcome == "skip" or (ttl is not None and ttl < 0):
+            self.counts["uncached"] += 1
+        else:
+            expires = math.inf if ttl is None else self.now + ttl
+            self.entries[key] = Entry(value, None, expires, expires + (STALE if self.dated else 0))
+        return True, value
+
+    def check(self, got: Any, expected: tuple[bool, Any]) -> None:
+        ok, what = expected
+        if ok:
+            assert got == what, f"got {got!r}, the model says {what!r}"
+        else:
+            kind, args = what
+            assert type(got) is kind, f"got {got!r}, the model says {kind.__name__}{args}"
+            assert got.args == args
+
+    def until(self, condition: Callable[[], bool]) -> None:
+        """Run the loop until condition() holds: turns of the loop first, then short naps (a
+        RedisCache waits on the network); fail after 10 s."""
+        deadline = time.monotonic() + 10
+        turns = 0
+        while not condition():
+            assert time.monotonic() < deadline, "the calls never got there"
+            turns += 1
+            self.loop.run_until_complete(asyncio.sleep(0 if turns < 50 else 0.002))
+
+    async def outcome(self, call: Any) -> Any:
+        try:
+            return await call
+        except (Remembered, Plain) as exc:
+            return exc
+
+    # -- rules ----------------------------------------------------------------------------------
+
+    @rule(key=keys, outcome=outcomes)
+    def call(self, key: str, outcome: str) -> None:
+        entry = self.fresh(key)
+        before = len(self.computed)
+        self.plans[key] = [outcome]
+        got = self.run(self.outcome(self.f(key)))
+        if entry is not None:
+            assert len(self.computed) == before, f"{key!r} computed with a fresh entry"
+            self.counts["hits"] += 1
+            if entry.error is None:
+                self.check(got, (True, entry.value))
+            else:
+                self.check(got, (False, (Remembered, entry.error)))
+            return
+        assert len(self.computed) == before + 1, f"{key!r} not computed without a fresh entry"
+        self.counts["misses"] += 1
+        self.check(got, self.expect_computed(key, outcome, self.made - 1))
+
+    @rule(
+        key=keys,
+        outcome=outcomes,
+        joiners=st.integers(0, 2),
+        action=st.sampled_from(["nothing", "invalidate", "clear", "prime"]),
+    )
+    def call_under_way(self, key: str, outcome: str, joiners: int, action: str) -> None:
+        """A computation of key held while others join it and an action lands."""
+        if self.fresh(key) is not None:
+            return
+        self.plans[key] = [outcome]
+        self.gate = gate = asyncio.Event()
+        before = len(self.computed)
+        joined = self.f.cache_info().joined
+        first = self.loop.create_task(self.outcome(self.f(key)))
+        self.until(lambda: len(self.computed) > before)
+        assert self.computed[-1:] == [key]
+        n = self.made - 1
+        others = [self.loop.create_task(self.outcome(self.f(key))) for _ in range(joiners)]
+        self.until(lambda: self.f.cache_info().joined == joined + joiners)
+        self.counts["misses"] += 1
+        self.counts["joined"] += joiners
+        if action != "nothing":
+            self.act(action, key)
+        self.gate = None
+        gate.set()
+        results = self.run(asyncio.gather(first, *others))
+        if action == "nothing":
+            expected = self.expect_computed(key, outcome, n)
+        elif outcome in ("remembered", "plain"):
+            expected = (False, (Remembered if outcome == "remembered" else Plain, (key, n)))
+        else:
+            expected = (True, f"{key}#{n}:{outcome}")
+        for got in results:
+            self.check(got, expected)
+
+    def act(self, action: str, key: str) -> None:
+        if action == "invalidate":
+            self.invalidate(key)
+        elif action == "clear":
+            self.clear()
+        else:
+            self.prime(key)
+
+    @rule(seconds=st.sampled_from([0.5, 1.0, 2.0, 3.0, 5.0, 12.0, 40.0]))
+    def tick(self, seconds: float) -> None:
+        self.now += seconds
+
+    @rule(key=keys)
+    def invalidate(self, key: str) -> None:
+        held = self.entries.pop(key, None) is not None
+        assert self.run(self.f.acache_invalidate(key)) == held
+
+    @rule()
+    def clear(self) -> None:
+        self.entries.clear()
+        self.run(self.f.acache_clear())
+        self.counts = dict.fromkeys(self.counts, 0)
+
+    @rule(key=keys)
+    def prime(self, key: str) -> None:
+        value = f"{key}#primed{self.made}:long"
+        self.made += 1
+        self.run(self.f.acache_prime(value, key))
+        expires = self.now + (self.ttls["long"] or math.inf)
+        self.entries[key] = Entry(value, None, expires, expires + (STALE if self.dated else 0))
+
+    # -- invariants -----------------------------------------------------------------------------
+
+    @invariant()
+    def peek_agrees_with_the_model(self) -> None:
+        if not hasattr(self, "f"):
+            return
+        for key in KEYS:
+            entry = self.fresh(key)
+            peeked = self.run(self.f.acache_peek(key))
+            if entry is None:
+                assert peeked is MISSING, f"{key!r}: peeked {peeked!r}, the model has none"
+            elif entry.error is None:
+                assert peeked == entry.value, f"{key!r}: peeked {peeked!r}, not {entry.value!r}"
+            else:
+                assert peeked == CachedError(Remembered, entry.error), f"{key!r}: {peeked!r}"
+
+    @invariant()
+    def counts_agree_with_the_model(self) -> None:
+        if not hasattr(self, "f"):
+            return
+        info = self.f.cache_info()
+        got = {name: getattr(info, name) for name in self.counts}
+        assert got == self.counts
+
+    def teardown(self) -> None:
+        if self.gate is not None:
+            self.gate.set()
+        if hasattr(self, "f"):
+            self.loop.run_until_complete(self.f.queue.aclose())
+        self.loop.close()
+
+
+class MappingPolicyMachine(PolicyMachine):
+    dated = True
+
+    def make(self) -> Memoized[[str], str]:
+        @worker_queue(
+            cache=cachetools.LRUCache(100),
+            cache_if=keep,
+            ttl=self.ttl_of,
+            cache_errors={Remembered: REMEMBER},
+            stale_if_error=STALE,
+            refresh_backoff=BACKOFF,
+            timer=lambda: self.now,
+        )
+        async def f(key: str) -> str:
+            return await self.work(key)
+
+        return f
+
+
+class AsyncPolicyMachine(PolicyMachine):
+    dated = False
+
+    def make(self) -> Memoized[[str], str]:
+        self.cache = ClockedAsyncCache(lambda: self.now)
+
+        @worker_queue(cache=self.cache, cache_if=keep, ttl=self.ttl_of, name="policy.machine")
+        async def f(key: str) -> str:
+            return await self.work(key)
+
+        return f
+
+
+def test_mapping_policy_machine() -> None:
+    run_state_machine_as_test(MappingPolicyMachine)
+
+
+def test_async_policy_machine() -> None:
+    run_state_machine_as_test(AsyncPolicyMachine)

@@ -1,0 +1,246 @@
+"""The per-result cache policy: what is kept, for how long, remembered errors and stale values.
+
+``Policy`` holds the decorator's ``cache_if``, ``ttl``, ``cache_errors`` and ``stale_if_error``,
+checked at decoration (``make_policy``), and answers the questions ``Store`` asks when it writes:
+whether a result is kept and for how long (``lifetime``), whether an exception is remembered
+(``error_time``). Only ``Store`` writes; nothing here touches a cache.
+
+With an in-process cache and a ``ttl``, ``cache_errors`` or ``stale_if_error``, the cache holds a
+``Kept`` entry per key (``Policy.dated``): the value or the remembered error, when it expires on
+the policy's clock, and until when it may still be served stale. The hit path reads it; an
+expired entry stays in the cache, where a failing recomputation may still serve it
+(``stale_if_error``), until it is overwritten, invalidated, cleared or evicted.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Mapping
+from typing import Any, Final, NamedTuple, final
+
+__all__ = ("SKIP", "CachedError", "Kept", "Policy", "make_policy")
+
+logger = logging.getLogger("wq_memo")
+
+SKIP: Final = object()
+"""What ``Policy.lifetime`` answers for a result that is not to be stored."""
+
+
+@final
+class CachedError(NamedTuple):
+    """What ``cache_peek()`` returns for a remembered exception (``cache_errors``): its type
+    and arguments. ``rebuild()`` makes the exception a call raises, a new one each time."""
+
+    type: type[Exception]
+    args: tuple[Any, ...]
+
+    def rebuild(self) -> Exception:
+        """A new exception of the remembered type, with the remembered arguments."""
+        return self.type(*self.args)
+
+
+class Kept:
+    """An entry of an in-process cache under a dated policy: ``value``, or the remembered
+    ``error`` (its value is then None); it is fresh before ``expires`` and may be served stale
+    (``stale_if_error``) before ``until``. ``warned``: its stale value was served already in
+    this window (the warning is logged once)."""
+
+    __slots__ = ("error", "expires", "until", "value", "warned")
+
+    def __init__(
+        self,
+        value: Any,
+        expires: float,
+        until: float,
+        error: CachedError | None = None,
+        warned: bool = False,
+    ) -> None:
+        self.value = value
+        self.expires = expires
+        self.until = until
+        self.error = error
+        self.warned = warned
+
+    def __repr__(self) -> str:
+        what = f"error={self.error!r}" if self.error is not None else f"value={self.value!r}"
+        return f"<Kept {what} expires={self.expires}>"
+
+
+def _seconds(what: str, value: object, *, none: bool = False) -> float | None:
+    """value checked as a number of seconds >= 0 (None allowed if ``none``)."""
+    if value is None and none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+        raise ValueError(
+            f"@worker_queue: {what} must be a number of seconds >= 0"
+            f"{' or None' if none else ''}, got {value!r}"
+        )
+    return float(value)
+
+
+@final
+class Policy:
+    """What is kept and for how long; see the module's docstring.
+
+    ``clock``: the time of expiries (an in-process cache's). ``backoff``: how long a stale value
+    served after a failed recomputation stays before the next attempt (``refresh_backoff``).
+    ``dated``: entries are ``Kept`` (an in-process cache with ttl, cache_errors or
+    stale_if_error). ``skipped()`` counts a result not stored; ``served_stale()`` a stale value
+    served.
+    """
+
+    __slots__ = (
+        "backoff",
+        "cache_if",
+        "clock",
+        "dated",
+        "errors",
+        "name",
+        "served_stale",
+        "skipped",
+        "stale",
+        "ttl",
+        "ttl_of",
+        "warned_ttl",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        cache_if: Callable[[Any], object] | None,
+        ttl: float | Callable[[Any], object] | None,
+        errors: dict[type[Exception], float],
+        stale: float | None,
+        clock: Callable[[], float],
+        backoff: float,
+        dated: bool,
+    ) -> None:
+        self.name = name
+        self.cache_if = cache_if
+        self.ttl = ttl if not callable(ttl) else None
+        self.ttl_of = ttl if callable(ttl) else None
+        self.errors = errors
+        self.stale = stale
+        self.clock = clock
+        self.backoff = backoff
+        self.dated = dated
+        self.warned_ttl = False
+        self.skipped: Callable[[], None] = _nothing
+        self.served_stale: Callable[[], None] = _nothing
+
+    def lifetime(self, value: Any, primed: bool) -> float | object | None:
+        """Seconds value lives (None: the cache's own lifetime), or SKIP: not stored.
+
+        A computation's result for which ``cache_if`` is false is skipped; so is one whose
+        ``ttl`` function fails or returns a bad value (logged, the first time at ERROR). A
+        prime is stored whatever ``cache_if`` says; a bad ttl for it raises ValueError.
+        """
+        if not primed and self.cache_if is not None and not self.cache_if(value):
+            self.skipped()
+            return SKIP
+        ttl_of = self.ttl_of
+        if ttl_of is None:
+            seconds: object = self.ttl
+        else:
+            try:
+                seconds = ttl_of(value)
+            except Exception:
+                if primed:
+                    raise
+                logger.exception("%s(): ttl(result) failed; the result was not cached", self.name)
+                self.skipped()
+                return SKIP
+        if seconds is None:
+            return None
+        if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not seconds >= 0:
+            message = (
+                f"{self.name}(): ttl(result) returned {seconds!r}, not a number of seconds >= 0 "
+                "or None; the result was returned uncached"
+            )
+            if primed:
+                raise ValueError(message)
+            # Once per function: a ttl function that goes wrong goes wrong for many results.
+            logger.log(logging.DEBUG if self.warned_ttl else logging.ERROR, message)
+            self.warned_ttl = True
+            self.skipped()
+            return SKIP
+        if seconds == 0:
+            if not primed:
+                self.skipped()
+            return SKIP
+        return float(seconds)
+
+    def error_time(self, exc: Exception) -> float | None:
+        """How long exc is remembered (None: not at all): the time of the first of the
+        ``cache_errors`` types it is an instance of, if it can be rebuilt from its arguments."""
+        seconds = next((t for kind, t in self.errors.items() if isinstance(exc, kind)), None)
+        if seconds is None or seconds <= 0:
+            return None
+        try:
+            type(exc)(*exc.args)
+        except Exception:
+            logger.warning(
+                "%s(): %s cannot be rebuilt from its arguments; it is not remembered",
+                self.name,
+                type(exc).__name__,
+            )
+            return None
+        return seconds
+
+
+def _nothing() -> None:
+    return None
+
+
+def make_policy(
+    cache_if: object,
+    ttl: object,
+    cache_errors: object,
+    stale_if_error: object,
+) -> tuple[
+    Callable[[Any], object] | None,
+    float | Callable[[Any], object] | None,
+    dict[type[Exception], float],
+    float | None,
+]:
+    """The options checked: (cache_if, ttl, cache_errors as a dict, stale_if_error).
+
+    Raises TypeError for a cache_if that is not callable or a cache_errors that is not a
+    mapping of exception classes; ValueError for a bad number of seconds.
+    """
+    if cache_if is not None and not callable(cache_if):
+        raise TypeError(
+            f"@worker_queue: cache_if must be a function of the result returning whether to "
+            f"store it, got {cache_if!r}"
+        )
+    checked_ttl: float | Callable[[Any], object] | None
+    if ttl is None or callable(ttl):
+        checked_ttl = ttl
+    else:
+        checked_ttl = _seconds("ttl (a number, or a function of the result)", ttl)
+    errors: dict[type[Exception], float] = {}
+    if cache_errors is not None:
+        if not isinstance(cache_errors, Mapping):
+            raise TypeError(
+                "@worker_queue: cache_errors must map exception classes to seconds, "
+                f"e.g. {{TimeoutError: 2.0}}; got {cache_errors!r}"
+            )
+        for kind, seconds in cache_errors.items():
+            if not isinstance(kind, type) or not issubclass(kind, BaseException):
+                raise TypeError(
+                    f"@worker_queue: cache_errors keys must be exception classes, got {kind!r}"
+                )
+            if not issubclass(kind, Exception):
+                raise TypeError(
+                    f"@worker_queue: cache_errors cannot remember {kind.__name__}, which is not "
+                    "an Exception subclass (cancellation and exits must never be cached); "
+                    "name Exception subclasses only"
+                )
+            errors[kind] = _seconds(f"cache_errors[{kind.__name__}]", seconds) or 0.0
+    stale = _seconds("stale_if_error", stale_if_error, none=True)
+    if stale is not None and math.isinf(stale):
+        raise ValueError(
+            "@worker_queue: stale_if_error must be a finite number of seconds, got inf"
+        )
+    return cache_if, checked_ttl, errors, stale

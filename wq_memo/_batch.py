@@ -232,7 +232,14 @@ class _Batcher(Generic[K, V]):
         line = self._line
         if line is None or line.table is not engine.table:
             line = self._line = _Line(engine.table, engine.maxsize, self._admit)
+            engine.table.on_close = self._closing
         return line
+
+    def _closing(self) -> None:
+        """The queue closes: no key can come to the batch gathered any more; it leaves now."""
+        line = self._line
+        if line is not None and line.gathered is not None:
+            self._close(line, line.gathered)
 
     async def compute(self, flight: Flight[Hashable, V]) -> V:
         """The computation of one key's item: its value from the batch it joins."""

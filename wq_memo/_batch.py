@@ -520,10 +520,14 @@ class BatchDecorator:
         self._options = options
 
     @overload
-    def __call__(self, func: Callable[[list[K]], Awaitable[Mapping[K, V]]], /) -> Batched[K, V]: ...
+    def __call__(
+        self, func: Callable[[list[K]], Awaitable[Mapping[K, V | BaseException]]], /
+    ) -> Batched[K, V]: ...
 
     @overload
-    def __call__(self, func: Callable[[list[K]], Awaitable[Sequence[V]]], /) -> Batched[K, V]: ...
+    def __call__(
+        self, func: Callable[[list[K]], Awaitable[Sequence[V | BaseException]]], /
+    ) -> Batched[K, V]: ...
 
     def __call__(self, func: Callable[[list[Any]], Awaitable[Any]], /) -> Batched[Any, Any]:
         return batch_decorator(func, **self._options._asdict())

@@ -553,11 +553,15 @@ class _WorkerQueueDecorator:
 
     @overload
     @staticmethod
-    def batch(func: Callable[[list[K]], Awaitable[Mapping[K, V]]], /) -> Batched[K, V]: ...
+    def batch(
+        func: Callable[[list[K]], Awaitable[Mapping[K, V | BaseException]]], /
+    ) -> Batched[K, V]: ...
 
     @overload
     @staticmethod
-    def batch(func: Callable[[list[K]], Awaitable[Sequence[V]]], /) -> Batched[K, V]: ...
+    def batch(
+        func: Callable[[list[K]], Awaitable[Sequence[V | BaseException]]], /
+    ) -> Batched[K, V]: ...
 
     @overload
     @staticmethod

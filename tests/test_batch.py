@@ -16,6 +16,7 @@ import cachetools
 import pytest
 
 from wq_memo import MISSING, BatchInfo, ShutdownTimeout, disabled, worker_queue
+from wq_memo._batch import check as check_batches
 
 WAIT = 5.0
 
@@ -73,7 +74,7 @@ def batched(g: GatedBatch, **options: Any) -> Any:
     return worker_queue.batch(**options)(g)
 
 
-# -- 1. coalescing ----------------------------------------------------------------------------
+# -- 1. coalescing ---------------------------------------------------------------------------------
 
 
 async def test_keys_asked_for_in_one_turn_go_in_one_batch_each_once() -> None:
@@ -150,7 +151,7 @@ async def test_a_batch_with_max_batch_keys_leaves_without_waiting_for_max_wait()
     await bounded(load.queue.aclose())
 
 
-# -- 2. single flight and caching per key -----------------------------------------------------
+# -- 2. single flight and caching per key ----------------------------------------------------------
 
 
 async def test_a_cached_key_is_answered_at_once_and_never_sent() -> None:
@@ -237,7 +238,7 @@ async def test_without_a_cache_keys_are_batched_and_deduplicated_only() -> None:
     assert load.cache_info().currsize == 0
 
 
-# -- 3. results ---------------------------------------------------------------------------------
+# -- 3. results ------------------------------------------------------------------------------------
 
 
 async def test_a_sequence_aligned_with_the_keys_is_split_among_them() -> None:
@@ -329,7 +330,7 @@ async def test_a_failing_batch_fails_every_caller_with_its_exception_and_caches_
     assert await bounded(retry) == "1#1"
 
 
-# -- 4. the bound and the order -------------------------------------------------------------------
+# -- 4. the bound and the order --------------------------------------------------------------------
 
 
 async def test_at_most_maxsize_batches_run_and_they_start_in_order() -> None:
@@ -352,7 +353,7 @@ async def test_at_most_maxsize_batches_run_and_they_start_in_order() -> None:
     g.release(2)
     g.release(3)
     assert await bounded(asyncio.gather(*callers)) == ["0#0", "1#1", "2#2", "3#3"]
-    load._batcher.check()
+    check_batches(load)
 
 
 async def test_a_key_whose_callers_all_left_before_its_batch_started_is_left_out() -> None:
@@ -415,7 +416,7 @@ async def test_a_caller_leaving_never_cancels_a_batch_others_wait_for() -> None:
     assert load.cache_peek(1) == "1#0"
 
 
-# -- 5. invalidation wins per key -----------------------------------------------------------------
+# -- 5. invalidation wins per key ------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("how", ["invalidate", "ainvalidate", "clear", "aclear", "prime", "aprime"])
@@ -475,7 +476,7 @@ async def test_a_key_invalidated_while_gathered_is_sent_once_for_both_items() ->
     assert load.cache_peek(1) == "1#0"  # computed after the invalidation: stored
 
 
-# -- 6. context -----------------------------------------------------------------------------------
+# -- 6. context ------------------------------------------------------------------------------------
 
 TENANT: contextvars.ContextVar[str] = contextvars.ContextVar("tenant", default="none")
 
@@ -501,7 +502,7 @@ async def test_a_batch_runs_in_a_copy_of_the_context_of_the_caller_whose_key_ope
     assert TENANT.get() == "none"
 
 
-# -- controls -------------------------------------------------------------------------------------
+# -- controls --------------------------------------------------------------------------------------
 
 
 async def test_the_controls_per_key() -> None:
@@ -574,7 +575,7 @@ async def test_a_graceful_shutdown_waits_for_the_batch_under_way() -> None:
     assert await bounded(caller) == ["1#0", "2#0"]
 
 
-# -- 9. errors on bad input -----------------------------------------------------------------------
+# -- 9. errors on bad input ------------------------------------------------------------------------
 
 
 async def test_an_unhashable_key_is_refused_at_the_call() -> None:
@@ -643,3 +644,18 @@ async def test_a_shutdown_sends_the_batch_being_gathered_at_once() -> None:
     g.release(0)
     await bounded(closing)
     assert await bounded(caller) == "1#0"
+
+
+async def test_a_bound_method_may_be_the_batch_function() -> None:
+    class Repo:
+        def __init__(self) -> None:
+            self.calls: list[list[int]] = []
+
+        async def fetch(self, ids: list[int]) -> dict[int, int]:
+            self.calls.append(ids)
+            return {i: -i for i in ids}
+
+    repo = Repo()
+    load = worker_queue.batch(repo.fetch)
+    assert await bounded(load.many([1, 2])) == [-1, -2]
+    assert repo.calls == [[1, 2]]

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import inspect
 import logging
 import math
 from collections.abc import (
@@ -50,7 +51,7 @@ from ._switch import SWITCH
 from ._ttl_lookup import fast_lookup
 from .backends._protocol import MISSING, AsyncCache, Missing
 
-__all__ = ("BatchDecorator", "BatchInfo", "BatchOptions", "Batched", "batch_decorator")
+__all__ = ("BatchDecorator", "BatchInfo", "BatchOptions", "Batched", "batch_decorator", "check")
 
 K = TypeVar("K", bound=Hashable)
 K_contra = TypeVar("K_contra", bound=Hashable, contravariant=True)
@@ -420,6 +421,12 @@ class _Batcher(Generic[K, V]):
             assert batch.timer is None, batch
 
 
+def check(batched: object) -> None:
+    """Assert the invariants of a batch function's batches (for tests)."""
+    batcher: _Batcher[Any, Any] = batched._batcher  # type: ignore[attr-defined]
+    batcher.check()
+
+
 def _outcome(value: Any) -> tuple[bool, Any]:
     if isinstance(value, BaseException):
         return False, value
@@ -548,7 +555,9 @@ def batch_decorator(
     max_wait: float,
 ) -> Batched[K, V]:
     """Make func, a batch function, into a ``Batched``; see worker_queue.batch."""
-    if isinstance(func, staticmethod | classmethod) or _naming.in_class_body(func):
+    if isinstance(func, staticmethod | classmethod) or (
+        inspect.isfunction(func) and _naming.in_class_body(func)
+    ):
         raise TypeError(
             "@worker_queue.batch does not decorate methods; decorate a function, and call it "
             "from the method"

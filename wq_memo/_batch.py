@@ -16,6 +16,11 @@ A batch is gathered, in line, running, then done:
 - running: the keys whose items nobody waits for any more are left out as it starts (those
   items are forgotten: a later call starts afresh); the others are sent, each once, in a copy
   of the context of the caller whose key opened it. Its answer is split among its keys.
+
+Refresh-ahead: a key found due is refreshed by a background item of the table, which joins the
+batch being gathered like any key. A batch of such items only, that no caller has joined, is
+low-priority: it takes only a spare slot (``Slots.refresh_line``), so that no caller's batch
+waits behind it; a caller who joins one of its keys while it waits promotes it.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from ._engine import Engine
 from ._flight import Flight, FlightTable
 from ._nesting import current
 from ._queue import WorkerQueue, facade, is_async_callable
+from ._refresh import NEVER, Refresher
 from ._slots import Slots
 from ._store import Store
 from ._switch import SWITCH
@@ -79,7 +85,7 @@ class BatchInfo(NamedTuple):
     currsize: int | None
     """The cache's current size."""
     refreshes: int = 0
-    """Background refreshes started (always 0: batch functions have no refresh-ahead yet)."""
+    """Keys refreshed in the background (refresh_after)."""
     refresh_failures: int = 0
     """Background refreshes that failed."""
     bypassed: int = 0
@@ -105,7 +111,8 @@ class Batched(Protocol[K_contra, V]):
 
     @property
     def queue(self) -> WorkerQueue[Any, Any]:
-        """The hidden WorkerQueue whose items are the keys being loaded."""
+        """The hidden WorkerQueue whose items are the keys being loaded (its maxsize,
+        ``maxsize * max_batch``, bounds the keys refreshed in the background at once)."""
         ...
 
     @property
@@ -169,10 +176,12 @@ class _Entry:
 class _Batch:
     """The keys of one call of the batch function, by cache key, in the order they came."""
 
-    __slots__ = ("context", "entries", "task", "timer")
+    __slots__ = ("context", "entries", "spare", "task", "timer")
 
     def __init__(self, context: contextvars.Context) -> None:
         self.context = context
+        self.spare = False
+        """Runs in a spare slot: only background refreshes, nobody waiting, when it started."""
         self.entries: dict[Hashable, _Entry] = {}
         self.task: asyncio.Task[None] | None = None
         """Set once it runs."""
@@ -186,6 +195,17 @@ class _Batch:
     def waiting(self) -> bool:
         """Whether a computation still awaits this batch's answer."""
         return any(not f.done() for e in self.entries.values() for _, f in e.waiting)
+
+    def low(self) -> bool:
+        """Whether it holds only background refreshes that no caller has joined."""
+        return all(
+            flight.background and not flight.callers
+            for entry in self.entries.values()
+            for flight, _ in entry.waiting
+        )
+
+    def holds(self, key: Hashable) -> bool:
+        return key in self.entries
 
 
 class _Line:
@@ -207,16 +227,27 @@ class _Batcher(Generic[K, V]):
     """The batches of one batch function: gathering keys, bounding and running batches,
     splitting their answers among keys."""
 
-    __slots__ = ("_line", "batches", "display", "engine", "func", "max_batch", "max_wait")
+    __slots__ = (
+        "_line",
+        "batches",
+        "display",
+        "engine",
+        "func",
+        "max_batch",
+        "max_wait",
+        "maxsize",
+    )
 
     def __init__(
         self,
         func: Callable[[list[K]], Awaitable[Any]],
         display: str,
+        maxsize: int,
         max_batch: int,
         max_wait: float,
     ) -> None:
         self.func = func
+        self.maxsize = maxsize
         self.display = display
         self.max_batch = max_batch
         self.max_wait = max_wait
@@ -232,7 +263,7 @@ class _Batcher(Generic[K, V]):
         assert engine.table is not None
         line = self._line
         if line is None or line.table is not engine.table:
-            line = self._line = _Line(engine.table, engine.maxsize, self._admit)
+            line = self._line = _Line(engine.table, self.maxsize, self._admit)
             engine.table.on_close = self._closing
         return line
 
@@ -289,20 +320,44 @@ class _Batcher(Generic[K, V]):
         if timer is not None:
             timer.cancel()
         slots = line.slots
-        if slots.has_room():
+        if batch.low():
+            # Background refreshes only: in a spare slot, as single refreshes run, so that no
+            # caller's batch waits behind them.
+            if slots.spare_free() and not slots.refresh_line:
+                self._start(line, batch, spare=True)
+            else:
+                slots.enqueue(batch, low=True)
+        elif slots.has_room():
             self._start(line, batch)
         else:
             slots.enqueue(batch)
 
+    def promote(self, key: Hashable) -> None:
+        """A caller joined key's background refresh: if its batch waits for a spare slot, it
+        takes its turn among the callers' batches now."""
+        line = self._line
+        if line is None:
+            return
+        slots = line.slots
+        for batch in slots.refresh_line:
+            if batch.holds(key):
+                if slots.has_room():
+                    slots.remove(batch)
+                    self._start(line, batch)
+                else:
+                    slots.promote(batch)
+                return
+
     def _admit(self, batch: _Batch, spare: bool) -> None:
-        """batch's turn for a slot has come."""
+        """batch's turn for a slot has come (``spare``: a spare one, for refreshes only)."""
         line = self._line
         assert line is not None
-        self._start(line, batch)
+        self._start(line, batch, spare)
 
-    def _start(self, line: _Line, batch: _Batch) -> None:
+    def _start(self, line: _Line, batch: _Batch, spare: bool = False) -> None:
         """Run batch in a slot, leaving out the keys nobody waits for any more."""
-        line.slots.take()
+        line.slots.take(spare=spare)
+        batch.spare = spare
         table = line.table
         for k, entry in list(batch.entries.items()):
             kept = []
@@ -322,7 +377,7 @@ class _Batcher(Generic[K, V]):
             else:
                 del batch.entries[k]
         if not batch.entries:
-            line.slots.release()
+            self._release(line, batch)
             return
         self.batches += 1
         line.running.add(batch)
@@ -355,7 +410,14 @@ class _Batcher(Generic[K, V]):
                         waiter.set_exception(what)
         finally:
             line.running.discard(batch)
-            line.slots.release()
+            self._release(line, batch)
+
+    @staticmethod
+    def _release(line: _Line, batch: _Batch) -> None:
+        if batch.spare:
+            batch.spare = False
+            line.slots.unspare()
+        line.slots.release()
 
     def _split(self, keys: list[K], answer: Any) -> list[tuple[bool, Any]]:
         """Each key's outcome from the batch function's answer: (True, value) or (False,
@@ -411,12 +473,13 @@ class _Batcher(Generic[K, V]):
             return
         assert len(line.running) <= line.slots.maxsize, line.running
         assert line.slots.running >= len(line.running)
-        batches = [*line.running, *line.slots.line]
+        batches = [*line.running, *line.slots.line, *line.slots.refresh_line]
         if line.gathered is not None:
             batches.append(line.gathered)
         for batch in batches:
             assert len(batch.entries) <= self.max_batch, batch
-        for batch in line.slots.line:
+        assert line.slots.spare == sum(b.spare for b in line.running), line.running
+        for batch in (*line.slots.line, *line.slots.refresh_line):
             assert batch.task is None, batch
             assert batch.timer is None, batch
 
@@ -491,7 +554,11 @@ _CONTROLS: Final = (
 )
 
 
-def _check_options(max_batch: object, max_wait: object) -> None:
+def _check_options(maxsize: object, max_batch: object, max_wait: object) -> None:
+    if isinstance(maxsize, bool) or not isinstance(maxsize, int) or maxsize < 1:
+        raise ValueError(
+            f"@worker_queue.batch: maxsize must be an int of at least 1, got {maxsize!r}"
+        )
     if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
         raise ValueError(
             f"@worker_queue.batch: max_batch must be an int of at least 1, got {max_batch!r}"
@@ -514,6 +581,8 @@ class BatchOptions(NamedTuple):
     name: str | None
     max_batch: int
     max_wait: float
+    refresher: Callable[[MutableMapping[Any, Any] | None, str], Refresher | None]
+    """Makes the refresh-ahead policy asked for, given the cache and the function's name."""
 
 
 @final
@@ -523,7 +592,7 @@ class BatchDecorator:
     __slots__ = ("_options",)
 
     def __init__(self, options: BatchOptions) -> None:
-        _check_options(options.max_batch, options.max_wait)  # at once, before any function
+        _check_options(options.maxsize, options.max_batch, options.max_wait)  # at once
         self._options = options
 
     @overload
@@ -540,7 +609,11 @@ class BatchDecorator:
         return batch_decorator(func, **self._options._asdict())
 
     def __repr__(self) -> str:
-        return f"<wq_memo.worker_queue.batch({self._options})>"
+        o = self._options
+        return (
+            f"<wq_memo.worker_queue.batch(maxsize={o.maxsize}, max_batch={o.max_batch}, "
+            f"max_wait={o.max_wait}, cache={o.cache!r})>"
+        )
 
 
 def batch_decorator(
@@ -553,6 +626,7 @@ def batch_decorator(
     name: str | None,
     max_batch: int,
     max_wait: float,
+    refresher: Callable[[MutableMapping[Any, Any] | None, str], Refresher | None],
 ) -> Batched[K, V]:
     """Make func, a batch function, into a ``Batched``; see worker_queue.batch."""
     if isinstance(func, staticmethod | classmethod) or (
@@ -567,7 +641,7 @@ def batch_decorator(
             f"@worker_queue.batch needs an async function (async def) taking a list of keys, "
             f"got {func!r}; wrap a blocking function with asyncio.to_thread first"
         )
-    _check_options(max_batch, max_wait)
+    _check_options(maxsize, max_batch, max_wait)
     if key is not None and not callable(key):
         raise TypeError(
             f"@worker_queue.batch: key must be a function building a cache key from a key, "
@@ -584,7 +658,8 @@ def batch_decorator(
             f"or None; got {cache!r}"
         )
     display = _naming.describe(func)
-    batcher: _Batcher[K, V] = _Batcher(func, display, max_batch, float(max_wait))
+    batcher: _Batcher[K, V] = _Batcher(func, display, maxsize, max_batch, float(max_wait))
+    policy = refresher(cache, display)
 
     def key_now(k: Any) -> Hashable:
         try:
@@ -602,15 +677,18 @@ def batch_decorator(
 
     store: Store[Hashable, V] | None = None
     if cache is not None:
-        store = Store(display, mapping=cache)
+        store = Store(display, mapping=cache, stored=None if policy is None else policy.stored)
+    # The queue's items are keys; its slots bound only the keys refreshed in the background at
+    # once (each holds a spare slot while its batch runs): up to maxsize full batches of them.
     engine: Engine[Hashable, V] = Engine(
         func,
-        maxsize,
+        maxsize * max_batch,
         finish_timeout,
         miss=MISSING,
         compute=batcher.compute,
         store=store,
         slotless=True,
+        on_refresh_failed=None if policy is None else policy.failed,
     )
     batcher.engine = engine
     counts = engine.counts
@@ -626,8 +704,10 @@ def batch_decorator(
 
         store.tables = tables
         find = fast_lookup(cache) or cache.get
-        kind = MappingKind(engine, key_of, cache, store, None, None, _no_hits, _nothing)
+        kind = MappingKind(engine, key_of, cache, store, None, policy, _no_hits, _nothing)
     bind = engine.bind
+    due_get = None if policy is None else policy.due.get
+    clock = None if policy is None else policy.clock
 
     def request(k: Any) -> V | asyncio.Future[V]:
         """k's value if cached, else the future of its item (joined or started)."""
@@ -636,11 +716,20 @@ def batch_decorator(
             value = find(ck, MISSING)
             if value is not MISSING:
                 count_hit(counts)
+                if due_get is not None and clock is not None and clock() >= due_get(ck, NEVER):
+                    # Due: one background refresh, which goes in a batch like any key.
+                    assert policy is not None
+                    policy.started(ck)
+                    engine.table_now().refresh_in_background(ck, (k,), {})
                 return value  # type: ignore[no-any-return]
         table = engine.table
         if table is None or table.loop is not asyncio.get_running_loop():
             table = bind()
-        return table.call(ck, (k,))
+        flight = table.flights.get(ck)
+        future = table.call(ck, (k,))
+        if flight is not None and flight.background:
+            batcher.promote(ck)  # a caller now waits for that refresh
+        return future
 
     async def load(k: K, /) -> V:
         if SWITCH.watch and SWITCH.off():
@@ -682,6 +771,7 @@ def batch_decorator(
         cache=cache,
         _cache_kind=kind,
         _batcher=batcher,
+        _refresher=policy,
     )
     controls = _BatchKind(kind, batcher)
     for control in _CONTROLS:

@@ -576,6 +576,10 @@ class _WorkerQueueDecorator:
         name: str | None = None,
         max_batch: int = 100,
         max_wait: float = 0.0,
+        refresh_after: float | None = None,
+        refresh_backoff: float = 1.0,
+        jitter: float = 0.0,
+        timer: Callable[[], float] | None = None,
     ) -> BatchDecorator: ...
 
     @staticmethod
@@ -590,6 +594,10 @@ class _WorkerQueueDecorator:
         name: str | None = None,
         max_batch: int = 100,
         max_wait: float = 0.0,
+        refresh_after: float | None = None,
+        refresh_backoff: float = 1.0,
+        jitter: float = 0.0,
+        timer: Callable[[], float] | None = None,
     ) -> Batched[Any, Any] | BatchDecorator:
         """Load keys in batches: one call of the batch function for many keys, each key cached
         and computed once at a time.
@@ -601,14 +609,32 @@ class _WorkerQueueDecorator:
         ``max_wait`` seconds of the first) go in one call, of at most ``max_batch`` keys; at most
         ``maxsize`` calls run at once. ``cache`` (default: a new LRUCache(maxsize=128)) and
         ``key`` (a key's cache key; default: the key itself) apply per key. ``finish_timeout``
-        and ``name`` mean what they mean for ``worker_queue``.
+        and ``name`` mean what they mean for ``worker_queue``; so do ``refresh_after``,
+        ``refresh_backoff``, ``jitter`` and ``timer``: the keys found due are refreshed in the
+        background, in batches that take only spare slots.
 
         Raises TypeError at decoration time for a function that is not async, a method or an
         async cache; ValueError for a bad parameter. See the README's "Batch loading".
         """
         chosen = cachetools.LRUCache(maxsize=128) if isinstance(cache, _Default) else cache
+        check_freshness_options(refresh_backoff, jitter, timer)
+        refresh = _Options(
+            maxsize,
+            chosen,
+            cachetools.keys.hashkey,
+            finish_timeout,
+            name,
+            refresh_after,
+            refresh_backoff,
+            jitter,
+            timer,
+        )
+
+        def refresher(cache: MutableMapping[Any, Any] | None, display: str) -> Refresher | None:
+            return _refresher(refresh, cache, display)
+
         batch_options = BatchOptions(
-            maxsize, chosen, key, finish_timeout, name, max_batch, max_wait
+            maxsize, chosen, key, finish_timeout, name, max_batch, max_wait, refresher
         )
         decorate = BatchDecorator(batch_options)
         if func is not None:

@@ -61,6 +61,7 @@ class Section:
 
 SECTIONS: dict[str, Section] = {
     "redis_backends": Section("redis_backends", needs_redis=True),
+    "batching": Section("batching"),
 }
 """Benchmarks with their own modules and tables (--only takes their names too)."""
 

@@ -4,6 +4,7 @@
 ``@worker_queue`` memoizes any async function through a hidden WorkerQueue.
 """
 
+from ._batch import Batched, BatchInfo
 from ._controls import BoundMemoized, CacheInfo, Memoized
 from ._decorator import worker_queue
 from ._errors import QueueShutDown, ShutdownTimeout
@@ -16,6 +17,8 @@ __version__ = "0.1.0"
 
 __all__ = (
     "MISSING",
+    "BatchInfo",
+    "Batched",
     "BoundMemoized",
     "CacheInfo",
     "CachedError",

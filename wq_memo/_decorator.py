@@ -10,7 +10,7 @@ import functools
 import logging
 import sys
 import time
-from collections.abc import Awaitable, Callable, Hashable, Mapping, MutableMapping
+from collections.abc import Awaitable, Callable, Hashable, Mapping, MutableMapping, Sequence
 from typing import (
     Any,
     Final,
@@ -25,6 +25,7 @@ import cachetools
 import cachetools.keys
 
 from . import _listeners, _memo_registry, _naming
+from ._batch import BatchDecorator, Batched, BatchOptions
 from ._controls import AsyncCacheKind, MappingKind, Memoized, NoCacheKind, attach, kind_of
 from ._engine import Engine
 from ._flight import Flight, FlightTable
@@ -53,6 +54,8 @@ __all__ = ("worker_queue",)
 
 P = ParamSpec("P")
 R = TypeVar("R")
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
 
 logger = logging.getLogger("wq_memo")
 
@@ -707,6 +710,96 @@ class _WorkerQueueDecorator:
         def decorate(f: Callable[P, Awaitable[R]]) -> Memoized[P, R]:
             return _memoize(f, cache, options)
 
+        return decorate
+
+    @overload
+    @staticmethod
+    def batch(
+        func: Callable[[list[K]], Awaitable[Mapping[K, V | BaseException]]], /
+    ) -> Batched[K, V]: ...
+
+    @overload
+    @staticmethod
+    def batch(
+        func: Callable[[list[K]], Awaitable[Sequence[V | BaseException]]], /
+    ) -> Batched[K, V]: ...
+
+    @overload
+    @staticmethod
+    def batch(
+        func: None = None,
+        /,
+        *,
+        maxsize: int = 3,
+        cache: MutableMapping[Any, Any] | None = ...,
+        key: Callable[[Any], Hashable] | None = None,
+        finish_timeout: float = 3.0,
+        name: str | None = None,
+        max_batch: int = 100,
+        max_wait: float = 0.0,
+        refresh_after: float | None = None,
+        refresh_backoff: float = 1.0,
+        jitter: float = 0.0,
+        timer: Callable[[], float] | None = None,
+    ) -> BatchDecorator: ...
+
+    @staticmethod
+    def batch(
+        func: Callable[[list[Any]], Awaitable[Any]] | None = None,
+        /,
+        *,
+        maxsize: int = 3,
+        cache: MutableMapping[Any, Any] | _Default | None = _DEFAULT_CACHE,
+        key: Callable[[Any], Hashable] | None = None,
+        finish_timeout: float = 3.0,
+        name: str | None = None,
+        max_batch: int = 100,
+        max_wait: float = 0.0,
+        refresh_after: float | None = None,
+        refresh_backoff: float = 1.0,
+        jitter: float = 0.0,
+        timer: Callable[[], float] | None = None,
+    ) -> Batched[Any, Any] | BatchDecorator:
+        """Load keys in batches: one call of the batch function for many keys, each key cached
+        and computed once at a time.
+
+        Use bare (``@worker_queue.batch``) or called (``@worker_queue.batch(max_batch=50)``)
+        on ``async def load(keys: list[K]) -> Mapping[K, V]`` (or a sequence of values aligned
+        with keys). ``await load(k)`` is k's value; ``await load.many(keys)`` the list of their
+        values, in order. The keys asked for in one turn of the event loop (or within
+        ``max_wait`` seconds of the first) go in one call, of at most ``max_batch`` keys; at most
+        ``maxsize`` calls run at once. ``cache`` (default: a new LRUCache(maxsize=128)) and
+        ``key`` (a key's cache key; default: the key itself) apply per key. ``finish_timeout``
+        and ``name`` mean what they mean for ``worker_queue``; so do ``refresh_after``,
+        ``refresh_backoff``, ``jitter`` and ``timer``: the keys found due are refreshed in the
+        background, in batches that take only spare slots.
+
+        Raises TypeError at decoration time for a function that is not async, a method or an
+        async cache; ValueError for a bad parameter. See the README's "Batch loading".
+        """
+        chosen = cachetools.LRUCache(maxsize=128) if isinstance(cache, _Default) else cache
+        check_freshness_options(refresh_backoff, jitter, timer)
+        refresh = _Options(
+            maxsize,
+            chosen,
+            cachetools.keys.hashkey,
+            finish_timeout,
+            name,
+            refresh_after,
+            refresh_backoff,
+            jitter,
+            timer,
+        )
+
+        def refresher(cache: MutableMapping[Any, Any] | None, display: str) -> Refresher | None:
+            return _refresher(refresh, cache, display)
+
+        batch_options = BatchOptions(
+            maxsize, chosen, key, finish_timeout, name, max_batch, max_wait, refresher
+        )
+        decorate = BatchDecorator(batch_options)
+        if func is not None:
+            return decorate(func)
         return decorate
 
     @staticmethod

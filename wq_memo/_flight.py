@@ -210,6 +210,7 @@ class FlightTable(Generic[K, R]):
         "maxsize",
         "miss",
         "nested",
+        "on_close",
         "on_refresh_failed",
         "plain",
         "slotless",
@@ -255,6 +256,8 @@ class FlightTable(Generic[K, R]):
         )
         self.slotless = slotless
         self.on_refresh_failed = on_refresh_failed
+        self.on_close: Callable[[], None] | None = None
+        """Told when the table closes (batch functions send the keys they gather at once)."""
         self.flights: dict[K, Flight[K, R]] = {}
         self.lookups: Lookups[K] = Lookups()
         self.slots: Slots[Flight[K, R]] = Slots(maxsize, self._admit, loop)
@@ -1009,6 +1012,8 @@ class FlightTable(Generic[K, R]):
     def close(self) -> None:
         """Refuse new work: callers of items still waiting for room get QueueShutDown."""
         self.closing = True
+        if self.on_close is not None:
+            self.on_close()
         slots = self.slots
         for flight in [f for f in slots.line if not f.wanted()]:
             slots.remove(flight)

@@ -4,6 +4,7 @@ step by step, with every invariant checked after each rule."""
 from __future__ import annotations
 
 from ._machinery import replay
+from .test_batch_machine import BatchMachine
 from .test_decorator_machine import AsyncCacheMachine, SingleFlightMachine
 from .test_queue_machine import WorkerQueueMachine
 
@@ -40,4 +41,16 @@ def test_an_item_waiting_in_line_runs_in_its_first_callers_context() -> None:
         WorkerQueueMachine,
         "make_queue(maxsize=1, yielding=True); calls(batch=['a', 'b', 'b']);"
         "release(fail=False, none=False, pick=0)",
+    )
+
+
+def test_a_key_left_out_of_its_batch_is_neither_sent_nor_stored() -> None:
+    # 'b' waits in line behind 'a' and its one caller leaves: the batch leaves it out. (A library
+    # that sent it anyway called the batch function for nobody; one that did not forget its
+    # item stored what the left-out item returned.)
+    replay(
+        BatchMachine,
+        "decorate(maxsize=1, max_batch=1); calls(batch=['a', 'b']);"
+        "cancel(picks=[1], whole_key=False);"
+        "answer(pick=0, plan=['value', 'value', 'value', 'value'], short=False)",
     )

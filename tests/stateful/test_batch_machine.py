@@ -1,0 +1,446 @@
+"""Model-based test of worker_queue.batch: calls, batches finishing in any order, per-key
+failures, missing keys, cancellations, invalidations, primes, clears and closes.
+
+The machine predicts every batch: the keys of one rule's calls (one turn of the loop) that start
+a load go, in the order of their first callers, into batches of at most ``max_batch`` keys,
+opened by the first caller of their first key; batches start in the order they were made, at
+most ``maxsize`` at once, leaving out the keys whose callers have all left. Each call of the
+batch function is held by its gate until a rule answers it; every answer names the call that
+made it (a ``Value`` or an exception of its own), so that an outcome tells where it came from.
+
+Checked: each call of the batch function is the batch the model predicts (its keys, each once,
+none under way in another batch unless invalidated meanwhile, its opener's context); at most
+``maxsize`` run; every caller gets its key's outcome from the batch that loaded it for that
+caller (or the cached value, or ShutdownTimeout from a close); the cache holds exactly the
+values the model stored; the counts agree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
+
+from wq_memo import ShutdownTimeout, worker_queue
+from wq_memo._batch import check as check_batches
+
+from ._machinery import (
+    FINISH_TIMEOUT,
+    TENANT,
+    ComputationFailed,
+    FastForwardLoop,
+    Value,
+    keys,
+)
+
+OUTCOMES = ("value", "fail", "missing", "error")
+"""What a batch answers for one key: a value, an exception as the value, no entry at all, or
+(for every key) the batch function raises."""
+
+
+@dataclass(eq=False)
+class Call:
+    """One call of the batch function, held by its gate."""
+
+    id: int
+    keys: list[str]
+    tenant: int | None
+    gate: asyncio.Event = field(default_factory=asyncio.Event)
+    plan: dict[str, str] = field(default_factory=dict)
+    whole: str | None = None
+    """"error": the batch function raises; "short": it returns too few values."""
+    values: dict[str, Value] = field(default_factory=dict)
+    failures: dict[str, BaseException] = field(default_factory=dict)
+    cancelled: bool = False
+    finished: bool = False
+
+
+@dataclass(eq=False)
+class Flight:
+    """The model of one key's load: its callers, the batch it is in."""
+
+    key: str
+    callers: list[Caller] = field(default_factory=list)
+    forgotten: bool = False
+    outcome: tuple[str, Any] | None = None
+    """("value", Value) or ("raise", exception) or ("missing", None) once delivered."""
+
+
+@dataclass(eq=False)
+class Batch:
+    """The model of one batch: its flights in order, its opener, its call once it runs."""
+
+    opener: int
+    flights: list[Flight] = field(default_factory=list)
+    call: Call | None = None
+
+
+@dataclass(eq=False)
+class Caller:
+    id: int
+    key: str
+    task: asyncio.Task[Any]
+    hit: Value | None = None
+    flight: Flight | None = None
+    cancel_requested: bool = False
+    checked: bool = False
+
+
+class BatchMachine(RuleBasedStateMachine):
+    """Drives a batch function with a dict for cache on a loop the machine owns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loop = FastForwardLoop()
+        self.calls_made: list[Call] = []
+        self.unmatched: deque[Call] = deque()
+        self.callers: list[Caller] = []
+        self.live: dict[str, Flight] = {}
+        self.line: deque[Batch] = deque()
+        self.running: list[Batch] = []
+        self.cached: dict[str, Value] = {}
+        self.violations: list[str] = []
+        self.values = 0
+        self.hits = self.misses = self.joined = self.batches = 0
+        self.closing = False
+
+    @initialize(maxsize=st.integers(1, 3), max_batch=st.integers(1, 4))
+    def decorate(self, maxsize: int, max_batch: int) -> None:
+        self.maxsize = maxsize
+        self.max_batch = max_batch
+        self.cache: dict[str, Value] = {}
+        self.load = worker_queue.batch(
+            maxsize=maxsize, max_batch=max_batch, cache=self.cache, finish_timeout=FINISH_TIMEOUT
+        )(self.batch_function)
+
+    # -- the batch function ------------------------------------------------------------------------
+
+    async def batch_function(self, batch_keys: list[str]) -> Any:
+        call = Call(len(self.calls_made), list(batch_keys), TENANT.get())
+        self.calls_made.append(call)
+        self.unmatched.append(call)
+        if len(set(batch_keys)) != len(batch_keys):
+            self.violations.append(f"a key sent twice in one batch: {batch_keys}")
+        under_way = [c for c in self.calls_made if not c.finished and not c.cancelled]
+        if len(under_way) > self.maxsize:
+            self.violations.append(f"{len(under_way)} batches at once, maxsize={self.maxsize}")
+        try:
+            await call.gate.wait()
+        except asyncio.CancelledError:
+            call.cancelled = True
+            raise
+        finally:
+            call.finished = True
+        if call.whole == "error":
+            raise call.failures[""]
+        if call.whole == "short":
+            return [call.values.get(k) for k in batch_keys][:-1]
+        answer: dict[str, Any] = {}
+        for k in batch_keys:
+            how = call.plan[k]
+            if how == "value":
+                answer[k] = call.values[k]
+            elif how == "fail":
+                answer[k] = call.failures[k]
+        return answer
+
+    # -- the loop ----------------------------------------------------------------------------------
+
+    def drive(self) -> None:
+        loop = self.loop
+        for _ in range(1000):
+            loop.call_soon(loop.stop)
+            loop.run_forever()
+            if not loop._ready:  # type: ignore[attr-defined]
+                break
+        else:
+            raise AssertionError("the event loop never became idle")
+
+    def teardown(self) -> None:
+        loop = self.loop
+        if loop.is_closed():
+            return
+        tasks = asyncio.all_tasks(loop)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+
+    # -- the model ---------------------------------------------------------------------------------
+
+    async def as_tenant(self, caller_id: int, key: str) -> Any:
+        TENANT.set(caller_id)
+        try:
+            return await self.load(key)
+        finally:
+            if TENANT.get() != caller_id:
+                self.violations.append(f"caller #{caller_id}'s context was changed by its call")
+
+    def admit(self) -> None:
+        """Start the batches in line while there is room, as the model says they start."""
+        while self.line and len(self.running) < self.maxsize:
+            batch = self.line.popleft()
+            kept = []
+            for flight in batch.flights:
+                if any(not c.task.done() for c in flight.callers):
+                    kept.append(flight)
+                else:  # every caller left: left out, and forgotten
+                    flight.forgotten = True
+                    if self.live.get(flight.key) is flight:
+                        del self.live[flight.key]
+            batch.flights = kept
+            if not kept:
+                continue
+            if not self.unmatched:
+                self.violations.append(f"batch {[f.key for f in kept]} never sent")
+                continue
+            call = self.unmatched.popleft()
+            batch.call = call
+            self.batches += 1
+            expected = [f.key for f in kept]
+            if call.keys != expected:
+                self.violations.append(f"call #{call.id} sent {call.keys}, expected {expected}")
+            if call.tenant != batch.opener:
+                self.violations.append(
+                    f"call #{call.id} ran as caller #{call.tenant}, opened by #{batch.opener}"
+                )
+            for other in self.running:
+                for flight in other.flights:
+                    if flight.key in call.keys and not flight.forgotten:
+                        self.violations.append(
+                            f"{flight.key!r} sent in call #{call.id} while under way in "
+                            f"call #{other.call.id if other.call else None}"
+                        )
+            self.running.append(batch)
+
+    def check_sent(self) -> None:
+        if self.unmatched:
+            self.violations.append(f"calls the model did not expect: {list(self.unmatched)}")
+            self.unmatched.clear()
+
+    def forget(self, key: str) -> None:
+        flight = self.live.pop(key, None)
+        if flight is not None:
+            flight.forgotten = True
+
+    # -- rules -------------------------------------------------------------------------------------
+
+    @rule(batch=st.lists(keys, min_size=1, max_size=6))
+    def calls(self, batch: list[str]) -> None:
+        """Calls made in one turn of the loop."""
+        made: Batch | None = None
+        for key in batch:
+            caller_id = len(self.callers)
+            task = self.loop.create_task(self.as_tenant(caller_id, key))
+            caller = Caller(caller_id, key, task)
+            self.callers.append(caller)
+            if key in self.cached:
+                caller.hit = self.cached[key]
+                self.hits += 1
+                continue
+            flight = self.live.get(key)
+            if flight is None:
+                flight = self.live[key] = Flight(key)
+                self.misses += 1
+                if made is None or len(made.flights) == self.max_batch:
+                    made = Batch(caller_id)
+                    self.line.append(made)
+                made.flights.append(flight)
+            else:
+                self.joined += 1
+            flight.callers.append(caller)
+            caller.flight = flight
+        self.drive()
+        self.admit()
+        self.check_sent()
+
+    @precondition(lambda self: self.running)
+    @rule(
+        pick=st.integers(0, 7),
+        plan=st.lists(st.sampled_from(OUTCOMES), min_size=4, max_size=4),
+        short=st.booleans(),
+    )
+    def answer(self, pick: int, plan: list[str], short: bool) -> None:
+        """One running batch answers: per key a value, an exception, nothing; or it raises."""
+        batch = self.running.pop(pick % len(self.running))
+        call = batch.call
+        assert call is not None
+        outcomes: dict[str, tuple[str, Any]] = {}
+        if "error" in plan or short:
+            call.whole = "error" if "error" in plan else "short"
+            failure = ComputationFailed(call.id)
+            call.failures[""] = failure
+            for k in call.keys:
+                call.values[k] = self.new_value()
+                outcomes[k] = ("raise", failure) if call.whole == "error" else ("short", None)
+        else:
+            for k, how in zip(call.keys, plan, strict=False):
+                call.plan[k] = how
+                if how == "value":
+                    call.values[k] = value = self.new_value()
+                    outcomes[k] = ("value", value)
+                elif how == "fail":
+                    call.failures[k] = failure = ComputationFailed(call.id)
+                    outcomes[k] = ("raise", failure)
+                else:
+                    outcomes[k] = ("missing", None)
+        call.gate.set()
+        for flight in batch.flights:
+            flight.outcome = outcomes[flight.key]
+            if self.live.get(flight.key) is flight:
+                del self.live[flight.key]
+                if flight.outcome[0] == "value":
+                    self.cached[flight.key] = flight.outcome[1]
+        self.drive()
+        self.admit()
+        self.check_sent()
+
+    def new_value(self) -> Value:
+        self.values += 1
+        return Value(self.values)
+
+    @precondition(lambda self: any(not c.task.done() for c in self.callers))
+    @rule(picks=st.lists(st.integers(0, 15), min_size=1, max_size=3), whole_key=st.booleans())
+    def cancel(self, picks: list[int], whole_key: bool) -> None:
+        """Some callers leave (``whole_key``: every caller of their keys); their keys' batches
+        go on for the others, and a batch not started yet leaves out a key nobody waits for."""
+        pending = [c for c in self.callers if not c.task.done()]
+        chosen = {pending[pick % len(pending)] for pick in picks}
+        if whole_key:
+            left = {c.key for c in chosen}
+            chosen = {c for c in pending if c.key in left}
+        for caller in chosen:
+            caller.cancel_requested = True
+            caller.task.cancel()
+        self.drive()
+        self.check_sent()
+
+    @rule(key=keys, use_async=st.booleans())
+    def invalidate(self, key: str, use_async: bool) -> None:
+        """Invalidation wins: the batch under way for key does not store it."""
+        if use_async:
+            removed = self.loop.run_until_complete(self.load.acache_invalidate(key))
+        else:
+            removed = self.load.cache_invalidate(key)
+        assert removed == (self.cached.pop(key, None) is not None)
+        self.forget(key)
+        self.drive()
+
+    @rule(key=keys, use_async=st.booleans())
+    def prime(self, key: str, use_async: bool) -> None:
+        """A prime wins over the batch under way for key."""
+        value = self.new_value()
+        if use_async:
+            self.loop.run_until_complete(self.load.acache_prime(value, key))
+        else:
+            self.load.cache_prime(value, key)
+        self.cached[key] = value
+        self.forget(key)
+        self.drive()
+
+    @rule(use_async=st.booleans())
+    def clear(self, use_async: bool) -> None:
+        if use_async:
+            self.loop.run_until_complete(self.load.acache_clear())
+        else:
+            self.load.cache_clear()
+        self.cached.clear()
+        for key in list(self.live):
+            self.forget(key)
+        self.hits = self.misses = self.joined = self.batches = 0
+        self.drive()
+
+    @rule()
+    def close(self) -> None:
+        """Close with batches under way: nothing answers, so finish_timeout aborts them."""
+        closing = self.loop.create_task(self.load.queue.aclose())
+        self.drive()
+        if not closing.done():
+            self.loop.offset += FINISH_TIMEOUT
+            self.loop.run_until_complete(asyncio.wait_for(closing, 5))
+        self.drive()
+        for batch in self.running:
+            assert batch.call is not None
+            if not batch.call.cancelled:
+                self.violations.append(f"call #{batch.call.id} outlived the shutdown")
+        for batch in [*self.running, *self.line]:
+            for flight in batch.flights:
+                flight.forgotten = True
+                flight.outcome = ("shutdown", None)
+        self.running.clear()
+        self.line.clear()
+        self.live.clear()
+        assert not [c for c in self.callers if not c.task.done()], "callers left after aclose()"
+        self.check_sent()
+
+    # -- invariants --------------------------------------------------------------------------------
+
+    @invariant()
+    def no_violation(self) -> None:
+        assert not self.violations, self.violations
+
+    @invariant()
+    def every_caller_gets_its_keys_outcome(self) -> None:
+        for caller in self.callers:
+            if caller.checked or not caller.task.done():
+                continue
+            caller.checked = True
+            task = caller.task
+            if caller.cancel_requested and task.cancelled():
+                continue
+            assert not task.cancelled(), f"caller #{caller.id} cancelled by nobody"
+            error = task.exception()
+            result = None if error is not None else task.result()
+            if caller.hit is not None:
+                assert result is caller.hit, (caller, result, error)
+                continue
+            flight = caller.flight
+            assert flight is not None
+            assert flight.outcome is not None, f"caller #{caller.id} answered before its batch"
+            how, what = flight.outcome
+            if how == "value":
+                assert result is what, (caller, result, error, what)
+            elif how == "raise":
+                assert error is what, (caller, error, what)
+            elif how == "missing":
+                assert isinstance(error, KeyError), (caller, error)
+                assert repr(caller.key) in str(error), error
+            elif how == "short":
+                assert isinstance(error, ValueError), (caller, error)
+                assert "batch_function" in str(error), error
+            else:
+                assert isinstance(error, ShutdownTimeout), (caller, error)
+
+    @invariant()
+    def the_cache_holds_what_the_model_stored(self) -> None:
+        assert set(self.cache) == set(self.cached), (self.cache, self.cached)
+        for key, value in self.cached.items():
+            assert self.cache[key] is value, (key, self.cache[key], value)
+
+    @invariant()
+    def the_counts_agree(self) -> None:
+        info = self.load.cache_info()
+        got = (info.hits, info.misses, info.joined, info.batches)
+        assert got == (self.hits, self.misses, self.joined, self.batches), got
+
+    @invariant()
+    def the_batches_are_consistent(self) -> None:
+        check_batches(self.load)
+        assert len(self.running) <= self.maxsize
+
+
+def test_batch_machine() -> None:
+    run_state_machine_as_test(BatchMachine)

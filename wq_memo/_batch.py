@@ -1,0 +1,794 @@
+"""worker_queue.batch(): load many keys in one call of the batch function, cached per key.
+
+Each key is an item of the hidden queue's flight table, as a call of a memoized function is:
+single flight per key, its callers' counts, invalidation that wins (a forgotten item stores
+nothing), the one store of values (_store), shutdown. The table is ``slotless``: an item starts
+at once, and its computation (``_Batcher.compute``) puts its key in the batch being gathered
+and waits for that batch's answer for it. The bound is on batches, not keys: at most
+``maxsize`` batches run at once, in a ``Slots`` of their own, started in the order they were
+closed (the order of their first keys).
+
+A batch is gathered, in line, running, then done:
+
+- gathered: open to keys until the end of the loop's turn (``max_wait=0``), or ``max_wait``
+  seconds, or until it holds ``max_batch`` keys; then closed, it starts or waits in line.
+- in line: keys may still leave it (their items cancelled by a shutdown).
+- running: the keys whose items nobody waits for any more are left out as it starts (those
+  items are forgotten: a later call starts afresh); the others are sent, each once, in a copy
+  of the context of the caller whose key opened it. Its answer is split among its keys.
+
+Refresh-ahead: a key found due is refreshed by a background item of the table, which joins the
+batch being gathered like any key. A batch of such items only, that no caller has joined, is
+low-priority: it takes only a spare slot (``Slots.refresh_line``), so that no caller's batch
+waits behind it; a caller who joins one of its keys while it waits promotes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import inspect
+import logging
+import math
+from collections.abc import (
+    Awaitable,
+    Callable,
+    Coroutine,
+    Hashable,
+    Iterable,
+    Mapping,
+    MutableMapping,
+    Sequence,
+)
+from typing import Any, Final, Generic, NamedTuple, Protocol, TypeVar, final, overload
+
+from . import _listeners, _memo_registry, _naming
+from ._controls import CacheKind, MappingKind, NoCacheKind
+from ._counts import Counts, count_hit
+from ._engine import Engine
+from ._flight import Flight, FlightTable
+from ._nesting import current
+from ._queue import WorkerQueue, facade, is_async_callable
+from ._refresh import NEVER, Refresher
+from ._slots import Slots
+from ._store import Store
+from ._switch import SWITCH
+from ._ttl_lookup import fast_lookup
+from .backends._protocol import MISSING, AsyncCache, Missing
+
+__all__ = ("BatchDecorator", "BatchInfo", "BatchOptions", "Batched", "batch_decorator", "check")
+
+K = TypeVar("K", bound=Hashable)
+K_contra = TypeVar("K_contra", bound=Hashable, contravariant=True)
+V = TypeVar("V")
+
+logger = logging.getLogger("wq_memo")
+
+_LEFT_OUT: Final[Any] = object()
+"""What the computation of a key left out of its batch returns: nobody receives it, and its
+item, forgotten, stores nothing."""
+
+
+class BatchInfo(NamedTuple):
+    """What a batch function's cache_info() reports: CacheInfo's counts, per key, and the
+    calls of the batch function."""
+
+    hits: int
+    """Keys answered by the cache."""
+    misses: int
+    """Keys that started a load (sent in a batch, unless left out)."""
+    joined: int
+    """Keys that joined a load already under way."""
+    maxsize: int | None
+    """The cache's maxsize (None: unbounded, or no cache)."""
+    currsize: int | None
+    """The cache's current size."""
+    refreshes: int = 0
+    """Keys refreshed in the background (refresh_after)."""
+    refresh_failures: int = 0
+    """Background refreshes that failed."""
+    bypassed: int = 0
+    """Keys loaded directly, caching switched off (wq_memo.disabled())."""
+    uncached: int = 0
+    """CacheInfo's, always 0: batch functions take no result policy (cache_if, ttl) yet."""
+    stale: int = 0
+    """CacheInfo's, always 0: batch functions take no stale_if_error yet."""
+    batches: int = 0
+    """Calls of the batch function."""
+
+
+class Batched(Protocol[K_contra, V]):
+    """What @worker_queue.batch returns: ``await f(key)`` for one key, ``await f.many(keys)``
+    for many, each answered from the cache or loaded in batches; the controls of a memoized
+    function, per key."""
+
+    __name__: str
+    __qualname__: str
+
+    def __call__(self, key: K_contra, /) -> Coroutine[Any, Any, V]: ...
+
+    async def many(self, keys: Iterable[K_contra], /) -> list[V]:
+        """The values of keys, in their order (duplicates allowed); raises the failure of the
+        first key, in that order, that failed."""
+        ...
+
+    @property
+    def queue(self) -> WorkerQueue[Any, Any]:
+        """The hidden WorkerQueue whose items are the keys being loaded (its maxsize,
+        ``maxsize * max_batch``, bounds the keys refreshed in the background at once)."""
+        ...
+
+    @property
+    def cache(self) -> MutableMapping[Any, Any] | None:
+        """The cache given to the decorator (None: deduplication and batching only)."""
+        ...
+
+    def cache_info(self) -> BatchInfo:
+        """Hits, misses and joins per key, batches run, and the cache's size."""
+        ...
+
+    def cache_clear(self) -> None:
+        """Empty the cache and set cache_info()'s counts back to zero."""
+        ...
+
+    async def acache_clear(self) -> None:
+        """The same as cache_clear()."""
+        ...
+
+    def cache_invalidate(self, key: K_contra, /) -> bool:
+        """Remove key's entry; a batch under way does not store key's value."""
+        ...
+
+    async def acache_invalidate(self, key: K_contra, /) -> bool:
+        """The same as cache_invalidate()."""
+        ...
+
+    def cache_prime(self, value: V, key: K_contra, /) -> None:
+        """Store value as key's; a batch under way does not overwrite it."""
+        ...
+
+    async def acache_prime(self, value: V, key: K_contra, /) -> None:
+        """The same as cache_prime()."""
+        ...
+
+    def cache_peek(self, key: K_contra, /) -> V | Missing:
+        """key's cached value, or MISSING: nothing loaded, nothing counted."""
+        ...
+
+    async def acache_peek(self, key: K_contra, /) -> V | Missing:
+        """The same as cache_peek()."""
+        ...
+
+    async def refresh(self, key: K_contra, /) -> V:
+        """Load key anew in a batch (joining a load of it under way), store it, return it."""
+        ...
+
+
+class _Entry:
+    """One key of a batch: the key the batch function is given, and each item waiting for its
+    value (more than one only if the key was invalidated while the batch was gathered), each
+    with the future its computation awaits."""
+
+    __slots__ = ("key", "waiting")
+
+    def __init__(self, key: Any) -> None:
+        self.key = key
+        self.waiting: list[tuple[Flight[Any, Any], asyncio.Future[Any]]] = []
+
+
+class _Batch:
+    """The keys of one call of the batch function, by cache key, in the order they came."""
+
+    __slots__ = ("context", "entries", "spare", "task", "timer")
+
+    def __init__(self, context: contextvars.Context) -> None:
+        self.context = context
+        self.spare = False
+        """Runs in a spare slot: only background refreshes, nobody waiting, when it started."""
+        self.entries: dict[Hashable, _Entry] = {}
+        self.task: asyncio.Task[None] | None = None
+        """Set once it runs."""
+        self.timer: asyncio.TimerHandle | asyncio.Handle | None = None
+        """What closes it, while it is gathered."""
+
+    def __repr__(self) -> str:
+        state = "gathered" if self.timer is not None else "running" if self.task else "in line"
+        return f"<batch {state} keys={list(self.entries)}>"
+
+    def waiting(self) -> bool:
+        """Whether a computation still awaits this batch's answer."""
+        return any(not f.done() for e in self.entries.values() for _, f in e.waiting)
+
+    def low(self) -> bool:
+        """Whether it holds only background refreshes that no caller has joined."""
+        return all(
+            flight.background and not flight.callers
+            for entry in self.entries.values()
+            for flight, _ in entry.waiting
+        )
+
+    def holds(self, key: Hashable) -> bool:
+        return key in self.entries
+
+
+class _Line:
+    """The batches of one flight table (one event loop): the one gathered, those in line for
+    a slot, those running."""
+
+    __slots__ = ("gathered", "loop", "running", "slots", "table")
+
+    def __init__(self, table: FlightTable[Any, Any], maxsize: int, admit: Any) -> None:
+        self.table = table
+        self.loop = table.loop
+        self.gathered: _Batch | None = None
+        self.running: set[_Batch] = set()
+        self.slots: Slots[_Batch] = Slots(maxsize, admit, table.loop)
+
+
+@final
+class _Batcher(Generic[K, V]):
+    """The batches of one batch function: gathering keys, bounding and running batches,
+    splitting their answers among keys."""
+
+    __slots__ = (
+        "_line",
+        "batches",
+        "display",
+        "engine",
+        "func",
+        "max_batch",
+        "max_wait",
+        "maxsize",
+    )
+
+    def __init__(
+        self,
+        func: Callable[[list[K]], Awaitable[Any]],
+        display: str,
+        maxsize: int,
+        max_batch: int,
+        max_wait: float,
+    ) -> None:
+        self.func = func
+        self.maxsize = maxsize
+        self.display = display
+        self.max_batch = max_batch
+        self.max_wait = max_wait
+        self.engine: Engine[Hashable, V] | None = None
+        self._line: _Line | None = None
+        self.batches = 0
+        """Calls of the batch function since the last clear."""
+
+    def line(self) -> _Line:
+        """The batches of the engine's flight table now (a new table, a new line)."""
+        engine = self.engine
+        assert engine is not None
+        assert engine.table is not None
+        line = self._line
+        if line is None or line.table is not engine.table:
+            line = self._line = _Line(engine.table, self.maxsize, self._admit)
+            engine.table.on_close = self._closing
+        return line
+
+    def _closing(self) -> None:
+        """The queue closes: no key can come to the batch gathered any more; it leaves now."""
+        line = self._line
+        if line is not None and line.gathered is not None:
+            self._close(line, line.gathered)
+
+    async def compute(self, flight: Flight[Hashable, V]) -> V:
+        """The computation of one key's item: its value from the batch it joins."""
+        line = self.line()
+        loop = line.loop
+        waiter: asyncio.Future[V] = loop.create_future()
+        batch = line.gathered
+        if batch is None:
+            context = contextvars.copy_context()
+            # The batch computes for every key in it, not within this key's computation.
+            context.run(current.set, None)
+            batch = line.gathered = _Batch(context)
+            if self.max_wait:
+                batch.timer = loop.call_later(self.max_wait, self._close, line, batch)
+            else:
+                batch.timer = loop.call_soon(self._close, line, batch)
+        entry = batch.entries.get(flight.key)
+        if entry is None:
+            entry = batch.entries[flight.key] = _Entry(flight.args[0])
+        entry.waiting.append((flight, waiter))
+        if len(batch.entries) >= self.max_batch:
+            self._close(line, batch)
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            self._leave(batch, flight, waiter)
+            raise
+
+    def _leave(self, batch: _Batch, flight: Flight[Hashable, V], waiter: asyncio.Future[V]) -> None:
+        """A key's computation was cancelled (a shutdown aborts it): it leaves its batch; a
+        batch running that nobody waits for any more is cancelled."""
+        entry = batch.entries.get(flight.key)
+        if entry is not None and batch.task is None:
+            entry.waiting = [(f, w) for f, w in entry.waiting if w is not waiter]
+            if not entry.waiting:
+                del batch.entries[flight.key]
+        elif batch.task is not None and not batch.waiting():
+            batch.task.cancel()
+
+    def _close(self, line: _Line, batch: _Batch) -> None:
+        """Gathering batch ends: it starts, or waits in line for a slot."""
+        if line.gathered is not batch:
+            return
+        line.gathered = None
+        timer, batch.timer = batch.timer, None
+        if timer is not None:
+            timer.cancel()
+        slots = line.slots
+        if batch.low():
+            # Background refreshes only: in a spare slot, as single refreshes run, so that no
+            # caller's batch waits behind them.
+            if slots.spare_free() and not slots.refresh_line:
+                self._start(line, batch, spare=True)
+            else:
+                slots.enqueue(batch, low=True)
+        elif slots.has_room():
+            self._start(line, batch)
+        else:
+            slots.enqueue(batch)
+
+    def promote(self, key: Hashable) -> None:
+        """A caller joined key's background refresh: if its batch waits for a spare slot, it
+        takes its turn among the callers' batches now."""
+        line = self._line
+        if line is None:
+            return
+        slots = line.slots
+        for batch in slots.refresh_line:
+            if batch.holds(key):
+                if slots.has_room():
+                    slots.remove(batch)
+                    self._start(line, batch)
+                else:
+                    slots.promote(batch)
+                return
+
+    def _admit(self, batch: _Batch, spare: bool) -> None:
+        """batch's turn for a slot has come (``spare``: a spare one, for refreshes only)."""
+        line = self._line
+        assert line is not None
+        self._start(line, batch, spare)
+
+    def _start(self, line: _Line, batch: _Batch, spare: bool = False) -> None:
+        """Run batch in a slot, leaving out the keys nobody waits for any more."""
+        line.slots.take(spare=spare)
+        batch.spare = spare
+        table = line.table
+        for k, entry in list(batch.entries.items()):
+            kept = []
+            for flight, waiter in entry.waiting:
+                if waiter.done():
+                    continue
+                if flight.wanted():
+                    kept.append((flight, waiter))
+                    continue
+                # Every caller left before the batch started: leave the key out, and let a
+                # later call start afresh rather than join an item that never computes.
+                if not flight.forgotten:
+                    table.forget(flight.key)
+                waiter.set_result(_LEFT_OUT)
+            if kept:
+                entry.waiting = kept
+            else:
+                del batch.entries[k]
+        if not batch.entries:
+            self._release(line, batch)
+            return
+        self.batches += 1
+        line.running.add(batch)
+        batch.task = line.loop.create_task(self._run(line, batch), context=batch.context)
+
+    async def _run(self, line: _Line, batch: _Batch) -> None:
+        keys = [entry.key for entry in batch.entries.values()]
+        try:
+            answer = await self.func(keys)
+            outcomes = self._split(keys, answer)
+        except BaseException as exc:
+            for entry in batch.entries.values():
+                for _, waiter in entry.waiting:
+                    if waiter.done():
+                        continue
+                    if isinstance(exc, asyncio.CancelledError):
+                        waiter.cancel()
+                    else:
+                        waiter.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise  # cancelled (nobody waits), KeyboardInterrupt: after telling the keys
+        else:
+            for entry, (ok, what) in zip(batch.entries.values(), outcomes, strict=True):
+                for _, waiter in entry.waiting:
+                    if waiter.done():
+                        continue
+                    if ok:
+                        waiter.set_result(what)
+                    else:
+                        waiter.set_exception(what)
+        finally:
+            line.running.discard(batch)
+            self._release(line, batch)
+
+    @staticmethod
+    def _release(line: _Line, batch: _Batch) -> None:
+        if batch.spare:
+            batch.spare = False
+            line.slots.unspare()
+        line.slots.release()
+
+    def _split(self, keys: list[K], answer: Any) -> list[tuple[bool, Any]]:
+        """Each key's outcome from the batch function's answer: (True, value) or (False,
+        exception), in the order of keys."""
+        if isinstance(answer, Mapping):
+            outcomes: list[tuple[bool, Any]] = []
+            for k in keys:
+                try:
+                    value = answer[k]
+                except KeyError:
+                    outcomes.append((False, self._missing(k)))
+                    continue
+                outcomes.append(_outcome(value))
+            return outcomes
+        if isinstance(answer, Sequence) and not isinstance(answer, str | bytes | bytearray):
+            if len(answer) != len(keys):
+                raise ValueError(
+                    f"{self.display}() returned {len(answer)} values for {len(keys)} keys; "
+                    "return a mapping from key to value, or a sequence with one value per key "
+                    "in the order given"
+                )
+            return [_outcome(value) for value in answer]
+        raise TypeError(
+            f"{self.display}() returned {type(answer).__name__}; a batch function returns a "
+            "mapping from key to value, or a sequence with one value per key in the order given"
+        )
+
+    def _missing(self, k: Any) -> KeyError:
+        return KeyError(f"{self.display}() returned no value for key {k!r}")
+
+    async def direct(self, keys: list[K], counts: Counts) -> list[V]:
+        """Load keys with the batch function itself, caching switched off (disabled())."""
+        for _ in keys:
+            counts.bypassed += 1
+            _listeners.bypassed(counts.name)
+        distinct = list(dict.fromkeys(keys))
+        outcomes = dict(
+            zip(distinct, self._split(distinct, await self.func(distinct)), strict=True)
+        )
+        values = []
+        for k in keys:
+            ok, what = outcomes[k]
+            if not ok:
+                raise what
+            values.append(what)
+        return values
+
+    def check(self) -> None:
+        """Assert the batches' invariants (for tests): no batch holds more than ``max_batch``
+        keys; at most ``maxsize`` run; a batch in line or gathered has not started."""
+        line = self._line
+        if line is None:
+            return
+        assert len(line.running) <= line.slots.maxsize, line.running
+        assert line.slots.running >= len(line.running)
+        batches = [*line.running, *line.slots.line, *line.slots.refresh_line]
+        if line.gathered is not None:
+            batches.append(line.gathered)
+        for batch in batches:
+            assert len(batch.entries) <= self.max_batch, batch
+        assert line.slots.spare == sum(b.spare for b in line.running), line.running
+        for batch in (*line.slots.line, *line.slots.refresh_line):
+            assert batch.task is None, batch
+            assert batch.timer is None, batch
+
+
+def check(batched: object) -> None:
+    """Assert the invariants of a batch function's batches (for tests)."""
+    batcher: _Batcher[Any, Any] = batched._batcher  # type: ignore[attr-defined]
+    batcher.check()
+
+
+def _outcome(value: Any) -> tuple[bool, Any]:
+    if isinstance(value, BaseException):
+        return False, value
+    return True, value
+
+
+class _BatchKind:
+    """The controls of a batch function: those of its kind of cache, per key, and its batches
+    counted in cache_info()."""
+
+    __slots__ = ("_batcher", "kind")
+
+    def __init__(self, kind: CacheKind, batcher: _Batcher[Any, Any]) -> None:
+        self.kind = kind
+        self._batcher = batcher
+
+    def cache_info(self) -> BatchInfo:
+        return BatchInfo(*self.kind.cache_info(), batches=self._batcher.batches)
+
+    def cache_clear(self) -> None:
+        try:
+            self.kind.cache_clear()
+        finally:
+            self._batcher.batches = 0
+
+    async def acache_clear(self) -> None:
+        self.cache_clear()
+
+    def cache_invalidate(self, key: Any, /) -> bool:
+        return self.kind.invalidate((key,), {})
+
+    async def acache_invalidate(self, key: Any, /) -> bool:
+        return self.cache_invalidate(key)
+
+    def cache_prime(self, value: Any, key: Any, /) -> None:
+        self.kind.prime(value, (key,), {})
+
+    async def acache_prime(self, value: Any, key: Any, /) -> None:
+        self.cache_prime(value, key)
+
+    def cache_peek(self, key: Any, /) -> Any:
+        return self.kind.peek((key,), {})
+
+    async def acache_peek(self, key: Any, /) -> Any:
+        return self.cache_peek(key)
+
+    async def refresh(self, key: Any, /) -> Any:
+        return await self.kind.refresh((key,), {})
+
+
+_CONTROLS: Final = (
+    "cache_info",
+    "cache_clear",
+    "acache_clear",
+    "cache_invalidate",
+    "acache_invalidate",
+    "cache_prime",
+    "acache_prime",
+    "cache_peek",
+    "acache_peek",
+    "refresh",
+)
+
+
+def _check_options(maxsize: object, max_batch: object, max_wait: object) -> None:
+    if isinstance(maxsize, bool) or not isinstance(maxsize, int) or maxsize < 1:
+        raise ValueError(
+            f"@worker_queue.batch: maxsize must be an int of at least 1, got {maxsize!r}"
+        )
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+        raise ValueError(
+            f"@worker_queue.batch: max_batch must be an int of at least 1, got {max_batch!r}"
+        )
+    if (
+        isinstance(max_wait, bool)
+        or not isinstance(max_wait, int | float)
+        or not (max_wait >= 0 and math.isfinite(max_wait))
+    ):
+        raise ValueError(
+            f"@worker_queue.batch: max_wait must be a number of seconds >= 0, got {max_wait!r}"
+        )
+
+
+class BatchOptions(NamedTuple):
+    maxsize: int
+    cache: MutableMapping[Any, Any] | None
+    key: Callable[[Any], Hashable] | None
+    finish_timeout: float
+    name: str | None
+    max_batch: int
+    max_wait: float
+    refresher: Callable[[MutableMapping[Any, Any] | None, str], Refresher | None]
+    """Makes the refresh-ahead policy asked for, given the cache and the function's name."""
+
+
+@final
+class BatchDecorator:
+    """What ``worker_queue.batch(...)`` returns: it decorates a batch function."""
+
+    __slots__ = ("_options",)
+
+    def __init__(self, options: BatchOptions) -> None:
+        _check_options(options.maxsize, options.max_batch, options.max_wait)  # at once
+        self._options = options
+
+    @overload
+    def __call__(
+        self, func: Callable[[list[K]], Awaitable[Mapping[K, V | BaseException]]], /
+    ) -> Batched[K, V]: ...
+
+    @overload
+    def __call__(
+        self, func: Callable[[list[K]], Awaitable[Sequence[V | BaseException]]], /
+    ) -> Batched[K, V]: ...
+
+    def __call__(self, func: Callable[[list[Any]], Awaitable[Any]], /) -> Batched[Any, Any]:
+        return batch_decorator(func, **self._options._asdict())
+
+    def __repr__(self) -> str:
+        o = self._options
+        return (
+            f"<wq_memo.worker_queue.batch(maxsize={o.maxsize}, max_batch={o.max_batch}, "
+            f"max_wait={o.max_wait}, cache={o.cache!r})>"
+        )
+
+
+def batch_decorator(
+    func: Callable[[list[K]], Awaitable[Any]],
+    *,
+    maxsize: int,
+    cache: MutableMapping[Any, Any] | AsyncCache | None,
+    key: Callable[[K], Hashable] | None,
+    finish_timeout: float,
+    name: str | None,
+    max_batch: int,
+    max_wait: float,
+    refresher: Callable[[MutableMapping[Any, Any] | None, str], Refresher | None],
+) -> Batched[K, V]:
+    """Make func, a batch function, into a ``Batched``; see worker_queue.batch."""
+    if isinstance(func, staticmethod | classmethod) or (
+        inspect.isfunction(func) and _naming.in_class_body(func)
+    ):
+        raise TypeError(
+            "@worker_queue.batch does not decorate methods; decorate a function, and call it "
+            "from the method"
+        )
+    if not is_async_callable(func):
+        raise TypeError(
+            f"@worker_queue.batch needs an async function (async def) taking a list of keys, "
+            f"got {func!r}; wrap a blocking function with asyncio.to_thread first"
+        )
+    _check_options(maxsize, max_batch, max_wait)
+    if key is not None and not callable(key):
+        raise TypeError(
+            f"@worker_queue.batch: key must be a function building a cache key from a key, "
+            f"got {key!r}"
+        )
+    if isinstance(cache, AsyncCache) and not isinstance(cache, MutableMapping):
+        raise TypeError(
+            "@worker_queue.batch: async caches are not supported yet; pass a MutableMapping "
+            "(such as a cachetools cache) or None"
+        )
+    if not (cache is None or isinstance(cache, MutableMapping)):
+        raise TypeError(
+            f"@worker_queue.batch: cache must be a MutableMapping (such as a cachetools cache) "
+            f"or None; got {cache!r}"
+        )
+    display = _naming.describe(func)
+    batcher: _Batcher[K, V] = _Batcher(func, display, maxsize, max_batch, float(max_wait))
+    policy = refresher(cache, display)
+
+    def key_now(k: Any) -> Hashable:
+        try:
+            ck: Hashable = k if key is None else key(k)
+            hash(ck)
+        except TypeError as exc:
+            raise TypeError(
+                f"{display}(): the key {k!r} cannot be a cache key ({exc}); pass key= to "
+                "@worker_queue.batch to build a hashable key from it"
+            ) from exc
+        return ck
+
+    def key_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Hashable:
+        return key_now(args[0])
+
+    store: Store[Hashable, V] | None = None
+    if cache is not None:
+        store = Store(display, mapping=cache, stored=None if policy is None else policy.stored)
+    # The queue's items are keys; its slots bound only the keys refreshed in the background at
+    # once (each holds a spare slot while its batch runs): up to maxsize full batches of them.
+    engine: Engine[Hashable, V] = Engine(
+        func,
+        maxsize * max_batch,
+        finish_timeout,
+        miss=MISSING,
+        compute=batcher.compute,
+        store=store,
+        slotless=True,
+        on_refresh_failed=None if policy is None else policy.failed,
+    )
+    batcher.engine = engine
+    counts = engine.counts
+    kind: CacheKind
+    if cache is None:
+        kind = NoCacheKind(engine, key_of)
+        find: Callable[[Hashable, object], Any] | None = None
+    else:
+        assert store is not None
+
+        def tables() -> FlightTable[Hashable, V] | None:
+            return engine.table
+
+        store.tables = tables
+        find = fast_lookup(cache) or cache.get
+        kind = MappingKind(engine, key_of, cache, store, None, policy, _no_hits, _nothing)
+    bind = engine.bind
+    due_get = None if policy is None else policy.due.get
+    clock = None if policy is None else policy.clock
+
+    def request(k: Any) -> V | asyncio.Future[V]:
+        """k's value if cached, else the future of its item (joined or started)."""
+        ck = key_now(k)
+        if find is not None:
+            value = find(ck, MISSING)
+            if value is not MISSING:
+                count_hit(counts)
+                if due_get is not None and clock is not None and clock() >= due_get(ck, NEVER):
+                    # Due: one background refresh, which goes in a batch like any key.
+                    assert policy is not None
+                    policy.started(ck)
+                    engine.table_now().refresh_in_background(ck, (k,), {})
+                return value  # type: ignore[no-any-return]
+        table = engine.table
+        if table is None or table.loop is not asyncio.get_running_loop():
+            table = bind()
+        flight = table.flights.get(ck)
+        future = table.call(ck, (k,))
+        if flight is not None and flight.background:
+            batcher.promote(ck)  # a caller now waits for that refresh
+        return future
+
+    async def load(k: K, /) -> V:
+        if SWITCH.watch and SWITCH.off():
+            return (await batcher.direct([k], counts))[0]
+        found = request(k)
+        if isinstance(found, asyncio.Future):
+            return await found
+        return found
+
+    async def many(keys: Iterable[K], /) -> list[V]:
+        keys = list(keys)
+        if SWITCH.watch and SWITCH.off():
+            return await batcher.direct(keys, counts)
+        found: dict[Hashable, Any] = {}
+        order: list[Hashable] = []
+        futures: list[asyncio.Future[V]] = []
+        try:
+            for k in keys:
+                ck = key_now(k)
+                order.append(ck)
+                if ck not in found:
+                    value = found[ck] = request(k)
+                    if isinstance(value, asyncio.Future):
+                        futures.append(value)
+            values = []
+            for ck in order:
+                value = found[ck]
+                if isinstance(value, asyncio.Future):
+                    value = found[ck] = await value
+                values.append(value)
+            return values
+        finally:
+            for future in futures:
+                future.cancel()  # this caller leaves what it no longer waits for
+
+    load.__dict__.update(
+        many=many,
+        queue=facade(engine),
+        cache=cache,
+        _cache_kind=kind,
+        _batcher=batcher,
+        _refresher=policy,
+    )
+    controls = _BatchKind(kind, batcher)
+    for control in _CONTROLS:
+        setattr(load, control, getattr(controls, control))
+    functools.update_wrapper(load, func)
+    _memo_registry.register(load)
+    _listeners.track(load, counts, name or display)
+    return load  # type: ignore[return-value]
+
+
+def _no_hits() -> int:
+    return 0
+
+
+def _nothing() -> None:
+    return None

@@ -396,7 +396,12 @@ class FlightTable(Generic[K, R]):
         del flight  # see call()
 
     def join(self, flight: Flight[K, R]) -> asyncio.Future[R]:
-        """Return a future for flight's outcome (the caller joins it)."""
+        """Return a future for flight's outcome (the caller joins it).
+
+        The caller is among flight's callers before anything here starts flight: a computation
+        may run its first step as it starts (an eager task, 3.12 and newer), and must see who
+        waits for it (a background refresh a caller joined is no longer one nobody awaits).
+        """
         waiter: asyncio.Future[R] = (
             Future(loop=self.loop) if self.plain else self.loop.create_future()
         )
@@ -404,11 +409,34 @@ class FlightTable(Generic[K, R]):
         if parent is not None:
             check_no_cycle(parent, flight)
             awaits(parent, flight, waiter)
-            if flight.state is _WAITING and (lender := self.lender_of(parent)) is not None:
+        outcome = flight.outcome
+        if outcome is not None:  # delivered already (its store on its way)
+            count_joined(self.counts)
+            if outcome[0]:
+                waiter.set_result(outcome[1])
+            elif isinstance(outcome[1], asyncio.CancelledError):
+                waiter.cancel()
+            else:
+                waiter.set_exception(outcome[1])
+                waiter.exception()  # retrieved: see _settle
+            return waiter
+        waiting = flight.state is _WAITING
+        # The first caller of a refresh in line for a spare slot: it takes its turn among the
+        # callers' computations (see _promote).
+        promote = waiting and flight.background and not flight.joiners
+        if not waiting:  # else counted when it starts (see _start)
+            count_joined(self.counts)
+        if flight.joiners is None:
+            flight.joiners = [waiter]
+        else:
+            flight.joiners.append(waiter)
+        if parent is not None:
+            if waiting and (lender := self.lender_of(parent)) is not None:
                 # Its callers' computations hold the slots it waits for: run it in theirs.
                 self.slots.remove(flight)
                 self._start(flight, True, lender=lender)
-            elif (
+                return waiter
+            if (
                 (asking := self.asking.get(flight)) is not None
                 and not asking.done()
                 and (lender := self.lender_of(parent)) is not None
@@ -421,25 +449,8 @@ class FlightTable(Generic[K, R]):
                 # Under way (slotless), its computation has not asked for a slot yet: it will
                 # borrow the caller's rather than wait for it (see slot()).
                 self.nested.setdefault(flight, []).append((parent, waiter))
-        if flight.state is _WAITING and flight.background and not flight.joiners:
+        if promote:
             self._promote(flight)
-        outcome = flight.outcome
-        if outcome is not None:  # delivered already (being stored, or ended in an eager step)
-            count_joined(self.counts)
-            if outcome[0]:
-                waiter.set_result(outcome[1])
-            elif isinstance(outcome[1], asyncio.CancelledError):
-                waiter.cancel()
-            else:
-                waiter.set_exception(outcome[1])
-                waiter.exception()  # retrieved: see _settle
-            return waiter
-        if flight.state is not _WAITING:  # else counted when it starts (see _start)
-            count_joined(self.counts)
-        if flight.joiners is None:
-            flight.joiners = [waiter]
-        else:
-            flight.joiners.append(waiter)
         return waiter
 
     def _promote(self, flight: Flight[K, R]) -> None:

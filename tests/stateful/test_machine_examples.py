@@ -7,6 +7,7 @@ from ._machinery import replay
 from .test_batch_machine import BatchMachine
 from .test_decorator_machine import AsyncCacheMachine, SingleFlightMachine
 from .test_queue_machine import WorkerQueueMachine
+from .test_store_machine import SingleFlightStoreMachine
 
 
 def test_two_computations_returning_none_are_told_apart() -> None:
@@ -53,4 +54,16 @@ def test_a_key_left_out_of_its_batch_is_neither_sent_nor_stored() -> None:
         "decorate(maxsize=1, max_batch=1); calls(batch=['a', 'b']);"
         "cancel(picks=[1], whole_key=False);"
         "answer(pick=0, plan=['value', 'value', 'value', 'value'], short=False)",
+    )
+
+
+def test_an_explicit_refresh_joining_a_background_refresh_is_never_deferred() -> None:
+    # 'a' holds the one slot; 'b', primed, is found due and refreshed in the background; then
+    # f.refresh('b') joins that refresh. The refresh now has a caller: it must compute in a
+    # caller's slot when its turn comes, never be deferred as a refresh nobody waits for.
+    replay(
+        SingleFlightStoreMachine,
+        "decorate(maxsize=1); calls(batch=['a']); prime(key='b', sync=False);"
+        "advance(seconds=2.0); advance(seconds=2.0); advance(seconds=2.0);"
+        "calls(batch=['b']); refresh(key='b')",
     )

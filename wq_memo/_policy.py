@@ -14,6 +14,7 @@ expired entry stays in the cache, where a failing recomputation may still serve 
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from collections.abc import Callable, Mapping
@@ -136,7 +137,11 @@ class Policy:
         ``ttl`` function fails or returns a bad value (logged, the first time at ERROR). A
         prime is stored whatever ``cache_if`` says; a bad ttl for it raises ValueError.
         """
-        if not primed and self.cache_if is not None and not self.cache_if(value):
+        if (
+            not primed
+            and self.cache_if is not None
+            and not _plain(self.cache_if(value), "cache_if")
+        ):
             self.skipped()
             return SKIP
         ttl_of = self.ttl_of
@@ -144,7 +149,7 @@ class Policy:
             seconds: object = self.ttl
         else:
             try:
-                seconds = ttl_of(value)
+                seconds = _plain(ttl_of(value), "ttl")
             except Exception:
                 if primed:
                     raise
@@ -193,6 +198,32 @@ def _nothing() -> None:
     return None
 
 
+def _plain(answer: object, what: str) -> object:
+    """answer, what cache_if or ttl returned; an awaitable (an async function passed where a
+    plain one was expected) raises TypeError, closed first so that it is not left unawaited."""
+    if inspect.isawaitable(answer):
+        close = getattr(answer, "close", None)
+        if callable(close):
+            close()
+        raise TypeError(
+            f"{what} returned an awaitable ({type(answer).__name__}); it is called when a result "
+            "is stored and must be a plain function, not an async one"
+        )
+    return answer
+
+
+def _refuse_async(what: str, function: object) -> None:
+    """Refuse an async function (or an object whose __call__ is one) passed as cache_if or ttl:
+    its coroutine would be taken for the answer."""
+    if inspect.iscoroutinefunction(function) or inspect.iscoroutinefunction(
+        getattr(function, "__call__", None)  # noqa: B004  # an object with an async __call__
+    ):
+        raise TypeError(
+            f"@worker_queue: {what} must be a plain function of the result, called as the "
+            f"result is stored; got the async function {function!r}"
+        )
+
+
 def make_policy(
     cache_if: object,
     ttl: object,
@@ -214,8 +245,12 @@ def make_policy(
             f"@worker_queue: cache_if must be a function of the result returning whether to "
             f"store it, got {cache_if!r}"
         )
+    if cache_if is not None:
+        _refuse_async("cache_if", cache_if)
     checked_ttl: float | Callable[[Any], object] | None
     if ttl is None or callable(ttl):
+        if ttl is not None:
+            _refuse_async("ttl", ttl)
         checked_ttl = ttl
     else:
         checked_ttl = _seconds("ttl (a number, or a function of the result)", ttl)

@@ -1,0 +1,62 @@
+"""The policy options used the way services get them wrong: async functions passed as cache_if or
+ttl, exceptions that do not rebuild as they were, times past what a float holds, an explicit
+refresh failing over a fresh entry."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import warnings
+from typing import Any
+
+import pytest
+from _policy_harness import Source, bounded
+
+from wq_memo import MISSING, worker_queue
+
+
+async def is_not_none(value: object) -> bool:
+    return value is not None
+
+
+async def five_seconds(value: object) -> float:
+    return 5.0
+
+
+# -- async functions where a plain one is expected ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"cache_if": is_not_none},
+        {"cache_if": functools.partial(is_not_none)},
+        {"ttl": five_seconds},
+    ],
+    ids=["async-cache_if", "partial-of-async-cache_if", "async-ttl"],
+)
+def test_an_async_cache_if_or_ttl_is_refused_at_decoration(options: dict[str, Any]) -> None:
+    with pytest.raises(TypeError, match="plain function"):
+        worker_queue(cache={}, **options)(Source())
+
+
+@pytest.mark.parametrize("option", ["cache_if", "ttl"])
+async def test_a_cache_if_or_ttl_returning_an_awaitable_stores_nothing(
+    option: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A lambda around an async function cannot be told apart at decoration: its coroutine is
+    # closed (no "never awaited" warning), the failure logged, the result returned uncached.
+    wrapped = is_not_none if option == "cache_if" else five_seconds
+    source = Source()
+    options: dict[str, Any] = {option: lambda v: wrapped(v)}
+    f = worker_queue(cache={}, **options)(source)
+    with (
+        caplog.at_level(logging.ERROR, logger="wq_memo"),
+        warnings.catch_warnings(),
+    ):
+        warnings.simplefilter("error", RuntimeWarning)
+        assert await bounded(f("a")) == "a@0"
+        assert await bounded(f("a")) == "a@1"
+    assert f.cache_peek("a") is MISSING
+    assert f.cache_info().uncached == 2
+    assert "awaitable" in caplog.text

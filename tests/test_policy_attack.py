@@ -10,7 +10,7 @@ import warnings
 from typing import Any
 
 import pytest
-from _policy_harness import Source, bounded
+from _policy_harness import Clock, Source, bounded
 
 from wq_memo import MISSING, worker_queue
 
@@ -60,3 +60,31 @@ async def test_a_cache_if_or_ttl_returning_an_awaitable_stores_nothing(
     assert f.cache_peek("a") is MISSING
     assert f.cache_info().uncached == 2
     assert "awaitable" in caplog.text
+
+
+# -- exceptions that do not rebuild as they were --------------------------------------------------
+
+
+class NotFound(Exception):
+    """The common pattern: the constructor takes the id, the message is built from it."""
+
+    def __init__(self, id: str) -> None:
+        super().__init__(f"{id} not found")
+        self.id = id
+
+
+async def test_an_error_rebuilt_with_other_arguments_is_not_remembered(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = Clock()
+    source = Source()
+    source.failures["a"] = NotFound("a")
+    f = worker_queue(cache={}, cache_errors={NotFound: 5.0}, timer=clock)(source)
+    with caplog.at_level(logging.WARNING, logger="wq_memo"):
+        for _ in range(2):
+            with pytest.raises(NotFound) as raised:
+                await bounded(f("a"))
+            assert raised.value.args == ("a not found",)
+            assert raised.value.id == "a"
+    assert source.calls == ["a", "a"]  # not remembered: computed again
+    assert "cannot be rebuilt" in caplog.text

@@ -178,15 +178,21 @@ class Policy:
 
     def error_time(self, exc: Exception) -> float | None:
         """How long exc is remembered (None: not at all): the time of the first of the
-        ``cache_errors`` types it is an instance of, if it can be rebuilt from its arguments."""
+        ``cache_errors`` types it is an instance of, if ``type(exc)(*exc.args)`` rebuilds it
+        with the same arguments."""
         seconds = next((t for kind, t in self.errors.items() if isinstance(exc, kind)), None)
         if seconds is None or seconds <= 0:
             return None
         try:
-            type(exc)(*exc.args)
+            # Rebuilt as it was: a constructor that makes its message from its arguments
+            # (super().__init__(f"{id} not found")) would give "a not found not found".
+            rebuilt = type(exc)(*exc.args)
+            same = type(rebuilt) is type(exc) and bool(rebuilt.args == exc.args)
         except Exception:
+            same = False
+        if not same:
             logger.warning(
-                "%s(): %s cannot be rebuilt from its arguments; it is not remembered",
+                "%s(): %s cannot be rebuilt from its arguments as it was; it is not remembered",
                 self.name,
                 type(exc).__name__,
             )

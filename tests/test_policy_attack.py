@@ -88,3 +88,21 @@ async def test_an_error_rebuilt_with_other_arguments_is_not_remembered(
             assert raised.value.id == "a"
     assert source.calls == ["a", "a"]  # not remembered: computed again
     assert "cannot be rebuilt" in caplog.text
+
+
+# -- times past what a float holds ----------------------------------------------------------------
+
+
+async def test_a_ttl_too_large_for_a_float_is_forever() -> None:
+    clock = Clock()
+    source = Source()
+    f = worker_queue(cache={}, ttl=10**400, timer=clock)(source)
+    g = worker_queue(cache={}, ttl=lambda v: 10**400, timer=clock)(source)
+    assert await bounded(f("a")) == "a@0"
+    assert await bounded(g("b")) == "b@1"
+    g.cache_prime("primed", "c")
+    clock.now = 1e300
+    assert await bounded(f("a")) == "a@0"
+    assert await bounded(g("b")) == "b@1"
+    assert g.cache_peek("c") == "primed"
+    assert g.cache_info().uncached == 0

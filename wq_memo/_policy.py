@@ -77,7 +77,15 @@ def _seconds(what: str, value: object, *, none: bool = False) -> float | None:
             f"@worker_queue: {what} must be a number of seconds >= 0"
             f"{' or None' if none else ''}, got {value!r}"
         )
-    return float(value)
+    return _float(value)
+
+
+def _float(seconds: float) -> float:
+    """seconds as a float: an int too large for one (10**400) is forever, not OverflowError."""
+    try:
+        return float(seconds)
+    except OverflowError:
+        return math.inf
 
 
 @final
@@ -174,7 +182,7 @@ class Policy:
             if not primed:
                 self.skipped()
             return SKIP
-        return float(seconds)
+        return _float(seconds)
 
     def error_time(self, exc: Exception) -> float | None:
         """How long exc is remembered (None: not at all): the time of the first of the

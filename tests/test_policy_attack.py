@@ -10,9 +10,9 @@ import warnings
 from typing import Any
 
 import pytest
-from _policy_harness import Clock, Source, bounded
+from _policy_harness import MAPPINGS, Clock, Source, bounded
 
-from wq_memo import MISSING, worker_queue
+from wq_memo import MISSING, CachedError, worker_queue
 
 
 async def is_not_none(value: object) -> bool:
@@ -106,3 +106,28 @@ async def test_a_ttl_too_large_for_a_float_is_forever() -> None:
     assert await bounded(g("b")) == "b@1"
     assert g.cache_peek("c") == "primed"
     assert g.cache_info().uncached == 0
+
+
+# -- an explicit refresh failing over a fresh entry -----------------------------------------------
+
+
+@pytest.mark.parametrize("kind", sorted(MAPPINGS))
+async def test_a_failed_refresh_of_a_fresh_entry_leaves_it_even_if_the_error_is_listed(
+    kind: str,
+) -> None:
+    clock = Clock()
+    source = Source()
+    f = worker_queue(
+        cache=MAPPINGS[kind](clock), ttl=10, cache_errors={ConnectionError: 5.0}, timer=clock
+    )(source)
+    assert await bounded(f("a")) == "a@0"
+    source.failures["a"] = ConnectionError("down")
+    with pytest.raises(ConnectionError):
+        await bounded(f.refresh("a"))
+    assert f.cache_peek("a") == "a@0"
+    assert await bounded(f("a")) == "a@0"
+    assert source.calls == ["a", "a"]
+    clock.now = 10  # expired: the next failure is remembered
+    with pytest.raises(ConnectionError):
+        await bounded(f("a"))
+    assert isinstance(f.cache_peek("a"), CachedError)

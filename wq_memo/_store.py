@@ -152,7 +152,8 @@ class Store(Generic[K, R]):
         """The outcome of flight, a computation of key in the mapping that raised exc, under
         the policy: its key's expired value if ``stale_if_error`` still allows it (the next
         attempt then waits ``backoff``), else exc, remembered if ``cache_errors`` names its
-        type. A forgotten computation leaves nothing and serves nothing stale."""
+        type, unless key holds a fresh value (an explicit refresh failed), which is left as it
+        is. A forgotten computation leaves nothing and serves nothing stale."""
         policy = self.policy
         mapping = self.mapping
         assert policy is not None
@@ -161,22 +162,30 @@ class Store(Generic[K, R]):
             return (False, exc)
         now = policy.clock()
         try:
-            if policy.stale is not None:
-                old = mapping.get(key)
-                if type(old) is Kept and old.error is None and old.expires <= now < old.until:
-                    if not old.warned:
-                        logger.warning(
-                            "%s(): computing %r failed (%r); serving its value expired %.3gs "
-                            "ago (stale_if_error)",
-                            self.name,
-                            key,
-                            exc,
-                            now - old.expires,
-                        )
-                    again = min(now + policy.backoff, old.until)  # the next attempt, no sooner
-                    mapping[key] = Kept(old.value, again, old.until, None, True)
-                    policy.served_stale()
-                    return (True, old.value)
+            old = mapping.get(key)
+            if type(old) is Kept and old.error is None and now < old.expires:
+                # A fresh value (an explicit refresh failed): the failure is raised, the value
+                # left for the calls that follow, not replaced by a remembered error.
+                return (False, exc)
+            if (
+                policy.stale is not None
+                and type(old) is Kept
+                and old.error is None
+                and old.expires <= now < old.until
+            ):
+                if not old.warned:
+                    logger.warning(
+                        "%s(): computing %r failed (%r); serving its value expired %.3gs "
+                        "ago (stale_if_error)",
+                        self.name,
+                        key,
+                        exc,
+                        now - old.expires,
+                    )
+                again = min(now + policy.backoff, old.until)  # the next attempt, no sooner
+                mapping[key] = Kept(old.value, again, old.until, None, True)
+                policy.served_stale()
+                return (True, old.value)
             seconds = policy.error_time(exc)
             if seconds is not None:
                 expires = now + seconds

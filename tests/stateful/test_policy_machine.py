@@ -1,7 +1,8 @@
 """Model-based test of the per-result policy (cache_if, ttl, cache_errors, stale_if_error) on a
 fake clock: results with different ttls, skipped results, results with a bad ttl, remembered and
 plain errors, expiries, failing recomputations inside and outside the stale window,
-invalidations, clears and primes, some of them landing while a computation is under way.
+invalidations, clears and primes, some of them landing while a computation is under way, and
+explicit refreshes (a failing one leaves a fresh value as it is).
 
 Two machines: an LRUCache with every option, and an async cache (honouring set's ttl) with
 cache_if and ttl. After every step the real function is checked against a model of entries:
@@ -197,6 +198,24 @@ class PolicyMachine(RuleBasedStateMachine):
         assert len(self.computed) == before + 1, f"{key!r} not computed without a fresh entry"
         self.counts["misses"] += 1
         self.check(got, self.expect_computed(key, outcome, self.made - 1))
+
+    @rule(key=keys, outcome=outcomes)
+    def refresh(self, key: str, outcome: str) -> None:
+        """An explicit refresh: it computes whatever the cache holds, and a failure leaves a
+        fresh value as it is (raised, neither served stale nor replaced by a remembered
+        error)."""
+        entry = self.fresh(key)
+        before = len(self.computed)
+        self.plans[key] = [outcome]
+        got = self.run(self.outcome(self.f.refresh(key)))
+        assert len(self.computed) == before + 1, f"{key!r} not computed by a refresh"
+        self.counts["misses"] += 1
+        n = self.made - 1
+        if outcome in ("remembered", "plain") and entry is not None and entry.error is None:
+            kind = Remembered if outcome == "remembered" else Plain
+            self.check(got, (False, (kind, (key, n))))
+            return
+        self.check(got, self.expect_computed(key, outcome, n))
 
     @rule(
         key=keys,

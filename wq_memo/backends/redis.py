@@ -22,8 +22,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess witho
 
 from ._protocol import MISSING, CallKey, Lifetime, Missing
 from ._redis_conn import Connector, Link, Unavailable
-from ._redis_flight import MAX_EXPIRY as _MAX_EXPIRY
-from ._redis_flight import SingleFlight
+from ._redis_flight import MAX_EXPIRY, SingleFlight
 from ._redis_keys import KeyNames, Namespace
 from ._redis_log import Secrets, redact_url
 from ._redis_pubsub import Subscriptions
@@ -35,6 +34,10 @@ __all__ = ("RedisCache", "RedisCacheStats")
 V = TypeVar("V")
 
 DEFAULT_MAX_VALUE_BYTES: Final = 8 * 1024 * 1024
+
+
+_MAX_EXPIRY: Final = MAX_EXPIRY
+"""The most seconds a ttl or a lease may last (see ``_redis_flight.MAX_EXPIRY``)."""
 
 
 def _seconds(

@@ -4,13 +4,14 @@ refresh failing over a fresh entry."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import warnings
 from typing import Any
 
 import pytest
-from _policy_harness import MAPPINGS, Clock, Source, bounded
+from _policy_harness import MAPPINGS, Clock, ClockedAsyncCache, Source, bounded
 
 from wq_memo import MISSING, CachedError, worker_queue
 
@@ -131,3 +132,59 @@ async def test_a_failed_refresh_of_a_fresh_entry_leaves_it_even_if_the_error_is_
     with pytest.raises(ConnectionError):
         await bounded(f("a"))
     assert isinstance(f.cache_peek("a"), CachedError)
+
+
+# -- a prime whose ttl is zero ----------------------------------------------------------------
+
+
+def gone_at_once(value: object) -> float:
+    return 0.0 if value == "gone" else 10.0
+
+
+@pytest.mark.parametrize("kind", sorted(MAPPINGS))
+async def test_a_prime_that_lives_zero_seconds_forgets_what_the_key_held(kind: str) -> None:
+    # A value primed with a ttl of 0 is not kept, and what the key held (a value, a remembered
+    # error) goes, as with an invalidation: the prime must not leave the older entry served.
+    clock = Clock()
+    source = Source()
+    f = worker_queue(
+        cache=MAPPINGS[kind](clock),
+        ttl=gone_at_once,
+        cache_errors={TimeoutError: 5.0},
+        timer=clock,
+    )(source)
+    source.failures["a"] = TimeoutError("slow")
+    with pytest.raises(TimeoutError):
+        await bounded(f("a"))
+    assert await bounded(f("b")) == "b@1"
+    f.cache_prime("gone", "a")
+    f.cache_prime("gone", "b")
+    assert f.cache_peek("a") is MISSING
+    assert f.cache_peek("b") is MISSING
+    del source.failures["a"]
+    assert await bounded(f("a")) == "a@2"
+    assert await bounded(f("b")) == "b@3"
+
+
+async def test_a_prime_that_lives_zero_seconds_forgets_the_computation_under_way() -> None:
+    clock = Clock()
+    source = Source()
+    source.gate = gate = asyncio.Event()
+    f = worker_queue(cache={}, ttl=gone_at_once, timer=clock)(source)
+    first = asyncio.ensure_future(f("a"))
+    await bounded(source.started.wait())
+    f.cache_prime("gone", "a")
+    gate.set()
+    assert await bounded(first) == "a@0"  # its caller still gets it
+    assert f.cache_peek("a") is MISSING  # but it is not stored over the prime
+
+
+async def test_an_async_prime_that_lives_zero_seconds_removes_the_entry() -> None:
+    clock = Clock()
+    source = Source()
+    cache = ClockedAsyncCache(clock)
+    f = worker_queue(cache=cache, ttl=gone_at_once, name="gone")(source)
+    assert await bounded(f("a")) == "a@0"
+    await bounded(f.acache_prime("gone", "a"))
+    assert await bounded(f.acache_peek("a")) is MISSING
+    assert await bounded(f("a")) == "a@1"

@@ -188,3 +188,44 @@ async def test_an_async_prime_that_lives_zero_seconds_removes_the_entry() -> Non
     await bounded(f.acache_prime("gone", "a"))
     assert await bounded(f.acache_peek("a")) is MISSING
     assert await bounded(f("a")) == "a@1"
+
+
+# -- listeners on a clock that moves between two reads ----------------------------------------
+
+
+class Ticking:
+    """A clock that moves one second at each read, as a real one moves a little."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        self.now += 1.0
+        return self.now
+
+
+async def test_listeners_count_each_call_once_when_the_entry_expires_between_two_reads() -> None:
+    from wq_memo.metrics import Listener, add_listener, remove_listener
+
+    class Told(Listener):
+        def __init__(self) -> None:
+            self.hits = 0
+            self.misses = 0
+
+        def on_hit(self, name: str) -> None:
+            self.hits += 1
+
+        def on_miss(self, name: str) -> None:
+            self.misses += 1
+
+    listener = Told()
+    add_listener(listener)
+    try:
+        f = worker_queue(cache={}, ttl=4, timer=Ticking(), name="ticking")(Source())
+        for _ in range(12):
+            await bounded(f("a"))
+        info = f.cache_info()
+        assert info.hits + info.misses == 12
+        assert (listener.hits, listener.misses) == (info.hits, info.misses)
+    finally:
+        remove_listener(listener)

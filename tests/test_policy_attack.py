@@ -10,6 +10,7 @@ import logging
 import warnings
 from typing import Any
 
+import cachetools
 import pytest
 from _policy_harness import MAPPINGS, Clock, ClockedAsyncCache, Source, bounded
 
@@ -229,3 +230,28 @@ async def test_listeners_count_each_call_once_when_the_entry_expires_between_two
         assert (listener.hits, listener.misses) == (info.hits, info.misses)
     finally:
         remove_listener(listener)
+
+
+# -- a TLRUCache, whose ttu reads the values ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"ttl": 5}, {"cache_errors": {KeyError: 3.0}}, {"stale_if_error": 10}],
+    ids=["ttl", "cache_errors", "stale_if_error"],
+)
+def test_options_that_date_entries_are_refused_with_a_tlru_cache(options: dict[str, Any]) -> None:
+    # Its ttu(key, value, now) would be handed wq_memo's dated entry, not the result.
+    cache: cachetools.TLRUCache[Any, Any] = cachetools.TLRUCache(
+        10, ttu=lambda k, v, now: now + v["max_age"]
+    )
+    with pytest.raises(ValueError, match="TLRUCache"):
+        worker_queue(cache=cache, **options)(Source())
+
+
+async def test_cache_if_alone_works_with_a_tlru_cache() -> None:
+    cache: cachetools.TLRUCache[Any, Any] = cachetools.TLRUCache(10, ttu=lambda k, v, now: now + 60)
+    f = worker_queue(cache=cache, cache_if=lambda v: v != "a@0")(Source())
+    assert await bounded(f("a")) == "a@0"
+    assert await bounded(f("a")) == "a@1"
+    assert await bounded(f("a")) == "a@1"

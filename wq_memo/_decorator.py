@@ -247,6 +247,14 @@ def _check_policy_cache(
             "@worker_queue: stale_if_error needs expired entries kept, which a "
             f"{type(cache).__name__} drops; use an LRUCache (or a dict) with ttl= instead"
         )
+    if isinstance(cache, cachetools.TLRUCache) and (
+        options.ttl is not None or options.cache_errors
+    ):
+        raise ValueError(
+            "@worker_queue: ttl and cache_errors are not supported with a TLRUCache: its "
+            "ttu(key, value, now) would be handed wq_memo's dated entries, not the results; "
+            "use ttl= (a function of the result) with an LRUCache or a TTLCache instead"
+        )
 
 
 def _takes_lifetime(cache: object) -> bool:

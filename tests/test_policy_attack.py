@@ -255,3 +255,26 @@ async def test_cache_if_alone_works_with_a_tlru_cache() -> None:
     assert await bounded(f("a")) == "a@0"
     assert await bounded(f("a")) == "a@1"
     assert await bounded(f("a")) == "a@1"
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"ttl": 5}, {"cache_errors": {KeyError: 3.0}}, {"stale_if_error": 10}],
+    ids=["ttl", "cache_errors", "stale_if_error"],
+)
+def test_options_that_date_entries_are_refused_with_a_cache_that_sizes_values(
+    options: dict[str, Any],
+) -> None:
+    # Its getsizeof(value) would be handed wq_memo's dated entry: len() of it fails every store.
+    cache: cachetools.LRUCache[Any, Any] = cachetools.LRUCache(1000, getsizeof=len)
+    with pytest.raises(ValueError, match="getsizeof"):
+        worker_queue(cache=cache, **options)(Source())
+
+
+async def test_cache_if_alone_works_with_a_cache_that_sizes_values() -> None:
+    cache: cachetools.LRUCache[Any, Any] = cachetools.LRUCache(1000, getsizeof=len)
+    f = worker_queue(cache=cache, cache_if=lambda v: v != "a@0")(Source())
+    assert await bounded(f("a")) == "a@0"
+    assert await bounded(f("a")) == "a@1"
+    assert await bounded(f("a")) == "a@1"
+    assert f.cache_info().currsize == 3

@@ -5,6 +5,7 @@ refresh failing over a fresh entry."""
 from __future__ import annotations
 
 import asyncio
+import fractions
 import functools
 import logging
 import warnings
@@ -278,3 +279,25 @@ async def test_cache_if_alone_works_with_a_cache_that_sizes_values() -> None:
     assert await bounded(f("a")) == "a@1"
     assert await bounded(f("a")) == "a@1"
     assert f.cache_info().currsize == 3
+
+
+# -- a number of seconds that is neither an int nor a float -------------------------------------
+
+
+async def test_a_ttl_may_be_any_real_number() -> None:
+    # A numpy scalar, a Fraction: numbers, though not int or float (Fraction stands in here).
+    clock = Clock()
+    source = Source()
+    ttl_of: Any = lambda v: fractions.Fraction(5, 2)  # noqa: E731
+    three: Any = fractions.Fraction(3)
+    f = worker_queue(cache={}, ttl=ttl_of, timer=clock)(source)
+    g = worker_queue(cache={}, ttl=three, timer=clock)(source)
+    assert await bounded(f("a")) == "a@0"
+    assert await bounded(g("b")) == "b@1"
+    clock.now = 2
+    assert (f.cache_peek("a"), g.cache_peek("b")) == ("a@0", "b@1")
+    clock.now = 2.5
+    assert (f.cache_peek("a"), g.cache_peek("b")) == (MISSING, "b@1")
+    clock.now = 3
+    assert g.cache_peek("b") is MISSING
+    assert f.cache_info().uncached == 0

@@ -18,6 +18,7 @@ import inspect
 import logging
 import math
 from collections.abc import Callable, Mapping
+from numbers import Real
 from typing import Any, Final, NamedTuple, final
 
 __all__ = ("SKIP", "CachedError", "Kept", "Policy", "make_policy")
@@ -72,6 +73,8 @@ def _seconds(what: str, value: object, *, none: bool = False) -> float | None:
     """value checked as a number of seconds >= 0 (None allowed if ``none``)."""
     if value is None and none:
         return None
+    if isinstance(value, Real) and not isinstance(value, int | float):
+        value = float(value)  # a numpy scalar, a Fraction: a number all the same
     if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
         raise ValueError(
             f"@worker_queue: {what} must be a number of seconds >= 0"
@@ -166,6 +169,8 @@ class Policy:
                 return SKIP
         if seconds is None:
             return None
+        if isinstance(seconds, Real) and not isinstance(seconds, int | float):
+            seconds = float(seconds)  # a numpy scalar, a Fraction: a number all the same
         if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not seconds >= 0:
             message = (
                 f"{self.name}(): ttl(result) returned {seconds!r}, not a number of seconds >= 0 "

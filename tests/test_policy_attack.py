@@ -15,7 +15,7 @@ import cachetools
 import pytest
 from _policy_harness import MAPPINGS, Clock, ClockedAsyncCache, Source, bounded
 
-from wq_memo import MISSING, CachedError, worker_queue
+from wq_memo import MISSING, CachedError, ShutdownTimeout, worker_queue
 
 
 async def is_not_none(value: object) -> bool:
@@ -301,3 +301,37 @@ async def test_a_ttl_may_be_any_real_number() -> None:
     clock.now = 3
     assert g.cache_peek("b") is MISSING
     assert f.cache_info().uncached == 0
+
+
+# -- the queue's own shutdown errors ----------------------------------------------------------
+
+
+async def test_a_shutdown_error_from_a_nested_call_is_never_remembered() -> None:
+    # ShutdownTimeout is a TimeoutError, QueueShutDown a RuntimeError: a computation that fails
+    # with one because another function's queue closed under it must not have that failure
+    # raised from the cache once the queue is back.
+    clock = Clock()
+    started = asyncio.Event()
+    hold = asyncio.Event()
+    calls: list[str] = []
+
+    @worker_queue(finish_timeout=0.0)
+    async def inner(k: str) -> str:
+        started.set()
+        await hold.wait()
+        return k
+
+    @worker_queue(cache={}, cache_errors={TimeoutError: 60.0, RuntimeError: 60.0}, timer=clock)
+    async def outer(k: str) -> str:
+        calls.append(k)
+        return await inner(k)
+
+    call = asyncio.ensure_future(outer("a"))
+    await bounded(started.wait())
+    await bounded(inner.queue.aclose())  # its callers get ShutdownTimeout
+    with pytest.raises(ShutdownTimeout):
+        await bounded(call)
+    assert outer.cache_peek("a") is MISSING
+    hold.set()
+    assert await bounded(outer("a")) == "a"
+    assert calls == ["a", "a"]

@@ -21,6 +21,8 @@ from collections.abc import Callable, Mapping
 from numbers import Real
 from typing import Any, Final, NamedTuple, final
 
+from ._errors import QueueShutDown, ShutdownTimeout
+
 __all__ = ("SKIP", "CachedError", "Kept", "Policy", "make_policy")
 
 logger = logging.getLogger("wq_memo")
@@ -192,7 +194,11 @@ class Policy:
     def error_time(self, exc: Exception) -> float | None:
         """How long exc is remembered (None: not at all): the time of the first of the
         ``cache_errors`` types it is an instance of, if ``type(exc)(*exc.args)`` rebuilds it
-        with the same arguments."""
+        with the same arguments; never QueueShutDown or ShutdownTimeout."""
+        if isinstance(exc, QueueShutDown | ShutdownTimeout):
+            # A queue shutting down (a nested call's, raised through this computation) says
+            # nothing of the key: never remembered, as cancellation never is.
+            return None
         seconds = next((t for kind, t in self.errors.items() if isinstance(exc, kind)), None)
         if seconds is None or seconds <= 0:
             return None

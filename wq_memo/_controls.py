@@ -290,8 +290,10 @@ class MappingKind(CacheKind):
             self._counts.clear(self._own_hits(), self._zero_hits)
 
     def invalidate(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        return self._invalidate(self.key_of(args, kwargs))
+
+    def _invalidate(self, k: Hashable) -> bool:
         self._purge()
-        k = self.key_of(args, kwargs)
         self.engine.forget(k)
         if self._refresher is not None:
             self._refresher.forget(k)
@@ -304,7 +306,11 @@ class MappingKind(CacheKind):
         return True
 
     def prime(self, value: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        self.store.now(self.key_of(args, kwargs), value)
+        k = self.key_of(args, kwargs)
+        if not self.store.now(k, value):
+            # A value the policy keeps 0 seconds: what the key held goes, as at an
+            # invalidation, rather than outlive the value primed over it.
+            self._invalidate(k)
 
     def peek(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         # The value held, or MISSING, leaving the cache's order of use alone where it can.
@@ -409,7 +415,10 @@ class AsyncCacheKind(CacheKind):
         raise self._refuse("cache_invalidate")
 
     async def ainvalidate(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
-        engine, k = self.engine, self.key_of(args, kwargs)
+        return await self._ainvalidate(self.key_of(args, kwargs))
+
+    async def _ainvalidate(self, k: Hashable) -> bool:
+        engine = self.engine
         await engine.aforget(k)
         if self._refresher is not None:
             self._refresher.forget(k)
@@ -421,7 +430,9 @@ class AsyncCacheKind(CacheKind):
         raise self._refuse("cache_prime")
 
     async def aprime(self, value: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        await self.store(self.key_of(args, kwargs), value)
+        k = self.key_of(args, kwargs)
+        if not await self.store(k, value):
+            await self._ainvalidate(k)  # kept 0 seconds: as for a mapping's prime
 
     def peek(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         raise self._refuse("cache_peek")

@@ -247,6 +247,28 @@ def _check_policy_cache(
             "@worker_queue: stale_if_error needs expired entries kept, which a "
             f"{type(cache).__name__} drops; use an LRUCache (or a dict) with ttl= instead"
         )
+    dates = (
+        options.ttl is not None or bool(options.cache_errors) or options.stale_if_error is not None
+    )
+    if (
+        dates
+        and isinstance(cache, cachetools.Cache)
+        and cache.getsizeof is not cachetools.Cache.getsizeof
+    ):
+        raise ValueError(
+            f"@worker_queue: ttl, cache_errors and stale_if_error are not supported with a "
+            f"{type(cache).__name__} that sizes its values (getsizeof=): it would be handed "
+            "wq_memo's dated entries, not the results; use one that counts entries, or "
+            "cache_if alone"
+        )
+    if isinstance(cache, cachetools.TLRUCache) and (
+        options.ttl is not None or options.cache_errors
+    ):
+        raise ValueError(
+            "@worker_queue: ttl and cache_errors are not supported with a TLRUCache: its "
+            "ttu(key, value, now) would be handed wq_memo's dated entries, not the results; "
+            "use ttl= (a function of the result) with an LRUCache or a TTLCache instead"
+        )
 
 
 def _takes_lifetime(cache: object) -> bool:

@@ -9,6 +9,7 @@ queue's flight table.
 
 from __future__ import annotations
 
+import math
 from asyncio import get_running_loop
 from collections.abc import Awaitable, Callable, Coroutine, Hashable, MutableMapping
 from typing import Any, Final, NamedTuple, ParamSpec, TypeVar
@@ -18,7 +19,7 @@ import cachetools.keys
 from . import _listeners
 from ._counts import Counts
 from ._engine import Engine
-from ._policy import Policy
+from ._policy import Kept, Policy
 from ._refresh import NEVER, Refresher
 from ._switch import SWITCH
 from .backends._protocol import MISSING
@@ -275,13 +276,18 @@ def _fresh_counting_lookup(
     find: Callable[[Hashable, object], Any], notify: Callable[[], None], now: Callable[[], float]
 ) -> Callable[[Hashable, object], Any]:
     """find(key, default) over dated entries, telling notify() of each fresh one found (an
-    expired entry is a miss)."""
+    expired entry is a miss: default). The clock is read once: a fresh entry is handed on as
+    one that never expires, so that the hit path, reading the clock again a moment later,
+    cannot find it expired and count a miss for a call already told as a hit."""
 
     def find_counting(k: Hashable, default: object) -> Any:
         entry = find(k, default)
-        if entry is not default and now() < entry.expires:
+        if entry is default:
+            return default
+        if now() < entry.expires:
             notify()
-        return entry
+            return Kept(entry.value, math.inf, math.inf, entry.error)
+        return default
 
     return find_counting
 

@@ -14,10 +14,14 @@ expired entry stays in the cache, where a failing recomputation may still serve 
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from collections.abc import Callable, Mapping
+from numbers import Real
 from typing import Any, Final, NamedTuple, final
+
+from ._errors import QueueShutDown, ShutdownTimeout
 
 __all__ = ("SKIP", "CachedError", "Kept", "Policy", "make_policy")
 
@@ -71,12 +75,22 @@ def _seconds(what: str, value: object, *, none: bool = False) -> float | None:
     """value checked as a number of seconds >= 0 (None allowed if ``none``)."""
     if value is None and none:
         return None
+    if isinstance(value, Real) and not isinstance(value, int | float):
+        value = float(value)  # a numpy scalar, a Fraction: a number all the same
     if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
         raise ValueError(
             f"@worker_queue: {what} must be a number of seconds >= 0"
             f"{' or None' if none else ''}, got {value!r}"
         )
-    return float(value)
+    return _float(value)
+
+
+def _float(seconds: float) -> float:
+    """seconds as a float: an int too large for one (10**400) is forever, not OverflowError."""
+    try:
+        return float(seconds)
+    except OverflowError:
+        return math.inf
 
 
 @final
@@ -136,7 +150,11 @@ class Policy:
         ``ttl`` function fails or returns a bad value (logged, the first time at ERROR). A
         prime is stored whatever ``cache_if`` says; a bad ttl for it raises ValueError.
         """
-        if not primed and self.cache_if is not None and not self.cache_if(value):
+        if (
+            not primed
+            and self.cache_if is not None
+            and not _plain(self.cache_if(value), "cache_if")
+        ):
             self.skipped()
             return SKIP
         ttl_of = self.ttl_of
@@ -144,7 +162,7 @@ class Policy:
             seconds: object = self.ttl
         else:
             try:
-                seconds = ttl_of(value)
+                seconds = _plain(ttl_of(value), "ttl")
             except Exception:
                 if primed:
                     raise
@@ -153,6 +171,8 @@ class Policy:
                 return SKIP
         if seconds is None:
             return None
+        if isinstance(seconds, Real) and not isinstance(seconds, int | float):
+            seconds = float(seconds)  # a numpy scalar, a Fraction: a number all the same
         if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not seconds >= 0:
             message = (
                 f"{self.name}(): ttl(result) returned {seconds!r}, not a number of seconds >= 0 "
@@ -169,19 +189,29 @@ class Policy:
             if not primed:
                 self.skipped()
             return SKIP
-        return float(seconds)
+        return _float(seconds)
 
     def error_time(self, exc: Exception) -> float | None:
         """How long exc is remembered (None: not at all): the time of the first of the
-        ``cache_errors`` types it is an instance of, if it can be rebuilt from its arguments."""
+        ``cache_errors`` types it is an instance of, if ``type(exc)(*exc.args)`` rebuilds it
+        with the same arguments; never QueueShutDown or ShutdownTimeout."""
+        if isinstance(exc, QueueShutDown | ShutdownTimeout):
+            # A queue shutting down (a nested call's, raised through this computation) says
+            # nothing of the key: never remembered, as cancellation never is.
+            return None
         seconds = next((t for kind, t in self.errors.items() if isinstance(exc, kind)), None)
         if seconds is None or seconds <= 0:
             return None
         try:
-            type(exc)(*exc.args)
+            # Rebuilt as it was: a constructor that makes its message from its arguments
+            # (super().__init__(f"{id} not found")) would give "a not found not found".
+            rebuilt = type(exc)(*exc.args)
+            same = type(rebuilt) is type(exc) and bool(rebuilt.args == exc.args)
         except Exception:
+            same = False
+        if not same:
             logger.warning(
-                "%s(): %s cannot be rebuilt from its arguments; it is not remembered",
+                "%s(): %s cannot be rebuilt from its arguments as it was; it is not remembered",
                 self.name,
                 type(exc).__name__,
             )
@@ -191,6 +221,32 @@ class Policy:
 
 def _nothing() -> None:
     return None
+
+
+def _plain(answer: object, what: str) -> object:
+    """answer, what cache_if or ttl returned; an awaitable (an async function passed where a
+    plain one was expected) raises TypeError, closed first so that it is not left unawaited."""
+    if inspect.isawaitable(answer):
+        close = getattr(answer, "close", None)
+        if callable(close):
+            close()
+        raise TypeError(
+            f"{what} returned an awaitable ({type(answer).__name__}); it is called when a result "
+            "is stored and must be a plain function, not an async one"
+        )
+    return answer
+
+
+def _refuse_async(what: str, function: object) -> None:
+    """Refuse an async function (or an object whose __call__ is one) passed as cache_if or ttl:
+    its coroutine would be taken for the answer."""
+    if inspect.iscoroutinefunction(function) or inspect.iscoroutinefunction(
+        getattr(function, "__call__", None)  # noqa: B004  # an object with an async __call__
+    ):
+        raise TypeError(
+            f"@worker_queue: {what} must be a plain function of the result, called as the "
+            f"result is stored; got the async function {function!r}"
+        )
 
 
 def make_policy(
@@ -214,8 +270,12 @@ def make_policy(
             f"@worker_queue: cache_if must be a function of the result returning whether to "
             f"store it, got {cache_if!r}"
         )
+    if cache_if is not None:
+        _refuse_async("cache_if", cache_if)
     checked_ttl: float | Callable[[Any], object] | None
     if ttl is None or callable(ttl):
+        if ttl is not None:
+            _refuse_async("ttl", ttl)
         checked_ttl = ttl
     else:
         checked_ttl = _seconds("ttl (a number, or a function of the result)", ttl)

@@ -74,19 +74,21 @@ class Store(Generic[K, R]):
         self.stored = stored
         self.tables: Callable[[], FlightTable[K, R] | None] = _no_table
 
-    def now(self, key: K, value: R, flight: Flight[K, R] | None = None) -> None:
+    def now(self, key: K, value: R, flight: Flight[K, R] | None = None) -> bool:
         """Write value to the mapping: flight's result (nothing if flight is forgotten; a
         failure is logged) or, with no flight, a prime (computations of key under way are
         forgotten first; a failure propagates). A value too large for the cache is not cached.
+        False: the policy keeps no such value (a prime with a ttl of 0, which its caller turns
+        into an invalidation of key); nothing was written or forgotten.
         """
         if flight is not None and flight.forgotten:
-            return
+            return True
         entry: Any = value
         if self.policy is not None:
             # A prime's bad ttl raises here, before anything under way is forgotten.
             entry = self._entry(key, value, flight is None)
             if entry is SKIP:
-                return
+                return False
         if flight is None:
             table = self.tables()
             if table is not None:
@@ -103,6 +105,7 @@ class Store(Generic[K, R]):
             if flight is None:
                 raise
             logger.exception("storing %r failed; the result was returned uncached", key)
+        return True
 
     def _lifetime(self, key: K, value: R, primed: bool) -> Any:
         """The policy's lifetime of value (seconds, None or SKIP); a failing cache_if is logged
@@ -152,7 +155,8 @@ class Store(Generic[K, R]):
         """The outcome of flight, a computation of key in the mapping that raised exc, under
         the policy: its key's expired value if ``stale_if_error`` still allows it (the next
         attempt then waits ``backoff``), else exc, remembered if ``cache_errors`` names its
-        type. A forgotten computation leaves nothing and serves nothing stale."""
+        type, unless key holds a fresh value (an explicit refresh failed), which is left as it
+        is. A forgotten computation leaves nothing and serves nothing stale."""
         policy = self.policy
         mapping = self.mapping
         assert policy is not None
@@ -161,22 +165,30 @@ class Store(Generic[K, R]):
             return (False, exc)
         now = policy.clock()
         try:
-            if policy.stale is not None:
-                old = mapping.get(key)
-                if type(old) is Kept and old.error is None and old.expires <= now < old.until:
-                    if not old.warned:
-                        logger.warning(
-                            "%s(): computing %r failed (%r); serving its value expired %.3gs "
-                            "ago (stale_if_error)",
-                            self.name,
-                            key,
-                            exc,
-                            now - old.expires,
-                        )
-                    again = min(now + policy.backoff, old.until)  # the next attempt, no sooner
-                    mapping[key] = Kept(old.value, again, old.until, None, True)
-                    policy.served_stale()
-                    return (True, old.value)
+            old = mapping.get(key)
+            if type(old) is Kept and old.error is None and now < old.expires:
+                # A fresh value (an explicit refresh failed): the failure is raised, the value
+                # left for the calls that follow, not replaced by a remembered error.
+                return (False, exc)
+            if (
+                policy.stale is not None
+                and type(old) is Kept
+                and old.error is None
+                and old.expires <= now < old.until
+            ):
+                if not old.warned:
+                    logger.warning(
+                        "%s(): computing %r failed (%r); serving its value expired %.3gs "
+                        "ago (stale_if_error)",
+                        self.name,
+                        key,
+                        exc,
+                        now - old.expires,
+                    )
+                again = min(now + policy.backoff, old.until)  # the next attempt, no sooner
+                mapping[key] = Kept(old.value, again, old.until, None, True)
+                policy.served_stale()
+                return (True, old.value)
             seconds = policy.error_time(exc)
             if seconds is not None:
                 expires = now + seconds
@@ -193,19 +205,19 @@ class Store(Generic[K, R]):
         value: R,
         flight: Flight[K, R] | None = None,
         table: FlightTable[K, R] | None = None,
-    ) -> None:
+    ) -> bool:
         """Write value with the async cache: flight's result, computed in ``table`` (nothing
         is written if flight is forgotten, before or while earlier stores of key on their way
         land; a failure is logged if its callers have the value already, else it propagates)
         or, with no flight, a prime (computations of key under way are forgotten and their
-        stores on their way awaited first; a failure propagates)."""
+        stores on their way awaited first; a failure propagates). False: as for ``now``."""
         write = self.write
         assert write is not None
         seconds: Any = None
         if flight is None and self.policy is not None:
             seconds = self._lifetime(key, value, True)  # a bad ttl fails the prime first
             if seconds is SKIP:
-                return
+                return False
         if flight is None:
             table = self.tables()
             if table is not None:
@@ -217,11 +229,11 @@ class Store(Generic[K, R]):
                 # computation's value is the one left in the cache.
                 await stores_done(table, earlier)
             if flight.forgotten:
-                return  # invalidated (or primed) meanwhile
+                return True  # invalidated (or primed) meanwhile
             if self.policy is not None:
                 seconds = self._lifetime(key, value, False)
                 if seconds is SKIP:
-                    return
+                    return True
             table.storing.add(flight)  # from here on, an invalidation waits for this store to end
         try:
             if seconds is None:
@@ -234,18 +246,19 @@ class Store(Generic[K, R]):
             if flight is None or flight.outcome is None:
                 raise
             logger.error("%s; no result is stored until it is", exc)
-            return
+            return True
         except Exception:
             if flight is None or flight.outcome is None:
                 raise  # the prime's, or the outcome of a computation not delivered yet
             logger.exception("cache_set failed for %r; the result was returned uncached", key)
-            return
+            return True
         finally:
             if flight is not None and table is not None:
                 table.storing.discard(flight)
         if flight is None and table is not None:
             # Newcomers no longer share a lookup that began before the prime.
             table.forget_lookups(key)
+        return True
 
     def unless_abandoned(
         self, compute: Callable[[], Awaitable[R]], table: FlightTable[Any, R]

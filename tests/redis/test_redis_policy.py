@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -158,3 +159,30 @@ def test_cache_errors_and_stale_if_error_are_refused_with_redis(
 
     with pytest.raises(ValueError, match="in-process cache"):
         worker_queue(cache=cache, name="refused", **options)(f)
+
+
+@pytest.mark.parametrize("seconds", [math.inf, 1e300, 10**400], ids=["inf", "1e300", "10**400"])
+async def test_a_ttl_past_what_redis_keeps_stores_the_entry_without_expiry(
+    make_redis_cache: Make, sync_redis: Any, seconds: float
+) -> None:
+    # As with a dict, a lifetime without end: the entry is kept until Redis evicts it, rather
+    # than the call failing (OverflowError) or the store being refused again and again.
+    cache = make_redis_cache(ttl=60)
+    calls = 0
+
+    @worker_queue(cache=cache, name="far", ttl=lambda v: seconds)
+    async def far(x: int) -> int:
+        nonlocal calls
+        calls += 1
+        return x
+
+    async with asyncio.timeout(WAIT):
+        assert await far(1) == 1
+        assert await far(1) == 1
+        assert await far.refresh(2) == 2
+        with pytest.raises(ValueError, match="RedisCache: ttl must be"):
+            await far.acache_prime(3, 3)  # set() refuses such a ttl, as it always has
+    assert calls == 2
+    assert pttl(sync_redis, cache, "far", 1) == -1  # stored, no expiry
+    assert pttl(sync_redis, cache, "far", 2) == -1
+    assert far.cache_info().uncached == 0

@@ -38,6 +38,7 @@ class RedisPolicyMachine(AsyncPolicyMachine):
         "long": 2000.0,
         "forever": None,
         "bad": -1.0,
+        "zero": 0.0,
     }
 
     def make(self) -> Memoized[[str], str]:

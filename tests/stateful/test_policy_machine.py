@@ -1,7 +1,9 @@
 """Model-based test of the per-result policy (cache_if, ttl, cache_errors, stale_if_error) on a
 fake clock: results with different ttls, skipped results, results with a bad ttl, remembered and
 plain errors, expiries, failing recomputations inside and outside the stale window,
-invalidations, clears and primes, some of them landing while a computation is under way.
+invalidations, clears and primes, some of them landing while a computation is under way, and
+explicit refreshes (a failing one leaves a fresh value as it is), primes of a value kept no
+time (the key's entry goes, as at an invalidation).
 
 Two machines: an LRUCache with every option, and an async cache (honouring set's ttl) with
 cache_if and ttl. After every step the real function is checked against a model of entries:
@@ -39,8 +41,15 @@ from wq_memo import MISSING, CachedError, Memoized, worker_queue
 
 KEYS = ("a", "b", "c")
 keys = st.sampled_from(KEYS)
-TTLS: dict[str, float | None] = {"short": 3.0, "long": 20.0, "forever": None, "bad": -1.0}
-"""A result's kind -> what ttl(result) returns; a "skip" result fails cache_if."""
+TTLS: dict[str, float | None] = {
+    "short": 3.0,
+    "long": 20.0,
+    "forever": None,
+    "bad": -1.0,
+    "zero": 0.0,
+}
+"""A result's kind -> what ttl(result) returns; a "skip" result fails cache_if. Only primes are
+"zero": a value kept no time, whose prime removes the key's entry as an invalidation does."""
 REMEMBER = 4.0
 STALE = 10.0
 BACKOFF = 2.0
@@ -198,11 +207,29 @@ class PolicyMachine(RuleBasedStateMachine):
         self.counts["misses"] += 1
         self.check(got, self.expect_computed(key, outcome, self.made - 1))
 
+    @rule(key=keys, outcome=outcomes)
+    def refresh(self, key: str, outcome: str) -> None:
+        """An explicit refresh: it computes whatever the cache holds, and a failure leaves a
+        fresh value as it is (raised, neither served stale nor replaced by a remembered
+        error)."""
+        entry = self.fresh(key)
+        before = len(self.computed)
+        self.plans[key] = [outcome]
+        got = self.run(self.outcome(self.f.refresh(key)))
+        assert len(self.computed) == before + 1, f"{key!r} not computed by a refresh"
+        self.counts["misses"] += 1
+        n = self.made - 1
+        if outcome in ("remembered", "plain") and entry is not None and entry.error is None:
+            kind = Remembered if outcome == "remembered" else Plain
+            self.check(got, (False, (kind, (key, n))))
+            return
+        self.check(got, self.expect_computed(key, outcome, n))
+
     @rule(
         key=keys,
         outcome=outcomes,
         joiners=st.integers(0, 2),
-        action=st.sampled_from(["nothing", "invalidate", "clear", "prime"]),
+        action=st.sampled_from(["nothing", "invalidate", "clear", "prime", "prime_for_no_time"]),
     )
     def call_under_way(self, key: str, outcome: str, joiners: int, action: str) -> None:
         """A computation of key held while others join it and an action lands."""
@@ -239,8 +266,10 @@ class PolicyMachine(RuleBasedStateMachine):
             self.invalidate(key)
         elif action == "clear":
             self.clear()
-        else:
+        elif action == "prime":
             self.prime(key)
+        else:
+            self.prime_for_no_time(key)
 
     @rule(seconds=st.sampled_from([0.5, 1.0, 2.0, 3.0, 5.0, 12.0, 40.0]))
     def tick(self, seconds: float) -> None:
@@ -264,6 +293,13 @@ class PolicyMachine(RuleBasedStateMachine):
         self.run(self.f.acache_prime(value, key))
         expires = self.now + (self.ttls["long"] or math.inf)
         self.entries[key] = Entry(value, None, expires, expires + (STALE if self.dated else 0))
+
+    @rule(key=keys)
+    def prime_for_no_time(self, key: str) -> None:
+        value = f"{key}#primed{self.made}:zero"
+        self.made += 1
+        self.run(self.f.acache_prime(value, key))
+        self.entries.pop(key, None)
 
     # -- invariants -----------------------------------------------------------------------------
 

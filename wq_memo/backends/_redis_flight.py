@@ -60,12 +60,22 @@ from ._redis_pubsub import News, Subscriber, Subscriptions, Watch, hear
 from ._redis_stats import Counters
 from ._redis_values import Entries
 
-__all__ = ("SingleFlight",)
+__all__ = ("MAX_EXPIRY", "SingleFlight")
 
 V = TypeVar("V")
 
 Reason: TypeAlias = Literal["fallbacks", "wait_timeouts"] | None
 """Why a call computes without the lock, as counted in stats() (None: not counted)."""
+
+MAX_EXPIRY: Final = 9.2e15
+"""The most seconds a ttl or a lease may last (about 290 million years).
+
+Redis keeps a key's expiry as milliseconds since the epoch in a signed 64-bit integer: it
+refuses a SET PX or PEXPIRE that would take it past 2**63 - 1 ms, about 9.2234e15 s after the
+epoch ("invalid expire time"). Signed entries carry their expiry as 8 unsigned bytes of ms since
+the epoch, which holds twice that. This bound stays below Redis's for some 700,000 years. A
+per-entry lifetime past it (``lifetime``, the policy's ttl: inf, 1e300) is an entry without
+expiry, as it is in a dict."""
 
 _INLINE_MAX: Final = 1024
 """Values up to this many bytes travel in the announcement itself: no read afterwards."""
@@ -623,7 +633,8 @@ class SingleFlight:
                 await self._finish(names, token, epoch, Outcome.NOTHING, b"", skipped, lease)
                 return value
             if seconds is not None:
-                ttl = seconds
+                # Past what Redis keeps (inf included): kept until Redis evicts it.
+                ttl = seconds if seconds <= MAX_EXPIRY else None
         data = self._entries.encode(names.value, function, value, ttl)
         if isinstance(data, bytes):
             announce = _announce_stored(data)

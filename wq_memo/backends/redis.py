@@ -22,7 +22,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess witho
 
 from ._protocol import MISSING, CallKey, Lifetime, Missing
 from ._redis_conn import Connector, Link, Unavailable
-from ._redis_flight import SingleFlight
+from ._redis_flight import MAX_EXPIRY, SingleFlight
 from ._redis_keys import KeyNames, Namespace
 from ._redis_log import Secrets, redact_url
 from ._redis_pubsub import Subscriptions
@@ -36,13 +36,8 @@ V = TypeVar("V")
 DEFAULT_MAX_VALUE_BYTES: Final = 8 * 1024 * 1024
 
 
-_MAX_EXPIRY: Final = 9.2e15
-"""The most seconds a ttl or a lease may last (about 290 million years).
-
-Redis keeps a key's expiry as milliseconds since the epoch in a signed 64-bit integer: it
-refuses a SET PX or PEXPIRE that would take it past 2**63 - 1 ms, about 9.2234e15 s after the
-epoch ("invalid expire time"). Signed entries carry their expiry as 8 unsigned bytes of ms since
-the epoch, which holds twice that. This bound stays below Redis's for some 700,000 years."""
+_MAX_EXPIRY: Final = MAX_EXPIRY
+"""The most seconds a ttl or a lease may last (see ``_redis_flight.MAX_EXPIRY``)."""
 
 
 def _seconds(

@@ -390,7 +390,9 @@ class _Batcher(Generic[K, V]):
     async def _run(self, line: _Line, batch: _Batch) -> None:
         keys = [entry.key for entry in batch.entries.values()]
         try:
-            answer = await self.func(keys)
+            # A list of its own: a batch function may sort or empty it, the answer is split
+            # along the keys as they were given.
+            answer = await self.func(list(keys))
             outcomes = self._split(keys, answer)
         except BaseException as exc:
             for entry in batch.entries.values():
@@ -459,7 +461,7 @@ class _Batcher(Generic[K, V]):
             _listeners.bypassed(counts.name)
         distinct = list(dict.fromkeys(keys))
         outcomes = dict(
-            zip(distinct, self._split(distinct, await self.func(distinct)), strict=True)
+            zip(distinct, self._split(distinct, await self.func(list(distinct))), strict=True)
         )
         values = []
         for k in keys:

@@ -8,8 +8,10 @@ from collections.abc import Awaitable
 from typing import Any
 
 import cachetools
+import pytest
 
 from wq_memo import disabled, worker_queue
+from wq_memo._batch import check as check_batches
 
 WAIT = 5.0
 
@@ -61,3 +63,95 @@ async def test_with_caching_switched_off_a_sorted_list_of_keys_changes_nothing()
 
     with disabled():
         assert await bounded(load.many([3, 1, 3, 2])) == ["v3", "v1", "v3", "v2"]
+
+
+# -- a batch function calling itself ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("maxsize", [1, 2])
+async def test_a_batch_function_may_load_keys_through_itself_deeper_than_maxsize(
+    maxsize: int,
+) -> None:
+    calls: list[list[int]] = []
+
+    # Two chains, the odd keys and the even ones, each key's parent two below it.
+    @worker_queue.batch(maxsize=maxsize, cache=cachetools.LRUCache(100))
+    async def depth(ids: list[int]) -> dict[int, int]:
+        calls.append(list(ids))
+        parents = await depth.many([i - 2 for i in ids if i > 1])
+        below = dict(zip([i for i in ids if i > 1], parents, strict=True))
+        check_batches(depth)
+        return {i: 0 if i < 2 else 1 + below[i] for i in ids}
+
+    assert await bounded(asyncio.gather(depth(5), depth(8))) == [2, 4]
+    assert sorted(k for keys in calls for k in keys) == [0, 1, 2, 3, 4, 5, 6, 8]  # each once
+    check_batches(depth)
+
+
+async def test_keys_of_one_batch_that_need_each_other_get_recursion_error_not_a_hang() -> None:
+    # 5 and 7 go in one batch; 7 needs 6, whose batch then needs 5: the first batch would wait
+    # for itself, as one call waiting for its own key would.
+    @worker_queue.batch(cache=cachetools.LRUCache(100))
+    async def depth(ids: list[int]) -> dict[int, int | BaseException]:
+        out: dict[int, int | BaseException] = {}
+        for i in ids:
+            try:
+                out[i] = 0 if i == 0 else 1 + await depth(i - 1)
+            except RecursionError as exc:
+                out[i] = exc
+        return out
+
+    five, seven = await bounded(asyncio.gather(depth(5), depth(7), return_exceptions=True))
+    assert isinstance(seven, RecursionError) or isinstance(five, RecursionError)
+
+
+async def test_a_batch_function_awaiting_a_key_of_its_own_batch_gets_recursion_error() -> None:
+    @worker_queue.batch(cache=cachetools.LRUCache(100))
+    async def load(ids: list[int]) -> dict[int, str]:
+        try:
+            await load(ids[0])
+        except RecursionError as exc:
+            return dict.fromkeys(ids, f"cycle: {exc}")
+        return dict.fromkeys(ids, "no cycle")
+
+    value = await bounded(load(1))
+    assert value.startswith("cycle: ")
+    assert "depends on itself" in value
+
+
+async def test_a_cycle_through_another_batch_gets_recursion_error() -> None:
+    # 1's batch loads 2, whose batch loads 1: the second call would await itself.
+    @worker_queue.batch(maxsize=1, cache=cachetools.LRUCache(100))
+    async def load(ids: list[int]) -> dict[int, str]:
+        (key,) = ids
+        try:
+            return {key: "then " + await load(2 if key == 1 else 1)}
+        except RecursionError:
+            return {key: "cycle"}
+
+    assert await bounded(load(1)) == "then cycle"
+
+
+async def test_a_key_waiting_in_line_that_a_running_batch_awaits_starts_in_its_slot() -> None:
+    # 1's batch holds the only slot; 2's batch waits in line for it; 1's batch then awaits 2.
+    started = asyncio.Event()
+    go = asyncio.Event()
+
+    @worker_queue.batch(maxsize=1, cache=cachetools.LRUCache(100))
+    async def load(ids: list[int]) -> dict[int, str]:
+        if ids == [1]:
+            started.set()
+            await go.wait()
+            return {1: "1 after " + await load(2)}
+        return {i: f"v{i}" for i in ids}
+
+    first = asyncio.ensure_future(load(1))
+    async with asyncio.timeout(WAIT):
+        await started.wait()
+    second = asyncio.ensure_future(load(2))
+    for _ in range(5):  # 2's batch closes and waits in line
+        await asyncio.sleep(0)
+    assert load.queue.waiting == 0  # keys wait for their batch, not for slots
+    go.set()
+    assert await bounded(asyncio.gather(first, second)) == ["1 after v2", "v2"]
+    check_batches(load)

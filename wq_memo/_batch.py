@@ -17,6 +17,10 @@ A batch is gathered, in line, running, then done:
   items are forgotten: a later call starts afresh); the others are sent, each once, in a copy
   of the context of the caller whose key opened it. Its answer is split among its keys.
 
+A batch's function may call the batch function (a key's value needs other keys): the batch
+those keys go in runs in the slot of the batch awaiting it (``lent``), as a nested call does,
+and a call that would await its own batch, directly or through others, raises RecursionError.
+
 Refresh-ahead: a key found due is refreshed by a background item of the table, which joins the
 batch being gathered like any key. A batch of such items only, that no caller has joined, is
 low-priority: it takes only a spare slot (``Slots.refresh_line``), so that no caller's batch
@@ -64,6 +68,11 @@ K_contra = TypeVar("K_contra", bound=Hashable, contravariant=True)
 V = TypeVar("V")
 
 logger = logging.getLogger("wq_memo")
+
+_inside: Final[contextvars.ContextVar[_Batch | None]] = contextvars.ContextVar(
+    "wq_memo_current_batch", default=None
+)
+"""The batch whose task the running code belongs to (None outside any batch)."""
 
 _LEFT_OUT: Final[Any] = object()
 """What the computation of a key left out of its batch returns: nobody receives it, and its
@@ -180,12 +189,19 @@ class _Entry:
 class _Batch:
     """The keys of one call of the batch function, by cache key, in the order they came."""
 
-    __slots__ = ("context", "entries", "spare", "task", "timer")
+    __slots__ = ("awaiting", "context", "entries", "lent", "spare", "task", "timer")
 
     def __init__(self, context: contextvars.Context) -> None:
         self.context = context
         self.spare = False
         """Runs in a spare slot: only background refreshes, nobody waiting, when it started."""
+        self.lent = False
+        """Runs in no slot of its own: a running batch awaits one of its keys (its function
+        called the batch function), and lends it its slot."""
+        self.awaiting: list[tuple[Flight[Any, Any], asyncio.Future[Any]]] = []
+        """The keys' items its function awaits (it called the batch function), each with the
+        future it waits on: an edge of the graph a cycle lives in while that future is
+        pending."""
         self.entries: dict[Hashable, _Entry] = {}
         self.task: asyncio.Task[None] | None = None
         """Set once it runs."""
@@ -210,6 +226,11 @@ class _Batch:
 
     def holds(self, key: Hashable) -> bool:
         return key in self.entries
+
+    def holds_item(self, flight: Flight[Any, Any]) -> bool:
+        """Whether flight, a key's item, waits for this batch's answer."""
+        entry = self.entries.get(flight.key)
+        return entry is not None and any(f is flight for f, _ in entry.waiting)
 
 
 class _Line:
@@ -324,7 +345,11 @@ class _Batcher(Generic[K, V]):
         if timer is not None:
             timer.cancel()
         slots = line.slots
-        if batch.low():
+        if self._awaited(line, batch):
+            # A running batch awaits one of its keys: waiting for a slot could wait for the
+            # one that batch holds (it called the batch function); it runs in that one.
+            self._start(line, batch, lent=True)
+        elif batch.low():
             # Background refreshes only: in a spare slot, as single refreshes run, so that no
             # caller's batch waits behind them.
             if slots.spare_free() and not slots.refresh_line:
@@ -358,10 +383,16 @@ class _Batcher(Generic[K, V]):
         assert line is not None
         self._start(line, batch, spare)
 
-    def _start(self, line: _Line, batch: _Batch, spare: bool = False) -> None:
-        """Run batch in a slot, leaving out the keys nobody waits for any more."""
-        line.slots.take(spare=spare)
-        batch.spare = spare
+    def _start(
+        self, line: _Line, batch: _Batch, spare: bool = False, *, lent: bool = False
+    ) -> None:
+        """Run batch in a slot (``lent``: in the slot of a running batch that awaits it),
+        leaving out the keys nobody waits for any more."""
+        if lent:
+            batch.lent = True
+        else:
+            line.slots.take(spare=spare)
+            batch.spare = spare
         table = line.table
         for k, entry in list(batch.entries.items()):
             kept = []
@@ -385,6 +416,7 @@ class _Batcher(Generic[K, V]):
             return
         self.batches += 1
         line.running.add(batch)
+        batch.context.run(_inside.set, batch)
         batch.task = line.loop.create_task(self._run(line, batch), context=batch.context)
 
     async def _run(self, line: _Line, batch: _Batch) -> None:
@@ -420,6 +452,8 @@ class _Batcher(Generic[K, V]):
 
     @staticmethod
     def _release(line: _Line, batch: _Batch) -> None:
+        if batch.lent:
+            return  # it took no slot
         if batch.spare:
             batch.spare = False
             line.slots.unspare()
@@ -451,6 +485,85 @@ class _Batcher(Generic[K, V]):
             "mapping from key to value, or a sequence with one value per key in the order given"
         )
 
+    # -- calls of the batch function from inside a batch ------------------------------------------
+
+    def running_here(self, table: FlightTable[Hashable, V]) -> _Batch | None:
+        """The batch of this function, running on table's loop, whose task makes the call
+        now (its function calls the batch function), or None."""
+        inside = _inside.get()
+        line = self._line
+        if inside is None or line is None or line.table is not table:
+            return None
+        return inside if inside in line.running else None
+
+    def check_no_cycle(self, inside: _Batch, key: Hashable, k: Any) -> None:
+        """Raise RecursionError if the batch running, inside, awaiting key's item would close
+        a cycle: that item is in inside itself, or in a batch that awaits inside."""
+        line = self._line
+        assert line is not None
+        flight = line.table.flights.get(key)
+        if flight is None:
+            return
+        target = self._batch_of(line, flight)
+        if target is not None and (target is inside or self._reaches(line, target, inside)):
+            raise RecursionError(
+                f"{self.display}() was called for {k!r} inside a batch, and the batch loading "
+                f"{k!r} is waiting for that batch: a batch function's call depends on itself"
+            )
+
+    def awaits(self, inside: _Batch, key: Hashable, future: asyncio.Future[Any]) -> None:
+        """inside, a batch running, awaits key's item through future: the batch holding that
+        item, if it waits in line for a slot, starts now in inside's."""
+        line = self._line
+        assert line is not None
+        flight = line.table.flights.get(key)
+        if flight is None:
+            return
+        awaiting = inside.awaiting
+        if len(awaiting) >= 64:
+            awaiting[:] = [(f, w) for f, w in awaiting if not w.done()]
+        awaiting.append((flight, future))
+        target = self._batch_of(line, flight)
+        if target is not None and target.task is None and target.timer is None:
+            line.slots.remove(target)
+            self._start(line, target, lent=True)
+
+    @staticmethod
+    def _batch_of(line: _Line, flight: Flight[Any, Any]) -> _Batch | None:
+        """The batch, gathered, in line or running, that flight waits for (None: its
+        computation has not joined one yet)."""
+        batches = [*line.running, *line.slots.line, *line.slots.refresh_line]
+        if line.gathered is not None:
+            batches.append(line.gathered)
+        for batch in batches:
+            if batch.holds_item(flight):
+                return batch
+        return None
+
+    def _reaches(self, line: _Line, start: _Batch, target: _Batch) -> bool:
+        """Whether start's function awaits target, directly or through other batches."""
+        seen: set[int] = set()
+        stack = [start]
+        while stack:
+            batch = stack.pop()
+            if batch is target:
+                return True
+            if id(batch) in seen:
+                continue
+            seen.add(id(batch))
+            for flight, waiter in batch.awaiting:
+                if not waiter.done() and (found := self._batch_of(line, flight)) is not None:
+                    stack.append(found)
+        return False
+
+    def _awaited(self, line: _Line, batch: _Batch) -> bool:
+        """Whether a running batch awaits one of batch's keys (its function called for it)."""
+        for running in line.running:
+            for flight, waiter in running.awaiting:
+                if not waiter.done() and batch.holds_item(flight):
+                    return True
+        return False
+
     def _missing(self, k: Any) -> KeyError:
         return KeyError(f"{self.display}() returned no value for key {k!r}")
 
@@ -477,8 +590,9 @@ class _Batcher(Generic[K, V]):
         line = self._line
         if line is None:
             return
-        assert len(line.running) <= line.slots.maxsize, line.running
-        assert line.slots.running >= len(line.running)
+        own = [b for b in line.running if not b.lent]
+        assert len(own) <= line.slots.maxsize, line.running
+        assert line.slots.running >= len(own)
         batches = [*line.running, *line.slots.line, *line.slots.refresh_line]
         if line.gathered is not None:
             batches.append(line.gathered)
@@ -731,10 +845,15 @@ def batch_decorator(
         table = engine.table
         if table is None or table.loop is not asyncio.get_running_loop():
             table = bind()
+        inside = batcher.running_here(table)
+        if inside is not None:
+            batcher.check_no_cycle(inside, ck, k)
         flight = table.flights.get(ck)
         future = table.call(ck, (k,))
         if flight is not None and flight.background:
             batcher.promote(ck)  # a caller now waits for that refresh
+        if inside is not None:
+            batcher.awaits(inside, ck, future)
         return future
 
     async def load(k: K, /) -> V:

@@ -155,3 +155,64 @@ async def test_a_key_waiting_in_line_that_a_running_batch_awaits_starts_in_its_s
     go.set()
     assert await bounded(asyncio.gather(first, second)) == ["1 after v2", "v2"]
     check_batches(load)
+
+
+# -- recursion through other memoized functions ----------------------------------------------------
+
+
+async def test_two_batch_functions_calling_each_other_work_with_maxsize_one() -> None:
+    @worker_queue.batch(maxsize=1, cache=cachetools.LRUCache(100))
+    async def users(ids: list[int]) -> dict[int, str]:
+        teams = await team_of.many(ids)
+        return {i: f"user {i} of {t}" for i, t in zip(ids, teams, strict=True)}
+
+    @worker_queue.batch(maxsize=1, cache=cachetools.LRUCache(100))
+    async def team_of(ids: list[int]) -> dict[int, str]:
+        # A team is named after its lead, a user of a lower id.
+        return {i: "nobody" if i < 10 else "lead " + await users(i - 10) for i in ids}
+
+    assert await bounded(users(25)) == "user 25 of lead user 15 of lead user 5 of nobody"
+    check_batches(users)
+    check_batches(team_of)
+
+
+async def test_a_cycle_through_two_batch_functions_gets_recursion_error() -> None:
+    @worker_queue.batch(maxsize=2, cache=cachetools.LRUCache(100))
+    async def first(ids: list[int]) -> dict[int, str]:
+        return {i: "first " + await second(i) for i in ids}
+
+    @worker_queue.batch(maxsize=2, cache=cachetools.LRUCache(100))
+    async def second(ids: list[int]) -> dict[int, str]:
+        try:
+            return {i: "second " + await first(i) for i in ids}
+        except RecursionError:
+            return dict.fromkeys(ids, "cycle")
+
+    assert await bounded(first(1)) == "first cycle"
+
+
+async def test_a_memoized_function_calling_itself_through_a_batch_function_works() -> None:
+    @worker_queue(maxsize=1, cache=cachetools.LRUCache(100))
+    async def chain(i: int) -> str:
+        return "end" if i == 0 else f"{i} > " + await links(i)
+
+    @worker_queue.batch(maxsize=1, cache=cachetools.LRUCache(100))
+    async def links(ids: list[int]) -> dict[int, str]:
+        return {i: await chain(i - 1) for i in ids}
+
+    assert await bounded(chain(3)) == "3 > 2 > 1 > end"
+
+
+async def test_a_memoized_call_awaiting_itself_through_a_batch_gets_recursion_error() -> None:
+    @worker_queue(maxsize=2, cache=cachetools.LRUCache(100))
+    async def outer(i: int) -> str:
+        return await inner(i)
+
+    @worker_queue.batch(maxsize=2, cache=cachetools.LRUCache(100))
+    async def inner(ids: list[int]) -> dict[int, str]:
+        try:
+            return {i: await outer(i) for i in ids}
+        except RecursionError:
+            return dict.fromkeys(ids, "cycle")
+
+    assert await bounded(outer(1)) == "cycle"

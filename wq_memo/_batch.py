@@ -17,9 +17,12 @@ A batch is gathered, in line, running, then done:
   items are forgotten: a later call starts afresh); the others are sent, each once, in a copy
   of the context of the caller whose key opened it. Its answer is split among its keys.
 
-A batch's function may call the batch function (a key's value needs other keys): the batch
-those keys go in runs in the slot of the batch awaiting it (``lent``), as a nested call does,
-and a call that would await its own batch, directly or through others, raises RecursionError.
+A running batch is a node (``_Node``) of the graph of which computation awaits which
+(_nesting): its keys' items await it, and it is the parent of the calls its function makes. So
+a batch function may call itself, or a memoized function that calls it (a key's value needs
+other keys): a batch that a running batch awaits runs in that one's slot (``lent``), as a nested
+call does, a memoized computation awaiting a batch lends its slot to that batch's calls of it,
+and a call that would await itself, through any of them, raises RecursionError.
 
 Refresh-ahead: a key found due is refreshed by a background item of the table, which joins the
 batch being gathered like any key. A batch of such items only, that no caller has joined, is
@@ -52,10 +55,11 @@ from ._controls import CacheKind, MappingKind, NoCacheKind
 from ._counts import Counts, count_hit
 from ._engine import Engine
 from ._flight import Flight, FlightTable
-from ._nesting import current
+from ._nesting import awaits, current, reaches
 from ._queue import WorkerQueue, facade, is_async_callable
 from ._refresh import NEVER, Refresher
 from ._slots import Slots
+from ._state import FINISHED, RUNNING
 from ._store import Store
 from ._switch import SWITCH
 from ._ttl_lookup import fast_lookup
@@ -68,11 +72,6 @@ K_contra = TypeVar("K_contra", bound=Hashable, contravariant=True)
 V = TypeVar("V")
 
 logger = logging.getLogger("wq_memo")
-
-_inside: Final[contextvars.ContextVar[_Batch | None]] = contextvars.ContextVar(
-    "wq_memo_current_batch", default=None
-)
-"""The batch whose task the running code belongs to (None outside any batch)."""
 
 _LEFT_OUT: Final[Any] = object()
 """What the computation of a key left out of its batch returns: nobody receives it, and its
@@ -189,7 +188,7 @@ class _Entry:
 class _Batch:
     """The keys of one call of the batch function, by cache key, in the order they came."""
 
-    __slots__ = ("awaiting", "context", "entries", "lent", "spare", "task", "timer")
+    __slots__ = ("context", "entries", "lent", "node", "spare", "task", "timer")
 
     def __init__(self, context: contextvars.Context) -> None:
         self.context = context
@@ -198,10 +197,8 @@ class _Batch:
         self.lent = False
         """Runs in no slot of its own: a running batch awaits one of its keys (its function
         called the batch function), and lends it its slot."""
-        self.awaiting: list[tuple[Flight[Any, Any], asyncio.Future[Any]]] = []
-        """The keys' items its function awaits (it called the batch function), each with the
-        future it waits on: an edge of the graph a cycle lives in while that future is
-        pending."""
+        self.node: _Node | None = None
+        """Where it stands, once it runs, in the graph of which computation awaits which."""
         self.entries: dict[Hashable, _Entry] = {}
         self.task: asyncio.Task[None] | None = None
         """Set once it runs."""
@@ -227,10 +224,31 @@ class _Batch:
     def holds(self, key: Hashable) -> bool:
         return key in self.entries
 
-    def holds_item(self, flight: Flight[Any, Any]) -> bool:
-        """Whether flight, a key's item, waits for this batch's answer."""
-        entry = self.entries.get(flight.key)
-        return entry is not None and any(f is flight for f, _ in entry.waiting)
+
+class _Name:
+    """How a running batch is named in a RecursionError."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+class _Node(Flight[Hashable, Any]):
+    """A running batch in the graph of which computation awaits which (see _nesting): its
+    keys' items await it, and it is the parent of the calls its function makes (``current``
+    in its task), so that a call closing a cycle, through this function or others, raises
+    RecursionError, and a nested call of a memoized function may run in the slot of one of its
+    callers. It belongs to no flight table; it never computes."""
+
+    __slots__ = ("batch",)
+
+    def __init__(self, batch: _Batch, name: str, parent: Flight[Any, Any] | None) -> None:
+        super().__init__(_Name(name), (), {}, None, parent)
+        self.batch: _Batch | None = batch
 
 
 class _Line:
@@ -416,8 +434,23 @@ class _Batcher(Generic[K, V]):
             return
         self.batches += 1
         line.running.add(batch)
-        batch.context.run(_inside.set, batch)
+        self._enter_graph(batch)
         batch.task = line.loop.create_task(self._run(line, batch), context=batch.context)
+
+    def _enter_graph(self, batch: _Batch) -> None:
+        """batch starts: its node is awaited by its keys' items, and the parent of the calls its
+        function makes; the parent of its first key's item is its own (a slot it may borrow)."""
+        first, _ = next(iter(batch.entries.values())).waiting[0]
+        keys = list(batch.entries)
+        shown = ", ".join(map(repr, keys[:5])) + (", ..." if len(keys) > 5 else "")
+        node = batch.node = _Node(
+            batch, f"the batch of {self.display}() for [{shown}]", first.parent
+        )
+        node.state = RUNNING
+        for entry in batch.entries.values():
+            for flight, waiter in entry.waiting:
+                awaits(flight, node, waiter)
+        batch.context.run(current.set, node)
 
     async def _run(self, line: _Line, batch: _Batch) -> None:
         keys = [entry.key for entry in batch.entries.values()]
@@ -447,6 +480,10 @@ class _Batcher(Generic[K, V]):
                     else:
                         waiter.set_exception(what)
         finally:
+            node = batch.node
+            if node is not None:  # out of the graph: no edge leads through it any more
+                node.state = FINISHED
+                node.awaiting = node.batch = batch.node = None
             line.running.discard(batch)
             self._release(line, batch)
 
@@ -485,83 +522,33 @@ class _Batcher(Generic[K, V]):
             "mapping from key to value, or a sequence with one value per key in the order given"
         )
 
-    # -- calls of the batch function from inside a batch ------------------------------------------
+    # -- calls made inside computations ---------------------------------------------------------
 
-    def running_here(self, table: FlightTable[Hashable, V]) -> _Batch | None:
-        """The batch of this function, running on table's loop, whose task makes the call
-        now (its function calls the batch function), or None."""
-        inside = _inside.get()
+    def lend_awaited(self) -> None:
+        """After a call made inside a computation: a batch waiting in line for a slot that a
+        running batch awaits (directly, or through other computations) starts now, in that
+        batch's slot, which it could otherwise wait for for ever."""
         line = self._line
-        if inside is None or line is None or line.table is not table:
-            return None
-        return inside if inside in line.running else None
-
-    def check_no_cycle(self, inside: _Batch, key: Hashable, k: Any) -> None:
-        """Raise RecursionError if the batch running, inside, awaiting key's item would close
-        a cycle: that item is in inside itself, or in a batch that awaits inside."""
-        line = self._line
-        assert line is not None
-        flight = line.table.flights.get(key)
-        if flight is None:
+        if line is None or not line.running:
             return
-        target = self._batch_of(line, flight)
-        if target is not None and (target is inside or self._reaches(line, target, inside)):
-            raise RecursionError(
-                f"{self.display}() was called for {k!r} inside a batch, and the batch loading "
-                f"{k!r} is waiting for that batch: a batch function's call depends on itself"
-            )
-
-    def awaits(self, inside: _Batch, key: Hashable, future: asyncio.Future[Any]) -> None:
-        """inside, a batch running, awaits key's item through future: the batch holding that
-        item, if it waits in line for a slot, starts now in inside's."""
-        line = self._line
-        assert line is not None
-        flight = line.table.flights.get(key)
-        if flight is None:
-            return
-        awaiting = inside.awaiting
-        if len(awaiting) >= 64:
-            awaiting[:] = [(f, w) for f, w in awaiting if not w.done()]
-        awaiting.append((flight, future))
-        target = self._batch_of(line, flight)
-        if target is not None and target.task is None and target.timer is None:
-            line.slots.remove(target)
-            self._start(line, target, lent=True)
+        slots = line.slots
+        for waiting in [*slots.line, *slots.refresh_line]:
+            if self._awaited(line, waiting):
+                slots.remove(waiting)
+                self._start(line, waiting, lent=True)
 
     @staticmethod
-    def _batch_of(line: _Line, flight: Flight[Any, Any]) -> _Batch | None:
-        """The batch, gathered, in line or running, that flight waits for (None: its
-        computation has not joined one yet)."""
-        batches = [*line.running, *line.slots.line, *line.slots.refresh_line]
-        if line.gathered is not None:
-            batches.append(line.gathered)
-        for batch in batches:
-            if batch.holds_item(flight):
-                return batch
-        return None
-
-    def _reaches(self, line: _Line, start: _Batch, target: _Batch) -> bool:
-        """Whether start's function awaits target, directly or through other batches."""
-        seen: set[int] = set()
-        stack = [start]
-        while stack:
-            batch = stack.pop()
-            if batch is target:
-                return True
-            if id(batch) in seen:
-                continue
-            seen.add(id(batch))
-            for flight, waiter in batch.awaiting:
-                if not waiter.done() and (found := self._batch_of(line, flight)) is not None:
-                    stack.append(found)
-        return False
-
-    def _awaited(self, line: _Line, batch: _Batch) -> bool:
-        """Whether a running batch awaits one of batch's keys (its function called for it)."""
+    def _awaited(line: _Line, batch: _Batch) -> bool:
+        """Whether a running batch awaits one of batch's keys, directly or through other
+        computations (its function called for it)."""
         for running in line.running:
-            for flight, waiter in running.awaiting:
-                if not waiter.done() and batch.holds_item(flight):
-                    return True
+            node = running.node
+            if node is None or not node.awaiting:
+                continue
+            for entry in batch.entries.values():
+                for flight, _ in entry.waiting:
+                    if reaches(node, flight):
+                        return True
         return False
 
     def _missing(self, k: Any) -> KeyError:
@@ -591,6 +578,9 @@ class _Batcher(Generic[K, V]):
         if line is None:
             return
         own = [b for b in line.running if not b.lent]
+        for batch in line.running:
+            assert batch.node is not None, batch
+            assert batch.node.batch is batch, batch
         assert len(own) <= line.slots.maxsize, line.running
         assert line.slots.running >= len(own)
         batches = [*line.running, *line.slots.line, *line.slots.refresh_line]
@@ -845,15 +835,12 @@ def batch_decorator(
         table = engine.table
         if table is None or table.loop is not asyncio.get_running_loop():
             table = bind()
-        inside = batcher.running_here(table)
-        if inside is not None:
-            batcher.check_no_cycle(inside, ck, k)
         flight = table.flights.get(ck)
         future = table.call(ck, (k,))
         if flight is not None and flight.background:
             batcher.promote(ck)  # a caller now waits for that refresh
-        if inside is not None:
-            batcher.awaits(inside, ck, future)
+        if current.get() is not None:
+            batcher.lend_awaited()  # a batch in line that a running one now awaits starts
         return future
 
     async def load(k: K, /) -> V:

@@ -1,5 +1,6 @@
 """Model-based test of worker_queue.batch: calls, batches finishing in any order, per-key
-failures, missing keys, cancellations, invalidations, primes, clears and closes.
+failures, missing keys, cancellations, invalidations, primes, clears and closes; the batch
+function reverses the list of keys it is given, and answers with a mapping or a sequence.
 
 The machine predicts every batch: the keys of one rule's calls (one turn of the loop) that start
 a load go, in the order of their first callers, into batches of at most ``max_batch`` keys,
@@ -135,6 +136,7 @@ class BatchMachine(RuleBasedStateMachine):
         under_way = [c for c in self.calls_made if not c.finished and not c.cancelled]
         if len(under_way) > self.maxsize:
             self.violations.append(f"{len(under_way)} batches at once, maxsize={self.maxsize}")
+        batch_keys.reverse()  # the list is the function's own (as a query may sort it)
         try:
             await call.gate.wait()
         except asyncio.CancelledError:
@@ -146,6 +148,8 @@ class BatchMachine(RuleBasedStateMachine):
             raise call.failures[""]
         if call.whole == "short":
             return [call.values.get(k) for k in batch_keys][:-1]
+        if all(call.plan[k] == "value" for k in call.keys):
+            return [call.values[k] for k in call.keys]  # aligned with the keys as given
         answer: dict[str, Any] = {}
         for k in batch_keys:
             how = call.plan[k]

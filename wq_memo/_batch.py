@@ -529,8 +529,10 @@ class _Batcher(Generic[K, V]):
         running batch awaits (directly, or through other computations) starts now, in that
         batch's slot, which it could otherwise wait for for ever."""
         line = self._line
-        if line is None or not line.running:
+        if line is None or not (line.slots.line or line.slots.refresh_line):
             return
+        if not any(b.node is not None and b.node.awaiting for b in line.running):
+            return  # no running batch awaits anything: the common case, a call from a computation
         slots = line.slots
         for waiting in [*slots.line, *slots.refresh_line]:
             if self._awaited(line, waiting):

@@ -575,7 +575,9 @@ class _Batcher(Generic[K, V]):
 
     def check(self) -> None:
         """Assert the batches' invariants (for tests): no batch holds more than ``max_batch``
-        keys; at most ``maxsize`` run; a batch in line or gathered has not started."""
+        keys; at most ``maxsize`` run for callers, and background refreshes beside them only
+        in spare slots (``2 * maxsize`` in all), batches lent a slot aside; a batch in line or
+        gathered has not started."""
         line = self._line
         if line is None:
             return
@@ -583,7 +585,9 @@ class _Batcher(Generic[K, V]):
         for batch in line.running:
             assert batch.node is not None, batch
             assert batch.node.batch is batch, batch
-        assert len(own) <= line.slots.maxsize, line.running
+        spare = sum(b.spare for b in own)
+        assert len(own) - spare <= line.slots.maxsize, line.running
+        assert len(own) <= 2 * line.slots.maxsize, line.running
         assert line.slots.running >= len(own)
         batches = [*line.running, *line.slots.line, *line.slots.refresh_line]
         if line.gathered is not None:

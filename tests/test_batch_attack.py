@@ -10,7 +10,7 @@ from typing import Any
 import cachetools
 import pytest
 
-from wq_memo import disabled, worker_queue
+from wq_memo import MISSING, disabled, worker_queue
 from wq_memo._batch import check as check_batches
 
 WAIT = 5.0
@@ -216,3 +216,23 @@ async def test_a_memoized_call_awaiting_itself_through_a_batch_gets_recursion_er
             return dict.fromkeys(ids, "cycle")
 
     assert await bounded(outer(1)) == "cycle"
+
+
+# -- exceptions as values --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", ["mapping", "sequence"])
+async def test_stop_iteration_as_a_value_fails_that_key_with_runtime_error(shape: str) -> None:
+    # asyncio refuses StopIteration in a future; a coroutine raising it raises RuntimeError.
+    @worker_queue.batch(cache=cachetools.LRUCache(100))
+    async def load(ids: list[int]) -> Any:
+        values = [StopIteration("no more") if i == 1 else f"v{i}" for i in ids]
+        return dict(zip(ids, values, strict=True)) if shape == "mapping" else values
+
+    one, two = await bounded(asyncio.gather(load(1), load(2), return_exceptions=True))
+    assert isinstance(one, RuntimeError)
+    assert "StopIteration" in str(one)
+    assert isinstance(one.__cause__, StopIteration)
+    assert two == "v2"
+    assert load.cache_peek(1) is MISSING
+    assert load.cache_peek(2) == "v2"

@@ -507,7 +507,7 @@ class _Batcher(Generic[K, V]):
                 except KeyError:
                     outcomes.append((False, self._missing(k)))
                     continue
-                outcomes.append(_outcome(value))
+                outcomes.append(self._outcome(k, value))
             return outcomes
         if isinstance(answer, Sequence) and not isinstance(answer, str | bytes | bytearray):
             if len(answer) != len(keys):
@@ -516,7 +516,7 @@ class _Batcher(Generic[K, V]):
                     "return a mapping from key to value, or a sequence with one value per key "
                     "in the order given"
                 )
-            return [_outcome(value) for value in answer]
+            return [self._outcome(k, value) for k, value in zip(keys, answer, strict=True)]
         raise TypeError(
             f"{self.display}() returned {type(answer).__name__}; a batch function returns a "
             "mapping from key to value, or a sequence with one value per key in the order given"
@@ -552,6 +552,18 @@ class _Batcher(Generic[K, V]):
                     if reaches(node, flight):
                         return True
         return False
+
+    def _outcome(self, k: Any, value: Any) -> tuple[bool, Any]:
+        """k's outcome for a value the batch function gave it: an exception is raised."""
+        if not isinstance(value, BaseException):
+            return True, value
+        if isinstance(value, StopIteration):
+            # No future takes StopIteration (it would end the coroutine awaiting it): raised as
+            # RuntimeError, as a coroutine raising it is.
+            failure = RuntimeError(f"{self.display}() gave StopIteration as the value of {k!r}")
+            failure.__cause__ = value
+            return False, failure
+        return False, value
 
     def _missing(self, k: Any) -> KeyError:
         return KeyError(f"{self.display}() returned no value for key {k!r}")
@@ -604,12 +616,6 @@ def check(batched: object) -> None:
     """Assert the invariants of a batch function's batches (for tests)."""
     batcher: _Batcher[Any, Any] = batched._batcher  # type: ignore[attr-defined]
     batcher.check()
-
-
-def _outcome(value: Any) -> tuple[bool, Any]:
-    if isinstance(value, BaseException):
-        return False, value
-    return True, value
 
 
 class _BatchKind:

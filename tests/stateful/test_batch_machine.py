@@ -45,9 +45,10 @@ from ._machinery import (
     keys,
 )
 
-OUTCOMES = ("value", "fail", "missing", "error")
-"""What a batch answers for one key: a value, an exception as the value, no entry at all, or
-(for every key) the batch function raises."""
+OUTCOMES = ("value", "fail", "stop", "missing", "error")
+"""What a batch answers for one key: a value, an exception as the value (a StopIteration, which
+its callers get as a RuntimeError), no entry at all, or (for every key) the batch function
+raises."""
 
 
 @dataclass(eq=False)
@@ -155,7 +156,7 @@ class BatchMachine(RuleBasedStateMachine):
             how = call.plan[k]
             if how == "value":
                 answer[k] = call.values[k]
-            elif how == "fail":
+            elif how in ("fail", "stop"):
                 answer[k] = call.failures[k]
         return answer
 
@@ -299,6 +300,9 @@ class BatchMachine(RuleBasedStateMachine):
                 elif how == "fail":
                     call.failures[k] = failure = ComputationFailed(call.id)
                     outcomes[k] = ("raise", failure)
+                elif how == "stop":
+                    call.failures[k] = stop = StopIteration(call.id)
+                    outcomes[k] = ("stop", stop)
                 else:
                     outcomes[k] = ("missing", None)
         call.gate.set()
@@ -419,6 +423,9 @@ class BatchMachine(RuleBasedStateMachine):
                 assert result is what, (caller, result, error, what)
             elif how == "raise":
                 assert error is what, (caller, error, what)
+            elif how == "stop":
+                assert isinstance(error, RuntimeError), (caller, error)
+                assert error.__cause__ is what, (caller, error, what)
             elif how == "missing":
                 assert isinstance(error, KeyError), (caller, error)
                 assert repr(caller.key) in str(error), error

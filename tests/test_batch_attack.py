@@ -236,3 +236,30 @@ async def test_stop_iteration_as_a_value_fails_that_key_with_runtime_error(shape
     assert two == "v2"
     assert load.cache_peek(1) is MISSING
     assert load.cache_peek(2) == "v2"
+
+
+# -- keys ------------------------------------------------------------------------------------------
+
+
+class Opaque:
+    """A key that is hashable, but whose repr fails."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __hash__(self) -> int:
+        return hash(self.n)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Opaque) and other.n == self.n
+
+    def __repr__(self) -> str:
+        raise RuntimeError("no repr")
+
+
+async def test_a_key_whose_repr_fails_is_loaded_as_any_other() -> None:
+    @worker_queue.batch(cache=cachetools.LRUCache(100))
+    async def load(keys: list[Opaque]) -> list[int]:
+        return [k.n for k in keys]
+
+    assert await bounded(load.many([Opaque(1), Opaque(2), Opaque(1)])) == [1, 2, 1]

@@ -226,15 +226,19 @@ class _Batch:
 
 
 class _Name:
-    """How a running batch is named in a RecursionError."""
+    """How a running batch is named in a RecursionError (made only then: a key's repr may be
+    slow, or fail)."""
 
-    __slots__ = ("text",)
+    __slots__ = ("display", "keys", "more")
 
-    def __init__(self, text: str) -> None:
-        self.text = text
+    def __init__(self, display: str, keys: list[Any], more: bool) -> None:
+        self.display = display
+        self.keys = keys
+        self.more = more
 
     def __repr__(self) -> str:
-        return self.text
+        shown = ", ".join(map(repr, self.keys)) + (", ..." if self.more else "")
+        return f"the batch of {self.display}() for [{shown}]"
 
 
 class _Node(Flight[Hashable, Any]):
@@ -246,8 +250,8 @@ class _Node(Flight[Hashable, Any]):
 
     __slots__ = ("batch",)
 
-    def __init__(self, batch: _Batch, name: str, parent: Flight[Any, Any] | None) -> None:
-        super().__init__(_Name(name), (), {}, None, parent)
+    def __init__(self, batch: _Batch, name: _Name, parent: Flight[Any, Any] | None) -> None:
+        super().__init__(name, (), {}, None, parent)
         self.batch: _Batch | None = batch
 
 
@@ -441,11 +445,10 @@ class _Batcher(Generic[K, V]):
         """batch starts: its node is awaited by its keys' items, and the parent of the calls its
         function makes; the parent of its first key's item is its own (a slot it may borrow)."""
         first, _ = next(iter(batch.entries.values())).waiting[0]
-        keys = list(batch.entries)
-        shown = ", ".join(map(repr, keys[:5])) + (", ..." if len(keys) > 5 else "")
-        node = batch.node = _Node(
-            batch, f"the batch of {self.display}() for [{shown}]", first.parent
-        )
+        entries = batch.entries
+        shown = [entry.key for entry, _ in zip(entries.values(), range(5), strict=False)]
+        name = _Name(self.display, shown, len(entries) > 5)
+        node = batch.node = _Node(batch, name, first.parent)
         node.state = RUNNING
         for entry in batch.entries.values():
             for flight, waiter in entry.waiting:

@@ -263,3 +263,19 @@ async def test_a_key_whose_repr_fails_is_loaded_as_any_other() -> None:
         return [k.n for k in keys]
 
     assert await bounded(load.many([Opaque(1), Opaque(2), Opaque(1)])) == [1, 2, 1]
+
+
+async def test_a_mapping_answer_for_keys_it_cannot_hold_says_to_return_a_sequence() -> None:
+    # Lists as keys, made hashable by key=: a mapping cannot be keyed by them.
+    @worker_queue.batch(cache=cachetools.LRUCache(100), key=tuple)
+    async def total(keys: list[Any]) -> dict[Any, int]:  # (K is Hashable for type checkers)
+        return {tuple(k): sum(k) for k in keys}
+
+    with pytest.raises(TypeError, match=r"total\(\) returned a mapping.*sequence"):
+        await bounded(total([1, 2]))
+
+    @worker_queue.batch(cache=cachetools.LRUCache(100), key=tuple)
+    async def aligned(keys: list[Any]) -> list[int]:
+        return [sum(k) for k in keys]
+
+    assert await bounded(aligned.many([[1, 2], [3], [1, 2]])) == [3, 3, 3]

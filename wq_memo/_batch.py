@@ -510,6 +510,14 @@ class _Batcher(Generic[K, V]):
                 except KeyError:
                     outcomes.append((False, self._missing(k)))
                     continue
+                except TypeError as exc:
+                    if _hashable(k):
+                        raise
+                    raise TypeError(
+                        f"{self.display}() returned a mapping, but the key {k!r} cannot be "
+                        f"looked up in one ({exc}); return a sequence with one value per key in "
+                        "the order given"
+                    ) from exc
                 outcomes.append(self._outcome(k, value))
             return outcomes
         if isinstance(answer, Sequence) and not isinstance(answer, str | bytes | bytearray):
@@ -613,6 +621,14 @@ class _Batcher(Generic[K, V]):
         for batch in (*line.slots.line, *line.slots.refresh_line):
             assert batch.task is None, batch
             assert batch.timer is None, batch
+
+
+def _hashable(k: object) -> bool:
+    try:
+        hash(k)
+    except TypeError:
+        return False
+    return True
 
 
 def check(batched: object) -> None:

@@ -279,3 +279,31 @@ async def test_a_mapping_answer_for_keys_it_cannot_hold_says_to_return_a_sequenc
         return [sum(k) for k in keys]
 
     assert await bounded(aligned.many([[1, 2], [3], [1, 2]])) == [3, 3, 3]
+
+
+# -- caching switched off -------------------------------------------------------------------------
+
+
+async def test_with_caching_switched_off_no_call_holds_more_than_max_batch_keys() -> None:
+    # max_batch is often the backend's own limit (parameters in one query).
+    calls: list[list[int]] = []
+
+    @worker_queue.batch(max_batch=3)
+    async def load(ids: list[int]) -> dict[int, str]:
+        calls.append(list(ids))
+        return {i: f"v{i}" for i in ids}
+
+    with disabled():
+        values = await bounded(load.many([1, 2, 3, 4, 2, 5, 6, 7]))
+    assert values == ["v1", "v2", "v3", "v4", "v2", "v5", "v6", "v7"]
+    assert calls == [[1, 2, 3], [4, 5, 6], [7]]
+
+
+async def test_with_caching_switched_off_keys_made_hashable_by_key_are_loaded() -> None:
+    @worker_queue.batch(key=tuple)
+    async def total(keys: list[Any]) -> list[int]:
+        return [sum(k) for k in keys]
+
+    with disabled():
+        assert await bounded(total.many([[1, 2], [3], [1, 2]])) == [3, 3, 3]
+        assert await bounded(total([4, 5])) == 9

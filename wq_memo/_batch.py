@@ -579,18 +579,28 @@ class _Batcher(Generic[K, V]):
     def _missing(self, k: Any) -> KeyError:
         return KeyError(f"{self.display}() returned no value for key {k!r}")
 
-    async def direct(self, keys: list[K], counts: Counts) -> list[V]:
-        """Load keys with the batch function itself, caching switched off (disabled())."""
+    async def direct(
+        self, keys: list[K], counts: Counts, key_of: Callable[[Any], Hashable]
+    ) -> list[V]:
+        """Load keys with the batch function itself, caching switched off (disabled()): each
+        distinct cache key once, at most ``max_batch`` keys a call, one call after another."""
+        cache_keys = [key_of(k) for k in keys]
         for _ in keys:
             counts.bypassed += 1
             _listeners.bypassed(counts.name)
-        distinct = list(dict.fromkeys(keys))
-        outcomes = dict(
-            zip(distinct, self._split(distinct, await self.func(list(distinct))), strict=True)
-        )
+        first: dict[Hashable, K] = {}
+        for ck, k in zip(cache_keys, keys, strict=True):
+            first.setdefault(ck, k)
+        distinct = list(first)
+        outcomes: dict[Hashable, tuple[bool, Any]] = {}
+        for start in range(0, len(distinct), self.max_batch):
+            chunk = distinct[start : start + self.max_batch]
+            sent = [first[ck] for ck in chunk]
+            answer = await self.func(list(sent))
+            outcomes.update(zip(chunk, self._split(sent, answer), strict=True))
         values = []
-        for k in keys:
-            ok, what = outcomes[k]
+        for ck in cache_keys:
+            ok, what = outcomes[ck]
             if not ok:
                 raise what
             values.append(what)
@@ -876,7 +886,7 @@ def batch_decorator(
 
     async def load(k: K, /) -> V:
         if SWITCH.watch and SWITCH.off():
-            return (await batcher.direct([k], counts))[0]
+            return (await batcher.direct([k], counts, key_now))[0]
         found = request(k)
         if isinstance(found, asyncio.Future):
             return await found
@@ -885,7 +895,7 @@ def batch_decorator(
     async def many(keys: Iterable[K], /) -> list[V]:
         keys = list(keys)
         if SWITCH.watch and SWITCH.off():
-            return await batcher.direct(keys, counts)
+            return await batcher.direct(keys, counts, key_now)
         found: dict[Hashable, Any] = {}
         order: list[Hashable] = []
         futures: list[asyncio.Future[V]] = []

@@ -4,7 +4,7 @@ it makes of itself, and the values it may return."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterator, Mapping
 from typing import Any
 
 import cachetools
@@ -307,3 +307,30 @@ async def test_with_caching_switched_off_keys_made_hashable_by_key_are_loaded() 
     with disabled():
         assert await bounded(total.many([[1, 2], [3], [1, 2]])) == [3, 3, 3]
         assert await bounded(total([4, 5])) == 9
+
+
+class Rows(Mapping[int, str]):
+    """A mapping over rows that finds a row with next(): StopIteration for a key it lacks."""
+
+    def __init__(self, ids: list[int]) -> None:
+        self.rows = [(i, f"v{i}") for i in ids]
+
+    def __getitem__(self, key: int) -> str:
+        return next(value for i, value in self.rows if i == key)
+
+    def __iter__(self) -> Iterator[int]:
+        return (i for i, _ in self.rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+async def test_a_mapping_raising_stop_iteration_fails_the_batch_with_runtime_error() -> None:
+    @worker_queue.batch(cache=cachetools.LRUCache(100))
+    async def load(ids: list[int]) -> Rows:
+        return Rows([i for i in ids if i != 2])
+
+    one, two = await bounded(asyncio.gather(load(1), load(2), return_exceptions=True))
+    for outcome in (one, two):
+        assert isinstance(outcome, RuntimeError), outcome
+        assert isinstance(outcome.__cause__, StopIteration)

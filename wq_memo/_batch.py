@@ -462,7 +462,12 @@ class _Batcher(Generic[K, V]):
             # along the keys as they were given.
             answer = await self.func(list(keys))
             outcomes = self._split(keys, answer)
-        except BaseException as exc:
+        except BaseException as raised:
+            exc = raised
+            if isinstance(raised, StopIteration):
+                # From the answer (a mapping's lookup using next()): no future takes it.
+                exc = RuntimeError(f"{self.display}()'s answer raised StopIteration")
+                exc.__cause__ = raised
             for entry in batch.entries.values():
                 for _, waiter in entry.waiting:
                     if waiter.done():

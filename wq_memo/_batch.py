@@ -538,6 +538,21 @@ class _Batcher(Generic[K, V]):
             "mapping from key to value, or a sequence with one value per key in the order given"
         )
 
+    def _outcome(self, k: Any, value: Any) -> tuple[bool, Any]:
+        """k's outcome for a value the batch function gave it: an exception is raised."""
+        if not isinstance(value, BaseException):
+            return True, value
+        if isinstance(value, StopIteration):
+            # No future takes StopIteration (it would end the coroutine awaiting it): raised as
+            # RuntimeError, as a coroutine raising it is.
+            failure = RuntimeError(f"{self.display}() gave StopIteration as the value of {k!r}")
+            failure.__cause__ = value
+            return False, failure
+        return False, value
+
+    def _missing(self, k: Any) -> KeyError:
+        return KeyError(f"{self.display}() returned no value for key {k!r}")
+
     # -- calls made inside computations ---------------------------------------------------------
 
     def lend_awaited(self) -> None:
@@ -568,21 +583,6 @@ class _Batcher(Generic[K, V]):
                     if reaches(node, flight):
                         return True
         return False
-
-    def _outcome(self, k: Any, value: Any) -> tuple[bool, Any]:
-        """k's outcome for a value the batch function gave it: an exception is raised."""
-        if not isinstance(value, BaseException):
-            return True, value
-        if isinstance(value, StopIteration):
-            # No future takes StopIteration (it would end the coroutine awaiting it): raised as
-            # RuntimeError, as a coroutine raising it is.
-            failure = RuntimeError(f"{self.display}() gave StopIteration as the value of {k!r}")
-            failure.__cause__ = value
-            return False, failure
-        return False, value
-
-    def _missing(self, k: Any) -> KeyError:
-        return KeyError(f"{self.display}() returned no value for key {k!r}")
 
     async def direct(
         self, keys: list[K], counts: Counts, key_of: Callable[[Any], Hashable]

@@ -13,6 +13,7 @@ import pytest
 from test_batch import GatedBatch, bounded, settle
 
 from wq_memo import MISSING, worker_queue
+from wq_memo._batch import check as check_batches
 
 
 class Clock:
@@ -87,6 +88,7 @@ async def test_a_caller_batch_starts_beside_a_refresh_batch_that_runs() -> None:
     await g.wait_calls(2)  # the refresh runs, in the spare slot
     caller = asyncio.create_task(load(5))
     await g.wait_calls(3)  # not behind the refresh
+    check_batches(load)  # two batches, maxsize=1: the caller's, and the refresh in a spare slot
     g.release(2)
     assert await bounded(caller) == "5#2"
     g.release(1)

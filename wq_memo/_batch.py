@@ -17,6 +17,13 @@ A batch is gathered, in line, running, then done:
   items are forgotten: a later call starts afresh); the others are sent, each once, in a copy
   of the context of the caller whose key opened it. Its answer is split among its keys.
 
+A running batch is a node (``_Node``) of the graph of which computation awaits which
+(_nesting): its keys' items await it, and it is the parent of the calls its function makes. So
+a batch function may call itself, or a memoized function that calls it (a key's value needs
+other keys): a batch that a running batch awaits runs in that one's slot (``lent``), as a nested
+call does, a memoized computation awaiting a batch lends its slot to that batch's calls of it,
+and a call that would await itself, through any of them, raises RecursionError.
+
 Refresh-ahead: a key found due is refreshed by a background item of the table, which joins the
 batch being gathered like any key. A batch of such items only, that no caller has joined, is
 low-priority: it takes only a spare slot (``Slots.refresh_line``), so that no caller's batch
@@ -48,10 +55,11 @@ from ._controls import CacheKind, MappingKind, NoCacheKind
 from ._counts import Counts, count_hit
 from ._engine import Engine
 from ._flight import Flight, FlightTable
-from ._nesting import current
+from ._nesting import awaits, current, reaches
 from ._queue import WorkerQueue, facade, is_async_callable
 from ._refresh import NEVER, Refresher
 from ._slots import Slots
+from ._state import FINISHED, RUNNING
 from ._store import Store
 from ._switch import SWITCH
 from ._ttl_lookup import fast_lookup
@@ -180,12 +188,17 @@ class _Entry:
 class _Batch:
     """The keys of one call of the batch function, by cache key, in the order they came."""
 
-    __slots__ = ("context", "entries", "spare", "task", "timer")
+    __slots__ = ("context", "entries", "lent", "node", "spare", "task", "timer")
 
     def __init__(self, context: contextvars.Context) -> None:
         self.context = context
         self.spare = False
         """Runs in a spare slot: only background refreshes, nobody waiting, when it started."""
+        self.lent = False
+        """Runs in no slot of its own: a running batch awaits one of its keys (its function
+        called the batch function), and lends it its slot."""
+        self.node: _Node | None = None
+        """Where it stands, once it runs, in the graph of which computation awaits which."""
         self.entries: dict[Hashable, _Entry] = {}
         self.task: asyncio.Task[None] | None = None
         """Set once it runs."""
@@ -210,6 +223,36 @@ class _Batch:
 
     def holds(self, key: Hashable) -> bool:
         return key in self.entries
+
+
+class _Name:
+    """How a running batch is named in a RecursionError (made only then: a key's repr may be
+    slow, or fail)."""
+
+    __slots__ = ("display", "keys", "more")
+
+    def __init__(self, display: str, keys: list[Any], more: bool) -> None:
+        self.display = display
+        self.keys = keys
+        self.more = more
+
+    def __repr__(self) -> str:
+        shown = ", ".join(map(repr, self.keys)) + (", ..." if self.more else "")
+        return f"the batch of {self.display}() for [{shown}]"
+
+
+class _Node(Flight[Hashable, Any]):
+    """A running batch in the graph of which computation awaits which (see _nesting): its
+    keys' items await it, and it is the parent of the calls its function makes (``current``
+    in its task), so that a call closing a cycle, through this function or others, raises
+    RecursionError, and a nested call of a memoized function may run in the slot of one of its
+    callers. It belongs to no flight table; it never computes."""
+
+    __slots__ = ("batch",)
+
+    def __init__(self, batch: _Batch, name: _Name, parent: Flight[Any, Any] | None) -> None:
+        super().__init__(name, (), {}, None, parent)
+        self.batch: _Batch | None = batch
 
 
 class _Line:
@@ -324,7 +367,11 @@ class _Batcher(Generic[K, V]):
         if timer is not None:
             timer.cancel()
         slots = line.slots
-        if batch.low():
+        if self._awaited(line, batch):
+            # A running batch awaits one of its keys: waiting for a slot could wait for the
+            # one that batch holds (it called the batch function); it runs in that one.
+            self._start(line, batch, lent=True)
+        elif batch.low():
             # Background refreshes only: in a spare slot, as single refreshes run, so that no
             # caller's batch waits behind them.
             if slots.spare_free() and not slots.refresh_line:
@@ -358,10 +405,16 @@ class _Batcher(Generic[K, V]):
         assert line is not None
         self._start(line, batch, spare)
 
-    def _start(self, line: _Line, batch: _Batch, spare: bool = False) -> None:
-        """Run batch in a slot, leaving out the keys nobody waits for any more."""
-        line.slots.take(spare=spare)
-        batch.spare = spare
+    def _start(
+        self, line: _Line, batch: _Batch, spare: bool = False, *, lent: bool = False
+    ) -> None:
+        """Run batch in a slot (``lent``: in the slot of a running batch that awaits it),
+        leaving out the keys nobody waits for any more."""
+        if lent:
+            batch.lent = True
+        else:
+            line.slots.take(spare=spare)
+            batch.spare = spare
         table = line.table
         for k, entry in list(batch.entries.items()):
             kept = []
@@ -385,14 +438,36 @@ class _Batcher(Generic[K, V]):
             return
         self.batches += 1
         line.running.add(batch)
+        self._enter_graph(batch)
         batch.task = line.loop.create_task(self._run(line, batch), context=batch.context)
+
+    def _enter_graph(self, batch: _Batch) -> None:
+        """batch starts: its node is awaited by its keys' items, and the parent of the calls its
+        function makes; the parent of its first key's item is its own (a slot it may borrow)."""
+        first, _ = next(iter(batch.entries.values())).waiting[0]
+        entries = batch.entries
+        shown = [entry.key for entry, _ in zip(entries.values(), range(5), strict=False)]
+        name = _Name(self.display, shown, len(entries) > 5)
+        node = batch.node = _Node(batch, name, first.parent)
+        node.state = RUNNING
+        for entry in batch.entries.values():
+            for flight, waiter in entry.waiting:
+                awaits(flight, node, waiter)
+        batch.context.run(current.set, node)
 
     async def _run(self, line: _Line, batch: _Batch) -> None:
         keys = [entry.key for entry in batch.entries.values()]
         try:
-            answer = await self.func(keys)
+            # A list of its own: a batch function may sort or empty it, the answer is split
+            # along the keys as they were given.
+            answer = await self.func(list(keys))
             outcomes = self._split(keys, answer)
-        except BaseException as exc:
+        except BaseException as raised:
+            exc = raised
+            if isinstance(raised, StopIteration):
+                # From the answer (a mapping's lookup using next()): no future takes it.
+                exc = RuntimeError(f"{self.display}()'s answer raised StopIteration")
+                exc.__cause__ = raised
             for entry in batch.entries.values():
                 for _, waiter in entry.waiting:
                     if waiter.done():
@@ -413,11 +488,17 @@ class _Batcher(Generic[K, V]):
                     else:
                         waiter.set_exception(what)
         finally:
+            node = batch.node
+            if node is not None:  # out of the graph: no edge leads through it any more
+                node.state = FINISHED
+                node.awaiting = node.batch = batch.node = None
             line.running.discard(batch)
             self._release(line, batch)
 
     @staticmethod
     def _release(line: _Line, batch: _Batch) -> None:
+        if batch.lent:
+            return  # it took no slot
         if batch.spare:
             batch.spare = False
             line.slots.unspare()
@@ -434,7 +515,15 @@ class _Batcher(Generic[K, V]):
                 except KeyError:
                     outcomes.append((False, self._missing(k)))
                     continue
-                outcomes.append(_outcome(value))
+                except TypeError as exc:
+                    if _hashable(k):
+                        raise
+                    raise TypeError(
+                        f"{self.display}() returned a mapping, but the key {k!r} cannot be "
+                        f"looked up in one ({exc}); return a sequence with one value per key in "
+                        "the order given"
+                    ) from exc
+                outcomes.append(self._outcome(k, value))
             return outcomes
         if isinstance(answer, Sequence) and not isinstance(answer, str | bytes | bytearray):
             if len(answer) != len(keys):
@@ -443,27 +532,80 @@ class _Batcher(Generic[K, V]):
                     "return a mapping from key to value, or a sequence with one value per key "
                     "in the order given"
                 )
-            return [_outcome(value) for value in answer]
+            return [self._outcome(k, value) for k, value in zip(keys, answer, strict=True)]
         raise TypeError(
             f"{self.display}() returned {type(answer).__name__}; a batch function returns a "
             "mapping from key to value, or a sequence with one value per key in the order given"
         )
 
+    def _outcome(self, k: Any, value: Any) -> tuple[bool, Any]:
+        """k's outcome for a value the batch function gave it: an exception is raised."""
+        if not isinstance(value, BaseException):
+            return True, value
+        if isinstance(value, StopIteration):
+            # No future takes StopIteration (it would end the coroutine awaiting it): raised as
+            # RuntimeError, as a coroutine raising it is.
+            failure = RuntimeError(f"{self.display}() gave StopIteration as the value of {k!r}")
+            failure.__cause__ = value
+            return False, failure
+        return False, value
+
     def _missing(self, k: Any) -> KeyError:
         return KeyError(f"{self.display}() returned no value for key {k!r}")
 
-    async def direct(self, keys: list[K], counts: Counts) -> list[V]:
-        """Load keys with the batch function itself, caching switched off (disabled())."""
+    # -- calls made inside computations ---------------------------------------------------------
+
+    def lend_awaited(self) -> None:
+        """After a call made inside a computation: a batch waiting in line for a slot that a
+        running batch awaits (directly, or through other computations) starts now, in that
+        batch's slot, which it could otherwise wait for for ever."""
+        line = self._line
+        if line is None or not (line.slots.line or line.slots.refresh_line):
+            return
+        if not any(b.node is not None and b.node.awaiting for b in line.running):
+            return  # no running batch awaits anything: the common case, a call from a computation
+        slots = line.slots
+        for waiting in [*slots.line, *slots.refresh_line]:
+            if self._awaited(line, waiting):
+                slots.remove(waiting)
+                self._start(line, waiting, lent=True)
+
+    @staticmethod
+    def _awaited(line: _Line, batch: _Batch) -> bool:
+        """Whether a running batch awaits one of batch's keys, directly or through other
+        computations (its function called for it)."""
+        for running in line.running:
+            node = running.node
+            if node is None or not node.awaiting:
+                continue
+            for entry in batch.entries.values():
+                for flight, _ in entry.waiting:
+                    if reaches(node, flight):
+                        return True
+        return False
+
+    async def direct(
+        self, keys: list[K], counts: Counts, key_of: Callable[[Any], Hashable]
+    ) -> list[V]:
+        """Load keys with the batch function itself, caching switched off (disabled()): each
+        distinct cache key once, at most ``max_batch`` keys a call, one call after another."""
+        cache_keys = [key_of(k) for k in keys]
         for _ in keys:
             counts.bypassed += 1
             _listeners.bypassed(counts.name)
-        distinct = list(dict.fromkeys(keys))
-        outcomes = dict(
-            zip(distinct, self._split(distinct, await self.func(distinct)), strict=True)
-        )
+        first: dict[Hashable, K] = {}
+        for ck, k in zip(cache_keys, keys, strict=True):
+            first.setdefault(ck, k)
+        distinct = list(first)
+        outcomes: dict[Hashable, tuple[bool, Any]] = {}
+        for start in range(0, len(distinct), self.max_batch):
+            chunk = distinct[start : start + self.max_batch]
+            sent = [first[ck] for ck in chunk]
+            answer = await self.func(list(sent))
+            outcomes.update(zip(chunk, self._split(sent, answer), strict=True))
         values = []
-        for k in keys:
-            ok, what = outcomes[k]
+        for ck in cache_keys:
+            ok, what = outcomes[ck]
             if not ok:
                 raise what
             values.append(what)
@@ -471,12 +613,20 @@ class _Batcher(Generic[K, V]):
 
     def check(self) -> None:
         """Assert the batches' invariants (for tests): no batch holds more than ``max_batch``
-        keys; at most ``maxsize`` run; a batch in line or gathered has not started."""
+        keys; at most ``maxsize`` run for callers, and background refreshes beside them only
+        in spare slots (``2 * maxsize`` in all), batches lent a slot aside; a batch in line or
+        gathered has not started."""
         line = self._line
         if line is None:
             return
-        assert len(line.running) <= line.slots.maxsize, line.running
-        assert line.slots.running >= len(line.running)
+        own = [b for b in line.running if not b.lent]
+        for batch in line.running:
+            assert batch.node is not None, batch
+            assert batch.node.batch is batch, batch
+        spare = sum(b.spare for b in own)
+        assert len(own) - spare <= line.slots.maxsize, line.running
+        assert len(own) <= 2 * line.slots.maxsize, line.running
+        assert line.slots.running >= len(own)
         batches = [*line.running, *line.slots.line, *line.slots.refresh_line]
         if line.gathered is not None:
             batches.append(line.gathered)
@@ -488,16 +638,18 @@ class _Batcher(Generic[K, V]):
             assert batch.timer is None, batch
 
 
+def _hashable(k: object) -> bool:
+    try:
+        hash(k)
+    except TypeError:
+        return False
+    return True
+
+
 def check(batched: object) -> None:
     """Assert the invariants of a batch function's batches (for tests)."""
     batcher: _Batcher[Any, Any] = batched._batcher  # type: ignore[attr-defined]
     batcher.check()
-
-
-def _outcome(value: Any) -> tuple[bool, Any]:
-    if isinstance(value, BaseException):
-        return False, value
-    return True, value
 
 
 class _BatchKind:
@@ -733,11 +885,13 @@ def batch_decorator(
         future = table.call(ck, (k,))
         if flight is not None and flight.background:
             batcher.promote(ck)  # a caller now waits for that refresh
+        if current.get() is not None:
+            batcher.lend_awaited()  # a batch in line that a running one now awaits starts
         return future
 
     async def load(k: K, /) -> V:
         if SWITCH.watch and SWITCH.off():
-            return (await batcher.direct([k], counts))[0]
+            return (await batcher.direct([k], counts, key_now))[0]
         found = request(k)
         if isinstance(found, asyncio.Future):
             return await found
@@ -746,7 +900,7 @@ def batch_decorator(
     async def many(keys: Iterable[K], /) -> list[V]:
         keys = list(keys)
         if SWITCH.watch and SWITCH.off():
-            return await batcher.direct(keys, counts)
+            return await batcher.direct(keys, counts, key_now)
         found: dict[Hashable, Any] = {}
         order: list[Hashable] = []
         futures: list[asyncio.Future[V]] = []

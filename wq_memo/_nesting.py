@@ -37,6 +37,7 @@ __all__ = (
     "lend",
     "lender_of",
     "on_spare",
+    "reaches",
 )
 
 current: Final[contextvars.ContextVar[Flight[Any, Any] | None]] = contextvars.ContextVar(
@@ -59,6 +60,11 @@ def _reaches(start: Flight[Any, Any], target: Flight[Any, Any]) -> bool:
         if flight.awaiting:
             stack.extend(f for f, waiter in flight.awaiting if not waiter.done())
     return False
+
+
+def reaches(start: Flight[Any, Any], target: Flight[Any, Any]) -> bool:
+    """Whether start's computation awaits target, directly or through other computations."""
+    return _reaches(start, target)
 
 
 def check_no_cycle(parent: Flight[Any, Any], flight: Flight[Any, Any]) -> None:

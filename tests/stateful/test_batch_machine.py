@@ -1,5 +1,6 @@
 """Model-based test of worker_queue.batch: calls, batches finishing in any order, per-key
-failures, missing keys, cancellations, invalidations, primes, clears and closes.
+failures, missing keys, cancellations, invalidations, primes, clears and closes; the batch
+function reverses the list of keys it is given, and answers with a mapping or a sequence.
 
 The machine predicts every batch: the keys of one rule's calls (one turn of the loop) that start
 a load go, in the order of their first callers, into batches of at most ``max_batch`` keys,
@@ -44,9 +45,10 @@ from ._machinery import (
     keys,
 )
 
-OUTCOMES = ("value", "fail", "missing", "error")
-"""What a batch answers for one key: a value, an exception as the value, no entry at all, or
-(for every key) the batch function raises."""
+OUTCOMES = ("value", "fail", "stop", "missing", "error")
+"""What a batch answers for one key: a value, an exception as the value (a StopIteration, which
+its callers get as a RuntimeError), no entry at all, or (for every key) the batch function
+raises."""
 
 
 @dataclass(eq=False)
@@ -135,6 +137,7 @@ class BatchMachine(RuleBasedStateMachine):
         under_way = [c for c in self.calls_made if not c.finished and not c.cancelled]
         if len(under_way) > self.maxsize:
             self.violations.append(f"{len(under_way)} batches at once, maxsize={self.maxsize}")
+        batch_keys.reverse()  # the list is the function's own (as a query may sort it)
         try:
             await call.gate.wait()
         except asyncio.CancelledError:
@@ -146,12 +149,14 @@ class BatchMachine(RuleBasedStateMachine):
             raise call.failures[""]
         if call.whole == "short":
             return [call.values.get(k) for k in batch_keys][:-1]
+        if all(call.plan[k] == "value" for k in call.keys):
+            return [call.values[k] for k in call.keys]  # aligned with the keys as given
         answer: dict[str, Any] = {}
         for k in batch_keys:
             how = call.plan[k]
             if how == "value":
                 answer[k] = call.values[k]
-            elif how == "fail":
+            elif how in ("fail", "stop"):
                 answer[k] = call.failures[k]
         return answer
 
@@ -295,6 +300,9 @@ class BatchMachine(RuleBasedStateMachine):
                 elif how == "fail":
                     call.failures[k] = failure = ComputationFailed(call.id)
                     outcomes[k] = ("raise", failure)
+                elif how == "stop":
+                    call.failures[k] = stop = StopIteration(call.id)
+                    outcomes[k] = ("stop", stop)
                 else:
                     outcomes[k] = ("missing", None)
         call.gate.set()
@@ -415,6 +423,9 @@ class BatchMachine(RuleBasedStateMachine):
                 assert result is what, (caller, result, error, what)
             elif how == "raise":
                 assert error is what, (caller, error, what)
+            elif how == "stop":
+                assert isinstance(error, RuntimeError), (caller, error)
+                assert error.__cause__ is what, (caller, error, what)
             elif how == "missing":
                 assert isinstance(error, KeyError), (caller, error)
                 assert repr(caller.key) in str(error), error

@@ -46,7 +46,7 @@ current: Final[contextvars.ContextVar[Flight[Any, Any] | None]] = contextvars.Co
 """The computation whose task the running code belongs to (None outside any computation)."""
 
 
-def _reaches(start: Flight[Any, Any], target: Flight[Any, Any]) -> bool:
+def reaches(start: Flight[Any, Any], target: Flight[Any, Any]) -> bool:
     """Whether start's computation awaits target, directly or through other computations."""
     seen: set[int] = set()
     stack = [start]
@@ -62,14 +62,9 @@ def _reaches(start: Flight[Any, Any], target: Flight[Any, Any]) -> bool:
     return False
 
 
-def reaches(start: Flight[Any, Any], target: Flight[Any, Any]) -> bool:
-    """Whether start's computation awaits target, directly or through other computations."""
-    return _reaches(start, target)
-
-
 def check_no_cycle(parent: Flight[Any, Any], flight: Flight[Any, Any]) -> None:
     """Raise RecursionError if parent's computation awaiting flight would close a cycle."""
-    if flight is parent or _reaches(flight, parent):
+    if flight is parent or reaches(flight, parent):
         raise RecursionError(
             f"computing {parent.key!r} requires {flight.key!r}, whose computation "
             f"is waiting for it: a memoized call depends on itself"

@@ -125,10 +125,14 @@ async def test_collections_while_the_loop_stores_and_expires_fail_nothing(
     sys.setswitchinterval(1e-6)  # the GIL changes hands often: races show sooner
     try:
         with caplog.at_level(logging.WARNING):
-            async with asyncio.timeout(WAIT * 4):
-                # Entries expire all the time, so that a collection reading the cache's size
-                # would delete them from under the loop's stores.
-                while len(exporter.exports) < 200:
+            # Entries expire all the time, so that a collection reading the cache's size would
+            # delete them from under the loop's stores. The race runs for 200 collections, or
+            # for WAIT seconds if the reader's thread collects more slowly than that (a loaded
+            # machine, a large heap left by earlier tests): a length of run, not a deadline.
+            loop = asyncio.get_running_loop()
+            until = loop.time() + WAIT
+            async with asyncio.timeout(WAIT * 4):  # a call that hangs fails the test
+                while len(exporter.exports) < 200 and loop.time() < until:
                     for i in range(200):
                         assert await f(i) == i
                         clock.now += 0.01
@@ -147,6 +151,7 @@ async def test_collections_while_the_loop_stores_and_expires_fail_nothing(
         if r.name.startswith("wq_memo") or "Callback failed" in r.getMessage()
     ]
     assert failures == []
+    assert len(exporter.exports) >= 10, f"the reader collected {len(exporter.exports)} times"
     info = f.cache_info()
     assert info.hits + info.misses == calls
 

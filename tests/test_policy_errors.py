@@ -401,8 +401,6 @@ def test_bad_options_are_clear_errors_at_decoration(
         (None, {"ttl": 5}, "need a cache"),
         ({}, {"ttl": 5, "refresh_after": 1}, "refresh_after"),
         ("single", {"ttl": 5}, "not supported with FakeSingleFlight"),
-        ("async", {"cache_errors": {TimeoutError: 1}}, "in-process cache"),
-        ("async", {"stale_if_error": 5}, "in-process cache"),
         ("ttlcache", {"stale_if_error": 5}, "TTLCache"),
     ],
 )

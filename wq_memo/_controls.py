@@ -25,7 +25,7 @@ from typing import (
 
 import cachetools
 
-from ._policy import CachedError, Kept
+from ._policy import CachedError, Kept, Raised
 from .backends._protocol import MISSING, AsyncCache, Missing
 
 if TYPE_CHECKING:
@@ -438,7 +438,12 @@ class AsyncCacheKind(CacheKind):
         raise self._refuse("cache_peek")
 
     async def apeek(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        return await self._peek(self.key_of(args, kwargs))
+        found = await self._peek(self.key_of(args, kwargs))
+        policy = self.store.policy
+        if policy is None or not policy.wrapped:
+            return found
+        found = policy.unwrap(found)
+        return found.error if type(found) is Raised else found
 
 
 class Controls:

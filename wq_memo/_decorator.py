@@ -230,14 +230,6 @@ def _check_policy_cache(
             "whose get_or_compute stores values itself; use an in-process cache, a plain async "
             "cache or a RedisCache for them"
         )
-    if not isinstance(cache, MutableMapping) and (
-        options.cache_errors or options.stale_if_error is not None
-    ):
-        raise ValueError(
-            "@worker_queue: cache_errors and stale_if_error work with an in-process cache "
-            "(a cachetools cache or a dict) only, for now; with an async cache (RedisCache "
-            "too) use cache_if and ttl"
-        )
     if (
         isinstance(cache, MutableMapping)
         and options.stale_if_error is not None
@@ -287,12 +279,17 @@ def _policy(
     dated = isinstance(cache, MutableMapping) and (
         options.ttl is not None or bool(options.cache_errors) or options.stale_if_error is not None
     )
+    # An async cache's entries carry their expiry (a remembered error, a value kept for the
+    # stale window): on the wall clock by default, which every process and host shares.
+    wrapped = not isinstance(cache, MutableMapping) and (
+        bool(options.cache_errors) or options.stale_if_error is not None
+    )
     clock = options.timer
     if clock is None and isinstance(cache, MutableMapping):
         clock = raw_timer(cache)  # a TTLCache's own clock: its expiry and the entries' agree
     if clock is None:
         timer = getattr(cache, "timer", None)
-        clock = timer if callable(timer) else time.monotonic
+        clock = timer if callable(timer) else time.time if wrapped else time.monotonic
     return Policy(
         display,
         options.cache_if,
@@ -302,6 +299,7 @@ def _policy(
         clock,
         options.refresh_backoff,
         dated,
+        wrapped,
     )
 
 
@@ -457,7 +455,9 @@ def _with_async_cache(
         single_flight=cache if isinstance(cache, SingleFlightCache) else None,
         stored=None if refresher is None else refresher.stored,
         policy=policy,
+        read=getattr(cache, "peek", None) or cache.get,
     )
+    wrapped = policy is not None and policy.wrapped
     if isinstance(cache, SingleFlightCache):
         single_flight = cache
 
@@ -496,6 +496,9 @@ def _with_async_cache(
             return store.fenced(flight.key, checked, flight)
 
         lookup: Callable[[Hashable], Awaitable[Any]] = cache.get
+        if wrapped:
+            assert policy is not None
+            lookup = _unwrapping(cache.get, policy)
         if refresher is not None and isinstance(cache, RefreshingCache):
             refreshing = cache
 
@@ -524,7 +527,7 @@ def _with_async_cache(
             options.maxsize,
             options.finish_timeout,
             miss=MISSING,
-            lookup=cache.get,
+            lookup=_unwrapping(cache.get, policy) if wrapped and policy is not None else cache.get,
             store=store,
             on_refresh_failed=on_refresh_failed,
         )
@@ -534,9 +537,22 @@ def _with_async_cache(
     if refresher is not None:
         engine.on_hit = refresh_starter(engine, refresher)
     key_of = _key_builder(key, display, name)
-    wrapper = async_cache_wrapper(func, key_of, engine)
+    wrapper = async_cache_wrapper(func, key_of, engine, wrapped)
     kind = AsyncCacheKind(engine, key_of, cache, store, refresher, display)
     return attach(wrapper, facade(engine), cache, kind)
+
+
+def _unwrapping(
+    get: Callable[[Hashable], Awaitable[Any]], policy: Policy
+) -> Callable[[Hashable], Awaitable[Any]]:
+    """An async cache's get under a wrapped policy: a fresh entry's value, ``Raised`` for a
+    fresh remembered error (the wrapper raises it), else MISSING."""
+    unwrap = policy.unwrap
+
+    async def lookup(k: Hashable) -> Any:
+        return unwrap(await get(k))
+
+    return lookup
 
 
 def _bookkeeping(

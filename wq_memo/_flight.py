@@ -199,6 +199,7 @@ class FlightTable(Generic[K, R]):
         "computations",
         "compute",
         "counts",
+        "fail_later",
         "fail_now",
         "flights",
         "func",
@@ -252,6 +253,17 @@ class FlightTable(Generic[K, R]):
         self.fail_now = (
             store.failed_now
             if store is not None and store.policy is not None and store.policy.dated
+            else None
+        )
+        # The same for a plain async cache under a wrapped policy: read the key's entry, write
+        # what the policy leaves (see Store.failed).
+        self.fail_later = (
+            store.failed
+            if store is not None
+            and store.policy is not None
+            and store.policy.wrapped
+            and store.write is not None
+            and compute is None
             else None
         )
         self.slotless = slotless
@@ -616,6 +628,13 @@ class FlightTable(Generic[K, R]):
             outcome = self._failed(flight, exc, started)
             if outcome is None or isinstance(exc, _RAISED):
                 raise
+            if (
+                self.fail_later is not None
+                and outcome[1] is exc
+                and isinstance(exc, Exception)
+                and not flight.background
+            ):
+                outcome = await self.fail_later(flight.key, exc, flight, self)
         else:
             if started is not None:
                 _listeners.computed(self.counts.name, started, None)

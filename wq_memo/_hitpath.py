@@ -19,7 +19,7 @@ import cachetools.keys
 from . import _listeners
 from ._counts import Counts
 from ._engine import Engine
-from ._policy import Kept, Policy
+from ._policy import Kept, Policy, Raised
 from ._refresh import NEVER, Refresher
 from ._switch import SWITCH
 from .backends._protocol import MISSING
@@ -323,10 +323,24 @@ def async_cache_wrapper(
     func: Callable[P, Awaitable[R]],
     key_of: Callable[[tuple[Any, ...], dict[str, Any]], Hashable],
     engine: Engine[Any, R],
+    wrapped: bool = False,
 ) -> Callable[P, Coroutine[Any, Any, R]]:
-    """The wrapper over an async cache: the queue looks the key up, shared among callers."""
+    """The wrapper over an async cache: the queue looks the key up, shared among callers.
+    ``wrapped``: a lookup may answer ``Raised`` (a remembered error), raised anew here."""
     counts = engine.counts
     require = engine.require
+
+    if wrapped:
+
+        async def raising(*args: P.args, **kwargs: P.kwargs) -> R:
+            if SWITCH.watch and SWITCH.off():
+                return await _bypass(counts, func, args, kwargs)
+            result: Any = await require(key_of(args, kwargs), args, kwargs)
+            if type(result) is Raised:
+                raise result.error.rebuild()
+            return result  # type: ignore[no-any-return]
+
+        return raising
 
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         if SWITCH.watch and SWITCH.off():

@@ -22,8 +22,18 @@ from numbers import Real
 from typing import Any, Final, NamedTuple, final
 
 from ._errors import QueueShutDown, ShutdownTimeout
+from .backends._protocol import MISSING as _MISSING
 
-__all__ = ("SKIP", "CachedError", "Kept", "Policy", "make_policy")
+__all__ = (
+    "SKIP",
+    "CachedError",
+    "Kept",
+    "Policy",
+    "Raised",
+    "StoredError",
+    "make_policy",
+    "type_id",
+)
 
 logger = logging.getLogger("wq_memo")
 
@@ -71,6 +81,33 @@ class Kept:
         return f"<Kept {what} expires={self.expires}>"
 
 
+@final
+class StoredError(NamedTuple):
+    """A remembered exception as RedisCache reads it back: the identifier of its type
+    (``type_id``), its arguments, and when it expires on the writer's policy clock. Only the
+    policy turns the identifier into a class, through its own ``cache_errors``: nothing is
+    imported or unpickled for it."""
+
+    type_id: str
+    args: tuple[Any, ...]
+    expires: float
+
+
+@final
+class Raised(NamedTuple):
+    """What an async cache's lookup answers for a remembered error: the memoized function
+    raises ``error.rebuild()`` (a value of its own is never of this private type)."""
+
+    error: CachedError
+
+
+def type_id(kind: type[BaseException]) -> str:
+    """The identifier a remembered error's type is stored under in a shared cache: its module
+    and qualified name. It is only ever looked up among the classes ``cache_errors`` names (and
+    their subclasses already loaded), never imported."""
+    return f"{kind.__module__}:{kind.__qualname__}"
+
+
 def _seconds(what: str, value: object, *, none: bool = False) -> float | None:
     """value checked as a number of seconds >= 0 (None allowed if ``none``)."""
     if value is None and none:
@@ -116,7 +153,9 @@ class Policy:
         "stale",
         "ttl",
         "ttl_of",
+        "types",
         "warned_ttl",
+        "wrapped",
     )
 
     def __init__(
@@ -129,6 +168,7 @@ class Policy:
         clock: Callable[[], float],
         backoff: float,
         dated: bool,
+        wrapped: bool = False,
     ) -> None:
         self.name = name
         self.cache_if = cache_if
@@ -139,6 +179,8 @@ class Policy:
         self.clock = clock
         self.backoff = backoff
         self.dated = dated
+        self.wrapped = wrapped
+        self.types: dict[str, type[Exception] | None] = {}
         self.warned_ttl = False
         self.skipped: Callable[[], None] = _nothing
         self.served_stale: Callable[[], None] = _nothing
@@ -217,6 +259,66 @@ class Policy:
             )
             return None
         return seconds
+
+    def resolve(self, identifier: str) -> type[Exception] | None:
+        """The class a stored type identifier names, if it is one of the ``cache_errors`` types
+        or a subclass of one already loaded in this process (None otherwise, and for an
+        identifier that two such classes share). Nothing is imported."""
+        types = self.types
+        if identifier in types:
+            return types[identifier]
+        found: dict[str, list[type[Exception]]] = {}
+        seen: set[type[Exception]] = set()
+        todo = list(self.errors)
+        while todo:
+            kind = todo.pop()
+            if kind in seen:
+                continue
+            seen.add(kind)
+            found.setdefault(type_id(kind), []).append(kind)
+            todo.extend(kind.__subclasses__())
+        answer = found.get(identifier, [])
+        resolved = answer[0] if len(answer) == 1 else None
+        if resolved is not None or len(types) < 1024:  # a flood of forged names stays bounded
+            types[identifier] = resolved
+        return resolved
+
+    def remembered(self, entry: Any) -> CachedError | None:
+        """The remembered error a stored entry holds, if it is one this process can rebuild."""
+        if type(entry) is StoredError:
+            kind = self.resolve(entry.type_id)
+            if kind is None:
+                logger.debug(
+                    "%s(): a remembered %s in the cache is not of a type cache_errors names "
+                    "here; treated as a miss",
+                    self.name,
+                    entry.type_id,
+                )
+                return None
+            return CachedError(kind, entry.args)
+        error: CachedError | None = entry.error
+        return error
+
+    def unwrap(self, entry: Any) -> Any:
+        """What an async cache's entry means now: its value, ``Raised`` for a fresh remembered
+        error, or MISSING (expired, or an error whose type this process does not name)."""
+        kind = type(entry)
+        if kind is Kept:
+            if self.clock() >= entry.expires:
+                return _MISSING
+            if entry.error is None:
+                return entry.value
+        elif kind is not StoredError:
+            return entry
+        elif self.clock() >= entry.expires:
+            return _MISSING
+        error = self.remembered(entry)
+        return _MISSING if error is None else Raised(error)
+
+    def usable(self, entry: Any) -> bool:
+        """Whether an entry found in the cache answers a call now (not expired, and not an
+        error of a type this process does not name)."""
+        return self.unwrap(entry) is not _MISSING
 
 
 def _nothing() -> None:

@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable, Hashable, MutableMapping
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from ._lookups import NotAsync
-from ._policy import SKIP, CachedError, Kept, Policy
+from ._policy import SKIP, CachedError, Kept, Policy, Raised, type_id
 
 if TYPE_CHECKING:
     from ._flight import Flight, FlightTable
@@ -54,7 +54,16 @@ class Store(Generic[K, R]):
     computation of a mapping may leave a remembered error or serve a stale value
     (``failed_now``)."""
 
-    __slots__ = ("mapping", "name", "policy", "single_flight", "stored", "tables", "write")
+    __slots__ = (
+        "mapping",
+        "name",
+        "policy",
+        "read",
+        "single_flight",
+        "stored",
+        "tables",
+        "write",
+    )
 
     def __init__(
         self,
@@ -65,8 +74,12 @@ class Store(Generic[K, R]):
         single_flight: SingleFlightCache | None = None,
         stored: Callable[[K], None] | None = None,
         policy: Policy | None = None,
+        read: Callable[[Any], Awaitable[Any]] | None = None,
     ) -> None:
         self.name = name
+        self.read = read
+        """An async cache's raw read (its entries as stored), for a failed computation's
+        look at the key's expired entry (``failed``, ``fenced``)."""
         self.policy = policy
         self.mapping = mapping
         self.write = write
@@ -134,6 +147,20 @@ class Store(Generic[K, R]):
         def lifetime(value: Any) -> tuple[bool, float | None]:
             if flight is not None and flight.forgotten:
                 return (False, None)
+            if type(value) is Kept:
+                policy = self.policy
+                assert policy is not None
+                now = policy.clock()
+                if value.error is not None or value.warned:
+                    # A remembered error, or a stale value served again: kept in Redis until
+                    # it expires, or until the end of its stale window.
+                    return (True, max(value.until - now, 0.001))
+                seconds = self._lifetime(key, value.value, False)
+                if seconds is SKIP:
+                    return (False, None)
+                value.expires = now + (math.inf if seconds is None else seconds)
+                value.until = value.expires + (policy.stale or 0.0)
+                return (True, None if seconds is None else seconds + (policy.stale or 0.0))
             seconds = self._lifetime(key, value, False)
             return (False, None) if seconds is SKIP else (True, seconds)
 
@@ -199,6 +226,144 @@ class Store(Generic[K, R]):
             logger.exception("%s(): keeping the failure of %r failed", self.name, key)
         return (False, exc)
 
+    def _fallback(
+        self, key: K, exc: Exception, old: Any, now: float
+    ) -> tuple[Kept | None, float | None]:
+        """What a computation of key that raised exc leaves, its key's entry being ``old``
+        (read before) under the policy: (a ``Kept`` to store, its ttl in seconds) for a stale
+        value served again (``warned``) or a remembered error, or (None, None): exc goes to the
+        callers, nothing stored (a fresh value is left as it is)."""
+        policy = self.policy
+        assert policy is not None
+        if type(old) is Kept and old.error is None:
+            if now < old.expires:
+                return None, None  # an explicit refresh failed: the fresh value stays
+            if policy.stale is not None and now < old.until:
+                if not old.warned:
+                    logger.warning(
+                        "%s(): computing %r failed (%r); serving its value expired %.3gs "
+                        "ago (stale_if_error)",
+                        self.name,
+                        key,
+                        exc,
+                        now - old.expires,
+                    )
+                again = min(now + policy.backoff, old.until)  # the next attempt, no sooner
+                return Kept(old.value, again, old.until, None, True), old.until - now
+        seconds = policy.error_time(exc)
+        if seconds is None:
+            return None, None
+        if self.single_flight is not None:
+            # Shared with other processes: by a type they can look up in their own
+            # cache_errors, with arguments JSON keeps exactly (nothing to unpickle).
+            checks = getattr(self.single_flight, "can_remember", None)
+            why = None
+            if policy.resolve(type_id(type(exc))) is not type(exc):
+                why = "its type is not found by its name among the cache_errors types"
+            elif checks is None or not checks(exc.args):
+                why = "its arguments cannot be stored as JSON (None, bool, int, float, str, list)"
+            if why is not None:
+                logger.warning("%s(): %s is not remembered: %s", self.name, type(exc).__name__, why)
+                return None, None
+        return Kept(None, now + seconds, now + seconds, CachedError(type(exc), exc.args)), seconds
+
+    async def failed(
+        self, key: K, exc: Exception, flight: Flight[K, R], table: FlightTable[K, R]
+    ) -> tuple[bool, Any]:
+        """``failed_now`` for a plain async cache: the outcome of flight, which raised exc. The
+        key's entry is read, and what the policy leaves (a stale value served again, or a
+        remembered error) is written through ``cache.set``, as a store is: not for a forgotten
+        computation, and an invalidation waits for it."""
+        policy = self.policy
+        assert policy is not None
+        assert self.read is not None
+        assert self.write is not None
+        if flight.forgotten:
+            return (False, exc)
+        try:
+            old = await self.read(key)
+        except Exception:
+            logger.exception("%s(): reading %r after its computation failed", self.name, key)
+            return (False, exc)
+        if flight.forgotten:
+            return (False, exc)
+        now = policy.clock()
+        entry, seconds = self._fallback(key, exc, old, now)
+        if entry is None:
+            return (False, exc)
+        if earlier := table.forgotten(key):
+            await stores_done(table, earlier)
+        if flight.forgotten:
+            return (False, exc)
+        table.storing.add(flight)
+        try:
+            await self.write(key, entry, seconds)
+            if entry.error is None:
+                policy.served_stale()
+        except Exception:
+            logger.exception("%s(): keeping the failure of %r failed", self.name, key)
+        finally:
+            table.storing.discard(flight)
+        return (False, exc) if entry.error is not None else (True, entry.value)
+
+    def _kept_compute(
+        self, key: K, compute: Callable[[], Awaitable[R]], flight: Flight[K, R] | None
+    ) -> tuple[Callable[[], Awaitable[Any]], list[Exception]]:
+        """compute() for a RedisCache under a wrapped policy: a value comes back in a ``Kept``
+        to be dated by the lifetime (with stale_if_error); a failure becomes the stale value
+        served again or the remembered error (``_fallback``), which the cache stores fenced,
+        or raises. The list receives the exception raised, for this process's callers."""
+        policy = self.policy
+        assert policy is not None
+        raised: list[Exception] = []
+
+        async def kept() -> Any:
+            try:
+                value = await compute()
+            except _Unstored:
+                raise
+            except Exception as exc:
+                if (flight is not None and flight.forgotten) or self.read is None:
+                    raise
+                old = await self.read(key)
+                if flight is not None and flight.forgotten:
+                    raise
+                entry, _ = self._fallback(key, exc, old, policy.clock())
+                if entry is None:
+                    raise
+                raised.append(exc)
+                return entry
+            if policy.stale is None:
+                return value
+            return Kept(value, math.nan, math.nan)  # dated by the lifetime, as it is stored
+
+        return kept, raised
+
+    def _unkept(self, value: Any, raised: list[Exception], flight: Flight[K, R] | None) -> Any:
+        """What a RedisCache's get_or_compute or refresh answered, for the callers: a value, a
+        stale value served again (counted), or a remembered error raised (this process's own
+        exception if it computed it, else rebuilt). A forgotten computation serves nothing
+        stale: its exception is raised."""
+        policy = self.policy
+        assert policy is not None
+        if raised:
+            if (
+                type(value) is Kept
+                and value.error is None
+                and not (flight is not None and flight.forgotten)
+            ):
+                policy.served_stale()
+                return value.value
+            raise raised[0]
+        if type(value) is Kept:
+            if value.error is not None:
+                raise value.error.rebuild()
+            return value.value
+        found = policy.unwrap(value)
+        if type(found) is Raised:
+            raise found.error.rebuild()
+        return found
+
     async def __call__(
         self,
         key: K,
@@ -235,11 +400,18 @@ class Store(Generic[K, R]):
                 if seconds is SKIP:
                     return True
             table.storing.add(flight)  # from here on, an invalidation waits for this store to end
+        entry: Any = value
+        policy = self.policy
+        if policy is not None and policy.wrapped and policy.stale is not None:
+            # Kept past its expiry for the stale window, the expiry in the entry itself.
+            expires = policy.clock() + (math.inf if seconds is None else seconds)
+            entry = Kept(value, expires, expires + policy.stale)
+            seconds = None if seconds is None else seconds + policy.stale
         try:
             if seconds is None:
-                await write(key, value)
+                await write(key, entry)
             else:
-                await write(key, value, seconds)
+                await write(key, entry, seconds)
             if self.stored is not None:
                 self.stored(key)
         except NotAsync as exc:
@@ -285,9 +457,16 @@ class Store(Generic[K, R]):
         (``get_or_compute``), as the policy decides."""
         cache = self.single_flight
         assert cache is not None
+        policy = self.policy
         try:
-            if self.policy is None:
+            if policy is None:
                 value = await cache.get_or_compute(key, compute)
+            elif policy.wrapped:
+                kept, raised = self._kept_compute(key, compute, flight)
+                value = await cache.get_or_compute(  # type: ignore[call-arg]
+                    key, kept, lifetime=self._lifetime_of(key, flight), usable=policy.usable
+                )
+                value = self._unkept(value, raised, flight)
             else:
                 value = await cache.get_or_compute(  # type: ignore[call-arg]
                     key, compute, lifetime=self._lifetime_of(key, flight)
@@ -304,9 +483,17 @@ class Store(Generic[K, R]):
         """Refresh key through the RefreshingCache (``refresh``): (True, value) once computed
         and written by the cache itself, fenced; (False, MISSING) if another process holds it."""
         cache: RefreshingCache = self.single_flight  # type: ignore[assignment]
+        policy = self.policy
         try:
-            if self.policy is None:
+            if policy is None:
                 refreshed, value = await cache.refresh(key, compute)
+            elif policy.wrapped:
+                kept, raised = self._kept_compute(key, compute, flight)
+                refreshed, value = await cache.refresh(  # type: ignore[call-arg]
+                    key, kept, lifetime=self._lifetime_of(key, flight)
+                )
+                if refreshed:
+                    value = self._unkept(value, raised, flight)
             else:
                 refreshed, value = await cache.refresh(  # type: ignore[call-arg]
                     key, compute, lifetime=self._lifetime_of(key, flight)

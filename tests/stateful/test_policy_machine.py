@@ -86,6 +86,9 @@ class PolicyMachine(RuleBasedStateMachine):
 
     dated = True
     ttls: ClassVar[dict[str, float | None]] = TTLS
+    remember: ClassVar[float] = REMEMBER
+    stale: ClassVar[float] = STALE
+    backoff: ClassVar[float] = BACKOFF
 
     def __init__(self) -> None:
         super().__init__()
@@ -146,12 +149,13 @@ class PolicyMachine(RuleBasedStateMachine):
                 and old.expires <= self.now < old.until
             ):
                 self.entries[key] = Entry(
-                    old.value, None, min(self.now + BACKOFF, old.until), old.until, True
+                    old.value, None, min(self.now + self.backoff, old.until), old.until, True
                 )
                 self.counts["stale"] += 1
                 return True, old.value
             if outcome == "remembered" and self.dated:
-                self.entries[key] = Entry(None, (key, n), self.now + REMEMBER, self.now + REMEMBER)
+                expires = self.now + self.remember
+                self.entries[key] = Entry(None, (key, n), expires, expires)
             return False, (Remembered if outcome == "remembered" else Plain, (key, n))
         value = f"{key}#{n}:{outcome}"
         ttl = self.ttls.get(outcome)
@@ -159,7 +163,8 @@ class PolicyMachine(RuleBasedStateMachine):
             self.counts["uncached"] += 1
         else:
             expires = math.inf if ttl is None else self.now + ttl
-            self.entries[key] = Entry(value, None, expires, expires + (STALE if self.dated else 0))
+            until = expires + (self.stale if self.dated else 0)
+            self.entries[key] = Entry(value, None, expires, until)
         return True, value
 
     def check(self, got: Any, expected: tuple[bool, Any]) -> None:
@@ -292,7 +297,7 @@ class PolicyMachine(RuleBasedStateMachine):
         self.made += 1
         self.run(self.f.acache_prime(value, key))
         expires = self.now + (self.ttls["long"] or math.inf)
-        self.entries[key] = Entry(value, None, expires, expires + (STALE if self.dated else 0))
+        self.entries[key] = Entry(value, None, expires, expires + (self.stale if self.dated else 0))
 
     @rule(key=keys)
     def prime_for_no_time(self, key: str) -> None:
@@ -353,6 +358,34 @@ class MappingPolicyMachine(PolicyMachine):
 
 
 class AsyncPolicyMachine(PolicyMachine):
+    """A plain async cache with every option: wq_memo keeps its dated entries in it (a value
+    with its expiry, kept by set's ttl for the stale window; a remembered error)."""
+
+    dated = True
+
+    def make(self) -> Memoized[[str], str]:
+        self.cache = ClockedAsyncCache(lambda: self.now)
+
+        @worker_queue(
+            cache=self.cache,
+            cache_if=keep,
+            ttl=self.ttl_of,
+            cache_errors={Remembered: REMEMBER},
+            stale_if_error=STALE,
+            refresh_backoff=BACKOFF,
+            timer=lambda: self.now,
+            name="policy.machine",
+        )
+        async def f(key: str) -> str:
+            return await self.work(key)
+
+        return f
+
+
+class UndatedAsyncPolicyMachine(PolicyMachine):
+    """A plain async cache with cache_if and ttl only: its entries are the values, kept for
+    set's ttl, and no failure is kept."""
+
     dated = False
 
     def make(self) -> Memoized[[str], str]:
@@ -371,3 +404,7 @@ def test_mapping_policy_machine() -> None:
 
 def test_async_policy_machine() -> None:
     run_state_machine_as_test(AsyncPolicyMachine)
+
+
+def test_undated_async_policy_machine() -> None:
+    run_state_machine_as_test(UndatedAsyncPolicyMachine)

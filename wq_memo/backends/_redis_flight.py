@@ -379,10 +379,13 @@ class SingleFlight:
         function: str,
         compute: Callable[[], Awaitable[V]],
         lifetime: Lifetime | None = None,
+        usable: Callable[[Any], bool] | None = None,
     ) -> V:
+        """``usable(value)``: whether a value found answers the call (a policy's entry past
+        its expiry does not: the key is computed through its lock as if missing)."""
         token = secrets.token_hex(16).encode()
         try:
-            claimed = await self._claim(names, token, True)
+            claimed = await self._claim(names, token, True, usable)
         except Unavailable:
             return await self._alone(compute, "fallbacks")
         if isinstance(claimed, Hit):
@@ -392,7 +395,7 @@ class SingleFlight:
             return await self._hold(names, function, token, compute, claimed, lifetime)
         if claimed.marked:  # the function's results are not stored these days: nobody waits
             return await self._alone(compute, None)
-        return await self._wait_then_compute(names, function, token, compute, lifetime)
+        return await self._wait_then_compute(names, function, token, compute, lifetime, usable)
 
     async def refresh(
         self,
@@ -511,10 +514,16 @@ class SingleFlight:
 
     # -- looking and claiming ----------------------------------------------------------------
 
-    async def _claim(self, names: KeyNames, token: bytes, look: bool) -> Hit | Taken | Held:
+    async def _claim(
+        self,
+        names: KeyNames,
+        token: bytes,
+        look: bool,
+        usable: Callable[[Any], bool] | None = None,
+    ) -> Hit | Taken | Held:
         """Read the value, or take the lock, or learn the holder's remaining lease.
 
-        An entry that is refused is computed over.
+        An entry that is refused, or that is not ``usable``, is computed over.
         """
         loop = asyncio.get_running_loop()
         keys = [names.value, names.lock, names.marker, self._epoch]
@@ -535,7 +544,7 @@ class SingleFlight:
                     if not isinstance(data, bytes):
                         raise TypeError(data)
                     value = self._entries.decode(names.value, data)
-                    if value is MISSING:
+                    if value is MISSING or (usable is not None and not usable(value)):
                         look = False  # a refused entry: compute over it, through the lock
                         continue
                     return Hit(value)
@@ -768,6 +777,7 @@ class SingleFlight:
         token: bytes,
         compute: Callable[[], Awaitable[V]],
         lifetime: Lifetime | None,
+        usable: Callable[[Any], bool] | None = None,
     ) -> V:
         """Wait for the holder's announcement; then take the value, or compute it."""
         deadline = asyncio.get_running_loop().time() + self._wait
@@ -779,7 +789,7 @@ class SingleFlight:
                 break
             watch, ready = sub.watch(names.channel)
             try:
-                outcome = await self._watch(names, token, sub, watch, ready, deadline)
+                outcome = await self._watch(names, token, sub, watch, ready, deadline, usable)
             finally:
                 sub.unwatch(watch)
             if isinstance(outcome, Hit):
@@ -802,6 +812,7 @@ class SingleFlight:
         watch: Watch,
         ready: asyncio.Future[bool],
         deadline: float,
+        usable: Callable[[Any], bool] | None = None,
     ) -> Hit | Taken | _Alone | _Again:
         """Wait through one subscriber: for the value, the lock, a reason to compute alone, or
         (_Again) the subscriber's death."""
@@ -816,7 +827,7 @@ class SingleFlight:
         while True:
             watch.reset()
             try:
-                claimed = await self._claim(names, token, True)
+                claimed = await self._claim(names, token, True, usable)
             except Unavailable:
                 return _Alone("fallbacks")
             if not isinstance(claimed, Held):
@@ -852,7 +863,7 @@ class SingleFlight:
                 continue
             if heard.news is News.STORED and heard.entry:
                 value = self._entries.decode(names.value, heard.entry)
-                if value is not MISSING:
+                if value is not MISSING and (usable is None or usable(value)):
                     return Hit(value)
             elif heard.news is News.UNCACHEABLE and not heard.entry:
                 return _Alone(None)

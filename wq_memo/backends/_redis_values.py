@@ -25,15 +25,17 @@ import hmac
 import json
 import math
 import pickle
+import struct
 import time
 from collections.abc import Callable
 from typing import Any, Final, Literal
 
+from .._policy import Kept, StoredError, type_id
 from ._protocol import MISSING
 from ._redis_log import Throttle
 from ._redis_stats import Counters
 
-__all__ = ("BadEntry", "Entries", "Unencodable", "ValueCodec")
+__all__ = ("BadEntry", "Entries", "Unencodable", "ValueCodec", "json_args")
 
 _JSON: Final = b"wq2j"
 """JSON: tag, write time (8 bytes: ms since the epoch), JSON text."""
@@ -45,6 +47,21 @@ _UNDATED_JSON: Final = b"wq1j"
 _UNDATED_SIGNED: Final = b"wq2p"
 """The previous signed format: tag, MAC, expiry, body (no write time)."""
 _OLD_SIGNED: Final = b"wq1p"
+_KEPT: Final = b"wq4k"
+"""A value kept for a stale window (stale_if_error): tag, expiry and end of the window (two
+big-endian doubles: seconds on the policy's clock), warned (1 byte), then the value's own
+entry in this codec's format."""
+_SIGNED_KEPT: Final = b"wq4K"
+"""The same with a secret: tag, MAC (over the tag, the name, the dates and the inner entry),
+dates, warned, inner entry."""
+_ERROR: Final = b"wq4e"
+"""A remembered error (cache_errors): tag, expiry (a big-endian double, on the policy's clock),
+write time (8 bytes: ms since the epoch), JSON ``[type identifier, [args...]]``. Never pickle,
+secret or not: reading one imports and unpickles nothing."""
+_SIGNED_ERROR: Final = b"wq4E"
+"""The same with a secret: tag, MAC, then as ``wq4e``."""
+_KEPT_HEAD: Final = 17
+_ERROR_HEAD: Final = 16
 _MAC_SIZE: Final = hashlib.sha256().digest_size
 _JSON_HEAD: Final = len(_JSON) + 8
 _HEAD: Final = len(_SIGNED) + _MAC_SIZE + 16
@@ -78,6 +95,11 @@ def _json_exact(value: object, depth: int = 0) -> bool:
     return False
 
 
+def json_args(args: tuple[Any, ...]) -> bool:
+    """Whether a remembered error's arguments can be stored as JSON and read back exactly."""
+    return type(args) is tuple and _json_exact(list(args))
+
+
 class ValueCodec:
     """Encodes and decodes stored values; see the module docstring for the formats."""
 
@@ -109,9 +131,22 @@ class ValueCodec:
     def dumps(self, name: bytes, value: Any, ttl: float | None = None) -> bytes:
         """Return the bytes to store under the Redis name ``name`` for ``ttl`` seconds.
 
+        A ``Kept`` entry (a policy's: a value with its expiry and stale window, or a remembered
+        error) is stored in a format of its own (see ``_KEPT``, ``_ERROR``).
+
         Raises:
             Unencodable: the value cannot be stored exactly in this codec's format.
         """
+        if type(value) is Kept:
+            if value.error is not None:
+                return self._dump_error(name, value)
+            head = struct.pack(">dd", value.expires, value.until) + (
+                b"\x01" if value.warned else b"\x00"
+            )
+            inner = self.dumps(name, value.value, ttl)
+            if self._secret is None:
+                return _KEPT + head + inner
+            return _SIGNED_KEPT + self._mac(_SIGNED_KEPT, name, head, inner) + head + inner
         if self._secret is None:
             if not _json_exact(value):
                 raise Unencodable(
@@ -137,6 +172,57 @@ class ValueCodec:
         head = expires_ms.to_bytes(8, "big") + int(now * 1000).to_bytes(8, "big")
         return _SIGNED + self._mac(_SIGNED, name, head, body) + head + body
 
+    def _dump_error(self, name: bytes, entry: Kept) -> bytes:
+        error = entry.error
+        assert error is not None
+        if not json_args(error.args):
+            raise Unencodable("a remembered error's arguments cannot be stored as JSON")
+        text = json.dumps(
+            [type_id(error.type), list(error.args)],
+            ensure_ascii=False,
+            allow_nan=False,
+            separators=(",", ":"),
+        ).encode("utf-8", "surrogatepass")
+        head = struct.pack(">d", entry.expires) + int(self._clock() * 1000).to_bytes(8, "big")
+        if self._secret is None:
+            return _ERROR + head + text
+        return _SIGNED_ERROR + self._mac(_SIGNED_ERROR, name, head, text) + head + text
+
+    def _load_kept(self, name: bytes, data: bytes) -> tuple[Any, float]:
+        """A policy's entry (``_KEPT``, ``_ERROR`` and their signed forms) read back: a
+        ``Kept`` value or a ``StoredError``, checked (signature first) before anything in it
+        is decoded."""
+        tag = data[:4]
+        signed = tag in (_SIGNED_KEPT, _SIGNED_ERROR)
+        if signed != (self._secret is not None):
+            raise BadEntry(
+                "entry is signed but this RedisCache has no secret="
+                if signed
+                else "entry is not signed (this RedisCache has secret= and reads only signed)"
+            )
+        at = 4 + (_MAC_SIZE if signed else 0)
+        size = _KEPT_HEAD if tag in (_KEPT, _SIGNED_KEPT) else _ERROR_HEAD
+        if len(data) < at + size:
+            raise BadEntry("entry is cut short")
+        head, body = data[at : at + size], data[at + size :]
+        if signed and not hmac.compare_digest(data[4:at], self._mac(tag, name, head, body)):
+            raise BadEntry("entry's signature does not match (tampered, or another secret)")
+        if size == _KEPT_HEAD:
+            expires, until = struct.unpack(">dd", head[:16])
+            if body[:4] in (_KEPT, _SIGNED_KEPT, _ERROR, _SIGNED_ERROR):
+                raise BadEntry("a kept entry holds another kept entry")
+            value, written = self.loads_dated(name, body)
+            return Kept(value, expires, until, None, head[16:] != b"\x00"), written
+        (expires,) = struct.unpack(">d", head[:8])
+        written = int.from_bytes(head[8:], "big") / 1000
+        try:
+            kind, args = json.loads(body.decode("utf-8", "surrogatepass"))
+        except (ValueError, TypeError, RecursionError) as exc:
+            raise BadEntry(f"remembered error is not [type, [args]] in JSON ({exc})") from exc
+        if type(kind) is not str or type(args) is not list:
+            raise BadEntry("remembered error is not [type, [args]] in JSON")
+        return StoredError(kind, tuple(args), expires), written
+
     def loads(self, name: bytes, data: bytes) -> Any:
         """Return the value stored as data under the Redis name ``name``.
 
@@ -154,6 +240,8 @@ class ValueCodec:
             BadEntry: the entry is refused; it was not unpickled.
         """
         head = data[:4]
+        if head in (_KEPT, _SIGNED_KEPT, _ERROR, _SIGNED_ERROR):
+            return self._load_kept(name, data)
         if self._secret is None:
             if head == _JSON and len(data) >= _JSON_HEAD:
                 text, written = data[_JSON_HEAD:], int.from_bytes(data[4:_JSON_HEAD], "big")

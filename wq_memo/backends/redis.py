@@ -27,7 +27,7 @@ from ._redis_keys import KeyNames, Namespace
 from ._redis_log import Secrets, redact_url
 from ._redis_pubsub import Subscriptions
 from ._redis_stats import Counters, RedisCacheStats
-from ._redis_values import Entries, ValueCodec
+from ._redis_values import Entries, ValueCodec, json_args
 
 __all__ = ("RedisCache", "RedisCacheStats")
 
@@ -374,8 +374,12 @@ class RedisCache:
         key: Hashable,
         compute: Callable[[], Awaitable[V]],
         lifetime: Lifetime | None = None,
+        usable: Callable[[Any], bool] | None = None,
     ) -> V:
         """Return the value under key, computing and storing it with compute() if absent.
+
+        ``usable(value)``, if given, says whether a value found answers the call; one that
+        does not (an entry past the expiry it carries) is computed over, through the lock.
 
         ``lifetime(value)``, if given, says whether a computed value is stored and for how long
         (None: the cache's ttl); one not stored goes to this call, and the calls waiting for it
@@ -391,7 +395,11 @@ class RedisCache:
             Exception: whatever compute() raises (nothing is stored then).
         """
         names, function = self._names(key)
-        return await self._flight.get_or_compute(names, function, compute, lifetime)
+        return await self._flight.get_or_compute(names, function, compute, lifetime, usable)
+
+    def can_remember(self, args: tuple[Any, ...]) -> bool:
+        """Whether a remembered error with these arguments can be stored (as JSON)."""
+        return json_args(args)
 
     # -- refresh-ahead -------------------------------------------------------------------------
 

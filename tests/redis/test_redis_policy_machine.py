@@ -1,11 +1,15 @@
-"""The policy state machine with a RedisCache: cache_if and ttl, against the model of
-tests/stateful/test_policy_machine.py.
+"""The policy state machine with a RedisCache and every option (cache_if, ttl, cache_errors,
+stale_if_error), against the model of tests/stateful/test_policy_machine.py.
 
-Redis keeps its own time, so this machine moves no clock: ttls are long enough that nothing
-expires during a run, and an invariant checks instead that each entry's expiry in Redis is the
-one its ttl gives. The rest is the same model: results with different ttls, skipped results, bad
-ttls, failures never cached, invalidations, clears and primes, some landing while a computation
-with joined callers is under way (the cache fences its store then).
+The entries carry their expiries on the policy's clock, here the machine's fake clock: a value's
+expiry and the end of its stale window, a remembered error's expiry. Redis keeps its own time,
+so its expiry of each key (the entry's ttl plus the stale window, or the error's time) is real
+seconds: the times are long enough that Redis drops nothing during a run, the fake clock moves
+past them, and an invariant checks that each key's expiry in Redis is the one the model gives.
+The rest is the same model: results with different ttls, skipped results, bad ttls, remembered
+and plain failures, failing recomputations inside and outside the stale window, invalidations,
+clears and primes, some landing while a computation with joined callers is under way (the cache
+fences its store, and the stale value or remembered error, then).
 """
 
 from __future__ import annotations
@@ -19,9 +23,10 @@ import pytest
 pytest.importorskip("redis.asyncio")
 
 from hypothesis import HealthCheck, settings
-from hypothesis.stateful import invariant, precondition, rule, run_state_machine_as_test
+from hypothesis import strategies as st
+from hypothesis.stateful import invariant, rule, run_state_machine_as_test
 from redis_names import delete_namespace
-from stateful.test_policy_machine import AsyncPolicyMachine, keep
+from stateful.test_policy_machine import AsyncPolicyMachine, Remembered, keep
 
 from wq_memo import Memoized, worker_queue
 from wq_memo.backends import CallKey
@@ -40,6 +45,9 @@ class RedisPolicyMachine(AsyncPolicyMachine):
         "bad": -1.0,
         "zero": 0.0,
     }
+    remember: ClassVar[float] = 200.0
+    stale: ClassVar[float] = 500.0
+    backoff: ClassVar[float] = 100.0
 
     def make(self) -> Memoized[[str], str]:
         import redis
@@ -48,17 +56,26 @@ class RedisPolicyMachine(AsyncPolicyMachine):
         self.redis = RedisCache(self.url, namespace=self.namespace, ttl=None, lease=5)
         self.admin = redis.Redis.from_url(self.url, socket_timeout=5, socket_connect_timeout=5)
 
-        @worker_queue(cache=self.redis, cache_if=keep, ttl=self.ttl_of, name="policy.redis")
+        @worker_queue(
+            cache=self.redis,
+            cache_if=keep,
+            ttl=self.ttl_of,
+            cache_errors={Remembered: self.remember},
+            stale_if_error=self.stale,
+            refresh_backoff=self.backoff,
+            timer=lambda: self.now,
+            name="policy.redis",
+        )
         async def f(key: str) -> str:
             value: str = await self.work(key)
             return value
 
         return f
 
-    @precondition(lambda self: False)
-    @rule()
-    def tick(self, seconds: float = 0.0) -> None:
-        """Redis keeps its own time: no clock moves here."""
+    @rule(seconds=st.sampled_from([10.0, 100.0, 250.0, 400.0, 2500.0]))
+    def tick(self, seconds: float) -> None:
+        """The policy's clock moves (Redis's does not: it drops nothing during a run)."""
+        self.now += seconds
 
     @invariant()
     def expiries_in_redis_agree_with_the_model(self) -> None:
@@ -67,10 +84,11 @@ class RedisPolicyMachine(AsyncPolicyMachine):
         for key, entry in self.entries.items():
             names = key_names(self.namespace, CallKey("policy.redis", cachetools.keys.hashkey(key)))
             pttl = int(self.admin.pttl(names.value))
-            if entry.expires == float("inf"):
+            if entry.until == float("inf"):
                 assert pttl == -1, f"{key!r}: PTTL {pttl}, the model keeps it for ever"
             else:
-                ttl_ms = (entry.expires - self.now) * 1000
+                # Kept in Redis until the end of its stale window (an error: its expiry).
+                ttl_ms = (entry.until - entry.written) * 1000
                 assert 0 < pttl <= ttl_ms, f"{key!r}: PTTL {pttl}, the model says {ttl_ms}"
                 assert pttl > ttl_ms - 60_000, f"{key!r}: PTTL {pttl}, far below {ttl_ms}"
 
@@ -94,8 +112,8 @@ def test_redis_policy_machine(redis_url: str) -> None:
     run_state_machine_as_test(
         RedisPolicyMachine,
         settings=settings(
-            max_examples=40,
-            stateful_step_count=15,
+            max_examples=200,
+            stateful_step_count=30,
             derandomize=True,
             database=None,
             deadline=None,

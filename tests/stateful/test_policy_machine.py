@@ -78,6 +78,8 @@ class Entry:
     expires: float
     until: float
     warned: bool = False
+    written: float = 0.0
+    """When it was written, on the fake clock."""
 
 
 class PolicyMachine(RuleBasedStateMachine):
@@ -148,14 +150,13 @@ class PolicyMachine(RuleBasedStateMachine):
                 and old.error is None
                 and old.expires <= self.now < old.until
             ):
-                self.entries[key] = Entry(
-                    old.value, None, min(self.now + self.backoff, old.until), old.until, True
-                )
+                again = min(self.now + self.backoff, old.until)
+                self.entries[key] = Entry(old.value, None, again, old.until, True, self.now)
                 self.counts["stale"] += 1
                 return True, old.value
             if outcome == "remembered" and self.dated:
                 expires = self.now + self.remember
-                self.entries[key] = Entry(None, (key, n), expires, expires)
+                self.entries[key] = Entry(None, (key, n), expires, expires, False, self.now)
             return False, (Remembered if outcome == "remembered" else Plain, (key, n))
         value = f"{key}#{n}:{outcome}"
         ttl = self.ttls.get(outcome)
@@ -164,7 +165,7 @@ class PolicyMachine(RuleBasedStateMachine):
         else:
             expires = math.inf if ttl is None else self.now + ttl
             until = expires + (self.stale if self.dated else 0)
-            self.entries[key] = Entry(value, None, expires, until)
+            self.entries[key] = Entry(value, None, expires, until, False, self.now)
         return True, value
 
     def check(self, got: Any, expected: tuple[bool, Any]) -> None:
@@ -211,6 +212,17 @@ class PolicyMachine(RuleBasedStateMachine):
         assert len(self.computed) == before + 1, f"{key!r} not computed without a fresh entry"
         self.counts["misses"] += 1
         self.check(got, self.expect_computed(key, outcome, self.made - 1))
+
+    @rule(key=keys, outcome=outcomes, late=st.sampled_from(["in the window", "past it"]))
+    def call_after_expiry(self, key: str, outcome: str, late: str) -> None:
+        """The clock moves just past the expiry of key's entry (within its stale window, or
+        past its end), and key is called: it computes, and a failure may be served stale."""
+        entry = self.entries.get(key)
+        if entry is None or math.isinf(entry.expires):
+            return
+        when = entry.expires if late == "in the window" else entry.until
+        self.now = max(self.now, when + 0.5)
+        self.call(key, outcome)
 
     @rule(key=keys, outcome=outcomes)
     def refresh(self, key: str, outcome: str) -> None:
@@ -297,7 +309,8 @@ class PolicyMachine(RuleBasedStateMachine):
         self.made += 1
         self.run(self.f.acache_prime(value, key))
         expires = self.now + (self.ttls["long"] or math.inf)
-        self.entries[key] = Entry(value, None, expires, expires + (self.stale if self.dated else 0))
+        until = expires + (self.stale if self.dated else 0)
+        self.entries[key] = Entry(value, None, expires, until, False, self.now)
 
     @rule(key=keys)
     def prime_for_no_time(self, key: str) -> None:

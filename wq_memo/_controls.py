@@ -438,10 +438,12 @@ class AsyncCacheKind(CacheKind):
         raise self._refuse("cache_peek")
 
     async def apeek(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        found = await self._peek(self.key_of(args, kwargs))
         policy = self.store.policy
         if policy is None or not policy.wrapped:
-            return found
+            return await self._peek(self.key_of(args, kwargs))
+        read = self.store.read
+        assert read is not None
+        found = await read(self.key_of(args, kwargs))
         found = policy.unwrap(found)
         return found.error if type(found) is Raised else found
 

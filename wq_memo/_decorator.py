@@ -455,9 +455,11 @@ def _with_async_cache(
         single_flight=cache if isinstance(cache, SingleFlightCache) else None,
         stored=None if refresher is None else refresher.stored,
         policy=policy,
-        read=getattr(cache, "peek", None) or cache.get,
+        read=getattr(cache, "peek_kept", None) or getattr(cache, "peek", None) or cache.get,
     )
     wrapped = policy is not None and policy.wrapped
+    # The entries as kept (RedisCache's get answers a policy's entries as plain values).
+    get_kept: Callable[[Hashable], Awaitable[Any]] = getattr(cache, "get_kept", None) or cache.get
     if isinstance(cache, SingleFlightCache):
         single_flight = cache
 
@@ -498,7 +500,7 @@ def _with_async_cache(
         lookup: Callable[[Hashable], Awaitable[Any]] = cache.get
         if wrapped:
             assert policy is not None
-            lookup = _unwrapping(cache.get, policy)
+            lookup = _unwrapping(get_kept, policy)
         if refresher is not None and isinstance(cache, RefreshingCache):
             refreshing = cache
 
@@ -527,7 +529,7 @@ def _with_async_cache(
             options.maxsize,
             options.finish_timeout,
             miss=MISSING,
-            lookup=_unwrapping(cache.get, policy) if wrapped and policy is not None else cache.get,
+            lookup=_unwrapping(get_kept, policy) if wrapped and policy is not None else cache.get,
             store=store,
             on_refresh_failed=on_refresh_failed,
         )

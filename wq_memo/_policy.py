@@ -180,7 +180,7 @@ class Policy:
         self.backoff = backoff
         self.dated = dated
         self.wrapped = wrapped
-        self.types: dict[str, type[Exception] | None] = {}
+        self.types: dict[str, type[Exception]] = {}
         self.warned_ttl = False
         self.skipped: Callable[[], None] = _nothing
         self.served_stale: Callable[[], None] = _nothing
@@ -263,10 +263,13 @@ class Policy:
     def resolve(self, identifier: str) -> type[Exception] | None:
         """The class a stored type identifier names, if it is one of the ``cache_errors`` types
         or a subclass of one already loaded in this process (None otherwise, and for an
-        identifier that two such classes share). Nothing is imported."""
+        identifier that two such classes share). Nothing is imported. A class found is
+        remembered; an identifier not found is looked for again next time (its class may be
+        loaded by then)."""
         types = self.types
-        if identifier in types:
-            return types[identifier]
+        known = types.get(identifier)
+        if known is not None:
+            return known
         found: dict[str, list[type[Exception]]] = {}
         seen: set[type[Exception]] = set()
         todo = list(self.errors)
@@ -278,10 +281,10 @@ class Policy:
             found.setdefault(type_id(kind), []).append(kind)
             todo.extend(kind.__subclasses__())
         answer = found.get(identifier, [])
-        resolved = answer[0] if len(answer) == 1 else None
-        if resolved is not None or len(types) < 1024:  # a flood of forged names stays bounded
-            types[identifier] = resolved
-        return resolved
+        if len(answer) != 1:
+            return None
+        types[identifier] = answer[0]
+        return answer[0]
 
     def remembered(self, entry: Any) -> CachedError | None:
         """The remembered error a stored entry holds, if it is one this process can rebuild."""

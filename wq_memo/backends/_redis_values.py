@@ -350,6 +350,10 @@ class Entries:
             self.refused(name, str(exc))
             return MISSING, 0.0
 
+    def now(self) -> float:
+        """The codec's wall clock, in seconds since the epoch."""
+        return self._codec.now()
+
     def age(self, written: float) -> float:
         """Seconds since the wall-clock time written (0 if that is ahead of this host's clock)."""
         return max(0.0, self._codec.now() - written)

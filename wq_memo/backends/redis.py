@@ -20,6 +20,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess witho
         "pip install 'wq_memo[redis]'"
     ) from exc
 
+from .._policy import Kept, StoredError
 from ._protocol import MISSING, CallKey, Lifetime, Missing
 from ._redis_conn import Connector, Link, Unavailable
 from ._redis_flight import MAX_EXPIRY, SingleFlight
@@ -272,10 +273,13 @@ class RedisCache:
     async def get(self, key: Hashable) -> Any:
         """Return the value stored under key, or MISSING (also when Redis fails).
 
+        An entry @worker_queue keeps for ``cache_errors`` or ``stale_if_error`` reads as its
+        value while it has not expired (on the wall clock), and a remembered error as MISSING.
+
         Raises:
             TypeError: key has a component RedisCache cannot encode.
         """
-        return (await self._read(key))[0]
+        return self._plain((await self._read(key))[0])
 
     async def peek(self, key: Hashable) -> Any:
         """Return the value stored under key, or MISSING, as get() does, counting nothing in
@@ -284,7 +288,31 @@ class RedisCache:
         Raises:
             TypeError: key has a component RedisCache cannot encode.
         """
+        return self._plain((await self._read(key, count=False))[0])
+
+    async def get_kept(self, key: Hashable) -> Any:
+        """get(), an entry kept for @worker_queue's ``cache_errors`` or ``stale_if_error``
+        returned as it is stored: a ``Kept`` value with its expiry and stale window, or a
+        ``StoredError`` (a type's name and JSON arguments, nothing imported)."""
+        return (await self._read(key))[0]
+
+    async def peek_kept(self, key: Hashable) -> Any:
+        """peek(), as get_kept() answers."""
         return (await self._read(key, count=False))[0]
+
+    def _plain(self, value: Any) -> Any:
+        """value, or for an entry kept for a policy: its value while fresh, else MISSING."""
+        kind = type(value)
+        if kind is Kept:
+            if value.error is None and self._entries.now() < value.expires:
+                return value.value
+            return MISSING
+        if kind is StoredError:
+            return MISSING
+        return value
+
+    def _usable(self, value: Any) -> bool:
+        return self._plain(value) is not MISSING or value is MISSING
 
     async def _read(self, key: Hashable, count: bool = True) -> tuple[Any, float]:
         """(the value under key or MISSING, its write time in epoch seconds): one GETRANGE.
@@ -395,7 +423,10 @@ class RedisCache:
             Exception: whatever compute() raises (nothing is stored then).
         """
         names, function = self._names(key)
-        return await self._flight.get_or_compute(names, function, compute, lifetime, usable)
+        if usable is not None:
+            return await self._flight.get_or_compute(names, function, compute, lifetime, usable)
+        value = await self._flight.get_or_compute(names, function, compute, lifetime, self._usable)
+        return self._plain(value)  # type: ignore[no-any-return]
 
     def can_remember(self, args: tuple[Any, ...]) -> bool:
         """Whether a remembered error with these arguments can be stored (as JSON)."""
@@ -414,6 +445,7 @@ class RedisCache:
             TypeError: key has a component RedisCache cannot encode.
         """
         value, written = await self._read(key)
+        value = self._plain(value)
         if value is MISSING:
             return MISSING, None
         return value, self._entries.age(written)

@@ -1,5 +1,5 @@
 """cache_if and ttl with a RedisCache: the policy decides inside the fenced store, the ttl is the
-entry's expiry in Redis; cache_errors and stale_if_error are refused with it for now."""
+entry's expiry in Redis (cache_errors and stale_if_error: test_redis_policy_errors.py)."""
 
 from __future__ import annotations
 
@@ -146,19 +146,6 @@ async def test_a_second_process_waiting_for_a_result_not_stored_computes_it_itse
         gate.set()
         assert list(await asyncio.gather(first, second)) == ["skip", "skip"]
     assert calls == ["here", "there"]  # not stored: the waiter computed it itself
-
-
-@pytest.mark.parametrize("options", [{"cache_errors": {TimeoutError: 1.0}}, {"stale_if_error": 10}])
-def test_cache_errors_and_stale_if_error_are_refused_with_redis(
-    make_redis_cache: Make, options: dict[str, Any]
-) -> None:
-    cache = make_redis_cache()
-
-    async def f(x: int) -> int:
-        return x
-
-    with pytest.raises(ValueError, match="in-process cache"):
-        worker_queue(cache=cache, name="refused", **options)(f)
 
 
 @pytest.mark.parametrize("seconds", [math.inf, 1e300, 10**400], ids=["inf", "1e300", "10**400"])

@@ -10,6 +10,13 @@ With an in-process cache and a ``ttl``, ``cache_errors`` or ``stale_if_error``, 
 the policy's clock, and until when it may still be served stale. The hit path reads it; an
 expired entry stays in the cache, where a failing recomputation may still serve it
 (``stale_if_error``), until it is overwritten, invalidated, cleared or evicted.
+
+With an async cache and ``cache_errors`` or ``stale_if_error`` (``Policy.wrapped``), the cache
+holds such entries too: a remembered error, and with ``stale_if_error`` each value with its
+expiry (kept by the cache's own ttl until the end of its stale window). ``unwrap`` reads them.
+RedisCache stores them in a format of its own and reads a remembered error back as a
+``StoredError``: its type's identifier (``type_id``), which only ``resolve`` turns into a class,
+among the ``cache_errors`` types and their subclasses already loaded, importing nothing.
 """
 
 from __future__ import annotations

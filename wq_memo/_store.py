@@ -51,8 +51,9 @@ class Store(Generic[K, R]):
     table, whose computations a prime forgets (None: not started). ``policy``: what is kept
     and for how long (see _policy): a result it skips is not written, a ttl goes with the write
     (a ``Kept`` entry in a dated mapping, ``cache.set``'s ttl for an async cache), and a failed
-    computation of a mapping may leave a remembered error or serve a stale value
-    (``failed_now``)."""
+    computation may leave a remembered error or serve a stale value: ``failed_now`` for a
+    mapping, ``failed`` for a plain async cache (read and written through ``read`` and
+    ``write``), inside the fenced store for a RedisCache (``fenced``, ``fenced_refresh``)."""
 
     __slots__ = (
         "mapping",
@@ -190,36 +191,13 @@ class Store(Generic[K, R]):
         assert mapping is not None
         if flight.forgotten:
             return (False, exc)
-        now = policy.clock()
         try:
-            old = mapping.get(key)
-            if type(old) is Kept and old.error is None and now < old.expires:
-                # A fresh value (an explicit refresh failed): the failure is raised, the value
-                # left for the calls that follow, not replaced by a remembered error.
-                return (False, exc)
-            if (
-                policy.stale is not None
-                and type(old) is Kept
-                and old.error is None
-                and old.expires <= now < old.until
-            ):
-                if not old.warned:
-                    logger.warning(
-                        "%s(): computing %r failed (%r); serving its value expired %.3gs "
-                        "ago (stale_if_error)",
-                        self.name,
-                        key,
-                        exc,
-                        now - old.expires,
-                    )
-                again = min(now + policy.backoff, old.until)  # the next attempt, no sooner
-                mapping[key] = Kept(old.value, again, old.until, None, True)
-                policy.served_stale()
-                return (True, old.value)
-            seconds = policy.error_time(exc)
-            if seconds is not None:
-                expires = now + seconds
-                mapping[key] = Kept(None, expires, expires, CachedError(type(exc), exc.args))
+            entry, _ = self._fallback(key, exc, mapping.get(key), policy.clock())
+            if entry is not None:
+                mapping[key] = entry
+                if entry.error is None:
+                    policy.served_stale()
+                    return (True, entry.value)
                 if self.stored is not None:
                     self.stored(key)
         except Exception:

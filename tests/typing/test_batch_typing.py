@@ -11,7 +11,7 @@ from typing import assert_type
 
 from cachetools import TTLCache
 
-from wq_memo import Batched, BatchInfo, Missing, worker_queue
+from wq_memo import Batched, BatchInfo, CachedError, Missing, worker_queue
 
 
 class User:
@@ -43,8 +43,8 @@ async def test_a_batch_function_is_typed_by_its_value_type() -> None:
     assert_type(await load_names(1), str)
     assert_type(await load_names.many(range(3)), list[str])
     assert_type(load_users.cache_info(), BatchInfo)
-    assert_type(load_users.cache_peek(7), User | Missing)
-    assert_type(await load_users.acache_peek(7), User | Missing)
+    assert_type(load_users.cache_peek(7), User | Missing | CachedError)
+    assert_type(await load_users.acache_peek(7), User | Missing | CachedError)
     assert_type(await load_users.refresh(7), User)
     assert_type(load_users.cache_invalidate(7), bool)
     load_users.cache_prime(User(8), 8)

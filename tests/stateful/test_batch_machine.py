@@ -547,7 +547,7 @@ TTLS: dict[str, float | None] = {"short": 3.0, "long": 20.0, "forever": None, "b
 """A value's kind -> what ttl(value) returns; a "skip" value fails cache_if, a "zero" one is kept
 no time (a prime of it removes the key's entry, as an invalidation does)."""
 UNKEPT = ("skip", "bad", "zero")
-REMEMBER = 4.0
+REMEMBER = 2.0
 """How long a Remembered is remembered."""
 REMEMBER_MISSING = 1.0
 """How long a missing key's KeyError is remembered."""
@@ -705,6 +705,16 @@ class BatchPolicyMachine(BatchMachine):
         """A prime takes the ttl of its value, whatever cache_if says; kept no time, it removes
         the key's entry; it wins over the batch under way for key."""
         self.prime_with(key, self.new_value(f"value:{kind}"), use_async)
+
+    @rule(
+        batch=st.lists(keys, min_size=1, max_size=6),
+        later=st.sampled_from([0.0, 0.0, 1.0, 2.5, 5.0]),
+    )
+    def calls(self, batch: list[str], later: float) -> None:
+        """Calls made in one turn of the loop, ``later`` seconds after the previous step (the
+        clock moves with the calls, so that entries expire between the calls of most runs)."""
+        self.now += later
+        super().calls(batch)
 
     @rule(seconds=st.sampled_from([0.5, 1.0, 2.0, 3.0, 5.0, 12.0, 40.0]))
     def tick(self, seconds: float) -> None:

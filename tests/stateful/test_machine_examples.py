@@ -63,8 +63,9 @@ def test_a_forgotten_keys_error_is_not_remembered_by_its_batch() -> None:
     # library that remembered it for 'a' raised it to later calls, which must load afresh.
     replay(
         BatchPolicyMachine,
-        "decorate(maxsize=1, max_batch=1, mapping='dict'); calls(batch=['a']);"
-        "cancel(picks=[0], whole_key=False); clear(use_async=False); calls(batch=['a']);"
+        "decorate(maxsize=1, max_batch=1, mapping='dict'); calls(batch=['a'], later=0.0);"
+        "cancel(picks=[0], whole_key=False); clear(use_async=False);"
+        "calls(batch=['a'], later=0.0);"
         "answer(pick=0, plan=['remembered', 'value:short', 'value:short', 'value:short'],"
         " whole='each')",
     )
@@ -75,7 +76,7 @@ def test_cache_if_decides_for_each_key_of_a_batch() -> None:
     # the batch as a whole stored neither.)
     replay(
         BatchPolicyMachine,
-        "decorate(maxsize=1, max_batch=2, mapping='dict'); calls(batch=['a', 'b']);"
+        "decorate(maxsize=1, max_batch=2, mapping='dict'); calls(batch=['a', 'b'], later=0.0);"
         "answer(pick=0, plan=['value:short', 'value:skip', 'value:short', 'value:short'],"
         " whole='each')",
     )
@@ -88,9 +89,9 @@ def test_a_stale_value_served_for_a_key_waits_the_back_off() -> None:
     replay(
         BatchPolicyMachine,
         "decorate(maxsize=1, max_batch=1, mapping='dict'); prime(key='a', kind='short',"
-        " use_async=False); tick(seconds=3.0); calls(batch=['a']);"
+        " use_async=False); calls(batch=['a'], later=3.0);"
         "answer(pick=0, plan=['fail', 'value:short', 'value:short', 'value:short'],"
-        " whole='each'); calls(batch=['a'])",
+        " whole='each'); calls(batch=['a'], later=0.0)",
     )
 
 

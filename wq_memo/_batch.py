@@ -28,6 +28,12 @@ Refresh-ahead: a key found due is refreshed by a background item of the table, w
 batch being gathered like any key. A batch of such items only, that no caller has joined, is
 low-priority: it takes only a spare slot (``Slots.refresh_line``), so that no caller's batch
 waits behind it; a caller who joins one of its keys while it waits promotes it.
+
+The result policy (cache_if, ttl, cache_errors, stale_if_error) applies per key, with nothing
+of its own here: each key's item ends as any item of the table does, its value stored through
+``Store.now`` and its failure (its exception value, its KeyError when missing, or the batch
+function's exception) kept through ``Store.failed_now``, so that a forgotten key keeps nothing.
+The hit path reads the dated entries (``_fresh``): a remembered error is raised anew.
 """
 
 from __future__ import annotations

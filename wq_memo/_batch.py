@@ -28,6 +28,12 @@ Refresh-ahead: a key found due is refreshed by a background item of the table, w
 batch being gathered like any key. A batch of such items only, that no caller has joined, is
 low-priority: it takes only a spare slot (``Slots.refresh_line``), so that no caller's batch
 waits behind it; a caller who joins one of its keys while it waits promotes it.
+
+The result policy (cache_if, ttl, cache_errors, stale_if_error) applies per key, with nothing
+of its own here: each key's item ends as any item of the table does, its value stored through
+``Store.now`` and its failure (its exception value, its KeyError when missing, or the batch
+function's exception) kept through ``Store.failed_now``, so that a forgotten key keeps nothing.
+The hit path reads the dated entries (``_fresh``): a remembered error is raised anew.
 """
 
 from __future__ import annotations
@@ -56,6 +62,7 @@ from ._counts import Counts, count_hit
 from ._engine import Engine
 from ._flight import Flight, FlightTable
 from ._nesting import awaits, current, reaches
+from ._policy import CachedError, Policy
 from ._queue import WorkerQueue, facade, is_async_callable
 from ._refresh import NEVER, Refresher
 from ._slots import Slots
@@ -99,9 +106,9 @@ class BatchInfo(NamedTuple):
     bypassed: int = 0
     """Keys loaded directly, caching switched off (wq_memo.disabled())."""
     uncached: int = 0
-    """CacheInfo's, always 0: batch functions take no result policy (cache_if, ttl) yet."""
+    """Keys whose value was returned but not stored (``cache_if`` false, or no ``ttl``)."""
     stale: int = 0
-    """CacheInfo's, always 0: batch functions take no stale_if_error yet."""
+    """Keys whose load failed and whose callers got the expired value (``stale_if_error``)."""
     batches: int = 0
     """Calls of the batch function."""
 
@@ -160,11 +167,12 @@ class Batched(Protocol[K_contra, V]):
         """The same as cache_prime()."""
         ...
 
-    def cache_peek(self, key: K_contra, /) -> V | Missing:
-        """key's cached value, or MISSING: nothing loaded, nothing counted."""
+    def cache_peek(self, key: K_contra, /) -> V | Missing | CachedError:
+        """key's cached value, MISSING, or a CachedError for a remembered exception
+        (``cache_errors``): nothing loaded, nothing counted."""
         ...
 
-    async def acache_peek(self, key: K_contra, /) -> V | Missing:
+    async def acache_peek(self, key: K_contra, /) -> V | Missing | CachedError:
         """The same as cache_peek()."""
         ...
 
@@ -638,6 +646,34 @@ class _Batcher(Generic[K, V]):
             assert batch.timer is None, batch
 
 
+class _Raise:
+    """What a lookup of a key under a dated policy finds for a remembered error
+    (``cache_errors``): its caller raises it anew (a value can never be one of these)."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: CachedError) -> None:
+        self.error = error
+
+
+def _fresh(
+    find: Callable[[Hashable, object], Any], clock: Callable[[], float]
+) -> Callable[[Hashable, object], Any]:
+    """find(key, miss) over the dated entries (``Kept``) of a policy: a fresh entry's value,
+    a ``_Raise`` for a fresh remembered error, miss for an expired entry (its key is loaded
+    again; a failing load may still serve it stale)."""
+
+    def lookup(k: Hashable, miss: object) -> Any:
+        entry = find(k, miss)
+        if entry is miss or clock() >= entry.expires:
+            return miss
+        if entry.error is not None:
+            return _Raise(entry.error)
+        return entry.value
+
+    return lookup
+
+
 def _hashable(k: object) -> bool:
     try:
         hash(k)
@@ -739,6 +775,8 @@ class BatchOptions(NamedTuple):
     max_wait: float
     refresher: Callable[[MutableMapping[Any, Any] | None, str], Refresher | None]
     """Makes the refresh-ahead policy asked for, given the cache and the function's name."""
+    result_policy: Callable[[MutableMapping[Any, Any] | None, str], Policy | None] | None = None
+    """Makes the per-result policy asked for (cache_if, ttl, ...), applied per key."""
 
 
 @final
@@ -783,6 +821,7 @@ def batch_decorator(
     max_batch: int,
     max_wait: float,
     refresher: Callable[[MutableMapping[Any, Any] | None, str], Refresher | None],
+    result_policy: Callable[[MutableMapping[Any, Any] | None, str], Policy | None] | None = None,
 ) -> Batched[K, V]:
     """Make func, a batch function, into a ``Batched``; see worker_queue.batch."""
     if isinstance(func, staticmethod | classmethod) or (
@@ -816,6 +855,10 @@ def batch_decorator(
     display = _naming.describe(func)
     batcher: _Batcher[K, V] = _Batcher(func, display, maxsize, max_batch, float(max_wait))
     policy = refresher(cache, display)
+    # Per key, through the one store, as for a call of a memoized function: a key's value is
+    # kept (or not) and dated by Store.now, its failure remembered or served stale by
+    # Store.failed_now, both called by the flight table for that key's item.
+    kept = None if result_policy is None or cache is None else result_policy(cache, display)
 
     def key_now(k: Any) -> Hashable:
         try:
@@ -833,7 +876,12 @@ def batch_decorator(
 
     store: Store[Hashable, V] | None = None
     if cache is not None:
-        store = Store(display, mapping=cache, stored=None if policy is None else policy.stored)
+        store = Store(
+            display,
+            mapping=cache,
+            stored=None if policy is None else policy.stored,
+            policy=kept,
+        )
     # The queue's items are keys; its slots bound only the keys refreshed in the background at
     # once (each holds a spare slot while its batch runs): up to maxsize full batches of them.
     engine: Engine[Hashable, V] = Engine(
@@ -848,6 +896,8 @@ def batch_decorator(
     )
     batcher.engine = engine
     counts = engine.counts
+    if kept is not None:
+        kept.count_in(counts)
     kind: CacheKind
     if cache is None:
         kind = NoCacheKind(engine, key_of)
@@ -860,18 +910,23 @@ def batch_decorator(
 
         store.tables = tables
         find = fast_lookup(cache) or cache.get
+        if kept is not None and kept.dated:
+            find = _fresh(find, kept.clock)
         kind = MappingKind(engine, key_of, cache, store, None, policy, _no_hits, _nothing)
     bind = engine.bind
     due_get = None if policy is None else policy.due.get
     clock = None if policy is None else policy.clock
 
-    def request(k: Any) -> V | asyncio.Future[V]:
-        """k's value if cached, else the future of its item (joined or started)."""
+    def request(k: Any) -> V | _Raise | asyncio.Future[V]:
+        """k's value if cached (a ``_Raise`` for a remembered error), else the future of its
+        item (joined or started)."""
         ck = key_now(k)
         if find is not None:
             value = find(ck, MISSING)
             if value is not MISSING:
                 count_hit(counts)
+                if type(value) is _Raise:
+                    return value  # a remembered error: raised by the caller, in its turn
                 if due_get is not None and clock is not None and clock() >= due_get(ck, NEVER):
                     # Due: one background refresh, which goes in a batch like any key.
                     assert policy is not None
@@ -895,6 +950,8 @@ def batch_decorator(
         found = request(k)
         if isinstance(found, asyncio.Future):
             return await found
+        if isinstance(found, _Raise):
+            raise found.error.rebuild()
         return found
 
     async def many(keys: Iterable[K], /) -> list[V]:
@@ -917,6 +974,8 @@ def batch_decorator(
                 value = found[ck]
                 if isinstance(value, asyncio.Future):
                     value = found[ck] = await value
+                elif type(value) is _Raise:
+                    raise value.error.rebuild()
                 values.append(value)
             return values
         finally:

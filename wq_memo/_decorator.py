@@ -396,7 +396,7 @@ def _with_mapping(
     )
     store.tables = _tables(engine)
     if policy is not None:
-        _count_policy(policy, engine)
+        policy.count_in(engine.counts)
     hit_path = mapping_hit_path(func, display, cache, key, engine, fast, refresher, policy)
     kind = MappingKind(
         engine,
@@ -409,20 +409,6 @@ def _with_mapping(
         hit_path.zero_hits,
     )
     return attach(hit_path.wrapper, facade(engine), cache, kind)
-
-
-def _count_policy(policy: Policy, engine: Engine[Any, Any]) -> None:
-    """Count the policy's skipped results and stale values served in the engine's counts."""
-    counts = engine.counts
-
-    def skipped() -> None:
-        counts.uncached += 1
-
-    def served_stale() -> None:
-        counts.stale += 1
-
-    policy.skipped = skipped
-    policy.served_stale = served_stale
 
 
 def _dedup_only(
@@ -535,7 +521,7 @@ def _with_async_cache(
         )
     store.tables = _tables(engine)
     if policy is not None:
-        _count_policy(policy, engine)
+        policy.count_in(engine.counts)
     if refresher is not None:
         engine.on_hit = refresh_starter(engine, refresher)
     key_of = _key_builder(key, display, name)
@@ -781,6 +767,10 @@ class _WorkerQueueDecorator:
         refresh_backoff: float = 1.0,
         jitter: float = 0.0,
         timer: Callable[[], float] | None = None,
+        cache_if: Callable[[Any], object] | None = None,
+        ttl: float | Callable[[Any], float | None] | None = None,
+        cache_errors: Mapping[type[Exception], float] | None = None,
+        stale_if_error: float | None = None,
     ) -> BatchDecorator: ...
 
     @staticmethod
@@ -799,6 +789,10 @@ class _WorkerQueueDecorator:
         refresh_backoff: float = 1.0,
         jitter: float = 0.0,
         timer: Callable[[], float] | None = None,
+        cache_if: Callable[[Any], object] | None = None,
+        ttl: float | Callable[[Any], float | None] | None = None,
+        cache_errors: Mapping[type[Exception], float] | None = None,
+        stale_if_error: float | None = None,
     ) -> Batched[Any, Any] | BatchDecorator:
         """Load keys in batches: one call of the batch function for many keys, each key cached
         and computed once at a time.
@@ -812,14 +806,21 @@ class _WorkerQueueDecorator:
         ``key`` (a key's cache key; default: the key itself) apply per key. ``finish_timeout``
         and ``name`` mean what they mean for ``worker_queue``; so do ``refresh_after``,
         ``refresh_backoff``, ``jitter`` and ``timer``: the keys found due are refreshed in the
-        background, in batches that take only spare slots.
+        background, in batches that take only spare slots. ``cache_if``, ``ttl``,
+        ``cache_errors`` and ``stale_if_error`` too, per key: each key's value (or failure: an
+        exception as its value, ``KeyError`` for a key missing from the answer, the batch
+        function's own exception for every key of the batch) is kept, dated or remembered on
+        its own, with an in-process cache.
 
         Raises TypeError at decoration time for a function that is not async, a method or an
         async cache; ValueError for a bad parameter. See the README's "Batch loading".
         """
         chosen = cachetools.LRUCache(maxsize=128) if isinstance(cache, _Default) else cache
         check_freshness_options(refresh_backoff, jitter, timer)
-        refresh = _Options(
+        checked_if, checked_ttl, errors, stale = make_policy(
+            cache_if, ttl, cache_errors, stale_if_error
+        )
+        options = _Options(
             maxsize,
             chosen,
             cachetools.keys.hashkey,
@@ -829,13 +830,26 @@ class _WorkerQueueDecorator:
             refresh_backoff,
             jitter,
             timer,
+            checked_if,
+            checked_ttl,
+            errors,
+            stale,
         )
+        if options.policy_asked() and not (chosen is None or isinstance(chosen, MutableMapping)):
+            raise ValueError(
+                f"@worker_queue.batch: {_POLICY_OPTIONS} work with an in-process cache (a "
+                "cachetools cache or a dict) only for batch functions, for now"
+            )
+        _check_policy_cache(options, chosen)
 
         def refresher(cache: MutableMapping[Any, Any] | None, display: str) -> Refresher | None:
-            return _refresher(refresh, cache, display)
+            return _refresher(options, cache, display)
+
+        def policy(cache: MutableMapping[Any, Any] | None, display: str) -> Policy | None:
+            return None if cache is None else _policy(options, display, cache)
 
         batch_options = BatchOptions(
-            maxsize, chosen, key, finish_timeout, name, max_batch, max_wait, refresher
+            maxsize, chosen, key, finish_timeout, name, max_batch, max_wait, refresher, policy
         )
         decorate = BatchDecorator(batch_options)
         if func is not None:

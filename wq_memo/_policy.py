@@ -26,10 +26,13 @@ import logging
 import math
 from collections.abc import Callable, Mapping
 from numbers import Real
-from typing import Any, Final, NamedTuple, final
+from typing import TYPE_CHECKING, Any, Final, NamedTuple, final
 
 from ._errors import QueueShutDown, ShutdownTimeout
 from .backends._protocol import MISSING as _MISSING
+
+if TYPE_CHECKING:
+    from ._counts import Counts
 
 __all__ = (
     "SKIP",
@@ -191,6 +194,19 @@ class Policy:
         self.warned_ttl = False
         self.skipped: Callable[[], None] = _nothing
         self.served_stale: Callable[[], None] = _nothing
+
+    def count_in(self, counts: Counts) -> None:
+        """Count the results not stored and the stale values served in counts (cache_info()'s
+        ``uncached`` and ``stale``)."""
+
+        def skipped() -> None:
+            counts.uncached += 1
+
+        def served_stale() -> None:
+            counts.stale += 1
+
+        self.skipped = skipped
+        self.served_stale = served_stale
 
     def lifetime(self, value: Any, primed: bool) -> float | object | None:
         """Seconds value lives (None: the cache's own lifetime), or SKIP: not stored.

@@ -4,7 +4,7 @@ step by step, with every invariant checked after each rule."""
 from __future__ import annotations
 
 from ._machinery import replay
-from .test_batch_machine import BatchMachine
+from .test_batch_machine import BatchMachine, BatchPolicyMachine
 from .test_decorator_machine import AsyncCacheMachine, SingleFlightMachine
 from .test_queue_machine import WorkerQueueMachine
 from .test_store_machine import SingleFlightStoreMachine
@@ -54,6 +54,44 @@ def test_a_key_left_out_of_its_batch_is_neither_sent_nor_stored() -> None:
         "decorate(maxsize=1, max_batch=1); calls(batch=['a', 'b']);"
         "cancel(picks=[1], whole_key=False);"
         "answer(pick=0, plan=['value', 'value', 'value', 'value'], short=False)",
+    )
+
+
+def test_a_forgotten_keys_error_is_not_remembered_by_its_batch() -> None:
+    # The batch of 'a' runs on after its one caller left; a clear forgets it, and a new call of
+    # 'a' waits in line. The old batch answers 'a' with an exception cache_errors names: a
+    # library that remembered it for 'a' raised it to later calls, which must load afresh.
+    replay(
+        BatchPolicyMachine,
+        "decorate(maxsize=1, max_batch=1, mapping='dict'); calls(batch=['a'], later=0.0);"
+        "cancel(picks=[0], whole_key=False); clear(use_async=False);"
+        "calls(batch=['a'], later=0.0);"
+        "answer(pick=0, plan=['remembered', 'value:short', 'value:short', 'value:short'],"
+        " whole='each')",
+    )
+
+
+def test_cache_if_decides_for_each_key_of_a_batch() -> None:
+    # cache_if refuses 'b''s value only: 'a''s is stored. (A library that asked cache_if about
+    # the batch as a whole stored neither.)
+    replay(
+        BatchPolicyMachine,
+        "decorate(maxsize=1, max_batch=2, mapping='dict'); calls(batch=['a', 'b'], later=0.0);"
+        "answer(pick=0, plan=['value:short', 'value:skip', 'value:short', 'value:short'],"
+        " whole='each')",
+    )
+
+
+def test_a_stale_value_served_for_a_key_waits_the_back_off() -> None:
+    # 'a' expired 0 s ago and its load fails: its caller gets the primed value, which is then
+    # served for refresh_backoff before the next attempt. (A library that served it without
+    # the back-off loaded 'a' again at the next call.)
+    replay(
+        BatchPolicyMachine,
+        "decorate(maxsize=1, max_batch=1, mapping='dict'); prime(key='a', kind='short',"
+        " use_async=False); calls(batch=['a'], later=3.0);"
+        "answer(pick=0, plan=['fail', 'value:short', 'value:short', 'value:short'],"
+        " whole='each'); calls(batch=['a'], later=0.0)",
     )
 
 

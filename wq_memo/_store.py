@@ -52,7 +52,8 @@ class Store(Generic[K, R]):
     and for how long (see _policy): a result it skips is not written, a ttl goes with the write
     (a ``Kept`` entry in a dated mapping, ``cache.set``'s ttl for an async cache), and a failed
     computation of a mapping may leave a remembered error or serve a stale value
-    (``failed_now``)."""
+    (``failed_now``). ``stored(key, seconds)`` is told the lifetime the
+    policy gave the value (None: the cache's own)."""
 
     __slots__ = ("mapping", "name", "policy", "single_flight", "stored", "tables", "write")
 
@@ -63,7 +64,7 @@ class Store(Generic[K, R]):
         mapping: MutableMapping[Any, Any] | None = None,
         write: Callable[..., Awaitable[None]] | None = None,
         single_flight: SingleFlightCache | None = None,
-        stored: Callable[[K], None] | None = None,
+        stored: Callable[[K, float | None], None] | None = None,
         policy: Policy | None = None,
     ) -> None:
         self.name = name
@@ -84,11 +85,13 @@ class Store(Generic[K, R]):
         if flight is not None and flight.forgotten:
             return True
         entry: Any = value
+        seconds: Any = None
         if self.policy is not None:
             # A prime's bad ttl raises here, before anything under way is forgotten.
-            entry = self._entry(key, value, flight is None)
-            if entry is SKIP:
+            seconds = self._lifetime(key, value, flight is None)
+            if seconds is SKIP:
                 return False
+            entry = self._entry(value, seconds)
         if flight is None:
             table = self.tables()
             if table is not None:
@@ -98,7 +101,7 @@ class Store(Generic[K, R]):
         try:
             mapping[key] = entry
             if self.stored is not None:
-                self.stored(key)
+                self.stored(key, seconds)
         except ValueError as exc:  # cachetools: the value is larger than the cache's maxsize
             logger.info("%s(): result not cached: %s", self.name, exc)
         except Exception:
@@ -124,30 +127,43 @@ class Store(Generic[K, R]):
             return SKIP
 
     def _lifetime_of(
-        self, key: K, flight: Flight[K, R] | None
+        self, key: K, flight: Flight[K, R] | None, decided: list[tuple[bool, float | None]]
     ) -> Callable[[Any], tuple[bool, float | None]]:
         """The policy's decision on a computed value of key, for a cache that stores it itself
-        (a RedisCache, fenced): whether to store it, and for how long (None: the cache's ttl).
-        A forgotten computation's value is not stored, and not put to the policy, as with any
-        other cache (the cache would refuse its store anyway)."""
+        (a RedisCache, fenced): whether to store it, and for how long (None: the cache's ttl),
+        also appended to ``decided``. A forgotten computation's value is not stored, and not
+        put to the policy, as with any other cache (the cache would refuse its store anyway)."""
 
         def lifetime(value: Any) -> tuple[bool, float | None]:
             if flight is not None and flight.forgotten:
-                return (False, None)
-            seconds = self._lifetime(key, value, False)
-            return (False, None) if seconds is SKIP else (True, seconds)
+                decision: tuple[bool, float | None] = (False, None)
+            else:
+                seconds = self._lifetime(key, value, False)
+                decision = (False, None) if seconds is SKIP else (True, seconds)
+            decided.append(decision)
+            return decision
 
         return lifetime
 
-    def _entry(self, key: K, value: R, primed: bool) -> Any:
-        """What the mapping holds for value under the policy, or SKIP: value itself, or a
-        ``Kept`` entry dated on the policy's clock. A failing cache_if is logged (the result is
-        not stored); a prime's failure propagates."""
+    def _told(self, key: K, decided: list[tuple[bool, float | None]]) -> None:
+        """Tell ``stored`` of a fenced write of key: with the policy's decision if this process
+        computed it (nothing if the value was not stored); without a policy, as written now
+        with the cache's lifetime. A value computed elsewhere under a policy is not told: its
+        lifetime is unknown here, and the next read (``get_with_age``) dates it."""
+        if self.stored is None:
+            return
+        if self.policy is None:
+            self.stored(key, None)  # its write time, as near as this process knows it
+        elif decided and decided[-1][0]:
+            self.stored(key, decided[-1][1])
+
+    def _entry(self, value: R, seconds: float | None) -> Any:
+        """What the mapping holds for value, to live ``seconds`` (None: the cache's lifetime)
+        under the policy: value itself, or a ``Kept`` entry dated on the policy's clock."""
         policy = self.policy
         assert policy is not None
-        seconds = self._lifetime(key, value, primed)
-        if seconds is SKIP or not policy.dated:
-            return SKIP if seconds is SKIP else value
+        if not policy.dated:
+            return value
         expires = policy.clock() + (math.inf if seconds is None else seconds)
         return Kept(value, expires, expires + (policy.stale or 0.0))
 
@@ -194,7 +210,7 @@ class Store(Generic[K, R]):
                 expires = now + seconds
                 mapping[key] = Kept(None, expires, expires, CachedError(type(exc), exc.args))
                 if self.stored is not None:
-                    self.stored(key)
+                    self.stored(key, seconds)
         except Exception:
             logger.exception("%s(): keeping the failure of %r failed", self.name, key)
         return (False, exc)
@@ -241,7 +257,7 @@ class Store(Generic[K, R]):
             else:
                 await write(key, value, seconds)
             if self.stored is not None:
-                self.stored(key)
+                self.stored(key, seconds)
         except NotAsync as exc:
             if flight is None or flight.outcome is None:
                 raise
@@ -285,17 +301,17 @@ class Store(Generic[K, R]):
         (``get_or_compute``), as the policy decides."""
         cache = self.single_flight
         assert cache is not None
+        decided: list[tuple[bool, float | None]] = []
         try:
             if self.policy is None:
                 value = await cache.get_or_compute(key, compute)
             else:
                 value = await cache.get_or_compute(  # type: ignore[call-arg]
-                    key, compute, lifetime=self._lifetime_of(key, flight)
+                    key, compute, lifetime=self._lifetime_of(key, flight, decided)
                 )
         except _Unstored as exc:
             return exc.value  # type: ignore[no-any-return]
-        if self.stored is not None:
-            self.stored(key)  # its write time, as near as this process knows it
+        self._told(key, decided)
         return value
 
     async def fenced_refresh(
@@ -304,17 +320,18 @@ class Store(Generic[K, R]):
         """Refresh key through the RefreshingCache (``refresh``): (True, value) once computed
         and written by the cache itself, fenced; (False, MISSING) if another process holds it."""
         cache: RefreshingCache = self.single_flight  # type: ignore[assignment]
+        decided: list[tuple[bool, float | None]] = []
         try:
             if self.policy is None:
                 refreshed, value = await cache.refresh(key, compute)
             else:
                 refreshed, value = await cache.refresh(  # type: ignore[call-arg]
-                    key, compute, lifetime=self._lifetime_of(key, flight)
+                    key, compute, lifetime=self._lifetime_of(key, flight, decided)
                 )
         except _Unstored as exc:
             return True, exc.value
-        if refreshed and self.stored is not None:
-            self.stored(key)
+        if refreshed:
+            self._told(key, decided)
         return refreshed, value
 
 

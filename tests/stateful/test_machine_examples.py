@@ -7,6 +7,7 @@ from ._machinery import replay
 from .test_batch_machine import BatchMachine
 from .test_decorator_machine import AsyncCacheMachine, SingleFlightMachine
 from .test_queue_machine import WorkerQueueMachine
+from .test_refresh_machine import RefreshMachine
 from .test_store_machine import SingleFlightStoreMachine
 
 
@@ -67,3 +68,26 @@ def test_an_explicit_refresh_joining_a_background_refresh_is_never_deferred() ->
         "advance(seconds=2.0); advance(seconds=2.0); advance(seconds=2.0);"
         "calls(batch=['b']); refresh(key='b')",
     )
+
+
+def test_a_refresh_whose_result_cache_if_refuses_leaves_the_entry() -> None:
+    # 'b' is due; its refresh returns a result cache_if refuses. (A library that stored a
+    # refresh's result as it stores a prime's, whatever cache_if says, replaced the entry.)
+    replay(
+        RefreshMachine,
+        "decorate(maxsize=1, policy='cache_if', lru=False); call(batch=['b']);"
+        "release(fail=False, keep=True, pick=0, short=False); advance(seconds=5.0);"
+        "call(batch=['b']); release(fail=False, keep=False, pick=0, short=False)",
+    )
+
+
+def test_a_short_lived_entry_is_refreshed_ahead_at_its_part_of_its_lifetime() -> None:
+    # 'a' lives 4 s in an LRUCache (no ttl of its own): due at 2 s, before it expires. (A library
+    # that dated it by refresh_after alone, 5 s, let it expire without a refresh.)
+    for lru in (True, False):
+        replay(
+            RefreshMachine,
+            f"decorate(maxsize=1, policy='ttl', lru={lru}); call(batch=['a']);"
+            "release(fail=False, keep=False, pick=0, short=True); advance(seconds=3.0);"
+            "call(batch=['a'])",
+        )

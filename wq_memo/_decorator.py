@@ -731,7 +731,10 @@ class _WorkerQueueDecorator:
         refresh keeps the old value and is tried again ``refresh_backoff`` seconds later.
         ``jitter`` (a fraction) spreads each entry's refresh_after by up to that much either
         way. ``timer`` is the clock of entry ages (default: the cache's ``timer``, as a
-        TTLCache has, else ``time.monotonic``).
+        TTLCache has, else ``time.monotonic``). An entry whose ``ttl`` is shorter than the
+        numeric ``ttl`` (or the cache's) is due at the same part of its own lifetime as
+        refresh_after is of that ttl (at half of it with no such ttl), never later than
+        refresh_after.
 
         What is kept, and for how long (see the README): ``cache_if(result)`` false: the
         result goes to its callers and is not stored (counted in cache_info().uncached).
@@ -743,12 +746,12 @@ class _WorkerQueueDecorator:
         fails within that long after its entry expired serves the expired value instead,
         and the next attempt waits ``refresh_backoff``. cache_errors and stale_if_error need
         an in-process cache (stale_if_error: not a TTLCache); of the single-flight caches,
-        only a RedisCache takes cache_if and ttl; none of the four works with refresh_after
-        yet.
+        only a RedisCache takes cache_if and ttl. Each works with refresh_after: a
+        background refresh's result goes through the policy as a computation's does.
 
         Raises TypeError at decoration time for a function that is not async, and for a
         function an async cache cannot tell from others; ValueError for a bad parameter (a
-        refresh_after that is not below the cache's ttl, say).
+        refresh_after that is not below the numeric ttl or the cache's ttl, say).
         """
         checked_if, checked_ttl, errors, stale = make_policy(
             cache_if, ttl, cache_errors, stale_if_error

@@ -387,3 +387,23 @@ async def test_with_an_async_cache_invalidation_wins_over_a_refresh_with_a_ttl_f
     source.gate.set()
     await settle()
     assert cache.data == {}
+
+
+@pytest.mark.parametrize("kind", ["dict", "lru"])
+async def test_a_stale_value_served_is_not_refreshed_ahead_before_the_backoff(kind: str) -> None:
+    clock, source = Clock(), Source()
+    f = memoized(kind, source, clock, ttl=50, stale_if_error=100, refresh_backoff=3)
+    assert await f("k") == "k@0"
+    source.failures = {"k": OSError("down")}
+    clock.now = 60  # expired, never refreshed: the miss fails, the stale value is served
+    assert await bounded(f("k")) == "k@0"
+    assert f.cache_info().stale == 1
+    clock.now = 62.9  # within refresh_backoff: served as it is, neither computed nor refreshed
+    assert await f("k") == "k@0"
+    await settle()
+    assert source.calls == ["k", "k"]
+    assert f.cache_info().refreshes == 0
+    clock.now = 63  # the back-off over: the next call computes again (a miss)
+    del source.failures["k"]
+    assert await bounded(f("k")) == "k@2"
+    assert f.cache_info().refreshes == 0

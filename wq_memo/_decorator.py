@@ -397,6 +397,8 @@ def _with_mapping(
     stored = _bookkeeping(instances, refresher)
     policy = _policy(options, display, cache)
     store: Store[Hashable, R] = Store(display, mapping=cache, stored=stored, policy=policy)
+    if refresher is not None:
+        store.deferred = refresher.started  # a stale value served is not refreshed ahead sooner
     lookup_now: Callable[[Hashable, object], Any] = cache.get if fast is None else fast
     if policy is not None and policy.dated:
         lookup_now = _dated_lookup(lookup_now, policy.clock)

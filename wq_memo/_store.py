@@ -55,7 +55,16 @@ class Store(Generic[K, R]):
     (``failed_now``). ``stored(key, seconds)`` is told the lifetime the
     policy gave the value (None: the cache's own)."""
 
-    __slots__ = ("mapping", "name", "policy", "single_flight", "stored", "tables", "write")
+    __slots__ = (
+        "deferred",
+        "mapping",
+        "name",
+        "policy",
+        "single_flight",
+        "stored",
+        "tables",
+        "write",
+    )
 
     def __init__(
         self,
@@ -74,6 +83,9 @@ class Store(Generic[K, R]):
         self.single_flight = single_flight
         self.stored = stored
         self.tables: Callable[[], FlightTable[K, R] | None] = _no_table
+        self.deferred: Callable[[K], None] | None = None
+        """Told of a key whose next attempt is put off ``backoff`` (its stale value served):
+        refresh-ahead does not try it sooner either."""
 
     def now(self, key: K, value: R, flight: Flight[K, R] | None = None) -> bool:
         """Write value to the mapping: flight's result (nothing if flight is forgotten; a
@@ -203,6 +215,8 @@ class Store(Generic[K, R]):
                     )
                 again = min(now + policy.backoff, old.until)  # the next attempt, no sooner
                 mapping[key] = Kept(old.value, again, old.until, None, True)
+                if self.deferred is not None:
+                    self.deferred(key)
                 policy.served_stale()
                 return (True, old.value)
             seconds = policy.error_time(exc)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from ._machinery import replay
 from .test_batch_machine import BatchMachine
 from .test_decorator_machine import AsyncCacheMachine, SingleFlightMachine
+from .test_policy_machine import RefreshingPolicyMachine
 from .test_queue_machine import WorkerQueueMachine
 from .test_refresh_machine import RefreshMachine
 from .test_store_machine import SingleFlightStoreMachine
@@ -91,3 +92,15 @@ def test_a_short_lived_entry_is_refreshed_ahead_at_its_part_of_its_lifetime() ->
             "release(fail=False, keep=False, pick=0, short=True); advance(seconds=3.0);"
             "call(batch=['a'])",
         )
+
+
+def test_a_stale_value_served_is_not_refreshed_ahead_before_the_backoff() -> None:
+    # 'a' expires, its recomputation fails and the stale value is served for the back-off; a
+    # call within it gets that value without any computation. (A library that left the due time
+    # of the expired entry as it was refreshed it at once.)
+    replay(
+        RefreshingPolicyMachine,
+        "decorate(); call(key='a', outcome='short');"
+        "call_a_little_later(key='a', outcome='remembered', seconds=4.0);"
+        "call(key='a', outcome='short')",
+    )

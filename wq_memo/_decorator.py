@@ -190,8 +190,9 @@ def _refresher(
             "@worker_queue: refresh_after needs a cache to refresh entries in; "
             "pass cache= (a cachetools cache, a dict or an async cache)"
         )
+    reference, what = _reference_lifetime(options, cache)
     after, backoff, jitter = check_refresh_options(
-        options.refresh_after, options.refresh_backoff, options.jitter, getattr(cache, "ttl", None)
+        options.refresh_after, options.refresh_backoff, options.jitter, reference, what
     )
     clock = options.timer
     if clock is None and isinstance(cache, MutableMapping):
@@ -202,7 +203,24 @@ def _refresher(
         clock = timer if callable(timer) else time.monotonic
     contains = cache.__contains__ if isinstance(cache, MutableMapping) else None
     dated = isinstance(cache, RefreshingCache)
-    return Refresher(after, backoff, jitter, clock, display, contains, dated)
+    return Refresher(after, backoff, jitter, clock, display, contains, dated, reference)
+
+
+def _reference_lifetime(
+    options: _Options, cache: MutableMapping[Any, Any] | AsyncCache
+) -> tuple[float | None, str]:
+    """The lifetime an entry gets unless its own ttl says otherwise, which refresh_after must be
+    below and is a part of (see Refresher.delay), and how to name it: a numeric ttl= (the
+    shorter of it and a TTLCache's ttl), else the cache's ttl; None if neither is known."""
+    own = getattr(cache, "ttl", None)
+    if isinstance(own, bool) or not isinstance(own, int | float):
+        own = None
+    ttl = options.ttl
+    if isinstance(ttl, int | float) and not isinstance(ttl, bool):
+        if own is not None and isinstance(cache, MutableMapping) and own < ttl:
+            return float(own), "the cache's ttl"
+        return float(ttl), "ttl"
+    return (None if own is None else float(own)), "the cache's ttl"
 
 
 _POLICY_OPTIONS: Final = "cache_if, ttl, cache_errors and stale_if_error"
@@ -219,10 +237,15 @@ def _check_policy_cache(
             f"@worker_queue: {_POLICY_OPTIONS} need a cache to keep results in; pass cache= "
             "(a cachetools cache, a dict or an async cache)"
         )
-    if options.refresh_after is not None:
+    if (
+        options.refresh_after is not None
+        and not isinstance(cache, MutableMapping)
+        and (options.cache_errors or options.stale_if_error is not None)
+    ):
         raise ValueError(
-            f"@worker_queue: refresh_after cannot be combined with {_POLICY_OPTIONS} yet; "
-            "use one or the other"
+            "@worker_queue: refresh_after cannot be combined with cache_errors or "
+            "stale_if_error on an async cache (RedisCache too) yet; use cache_if and ttl with "
+            "refresh_after there, or an in-process cache, which takes all four with it"
         )
     if isinstance(cache, SingleFlightCache) and not _takes_lifetime(cache):
         raise ValueError(
@@ -382,6 +405,8 @@ def _with_mapping(
     stored = _bookkeeping(instances, refresher)
     policy = _policy(options, display, cache)
     store: Store[Hashable, R] = Store(display, mapping=cache, stored=stored, policy=policy)
+    if refresher is not None:
+        store.deferred = refresher.started  # a stale value served is not refreshed ahead sooner
     lookup_now: Callable[[Hashable, object], Any] = cache.get if fast is None else fast
     if policy is not None and policy.dated:
         lookup_now = _dated_lookup(lookup_now, policy.clock)
@@ -448,6 +473,11 @@ def _with_async_cache(
     get_kept: Callable[[Hashable], Awaitable[Any]] = getattr(cache, "get_kept", None) or cache.get
     if isinstance(cache, SingleFlightCache):
         single_flight = cache
+        dating = (
+            _dating(cache, refresher, policy)
+            if refresher is not None and isinstance(cache, RefreshingCache)
+            else None
+        )
 
         def compute_single_flight(flight: Flight[Any, R]) -> Awaitable[R]:
             table = engine.table_now()
@@ -478,7 +508,9 @@ def _with_async_cache(
             # The cache stores what compute() returns: not if this table was left behind.
             checked = store.unless_abandoned(compute, table)
             if flight.refresh and isinstance(single_flight, RefreshingCache):
-                return _refresh_across(single_flight, store, table, flight, checked, refresher)
+                return _refresh_across(
+                    single_flight, store, table, flight, checked, refresher, dating
+                )
             if flight.refresh:
                 return _refresh_through(single_flight, store, flight.key, checked)
             return store.fenced(flight.key, checked, flight)
@@ -487,16 +519,8 @@ def _with_async_cache(
         if wrapped:
             assert policy is not None
             lookup = _unwrapping(get_kept, policy)
-        if refresher is not None and isinstance(cache, RefreshingCache):
-            refreshing = cache
-
-            async def lookup_with_age(k: Hashable) -> Any:
-                value, age = await refreshing.get_with_age(k)
-                if value is not MISSING and age is not None:
-                    refresher.written(k, age)
-                return value
-
-            lookup = lookup_with_age
+        if dating is not None:  # never with a wrapped policy (refused at decoration)
+            lookup = dating
 
         engine = Engine(
             func,
@@ -543,19 +567,50 @@ def _unwrapping(
     return lookup
 
 
+def _dating(
+    cache: RefreshingCache, refresher: Refresher, policy: Policy | None
+) -> Callable[[Hashable], Awaitable[Any]]:
+    """A lookup of cache that tells refresher each entry's age (``written``), and, with a ttl
+    function (entries' lifetimes differ), its lifetime read with it (``get_with_lifetime``)."""
+    with_lifetime = getattr(cache, "get_with_lifetime", None)
+    if policy is not None and policy.ttl_of is not None and with_lifetime is not None:
+
+        async def lookup_with_lifetime(k: Hashable) -> Any:
+            value, age, lifetime = await with_lifetime(k)
+            if value is not MISSING and age is not None:
+                refresher.written(k, age, lifetime)
+            return value
+
+        return lookup_with_lifetime
+
+    async def lookup_with_age(k: Hashable) -> Any:
+        value, age = await cache.get_with_age(k)
+        if value is not MISSING and age is not None:
+            refresher.written(k, age)
+        return value
+
+    return lookup_with_age
+
+
 def _bookkeeping(
     instances: InstanceKeys | None, refresher: Refresher | None
-) -> Callable[[Hashable], None] | None:
-    """What a write to a mapping tells the instance keys and the refresh-ahead policy."""
+) -> Callable[[Hashable, float | None], None] | None:
+    """What a write to a mapping tells the instance keys and the refresh-ahead policy (the
+    entry's lifetime too, see Refresher.stored)."""
     if instances is None:
         return None if refresher is None else refresher.stored
+    of_instances = instances.stored
     if refresher is None:
-        return instances.stored
-    both = (instances.stored, refresher.stored)
 
-    def stored(k: Hashable) -> None:
-        for told in both:
-            told(k)
+        def instance_stored(k: Hashable, lifetime: float | None) -> None:
+            of_instances(k)
+
+        return instance_stored
+    of_refresher = refresher.stored
+
+    def stored(k: Hashable, lifetime: float | None) -> None:
+        of_instances(k)
+        of_refresher(k, lifetime)
 
     return stored
 
@@ -576,6 +631,7 @@ async def _refresh_across(
     flight: Flight[Any, R],
     compute: Callable[[], Awaitable[R]],
     refresher: Refresher | None,
+    dating: Callable[[Hashable], Awaitable[Any]] | None,
 ) -> R:
     """A refresh (in the background, or f.refresh()): one process refreshes k, the others go
     on serving its entry. The value is stored as a computation's is (fenced).
@@ -587,12 +643,10 @@ async def _refresh_across(
     """
     k = flight.key
     await table.hold(flight)  # a spare slot already, unless a caller joined it in line
-    if flight.waited and flight.background and refresher is not None:
-        value, age = await cache.get_with_age(k)
-        if value is not MISSING and age is not None:
-            refresher.written(k, age)
-            if not refresher.entry_due(k):
-                return value  # type: ignore[no-any-return]
+    if flight.waited and flight.background and refresher is not None and dating is not None:
+        value = await dating(k)
+        if value is not MISSING and not refresher.entry_due(k):
+            return value  # type: ignore[no-any-return]
     refreshed, value = await store.fenced_refresh(k, compute, flight)
     if refreshed:
         return value  # type: ignore[return-value]
@@ -693,7 +747,10 @@ class _WorkerQueueDecorator:
         refresh keeps the old value and is tried again ``refresh_backoff`` seconds later.
         ``jitter`` (a fraction) spreads each entry's refresh_after by up to that much either
         way. ``timer`` is the clock of entry ages (default: the cache's ``timer``, as a
-        TTLCache has, else ``time.monotonic``).
+        TTLCache has, else ``time.monotonic``). An entry whose ``ttl`` is shorter than the
+        numeric ``ttl`` (or the cache's) is due at the same part of its own lifetime as
+        refresh_after is of that ttl (at half of it with no such ttl), never later than
+        refresh_after.
 
         What is kept, and for how long (see the README): ``cache_if(result)`` false: the
         result goes to its callers and is not stored (counted in cache_info().uncached).
@@ -703,14 +760,15 @@ class _WorkerQueueDecorator:
         ({ExceptionType: seconds}): such an exception is remembered that long, and calls
         raise it anew without computing. ``stale_if_error`` seconds: a recomputation that
         fails within that long after its entry expired serves the expired value instead,
-        and the next attempt waits ``refresh_backoff``. cache_errors and stale_if_error need
-        an in-process cache (stale_if_error: not a TTLCache); of the single-flight caches,
-        only a RedisCache takes cache_if and ttl; none of the four works with refresh_after
-        yet.
+        and the next attempt waits ``refresh_backoff``. Each works with an in-process cache
+        (stale_if_error: not a TTLCache), a plain async cache and a RedisCache (not with
+        other single-flight caches). Each works with refresh_after (with an async cache:
+        cache_if and ttl only, for now): a background refresh's result goes through the
+        policy as a computation's does.
 
         Raises TypeError at decoration time for a function that is not async, and for a
         function an async cache cannot tell from others; ValueError for a bad parameter (a
-        refresh_after that is not below the cache's ttl, say).
+        refresh_after that is not below the numeric ttl or the cache's ttl, say).
         """
         checked_if, checked_ttl, errors, stale = make_policy(
             cache_if, ttl, cache_errors, stale_if_error
@@ -839,6 +897,11 @@ class _WorkerQueueDecorator:
             raise ValueError(
                 f"@worker_queue.batch: {_POLICY_OPTIONS} work with an in-process cache (a "
                 "cachetools cache or a dict) only for batch functions, for now"
+            )
+        if options.policy_asked() and refresh_after is not None:
+            raise ValueError(
+                f"@worker_queue.batch: refresh_after cannot be combined with {_POLICY_OPTIONS} "
+                "for batch functions yet; use one or the other"
             )
         _check_policy_cache(options, chosen)
 

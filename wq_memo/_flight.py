@@ -692,8 +692,14 @@ class FlightTable(Generic[K, R]):
             return (False, asyncio.CancelledError())
         if self._destroyed(flight, exc):
             return None
-        if self.fail_now is not None and isinstance(exc, Exception) and not flight.background:
-            return self.fail_now(flight.key, exc, flight)  # a stale value, or exc remembered
+        if (
+            self.fail_now is not None
+            and isinstance(exc, Exception)
+            and (not flight.background or flight.joiners)
+        ):
+            # A stale value, or exc remembered: for a background refresh too once a caller
+            # joined it (its entry expired); one nobody awaits leaves the entry as it is.
+            return self.fail_now(flight.key, exc, flight)
         return (False, exc)
 
     def _cancelled(self, flight: Flight[K, R]) -> None:

@@ -122,8 +122,37 @@ def mapping_hit_path(
     # read inline: a call fewer per miss than engine.table_now().
     bind = engine.bind
 
-    if policy is not None and policy.dated:
-        assert refresher is None
+    if policy is not None and policy.dated and refresher is not None:
+        # Refresh-ahead over dated entries: only a fresh value is refreshed ahead (an expired
+        # entry is a miss, a remembered error is raised), on the one clock both read.
+        now = policy.clock
+        due_get = refresher.due.get
+        refresh_if_due = refresh_starter(engine, refresher)
+
+        async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            nonlocal hits
+            if SWITCH.watch and SWITCH.off():
+                return await _bypass(counts, func, args, kwargs)
+            k = args if default_key and not kwargs else key(*args, **kwargs)
+            try:
+                entry = find_any(k, MISSING)
+            except TypeError as exc:
+                raise unhashable(display, exc) from exc
+            if entry is not MISSING:
+                t = now()
+                if t < entry.expires:
+                    hits += 1
+                    if entry.error is None:
+                        if t >= due_get(k, NEVER):
+                            refresh_if_due(k, args, kwargs)
+                        return entry.value  # type: ignore[no-any-return]
+                    raise entry.error.rebuild()
+            table = engine.table
+            if table is None or table.loop is not get_running_loop():
+                table = bind()
+            return await table.call(k, args, kwargs)
+
+    elif policy is not None and policy.dated:
         now = policy.clock
 
         async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:

@@ -22,6 +22,10 @@ _PRUNE_AT: Final = 1024
 """Due times kept before those of entries the cache dropped are pruned (then twice as many)."""
 _KEEP_UNCHECKED: Final = 100_000
 """Due times kept for a cache that cannot say what it holds (an async cache): the oldest go."""
+NO_REFERENCE: Final = 0.5
+"""The part of its lifetime after which an entry with a ttl of its own is due, when no lifetime
+is known for refresh_after to be a part of (a ttl function with a dict or an LRUCache): half, so
+that the spread of any jitter (below 1) still ends before the entry expires."""
 _SAME_ENTRY: Final = 0.05
 """Seconds within which two reads' estimates of an entry's write time are taken for one entry
 (ages are read in milliseconds, on another clock): capped at refresh_after / 20."""
@@ -72,9 +76,14 @@ def check_freshness_options(
 
 
 def check_refresh_options(
-    refresh_after: object, refresh_backoff: object, jitter: object, ttl: object
+    refresh_after: object,
+    refresh_backoff: object,
+    jitter: object,
+    ttl: object,
+    what: str = "the cache's ttl",
 ) -> tuple[float, float, float]:
-    """Validate refresh_after, refresh_backoff and jitter against the cache's ttl, if known."""
+    """Validate refresh_after, refresh_backoff and jitter against ttl (``what``: the cache's
+    ttl, or the ttl= option), if known."""
     after = _seconds(
         "refresh_after",
         refresh_after,
@@ -86,7 +95,7 @@ def check_refresh_options(
         raise ValueError(
             f"@worker_queue: refresh_after={after}"
             + (f" (up to {after * (1 + jitter):g} with jitter={jitter})" if jitter else "")
-            + f" must be below the cache's ttl={ttl}: the ttl is the hard limit, and an entry "
+            + f" must be below {what}={ttl}: the ttl is the hard limit, and an entry "
             "is refreshed before it; lower refresh_after, or raise the ttl"
         )
     return after, backoff, jitter
@@ -96,9 +105,11 @@ class Refresher:
     """When the entries of one memoized function are due for a refresh.
 
     An entry's due time is set when a value is stored (``refresh_after`` later, spread by
-    ``jitter``), and pushed ``backoff`` later when a refresh starts or fails, so that calls in
-    between neither start another nor hammer a failing source. Entries this process never wrote
-    (primed elsewhere, or stored by another process) have no due time and are not refreshed,
+    ``jitter``; for an entry with a lifetime of its own, the same part of that lifetime as
+    refresh_after is of ``reference``, never later than refresh_after, see ``delay``), and
+    pushed ``backoff`` later when a refresh starts or fails, so that calls in between neither
+    start another nor hammer a failing source. Entries this process never wrote (primed
+    elsewhere, or stored by another process) have no due time and are not refreshed,
     unless the cache tells entries' ages (``dated``): then each entry, whoever wrote it, gets
     one due time, drawn when it is first seen, however often it is read.
     """
@@ -112,6 +123,7 @@ class Refresher:
         "jitter",
         "name",
         "prune_at",
+        "reference",
         "same",
         "writes",
     )
@@ -125,8 +137,12 @@ class Refresher:
         name: str,
         contains: Callable[[Hashable], bool] | None,
         dated: bool = False,
+        reference: float | None = None,
     ) -> None:
         self.after = after
+        self.reference = reference
+        """The lifetime refresh_after is a part of (the ttl= option's, or the cache's); None:
+        none known (an entry's own lifetime is then refreshed at NO_REFERENCE of it)."""
         self.backoff = backoff
         self.jitter = jitter
         self.clock = clock
@@ -140,22 +156,37 @@ class Refresher:
         when that entry is due)."""
         self.same = min(_SAME_ENTRY, after / 20)
 
-    def _delay(self) -> float:
-        """refresh_after, spread by jitter: one draw."""
-        if self.jitter:
-            return self.after * (1 + self.jitter * (2 * random.random() - 1))
-        return self.after
+    def delay(self, lifetime: float | None = None) -> float:
+        """How long after its write an entry living ``lifetime`` seconds (None: the cache's
+        own lifetime) is due, before jitter: refresh_after, or for a shorter-lived entry the
+        same part of its lifetime as refresh_after is of the reference lifetime (NO_REFERENCE of
+        it without one), whichever comes first."""
+        after = self.after
+        if lifetime is None or lifetime == NEVER:
+            return after
+        reference = self.reference
+        part = lifetime * (after / reference if reference else NO_REFERENCE)
+        return part if part < after else after
 
-    def stored(self, key: Hashable) -> None:
-        """A value was stored for key now."""
+    def _delay(self, lifetime: float | None = None) -> float:
+        """delay(lifetime), spread by jitter: one draw."""
+        delay = self.delay(lifetime)
+        if self.jitter:
+            return delay * (1 + self.jitter * (2 * random.random() - 1))
+        return delay
+
+    def stored(self, key: Hashable, lifetime: float | None = None) -> None:
+        """A value living ``lifetime`` seconds (None: the cache's lifetime) was stored for key
+        now."""
         now = self.clock()
-        due_at = now + self._delay()
+        due_at = now + self._delay(lifetime)
         self._set_due(key, due_at)
         if self.writes is not None:
             self.writes[key] = (now, due_at)
 
-    def written(self, key: Hashable, age: float) -> None:
-        """The cache says key's entry was written ``age`` seconds ago (maybe by another process).
+    def written(self, key: Hashable, age: float, lifetime: float | None = None) -> None:
+        """The cache says key's entry was written ``age`` seconds ago (maybe by another process),
+        to live ``lifetime`` seconds in all (None: the cache's lifetime, or not known).
 
         An entry gets one due time, drawn when it is first seen: reading it again changes
         nothing (a draw at each read, keeping the latest, would push every entry to the end of
@@ -168,7 +199,7 @@ class Refresher:
             known = writes.get(key)
             if known is not None and at <= known[0] + self.same:
                 return  # the entry drawn for already (or an older one)
-        due_at = at + self._delay()
+        due_at = at + self._delay(lifetime)
         if writes is not None:
             writes[key] = (at, due_at)
         if due_at > self.due.get(key, -NEVER):

@@ -53,9 +53,12 @@ class Store(Generic[K, R]):
     (a ``Kept`` entry in a dated mapping, ``cache.set``'s ttl for an async cache), and a failed
     computation may leave a remembered error or serve a stale value: ``failed_now`` for a
     mapping, ``failed`` for a plain async cache (read and written through ``read`` and
-    ``write``), inside the fenced store for a RedisCache (``fenced``, ``fenced_refresh``)."""
+    ``write``), inside the fenced store for a RedisCache (``fenced``, ``fenced_refresh``).
+    ``stored(key, seconds)`` is told the lifetime the policy gave the value (None: the cache's
+    own)."""
 
     __slots__ = (
+        "deferred",
         "mapping",
         "name",
         "policy",
@@ -73,7 +76,7 @@ class Store(Generic[K, R]):
         mapping: MutableMapping[Any, Any] | None = None,
         write: Callable[..., Awaitable[None]] | None = None,
         single_flight: SingleFlightCache | None = None,
-        stored: Callable[[K], None] | None = None,
+        stored: Callable[[K, float | None], None] | None = None,
         policy: Policy | None = None,
         read: Callable[[Any], Awaitable[Any]] | None = None,
     ) -> None:
@@ -87,6 +90,9 @@ class Store(Generic[K, R]):
         self.single_flight = single_flight
         self.stored = stored
         self.tables: Callable[[], FlightTable[K, R] | None] = _no_table
+        self.deferred: Callable[[K], None] | None = None
+        """Told of a key whose next attempt is put off ``backoff`` (its stale value served):
+        refresh-ahead does not try it sooner either."""
 
     def now(self, key: K, value: R, flight: Flight[K, R] | None = None) -> bool:
         """Write value to the mapping: flight's result (nothing if flight is forgotten; a
@@ -98,11 +104,13 @@ class Store(Generic[K, R]):
         if flight is not None and flight.forgotten:
             return True
         entry: Any = value
+        seconds: Any = None
         if self.policy is not None:
             # A prime's bad ttl raises here, before anything under way is forgotten.
-            entry = self._entry(key, value, flight is None)
-            if entry is SKIP:
+            seconds = self._lifetime(key, value, flight is None)
+            if seconds is SKIP:
                 return False
+            entry = self._entry(value, seconds)
         if flight is None:
             table = self.tables()
             if table is not None:
@@ -112,7 +120,7 @@ class Store(Generic[K, R]):
         try:
             mapping[key] = entry
             if self.stored is not None:
-                self.stored(key)
+                self.stored(key, seconds)
         except ValueError as exc:  # cachetools: the value is larger than the cache's maxsize
             logger.info("%s(): result not cached: %s", self.name, exc)
         except Exception:
@@ -138,44 +146,60 @@ class Store(Generic[K, R]):
             return SKIP
 
     def _lifetime_of(
-        self, key: K, flight: Flight[K, R] | None
+        self, key: K, flight: Flight[K, R] | None, decided: list[tuple[bool, float | None]]
     ) -> Callable[[Any], tuple[bool, float | None]]:
         """The policy's decision on a computed value of key, for a cache that stores it itself
-        (a RedisCache, fenced): whether to store it, and for how long (None: the cache's ttl).
-        A forgotten computation's value is not stored, and not put to the policy, as with any
-        other cache (the cache would refuse its store anyway)."""
+        (a RedisCache, fenced): whether to store it, and for how long (None: the cache's ttl),
+        also appended to ``decided``. A forgotten computation's value is not stored, and not
+        put to the policy, as with any other cache (the cache would refuse its store anyway)."""
 
         def lifetime(value: Any) -> tuple[bool, float | None]:
             if flight is not None and flight.forgotten:
-                return (False, None)
-            if type(value) is Kept:
+                decision: tuple[bool, float | None] = (False, None)
+            elif type(value) is Kept:
                 policy = self.policy
                 assert policy is not None
                 now = policy.clock()
                 if value.error is not None or value.warned:
                     # A remembered error, or a stale value served again: kept in Redis until
                     # it expires, or until the end of its stale window.
-                    return (True, max(value.until - now, 0.001))
-                seconds = self._lifetime(key, value.value, False)
-                if seconds is SKIP:
-                    return (False, None)
-                value.expires = now + (math.inf if seconds is None else seconds)
-                value.until = value.expires + (policy.stale or 0.0)
-                return (True, None if seconds is None else seconds + (policy.stale or 0.0))
-            seconds = self._lifetime(key, value, False)
-            return (False, None) if seconds is SKIP else (True, seconds)
+                    decision = (True, max(value.until - now, 0.001))
+                else:
+                    seconds = self._lifetime(key, value.value, False)
+                    if seconds is SKIP:
+                        decision = (False, None)
+                    else:
+                        value.expires = now + (math.inf if seconds is None else seconds)
+                        value.until = value.expires + (policy.stale or 0.0)
+                        stale = policy.stale or 0.0
+                        decision = (True, None if seconds is None else seconds + stale)
+            else:
+                seconds = self._lifetime(key, value, False)
+                decision = (False, None) if seconds is SKIP else (True, seconds)
+            decided.append(decision)
+            return decision
 
         return lifetime
 
-    def _entry(self, key: K, value: R, primed: bool) -> Any:
-        """What the mapping holds for value under the policy, or SKIP: value itself, or a
-        ``Kept`` entry dated on the policy's clock. A failing cache_if is logged (the result is
-        not stored); a prime's failure propagates."""
+    def _told(self, key: K, decided: list[tuple[bool, float | None]]) -> None:
+        """Tell ``stored`` of a fenced write of key: with the policy's decision if this process
+        computed it (nothing if the value was not stored); without a policy, as written now
+        with the cache's lifetime. A value computed elsewhere under a policy is not told: its
+        lifetime is unknown here, and the next read (``get_with_age``) dates it."""
+        if self.stored is None:
+            return
+        if self.policy is None:
+            self.stored(key, None)  # its write time, as near as this process knows it
+        elif decided and decided[-1][0]:
+            self.stored(key, decided[-1][1])
+
+    def _entry(self, value: R, seconds: float | None) -> Any:
+        """What the mapping holds for value, to live ``seconds`` (None: the cache's lifetime)
+        under the policy: value itself, or a ``Kept`` entry dated on the policy's clock."""
         policy = self.policy
         assert policy is not None
-        seconds = self._lifetime(key, value, primed)
-        if seconds is SKIP or not policy.dated:
-            return SKIP if seconds is SKIP else value
+        if not policy.dated:
+            return value
         expires = policy.clock() + (math.inf if seconds is None else seconds)
         return Kept(value, expires, expires + (policy.stale or 0.0))
 
@@ -192,14 +216,16 @@ class Store(Generic[K, R]):
         if flight.forgotten:
             return (False, exc)
         try:
-            entry, _ = self._fallback(key, exc, mapping.get(key), policy.clock())
+            entry, seconds = self._fallback(key, exc, mapping.get(key), policy.clock())
             if entry is not None:
                 mapping[key] = entry
                 if entry.error is None:
+                    if self.deferred is not None:
+                        self.deferred(key)  # not refreshed ahead before the next attempt
                     policy.served_stale()
                     return (True, entry.value)
                 if self.stored is not None:
-                    self.stored(key)
+                    self.stored(key, seconds)
         except Exception:
             logger.exception("%s(): keeping the failure of %r failed", self.name, key)
         return (False, exc)
@@ -391,7 +417,7 @@ class Store(Generic[K, R]):
             else:
                 await write(key, entry, seconds)
             if self.stored is not None:
-                self.stored(key)
+                self.stored(key, seconds)
         except NotAsync as exc:
             if flight is None or flight.outcome is None:
                 raise
@@ -436,23 +462,26 @@ class Store(Generic[K, R]):
         cache = self.single_flight
         assert cache is not None
         policy = self.policy
+        decided: list[tuple[bool, float | None]] = []
         try:
             if policy is None:
                 value = await cache.get_or_compute(key, compute)
             elif policy.wrapped:
                 kept, raised = self._kept_compute(key, compute, flight)
                 value = await cache.get_or_compute(  # type: ignore[call-arg]
-                    key, kept, lifetime=self._lifetime_of(key, flight), usable=policy.usable
+                    key,
+                    kept,
+                    lifetime=self._lifetime_of(key, flight, decided),
+                    usable=policy.usable,
                 )
                 value = self._unkept(value, raised, flight)
             else:
                 value = await cache.get_or_compute(  # type: ignore[call-arg]
-                    key, compute, lifetime=self._lifetime_of(key, flight)
+                    key, compute, lifetime=self._lifetime_of(key, flight, decided)
                 )
         except _Unstored as exc:
             return exc.value  # type: ignore[no-any-return]
-        if self.stored is not None:
-            self.stored(key)  # its write time, as near as this process knows it
+        self._told(key, decided)
         return value
 
     async def fenced_refresh(
@@ -462,24 +491,25 @@ class Store(Generic[K, R]):
         and written by the cache itself, fenced; (False, MISSING) if another process holds it."""
         cache: RefreshingCache = self.single_flight  # type: ignore[assignment]
         policy = self.policy
+        decided: list[tuple[bool, float | None]] = []
         try:
             if policy is None:
                 refreshed, value = await cache.refresh(key, compute)
             elif policy.wrapped:
                 kept, raised = self._kept_compute(key, compute, flight)
                 refreshed, value = await cache.refresh(  # type: ignore[call-arg]
-                    key, kept, lifetime=self._lifetime_of(key, flight)
+                    key, kept, lifetime=self._lifetime_of(key, flight, decided)
                 )
                 if refreshed:
                     value = self._unkept(value, raised, flight)
             else:
                 refreshed, value = await cache.refresh(  # type: ignore[call-arg]
-                    key, compute, lifetime=self._lifetime_of(key, flight)
+                    key, compute, lifetime=self._lifetime_of(key, flight, decided)
                 )
         except _Unstored as exc:
             return True, exc.value
-        if refreshed and self.stored is not None:
-            self.stored(key)
+        if refreshed:
+            self._told(key, decided)
         return refreshed, value
 
 

@@ -11,7 +11,11 @@ has given up. Checked after every step:
   up, without computing, exactly when another one of its key computes;
 - both caches read, at once, the entry the model expects: a refresh's result replaces it and
   resets its age; a failed refresh never removes or changes it; a refresh whose key was deleted
-  while it computed never stores its result (the delete wins).
+  while it computed never stores its result (the delete wins);
+- with the per-result policy (``lifetime=``, issue 20): a refresh's result the policy refuses
+  is not stored and the entry stays as it was; one given a lifetime of its own lives that long
+  in Redis, and both caches read that lifetime with the entry (``get_with_lifetime``), so that
+  both date its refresh-ahead alike, before it expires.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ pytest.importorskip("redis.asyncio")
 
 from redis_names import delete_namespace
 
+from wq_memo._refresh import Refresher
 from wq_memo.backends import MISSING, CallKey
 from wq_memo.backends._redis_keys import key_names
 from wq_memo.backends._redis_values import ValueCodec
@@ -48,6 +53,11 @@ KEYS = ("a", "b")
 PROCESSES = (0, 1)
 OLD = 1000.0
 """Age, in seconds, of the entries the write rule stores; a refreshed entry is younger."""
+TTL = 3600.0
+"""The caches' ttl: the lifetime of a refreshed entry unless the policy gives it its own."""
+SHORT = 20.0
+"""The lifetime the policy gives a "short" result."""
+REFRESH_AFTER = 30.0
 READ_BOUND = 5.0
 """Reads never wait for a refresh; this only bounds them so that a bug fails fast."""
 
@@ -83,12 +93,18 @@ class RedisRefreshMachine(RuleBasedStateMachine):
         self.loop = asyncio.new_event_loop()
         self.namespace = f"wq_memo_test_refresh_machine_{uuid.uuid4().hex[:12]}"
         self.caches = [
-            RedisCache(self.url, namespace=self.namespace, ttl=3600, lease=5) for _ in PROCESSES
+            RedisCache(self.url, namespace=self.namespace, ttl=TTL, lease=5) for _ in PROCESSES
+        ]
+        # What each process's refresh-ahead makes of the lifetimes it reads.
+        self.refreshers = [
+            Refresher(REFRESH_AFTER, 1.0, 0.0, time.monotonic, "m.f", None, True, TTL)
+            for _ in PROCESSES
         ]
         self.admin = redis.Redis.from_url(self.url, socket_timeout=5, socket_connect_timeout=5)
         self.refreshes: list[Refresh] = []
-        self.entries: dict[str, tuple[str, bool] | None] = dict.fromkeys(KEYS)
-        """The model: each key's value, and whether a refresh wrote it (so it is young)."""
+        self.entries: dict[str, tuple[str, bool, float | None] | None] = dict.fromkeys(KEYS)
+        """The model: each key's value, whether a refresh wrote it (so it is young), and its
+        lifetime in Redis (None: no expiry)."""
         self.writes = 0
         self.skipped = [0 for _ in PROCESSES]
 
@@ -122,7 +138,7 @@ class RedisRefreshMachine(RuleBasedStateMachine):
         value = f"{key}:written#{self.writes}"
         name = key_names(self.namespace, _key(key)).value
         self.admin.set(name, ValueCodec(None, lambda: time.time() - OLD).dumps(name, value))
-        self.entries[key] = (value, False)
+        self.entries[key] = (value, False, None)
 
     @rule(process=st.sampled_from(PROCESSES), key=st.sampled_from(KEYS))
     def refresh(self, process: int, key: str) -> None:
@@ -138,7 +154,14 @@ class RedisRefreshMachine(RuleBasedStateMachine):
                 raise Failed(f"refresh #{n} failed")
             return f"{key}:refreshed#{n}"
 
-        task = self.loop.create_task(self.caches[process].refresh(_key(key), compute))
+        def lifetime(value: Any) -> tuple[bool, float | None]:
+            """The policy's decision on the refresh's result, made in the fenced store."""
+            outcome = self.refreshes[n].outcome
+            return (outcome != "refused", SHORT if outcome == "short" else None)
+
+        task = self.loop.create_task(
+            self.caches[process].refresh(_key(key), compute, lifetime=lifetime)
+        )
         refresh = Refresh(n, key, process, task)
         self.refreshes.append(refresh)
         self.run_until(lambda: refresh.computing or task.done())
@@ -150,9 +173,10 @@ class RedisRefreshMachine(RuleBasedStateMachine):
             assert refresh.computing, f"refresh #{n} of {key!r} gave up, with nobody computing"
 
     @precondition(lambda self: self.running())
-    @rule(pick=st.integers(0, 9), outcome=st.sampled_from(["value", "failure"]))
+    @rule(pick=st.integers(0, 9), outcome=st.sampled_from(["value", "failure", "short", "refused"]))
     def release(self, pick: int, outcome: str) -> None:
-        """One refresh's computation ends, with a value or a failure."""
+        """One refresh's computation ends, with a value (kept for the cache's ttl, kept for a
+        short lifetime of its own, or refused by the policy) or a failure."""
         running = self.running()
         refresh = running[pick % len(running)]
         refresh.outcome = outcome
@@ -163,8 +187,9 @@ class RedisRefreshMachine(RuleBasedStateMachine):
             assert isinstance(exc, Failed), f"refresh #{refresh.id} ended with {exc!r}"
             return  # the entry stays as it was
         assert refresh.task.result() == (True, f"{refresh.key}:refreshed#{refresh.id}")
-        if not refresh.fenced:
-            self.entries[refresh.key] = (f"{refresh.key}:refreshed#{refresh.id}", True)
+        if not refresh.fenced and outcome != "refused":  # a refused result leaves the entry
+            lifetime = SHORT if outcome == "short" else TTL
+            self.entries[refresh.key] = (f"{refresh.key}:refreshed#{refresh.id}", True, lifetime)
 
     @rule(process=st.sampled_from(PROCESSES), key=st.sampled_from(KEYS))
     def delete(self, process: int, key: str) -> None:
@@ -189,17 +214,19 @@ class RedisRefreshMachine(RuleBasedStateMachine):
 
     @invariant()
     def every_reader_gets_the_expected_entry_at_once(self) -> None:
-        async def read(cache: RedisCache, key: str) -> tuple[Any, float | None]:
+        async def read(cache: RedisCache, key: str) -> tuple[Any, float | None, float | None]:
             async with asyncio.timeout(READ_BOUND):
-                return await cache.get_with_age(_key(key))
+                return await cache.get_with_lifetime(_key(key))
 
         for process, cache in enumerate(self.caches):
             for key in KEYS:
-                value, age = self.loop.run_until_complete(read(cache, key))
+                value, age, lifetime = self.loop.run_until_complete(read(cache, key))
                 expected = self.entries[key]
                 where = f"process {process} read {key!r}"
                 if expected is None:
-                    assert (value, age) == (MISSING, None), f"{where}: {value!r}, expected none"
+                    assert (value, age, lifetime) == (MISSING, None, None), (
+                        f"{where}: {value!r}, expected none"
+                    )
                     continue
                 assert value == expected[0], f"{where}: {value!r}, expected {expected[0]!r}"
                 assert age is not None
@@ -207,6 +234,24 @@ class RedisRefreshMachine(RuleBasedStateMachine):
                     assert age < OLD / 2, f"{where}: refreshed, yet {age:.1f} s old"
                 else:
                     assert age >= OLD, f"{where}: written {OLD} s ago, yet {age:.1f} s old"
+                if expected[2] is None:
+                    assert lifetime is None, f"{where}: lives {lifetime} s, expected no expiry"
+                    continue
+                assert lifetime is not None
+                assert expected[2] - READ_BOUND <= lifetime <= expected[2] + READ_BOUND, (
+                    f"{where}: lives {lifetime:.1f} s, expected {expected[2]} s"
+                )
+                # Refresh-ahead in that process dates the entry by that lifetime: due at the
+                # same part of it as refresh_after is of the ttl, before it expires.
+                refresher = self.refreshers[process]
+                refresher.forget(_key(key))
+                refresher.written(_key(key), age, lifetime)
+                due_in = refresher.due_time(_key(key)) - time.monotonic() + age
+                want = min(REFRESH_AFTER, expected[2] * REFRESH_AFTER / TTL)
+                assert want - READ_BOUND <= due_in <= want + 0.5, (
+                    f"{where}: due {due_in:.2f} s after its write, expected {want:.2f} s"
+                )
+                assert due_in < lifetime
 
     def teardown(self) -> None:
         loop = self.loop
@@ -238,7 +283,7 @@ def test_refresh_machine(redis_url: str) -> None:
     run_state_machine_as_test(
         RedisRefreshMachine,
         settings=settings(
-            max_examples=25,
+            max_examples=60,
             stateful_step_count=12,
             derandomize=True,
             database=None,

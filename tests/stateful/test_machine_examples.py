@@ -6,7 +6,9 @@ from __future__ import annotations
 from ._machinery import replay
 from .test_batch_machine import BatchMachine, BatchPolicyMachine
 from .test_decorator_machine import AsyncCacheMachine, SingleFlightMachine
+from .test_policy_machine import RefreshingPolicyMachine
 from .test_queue_machine import WorkerQueueMachine
+from .test_refresh_machine import RefreshMachine
 from .test_store_machine import SingleFlightStoreMachine
 
 
@@ -104,4 +106,39 @@ def test_an_explicit_refresh_joining_a_background_refresh_is_never_deferred() ->
         "decorate(maxsize=1); calls(batch=['a']); prime(key='b', sync=False);"
         "advance(seconds=2.0); advance(seconds=2.0); advance(seconds=2.0);"
         "calls(batch=['b']); refresh(key='b')",
+    )
+
+
+def test_a_refresh_whose_result_cache_if_refuses_leaves_the_entry() -> None:
+    # 'b' is due; its refresh returns a result cache_if refuses. (A library that stored a
+    # refresh's result as it stores a prime's, whatever cache_if says, replaced the entry.)
+    replay(
+        RefreshMachine,
+        "decorate(maxsize=1, policy='cache_if', lru=False); call(batch=['b']);"
+        "release(fail=False, keep=True, pick=0, short=False); advance(seconds=5.0);"
+        "call(batch=['b']); release(fail=False, keep=False, pick=0, short=False)",
+    )
+
+
+def test_a_short_lived_entry_is_refreshed_ahead_at_its_part_of_its_lifetime() -> None:
+    # 'a' lives 4 s in an LRUCache (no ttl of its own): due at 2 s, before it expires. (A library
+    # that dated it by refresh_after alone, 5 s, let it expire without a refresh.)
+    for lru in (True, False):
+        replay(
+            RefreshMachine,
+            f"decorate(maxsize=1, policy='ttl', lru={lru}); call(batch=['a']);"
+            "release(fail=False, keep=False, pick=0, short=True); advance(seconds=3.0);"
+            "call(batch=['a'])",
+        )
+
+
+def test_a_stale_value_served_is_not_refreshed_ahead_before_the_backoff() -> None:
+    # 'a' expires, its recomputation fails and the stale value is served for the back-off; a
+    # call within it gets that value without any computation. (A library that left the due time
+    # of the expired entry as it was refreshed it at once.)
+    replay(
+        RefreshingPolicyMachine,
+        "decorate(); call(key='a', outcome='short');"
+        "call_a_little_later(key='a', outcome='remembered', seconds=4.0);"
+        "call(key='a', outcome='short')",
     )

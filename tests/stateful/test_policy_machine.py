@@ -5,8 +5,9 @@ invalidations, clears and primes, some of them landing while a computation is un
 explicit refreshes (a failing one leaves a fresh value as it is), primes of a value kept no
 time (the key's entry goes, as at an invalidation).
 
-Two machines: an LRUCache with every option, and an async cache (honouring set's ttl) with
-cache_if and ttl. After every step the real function is checked against a model of entries:
+Three machines: an LRUCache with every option, the same with refresh_after, and an async cache
+(honouring set's ttl) with cache_if and ttl. After every step the real function is checked
+against a model of entries:
 - a call computes exactly when the model holds no fresh entry of its key, and gets what the
   model says (the fresh value, the remembered error rebuilt, the computation's outcome, or the
   stale value when its recomputation fails within the window);
@@ -14,7 +15,12 @@ cache_if and ttl. After every step the real function is checked against a model 
   stores nothing, remembers nothing and serves nothing stale;
 - one computation per key at a time: callers of a key under way join it;
 - ``cache_peek`` shows each key's fresh value, remembered error or MISSING, as the model does,
-  and ``cache_info()`` counts hits, misses, joins, skipped results and stale values alike.
+  and ``cache_info()`` counts hits, misses, joins, skipped results and stale values alike;
+- with refresh_after: a hit refreshes its key in the background exactly when the model says its
+  entry is due (each entry at the part of its own lifetime the README states; never a
+  remembered error, never a stale value before the back-off), and the refresh's result goes
+  through the policy: stored with its own ttl, or skipped (the entry stays), or its failure
+  counted, never remembered over the fresh value it would replace.
 """
 
 from __future__ import annotations
@@ -53,6 +59,9 @@ TTLS: dict[str, float | None] = {
 REMEMBER = 4.0
 STALE = 10.0
 BACKOFF = 2.0
+REFRESH_AFTER = 5.0
+"""With an LRUCache and a ttl function there is no reference lifetime: an entry living L
+seconds is due after min(REFRESH_AFTER, L / 2)."""
 OUTCOMES = ("short", "long", "forever", "bad", "skip", "remembered", "plain")
 outcomes = st.sampled_from(OUTCOMES)
 
@@ -87,6 +96,8 @@ class PolicyMachine(RuleBasedStateMachine):
     stale_if_error options are on (in-process cache)."""
 
     dated = True
+    refreshing = False
+    """refresh_after is on (REFRESH_AFTER)."""
     ttls: ClassVar[dict[str, float | None]] = TTLS
     remember: ClassVar[float] = REMEMBER
     stale: ClassVar[float] = STALE
@@ -103,6 +114,10 @@ class PolicyMachine(RuleBasedStateMachine):
         self.computed: list[str] = []
         self.entries: dict[str, Entry] = {}
         self.counts = {"hits": 0, "misses": 0, "joined": 0, "uncached": 0, "stale": 0}
+        if self.refreshing:
+            self.counts.update(refreshes=0, refresh_failures=0)
+        self.due: dict[str, float] = {}
+        """Per key, when its entry is due for a refresh (with refresh_after)."""
 
     def make(self) -> Memoized[[str], str]:
         raise NotImplementedError
@@ -136,6 +151,13 @@ class PolicyMachine(RuleBasedStateMachine):
 
     # -- the model ------------------------------------------------------------------------------
 
+    def keep_value(self, key: str, value: str, ttl: float | None) -> None:
+        """The model stores value for key, living ttl seconds (None: forever)."""
+        expires = math.inf if ttl is None else self.now + ttl
+        until = expires + (self.stale if self.dated else 0)
+        self.entries[key] = Entry(value, None, expires, until, False, self.now)
+        self.due[key] = self.now + (REFRESH_AFTER if ttl is None else min(REFRESH_AFTER, ttl / 2))
+
     def fresh(self, key: str) -> Entry | None:
         entry = self.entries.get(key)
         return entry if entry is not None and self.now < entry.expires else None
@@ -152,6 +174,7 @@ class PolicyMachine(RuleBasedStateMachine):
             ):
                 again = min(self.now + self.backoff, old.until)
                 self.entries[key] = Entry(old.value, None, again, old.until, True, self.now)
+                self.due[key] = self.now + self.backoff  # not refreshed ahead before the back-off
                 self.counts["stale"] += 1
                 return True, old.value
             if outcome == "remembered" and self.dated:
@@ -163,9 +186,7 @@ class PolicyMachine(RuleBasedStateMachine):
         if outcome == "skip" or (ttl is not None and ttl < 0):
             self.counts["uncached"] += 1
         else:
-            expires = math.inf if ttl is None else self.now + ttl
-            until = expires + (self.stale if self.dated else 0)
-            self.entries[key] = Entry(value, None, expires, until, False, self.now)
+            self.keep_value(key, value, ttl)
         return True, value
 
     def check(self, got: Any, expected: tuple[bool, Any]) -> None:
@@ -202,6 +223,8 @@ class PolicyMachine(RuleBasedStateMachine):
         self.plans[key] = [outcome]
         got = self.run(self.outcome(self.f(key)))
         if entry is not None:
+            if self.refreshing and entry.error is None and self.now >= self.due.get(key, math.inf):
+                self.refreshed_in_the_background(key, outcome, before)
             assert len(self.computed) == before, f"{key!r} computed with a fresh entry"
             self.counts["hits"] += 1
             if entry.error is None:
@@ -223,6 +246,28 @@ class PolicyMachine(RuleBasedStateMachine):
         when = entry.expires if late == "in the window" else entry.until
         self.now = max(self.now, when + 0.5)
         self.call(key, outcome)
+
+    def refreshed_in_the_background(self, key: str, outcome: str, before: int) -> None:
+        """The hit found key's entry due: one background refresh computes it (now, since a
+        slot is free), and the policy decides on its result."""
+        table = self.f.queue._engine.table
+        assert table is not None
+        assert len(self.computed) > before or (key,) in table.flights, (
+            f"{key!r} was due, yet no refresh of it is under way or done"
+        )
+        self.until(lambda: len(self.computed) == before + 1 and (key,) not in table.flights)
+        n = self.made - 1
+        self.counts["refreshes"] += 1
+        self.due[key] = self.now + self.backoff  # set as it started; a stored result resets it
+        if outcome in ("remembered", "plain"):
+            self.counts["refresh_failures"] += 1  # the fresh entry stays, nothing remembered
+        else:
+            ttl = self.ttls.get(outcome)
+            if outcome == "skip" or (ttl is not None and ttl < 0):
+                self.counts["uncached"] += 1  # not stored: the entry stays
+            else:
+                self.keep_value(key, f"{key}#{n}:{outcome}", ttl)
+        del self.computed[-1]  # for the caller's hit, which computed nothing itself
 
     @rule(key=keys, outcome=outcomes)
     def refresh(self, key: str, outcome: str) -> None:
@@ -294,6 +339,7 @@ class PolicyMachine(RuleBasedStateMachine):
 
     @rule(key=keys)
     def invalidate(self, key: str) -> None:
+        self.due.pop(key, None)
         held = self.entries.pop(key, None) is not None
         assert self.run(self.f.acache_invalidate(key)) == held
 
@@ -308,9 +354,7 @@ class PolicyMachine(RuleBasedStateMachine):
         value = f"{key}#primed{self.made}:long"
         self.made += 1
         self.run(self.f.acache_prime(value, key))
-        expires = self.now + (self.ttls["long"] or math.inf)
-        until = expires + (self.stale if self.dated else 0)
-        self.entries[key] = Entry(value, None, expires, until, False, self.now)
+        self.keep_value(key, value, self.ttls["long"])
 
     @rule(key=keys)
     def prime_for_no_time(self, key: str) -> None:
@@ -318,6 +362,7 @@ class PolicyMachine(RuleBasedStateMachine):
         self.made += 1
         self.run(self.f.acache_prime(value, key))
         self.entries.pop(key, None)
+        self.due.pop(key, None)
 
     # -- invariants -----------------------------------------------------------------------------
 
@@ -370,6 +415,35 @@ class MappingPolicyMachine(PolicyMachine):
         return f
 
 
+class RefreshingPolicyMachine(PolicyMachine):
+    """MappingPolicyMachine with refresh_after: calls that find their entry due refresh it."""
+
+    dated = True
+    refreshing = True
+
+    def make(self) -> Memoized[[str], str]:
+        @worker_queue(
+            cache=cachetools.LRUCache(100),
+            cache_if=keep,
+            ttl=self.ttl_of,
+            cache_errors={Remembered: REMEMBER},
+            stale_if_error=STALE,
+            refresh_backoff=BACKOFF,
+            refresh_after=REFRESH_AFTER,
+            timer=lambda: self.now,
+        )
+        async def f(key: str) -> str:
+            return await self.work(key)
+
+        return f
+
+    @rule(key=keys, outcome=outcomes, seconds=st.sampled_from([0.5, 1.0, 1.5, 2.0, 4.0]))
+    def call_a_little_later(self, key: str, outcome: str, seconds: float) -> None:
+        """A call shortly after the last step: entries are found due more often than expired."""
+        self.tick(seconds)
+        self.call(key, outcome)
+
+
 class AsyncPolicyMachine(PolicyMachine):
     """A plain async cache with every option: wq_memo keeps its dated entries in it (a value
     with its expiry, kept by set's ttl for the stale window; a remembered error)."""
@@ -413,6 +487,10 @@ class UndatedAsyncPolicyMachine(PolicyMachine):
 
 def test_mapping_policy_machine() -> None:
     run_state_machine_as_test(MappingPolicyMachine)
+
+
+def test_refreshing_policy_machine() -> None:
+    run_state_machine_as_test(RefreshingPolicyMachine)
 
 
 def test_async_policy_machine() -> None:

@@ -9,12 +9,19 @@ Invariants:
 - a failed refresh never reaches a caller that found the entry, and never removes the entry;
 - invalidation wins: a computation under way when its key is invalidated stores nothing;
 - the cache holds exactly the model's live entries.
+
+With a policy (issue 20), each result says how long it lives (``ttl``, a function of the
+result) and whether it is kept (``cache_if``), in a TTLCache (the reference lifetime of
+refresh_after is its ttl) or an LRUCache (none: half an entry's lifetime): an entry is due at
+the part of its own lifetime the README states, never after it expired; a refresh whose result
+is not kept leaves the entry as it was.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +38,7 @@ from hypothesis.stateful import (
 )
 
 from wq_memo import Memoized, worker_queue
+from wq_memo._policy import Kept
 
 from ._machinery import FastForwardLoop
 
@@ -38,6 +46,18 @@ KEYS = ("a", "b", "c")
 REFRESH_AFTER = 5.0
 BACKOFF = 2.0
 TTL = 8.0
+SHORT = 4.0
+"""The lifetime of a short-lived result (``ttl`` of the policy)."""
+POLICIES = ("none", "ttl", "cache_if", "both")
+
+
+@dataclass(frozen=True)
+class Result:
+    """What a computation returns: which one it was, and what the policy reads of it."""
+
+    id: int
+    short: bool
+    keep: bool
 
 
 class RefreshFailed(Exception):
@@ -52,6 +72,8 @@ class Comp:
     """Started while its key had a live entry: a background refresh."""
     gate: asyncio.Event = field(default_factory=asyncio.Event)
     fail: bool = False
+    short: bool = False
+    keep: bool = True
     forgotten: bool = False
     done: bool = False
 
@@ -73,23 +95,41 @@ class RefreshMachine(RuleBasedStateMachine):
         self.now = 0.0
         self.comps: list[Comp] = []
         self.calls: list[Call] = []
-        self.entries: dict[str, tuple[object, float]] = {}
-        """key -> (value, written at), the model's cache."""
+        self.entries: dict[str, tuple[object, float, float]] = {}
+        """key -> (value, written at, lifetime), the model's cache."""
         self.due: dict[str, float] = {}
         self.violations: list[str] = []
 
-    @initialize(maxsize=st.integers(1, 2))
-    def decorate(self, maxsize: int) -> None:
+    @initialize(
+        maxsize=st.integers(1, 2),
+        policy=st.sampled_from(POLICIES),
+        lru=st.booleans(),
+    )
+    def decorate(self, maxsize: int, policy: str, lru: bool) -> None:
         self.maxsize = maxsize
-        self.cache: cachetools.TTLCache[Hashable, Any] = cachetools.TTLCache(
-            100, ttl=TTL, timer=lambda: self.now
+        self.policy = policy
+        self.lru = lru
+        self.cache: cachetools.Cache[Hashable, Any] = (
+            cachetools.LRUCache(100)
+            if lru
+            else cachetools.TTLCache(100, ttl=TTL, timer=lambda: self.now)
         )
+        options: dict[str, Any] = {}
+        if policy in ("ttl", "both"):
+            # With an LRUCache each result names its lifetime; with the TTLCache a long one
+            # lives the cache's own.
+            options["ttl"] = lambda r: SHORT if r.short else (TTL if lru else None)
+        if policy in ("cache_if", "both"):
+            options["cache_if"] = lambda r: r.keep
+        self.dated = "ttl" in options
 
         @worker_queue(
             maxsize=maxsize,
             cache=self.cache,
             refresh_after=REFRESH_AFTER,
             refresh_backoff=BACKOFF,
+            timer=lambda: self.now,
+            **options,
         )
         async def f(key: str) -> object:
             return await self.work(key)
@@ -100,9 +140,23 @@ class RefreshMachine(RuleBasedStateMachine):
 
     def live(self, key: str) -> object | None:
         entry = self.entries.get(key)
-        if entry is None or self.now >= entry[1] + TTL:
+        if entry is None or self.now >= entry[1] + entry[2]:
             return None
         return entry[0]
+
+    def lifetime(self, comp: Comp) -> float:
+        """How long comp's result lives in the cache."""
+        if self.policy in ("ttl", "both") and comp.short:
+            return SHORT
+        return TTL if self.dated or not self.lru else math.inf
+
+    def delay(self, lifetime: float) -> float:
+        """When an entry living ``lifetime`` is due after its write, as the README states:
+        refresh_after, or the same part of a shorter lifetime as refresh_after is of the
+        TTLCache's ttl; half the lifetime with an LRUCache, which has no ttl of its own."""
+        if self.lru:
+            return min(REFRESH_AFTER, lifetime / 2)
+        return min(REFRESH_AFTER, lifetime * REFRESH_AFTER / TTL)
 
     def active(self, key: str | None = None) -> list[Comp]:
         return [c for c in self.comps if not c.done and (key is None or c.key == key)]
@@ -118,10 +172,13 @@ class RefreshMachine(RuleBasedStateMachine):
             if comp.refresh and not comp.forgotten:
                 self.due[key] = self.now + BACKOFF
             raise RefreshFailed(f"#{comp.id}")
-        value = f"value #{comp.id}"
-        if not comp.forgotten:
-            self.entries[key] = (value, self.now)
-            self.due[key] = self.now + REFRESH_AFTER
+        value = Result(comp.id, comp.short, comp.keep)
+        kept = comp.keep or self.policy not in ("cache_if", "both")
+        if not comp.forgotten and kept:
+            lifetime = self.lifetime(comp)
+            self.entries[key] = (value, self.now, lifetime)
+            self.due[key] = self.now + self.delay(lifetime)
+        # Not kept: a refresh leaves the entry (due again after the back-off), a miss nothing.
         return value
 
     def drive(self) -> None:
@@ -171,18 +228,24 @@ class RefreshMachine(RuleBasedStateMachine):
             )
 
     @precondition(lambda self: self.active())
-    @rule(pick=st.integers(0, 5), fail=st.booleans())
-    def release(self, pick: int, fail: bool) -> None:
+    @rule(pick=st.integers(0, 5), fail=st.booleans(), short=st.booleans(), keep=st.booleans())
+    def release(self, pick: int, fail: bool, short: bool, keep: bool) -> None:
         comps = self.active()
         comp = comps[pick % len(comps)]
         before = self.live(comp.key)
         comp.fail = fail
+        comp.short = short
+        comp.keep = keep
         comp.gate.set()
         self.drive()
-        if fail and comp.refresh and before is not None:
-            assert self.live(comp.key) is before, "a failed refresh removed or replaced the entry"
+        refused = not keep and self.policy in ("cache_if", "both")
+        if (fail or refused) and comp.refresh and before is not None:
+            # A failed refresh, or one whose result cache_if refuses, leaves the entry.
+            assert self.live(comp.key) is before, (
+                "a failed or refused refresh removed or replaced the entry"
+            )
 
-    @rule(seconds=st.sampled_from([1.0, 2.0, 3.0, 5.0]))
+    @rule(seconds=st.sampled_from([0.5, 1.0, 2.0, 3.0, 5.0]))
     def advance(self, seconds: float) -> None:
         self.now += seconds
         for key in list(self.entries):
@@ -194,7 +257,10 @@ class RefreshMachine(RuleBasedStateMachine):
         for comp in self.active(key):
             comp.forgotten = True
         removed = self.f.cache_invalidate(key)
-        assert removed == (self.live(key) is not None)
+        # A dated entry that expired stays in the cache until it is overwritten, removed or
+        # (a TTLCache) expires there too.
+        assert removed or self.live(key) is None
+        assert removed == (self.live(key) is not None) or self.dated
         self.entries.pop(key, None)
         self.due.pop(key, None)
 
@@ -216,10 +282,15 @@ class RefreshMachine(RuleBasedStateMachine):
             return
         real = {}
         for key in KEYS:
+            if (key,) not in self.cache:  # a TTLCache's expired entries aside
+                continue
             with contextlib.suppress(KeyError):
-                real[key] = cachetools.Cache.__getitem__(self.cache, (key,))
+                entry = cachetools.Cache.__getitem__(self.cache, (key,))
+                if type(entry) is not Kept:
+                    real[key] = entry
+                elif self.now < entry.expires:  # a dated entry that expired is no entry
+                    real[key] = entry.value
         expected = {key: v for key in KEYS if (v := self.live(key)) is not None}
-        real = {k: v for k, v in real.items() if (k,) in self.cache}  # expired ones aside
         assert real == expected, f"cache holds {real}, model expects {expected}"
 
     @invariant()

@@ -314,15 +314,25 @@ class RedisCache:
     def _usable(self, value: Any) -> bool:
         return self._plain(value) is not MISSING or value is MISSING
 
-    async def _read(self, key: Hashable, count: bool = True) -> tuple[Any, float]:
+    async def _read(
+        self, key: Hashable, count: bool = True, expiry: list[int] | None = None
+    ) -> tuple[Any, float]:
         """(the value under key or MISSING, its write time in epoch seconds): one GETRANGE.
-        ``count``: count it in stats() as a hit or a miss."""
+        ``count``: count it in stats() as a hit or a miss. ``expiry``: the entry's PTTL is
+        appended to it, read in the same round trip (a pipeline of GETRANGE and PTTL)."""
         name = self._ns.value_name(key)
         limit = self._entries.max_bytes
 
         async def read(link: Link) -> bytes | None:
             try:
-                data = await link.client.getrange(name, 0, limit)
+                if expiry is None:
+                    data = await link.client.getrange(name, 0, limit)
+                else:
+                    pipe = link.client.pipeline(transaction=False)
+                    pipe.getrange(name, 0, limit)
+                    pipe.pttl(name)
+                    data, pttl = await pipe.execute()
+                    expiry.append(int(pttl))
             except ResponseError as exc:
                 if "WRONGTYPE" in str(exc):
                     return None
@@ -449,6 +459,29 @@ class RedisCache:
         if value is MISSING:
             return MISSING, None
         return value, self._entries.age(written)
+
+    async def get_with_lifetime(self, key: Hashable) -> tuple[Any, float | None, float | None]:
+        """Return (the value under key or MISSING, seconds since it was written, seconds it
+        lives in all), in one round trip: as get_with_age, with the entry's lifetime, its age
+        plus what its expiry in Redis leaves (None: no expiry, or a miss). What @worker_queue
+        reads with refresh_after and a ttl function, whose entries' lifetimes differ.
+
+        Raises:
+            TypeError: key has a component RedisCache cannot encode.
+        """
+        expiry: list[int] = []
+        found, written = await self._read(key, expiry=expiry)
+        value = self._plain(found)
+        if value is MISSING:
+            return MISSING, None, None
+        age = self._entries.age(written)
+        if type(found) is Kept:
+            # Kept in Redis past its expiry for a stale window: its lifetime ends at its own
+            # expiry, not at the Redis key's.
+            left_s = found.expires - self._entries.now()
+            return value, age, (age + left_s if math.isfinite(left_s) else None)
+        left = expiry[-1] if expiry else -1
+        return value, age, (age + left / 1000 if left >= 0 else None)
 
     async def refresh(
         self,

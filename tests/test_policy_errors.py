@@ -402,8 +402,6 @@ def test_bad_options_are_clear_errors_at_decoration(
         ({}, {"ttl": 5, "refresh_after": 5}, "must be below ttl=5"),
         ({}, {"ttl": 5, "refresh_after": 4, "jitter": 0.5}, "must be below ttl=5"),
         ("ttlcache", {"ttl": 60, "refresh_after": 5}, "below the cache's ttl=5"),
-        ("async", {"cache_errors": {TimeoutError: 1}, "refresh_after": 1}, "in-process cache"),
-        ("async", {"stale_if_error": 5, "refresh_after": 1}, "in-process cache"),
         ("ttlcache", {"stale_if_error": 5, "refresh_after": 1}, "TTLCache"),
         ("single", {"ttl": 5}, "not supported with FakeSingleFlight"),
         ("ttlcache", {"stale_if_error": 5}, "TTLCache"),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import sys
 import time
 from collections.abc import Awaitable, Callable, Hashable, Mapping, MutableMapping, Sequence
@@ -37,7 +38,7 @@ from ._hitpath import (
     unhashable,
 )
 from ._methods import InstanceKeys, MemoizedClassMethod, MemoizedMethod, MethodState
-from ._policy import Kept, Policy, make_policy
+from ._policy import Kept, Policy, Raised, make_policy
 from ._queue import WorkerQueue, facade, is_async_callable
 from ._refresh import RefreshDeferred, Refresher, check_freshness_options, check_refresh_options
 from ._store import Store
@@ -236,16 +237,6 @@ def _check_policy_cache(
         raise ValueError(
             f"@worker_queue: {_POLICY_OPTIONS} need a cache to keep results in; pass cache= "
             "(a cachetools cache, a dict or an async cache)"
-        )
-    if (
-        options.refresh_after is not None
-        and not isinstance(cache, MutableMapping)
-        and (options.cache_errors or options.stale_if_error is not None)
-    ):
-        raise ValueError(
-            "@worker_queue: refresh_after cannot be combined with cache_errors or "
-            "stale_if_error on an async cache (RedisCache too) yet; use cache_if and ttl with "
-            "refresh_after there, or an in-process cache, which takes all four with it"
         )
     if isinstance(cache, SingleFlightCache) and not _takes_lifetime(cache):
         raise ValueError(
@@ -469,6 +460,8 @@ def _with_async_cache(
         read=getattr(cache, "peek_kept", None) or getattr(cache, "peek", None) or cache.get,
     )
     wrapped = policy is not None and policy.wrapped
+    if wrapped and refresher is not None:
+        store.deferred = refresher.started  # a stale value served is not refreshed ahead sooner
     # The entries as kept (RedisCache's get answers a policy's entries as plain values).
     get_kept: Callable[[Hashable], Awaitable[Any]] = getattr(cache, "get_kept", None) or cache.get
     if isinstance(cache, SingleFlightCache):
@@ -516,11 +509,11 @@ def _with_async_cache(
             return store.fenced(flight.key, checked, flight)
 
         lookup: Callable[[Hashable], Awaitable[Any]] = cache.get
-        if wrapped:
-            assert policy is not None
-            lookup = _unwrapping(get_kept, policy)
-        if dating is not None:  # never with a wrapped policy (refused at decoration)
+        if dating is not None:  # unwraps kept entries too, under a wrapped policy
             lookup = dating
+        elif wrapped:
+            assert policy is not None
+            lookup = _unwrapping(get_kept, policy, refresher)
 
         engine = Engine(
             func,
@@ -539,7 +532,11 @@ def _with_async_cache(
             options.maxsize,
             options.finish_timeout,
             miss=MISSING,
-            lookup=_unwrapping(get_kept, policy) if wrapped and policy is not None else cache.get,
+            lookup=(
+                _unwrapping(get_kept, policy, refresher)
+                if wrapped and policy is not None
+                else cache.get
+            ),
             store=store,
             on_refresh_failed=on_refresh_failed,
         )
@@ -555,23 +552,81 @@ def _with_async_cache(
 
 
 def _unwrapping(
-    get: Callable[[Hashable], Awaitable[Any]], policy: Policy
+    get: Callable[[Hashable], Awaitable[Any]], policy: Policy, refresher: Refresher | None = None
 ) -> Callable[[Hashable], Awaitable[Any]]:
     """An async cache's get under a wrapped policy: a fresh entry's value, ``Raised`` for a
-    fresh remembered error (the wrapper raises it), else MISSING."""
+    fresh remembered error (the wrapper raises it), else MISSING. With ``refresher`` (a plain
+    async cache, whose entries are dated by this process's own writes): what each entry read
+    means for its refresh-ahead (``_date_kept``)."""
     unwrap = policy.unwrap
+    if refresher is None:
 
-    async def lookup(k: Hashable) -> Any:
-        return unwrap(await get(k))
+        async def lookup(k: Hashable) -> Any:
+            return unwrap(await get(k))
 
-    return lookup
+        return lookup
+
+    async def lookup_dating(k: Hashable) -> Any:
+        entry = await get(k)
+        found = unwrap(entry)
+        if found is not MISSING:
+            _date_kept(refresher, policy, k, entry, found, None, None)
+        return found
+
+    return lookup_dating
+
+
+def _date_kept(
+    refresher: Refresher,
+    policy: Policy,
+    k: Hashable,
+    entry: Any,
+    found: Any,
+    age: float | None,
+    lifetime: float | None,
+) -> None:
+    """Tell refresher what an entry read under a wrapped policy means for its refresh-ahead
+    (``found``: what it answers, not MISSING). A remembered error has no due time (it is raised
+    until it expires, never refreshed ahead); a stale value served again (``warned``) is not
+    refreshed ahead before its expiry, the next attempt after the back-off; a ``Kept`` value
+    is dated by the expiry it carries (not by its Redis key's, which includes the stale
+    window); a plain value by ``lifetime``. ``age``: seconds since it was written (None: not
+    known; a plain async cache's entries are then dated by this process's writes alone)."""
+    if type(found) is Raised:
+        refresher.forget(k)
+        return
+    if type(entry) is Kept:
+        left = entry.expires - policy.clock()
+        if entry.warned:
+            refresher.held(k, left, age)
+        elif age is not None:
+            refresher.written(k, age, age + left if math.isfinite(left) else None)
+        return
+    if age is not None:
+        refresher.written(k, age, lifetime)
 
 
 def _dating(
     cache: RefreshingCache, refresher: Refresher, policy: Policy | None
 ) -> Callable[[Hashable], Awaitable[Any]]:
     """A lookup of cache that tells refresher each entry's age (``written``), and, with a ttl
-    function (entries' lifetimes differ), its lifetime read with it (``get_with_lifetime``)."""
+    function (entries' lifetimes differ), its lifetime read with it (``get_with_lifetime``).
+    Under a wrapped policy it unwraps the entries as kept (``get_kept_with_lifetime``): a
+    remembered error raised, a fresh value returned, an expired one a miss, each dated by
+    ``_date_kept``."""
+    kept_with_lifetime = getattr(cache, "get_kept_with_lifetime", None)
+    if policy is not None and policy.wrapped and kept_with_lifetime is not None:
+        unwrap = policy.unwrap
+        lifetimes = policy.ttl_of is not None
+
+        async def lookup_kept(k: Hashable) -> Any:
+            entry, age, lifetime = await kept_with_lifetime(k)
+            found = unwrap(entry)
+            if found is not MISSING:
+                _date_kept(refresher, policy, k, entry, found, age, lifetime if lifetimes else None)
+            return found
+
+        return lookup_kept
     with_lifetime = getattr(cache, "get_with_lifetime", None)
     if policy is not None and policy.ttl_of is not None and with_lifetime is not None:
 

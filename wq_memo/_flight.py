@@ -632,7 +632,7 @@ class FlightTable(Generic[K, R]):
                 self.fail_later is not None
                 and outcome[1] is exc
                 and isinstance(exc, Exception)
-                and not flight.background
+                and (not flight.background or flight.joiners)
             ):
                 outcome = await self.fail_later(flight.key, exc, flight, self)
         else:

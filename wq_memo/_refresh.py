@@ -205,6 +205,18 @@ class Refresher:
         if due_at > self.due.get(key, -NEVER):
             self._set_due(key, due_at)
 
+    def held(self, key: Hashable, left: float, age: float | None = None) -> None:
+        """key's entry is a stale value served again (stale_if_error), fresh for ``left``
+        seconds more: it is not refreshed ahead before then (its next attempt comes when it
+        expires, after the back-off). ``age``: seconds since it was written, if known (a dated
+        cache then takes it for the entry drawn for)."""
+        now = self.clock()
+        due_at = now + (left if left > 0 else 0.0)
+        if self.writes is not None and age is not None:
+            self.writes[key] = (now - age, due_at)
+        if due_at > self.due.get(key, -NEVER):
+            self._set_due(key, due_at)
+
     def entry_due(self, key: Hashable) -> bool:
         """Whether key's newest known entry is due (True when none is known)."""
         known = None if self.writes is None else self.writes.get(key)

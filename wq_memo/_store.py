@@ -25,7 +25,8 @@ from collections.abc import Awaitable, Callable, Hashable, MutableMapping
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from ._lookups import NotAsync
-from ._policy import SKIP, CachedError, Kept, Policy, Raised, type_id
+from ._policy import SKIP, CachedError, Kept, Policy, Raised, StoredError, type_id
+from .backends._protocol import MISSING as _MISSING
 
 if TYPE_CHECKING:
     from ._flight import Flight, FlightTable
@@ -164,6 +165,9 @@ class Store(Generic[K, R]):
                     # A remembered error, or a stale value served again: kept in Redis until
                     # it expires, or until the end of its stale window.
                     decision = (True, max(value.until - now, 0.001))
+                    # Not told to refresh-ahead as a value's write: a stale value served is
+                    # not refreshed ahead before the back-off (``deferred``).
+                    return decision
                 else:
                     seconds = self._lifetime(key, value.value, False)
                     if seconds is SKIP:
@@ -239,6 +243,15 @@ class Store(Generic[K, R]):
         callers, nothing stored (a fresh value is left as it is)."""
         policy = self.policy
         assert policy is not None
+        if (
+            policy.wrapped
+            and old is not _MISSING
+            and type(old) is not Kept
+            and type(old) is not StoredError
+        ):
+            # A plain value (no stale window): the cache keeps it only while it is fresh, so
+            # an explicit or background refresh failed over it; it stays.
+            return None, None
         if type(old) is Kept and old.error is None:
             if now < old.expires:
                 return None, None  # an explicit refresh failed: the fresh value stays
@@ -303,6 +316,8 @@ class Store(Generic[K, R]):
         try:
             await self.write(key, entry, seconds)
             if entry.error is None:
+                if self.deferred is not None:
+                    self.deferred(key)  # not refreshed ahead before the next attempt
                 policy.served_stale()
         except Exception:
             logger.exception("%s(): keeping the failure of %r failed", self.name, key)
@@ -327,7 +342,13 @@ class Store(Generic[K, R]):
             except _Unstored:
                 raise
             except Exception as exc:
-                if (flight is not None and flight.forgotten) or self.read is None:
+                if (
+                    (flight is not None and flight.forgotten)
+                    or self.read is None
+                    or (flight is not None and flight.background and not flight.joiners)
+                ):
+                    # A background refresh nobody awaits leaves the entry as it is (its
+                    # failure is reported, nothing stale served or remembered).
                     raise
                 old = await self.read(key)
                 if flight is not None and flight.forgotten:
@@ -343,7 +364,9 @@ class Store(Generic[K, R]):
 
         return kept, raised
 
-    def _unkept(self, value: Any, raised: list[Exception], flight: Flight[K, R] | None) -> Any:
+    def _unkept(
+        self, key: K, value: Any, raised: list[Exception], flight: Flight[K, R] | None
+    ) -> Any:
         """What a RedisCache's get_or_compute or refresh answered, for the callers: a value, a
         stale value served again (counted), or a remembered error raised (this process's own
         exception if it computed it, else rebuilt). A forgotten computation serves nothing
@@ -356,6 +379,8 @@ class Store(Generic[K, R]):
                 and value.error is None
                 and not (flight is not None and flight.forgotten)
             ):
+                if self.deferred is not None:
+                    self.deferred(key)  # not refreshed ahead before the next attempt
                 policy.served_stale()
                 return value.value
             raise raised[0]
@@ -406,6 +431,7 @@ class Store(Generic[K, R]):
             table.storing.add(flight)  # from here on, an invalidation waits for this store to end
         entry: Any = value
         policy = self.policy
+        own = seconds  # the entry's own lifetime, which refresh-ahead dates it by
         if policy is not None and policy.wrapped and policy.stale is not None:
             # Kept past its expiry for the stale window, the expiry in the entry itself.
             expires = policy.clock() + (math.inf if seconds is None else seconds)
@@ -417,7 +443,7 @@ class Store(Generic[K, R]):
             else:
                 await write(key, entry, seconds)
             if self.stored is not None:
-                self.stored(key, seconds)
+                self.stored(key, own)
         except NotAsync as exc:
             if flight is None or flight.outcome is None:
                 raise
@@ -474,7 +500,7 @@ class Store(Generic[K, R]):
                     lifetime=self._lifetime_of(key, flight, decided),
                     usable=policy.usable,
                 )
-                value = self._unkept(value, raised, flight)
+                value = self._unkept(key, value, raised, flight)
             else:
                 value = await cache.get_or_compute(  # type: ignore[call-arg]
                     key, compute, lifetime=self._lifetime_of(key, flight, decided)
@@ -501,7 +527,7 @@ class Store(Generic[K, R]):
                     key, kept, lifetime=self._lifetime_of(key, flight, decided)
                 )
                 if refreshed:
-                    value = self._unkept(value, raised, flight)
+                    value = self._unkept(key, value, raised, flight)
             else:
                 refreshed, value = await cache.refresh(  # type: ignore[call-arg]
                     key, compute, lifetime=self._lifetime_of(key, flight, decided)

@@ -483,6 +483,24 @@ class RedisCache:
         left = expiry[-1] if expiry else -1
         return value, age, (age + left / 1000 if left >= 0 else None)
 
+    async def get_kept_with_lifetime(self, key: Hashable) -> tuple[Any, float | None, float | None]:
+        """get_with_lifetime() as get_kept() answers: (the entry as stored, a ``Kept`` value or
+        a ``StoredError`` included, or MISSING; seconds since it was written; seconds its Redis
+        key lives in all, stale window included, None: no expiry, or a miss), in one round
+        trip. What @worker_queue reads with refresh_after under ``cache_errors`` or
+        ``stale_if_error``: it dates a kept entry by the expiry the entry carries.
+
+        Raises:
+            TypeError: key has a component RedisCache cannot encode.
+        """
+        expiry: list[int] = []
+        found, written = await self._read(key, expiry=expiry)
+        if found is MISSING:
+            return MISSING, None, None
+        age = self._entries.age(written)
+        left = expiry[-1] if expiry else -1
+        return found, age, (age + left / 1000 if left >= 0 else None)
+
     async def refresh(
         self,
         key: Hashable,

@@ -20,8 +20,8 @@ pytest.importorskip("redis.asyncio")
 from redis_waits import until
 
 from wq_memo import CachedError, worker_queue
-from wq_memo.backends import MISSING, CallKey
 from wq_memo._policy import Kept
+from wq_memo.backends import MISSING, CallKey
 from wq_memo.backends._redis_keys import KeyNames, key_names
 from wq_memo.backends._redis_values import ValueCodec
 from wq_memo.backends.redis import RedisCache

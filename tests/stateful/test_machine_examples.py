@@ -6,7 +6,7 @@ from __future__ import annotations
 from ._machinery import replay
 from .test_batch_machine import BatchMachine, BatchPolicyMachine
 from .test_decorator_machine import AsyncCacheMachine, SingleFlightMachine
-from .test_policy_machine import RefreshingPolicyMachine
+from .test_policy_machine import RefreshingAsyncPolicyMachine, RefreshingPolicyMachine
 from .test_queue_machine import WorkerQueueMachine
 from .test_refresh_machine import RefreshMachine
 from .test_store_machine import SingleFlightStoreMachine
@@ -141,4 +141,26 @@ def test_a_stale_value_served_is_not_refreshed_ahead_before_the_backoff() -> Non
         "decorate(); call(key='a', outcome='short');"
         "call_a_little_later(key='a', outcome='remembered', seconds=4.0);"
         "call(key='a', outcome='short')",
+    )
+
+
+def test_an_async_caches_stale_value_served_is_not_refreshed_ahead_before_the_backoff() -> None:
+    # The same with a plain async cache: the stale value served is kept (warned) in the cache
+    # for the back-off, and neither its lookup nor the store dates it for an earlier refresh.
+    replay(
+        RefreshingAsyncPolicyMachine,
+        "decorate(); call(key='a', outcome='short');"
+        "call_a_little_later(key='a', outcome='remembered', seconds=4.0);"
+        "call(key='a', outcome='short')",
+    )
+
+
+def test_an_async_caches_value_is_due_by_its_own_lifetime_not_the_stale_window() -> None:
+    # A value living 3 s is kept 13 s by the async cache (with the stale window); it is due
+    # after 1.5 s, half its own lifetime. (A library that dated it by the cache's 13 s found it
+    # not due.)
+    replay(
+        RefreshingAsyncPolicyMachine,
+        "decorate(); call(key='a', outcome='short');"
+        "call_a_little_later(key='a', outcome='short', seconds=1.5)",
     )

@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -44,6 +44,7 @@ from hypothesis.stateful import (
 )
 
 from wq_memo import MISSING, CachedError, Memoized, worker_queue
+from wq_memo.backends import CallKey
 
 KEYS = ("a", "b", "c")
 keys = st.sampled_from(KEYS)
@@ -121,6 +122,10 @@ class PolicyMachine(RuleBasedStateMachine):
 
     def make(self) -> Memoized[[str], str]:
         raise NotImplementedError
+
+    def flight_key(self, key: str) -> Hashable:
+        """The key of key's computation in the queue's flight table."""
+        return (key,)
 
     def ttl_of(self, value: str) -> float | None:
         return self.ttls[value.rsplit(":", 1)[1]]
@@ -252,10 +257,11 @@ class PolicyMachine(RuleBasedStateMachine):
         slot is free), and the policy decides on its result."""
         table = self.f.queue._engine.table
         assert table is not None
-        assert len(self.computed) > before or (key,) in table.flights, (
+        flight_key = self.flight_key(key)
+        assert len(self.computed) > before or flight_key in table.flights, (
             f"{key!r} was due, yet no refresh of it is under way or done"
         )
-        self.until(lambda: len(self.computed) == before + 1 and (key,) not in table.flights)
+        self.until(lambda: len(self.computed) == before + 1 and flight_key not in table.flights)
         n = self.made - 1
         self.counts["refreshes"] += 1
         self.due[key] = self.now + self.backoff  # set as it started; a stored result resets it
@@ -469,6 +475,42 @@ class AsyncPolicyMachine(PolicyMachine):
         return f
 
 
+class RefreshingAsyncPolicyMachine(AsyncPolicyMachine):
+    """AsyncPolicyMachine with refresh_after: the lookup unwraps the kept entries and tells
+    refresh-ahead each value's own lifetime (not the cache ttl that keeps it for the stale
+    window); calls that find their entry due refresh it in the background, under the policy."""
+
+    refreshing = True
+
+    def make(self) -> Memoized[[str], str]:
+        self.cache = ClockedAsyncCache(lambda: self.now)
+
+        @worker_queue(
+            cache=self.cache,
+            cache_if=keep,
+            ttl=self.ttl_of,
+            cache_errors={Remembered: REMEMBER},
+            stale_if_error=STALE,
+            refresh_backoff=BACKOFF,
+            refresh_after=REFRESH_AFTER,
+            timer=lambda: self.now,
+            name="policy.machine",
+        )
+        async def f(key: str) -> str:
+            return await self.work(key)
+
+        return f
+
+    def flight_key(self, key: str) -> Hashable:
+        return CallKey("policy.machine", (key,))
+
+    @rule(key=keys, outcome=outcomes, seconds=st.sampled_from([0.5, 1.0, 1.5, 2.0, 4.0]))
+    def call_a_little_later(self, key: str, outcome: str, seconds: float) -> None:
+        """A call shortly after the last step: entries are found due more often than expired."""
+        self.tick(seconds)
+        self.call(key, outcome)
+
+
 class UndatedAsyncPolicyMachine(PolicyMachine):
     """A plain async cache with cache_if and ttl only: its entries are the values, kept for
     set's ttl, and no failure is kept."""
@@ -495,6 +537,10 @@ def test_refreshing_policy_machine() -> None:
 
 def test_async_policy_machine() -> None:
     run_state_machine_as_test(AsyncPolicyMachine)
+
+
+def test_refreshing_async_policy_machine() -> None:
+    run_state_machine_as_test(RefreshingAsyncPolicyMachine)
 
 
 def test_undated_async_policy_machine() -> None:

@@ -151,8 +151,9 @@ class Store(Generic[K, R]):
     ) -> Callable[[Any], tuple[bool, float | None]]:
         """The policy's decision on a computed value of key, for a cache that stores it itself
         (a RedisCache, fenced): whether to store it, and for how long (None: the cache's ttl),
-        also appended to ``decided``. A forgotten computation's value is not stored, and not
-        put to the policy, as with any other cache (the cache would refuse its store anyway)."""
+        also appended to ``decided`` with the value's own lifetime (for ``_told``). A forgotten
+        computation's value is not stored, and not put to the policy, as with any other cache
+        (the cache would refuse its store anyway)."""
 
         def lifetime(value: Any) -> tuple[bool, float | None]:
             if flight is not None and flight.forgotten:
@@ -177,6 +178,10 @@ class Store(Generic[K, R]):
                         value.until = value.expires + (policy.stale or 0.0)
                         stale = policy.stale or 0.0
                         decision = (True, None if seconds is None else seconds + stale)
+                        # Refresh-ahead dates it by its own lifetime, not by the stale window
+                        # Redis keeps it for.
+                        decided.append((True, seconds))
+                        return decision
             else:
                 seconds = self._lifetime(key, value, False)
                 decision = (False, None) if seconds is SKIP else (True, seconds)

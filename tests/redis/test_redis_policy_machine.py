@@ -15,6 +15,7 @@ fences its store, and the stale value or remembered error, then).
 from __future__ import annotations
 
 import uuid
+from collections.abc import Hashable
 from typing import ClassVar
 
 import cachetools.keys
@@ -26,7 +27,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import invariant, rule, run_state_machine_as_test
 from redis_names import delete_namespace
-from stateful.test_policy_machine import AsyncPolicyMachine, Remembered, keep
+from stateful.test_policy_machine import AsyncPolicyMachine, Remembered, keep, keys, outcomes
 
 from wq_memo import Memoized, worker_queue
 from wq_memo.backends import CallKey
@@ -104,6 +105,70 @@ class RedisPolicyMachine(AsyncPolicyMachine):
             if hasattr(self, "redis"):
                 self.admin.close()
                 delete_namespace(self.url, self.namespace)
+
+
+class RedisRefreshingPolicyMachine(RedisPolicyMachine):
+    """RedisPolicyMachine with refresh_after: each call reads the entry as kept with its age
+    (``get_kept_with_lifetime``), unwraps it and dates its refresh-ahead by the expiry the
+    entry carries, not by its Redis key's (which includes the stale window); a due value is
+    refreshed through the cache's fenced refresh, under the policy. The entries' write times
+    are stamped on the machine's clock too (the cache's codec clock), so that their ages are
+    read on the clock the model keeps."""
+
+    refreshing = True
+    refresh_after: ClassVar[float] = 200.0
+    later: ClassVar[tuple[float, ...]] = (50.0, 100.0, 150.0, 200.0, 250.0)
+
+    def make(self) -> Memoized[[str], str]:
+        import redis
+
+        self.namespace = f"wq_memo_test_policy_machine_{uuid.uuid4().hex[:12]}"
+        self.redis = RedisCache(self.url, namespace=self.namespace, ttl=None, lease=5)
+        self.redis._entries._codec._clock = lambda: self.now  # write times on the model's clock
+        self.admin = redis.Redis.from_url(self.url, socket_timeout=5, socket_connect_timeout=5)
+
+        @worker_queue(
+            cache=self.redis,
+            cache_if=keep,
+            ttl=self.ttl_of,
+            cache_errors={Remembered: self.remember},
+            stale_if_error=self.stale,
+            refresh_backoff=self.backoff,
+            refresh_after=self.refresh_after,
+            timer=lambda: self.now,
+            name="policy.redis",
+        )
+        async def f(key: str) -> str:
+            value: str = await self.work(key)
+            return value
+
+        return f
+
+    def flight_key(self, key: str) -> Hashable:
+        return CallKey("policy.redis", (key,))
+
+    @rule(key=keys, outcome=outcomes, step=st.integers(0, 4))
+    def call_a_little_later(self, key: str, outcome: str, step: int) -> None:
+        """A call shortly after the last step: entries are found due more often than expired."""
+        self.now += self.later[step]
+        self.call(key, outcome)
+
+
+SETTINGS = settings(
+    max_examples=200,
+    stateful_step_count=30,
+    derandomize=True,
+    database=None,
+    deadline=None,
+    print_blob=False,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+
+
+@pytest.mark.timeout(300)
+def test_redis_refreshing_policy_machine(redis_url: str) -> None:
+    RedisRefreshingPolicyMachine.url = redis_url
+    run_state_machine_as_test(RedisRefreshingPolicyMachine, settings=SETTINGS)
 
 
 @pytest.mark.timeout(300)

@@ -150,7 +150,7 @@ def test_an_async_caches_stale_value_served_is_not_refreshed_ahead_before_the_ba
     replay(
         RefreshingAsyncPolicyMachine,
         "decorate(); call(key='a', outcome='short');"
-        "call_a_little_later(key='a', outcome='remembered', seconds=4.0);"
+        "call_a_little_later(key='a', outcome='remembered', step=4);"
         "call(key='a', outcome='short')",
     )
 
@@ -162,5 +162,5 @@ def test_an_async_caches_value_is_due_by_its_own_lifetime_not_the_stale_window()
     replay(
         RefreshingAsyncPolicyMachine,
         "decorate(); call(key='a', outcome='short');"
-        "call_a_little_later(key='a', outcome='short', seconds=1.5)",
+        "call_a_little_later(key='a', outcome='short', step=2)",
     )

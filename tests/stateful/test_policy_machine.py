@@ -103,6 +103,9 @@ class PolicyMachine(RuleBasedStateMachine):
     remember: ClassVar[float] = REMEMBER
     stale: ClassVar[float] = STALE
     backoff: ClassVar[float] = BACKOFF
+    refresh_after: ClassVar[float] = REFRESH_AFTER
+    later: ClassVar[tuple[float, ...]] = (0.5, 1.0, 1.5, 2.0, 4.0)
+    """The steps of the clock call_a_little_later draws from (with refresh_after)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -161,7 +164,8 @@ class PolicyMachine(RuleBasedStateMachine):
         expires = math.inf if ttl is None else self.now + ttl
         until = expires + (self.stale if self.dated else 0)
         self.entries[key] = Entry(value, None, expires, until, False, self.now)
-        self.due[key] = self.now + (REFRESH_AFTER if ttl is None else min(REFRESH_AFTER, ttl / 2))
+        after = self.refresh_after
+        self.due[key] = self.now + (after if ttl is None else min(after, ttl / 2))
 
     def fresh(self, key: str) -> Entry | None:
         entry = self.entries.get(key)
@@ -504,10 +508,10 @@ class RefreshingAsyncPolicyMachine(AsyncPolicyMachine):
     def flight_key(self, key: str) -> Hashable:
         return CallKey("policy.machine", (key,))
 
-    @rule(key=keys, outcome=outcomes, seconds=st.sampled_from([0.5, 1.0, 1.5, 2.0, 4.0]))
-    def call_a_little_later(self, key: str, outcome: str, seconds: float) -> None:
+    @rule(key=keys, outcome=outcomes, step=st.integers(0, 4))
+    def call_a_little_later(self, key: str, outcome: str, step: int) -> None:
         """A call shortly after the last step: entries are found due more often than expired."""
-        self.tick(seconds)
+        self.now += self.later[step]
         self.call(key, outcome)
 
 

@@ -565,8 +565,6 @@ def test_an_async_cache_if_is_refused() -> None:
     ("cache", "options", "match"),
     [
         (None, {"ttl": 5}, "need a cache"),
-        ({}, {"ttl": 5, "refresh_after": 1}, "refresh_after"),
-        ({}, {"cache_if": bool, "refresh_after": 1}, "refresh_after"),
         ("async", {"cache_if": bool}, "in-process cache"),
         ("async", {"ttl": 5}, "in-process cache"),
         ("async", {"cache_errors": {TimeoutError: 1}}, "in-process cache"),

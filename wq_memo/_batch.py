@@ -33,7 +33,11 @@ The result policy (cache_if, ttl, cache_errors, stale_if_error) applies per key,
 of its own here: each key's item ends as any item of the table does, its value stored through
 ``Store.now`` and its failure (its exception value, its KeyError when missing, or the batch
 function's exception) kept through ``Store.failed_now``, so that a forgotten key keeps nothing.
-The hit path reads the dated entries (``_fresh``): a remembered error is raised anew.
+The hit path reads the dated entries (``_fresh``): a remembered error is raised anew. With
+refresh_after too, each key is due by its own lifetime (``Refresher.stored``, told by the store),
+only a fresh value is refreshed ahead (never a remembered error), a refresh's result goes
+through the policy per key (refused: the entry stays; failing: the fresh value stays, nothing
+remembered over it), and a stale value served is not refreshed ahead before the back-off.
 """
 
 from __future__ import annotations
@@ -882,6 +886,9 @@ def batch_decorator(
             stored=None if policy is None else policy.stored,
             policy=kept,
         )
+        if policy is not None:
+            # A key's stale value served is not refreshed ahead before its next attempt.
+            store.deferred = policy.started
     # The queue's items are keys; its slots bound only the keys refreshed in the background at
     # once (each holds a spare slot while its batch runs): up to maxsize full batches of them.
     engine: Engine[Hashable, V] = Engine(

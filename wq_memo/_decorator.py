@@ -953,11 +953,6 @@ class _WorkerQueueDecorator:
                 f"@worker_queue.batch: {_POLICY_OPTIONS} work with an in-process cache (a "
                 "cachetools cache or a dict) only for batch functions, for now"
             )
-        if options.policy_asked() and refresh_after is not None:
-            raise ValueError(
-                f"@worker_queue.batch: refresh_after cannot be combined with {_POLICY_OPTIONS} "
-                "for batch functions yet; use one or the other"
-            )
         _check_policy_cache(options, chosen)
 
         def refresher(cache: MutableMapping[Any, Any] | None, display: str) -> Refresher | None:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections import deque
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,10 +44,11 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from wq_memo import MISSING, CachedError, ShutdownTimeout, worker_queue
+from wq_memo import MISSING, CachedError, Memoized, ShutdownTimeout, worker_queue
 from wq_memo._batch import check as check_batches
 from wq_memo._policy import Kept
 
+from . import test_policy_machine as policy_model
 from ._machinery import (
     FINISH_TIMEOUT,
     KEYS,
@@ -785,3 +787,86 @@ class BatchPolicyMachine(BatchMachine):
 
 def test_batch_policy_machine() -> None:
     run_state_machine_as_test(BatchPolicyMachine)
+
+
+class BatchRefreshingPolicyMachine(policy_model.RefreshingPolicyMachine):
+    """The policy machine with refresh_after (tests/stateful/test_policy_machine.py) over a
+    batch function with every option: each key of a batch is computed by the model's ``work``
+    (its failure becomes the key's exception value), so that a key's entry, its due time by its
+    own lifetime, a refresh's result under the policy (refused: the entry stays; failing: the
+    fresh value stays, nothing remembered) and a stale value's back-off are checked per key as
+    for a memoized function. ``many`` calls several keys at once: those found due are refreshed
+    together, in one background batch."""
+
+    def make(self) -> Memoized[[str], str]:
+        self.numbers: dict[str, int] = {}
+
+        async def load_batch(keys: list[str]) -> dict[str, Any]:
+            answers: dict[str, Any] = {}
+            for k in keys:
+                self.numbers[k] = self.made
+                try:
+                    answers[k] = await self.work(k)
+                except (policy_model.Remembered, policy_model.Plain) as exc:
+                    answers[k] = exc
+            return answers
+
+        self.load = worker_queue.batch(
+            cache=cachetools.LRUCache(100),
+            cache_if=policy_model.keep,
+            ttl=self.ttl_of,
+            cache_errors={policy_model.Remembered: policy_model.REMEMBER},
+            stale_if_error=policy_model.STALE,
+            refresh_backoff=policy_model.BACKOFF,
+            refresh_after=policy_model.REFRESH_AFTER,
+            timer=lambda: self.now,
+        )(load_batch)
+        return self.load  # type: ignore[return-value]
+
+    def flight_key(self, key: str) -> Hashable:
+        return key
+
+    @rule(
+        batch=st.lists(policy_model.keys, min_size=1, max_size=3, unique=True),
+        outcome=st.sampled_from(["short", "long", "forever", "skip", "remembered", "plain"]),
+        step=st.integers(0, 4),
+    )
+    def many(self, batch: list[str], outcome: str, step: int) -> None:
+        """Several keys at once, a little later, when each holds a fresh value: each is a hit,
+        and those found due are refreshed in one background batch, each under the policy."""
+        later = self.now + self.later[step]
+        entries = [self.entries.get(k) for k in batch]
+        if any(e is None or e.error is not None or later >= e.expires for e in entries):
+            return
+        self.now = later
+        before = len(self.computed)
+        due = [k for k in batch if self.now >= self.due.get(k, math.inf)]
+        expected = [self.entries[k].value for k in batch]
+        for k in batch:
+            self.plans[k] = [outcome]
+        got = self.run(self.load.many(batch))
+        assert got == expected, f"got {got!r}, the model says {expected!r}"
+        self.counts["hits"] += len(batch)
+        table = self.load.queue._engine.table
+        flights = {} if table is None else table.flights
+        assert table is not None or not due, f"{due} were due, yet no refresh started"
+        self.until(
+            lambda: len(self.computed) == before + len(due) and not any(k in flights for k in due)
+        )
+        assert sorted(self.computed[before:]) == sorted(due), (self.computed[before:], due)
+        for k in due:
+            self.counts["refreshes"] += 1
+            self.due[k] = self.now + self.backoff
+            if outcome in ("remembered", "plain"):
+                self.counts["refresh_failures"] += 1
+                continue
+            ttl = self.ttls.get(outcome)
+            if outcome == "skip" or (ttl is not None and ttl < 0):
+                self.counts["uncached"] += 1
+            else:
+                self.keep_value(k, f"{k}#{self.numbers[k]}:{outcome}", ttl)
+        del self.computed[before:]
+
+
+def test_batch_refreshing_policy_machine() -> None:
+    run_state_machine_as_test(BatchRefreshingPolicyMachine)

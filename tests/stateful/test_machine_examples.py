@@ -4,7 +4,7 @@ step by step, with every invariant checked after each rule."""
 from __future__ import annotations
 
 from ._machinery import replay
-from .test_batch_machine import BatchMachine, BatchPolicyMachine
+from .test_batch_machine import BatchMachine, BatchPolicyMachine, BatchRefreshingPolicyMachine
 from .test_decorator_machine import AsyncCacheMachine, SingleFlightMachine
 from .test_policy_machine import RefreshingAsyncPolicyMachine, RefreshingPolicyMachine
 from .test_queue_machine import WorkerQueueMachine
@@ -163,4 +163,37 @@ def test_an_async_caches_value_is_due_by_its_own_lifetime_not_the_stale_window()
         RefreshingAsyncPolicyMachine,
         "decorate(); call(key='a', outcome='short');"
         "call_a_little_later(key='a', outcome='short', step=2)",
+    )
+
+
+def test_a_batch_keys_stale_value_served_is_not_refreshed_ahead_before_the_backoff() -> None:
+    # The same for a key of a batch function: the due time of its expired entry must move with
+    # the next attempt, or the stale value is refreshed at once.
+    replay(
+        BatchRefreshingPolicyMachine,
+        "decorate(); call(key='a', outcome='short');"
+        "call_a_little_later(key='a', outcome='remembered', seconds=4.0);"
+        "call(key='a', outcome='short')",
+    )
+
+
+def test_each_key_of_a_batch_function_is_due_by_its_own_lifetime() -> None:
+    # 'a' lives 3 s (due after 1.5 s), 'b' 20 s (due after 5 s): at 2 s only 'a' is refreshed
+    # (to a value living 20 s, due at 7 s); at 6 s only 'b'. (A library that dated every key by
+    # refresh_after alone refreshed neither at 2 s.)
+    replay(
+        BatchRefreshingPolicyMachine,
+        "decorate(); call(key='a', outcome='short'); call(key='b', outcome='long');"
+        "many(batch=['a'], outcome='long', step=3);"
+        "many(batch=['a', 'b'], outcome='short', step=4)",
+    )
+
+
+def test_keys_due_together_are_refreshed_together() -> None:
+    # Both due at 5 s: at 4 s neither is refreshed, at 5.5 s both, in one background batch.
+    replay(
+        BatchRefreshingPolicyMachine,
+        "decorate(); call(key='a', outcome='long'); call(key='b', outcome='forever');"
+        "many(batch=['a', 'b'], outcome='short', step=4);"
+        "many(batch=['a', 'b'], outcome='skip', step=2)",
     )

@@ -817,9 +817,12 @@ class _WorkerQueueDecorator:
         fails within that long after its entry expired serves the expired value instead,
         and the next attempt waits ``refresh_backoff``. Each works with an in-process cache
         (stale_if_error: not a TTLCache), a plain async cache and a RedisCache (not with
-        other single-flight caches). Each works with refresh_after (with an async cache:
-        cache_if and ttl only, for now): a background refresh's result goes through the
-        policy as a computation's does.
+        other single-flight caches). Each works with refresh_after, with every cache that
+        takes it: a background refresh's result goes through the policy as a computation's
+        does (refused: the entry stays; failing: a fresh value stays, nothing remembered over
+        it), a remembered error is never refreshed ahead, a stale value served not before
+        ``refresh_backoff``; an entry an async cache or a RedisCache keeps for a stale window
+        is due by its own expiry, not by the window's.
 
         Raises TypeError at decoration time for a function that is not async, and for a
         function an async cache cannot tell from others; ValueError for a bad parameter (a
@@ -923,7 +926,8 @@ class _WorkerQueueDecorator:
         ``cache_errors`` and ``stale_if_error`` too, per key: each key's value (or failure: an
         exception as its value, ``KeyError`` for a key missing from the answer, the batch
         function's own exception for every key of the batch) is kept, dated or remembered on
-        its own, with an in-process cache.
+        its own, with an in-process cache; with refresh_after, each key is due by its own
+        lifetime and its refresh goes through the policy as a single function's does.
 
         Raises TypeError at decoration time for a function that is not async, a method or an
         async cache; ValueError for a bad parameter. See the README's "Batch loading".

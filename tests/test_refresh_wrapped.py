@@ -137,3 +137,48 @@ async def test_a_refresh_failing_under_way_when_its_key_is_invalidated_keeps_not
     gate.set()
     await settle()
     assert await bounded(f.acache_peek("k")) is MISSING  # no remembered error, no stale value
+
+
+async def test_a_refresh_a_caller_joined_after_the_entry_expired_serves_it_stale() -> None:
+    clock, source = Clock(), Source()
+    f = memoized(source, clock, ttl=50, stale_if_error=100, maxsize=1)
+    assert await bounded(f("k")) == "k@0"
+    source.gate = asyncio.Event()
+    source.started.clear()
+    busy = asyncio.ensure_future(f("busy"))  # holds the one slot
+    await bounded(source.started.wait())
+    clock.now = 30
+    assert await bounded(f("k")) == "k@0"  # due: the refresh waits for a spare slot
+    await settle()
+    assert source.calls == ["k", "busy"]
+    clock.now = 60  # the entry expired meanwhile: a caller joins the refresh
+    source.failures = {"k": OSError("down")}
+    call = asyncio.ensure_future(f("k"))
+    await settle()
+    source.gate.set()
+    assert await bounded(busy) == "busy@1"
+    assert await bounded(call) == "k@0"  # the refresh failed: its caller gets the stale value
+    assert source.calls == ["k", "busy", "k"]
+    assert f.cache_info().stale == 1
+
+
+async def test_a_refresh_a_caller_joined_remembers_its_error() -> None:
+    clock, source = Clock(), Source()
+    f = memoized(source, clock, ttl=50, cache_errors={OSError: 5.0}, maxsize=1)
+    assert await bounded(f("k")) == "k@0"
+    source.gate = asyncio.Event()
+    source.started.clear()
+    busy = asyncio.ensure_future(f("busy"))
+    await bounded(source.started.wait())
+    clock.now = 30
+    assert await bounded(f("k")) == "k@0"
+    await settle()
+    clock.now = 60  # expired: a caller joins the refresh, which fails
+    source.failures = {"k": OSError("down")}
+    call = asyncio.ensure_future(f("k"))
+    await settle()
+    source.gate.set()
+    assert await bounded(busy) == "busy@1"
+    with pytest.raises(OSError, match="down"):
+        await bounded(call)
+    assert await bounded(f.acache_peek("k")) == CachedError(OSError, ("down",))

@@ -615,3 +615,23 @@ async def test_options_supported_with_a_cache_are_taken(
     assert await bounded(load.many([1, 2])) == ["1#0", "2#0"]
     assert await bounded(load(1)) == "1#0"
     assert loader.calls == [[1, 2]]
+
+
+# -- found in review ----------------------------------------------------------------------------
+
+
+async def test_an_entry_the_policy_did_not_date_is_loaded_again_not_an_error() -> None:
+    # A dict shared with code that writes plain values (or filled before decorating): as with
+    # @worker_queue, an entry that is not dated is a miss, never an AttributeError on the hit.
+    clock = Clock()
+    shared: dict[Any, Any] = {1: "plain", 2: "plain"}
+    loader = Loader()
+    load = worker_queue.batch(cache=shared, timer=clock, ttl=5, cache_errors={KeyError: 5})(
+        loader
+    )
+    assert await bounded(load(1)) == "1#0"
+    assert await bounded(load.many([2, 3])) == ["2#1", "3#1"]
+    assert loader.calls == [[1], [2, 3]]
+    assert [load.cache_peek(k) for k in (1, 2, 3)] == ["1#0", "2#1", "3#1"]
+    assert await bounded(load.many([1, 2, 3])) == ["1#0", "2#1", "3#1"]  # hits now
+    assert load.cache_info().hits == 3

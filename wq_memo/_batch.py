@@ -62,7 +62,7 @@ from ._counts import Counts, count_hit
 from ._engine import Engine
 from ._flight import Flight, FlightTable
 from ._nesting import awaits, current, reaches
-from ._policy import CachedError, Policy
+from ._policy import CachedError, Kept, Policy
 from ._queue import WorkerQueue, facade, is_async_callable
 from ._refresh import NEVER, Refresher
 from ._slots import Slots
@@ -661,11 +661,12 @@ def _fresh(
 ) -> Callable[[Hashable, object], Any]:
     """find(key, miss) over the dated entries (``Kept``) of a policy: a fresh entry's value,
     a ``_Raise`` for a fresh remembered error, miss for an expired entry (its key is loaded
-    again; a failing load may still serve it stale)."""
+    again; a failing load may still serve it stale) and for an entry the policy did not date
+    (a value written by other code into a shared cache), as for ``@worker_queue``."""
 
     def lookup(k: Hashable, miss: object) -> Any:
         entry = find(k, miss)
-        if entry is miss or clock() >= entry.expires:
+        if type(entry) is not Kept or clock() >= entry.expires:
             return miss
         if entry.error is not None:
             return _Raise(entry.error)

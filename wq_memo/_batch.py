@@ -915,6 +915,9 @@ def batch_decorator(
             find = _fresh(find, kept.clock)
         kind = MappingKind(engine, key_of, cache, store, None, policy, _no_hits, _nothing)
     bind = engine.bind
+    # Only the lookup of a dated policy (_fresh) finds a _Raise: without one, the hit path tests
+    # a local flag, not the type of every value found (a hit costs what it cost without it).
+    remembers = kept is not None and kept.dated
     due_get = None if policy is None else policy.due.get
     clock = None if policy is None else policy.clock
 
@@ -926,7 +929,7 @@ def batch_decorator(
             value = find(ck, MISSING)
             if value is not MISSING:
                 count_hit(counts)
-                if type(value) is _Raise:
+                if remembers and type(value) is _Raise:
                     return value  # a remembered error: raised by the caller, in its turn
                 if due_get is not None and clock is not None and clock() >= due_get(ck, NEVER):
                     # Due: one background refresh, which goes in a batch like any key.
@@ -951,7 +954,7 @@ def batch_decorator(
         found = request(k)
         if isinstance(found, asyncio.Future):
             return await found
-        if isinstance(found, _Raise):
+        if remembers and type(found) is _Raise:
             raise found.error.rebuild()
         return found
 
@@ -975,7 +978,7 @@ def batch_decorator(
                 value = found[ck]
                 if isinstance(value, asyncio.Future):
                     value = found[ck] = await value
-                elif type(value) is _Raise:
+                elif remembers and type(value) is _Raise:
                     raise value.error.rebuild()
                 values.append(value)
             return values

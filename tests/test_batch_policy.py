@@ -635,3 +635,30 @@ async def test_an_entry_the_policy_did_not_date_is_loaded_again_not_an_error() -
     assert [load.cache_peek(k) for k in (1, 2, 3)] == ["1#0", "2#1", "3#1"]
     assert await bounded(load.many([1, 2, 3])) == ["1#0", "2#1", "3#1"]  # hits now
     assert load.cache_info().hits == 3
+
+
+class _Coded(Exception):
+    def __init__(self, message: str, *, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+async def test_an_error_that_cannot_be_rebuilt_is_logged_once_not_once_per_key(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A whole batch failure reaches every key: an error that cannot be remembered is a property
+    # of its type, said once at WARNING, not once per key of every batch that fails with it.
+    clock = Clock()
+    loader, load = loading(clock, cache_errors={Exception: 5.0})
+
+    def down(keys: list[int], n: int) -> Any:
+        raise _Coded("down", code=n)
+
+    loader.answer = down
+    with caplog.at_level(logging.DEBUG, logger="wq_memo"):
+        assert isinstance(await outcome(load.many(range(20))), _Coded)
+        assert isinstance(await outcome(load.many(range(20, 30))), _Coded)
+    warned = [r for r in caplog.records if "cannot be rebuilt" in r.getMessage()]
+    assert [r.levelno for r in warned] == [logging.WARNING] + [logging.DEBUG] * 29
+    assert all(load.cache_peek(k) is MISSING for k in range(30))  # nothing remembered
+    assert len(loader.calls) == 2

@@ -626,9 +626,7 @@ async def test_an_entry_the_policy_did_not_date_is_loaded_again_not_an_error() -
     clock = Clock()
     shared: dict[Any, Any] = {1: "plain", 2: "plain"}
     loader = Loader()
-    load = worker_queue.batch(cache=shared, timer=clock, ttl=5, cache_errors={KeyError: 5})(
-        loader
-    )
+    load = worker_queue.batch(cache=shared, timer=clock, ttl=5, cache_errors={KeyError: 5})(loader)
     assert await bounded(load(1)) == "1#0"
     assert await bounded(load.many([2, 3])) == ["2#1", "3#1"]
     assert loader.calls == [[1], [2, 3]]

@@ -660,3 +660,11 @@ async def test_an_error_that_cannot_be_rebuilt_is_logged_once_not_once_per_key(
     assert [r.levelno for r in warned] == [logging.WARNING] + [logging.DEBUG] * 29
     assert all(load.cache_peek(k) is MISSING for k in range(30))  # nothing remembered
     assert len(loader.calls) == 2
+
+
+def test_the_policy_without_a_cache_names_only_the_caches_a_batch_function_takes() -> None:
+    # An async cache is refused for batch functions: the error for cache=None must not offer one.
+    with pytest.raises(ValueError, match=r"@worker_queue\.batch: .*need a cache") as refused:
+        worker_queue.batch(cache=None, ttl=5)
+    assert "async" not in str(refused.value)
+    assert "a cachetools cache or a dict" in str(refused.value)

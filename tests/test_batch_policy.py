@@ -668,3 +668,24 @@ def test_the_policy_without_a_cache_names_only_the_caches_a_batch_function_takes
         worker_queue.batch(cache=None, ttl=5)
     assert "async" not in str(refused.value)
     assert "a cachetools cache or a dict" in str(refused.value)
+
+
+async def test_many_with_duplicates_mixes_remembered_stale_and_fresh_keys_in_key_order() -> None:
+    # One call of many(): a fresh key, a stale key whose load fails (served its old value), a
+    # key whose error is remembered, each given twice; each distinct key is looked up once.
+    clock = Clock()
+    loader, load = loading(clock, ttl=5, stale_if_error=10, cache_errors={LookupError: 20})
+    loader.answers[0] = lambda keys, n: {1: "1#0", 2: "2#0"}  # 3 missing: remembered
+    assert isinstance(await outcome(load.many([1, 2, 3])), KeyError)
+    clock.now = 5.0  # 1 and 2 expire; 3's error is remembered until 20
+    load.cache_prime("1#p", 1)  # 1 fresh again
+    loader.answers[1] = lambda keys, n: {k: ValueError(k) for k in keys}  # 2's load fails
+    got = await outcome(load.many([2, 1, 2, 1]))
+    assert got == ["2#0", "1#p", "2#0", "1#p"]
+    assert loader.calls[1] == [2]
+    error = await outcome(load.many([1, 2, 3, 1, 3]))
+    assert isinstance(error, KeyError)
+    assert "3" in str(error)
+    assert len(loader.calls) == 2  # 2 in its back-off, 3 remembered: no batch
+    info = load.cache_info()
+    assert (info.hits, info.misses, info.stale) == (1 + 3, 3 + 1, 1)

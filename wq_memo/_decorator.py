@@ -893,7 +893,12 @@ class _WorkerQueueDecorator:
             errors,
             stale,
         )
-        if options.policy_asked() and not (chosen is None or isinstance(chosen, MutableMapping)):
+        if options.policy_asked() and chosen is None:
+            raise ValueError(
+                f"@worker_queue.batch: {_POLICY_OPTIONS} need a cache to keep results in; pass "
+                "cache= (a cachetools cache or a dict)"
+            )
+        if options.policy_asked() and not isinstance(chosen, MutableMapping):
             raise ValueError(
                 f"@worker_queue.batch: {_POLICY_OPTIONS} work with an in-process cache (a "
                 "cachetools cache or a dict) only for batch functions, for now"

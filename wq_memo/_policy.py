@@ -164,6 +164,7 @@ class Policy:
         "ttl",
         "ttl_of",
         "types",
+        "unbuildable",
         "warned_ttl",
         "wrapped",
     )
@@ -192,6 +193,9 @@ class Policy:
         self.wrapped = wrapped
         self.types: dict[str, type[Exception]] = {}
         self.warned_ttl = False
+        self.unbuildable: set[type[BaseException]] = set()
+        """The exception types found not to rebuild: warned about once (a batch's failure
+        reaches every key of it; a type that does not rebuild never will)."""
         self.skipped: Callable[[], None] = _nothing
         self.served_stale: Callable[[], None] = _nothing
 
@@ -275,11 +279,14 @@ class Policy:
         except Exception:
             same = False
         if not same:
-            logger.warning(
+            kind = type(exc)
+            logger.log(
+                logging.DEBUG if kind in self.unbuildable else logging.WARNING,
                 "%s(): %s cannot be rebuilt from its arguments as it was; it is not remembered",
                 self.name,
-                type(exc).__name__,
+                kind.__name__,
             )
+            self.unbuildable.add(kind)
             return None
         return seconds
 

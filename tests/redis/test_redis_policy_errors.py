@@ -443,3 +443,25 @@ async def test_a_kept_entry_holding_another_is_refused(
     data = b"wq4k" + struct.pack(">dd", 1e12, 1e12) + b"\x00" + inner
     sync_redis.set(value_name(f_here.cache, "eur"), data)
     assert await f_here.acache_peek("eur") is MISSING
+
+
+async def test_an_error_with_an_int_too_long_for_json_is_not_remembered_and_frees_the_key(
+    make_redis_cache: Make, caplog: pytest.LogCaptureFixture
+) -> None:
+    # An int past the interpreter's limit on digits (sys.get_int_max_str_digits) is an int all
+    # the same, yet json.dumps refuses it: the caller gets its own error, and the other process
+    # computes at once rather than waiting out the lock of a computation that never finished.
+    clock = Clock()
+    here, there = Source(), Source()
+    f_here = memoize(make_redis_cache(), here, clock)
+    f_there = memoize(make_redis_cache(wait=WAIT * 3), there, clock)
+    failure = Throttled(10**5000)
+    here.plan = [failure]
+    with caplog.at_level(logging.WARNING, logger="wq_memo"):
+        assert await outcome(f_here("eur")) is failure
+    assert any("is not remembered" in r.message for r in caplog.records)
+    assert await f_here.acache_peek("eur") is MISSING
+    there.plan = ["EUR"]
+    assert await outcome(f_there("eur")) == "EUR"
+    assert there.calls == 1
+

@@ -301,7 +301,11 @@ class Store(Generic[K, R]):
             except _Unstored:
                 raise
             except Exception as exc:
-                if (flight is not None and flight.forgotten) or self.read is None:
+                if (
+                    (flight is not None and flight.forgotten)
+                    or self.read is None
+                    or isinstance(exc, asyncio.CancelledError)  # also an Exception: cancellation
+                ):
                     raise
                 old = await self.read(key)
                 if flight is not None and flight.forgotten:

@@ -465,3 +465,37 @@ async def test_an_error_with_an_int_too_long_for_json_is_not_remembered_and_free
     assert await outcome(f_there("eur")) == "EUR"
     assert there.calls == 1
 
+
+class CancelledFailure(asyncio.CancelledError, Exception):
+    """A cancellation that is an Exception too: never remembered, never answered stale."""
+
+
+async def test_a_cancellation_that_is_also_an_exception_is_never_remembered(
+    make_redis_cache: Make,
+) -> None:
+    clock = Clock()
+    here = Source()
+    f_here = memoize(make_redis_cache(), here, clock, cache_errors={Exception: 30.0})
+    here.plan = [CancelledFailure("stop"), CancelledFailure("stop"), "EUR"]
+    for _ in range(2):
+        with pytest.raises(asyncio.CancelledError):
+            async with asyncio.timeout(WAIT):
+                await f_here("eur")
+    assert await f_here.acache_peek("eur") is MISSING
+    assert await outcome(f_here("eur")) == "EUR"
+    assert here.calls == 3
+
+
+async def test_a_cancellation_that_is_also_an_exception_is_never_answered_stale(
+    make_redis_cache: Make,
+) -> None:
+    clock = Clock()
+    here = Source()
+    f_here = memoize(make_redis_cache(), here, clock)
+    here.plan = ["old", CancelledFailure("stop")]
+    assert await outcome(f_here("eur")) == "old"
+    clock.now += 11  # expired, inside the stale window
+    with pytest.raises(asyncio.CancelledError):
+        async with asyncio.timeout(WAIT):
+            await f_here("eur")
+    assert f_here.cache_info().stale == 0

@@ -307,6 +307,21 @@ class Policy:
                     entry.type_id,
                 )
                 return None
+            try:
+                # Checked as the writer checked its own (error_time): another version of the
+                # class, or a forged entry naming a loaded subclass, may refuse these arguments.
+                rebuilt = kind(*entry.args)
+                same = type(rebuilt) is kind and bool(rebuilt.args == entry.args)
+            except Exception:
+                same = False
+            if not same:
+                logger.debug(
+                    "%s(): a remembered %s in the cache cannot be rebuilt here from its "
+                    "arguments; treated as a miss",
+                    self.name,
+                    entry.type_id,
+                )
+                return None
             return CachedError(kind, entry.args)
         error: CachedError | None = entry.error
         return error

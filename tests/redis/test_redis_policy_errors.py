@@ -499,3 +499,36 @@ async def test_a_cancellation_that_is_also_an_exception_is_never_answered_stale(
         async with asyncio.timeout(WAIT):
             await f_here("eur")
     assert f_here.cache_info().stale == 0
+
+
+class NeedsTwo(TimeoutError):
+    """A later version of a remembered type, whose constructor takes two arguments."""
+
+    def __init__(self, pair: str, attempt: int) -> None:
+        super().__init__(pair, attempt)
+
+
+@pytest.mark.parametrize(
+    ("cache_errors", "entry"),
+    [
+        ({ValueError: 30.0}, ("builtins:UnicodeDecodeError", [])),
+        ({NeedsTwo: 30.0}, (f"{__name__}:NeedsTwo", ["eur"])),
+    ],
+    ids=["forged-loaded-subclass", "another-version"],
+)
+async def test_an_error_entry_that_cannot_be_rebuilt_here_is_a_miss(
+    make_redis_cache: Make,
+    sync_redis: Any,
+    cache_errors: dict[type[Exception], float],
+    entry: tuple[str, list[Any]],
+) -> None:
+    # A type this function names (or a loaded subclass of one) whose constructor refuses the
+    # stored arguments: a miss, computed over, never a TypeError out of the cache.
+    clock = Clock()
+    here = Source()
+    f_here = memoize(make_redis_cache(), here, clock, cache_errors=cache_errors)
+    sync_redis.set(value_name(f_here.cache, "eur"), forged_error(*entry))
+    assert await f_here.acache_peek("eur") is MISSING
+    here.plan = ["EUR"]
+    assert await outcome(f_here("eur")) == "EUR"
+    assert here.calls == 1

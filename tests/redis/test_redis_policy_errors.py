@@ -532,3 +532,32 @@ async def test_an_error_entry_that_cannot_be_rebuilt_here_is_a_miss(
     here.plan = ["EUR"]
     assert await outcome(f_here("eur")) == "EUR"
     assert here.calls == 1
+
+
+async def test_with_no_ttl_option_the_caches_own_ttl_is_the_expiry_stale_if_error_extends(
+    make_redis_cache: Make, sync_redis: Any
+) -> None:
+    # ttl None is the cache's own lifetime: the entry expires then, and is kept in Redis for
+    # the stale window past it, as with a ttl= of the same length.
+    clock = Clock()
+    here = Source()
+    cache = make_redis_cache(ttl=10.0)
+
+    @worker_queue(
+        cache=cache,
+        name="shared.rate",
+        timer=clock,
+        stale_if_error=100.0,
+        refresh_backoff=5.0,
+    )
+    async def rate(key: str) -> Any:
+        return await here(key)
+
+    here.plan = ["old", Other("down")]
+    assert await outcome(rate("eur")) == "old"
+    assert 100_000 < int(sync_redis.pttl(value_name(cache, "eur"))) <= 110_000
+    clock.now += 11  # past the cache's ttl, inside the window
+    assert await outcome(rate("eur")) == "old"
+    assert rate.cache_info().stale == 1
+    await rate.acache_prime("primed", "eur")  # a prime is kept for the window too
+    assert 100_000 < int(sync_redis.pttl(value_name(cache, "eur"))) <= 110_000

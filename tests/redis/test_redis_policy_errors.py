@@ -561,3 +561,19 @@ async def test_with_no_ttl_option_the_caches_own_ttl_is_the_expiry_stale_if_erro
     assert rate.cache_info().stale == 1
     await rate.acache_prime("primed", "eur")  # a prime is kept for the window too
     assert 100_000 < int(sync_redis.pttl(value_name(cache, "eur"))) <= 110_000
+
+
+async def test_stats_count_an_entry_past_its_expiry_as_a_miss(make_redis_cache: Make) -> None:
+    clock = Clock()
+    here = Source()
+    cache = make_redis_cache()
+    f_here = memoize(cache, here, clock)
+    here.plan = ["old", "new"]
+    assert await outcome(f_here("eur")) == "old"
+    assert await outcome(f_here("eur")) == "old"
+    assert (cache.stats().hits, cache.stats().misses) == (1, 1)
+    clock.now += 11  # expired: computed again, a miss for the function and the cache alike
+    assert await outcome(f_here("eur")) == "new"
+    info = f_here.cache_info()
+    assert (info.hits, info.misses) == (1, 2)
+    assert cache.stats().misses == 2

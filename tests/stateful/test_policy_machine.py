@@ -91,6 +91,8 @@ class PolicyMachine(RuleBasedStateMachine):
     remember: ClassVar[float] = REMEMBER
     stale: ClassVar[float] = STALE
     backoff: ClassVar[float] = BACKOFF
+    own_ttl: ClassVar[float | None] = None
+    """The lifetime the cache gives an entry stored without a ttl (None: until evicted)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -163,6 +165,8 @@ class PolicyMachine(RuleBasedStateMachine):
         if outcome == "skip" or (ttl is not None and ttl < 0):
             self.counts["uncached"] += 1
         else:
+            if ttl is None:
+                ttl = self.own_ttl  # the cache's own lifetime, if it tells it
             expires = math.inf if ttl is None else self.now + ttl
             until = expires + (self.stale if self.dated else 0)
             self.entries[key] = Entry(value, None, expires, until, False, self.now)

@@ -577,3 +577,69 @@ async def test_stats_count_an_entry_past_its_expiry_as_a_miss(make_redis_cache: 
     info = f_here.cache_info()
     assert (info.hits, info.misses) == (1, 2)
     assert cache.stats().misses == 2
+
+
+@pytest.mark.parametrize("computing", ["with the options", "without"])
+async def test_a_mixed_fleet_gets_plain_values_from_each_others_entries(
+    make_redis_cache: Make, computing: str
+) -> None:
+    # One process with stale_if_error (its entries carry their expiry, on the wall clock), one
+    # without: each gets the other's result as a plain value, as a hit and as a waiter.
+    here = Source()
+    kept_cache, plain_cache = make_redis_cache(), make_redis_cache()
+
+    @worker_queue(cache=kept_cache, name="shared.rate", ttl=60.0, stale_if_error=100.0)
+    async def kept(key: str) -> Any:
+        return await here(key)
+
+    @worker_queue(cache=plain_cache, name="shared.rate")
+    async def plain(key: str) -> Any:
+        return await here(key)
+
+    first, second = (kept, plain) if computing == "with the options" else (plain, kept)
+    waiting_cache = plain_cache if first is kept else kept_cache
+    here.gate = asyncio.Event()
+    here.plan = ["EUR"]
+    async with asyncio.timeout(WAIT):
+        computing_call = asyncio.ensure_future(first("eur"))
+        await here.started.wait()
+        waiting_call = asyncio.ensure_future(second("eur"))
+        await until(lambda: waiting_anywhere(waiting_cache) == 1)
+        here.gate.set()
+        assert await computing_call == "EUR"
+        assert await waiting_call == "EUR"
+        assert await second("eur") == "EUR"
+        assert await second.acache_peek("eur") == "EUR"
+        assert await plain_cache.get(CallKey("shared.rate", cachetools.keys.hashkey("eur"))) == (
+            "EUR"
+        )
+    assert here.calls == 1
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ([1, [2, [3, []]]], {"k": [None, True, 1.5, -0.0]}),
+        (2**100, -(2**64), 1.0, 1, True),
+        ("\ud800 lone surrogate", "\x00", "é"),
+        ({},),
+        (),
+    ],
+    ids=["nested", "numbers", "strings", "empty-dict", "no-args"],
+)
+async def test_a_remembered_errors_json_arguments_come_back_exactly_elsewhere(
+    make_redis_cache: Make, args: tuple[Any, ...]
+) -> None:
+    # Other is a ValueError, which keeps every argument (an OSError, such as TimeoutError,
+    # keeps two of three to five).
+    clock = Clock()
+    here, there = Source(), Source()
+    f_here = memoize(make_redis_cache(), here, clock, cache_errors={Other: 30.0})
+    f_there = memoize(make_redis_cache(), there, clock, cache_errors={Other: 30.0})
+    here.plan = [Other(*args)]
+    assert type(await outcome(f_here("eur"))) is Other
+    got = await outcome(f_there("eur"))
+    assert type(got) is Other
+    assert got.args == args
+    assert [type(a) for a in got.args] == [type(a) for a in args]
+    assert there.calls == 0

@@ -643,3 +643,23 @@ async def test_a_remembered_errors_json_arguments_come_back_exactly_elsewhere(
     assert got.args == args
     assert [type(a) for a in got.args] == [type(a) for a in args]
     assert there.calls == 0
+
+
+def _in_module(module: str) -> type[Throttled]:
+    kind = type("Limited", (Throttled,), {"__module__": module, "__qualname__": "Limited"})
+    return kind
+
+
+async def test_types_of_one_qualname_in_two_modules_are_told_apart(make_redis_cache: Make) -> None:
+    alpha, beta = _in_module("wq_memo_test_alpha"), _in_module("wq_memo_test_beta")
+    clock = Clock()
+    here, both, only_beta = Source(), Source(), Source()
+    f_here = memoize(make_redis_cache(), here, clock, cache_errors={alpha: 30.0})
+    f_both = memoize(make_redis_cache(), both, clock, cache_errors={Throttled: 30.0})
+    f_beta = memoize(make_redis_cache(), only_beta, clock, cache_errors={beta: 30.0})
+    here.plan = [alpha("eur")]
+    assert type(await outcome(f_here("eur"))) is alpha
+    got = await outcome(f_both("eur"))  # both are loaded subclasses: the module tells them apart
+    assert type(got) is alpha
+    assert both.calls == 0
+    assert await f_beta.acache_peek("eur") is MISSING  # beta's reader does not name alpha's

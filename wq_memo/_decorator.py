@@ -470,7 +470,11 @@ def _with_async_cache(
     )
     wrapped = policy is not None and policy.wrapped
     # The entries as kept (RedisCache's get answers a policy's entries as plain values).
-    get_kept: Callable[[Hashable], Awaitable[Any]] = getattr(cache, "get_kept", None) or cache.get
+    get_kept: Callable[[Hashable], Awaitable[Any]] = cache.get
+    if wrapped and _takes_lifetime(cache):
+        assert policy is not None
+        # An entry past its expiry counts as a miss in the cache's stats(), as it is one here.
+        get_kept = functools.partial(cache.get_kept, usable=policy.usable)  # type: ignore[attr-defined]
     if isinstance(cache, SingleFlightCache):
         single_flight = cache
         dating = (

@@ -102,6 +102,8 @@ class PolicyMachine(RuleBasedStateMachine):
     remember: ClassVar[float] = REMEMBER
     stale: ClassVar[float] = STALE
     backoff: ClassVar[float] = BACKOFF
+    own_ttl: ClassVar[float | None] = None
+    """The lifetime the cache gives an entry stored without a ttl (None: until evicted)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -186,6 +188,8 @@ class PolicyMachine(RuleBasedStateMachine):
         if outcome == "skip" or (ttl is not None and ttl < 0):
             self.counts["uncached"] += 1
         else:
+            if ttl is None:
+                ttl = self.own_ttl  # the cache's own lifetime, if it tells it
             self.keep_value(key, value, ttl)
         return True, value
 

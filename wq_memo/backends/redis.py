@@ -290,11 +290,19 @@ class RedisCache:
         """
         return self._plain((await self._read(key, count=False))[0])
 
-    async def get_kept(self, key: Hashable) -> Any:
+    async def get_kept(self, key: Hashable, usable: Callable[[Any], bool] | None = None) -> Any:
         """get(), an entry kept for @worker_queue's ``cache_errors`` or ``stale_if_error``
         returned as it is stored: a ``Kept`` value with its expiry and stale window, or a
-        ``StoredError`` (a type's name and JSON arguments, nothing imported)."""
-        return (await self._read(key))[0]
+        ``StoredError`` (a type's name and JSON arguments, nothing imported). ``usable(entry)``,
+        if given, says whether it answers the call: one that does not (past its expiry) counts
+        as a miss in stats()."""
+        value, _ = await self._read(key, count=usable is None)
+        if usable is not None:
+            if value is not MISSING and usable(value):
+                self._counts.hits += 1
+            else:
+                self._counts.misses += 1
+        return value
 
     async def peek_kept(self, key: Hashable) -> Any:
         """peek(), as get_kept() answers."""

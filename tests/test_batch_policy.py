@@ -613,3 +613,77 @@ async def test_options_supported_with_a_cache_are_taken(
     assert await bounded(load.many([1, 2])) == ["1#0", "2#0"]
     assert await bounded(load(1)) == "1#0"
     assert loader.calls == [[1, 2]]
+
+
+# -- found in review ----------------------------------------------------------------------------
+
+
+async def test_an_entry_the_policy_did_not_date_is_loaded_again_not_an_error() -> None:
+    # A dict shared with code that writes plain values (or filled before decorating): as with
+    # @worker_queue, an entry that is not dated is a miss, never an AttributeError on the hit.
+    clock = Clock()
+    shared: dict[Any, Any] = {1: "plain", 2: "plain"}
+    loader = Loader()
+    load = worker_queue.batch(cache=shared, timer=clock, ttl=5, cache_errors={KeyError: 5})(loader)
+    assert await bounded(load(1)) == "1#0"
+    assert await bounded(load.many([2, 3])) == ["2#1", "3#1"]
+    assert loader.calls == [[1], [2, 3]]
+    assert [load.cache_peek(k) for k in (1, 2, 3)] == ["1#0", "2#1", "3#1"]
+    assert await bounded(load.many([1, 2, 3])) == ["1#0", "2#1", "3#1"]  # hits now
+    assert load.cache_info().hits == 3
+
+
+class _Coded(Exception):
+    def __init__(self, message: str, *, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+async def test_an_error_that_cannot_be_rebuilt_is_logged_once_not_once_per_key(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A whole batch failure reaches every key: an error that cannot be remembered is a property
+    # of its type, said once at WARNING, not once per key of every batch that fails with it.
+    clock = Clock()
+    loader, load = loading(clock, cache_errors={Exception: 5.0})
+
+    def down(keys: list[int], n: int) -> Any:
+        raise _Coded("down", code=n)
+
+    loader.answer = down
+    with caplog.at_level(logging.DEBUG, logger="wq_memo"):
+        assert isinstance(await outcome(load.many(range(20))), _Coded)
+        assert isinstance(await outcome(load.many(range(20, 30))), _Coded)
+    warned = [r for r in caplog.records if "cannot be rebuilt" in r.getMessage()]
+    assert [r.levelno for r in warned] == [logging.WARNING] + [logging.DEBUG] * 29
+    assert all(load.cache_peek(k) is MISSING for k in range(30))  # nothing remembered
+    assert len(loader.calls) == 2
+
+
+def test_the_policy_without_a_cache_names_only_the_caches_a_batch_function_takes() -> None:
+    # An async cache is refused for batch functions: the error for cache=None must not offer one.
+    with pytest.raises(ValueError, match=r"@worker_queue\.batch: .*need a cache") as refused:
+        worker_queue.batch(cache=None, ttl=5)
+    assert "async" not in str(refused.value)
+    assert "a cachetools cache or a dict" in str(refused.value)
+
+
+async def test_many_with_duplicates_mixes_remembered_stale_and_fresh_keys_in_key_order() -> None:
+    # One call of many(): a fresh key, a stale key whose load fails (served its old value), a
+    # key whose error is remembered, each given twice; each distinct key is looked up once.
+    clock = Clock()
+    loader, load = loading(clock, ttl=5, stale_if_error=10, cache_errors={LookupError: 20})
+    loader.answers[0] = lambda keys, n: {1: "1#0", 2: "2#0"}  # 3 missing: remembered
+    assert isinstance(await outcome(load.many([1, 2, 3])), KeyError)
+    clock.now = 5.0  # 1 and 2 expire; 3's error is remembered until 20
+    load.cache_prime("1#p", 1)  # 1 fresh again
+    loader.answers[1] = lambda keys, n: {k: ValueError(k) for k in keys}  # 2's load fails
+    got = await outcome(load.many([2, 1, 2, 1]))
+    assert got == ["2#0", "1#p", "2#0", "1#p"]
+    assert loader.calls[1] == [2]
+    error = await outcome(load.many([1, 2, 3, 1, 3]))
+    assert isinstance(error, KeyError)
+    assert "3" in str(error)
+    assert len(loader.calls) == 2  # 2 in its back-off, 3 remembered: no batch
+    info = load.cache_info()
+    assert (info.hits, info.misses, info.stale) == (1 + 3, 3 + 1, 1)

@@ -235,3 +235,59 @@ async def test_without_these_options_the_hit_path_is_the_plain_one() -> None:
     _, with_errors, _ = remembering(clock)
     assert with_ttl.__code__ is plain.__code__
     assert with_errors.__code__ is not plain.__code__
+
+
+class GatedGetCache(ClockedAsyncCache):
+    """get() waits for ``gate`` once ``hold`` is true, after reading the entry."""
+
+    def __init__(self, clock: Clock) -> None:
+        super().__init__(clock)
+        self.hold = False
+        self.gate = asyncio.Event()
+        self.getting = asyncio.Event()
+
+    async def get(self, key: Hashable) -> Any:
+        found = await super().get(key)
+        if self.hold:
+            self.getting.set()
+            await self.gate.wait()
+        return found
+
+
+@pytest.mark.parametrize("how", ["invalidate", "clear", "prime"])
+@pytest.mark.parametrize("failure", ["stale", "remembered"])
+async def test_an_invalidation_during_the_failure_paths_re_read_leaves_nothing(
+    how: str, failure: str
+) -> None:
+    # The failed computation has read its key's entry (the expired value, or nothing) and
+    # waits; the key is invalidated, cleared or primed; it goes on: its callers get its
+    # exception, and nothing it would have written is in the cache.
+    clock = Clock()
+    cache = GatedGetCache(clock)
+    source, f, _ = staling(clock, cache, cache_errors={ConnectionError: 30.0})
+    if failure == "stale":
+        assert await bounded(f("a")) == "a@0"
+        clock.now = 11
+    source.failures["a"] = ConnectionError("down")
+    source.gate = asyncio.Event()
+    source.started.clear()
+    call = asyncio.ensure_future(f("a"))
+    await bounded(source.started.wait())
+    cache.hold = True  # the lookups are done: the next get() is the failure path's re-read
+    source.gate.set()
+    await bounded(cache.getting.wait())
+    if how == "invalidate":
+        await bounded(f.acache_invalidate("a"))
+    elif how == "clear":
+        await bounded(f.acache_clear())
+    else:
+        await bounded(f.acache_prime("primed", "a"))
+    cache.hold = False
+    cache.gate.set()
+    with pytest.raises(ConnectionError):
+        await bounded(call)
+    assert f.cache_info().stale == 0
+    del source.failures["a"]
+    source.gate = None
+    expected = "primed" if how == "prime" else f"a@{len(source.calls)}"
+    assert await bounded(f("a")) == expected

@@ -358,6 +358,10 @@ async def test_an_explicit_refresh_that_fails_raises_while_the_entry_is_fresh() 
 # -- refused at decoration ------------------------------------------------------------------------
 
 
+class CancelledFailure(asyncio.CancelledError, Exception):
+    """A cancellation that is an Exception too."""
+
+
 class FakeSingleFlight(ClockedAsyncCache):
     async def get_or_compute(self, key: Hashable, compute: Callable[[], Awaitable[V]]) -> V:
         return await compute()
@@ -375,6 +379,7 @@ async def source_fn(k: str) -> str:
         ({"cache_errors": {asyncio.CancelledError: 1}}, TypeError, "cancellation"),
         ({"cache_errors": {KeyboardInterrupt: 1}}, TypeError, "cancellation"),
         ({"cache_errors": {BaseException: 1}}, TypeError, "cancellation"),
+        ({"cache_errors": {CancelledFailure: 1}}, TypeError, "cancellation"),
         ({"cache_errors": [TimeoutError]}, TypeError, "map exception classes"),
         ({"cache_errors": {TimeoutError: -1}}, ValueError, "TimeoutError"),
         ({"cache_errors": {TimeoutError: math.nan}}, ValueError, "TimeoutError"),

@@ -66,7 +66,7 @@ from ._counts import Counts, count_hit
 from ._engine import Engine
 from ._flight import Flight, FlightTable
 from ._nesting import awaits, current, reaches
-from ._policy import CachedError, Policy
+from ._policy import CachedError, Kept, Policy
 from ._queue import WorkerQueue, facade, is_async_callable
 from ._refresh import NEVER, Refresher
 from ._slots import Slots
@@ -665,11 +665,12 @@ def _fresh(
 ) -> Callable[[Hashable, object], Any]:
     """find(key, miss) over the dated entries (``Kept``) of a policy: a fresh entry's value,
     a ``_Raise`` for a fresh remembered error, miss for an expired entry (its key is loaded
-    again; a failing load may still serve it stale)."""
+    again; a failing load may still serve it stale) and for an entry the policy did not date
+    (a value written by other code into a shared cache), as for ``@worker_queue``."""
 
     def lookup(k: Hashable, miss: object) -> Any:
         entry = find(k, miss)
-        if entry is miss or clock() >= entry.expires:
+        if type(entry) is not Kept or clock() >= entry.expires:
             return miss
         if entry.error is not None:
             return _Raise(entry.error)
@@ -921,6 +922,9 @@ def batch_decorator(
             find = _fresh(find, kept.clock)
         kind = MappingKind(engine, key_of, cache, store, None, policy, _no_hits, _nothing)
     bind = engine.bind
+    # Only the lookup of a dated policy (_fresh) finds a _Raise: without one, the hit path tests
+    # a local flag, not the type of every value found (a hit costs what it cost without it).
+    remembers = kept is not None and kept.dated
     due_get = None if policy is None else policy.due.get
     clock = None if policy is None else policy.clock
 
@@ -932,7 +936,7 @@ def batch_decorator(
             value = find(ck, MISSING)
             if value is not MISSING:
                 count_hit(counts)
-                if type(value) is _Raise:
+                if remembers and type(value) is _Raise:
                     return value  # a remembered error: raised by the caller, in its turn
                 if due_get is not None and clock is not None and clock() >= due_get(ck, NEVER):
                     # Due: one background refresh, which goes in a batch like any key.
@@ -957,9 +961,9 @@ def batch_decorator(
         found = request(k)
         if isinstance(found, asyncio.Future):
             return await found
-        if isinstance(found, _Raise):
+        if remembers and type(found) is _Raise:
             raise found.error.rebuild()
-        return found
+        return found  # type: ignore[return-value]  # a _Raise only under a dated policy
 
     async def many(keys: Iterable[K], /) -> list[V]:
         keys = list(keys)
@@ -981,7 +985,7 @@ def batch_decorator(
                 value = found[ck]
                 if isinstance(value, asyncio.Future):
                     value = found[ck] = await value
-                elif type(value) is _Raise:
+                elif remembers and type(value) is _Raise:
                     raise value.error.rebuild()
                 values.append(value)
             return values

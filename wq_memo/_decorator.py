@@ -463,7 +463,11 @@ def _with_async_cache(
     if wrapped and refresher is not None:
         store.deferred = refresher.started  # a stale value served is not refreshed ahead sooner
     # The entries as kept (RedisCache's get answers a policy's entries as plain values).
-    get_kept: Callable[[Hashable], Awaitable[Any]] = getattr(cache, "get_kept", None) or cache.get
+    get_kept: Callable[[Hashable], Awaitable[Any]] = cache.get
+    if wrapped and _takes_lifetime(cache):
+        assert policy is not None
+        # An entry past its expiry counts as a miss in the cache's stats(), as it is one here.
+        get_kept = functools.partial(cache.get_kept, usable=policy.usable)  # type: ignore[attr-defined]
     if isinstance(cache, SingleFlightCache):
         single_flight = cache
         dating = (
@@ -619,8 +623,10 @@ def _dating(
         unwrap = policy.unwrap
         lifetimes = policy.ttl_of is not None
 
+        usable = policy.usable
+
         async def lookup_kept(k: Hashable) -> Any:
-            entry, age, lifetime = await kept_with_lifetime(k)
+            entry, age, lifetime = await kept_with_lifetime(k, usable)
             found = unwrap(entry)
             if found is not MISSING:
                 _date_kept(refresher, policy, k, entry, found, age, lifetime if lifetimes else None)
@@ -952,7 +958,12 @@ class _WorkerQueueDecorator:
             errors,
             stale,
         )
-        if options.policy_asked() and not (chosen is None or isinstance(chosen, MutableMapping)):
+        if options.policy_asked() and chosen is None:
+            raise ValueError(
+                f"@worker_queue.batch: {_POLICY_OPTIONS} need a cache to keep results in; pass "
+                "cache= (a cachetools cache or a dict)"
+            )
+        if options.policy_asked() and not isinstance(chosen, MutableMapping):
             raise ValueError(
                 f"@worker_queue.batch: {_POLICY_OPTIONS} work with an in-process cache (a "
                 "cachetools cache or a dict) only for batch functions, for now"

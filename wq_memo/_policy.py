@@ -21,6 +21,7 @@ among the ``cache_errors`` types and their subclasses already loaded, importing 
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import math
@@ -164,6 +165,7 @@ class Policy:
         "ttl",
         "ttl_of",
         "types",
+        "unbuildable",
         "warned_ttl",
         "wrapped",
     )
@@ -192,6 +194,9 @@ class Policy:
         self.wrapped = wrapped
         self.types: dict[str, type[Exception]] = {}
         self.warned_ttl = False
+        self.unbuildable: set[type[BaseException]] = set()
+        """The exception types found not to rebuild: warned about once (a batch's failure
+        reaches every key of it; a type that does not rebuild never will)."""
         self.skipped: Callable[[], None] = _nothing
         self.served_stale: Callable[[], None] = _nothing
 
@@ -259,8 +264,9 @@ class Policy:
     def error_time(self, exc: Exception) -> float | None:
         """How long exc is remembered (None: not at all): the time of the first of the
         ``cache_errors`` types it is an instance of, if ``type(exc)(*exc.args)`` rebuilds it
-        with the same arguments; never QueueShutDown or ShutdownTimeout."""
-        if isinstance(exc, QueueShutDown | ShutdownTimeout):
+        with the same arguments; never QueueShutDown, ShutdownTimeout or a CancelledError (a
+        subclass may be an Exception too)."""
+        if isinstance(exc, QueueShutDown | ShutdownTimeout | asyncio.CancelledError):
             # A queue shutting down (a nested call's, raised through this computation) says
             # nothing of the key: never remembered, as cancellation never is.
             return None
@@ -275,11 +281,14 @@ class Policy:
         except Exception:
             same = False
         if not same:
-            logger.warning(
+            kind = type(exc)
+            logger.log(
+                logging.DEBUG if kind in self.unbuildable else logging.WARNING,
                 "%s(): %s cannot be rebuilt from its arguments as it was; it is not remembered",
                 self.name,
-                type(exc).__name__,
+                kind.__name__,
             )
+            self.unbuildable.add(kind)
             return None
         return seconds
 
@@ -317,6 +326,21 @@ class Policy:
                 logger.debug(
                     "%s(): a remembered %s in the cache is not of a type cache_errors names "
                     "here; treated as a miss",
+                    self.name,
+                    entry.type_id,
+                )
+                return None
+            try:
+                # Checked as the writer checked its own (error_time): another version of the
+                # class, or a forged entry naming a loaded subclass, may refuse these arguments.
+                rebuilt = kind(*entry.args)
+                same = type(rebuilt) is kind and bool(rebuilt.args == entry.args)
+            except Exception:
+                same = False
+            if not same:
+                logger.debug(
+                    "%s(): a remembered %s in the cache cannot be rebuilt here from its "
+                    "arguments; treated as a miss",
                     self.name,
                     entry.type_id,
                 )
@@ -419,11 +443,11 @@ def make_policy(
                 raise TypeError(
                     f"@worker_queue: cache_errors keys must be exception classes, got {kind!r}"
                 )
-            if not issubclass(kind, Exception):
+            if not issubclass(kind, Exception) or issubclass(kind, asyncio.CancelledError):
                 raise TypeError(
                     f"@worker_queue: cache_errors cannot remember {kind.__name__}, which is not "
-                    "an Exception subclass (cancellation and exits must never be cached); "
-                    "name Exception subclasses only"
+                    "an Exception subclass or is a CancelledError (cancellation and exits must "
+                    "never be cached); name Exception subclasses only"
                 )
             errors[kind] = _seconds(f"cache_errors[{kind.__name__}]", seconds) or 0.0
     stale = _seconds("stale_if_error", stale_if_error, none=True)

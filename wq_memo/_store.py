@@ -130,6 +130,12 @@ class Store(Generic[K, R]):
             logger.exception("storing %r failed; the result was returned uncached", key)
         return True
 
+    def _own_ttl(self) -> float | None:
+        """The lifetime a single-flight cache gives an entry stored without a ttl (RedisCache's
+        ``ttl``), which a stale window extends; None: unknown, or until evicted."""
+        ttl = getattr(self.single_flight, "ttl", None)
+        return float(ttl) if isinstance(ttl, int | float) and not isinstance(ttl, bool) else None
+
     def _lifetime(self, key: K, value: R, primed: bool) -> Any:
         """The policy's lifetime of value (seconds, None or SKIP); a failing cache_if is logged
         and the result not stored, unless it is a prime's (the failure propagates)."""
@@ -174,6 +180,8 @@ class Store(Generic[K, R]):
                     if seconds is SKIP:
                         decision = (False, None)
                     else:
+                        if seconds is None:
+                            seconds = self._own_ttl()
                         value.expires = now + (math.inf if seconds is None else seconds)
                         value.until = value.expires + (policy.stale or 0.0)
                         stale = policy.stale or 0.0
@@ -350,6 +358,7 @@ class Store(Generic[K, R]):
                 if (
                     (flight is not None and flight.forgotten)
                     or self.read is None
+                    or isinstance(exc, asyncio.CancelledError)  # also an Exception: cancellation
                     or (flight is not None and flight.background and not flight.joiners)
                 ):
                     # A background refresh nobody awaits leaves the entry as it is (its
@@ -439,6 +448,8 @@ class Store(Generic[K, R]):
         own = seconds  # the entry's own lifetime, which refresh-ahead dates it by
         if policy is not None and policy.wrapped and policy.stale is not None:
             # Kept past its expiry for the stale window, the expiry in the entry itself.
+            if seconds is None:
+                seconds = self._own_ttl()
             expires = policy.clock() + (math.inf if seconds is None else seconds)
             entry = Kept(value, expires, expires + policy.stale)
             seconds = None if seconds is None else seconds + policy.stale

@@ -443,3 +443,223 @@ async def test_a_kept_entry_holding_another_is_refused(
     data = b"wq4k" + struct.pack(">dd", 1e12, 1e12) + b"\x00" + inner
     sync_redis.set(value_name(f_here.cache, "eur"), data)
     assert await f_here.acache_peek("eur") is MISSING
+
+
+async def test_an_error_with_an_int_too_long_for_json_is_not_remembered_and_frees_the_key(
+    make_redis_cache: Make, caplog: pytest.LogCaptureFixture
+) -> None:
+    # An int past the interpreter's limit on digits (sys.get_int_max_str_digits) is an int all
+    # the same, yet json.dumps refuses it: the caller gets its own error, and the other process
+    # computes at once rather than waiting out the lock of a computation that never finished.
+    clock = Clock()
+    here, there = Source(), Source()
+    f_here = memoize(make_redis_cache(), here, clock)
+    f_there = memoize(make_redis_cache(wait=WAIT * 3), there, clock)
+    failure = Throttled(10**5000)
+    here.plan = [failure]
+    with caplog.at_level(logging.WARNING, logger="wq_memo"):
+        assert await outcome(f_here("eur")) is failure
+    assert any("is not remembered" in r.message for r in caplog.records)
+    assert await f_here.acache_peek("eur") is MISSING
+    there.plan = ["EUR"]
+    assert await outcome(f_there("eur")) == "EUR"
+    assert there.calls == 1
+
+
+class CancelledFailure(asyncio.CancelledError, Exception):
+    """A cancellation that is an Exception too: never remembered, never answered stale."""
+
+
+async def test_a_cancellation_that_is_also_an_exception_is_never_remembered(
+    make_redis_cache: Make,
+) -> None:
+    clock = Clock()
+    here = Source()
+    f_here = memoize(make_redis_cache(), here, clock, cache_errors={Exception: 30.0})
+    here.plan = [CancelledFailure("stop"), CancelledFailure("stop"), "EUR"]
+    for _ in range(2):
+        with pytest.raises(asyncio.CancelledError):
+            async with asyncio.timeout(WAIT):
+                await f_here("eur")
+    assert await f_here.acache_peek("eur") is MISSING
+    assert await outcome(f_here("eur")) == "EUR"
+    assert here.calls == 3
+
+
+async def test_a_cancellation_that_is_also_an_exception_is_never_answered_stale(
+    make_redis_cache: Make,
+) -> None:
+    clock = Clock()
+    here = Source()
+    f_here = memoize(make_redis_cache(), here, clock)
+    here.plan = ["old", CancelledFailure("stop")]
+    assert await outcome(f_here("eur")) == "old"
+    clock.now += 11  # expired, inside the stale window
+    with pytest.raises(asyncio.CancelledError):
+        async with asyncio.timeout(WAIT):
+            await f_here("eur")
+    assert f_here.cache_info().stale == 0
+
+
+class NeedsTwo(TimeoutError):
+    """A later version of a remembered type, whose constructor takes two arguments."""
+
+    def __init__(self, pair: str, attempt: int) -> None:
+        super().__init__(pair, attempt)
+
+
+@pytest.mark.parametrize(
+    ("cache_errors", "entry"),
+    [
+        ({ValueError: 30.0}, ("builtins:UnicodeDecodeError", [])),
+        ({NeedsTwo: 30.0}, (f"{__name__}:NeedsTwo", ["eur"])),
+    ],
+    ids=["forged-loaded-subclass", "another-version"],
+)
+async def test_an_error_entry_that_cannot_be_rebuilt_here_is_a_miss(
+    make_redis_cache: Make,
+    sync_redis: Any,
+    cache_errors: dict[type[Exception], float],
+    entry: tuple[str, list[Any]],
+) -> None:
+    # A type this function names (or a loaded subclass of one) whose constructor refuses the
+    # stored arguments: a miss, computed over, never a TypeError out of the cache.
+    clock = Clock()
+    here = Source()
+    f_here = memoize(make_redis_cache(), here, clock, cache_errors=cache_errors)
+    sync_redis.set(value_name(f_here.cache, "eur"), forged_error(*entry))
+    assert await f_here.acache_peek("eur") is MISSING
+    here.plan = ["EUR"]
+    assert await outcome(f_here("eur")) == "EUR"
+    assert here.calls == 1
+
+
+async def test_with_no_ttl_option_the_caches_own_ttl_is_the_expiry_stale_if_error_extends(
+    make_redis_cache: Make, sync_redis: Any
+) -> None:
+    # ttl None is the cache's own lifetime: the entry expires then, and is kept in Redis for
+    # the stale window past it, as with a ttl= of the same length.
+    clock = Clock()
+    here = Source()
+    cache = make_redis_cache(ttl=10.0)
+
+    @worker_queue(
+        cache=cache,
+        name="shared.rate",
+        timer=clock,
+        stale_if_error=100.0,
+        refresh_backoff=5.0,
+    )
+    async def rate(key: str) -> Any:
+        return await here(key)
+
+    here.plan = ["old", Other("down")]
+    assert await outcome(rate("eur")) == "old"
+    assert 100_000 < int(sync_redis.pttl(value_name(cache, "eur"))) <= 110_000
+    clock.now += 11  # past the cache's ttl, inside the window
+    assert await outcome(rate("eur")) == "old"
+    assert rate.cache_info().stale == 1
+    await rate.acache_prime("primed", "eur")  # a prime is kept for the window too
+    assert 100_000 < int(sync_redis.pttl(value_name(cache, "eur"))) <= 110_000
+
+
+async def test_stats_count_an_entry_past_its_expiry_as_a_miss(make_redis_cache: Make) -> None:
+    clock = Clock()
+    here = Source()
+    cache = make_redis_cache()
+    f_here = memoize(cache, here, clock)
+    here.plan = ["old", "new"]
+    assert await outcome(f_here("eur")) == "old"
+    assert await outcome(f_here("eur")) == "old"
+    assert (cache.stats().hits, cache.stats().misses) == (1, 1)
+    clock.now += 11  # expired: computed again, a miss for the function and the cache alike
+    assert await outcome(f_here("eur")) == "new"
+    info = f_here.cache_info()
+    assert (info.hits, info.misses) == (1, 2)
+    assert cache.stats().misses == 2
+
+
+@pytest.mark.parametrize("computing", ["with the options", "without"])
+async def test_a_mixed_fleet_gets_plain_values_from_each_others_entries(
+    make_redis_cache: Make, computing: str
+) -> None:
+    # One process with stale_if_error (its entries carry their expiry, on the wall clock), one
+    # without: each gets the other's result as a plain value, as a hit and as a waiter.
+    here = Source()
+    kept_cache, plain_cache = make_redis_cache(), make_redis_cache()
+
+    @worker_queue(cache=kept_cache, name="shared.rate", ttl=60.0, stale_if_error=100.0)
+    async def kept(key: str) -> Any:
+        return await here(key)
+
+    @worker_queue(cache=plain_cache, name="shared.rate")
+    async def plain(key: str) -> Any:
+        return await here(key)
+
+    first, second = (kept, plain) if computing == "with the options" else (plain, kept)
+    waiting_cache = plain_cache if first is kept else kept_cache
+    here.gate = asyncio.Event()
+    here.plan = ["EUR"]
+    async with asyncio.timeout(WAIT):
+        computing_call = asyncio.ensure_future(first("eur"))
+        await here.started.wait()
+        waiting_call = asyncio.ensure_future(second("eur"))
+        await until(lambda: waiting_anywhere(waiting_cache) == 1)
+        here.gate.set()
+        assert await computing_call == "EUR"
+        assert await waiting_call == "EUR"
+        assert await second("eur") == "EUR"
+        assert await second.acache_peek("eur") == "EUR"
+        assert await plain_cache.get(CallKey("shared.rate", cachetools.keys.hashkey("eur"))) == (
+            "EUR"
+        )
+    assert here.calls == 1
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ([1, [2, [3, []]]], {"k": [None, True, 1.5, -0.0]}),
+        (2**100, -(2**64), 1.0, 1, True),
+        ("\ud800 lone surrogate", "\x00", "é"),
+        ({},),
+        (),
+    ],
+    ids=["nested", "numbers", "strings", "empty-dict", "no-args"],
+)
+async def test_a_remembered_errors_json_arguments_come_back_exactly_elsewhere(
+    make_redis_cache: Make, args: tuple[Any, ...]
+) -> None:
+    # Other is a ValueError, which keeps every argument (an OSError, such as TimeoutError,
+    # keeps two of three to five).
+    clock = Clock()
+    here, there = Source(), Source()
+    f_here = memoize(make_redis_cache(), here, clock, cache_errors={Other: 30.0})
+    f_there = memoize(make_redis_cache(), there, clock, cache_errors={Other: 30.0})
+    here.plan = [Other(*args)]
+    assert type(await outcome(f_here("eur"))) is Other
+    got = await outcome(f_there("eur"))
+    assert type(got) is Other
+    assert got.args == args
+    assert [type(a) for a in got.args] == [type(a) for a in args]
+    assert there.calls == 0
+
+
+def _in_module(module: str) -> type[Throttled]:
+    kind = type("Limited", (Throttled,), {"__module__": module, "__qualname__": "Limited"})
+    return kind
+
+
+async def test_types_of_one_qualname_in_two_modules_are_told_apart(make_redis_cache: Make) -> None:
+    alpha, beta = _in_module("wq_memo_test_alpha"), _in_module("wq_memo_test_beta")
+    clock = Clock()
+    here, both, only_beta = Source(), Source(), Source()
+    f_here = memoize(make_redis_cache(), here, clock, cache_errors={alpha: 30.0})
+    f_both = memoize(make_redis_cache(), both, clock, cache_errors={Throttled: 30.0})
+    f_beta = memoize(make_redis_cache(), only_beta, clock, cache_errors={beta: 30.0})
+    here.plan = [alpha("eur")]
+    assert type(await outcome(f_here("eur"))) is alpha
+    got = await outcome(f_both("eur"))  # both are loaded subclasses: the module tells them apart
+    assert type(got) is alpha
+    assert both.calls == 0
+    assert await f_beta.acache_peek("eur") is MISSING  # beta's reader does not name alpha's

@@ -54,7 +54,7 @@ class RedisPolicyMachine(AsyncPolicyMachine):
         import redis
 
         self.namespace = f"wq_memo_test_policy_machine_{uuid.uuid4().hex[:12]}"
-        self.redis = RedisCache(self.url, namespace=self.namespace, ttl=None, lease=5)
+        self.redis = RedisCache(self.url, namespace=self.namespace, ttl=self.own_ttl, lease=5)
         self.admin = redis.Redis.from_url(self.url, socket_timeout=5, socket_connect_timeout=5)
 
         @worker_queue(
@@ -105,6 +105,13 @@ class RedisPolicyMachine(AsyncPolicyMachine):
             if hasattr(self, "redis"):
                 self.admin.close()
                 delete_namespace(self.url, self.namespace)
+
+
+class RedisPolicyMachineWithTheCachesTtl(RedisPolicyMachine):
+    """The same with a RedisCache whose own ttl is the lifetime of a result whose ttl is None:
+    its entry expires then, and the stale window extends that."""
+
+    own_ttl: ClassVar[float | None] = 1500.0
 
 
 class RedisRefreshingPolicyMachine(RedisPolicyMachine):
@@ -172,10 +179,13 @@ def test_redis_refreshing_policy_machine(redis_url: str) -> None:
 
 
 @pytest.mark.timeout(300)
-def test_redis_policy_machine(redis_url: str) -> None:
-    RedisPolicyMachine.url = redis_url
+@pytest.mark.parametrize(
+    "machine", [RedisPolicyMachine, RedisPolicyMachineWithTheCachesTtl], ids=["forever", "own-ttl"]
+)
+def test_redis_policy_machine(redis_url: str, machine: type[RedisPolicyMachine]) -> None:
+    machine.url = redis_url
     run_state_machine_as_test(
-        RedisPolicyMachine,
+        machine,
         settings=settings(
             max_examples=200,
             stateful_step_count=30,

@@ -106,6 +106,8 @@ class PolicyMachine(RuleBasedStateMachine):
     refresh_after: ClassVar[float] = REFRESH_AFTER
     later: ClassVar[tuple[float, ...]] = (0.5, 1.0, 1.5, 2.0, 4.0)
     """The steps of the clock call_a_little_later draws from (with refresh_after)."""
+    own_ttl: ClassVar[float | None] = None
+    """The lifetime the cache gives an entry stored without a ttl (None: until evicted)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -195,6 +197,8 @@ class PolicyMachine(RuleBasedStateMachine):
         if outcome == "skip" or (ttl is not None and ttl < 0):
             self.counts["uncached"] += 1
         else:
+            if ttl is None:
+                ttl = self.own_ttl  # the cache's own lifetime, if it tells it
             self.keep_value(key, value, ttl)
         return True, value
 

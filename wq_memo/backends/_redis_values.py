@@ -96,8 +96,15 @@ def _json_exact(value: object, depth: int = 0) -> bool:
 
 
 def json_args(args: tuple[Any, ...]) -> bool:
-    """Whether a remembered error's arguments can be stored as JSON and read back exactly."""
-    return type(args) is tuple and _json_exact(list(args))
+    """Whether a remembered error's arguments can be stored as JSON and read back exactly
+    (an int longer than ``sys.get_int_max_str_digits()`` is an int, yet JSON refuses it)."""
+    if type(args) is not tuple or not _json_exact(list(args)):
+        return False
+    try:
+        json.dumps(list(args), ensure_ascii=False, allow_nan=False)
+    except (ValueError, TypeError, RecursionError):
+        return False
+    return True
 
 
 class ValueCodec:
@@ -175,14 +182,17 @@ class ValueCodec:
     def _dump_error(self, name: bytes, entry: Kept) -> bytes:
         error = entry.error
         assert error is not None
-        if not json_args(error.args):
+        if not _json_exact(list(error.args)):
             raise Unencodable("a remembered error's arguments cannot be stored as JSON")
-        text = json.dumps(
-            [type_id(error.type), list(error.args)],
-            ensure_ascii=False,
-            allow_nan=False,
-            separators=(",", ":"),
-        ).encode("utf-8", "surrogatepass")
+        try:
+            text = json.dumps(
+                [type_id(error.type), list(error.args)],
+                ensure_ascii=False,
+                allow_nan=False,
+                separators=(",", ":"),
+            ).encode("utf-8", "surrogatepass")
+        except (ValueError, TypeError, RecursionError) as exc:
+            raise Unencodable(f"a remembered error's arguments cannot be stored ({exc})") from exc
         head = struct.pack(">d", entry.expires) + int(self._clock() * 1000).to_bytes(8, "big")
         if self._secret is None:
             return _ERROR + head + text

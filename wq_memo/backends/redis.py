@@ -290,11 +290,19 @@ class RedisCache:
         """
         return self._plain((await self._read(key, count=False))[0])
 
-    async def get_kept(self, key: Hashable) -> Any:
+    async def get_kept(self, key: Hashable, usable: Callable[[Any], bool] | None = None) -> Any:
         """get(), an entry kept for @worker_queue's ``cache_errors`` or ``stale_if_error``
         returned as it is stored: a ``Kept`` value with its expiry and stale window, or a
-        ``StoredError`` (a type's name and JSON arguments, nothing imported)."""
-        return (await self._read(key))[0]
+        ``StoredError`` (a type's name and JSON arguments, nothing imported). ``usable(entry)``,
+        if given, says whether it answers the call: one that does not (past its expiry) counts
+        as a miss in stats()."""
+        value, _ = await self._read(key, count=usable is None)
+        if usable is not None:
+            if value is not MISSING and usable(value):
+                self._counts.hits += 1
+            else:
+                self._counts.misses += 1
+        return value
 
     async def peek_kept(self, key: Hashable) -> Any:
         """peek(), as get_kept() answers."""
@@ -483,18 +491,26 @@ class RedisCache:
         left = expiry[-1] if expiry else -1
         return value, age, (age + left / 1000 if left >= 0 else None)
 
-    async def get_kept_with_lifetime(self, key: Hashable) -> tuple[Any, float | None, float | None]:
+    async def get_kept_with_lifetime(
+        self, key: Hashable, usable: Callable[[Any], bool] | None = None
+    ) -> tuple[Any, float | None, float | None]:
         """get_with_lifetime() as get_kept() answers: (the entry as stored, a ``Kept`` value or
         a ``StoredError`` included, or MISSING; seconds since it was written; seconds its Redis
         key lives in all, stale window included, None: no expiry, or a miss), in one round
         trip. What @worker_queue reads with refresh_after under ``cache_errors`` or
         ``stale_if_error``: it dates a kept entry by the expiry the entry carries.
+        ``usable``: as for get_kept (an entry it refuses counts as a miss in stats()).
 
         Raises:
             TypeError: key has a component RedisCache cannot encode.
         """
         expiry: list[int] = []
-        found, written = await self._read(key, expiry=expiry)
+        found, written = await self._read(key, count=usable is None, expiry=expiry)
+        if usable is not None:
+            if found is not MISSING and usable(found):
+                self._counts.hits += 1
+            else:
+                self._counts.misses += 1
         if found is MISSING:
             return MISSING, None, None
         age = self._entries.age(written)

@@ -119,10 +119,10 @@ class Interleaving:
 async def test_invalidations_and_primes_win_over_refreshes_in_random_interleavings(
     seed: int,
 ) -> None:
-    # Calls, gates opening, invalidations, primes, the clock moving and the source failing, in
-    # a random order: every value served or kept comes from a computation that started after
-    # the last invalidation or prime before the call (or is that prime), and so does every
-    # remembered error.
+    # Calls, gates opening, invalidations, primes, the clock moving (backwards too) and the
+    # source failing, in a random order: every value served or kept comes from a computation
+    # that started after the last invalidation or prime before the call (or is that prime), and
+    # so does every remembered error.
     rnd = random.Random(seed)
     clock, source = Clock(), Interleaving()
     kind = rnd.choice(sorted(CACHES))
@@ -157,7 +157,7 @@ async def test_invalidations_and_primes_win_over_refreshes_in_random_interleavin
                 source.epoch += 1
                 f.cache_prime(("primed", 0, source.epoch), "k")
             elif step < 0.85:
-                clock.now += rnd.choice([0.5, 1, 3, 10, 25])
+                clock.now += rnd.choice([0.5, 1, 3, 10, 25, -5, -30])  # backwards too
             else:
                 source.failing = not source.failing
             await settle()

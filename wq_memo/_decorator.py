@@ -455,7 +455,14 @@ def _with_async_cache(
         display,
         write=cache.set,
         single_flight=cache if isinstance(cache, SingleFlightCache) else None,
-        stored=None if refresher is None else refresher.stored,
+        stored=(
+            None
+            if refresher is None
+            # Told only of its own writes under a policy, which the fence may refuse.
+            else refresher.stored_fenced
+            if isinstance(cache, RefreshingCache) and policy is not None
+            else refresher.stored
+        ),
         policy=policy,
         read=getattr(cache, "peek_kept", None) or getattr(cache, "peek", None) or cache.get,
     )

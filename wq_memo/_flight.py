@@ -765,7 +765,16 @@ class FlightTable(Generic[K, R]):
         if flight.background:
             if not isinstance(what, RefreshDeferred):
                 count_refresh_failed(self.counts)
-            if self.on_refresh_failed is not None:
+            if flight.forgotten:
+                # Invalidated, cleared or primed over while it ran: the key's entry and its due
+                # time are now those of what replaced it, which this failure says nothing of.
+                if not isinstance(what, RefreshDeferred | ShutdownTimeout):
+                    logger.info(
+                        "refreshing %r failed after it was invalidated; nothing of it is kept",
+                        flight.key,
+                        exc_info=what,
+                    )
+            elif self.on_refresh_failed is not None:
                 self.on_refresh_failed(flight.key, what)
         elif not received:
             logger.error(

@@ -184,6 +184,15 @@ class Refresher:
         if self.writes is not None:
             self.writes[key] = (now, due_at)
 
+    def stored_fenced(self, key: Hashable, lifetime: float | None = None) -> None:
+        """stored(), for a write a dated cache may have refused (its fence: an invalidation
+        elsewhere, after which another process may have stored an entry of another lifetime):
+        the entry's due time until a read dates what the cache holds, which it then sets,
+        earlier or later (see ``written``)."""
+        self.stored(key, lifetime)
+        if self.writes is not None:
+            self.writes[key] = (-NEVER, self.due[key])
+
     def written(self, key: Hashable, age: float, lifetime: float | None = None) -> None:
         """The cache says key's entry was written ``age`` seconds ago (maybe by another process),
         to live ``lifetime`` seconds in all (None: the cache's lifetime, or not known).
@@ -195,6 +204,7 @@ class Refresher:
         """
         at = self.clock() - age
         writes = self.writes
+        known = None
         if writes is not None:
             known = writes.get(key)
             if known is not None and at <= known[0] + self.same:
@@ -202,7 +212,9 @@ class Refresher:
         due_at = at + self._delay(lifetime)
         if writes is not None:
             writes[key] = (at, due_at)
-        if due_at > self.due.get(key, -NEVER):
+        # Earlier too after a write of this process not yet read back (stored_fenced): the
+        # entry read is the one the cache holds, which that write may not have become.
+        if due_at > self.due.get(key, -NEVER) or (known is not None and known[0] == -NEVER):
             self._set_due(key, due_at)
 
     def held(self, key: Hashable, left: float, age: float | None = None) -> None:

@@ -186,3 +186,54 @@ async def test_a_number_ttl_on_redis_is_the_reference_refresh_after_must_be_belo
         worker_queue(cache=cache, name="g1", ttl=20, refresh_after=30)(g)
     # ttl= replaces the cache's ttl with Redis: entries living 200 s may be refreshed at 150.
     worker_queue(cache=cache, name="g2", ttl=200, refresh_after=150)(g)
+
+
+async def test_a_refresh_whose_write_an_invalidation_elsewhere_refused_dates_the_entry_there(
+    make_redis_cache: Make, sync_redis: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Process A refreshes; process B invalidates the key meanwhile and stores a short-lived
+    # value (20 s: due 6 s after its write). A's refresh finishes after that: its long-lived
+    # result (the cache's 120 s) is refused by the fence. A dates the entry by what Redis
+    # holds, not by the write it did not make (which put it due 30 s after: expired by then,
+    # never refreshed ahead in A).
+    gate, started, refreshed = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    real = RedisCache.refresh
+
+    async def refresh(self: RedisCache, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await real(self, *args, **kwargs)
+        finally:
+            refreshed.set()
+
+    monkeypatch.setattr(RedisCache, "refresh", refresh)
+
+    async def in_a(key: str) -> str:
+        started.set()
+        await gate.wait()
+        return "long, from A"
+
+    async def in_b(key: str) -> str:
+        return "short, from B"
+
+    def ttl(value: Any) -> float | None:
+        return 20.0 if str(value).startswith("short") else None
+
+    cache_a, cache_b = make_redis_cache(ttl=120), make_redis_cache(ttl=120)
+    a: Any = worker_queue(cache=cache_a, name="src", ttl=ttl, refresh_after=30)(in_a)
+    b = worker_queue(cache=cache_b, name="src", ttl=ttl, refresh_after=30)(in_b)
+    names = _names(cache_a, "k")
+    key = CallKey("src", ("k",))
+    _seed(sync_redis, names, "short, seeded", age=7, left=13)  # due 1 s ago
+    async with asyncio.timeout(WAIT):
+        assert await a("k") == "short, seeded"  # refreshed in the background, held
+        await started.wait()
+        assert await b.acache_invalidate("k")
+        assert await b("k") == "short, from B"
+        written = time.monotonic()
+        gate.set()
+        await refreshed.wait()
+        await asyncio.sleep(0)  # the refresh's end, past the cache's refresh()
+        assert sync_redis.get(names.value)[12:] == b'"short, from B"'
+        assert await a("k") == "short, from B"
+    assert a._refresher.due[key] - written <= 6  # B's entry: due 6 s after its write
+    assert a.cache_info().refreshes == 1

@@ -817,7 +817,15 @@ class _WorkerQueueDecorator:
             return _refresher(refresh, cache, display)
 
         batch_options = BatchOptions(
-            maxsize, chosen, key, finish_timeout, name, max_batch, max_wait, refresher
+            maxsize,
+            chosen,
+            key,
+            finish_timeout,
+            name,
+            max_batch,
+            max_wait,
+            refresher,
+            refresh_after is not None,
         )
         decorate = BatchDecorator(batch_options)
         if func is not None:

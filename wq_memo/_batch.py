@@ -153,7 +153,7 @@ class Batched(Protocol[K_contra, V]):
         ...
 
     @property
-    def cache(self) -> MutableMapping[Any, Any] | None:
+    def cache(self) -> MutableMapping[Any, Any] | AsyncCache | None:
         """The cache given to the decorator (None: deduplication and batching only)."""
         ...
 
@@ -886,7 +886,7 @@ def _check_options(maxsize: object, max_batch: object, max_wait: object) -> None
 
 class BatchOptions(NamedTuple):
     maxsize: int
-    cache: MutableMapping[Any, Any] | None
+    cache: MutableMapping[Any, Any] | AsyncCache | None
     key: Callable[[Any], Hashable] | None
     finish_timeout: float
     name: str | None

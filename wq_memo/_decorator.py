@@ -45,6 +45,7 @@ from ._ttl_lookup import fast_lookup, raw_timer
 from .backends._protocol import (
     MISSING,
     AsyncCache,
+    BatchFlightCache,
     CallKey,
     RefreshingCache,
     SingleFlightCache,
@@ -753,7 +754,7 @@ class _WorkerQueueDecorator:
         /,
         *,
         maxsize: int = 3,
-        cache: MutableMapping[Any, Any] | None = ...,
+        cache: MutableMapping[Any, Any] | BatchFlightCache | None = ...,
         key: Callable[[Any], Hashable] | None = None,
         finish_timeout: float = 3.0,
         name: str | None = None,
@@ -771,7 +772,7 @@ class _WorkerQueueDecorator:
         /,
         *,
         maxsize: int = 3,
-        cache: MutableMapping[Any, Any] | _Default | None = _DEFAULT_CACHE,
+        cache: MutableMapping[Any, Any] | BatchFlightCache | _Default | None = _DEFAULT_CACHE,
         key: Callable[[Any], Hashable] | None = None,
         finish_timeout: float = 3.0,
         name: str | None = None,
@@ -791,13 +792,17 @@ class _WorkerQueueDecorator:
         values, in order. The keys asked for in one turn of the event loop (or within
         ``max_wait`` seconds of the first) go in one call, of at most ``max_batch`` keys; at most
         ``maxsize`` calls run at once. ``cache`` (default: a new LRUCache(maxsize=128)) and
-        ``key`` (a key's cache key; default: the key itself) apply per key. ``finish_timeout``
-        and ``name`` mean what they mean for ``worker_queue``; so do ``refresh_after``,
-        ``refresh_backoff``, ``jitter`` and ``timer``: the keys found due are refreshed in the
-        background, in batches that take only spare slots.
+        ``key`` (a key's cache key; default: the key itself) apply per key; with a RedisCache,
+        a batch's keys are looked up (and their locks taken) in one round trip, keys another
+        process computes are waited for, and the values computed here are stored fenced, in one
+        round trip. ``finish_timeout`` and ``name`` mean what they mean for ``worker_queue``; so
+        do ``refresh_after``, ``refresh_backoff``, ``jitter`` and ``timer``: the keys found due
+        are refreshed in the background, in batches that take only spare slots (not with a
+        RedisCache yet).
 
         Raises TypeError at decoration time for a function that is not async, a method or an
-        async cache; ValueError for a bad parameter. See the README's "Batch loading".
+        async cache other than RedisCache; ValueError for a bad parameter. See the README's
+        "Batch loading".
         """
         chosen = cachetools.LRUCache(maxsize=128) if isinstance(cache, _Default) else cache
         check_freshness_options(refresh_backoff, jitter, timer)

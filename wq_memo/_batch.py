@@ -24,6 +24,15 @@ other keys): a batch that a running batch awaits runs in that one's slot (``lent
 call does, a memoized computation awaiting a batch lends its slot to that batch's calls of it,
 and a call that would await itself, through any of them, raises RecursionError.
 
+Across processes (a RedisCache, whose ``batch_flight()`` this drives): a running batch first
+claims its keys in one round trip (``_claim``): the keys found are answered; the keys another
+process holds are handed back to their items (``_Elsewhere``), which wait for them there and
+either get that process's value or, once it gives the key up, put it in a later batch with its
+lock already taken; the others are sent. Their leases are renewed while the batch runs, and its
+answer is stored in one round trip, each key fenced by its own token (a key invalidated, primed
+or cleared meanwhile, here or elsewhere, stores nothing). If Redis fails, the keys are computed
+here and stored nowhere.
+
 Refresh-ahead: a key found due is refreshed by a background item of the table, which joins the
 batch being gathered like any key. A batch of such items only, that no caller has joined, is
 low-priority: it takes only a spare slot (``Slots.refresh_line``), so that no caller's batch

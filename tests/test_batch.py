@@ -624,6 +624,30 @@ def test_other_bad_options_are_refused_at_decoration() -> None:
         worker_queue.batch(cache=[])(load)  # type: ignore[call-overload]
 
 
+def test_an_async_cache_other_than_redis_is_refused_naming_what_works() -> None:
+    class PlainAsyncCache:
+        async def get(self, key: Any) -> Any:
+            return MISSING
+
+        async def set(self, key: Any, value: Any, ttl: float | None = None) -> None:
+            return None
+
+        async def delete(self, key: Any) -> bool:
+            return False
+
+        async def clear(self) -> None:
+            return None
+
+        async def aclose(self) -> None:
+            return None
+
+    async def load(keys: list[int]) -> dict[int, int]:
+        return {}
+
+    with pytest.raises(TypeError, match="cannot load many keys at once; pass a RedisCache"):
+        worker_queue.batch(cache=PlainAsyncCache())(load)  # type: ignore[call-overload]
+
+
 def test_a_method_is_refused_at_decoration() -> None:
     with pytest.raises(TypeError, match="does not decorate methods"):
 

@@ -151,7 +151,6 @@ class BatchFlight:
                 found = flight.claimed(names, reply, sent)
             except (TypeError, ValueError, IndexError, KeyError):
                 flight.conn.failed("lock", names.value, ValueError(f"unexpected reply {reply!r}"))
-                found = None
                 flight.computes_alone("fallbacks")
                 claims.append(Alone("fallbacks"))
                 continue

@@ -87,7 +87,15 @@ from .backends._protocol import MISSING, AsyncCache, BatchFlightCache, CallKey, 
 if TYPE_CHECKING:
     from .backends._redis_batch import BatchFlight, Claim, Waiting
 
-__all__ = ("BatchDecorator", "BatchInfo", "BatchOptions", "Batched", "batch_decorator", "check")
+__all__ = (
+    "BatchDecorator",
+    "BatchInfo",
+    "BatchOptions",
+    "Batched",
+    "batch_decorator",
+    "batches_now",
+    "check",
+)
 
 K = TypeVar("K", bound=Hashable)
 K_contra = TypeVar("K_contra", bound=Hashable, contravariant=True)
@@ -807,6 +815,17 @@ def _hashable(k: object) -> bool:
     except TypeError:
         return False
     return True
+
+
+def batches_now(batched: object) -> tuple[int, int, int]:
+    """(batches gathered, in line, running) of a batch function on its current loop (for
+    tests)."""
+    batcher: _Batcher[Any, Any] = batched._batcher  # type: ignore[attr-defined]
+    line = batcher._line
+    if line is None:
+        return (0, 0, 0)
+    waiting = len(line.slots.line) + len(line.slots.refresh_line)
+    return (int(line.gathered is not None), waiting, len(line.running))
 
 
 def check(batched: object) -> None:

@@ -321,7 +321,8 @@ def batch_fleet(
     from wq_memo.backends.redis import RedisCache
 
     async def main() -> tuple[int, int, float, dict[str, int]]:
-        cache = RedisCache(url, namespace=namespace)
+        # A pipeline of 100 claims, in one of 8 processes on 2 busy cores, may take a while.
+        cache = RedisCache(url, namespace=namespace, timeout=10)
         counter = Redis.from_url(url)
 
         @worker_queue.batch(cache=cache, name="tests.fleet", maxsize=4, max_batch=100)

@@ -46,6 +46,7 @@ pytest.importorskip("redis.asyncio")
 from redis_names import delete_namespace
 
 from wq_memo import worker_queue
+from wq_memo._batch import batches_now
 from wq_memo._batch import check as check_batches
 from wq_memo.backends import CallKey
 from wq_memo.backends._redis_keys import KeyNames, key_names
@@ -198,6 +199,10 @@ class RedisBatchMachine(RuleBasedStateMachine):
         return ch is not None and any(w.waiting for w in ch.watches)
 
     def settled(self) -> bool:
+        for load in self.loads:
+            gathered, waiting, _ = batches_now(load)
+            if gathered or waiting:
+                return False  # a batch has yet to start
         computing = {
             (c.process, comp.key) for c in self.calls if not c.gate.is_set() for comp in c.comps
         }
@@ -210,8 +215,8 @@ class RedisBatchMachine(RuleBasedStateMachine):
         return True
 
     def settle(self) -> None:
-        """Run the loop until every caller is in a batch under way or waits for the other
-        process, and nothing moved for 20 ms."""
+        """Run the loop until every batch running waits for its answer, every caller is in one
+        or waits for the other process, and nothing moved for 50 ms."""
         deadline = time.monotonic() + 15
         quiet: float | None = None
         while True:
@@ -220,7 +225,7 @@ class RedisBatchMachine(RuleBasedStateMachine):
                 quiet = None
             elif quiet is None:
                 quiet = time.monotonic()
-            elif time.monotonic() - quiet >= 0.02:
+            elif time.monotonic() - quiet >= 0.05:
                 break
             assert time.monotonic() < deadline, "the callers never settled"
         for caller in self.callers:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
 import cachetools
@@ -219,7 +219,7 @@ async def test_key_maps_keys_to_cache_keys() -> None:
     assert await bounded(load.many(["a", "A", "b"])) == ["A", "A", "B"]
     assert calls == [["a", "b"]]
     assert load.cache_peek("A") == "A"
-    assert load.cache is not None
+    assert isinstance(load.cache, MutableMapping)
     assert dict(load.cache) == {"a": "A", "b": "B"}
 
 
@@ -622,6 +622,30 @@ def test_other_bad_options_are_refused_at_decoration() -> None:
         worker_queue.batch(key="id")(load)  # type: ignore[call-overload]
     with pytest.raises(TypeError, match="cache must be a MutableMapping"):
         worker_queue.batch(cache=[])(load)  # type: ignore[call-overload]
+
+
+def test_an_async_cache_other_than_redis_is_refused_naming_what_works() -> None:
+    class PlainAsyncCache:
+        async def get(self, key: Any) -> Any:
+            return MISSING
+
+        async def set(self, key: Any, value: Any, ttl: float | None = None) -> None:
+            return None
+
+        async def delete(self, key: Any) -> bool:
+            return False
+
+        async def clear(self) -> None:
+            return None
+
+        async def aclose(self) -> None:
+            return None
+
+    async def load(keys: list[int]) -> dict[int, int]:
+        return {}
+
+    with pytest.raises(TypeError, match="cannot load many keys at once; pass a RedisCache"):
+        worker_queue.batch(cache=PlainAsyncCache())(load)  # type: ignore[call-overload]
 
 
 def test_a_method_is_refused_at_decoration() -> None:

@@ -24,6 +24,15 @@ other keys): a batch that a running batch awaits runs in that one's slot (``lent
 call does, a memoized computation awaiting a batch lends its slot to that batch's calls of it,
 and a call that would await itself, through any of them, raises RecursionError.
 
+Across processes (a RedisCache, whose ``batch_flight()`` this drives): a running batch first
+claims its keys in one round trip (``_claim``): the keys found are answered; the keys another
+process holds are handed back to their items (``_Elsewhere``), which wait for them there and
+either get that process's value or, once it gives the key up, put it in a later batch with its
+lock already taken; the others are sent. Their leases are renewed while the batch runs, and its
+answer is stored in one round trip, each key fenced by its own token (a key invalidated, primed
+or cleared meanwhile, here or elsewhere, stores nothing). If Redis fails, the keys are computed
+here and stored nowhere.
+
 Refresh-ahead: a key found due is refreshed by a background item of the table, which joins the
 batch being gathered like any key. A batch of such items only, that no caller has joined, is
 low-priority: it takes only a spare slot (``Slots.refresh_line``), so that no caller's batch
@@ -58,10 +67,20 @@ from collections.abc import (
     MutableMapping,
     Sequence,
 )
-from typing import Any, Final, Generic, NamedTuple, Protocol, TypeVar, final, overload
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Final,
+    Generic,
+    NamedTuple,
+    Protocol,
+    TypeVar,
+    final,
+    overload,
+)
 
 from . import _listeners, _memo_registry, _naming
-from ._controls import CacheKind, MappingKind, NoCacheKind
+from ._controls import AsyncCacheKind, CacheKind, MappingKind, NoCacheKind
 from ._counts import Counts, count_hit
 from ._engine import Engine
 from ._flight import Flight, FlightTable
@@ -74,9 +93,20 @@ from ._state import FINISHED, RUNNING
 from ._store import Store
 from ._switch import SWITCH
 from ._ttl_lookup import fast_lookup
-from .backends._protocol import MISSING, AsyncCache, Missing
+from .backends._protocol import MISSING, AsyncCache, BatchFlightCache, CallKey, Missing
 
-__all__ = ("BatchDecorator", "BatchInfo", "BatchOptions", "Batched", "batch_decorator", "check")
+if TYPE_CHECKING:
+    from .backends._redis_batch import BatchFlight, Claim, Waiting
+
+__all__ = (
+    "BatchDecorator",
+    "BatchInfo",
+    "BatchOptions",
+    "Batched",
+    "batch_decorator",
+    "batches_now",
+    "check",
+)
 
 K = TypeVar("K", bound=Hashable)
 K_contra = TypeVar("K_contra", bound=Hashable, contravariant=True)
@@ -87,6 +117,18 @@ logger = logging.getLogger("wq_memo")
 _LEFT_OUT: Final[Any] = object()
 """What the computation of a key left out of its batch returns: nobody receives it, and its
 item, forgotten, stores nothing."""
+
+
+class _Elsewhere(NamedTuple):
+    """What a key's computation is told when another process holds the key (RedisCache): wait
+    for it there, then take its value, or go in a later batch."""
+
+    waiting: Waiting
+
+
+class _Forgotten(Exception):
+    """The outcome a forgotten key's holding ends with: nothing is stored (its callers get
+    the batch's value all the same)."""
 
 
 class BatchInfo(NamedTuple):
@@ -139,7 +181,7 @@ class Batched(Protocol[K_contra, V]):
         ...
 
     @property
-    def cache(self) -> MutableMapping[Any, Any] | None:
+    def cache(self) -> MutableMapping[Any, Any] | AsyncCache | None:
         """The cache given to the decorator (None: deduplication and batching only)."""
         ...
 
@@ -188,12 +230,16 @@ class Batched(Protocol[K_contra, V]):
 class _Entry:
     """One key of a batch: the key the batch function is given, and each item waiting for its
     value (more than one only if the key was invalidated while the batch was gathered), each
-    with the future its computation awaits."""
+    with the future its computation awaits. With a RedisCache, its Redis ``names`` and its
+    ``claim`` (None: to be claimed as the batch starts; a Holding: its lock is this process's;
+    Alone: computed here, stored nowhere)."""
 
-    __slots__ = ("key", "waiting")
+    __slots__ = ("claim", "key", "names", "waiting")
 
-    def __init__(self, key: Any) -> None:
+    def __init__(self, key: Any, names: Any = None, claim: Claim | None = None) -> None:
         self.key = key
+        self.names = names
+        self.claim = claim
         self.waiting: list[tuple[Flight[Any, Any], asyncio.Future[Any]]] = []
 
 
@@ -295,6 +341,7 @@ class _Batcher(Generic[K, V]):
         "max_batch",
         "max_wait",
         "maxsize",
+        "remote",
     )
 
     def __init__(
@@ -314,6 +361,8 @@ class _Batcher(Generic[K, V]):
         self._line: _Line | None = None
         self.batches = 0
         """Calls of the batch function since the last clear."""
+        self.remote: BatchFlight | None = None
+        """A RedisCache's single flight across processes (see _Batcher._run)."""
 
     def line(self) -> _Line:
         """The batches of the engine's flight table now (a new table, a new line)."""
@@ -333,7 +382,25 @@ class _Batcher(Generic[K, V]):
             self._close(line, line.gathered)
 
     async def compute(self, flight: Flight[Hashable, V]) -> V:
-        """The computation of one key's item: its value from the batch it joins."""
+        """The computation of one key's item: its value from the batch it joins. With a
+        RedisCache, a key another process holds is waited for, then taken from there, or
+        (the holder gave it up) put in a later batch."""
+        remote = self.remote
+        if remote is None:
+            return await self._in_batch(flight, None, None)  # type: ignore[no-any-return]
+        names = remote.names(flight.key)  # a key Redis cannot take fails alone
+        claim: Claim | None = None
+        while True:
+            got = await self._in_batch(flight, names, claim)
+            if type(got) is not _Elsewhere:
+                return got  # type: ignore[no-any-return]
+            turn = await remote.wait(got.waiting)
+            if isinstance(turn, _hit_type()):
+                return turn.value  # type: ignore[no-any-return]
+            claim = turn
+
+    async def _in_batch(self, flight: Flight[Hashable, V], names: Any, claim: Claim | None) -> Any:
+        """Put flight's key in the batch being gathered; its outcome there."""
         line = self.line()
         loop = line.loop
         waiter: asyncio.Future[V] = loop.create_future()
@@ -349,7 +416,9 @@ class _Batcher(Generic[K, V]):
                 batch.timer = loop.call_soon(self._close, line, batch)
         entry = batch.entries.get(flight.key)
         if entry is None:
-            entry = batch.entries[flight.key] = _Entry(flight.args[0])
+            entry = batch.entries[flight.key] = _Entry(flight.args[0], names, claim)
+        elif claim is not None and _holds(claim):
+            entry.claim = claim  # the lock is this process's: the entry need not claim it
         entry.waiting.append((flight, waiter))
         if len(batch.entries) >= self.max_batch:
             self._close(line, batch)
@@ -367,6 +436,7 @@ class _Batcher(Generic[K, V]):
             entry.waiting = [(f, w) for f, w in entry.waiting if w is not waiter]
             if not entry.waiting:
                 del batch.entries[flight.key]
+                self._give_up(entry)
         elif batch.task is not None and not batch.waiting():
             batch.task.cancel()
 
@@ -445,10 +515,12 @@ class _Batcher(Generic[K, V]):
                 entry.waiting = kept
             else:
                 del batch.entries[k]
+                self._give_up(entry)
         if not batch.entries:
             self._release(line, batch)
             return
-        self.batches += 1
+        if self.remote is None:
+            self.batches += 1  # with a RedisCache, once its keys are claimed (see _run)
         line.running.add(batch)
         self._enter_graph(batch)
         batch.task = line.loop.create_task(self._run(line, batch), context=batch.context)
@@ -467,12 +539,67 @@ class _Batcher(Generic[K, V]):
                 awaits(flight, node, waiter)
         batch.context.run(current.set, node)
 
+    def _give_up(self, entry: _Entry) -> None:
+        """An entry nobody waits for leaves its batch: a lock this process took for it is
+        released (its waiters elsewhere look again at once)."""
+        claim = entry.claim
+        if claim is not None and self.remote is not None and _holds(claim):
+            entry.claim = None
+            self.remote.release(claim)  # type: ignore[arg-type]
+
+    async def _claim(self, batch: _Batch) -> None:
+        """With a RedisCache: claim the batch's keys not claimed yet, in one round trip. Those
+        found are answered, those another process holds are sent back to their items to wait
+        for (see compute); the others (held here, or computed alone) stay in the batch."""
+        remote = self.remote
+        assert remote is not None
+        fresh = [(ck, e) for ck, e in batch.entries.items() if e.claim is None]
+        if not fresh:
+            return
+        wanted = [
+            (e.names[0], e.names[1], not any(f.refresh for f, _ in e.waiting)) for _, e in fresh
+        ]
+        claims = await remote.claim(wanted)
+        counts = self.engine.counts if self.engine is not None else None
+        for (ck, entry), claim in zip(fresh, claims, strict=True):
+            if isinstance(claim, _hit_type()):
+                del batch.entries[ck]
+                for flight, waiter in entry.waiting:
+                    if counts is not None and not flight.background and counts.misses > 0:
+                        counts.misses -= 1  # counted as it started: found by its lookup
+                        count_hit(counts)
+                    if not waiter.done():
+                        waiter.set_result(claim.value)
+            elif _waits(claim):
+                del batch.entries[ck]
+                for _, waiter in entry.waiting:
+                    if not waiter.done():
+                        waiter.set_result(_Elsewhere(claim))  # type: ignore[arg-type]
+            else:
+                entry.claim = claim
+
     async def _run(self, line: _Line, batch: _Batch) -> None:
-        keys = [entry.key for entry in batch.entries.values()]
+        remote = self.remote
+        held: list[tuple[Any, _Entry]] = []
         try:
+            if remote is not None:
+                await self._claim(batch)
+                if not batch.entries:
+                    return
+                self.batches += 1
+                held = [(e.claim, e) for e in batch.entries.values() if _holds(e.claim)]
+            keys = [entry.key for entry in batch.entries.values()]
             # A list of its own: a batch function may sort or empty it, the answer is split
             # along the keys as they were given.
-            answer = await self.func(list(keys))
+            if held:
+                assert remote is not None
+                renewal = remote.renewing([h for h, _ in held])
+                try:
+                    answer = await self.func(list(keys))
+                finally:
+                    await renewal.stop()
+            else:
+                answer = await self.func(list(keys))
             outcomes = self._split(keys, answer)
         except BaseException as raised:
             exc = raised
@@ -480,6 +607,10 @@ class _Batcher(Generic[K, V]):
                 # From the answer (a mapping's lookup using next()): no future takes it.
                 exc = RuntimeError(f"{self.display}()'s answer raised StopIteration")
                 exc.__cause__ = raised
+            if held:
+                assert remote is not None
+                # Nothing stored; the waiters elsewhere look again (one of them computes).
+                await remote.finish([(h, (False, exc)) for h, _ in held])
             for entry in batch.entries.values():
                 for _, waiter in entry.waiting:
                     if waiter.done():
@@ -491,6 +622,9 @@ class _Batcher(Generic[K, V]):
             if not isinstance(exc, Exception):
                 raise  # cancelled (nobody waits), KeyboardInterrupt: after telling the keys
         else:
+            if held:
+                assert remote is not None
+                await remote.finish(self._endings(batch, outcomes))
             for entry, (ok, what) in zip(batch.entries.values(), outcomes, strict=True):
                 for _, waiter in entry.waiting:
                     if waiter.done():
@@ -506,6 +640,19 @@ class _Batcher(Generic[K, V]):
                 node.awaiting = node.batch = batch.node = None
             line.running.discard(batch)
             self._release(line, batch)
+
+    @staticmethod
+    def _endings(batch: _Batch, outcomes: list[tuple[bool, Any]]) -> list[tuple[Any, Any]]:
+        """How each key this process holds ends: its outcome, stored (fenced) if it is a value
+        and the key was not invalidated, cleared or primed meanwhile (invalidation wins)."""
+        ends: list[tuple[Any, Any]] = []
+        for entry, outcome in zip(batch.entries.values(), outcomes, strict=True):
+            if not _holds(entry.claim):
+                continue
+            if outcome[0] and any(f.forgotten for f, _ in entry.waiting):
+                outcome = (False, _Forgotten())
+            ends.append((entry.claim, outcome))
+        return ends
 
     @staticmethod
     def _release(line: _Line, batch: _Batch) -> None:
@@ -679,12 +826,47 @@ def _fresh(
     return lookup
 
 
+def _holds(claim: object) -> bool:
+    """Whether claim is a key's lock this process holds (claims exist only with a RedisCache,
+    so the redis package is there to import)."""
+    if claim is None:
+        return False
+    from .backends._redis_batch import Holding
+
+    return isinstance(claim, Holding)
+
+
+def _waits(claim: object) -> bool:
+    """Whether claim is a key another process holds."""
+    from .backends._redis_batch import Waiting
+
+    return isinstance(claim, Waiting)
+
+
+def _hit_type() -> type[Any]:
+    """The type of a claim that found the key's value."""
+    from .backends._redis_flight import Hit
+
+    return Hit
+
+
 def _hashable(k: object) -> bool:
     try:
         hash(k)
     except TypeError:
         return False
     return True
+
+
+def batches_now(batched: object) -> tuple[int, int, int]:
+    """(batches gathered, in line, running) of a batch function on its current loop (for
+    tests)."""
+    batcher: _Batcher[Any, Any] = batched._batcher  # type: ignore[attr-defined]
+    line = batcher._line
+    if line is None:
+        return (0, 0, 0)
+    waiting = len(line.slots.line) + len(line.slots.refresh_line)
+    return (int(line.gathered is not None), waiting, len(line.running))
 
 
 def check(batched: object) -> None:
@@ -707,31 +889,32 @@ class _BatchKind:
         return BatchInfo(*self.kind.cache_info(), batches=self._batcher.batches)
 
     def cache_clear(self) -> None:
-        try:
-            self.kind.cache_clear()
-        finally:
-            self._batcher.batches = 0
+        self.kind.cache_clear()  # an async cache's raises: use acache_clear
+        self._batcher.batches = 0
 
     async def acache_clear(self) -> None:
-        self.cache_clear()
+        try:
+            await self.kind.acache_clear()
+        finally:
+            self._batcher.batches = 0
 
     def cache_invalidate(self, key: Any, /) -> bool:
         return self.kind.invalidate((key,), {})
 
     async def acache_invalidate(self, key: Any, /) -> bool:
-        return self.cache_invalidate(key)
+        return await self.kind.ainvalidate((key,), {})
 
     def cache_prime(self, value: Any, key: Any, /) -> None:
         self.kind.prime(value, (key,), {})
 
     async def acache_prime(self, value: Any, key: Any, /) -> None:
-        self.cache_prime(value, key)
+        await self.kind.aprime(value, (key,), {})
 
     def cache_peek(self, key: Any, /) -> Any:
         return self.kind.peek((key,), {})
 
     async def acache_peek(self, key: Any, /) -> Any:
-        return self.cache_peek(key)
+        return await self.kind.apeek((key,), {})
 
     async def refresh(self, key: Any, /) -> Any:
         return await self.kind.refresh((key,), {})
@@ -772,7 +955,7 @@ def _check_options(maxsize: object, max_batch: object, max_wait: object) -> None
 
 class BatchOptions(NamedTuple):
     maxsize: int
-    cache: MutableMapping[Any, Any] | None
+    cache: MutableMapping[Any, Any] | AsyncCache | None
     key: Callable[[Any], Hashable] | None
     finish_timeout: float
     name: str | None
@@ -782,6 +965,8 @@ class BatchOptions(NamedTuple):
     """Makes the refresh-ahead policy asked for, given the cache and the function's name."""
     result_policy: Callable[[MutableMapping[Any, Any] | None, str], Policy | None] | None = None
     """Makes the per-result policy asked for (cache_if, ttl, ...), applied per key."""
+    refresh_asked: bool = False
+    """Whether refresh_after was given."""
 
 
 @final
@@ -827,6 +1012,7 @@ def batch_decorator(
     max_wait: float,
     refresher: Callable[[MutableMapping[Any, Any] | None, str], Refresher | None],
     result_policy: Callable[[MutableMapping[Any, Any] | None, str], Policy | None] | None = None,
+    refresh_asked: bool = False,
 ) -> Batched[K, V]:
     """Make func, a batch function, into a ``Batched``; see worker_queue.batch."""
     if isinstance(func, staticmethod | classmethod) or (
@@ -847,23 +1033,38 @@ def batch_decorator(
             f"@worker_queue.batch: key must be a function building a cache key from a key, "
             f"got {key!r}"
         )
+    remote: BatchFlightCache | None = None
     if isinstance(cache, AsyncCache) and not isinstance(cache, MutableMapping):
+        if not isinstance(cache, BatchFlightCache):
+            raise TypeError(
+                f"@worker_queue.batch: {type(cache).__qualname__} is an async cache that cannot "
+                "load many keys at once; pass a RedisCache, a MutableMapping (such as a "
+                "cachetools cache) or None"
+            )
+        if refresh_asked:
+            raise ValueError(
+                "@worker_queue.batch: refresh_after is not supported with a RedisCache yet; "
+                "drop refresh_after (the cache's ttl expires entries), or use an in-process "
+                "cache"
+            )
+        remote = cache
+    elif not (cache is None or isinstance(cache, MutableMapping)):
         raise TypeError(
-            "@worker_queue.batch: async caches are not supported yet; pass a MutableMapping "
-            "(such as a cachetools cache) or None"
-        )
-    if not (cache is None or isinstance(cache, MutableMapping)):
-        raise TypeError(
-            f"@worker_queue.batch: cache must be a MutableMapping (such as a cachetools cache) "
-            f"or None; got {cache!r}"
+            f"@worker_queue.batch: cache must be a MutableMapping (such as a cachetools cache), "
+            f"a RedisCache or None; got {cache!r}"
         )
     display = _naming.describe(func)
     batcher: _Batcher[K, V] = _Batcher(func, display, maxsize, max_batch, float(max_wait))
-    policy = refresher(cache, display)
+    shared = None if remote is None else _naming.shared_name(func, name)
+    if remote is not None:
+        batcher.remote = remote.batch_flight()
+    mapping = cache if isinstance(cache, MutableMapping) else None
+    policy = None if remote is not None else refresher(mapping, display)
     # Per key, through the one store, as for a call of a memoized function: a key's value is
     # kept (or not) and dated by Store.now, its failure remembered or served stale by
-    # Store.failed_now, both called by the flight table for that key's item.
-    kept = None if result_policy is None or cache is None else result_policy(cache, display)
+    # Store.failed_now, both called by the flight table for that key's item (in-process caches
+    # only: the policy is refused with a RedisCache at decoration).
+    kept = None if result_policy is None or mapping is None else result_policy(mapping, display)
 
     def key_now(k: Any) -> Hashable:
         try:
@@ -876,14 +1077,25 @@ def batch_decorator(
             ) from exc
         return ck
 
+    if shared is not None:
+        plain_key = key_now
+
+        def key_now(k: Any) -> Hashable:
+            # Keys of an async cache name their function, as @worker_queue's do.
+            return CallKey(shared, plain_key(k))
+
     def key_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Hashable:
         return key_now(args[0])
 
     store: Store[Hashable, V] | None = None
-    if cache is not None:
+    if remote is not None:
+        # Computed values are stored by the cache's own protocol (fenced); this store writes
+        # primes only, through the cache's set (which fences the computations under way).
+        store = Store(display, write=remote.set, single_flight=remote)
+    elif mapping is not None:
         store = Store(
             display,
-            mapping=cache,
+            mapping=mapping,
             stored=None if policy is None else policy.stored,
             policy=kept,
         )
@@ -907,20 +1119,24 @@ def batch_decorator(
     if kept is not None:
         kept.count_in(counts)
     kind: CacheKind
-    if cache is None:
+    find: Callable[[Hashable, object], Any] | None = None
+
+    def tables() -> FlightTable[Hashable, V] | None:
+        return engine.table
+
+    if store is not None:
+        store.tables = tables  # a prime forgets the computations of its key under way
+    if remote is not None:
+        assert store is not None
+        kind = AsyncCacheKind(engine, key_of, remote, store, None, display)
+    elif mapping is None:
         kind = NoCacheKind(engine, key_of)
-        find: Callable[[Hashable, object], Any] | None = None
     else:
         assert store is not None
-
-        def tables() -> FlightTable[Hashable, V] | None:
-            return engine.table
-
-        store.tables = tables
-        find = fast_lookup(cache) or cache.get
+        find = fast_lookup(mapping) or mapping.get
         if kept is not None and kept.dated:
             find = _fresh(find, kept.clock)
-        kind = MappingKind(engine, key_of, cache, store, None, policy, _no_hits, _nothing)
+        kind = MappingKind(engine, key_of, mapping, store, None, policy, _no_hits, _nothing)
     bind = engine.bind
     # Only the lookup of a dated policy (_fresh) finds a _Raise: without one, the hit path tests
     # a local flag, not the type of every value found (a hit costs what it cost without it).
@@ -1005,6 +1221,8 @@ def batch_decorator(
     for control in _CONTROLS:
         setattr(load, control, getattr(controls, control))
     functools.update_wrapper(load, func)
+    if shared is not None:
+        _naming.claim(cache, shared, load)
     _memo_registry.register(load)
     _listeners.track(load, counts, name or display)
     return load  # type: ignore[return-value]

@@ -46,6 +46,7 @@ from ._ttl_lookup import fast_lookup, raw_timer
 from .backends._protocol import (
     MISSING,
     AsyncCache,
+    BatchFlightCache,
     CallKey,
     RefreshingCache,
     SingleFlightCache,
@@ -886,7 +887,7 @@ class _WorkerQueueDecorator:
         /,
         *,
         maxsize: int = 3,
-        cache: MutableMapping[Any, Any] | None = ...,
+        cache: MutableMapping[Any, Any] | BatchFlightCache | None = ...,
         key: Callable[[Any], Hashable] | None = None,
         finish_timeout: float = 3.0,
         name: str | None = None,
@@ -908,7 +909,7 @@ class _WorkerQueueDecorator:
         /,
         *,
         maxsize: int = 3,
-        cache: MutableMapping[Any, Any] | _Default | None = _DEFAULT_CACHE,
+        cache: MutableMapping[Any, Any] | BatchFlightCache | _Default | None = _DEFAULT_CACHE,
         key: Callable[[Any], Hashable] | None = None,
         finish_timeout: float = 3.0,
         name: str | None = None,
@@ -932,18 +933,22 @@ class _WorkerQueueDecorator:
         values, in order. The keys asked for in one turn of the event loop (or within
         ``max_wait`` seconds of the first) go in one call, of at most ``max_batch`` keys; at most
         ``maxsize`` calls run at once. ``cache`` (default: a new LRUCache(maxsize=128)) and
-        ``key`` (a key's cache key; default: the key itself) apply per key. ``finish_timeout``
-        and ``name`` mean what they mean for ``worker_queue``; so do ``refresh_after``,
-        ``refresh_backoff``, ``jitter`` and ``timer``: the keys found due are refreshed in the
-        background, in batches that take only spare slots. ``cache_if``, ``ttl``,
-        ``cache_errors`` and ``stale_if_error`` too, per key: each key's value (or failure: an
-        exception as its value, ``KeyError`` for a key missing from the answer, the batch
-        function's own exception for every key of the batch) is kept, dated or remembered on
-        its own, with an in-process cache; with refresh_after, each key is due by its own
-        lifetime and its refresh goes through the policy as a single function's does.
+        ``key`` (a key's cache key; default: the key itself) apply per key; with a RedisCache,
+        a batch's keys are looked up (and their locks taken) in one round trip, keys another
+        process computes are waited for, and the values computed here are stored fenced, in one
+        round trip. ``finish_timeout`` and ``name`` mean what they mean for ``worker_queue``; so
+        do ``refresh_after``, ``refresh_backoff``, ``jitter`` and ``timer``: the keys found due
+        are refreshed in the background, in batches that take only spare slots (not with a
+        RedisCache yet). ``cache_if``, ``ttl``, ``cache_errors`` and ``stale_if_error`` too,
+        per key: each key's value (or failure: an exception as its value, ``KeyError`` for a
+        key missing from the answer, the batch function's own exception for every key of the
+        batch) is kept, dated or remembered on its own, with an in-process cache; with
+        refresh_after, each key is due by its own lifetime and its refresh goes through the
+        policy as a single function's does.
 
         Raises TypeError at decoration time for a function that is not async, a method or an
-        async cache; ValueError for a bad parameter. See the README's "Batch loading".
+        async cache other than RedisCache; ValueError for a bad parameter. See the README's
+        "Batch loading".
         """
         chosen = cachetools.LRUCache(maxsize=128) if isinstance(cache, _Default) else cache
         check_freshness_options(refresh_backoff, jitter, timer)
@@ -984,7 +989,16 @@ class _WorkerQueueDecorator:
             return None if cache is None else _policy(options, display, cache)
 
         batch_options = BatchOptions(
-            maxsize, chosen, key, finish_timeout, name, max_batch, max_wait, refresher, policy
+            maxsize,
+            chosen,
+            key,
+            finish_timeout,
+            name,
+            max_batch,
+            max_wait,
+            refresher,
+            result_policy=policy,
+            refresh_asked=refresh_after is not None,
         )
         decorate = BatchDecorator(batch_options)
         if func is not None:

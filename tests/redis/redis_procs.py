@@ -306,3 +306,55 @@ def refresh_due(url: str, namespace: str, go: Any, release: Any, messages: Any) 
         messages.put(("timeout", os.getpid()))
         return
     asyncio.run(main())
+
+
+def batch_fleet(
+    url: str, namespace: str, callers: int, keys: int, per_request: int, go: Any, messages: Any
+) -> None:
+    """Once go is set, callers concurrent requests, each loading per_request keys through one
+    batch function with a RedisCache (caller c asks for keys c * per_request / 2 onwards, so
+    that every key is asked for twice here and in every process); each key computed is counted
+    in Redis (one hash field per key). Reports wrong results, the batches and the counters."""
+    from redis.asyncio import Redis
+
+    from wq_memo import worker_queue
+    from wq_memo.backends.redis import RedisCache
+
+    async def main() -> tuple[int, int, float, dict[str, int]]:
+        # A pipeline of 100 claims, in one of 8 processes on 2 busy cores, may take a while.
+        cache = RedisCache(url, namespace=namespace, timeout=10)
+        counter = Redis.from_url(url)
+
+        @worker_queue.batch(cache=cache, name="tests.fleet", maxsize=4, max_batch=100)
+        async def load(ids: list[int]) -> dict[int, str]:
+            pipe = counter.pipeline(transaction=False)
+            for i in ids:
+                pipe.hincrby(f"{namespace}:computed", str(i), 1)
+            await pipe.execute()
+            await asyncio.sleep(0.01)
+            return {i: f"v{i}" for i in ids}
+
+        step = max(1, per_request // 2)
+
+        async def request(c: int) -> int:
+            wanted = [(c * step + j) % keys for j in range(per_request)]
+            got = await load.many(wanted)
+            return sum(value != f"v{i}" for i, value in zip(wanted, got, strict=True))
+
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(60):
+                wrong = sum(await asyncio.gather(*(request(c) for c in range(callers))))
+        finally:
+            await load.queue.aclose()
+            await cache.aclose()
+            await counter.aclose()
+        took = time.monotonic() - started
+        return wrong, load.cache_info().batches, took, dataclasses.asdict(cache.stats())
+
+    messages.put(("ready", os.getpid()))
+    if not go.wait(60):
+        messages.put(("timeout", os.getpid()))
+        return
+    wrong, batches, took, stats = asyncio.run(main())
+    messages.put(("done", os.getpid(), wrong, batches, took, stats))

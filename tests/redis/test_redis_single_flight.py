@@ -246,7 +246,7 @@ async def test_result_announced_while_subscribing_is_not_missed(
 
     cache = make_redis_cache()
     sync_redis.set(key_names(cache.namespace, KEY).lock, "holder elsewhere", px=60_000)
-    claim = SingleFlight._claim
+    claim = SingleFlight.claim
     claims = 0
 
     async def claim_after_the_holder_finished(self: SingleFlight, *args: Any) -> Any:
@@ -258,7 +258,7 @@ async def test_result_announced_while_subscribing_is_not_missed(
             _finish_as_holder(sync_redis, cache, b'wq1j"raced"')
         return await claim(self, *args)
 
-    monkeypatch.setattr(SingleFlight, "_claim", claim_after_the_holder_finished)
+    monkeypatch.setattr(SingleFlight, "claim", claim_after_the_holder_finished)
 
     async def compute() -> str:
         raise AssertionError("the waiter must read the holder's value")

@@ -11,6 +11,7 @@ the rules, whatever the number of pooled connections (issue 22, issue 17 items 1
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -325,12 +326,18 @@ async def test_peeking_adds_nothing_to_the_stats(make_redis_cache: Make) -> None
     f = worker_queue(cache=cache, name="src")(Source())
     await f.acache_prime("primed", "k")
     before = cache.stats()
+
+    def counted() -> Any:
+        # Everything but the round trips, which a peek makes like any read.
+        return dataclasses.replace(cache.stats(), round_trips=before.round_trips)
+
     async with asyncio.timeout(WAIT):
         assert await f.acache_peek("k") == "primed"
         assert await f.acache_peek("nothing") is MISSING
-        assert cache.stats() == before
+        assert counted() == before
         assert await cache.peek(CallKey("src", ("k",))) == "primed"
-    assert cache.stats() == before
+    assert counted() == before
+    assert cache.stats().round_trips == before.round_trips + 3
     assert f.cache_info() == (0, 0, 0, None, None, 0, 0, 0, 0, 0)
 
 

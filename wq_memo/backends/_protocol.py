@@ -9,6 +9,7 @@ from typing import Any, Final, NamedTuple, Protocol, TypeVar, runtime_checkable
 __all__ = (
     "MISSING",
     "AsyncCache",
+    "BatchFlightCache",
     "CallKey",
     "Lifetime",
     "Missing",
@@ -128,4 +129,15 @@ class RefreshingCache(SingleFlightCache, Protocol):
         another process holds the key's computation. Exceptions from compute() propagate and
         nothing is stored.
         """
+        ...
+
+
+@runtime_checkable
+class BatchFlightCache(SingleFlightCache, Protocol):
+    """A SingleFlightCache that also runs its single flight for many keys at once (RedisCache):
+    what @worker_queue.batch needs of an async cache."""
+
+    def batch_flight(self) -> Any:
+        """The multi-key single-flight operations @worker_queue.batch drives (one round trip
+        for the claims of a batch's keys, one for their stores)."""
         ...

@@ -234,6 +234,7 @@ class Connector:
         try:
             if not urgent and self.down:  # opened while this call waited for a lane
                 raise Unavailable(what)
+            self._counts.round_trips += 1
             try:
                 async with asyncio.timeout(self.timeout):
                     result = await op(link)

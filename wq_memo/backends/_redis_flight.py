@@ -60,7 +60,7 @@ from ._redis_pubsub import News, Subscriber, Subscriptions, Watch, hear
 from ._redis_stats import Counters
 from ._redis_values import Entries
 
-__all__ = ("MAX_EXPIRY", "SingleFlight")
+__all__ = ("MAX_EXPIRY", "Alone", "Held", "Hit", "Lease", "Outcome", "SingleFlight", "Taken")
 
 V = TypeVar("V")
 
@@ -287,7 +287,7 @@ class Scripts:
         self.cleared = client.register_script(_CLEARED)
 
 
-class _Lease:
+class Lease:
     """When this holder's lease ends as far as it knows, whether it was found lost, and
     whether the computation has ended (its renewals stop)."""
 
@@ -299,8 +299,8 @@ class _Lease:
         self.ended = False
 
 
-class _Alone(NamedTuple):
-    """Compute without the lock (and count why)."""
+class Alone(NamedTuple):
+    """Compute without the lock, storing nothing (and count why: ``counted``)."""
 
     reason: Reason
 
@@ -366,6 +366,27 @@ class SingleFlight:
         self._throttle = Throttle()
         self._scripts: Scripts | None = None
 
+    @property
+    def conn(self) -> Connector:
+        return self._conn
+
+    @property
+    def counts(self) -> Counters:
+        return self._counts
+
+    @property
+    def lease(self) -> float:
+        """Seconds a lock lives without renewal."""
+        return self._lease
+
+    @property
+    def lease_ms(self) -> int:
+        return self._lease_ms
+
+    def lost(self, names: KeyNames, lease: Lease, when: str) -> None:
+        """This holder's lock on the key was found gone ``when``: counted and logged."""
+        self._lost(names, lease, when)
+
     def scripts(self, link: Link) -> Scripts:
         """The scripts registered on link's client (registered on first use)."""
         scripts = self._scripts
@@ -385,7 +406,7 @@ class SingleFlight:
         its expiry does not: the key is computed through its lock as if missing)."""
         token = secrets.token_hex(16).encode()
         try:
-            claimed = await self._claim(names, token, True, usable)
+            claimed = await self.claim(names, token, True, usable)
         except Unavailable:
             return await self._alone(compute, "fallbacks")
         if isinstance(claimed, Hit):
@@ -407,7 +428,7 @@ class SingleFlight:
         """Compute and store the key if its lock is free; never wait for another holder."""
         token = secrets.token_hex(16).encode()
         try:
-            claimed = await self._claim(names, token, False)
+            claimed = await self.claim(names, token, False)
         except Unavailable:
             return False, MISSING
         if not isinstance(claimed, Taken):
@@ -514,7 +535,7 @@ class SingleFlight:
 
     # -- looking and claiming ----------------------------------------------------------------
 
-    async def _claim(
+    async def claim(
         self,
         names: KeyNames,
         token: bytes,
@@ -526,11 +547,9 @@ class SingleFlight:
         An entry that is refused, or that is not ``usable``, is computed over.
         """
         loop = asyncio.get_running_loop()
-        keys = [names.value, names.lock, names.marker, self._epoch]
-        limit = self._entries.max_bytes
-        exclusive = b"1" if self._exclusive else b"0"
+        keys = self.claim_keys(names)
         while True:
-            args = [token, self._lease_ms, limit, b"1" if look else b"0", exclusive]
+            args = self.claim_args(token, look)
             sent = loop.time()
             reply = await self._conn.call(
                 "lock",
@@ -538,44 +557,74 @@ class SingleFlight:
                 name=names.value,
             )
             try:
-                kind = Claimed(int(reply[0]))
-                if kind is Claimed.HIT:
-                    data = reply[1]
-                    if not isinstance(data, bytes):
-                        raise TypeError(data)
-                    value = self._entries.decode(names.value, data)
-                    if value is MISSING or (usable is not None and not usable(value)):
-                        look = False  # a refused entry: compute over it, through the lock
-                        continue
-                    return Hit(value)
-                if kind is Claimed.TAKEN:
-                    if int(reply[1]):
-                        self._entries.refused(
-                            names.lock, "a lock without expiry (or not a string) was replaced"
-                        )
-                    epoch = reply[2]
-                    if not isinstance(epoch, bytes):
-                        raise TypeError(epoch)
-                    return Taken(sent, epoch)
-                if kind is Claimed.HELD:
-                    return Held(int(reply[1]), bool(int(reply[2])))
-                if kind is Claimed.TOO_BIG:
-                    self._entries.too_big(names.value, int(reply[1]))
-                else:
-                    self._entries.refused(names.value, "it is not a string")
-                look = False
+                claimed = self.claimed(names, reply, sent, usable)
             except (TypeError, ValueError, IndexError, KeyError) as exc:
                 self._conn.failed("lock", names.value, ValueError(f"unexpected reply {reply!r}"))
                 raise Unavailable("lock") from exc
+            if claimed is not None:
+                return claimed
+            look = False  # a refused entry: compute over it, through the lock
+
+    def claim_args(self, token: bytes, look: bool) -> list[bytes | int]:
+        """CLAIM's arguments after the keys (see the script)."""
+        exclusive = b"1" if self._exclusive else b"0"
+        limit = self._entries.max_bytes
+        return [token, self._lease_ms, limit, b"1" if look else b"0", exclusive]
+
+    def claim_keys(self, names: KeyNames) -> list[bytes]:
+        """CLAIM's and FINISH's keys."""
+        return [names.value, names.lock, names.marker, self._epoch]
+
+    def claimed(
+        self,
+        names: KeyNames,
+        reply: Any,
+        sent: float,
+        usable: Callable[[Any], bool] | None = None,
+    ) -> Hit | Taken | Held | None:
+        """What CLAIM's reply says (``sent``: when it was sent, loop time); None: the entry
+        found was refused (logged and counted), or is not ``usable``: claim again without
+        looking at it (it is computed over, through the lock).
+
+        Raises TypeError, ValueError, IndexError or KeyError on a reply of another shape."""
+        kind = Claimed(int(reply[0]))
+        if kind is Claimed.HIT:
+            data = reply[1]
+            if not isinstance(data, bytes):
+                raise TypeError(data)
+            value = self._entries.decode(names.value, data)
+            if value is MISSING or (usable is not None and not usable(value)):
+                return None
+            return Hit(value)
+        if kind is Claimed.TAKEN:
+            if int(reply[1]):
+                self._entries.refused(
+                    names.lock, "a lock without expiry (or not a string) was replaced"
+                )
+            epoch = reply[2]
+            if not isinstance(epoch, bytes):
+                raise TypeError(epoch)
+            return Taken(sent, epoch)
+        if kind is Claimed.HELD:
+            return Held(int(reply[1]), bool(int(reply[2])))
+        if kind is Claimed.TOO_BIG:
+            self._entries.too_big(names.value, int(reply[1]))
+        else:
+            self._entries.refused(names.value, "it is not a string")
+        return None
 
     async def _alone(self, compute: Callable[[], Awaitable[V]], reason: Reason) -> V:
         """Compute without the lock; the value is not stored."""
-        if reason == "fallbacks":
-            self._counts.fallbacks += 1
-        elif reason == "wait_timeouts":
-            self._counts.wait_timeouts += 1
-        self._counts.computed += 1
+        self.computes_alone(reason)
         return await compute()
+
+    def computes_alone(self, reason: Reason, keys: int = 1) -> None:
+        """Count keys computed without the lock, and why."""
+        if reason == "fallbacks":
+            self._counts.fallbacks += keys
+        elif reason == "wait_timeouts":
+            self._counts.wait_timeouts += keys
+        self._counts.computed += keys
 
     # -- holding -----------------------------------------------------------------------------
 
@@ -597,7 +646,7 @@ class SingleFlight:
         self._counts.computed += 1
         loop = asyncio.get_running_loop()
         epoch = taken.epoch
-        lease = _Lease(taken.sent + self._lease)
+        lease = Lease(taken.sent + self._lease)
         # A timer (cheaper than a task) starts the renewing task only for computations that
         # last a third of the lease.
         renewer: asyncio.Task[None] | None = None
@@ -630,6 +679,16 @@ class SingleFlight:
             await self._finish(names, token, epoch, Outcome.NOTHING, b"", news.value, lease)
             raise
         await stop_renewing()
+        outcome, data, announce, ttl = self.ending(names, function, value, lifetime)
+        await self._finish(names, token, epoch, outcome, data, announce, lease, ttl)
+        return value
+
+    def ending(
+        self, names: KeyNames, function: str, value: Any, lifetime: Lifetime | None
+    ) -> tuple[Outcome, bytes, bytes, float | None]:
+        """How FINISH ends a computation of the key that gave value: (outcome, the entry,
+        the announcement, its ttl). A value not to be stored (``lifetime``) or that cannot be
+        stored is handed to the waiters as uncacheable (they compute it themselves)."""
         ttl = self._ttl
         if lifetime is not None:
             try:
@@ -638,24 +697,19 @@ class SingleFlight:
                 logger.exception("RedisCache %s: lifetime(result) failed", self._label)
                 keep, seconds = False, None
             if not keep:
-                skipped = News.UNCACHEABLE.value
-                await self._finish(names, token, epoch, Outcome.NOTHING, b"", skipped, lease)
-                return value
+                return Outcome.NOTHING, b"", News.UNCACHEABLE.value, ttl
             if seconds is not None:
                 # Past what Redis keeps (inf included): kept until Redis evicts it.
                 ttl = seconds if seconds <= MAX_EXPIRY else None
         data = self._entries.encode(names.value, function, value, ttl)
         if isinstance(data, bytes):
-            announce = _announce_stored(data)
-            await self._finish(names, token, epoch, Outcome.STORE, data, announce, lease, ttl)
-        else:
-            # Not stored: the waiters compute it themselves, at once and side by side. A value
-            # of a type that cannot be stored marks the function, so that nobody waits next time.
-            outcome = Outcome.UNCACHEABLE if data == "unencodable" else Outcome.NOTHING
-            await self._finish(names, token, epoch, outcome, b"", News.UNCACHEABLE.value, lease)
-        return value
+            return Outcome.STORE, data, _announce_stored(data), ttl
+        # Not stored: the waiters compute it themselves, at once and side by side. A value of a
+        # type that cannot be stored marks the function, so that nobody waits next time.
+        outcome = Outcome.UNCACHEABLE if data == "unencodable" else Outcome.NOTHING
+        return outcome, b"", News.UNCACHEABLE.value, ttl
 
-    async def _renew(self, names: KeyNames, token: bytes, lease: _Lease) -> None:
+    async def _renew(self, names: KeyNames, token: bytes, lease: Lease) -> None:
         loop = asyncio.get_running_loop()
         # The flag is checked after every await: redis-py may swallow the cancellation that
         # stops this loop, which would then renew the lease of a finished computation forever.
@@ -681,7 +735,7 @@ class SingleFlight:
                 lease.expires = sent + self._lease
             await asyncio.sleep(self._lease / 3)
 
-    def _lost(self, names: KeyNames, lease: _Lease, when: str) -> None:
+    def _lost(self, names: KeyNames, lease: Lease, when: str) -> None:
         if not self._exclusive:
             return  # without single flight, the last computation to start is the one stored
         if not lease.lost:
@@ -705,7 +759,7 @@ class SingleFlight:
         outcome: Outcome,
         data: bytes,
         announce: bytes,
-        lease: _Lease,
+        lease: Lease,
         ttl: float | Missing | None = MISSING,
     ) -> None:
         """Store (per outcome) for ttl seconds (None: no expiry; default: the cache's ttl),
@@ -716,25 +770,39 @@ class SingleFlight:
         they ignore the breaker. An attempt that timed out may still run in Redis later; the
         script tells such a repeat from a lost lock.
         """
+        args = self.finish_args(names, token, epoch, outcome, data, announce, ttl)
+        if await self._finish_once(names, args, b"0", lease) or announce == News.LOOK_AGAIN:
+            return  # done, or a cancelled computation: its lock simply runs out
+        self.finish_later(names, args, lease)
+
+    def finish_args(
+        self,
+        names: KeyNames,
+        token: bytes,
+        epoch: bytes,
+        outcome: Outcome,
+        data: bytes,
+        announce: bytes,
+        ttl: float | Missing | None = MISSING,
+    ) -> list[bytes | int]:
+        """FINISH's arguments after the keys, but the last (whether it is a repeat)."""
         if ttl is MISSING:
             ttl = self._ttl
         px = 0 if ttl is None else max(1, round(ttl * 1000))
-        args: list[bytes | int] = [
-            token,
-            outcome.value,
-            data,
-            px,
-            names.channel,
-            announce,
-            _MARKER_MS,
-            epoch,
-        ]
-        if await self._finish_once(names, args, b"0", lease) or announce == News.LOOK_AGAIN:
-            return  # done, or a cancelled computation: its lock simply runs out
+        return [token, outcome.value, data, px, names.channel, announce, _MARKER_MS, epoch]
+
+    def finish_later(self, names: KeyNames, args: list[bytes | int], lease: Lease) -> None:
+        """A FINISH that did not land: retried in the background until it lands or the lease
+        ends, whatever the breaker says."""
         self._conn.spawn(self._finish_later(names, args, lease))
 
+    def finished(self, names: KeyNames, args: list[bytes | int], result: Any, lease: Lease) -> None:
+        """FINISH's reply to a store: a lost lock is counted and logged."""
+        if args[1] == Outcome.STORE.value and result == Finished.LOST:
+            self._lost(names, lease, "storing its result")
+
     async def _finish_once(
-        self, names: KeyNames, args: list[bytes | int], again: bytes, lease: _Lease
+        self, names: KeyNames, args: list[bytes | int], again: bytes, lease: Lease
     ) -> bool:
         """One attempt of FINISH; return whether it landed (lost lock included)."""
         keys = [names.value, names.lock, names.marker, self._epoch]
@@ -748,11 +816,11 @@ class SingleFlight:
             )
         except Unavailable:
             return False
-        if storing and result == Finished.LOST:
-            self._lost(names, lease, "storing its result")
+        if storing:
+            self.finished(names, args, result, lease)
         return True
 
-    async def _finish_later(self, names: KeyNames, args: list[bytes | int], lease: _Lease) -> None:
+    async def _finish_later(self, names: KeyNames, args: list[bytes | int], lease: Lease) -> None:
         loop = asyncio.get_running_loop()
         delay = 0.02
         while loop.time() + delay < lease.expires:
@@ -780,6 +848,18 @@ class SingleFlight:
         usable: Callable[[Any], bool] | None = None,
     ) -> V:
         """Wait for the holder's announcement; then take the value, or compute it."""
+        turn = await self.wait_turn(names, token, usable)
+        if isinstance(turn, Hit):
+            return turn.value  # type: ignore[no-any-return]
+        if isinstance(turn, Taken):
+            return await self._hold(names, function, token, compute, turn, lifetime)
+        return await self._alone(compute, turn.reason)
+
+    async def wait_turn(
+        self, names: KeyNames, token: bytes, usable: Callable[[Any], bool] | None = None
+    ) -> Hit | Taken | Alone:
+        """Wait for the holder of the key's lock to finish: its value (counted as waited
+        for), the lock taken with token (the holder gave up), or a reason to compute alone."""
         deadline = asyncio.get_running_loop().time() + self._wait
         unconfirmed = 0
         while unconfirmed < _RESUBSCRIBE:
@@ -794,15 +874,13 @@ class SingleFlight:
                 sub.unwatch(watch)
             if isinstance(outcome, Hit):
                 self._counts.waited += 1
-                return outcome.value  # type: ignore[no-any-return]
-            if isinstance(outcome, Taken):
-                return await self._hold(names, function, token, compute, outcome, lifetime)
-            if isinstance(outcome, _Alone):
-                return await self._alone(compute, outcome.reason)
+                return outcome
+            if not isinstance(outcome, _Again):
+                return outcome
             # The subscriber died; watch through a new one. A connection that dropped after it
             # had worked is no reason to stop waiting (the holder computes on).
             unconfirmed = 0 if outcome.confirmed else unconfirmed + 1
-        return await self._alone(compute, "fallbacks")
+        return Alone("fallbacks")
 
     async def _watch(
         self,
@@ -813,27 +891,27 @@ class SingleFlight:
         ready: asyncio.Future[bool],
         deadline: float,
         usable: Callable[[Any], bool] | None = None,
-    ) -> Hit | Taken | _Alone | _Again:
+    ) -> Hit | Taken | Alone | _Again:
         """Wait through one subscriber: for the value, the lock, a reason to compute alone, or
         (_Again) the subscriber's death."""
         loop = asyncio.get_running_loop()
         confirmed = await sub.subscribed(ready, self._conn.timeout)
         if confirmed is None:
             self._subs.timed_out(sub)
-            return _Alone("fallbacks")
+            return Alone("fallbacks")
         if not confirmed:
             return _Again(False)
         # Subscribed first, then looked: an announcement cannot slip in between.
         while True:
             watch.reset()
             try:
-                claimed = await self._claim(names, token, True, usable)
+                claimed = await self.claim(names, token, True, usable)
             except Unavailable:
-                return _Alone("fallbacks")
+                return Alone("fallbacks")
             if not isinstance(claimed, Held):
                 return claimed
             if claimed.marked:
-                return _Alone(None)
+                return Alone(None)
             pttl = claimed.pttl
             remaining = deadline - loop.time()
             if remaining <= 0:
@@ -845,7 +923,7 @@ class SingleFlight:
                     self._wait,
                     names.value.decode("utf-8", "backslashreplace"),
                 )
-                return _Alone("wait_timeouts")
+                return Alone("wait_timeouts")
             # No announcement comes if the holder died: look again when its lease ends.
             nap = remaining if pttl < 0 else min(remaining, pttl / 1000 + 0.01)
             watch.waiting = True
@@ -866,4 +944,4 @@ class SingleFlight:
                 if value is not MISSING and (usable is None or usable(value)):
                     return Hit(value)
             elif heard.news is News.UNCACHEABLE and not heard.entry:
-                return _Alone(None)
+                return Alone(None)

@@ -39,6 +39,9 @@ class RedisCacheStats:
     """Values not stored, or entries not read, because larger than ``max_value_bytes``."""
     refresh_skipped: int = 0
     """Refreshes given up at once because another computation of the key held its lock."""
+    round_trips: int = 0
+    """Operations sent to Redis on the command connections (a command, a script, or a
+    pipeline: each one round trip), retries included; pub/sub and health checks aside."""
 
 
 @dataclass(slots=True)
@@ -57,6 +60,7 @@ class Counters:
     lock_lost: int = 0
     oversized: int = 0
     refresh_skipped: int = 0
+    round_trips: int = 0
 
     def snapshot(self) -> RedisCacheStats:
         """The counters as they are now."""

@@ -22,6 +22,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess witho
 
 from .._policy import Kept, StoredError
 from ._protocol import MISSING, CallKey, Lifetime, Missing
+from ._redis_batch import BatchFlight
 from ._redis_conn import Connector, Link, Unavailable
 from ._redis_flight import MAX_EXPIRY, SingleFlight
 from ._redis_keys import KeyNames, Namespace
@@ -139,6 +140,7 @@ class RedisCache:
     """
 
     __slots__ = (
+        "_batch",
         "_conn",
         "_counts",
         "_entries",
@@ -245,6 +247,7 @@ class RedisCache:
             label=label,
             namespace=self._ns,
         )
+        self._batch = BatchFlight(self._flight, self._ns)
 
     def __repr__(self) -> str:
         return self._repr
@@ -449,6 +452,13 @@ class RedisCache:
     def can_remember(self, args: tuple[Any, ...]) -> bool:
         """Whether a remembered error with these arguments can be stored (as JSON)."""
         return json_args(args)
+
+    def batch_flight(self) -> BatchFlight:
+        """The single flight of many keys at once that ``@worker_queue.batch`` drives: the
+        claims of a batch's keys in one round trip (a value found, a lock taken, or a holder
+        elsewhere to wait for), their leases renewed together, and their fenced stores in one
+        round trip (see ``_redis_batch``)."""
+        return self._batch
 
     # -- refresh-ahead -------------------------------------------------------------------------
 

@@ -5,6 +5,9 @@ what the other process left meanwhile (a remembered error is never refreshed ahe
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
+import signal
 import time
 from collections.abc import Callable
 from typing import Any
@@ -14,9 +17,11 @@ import pytest
 
 pytest.importorskip("redis.asyncio")
 
+from redis_server import RedisServer
 from redis_waits import until
 
 from wq_memo import CachedError, worker_queue
+from wq_memo._policy import Kept
 from wq_memo.backends import CallKey
 from wq_memo.backends._redis_keys import KeyNames, key_names
 from wq_memo.backends._redis_values import ValueCodec
@@ -82,3 +87,79 @@ async def test_a_refresh_that_waited_for_a_slot_leaves_an_error_remembered_meanw
         await until(lambda: fa.queue._engine.live == 0, WAIT)  # the refresh ended
         assert await fb.acache_peek("k") == CachedError(TimeoutError, ("slow",))
     assert here.calls == ["busy"]  # the remembered error was not refreshed ahead
+
+
+TIMEOUT = 0.3
+
+
+def _seed_kept(client: Any, names: KeyNames, value: Any, age: float, left: float) -> None:
+    """A Kept value written age seconds ago, fresh ``left`` seconds more, kept 100 s past."""
+    now = time.time()
+    entry = Kept(value, now + left, now + left + 100, None, False)
+    data = ValueCodec(None, lambda: now - age).dumps(names.value, entry)
+    client.set(names.value, data, px=round((left + 100) * 1000))
+
+
+@pytest.mark.parametrize("fault", ["stall", "down"])
+@pytest.mark.parametrize("outcome", ["value", "remembered error"])
+async def test_a_background_refresh_when_redis_fails_is_bounded_and_keeps_nothing(
+    own_redis: RedisServer, caplog: pytest.LogCaptureFixture, fault: str, outcome: str
+) -> None:
+    import redis
+
+    caplog.set_level(logging.INFO, logger="wq_memo")
+    started, hold = asyncio.Event(), asyncio.Event()
+
+    async def src(key: str) -> str:
+        started.set()
+        await hold.wait()
+        if outcome == "remembered error":
+            raise TimeoutError("slow")
+        return "new"
+
+    cache = RedisCache(own_redis.url, namespace="refresh-faults", timeout=TIMEOUT)
+    f = worker_queue(
+        cache=cache,
+        name="src",
+        refresh_after=30,
+        ttl=50,
+        cache_errors={TimeoutError: 60.0},
+        stale_if_error=100,
+    )(src)
+    client = redis.Redis.from_url(own_redis.url, socket_timeout=5)
+    paused = False
+    try:
+        _seed_kept(client, _names(cache, "k"), "v", age=40, left=10)  # due
+        async with asyncio.timeout(10):
+            assert await f("k") == "v"  # due: refreshed ahead
+            await started.wait()
+        assert own_redis.proc is not None
+        if fault == "stall":
+            os.kill(own_redis.proc.pid, signal.SIGSTOP)
+            paused = True
+        else:
+            own_redis.stop()
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        hold.set()
+        # The refresh ends within the cache's timeouts, its failure logged: a value is
+        # returned unstored (nobody waits for it), an error neither remembered nor counted stale.
+        await until(lambda: f.queue._engine.live == 0, 10 * TIMEOUT + 2)
+        assert loop.time() - began < 10 * TIMEOUT + 1
+        assert any(r.levelno >= logging.WARNING for r in caplog.records)
+        info = f.cache_info()
+        failed = 1 if outcome == "remembered error" else 0
+        assert (info.refreshes, info.refresh_failures, info.stale) == (1, failed, 0)
+        if fault == "stall":
+            os.kill(own_redis.proc.pid, signal.SIGCONT)
+            paused = False
+            async with asyncio.timeout(10):
+                found = await cache.peek_kept(CallKey("src", cachetools.keys.hashkey("k")))
+            assert type(found) is Kept
+            assert found.error is None  # no remembered error over the fresh value
+            assert found.value in ("v", "new")
+    finally:
+        if paused:
+            os.kill(own_redis.proc.pid, signal.SIGCONT)  # type: ignore[union-attr]
+        client.close()
+        await cache.aclose()

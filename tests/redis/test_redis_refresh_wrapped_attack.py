@@ -22,7 +22,7 @@ from redis_waits import until
 
 from wq_memo import CachedError, worker_queue
 from wq_memo._policy import Kept
-from wq_memo.backends import CallKey
+from wq_memo.backends import MISSING, CallKey
 from wq_memo.backends._redis_keys import KeyNames, key_names
 from wq_memo.backends._redis_values import ValueCodec
 from wq_memo.backends.redis import RedisCache
@@ -163,3 +163,66 @@ async def test_a_background_refresh_when_redis_fails_is_bounded_and_keeps_nothin
             os.kill(own_redis.proc.pid, signal.SIGCONT)  # type: ignore[union-attr]
         client.close()
         await cache.aclose()
+
+
+@pytest.mark.parametrize("how", ["invalidate", "clear", "prime"])
+@pytest.mark.parametrize("failure", ["stale", "remembered error"])
+async def test_a_joined_refresh_failing_after_an_invalidation_elsewhere_keeps_nothing(
+    make_redis_cache: Make, sync_redis: Any, failure: str, how: str
+) -> None:
+    # A refresh here is joined by a caller once its entry expired; the other process
+    # invalidates the key; then the refresh fails. Neither the stale value nor the remembered
+    # error is kept, and calls after the invalidation returned compute anew in both processes.
+    started, hold = asyncio.Event(), asyncio.Event()
+    calls: list[str] = []
+
+    async def here(key: str) -> str:
+        calls.append(key)
+        if len(calls) == 1:
+            started.set()
+            await hold.wait()
+            raise TimeoutError("slow")
+        return f"{key}#{len(calls)}"
+
+    a, b = make_redis_cache(ttl=200), make_redis_cache(ttl=200)
+    options: dict[str, Any] = {
+        "refresh_after": 30,
+        "ttl": 50,
+        "cache_errors": {TimeoutError: 60.0},
+        "name": "src",
+    }
+    if failure == "stale":
+        options["stale_if_error"] = 100
+    fa = worker_queue(cache=a, **options)(here)
+    fb = worker_queue(cache=b, **options)(Gated())
+    names = _names(a, "k")
+    expires = time.time() + 0.3
+    entry = Kept("v", expires, expires + 100, None, False)
+    data = ValueCodec(None, lambda: expires - 40.3).dumps(names.value, entry)
+    sync_redis.set(names.value, data, px=100_300)
+    async with asyncio.timeout(WAIT):
+        assert await fa("k") == "v"  # due: its refresh computes, held
+        await started.wait()
+        await until(lambda: time.time() > expires + 0.05, WAIT)
+        joined = asyncio.ensure_future(fa("k"))  # expired: joins the refresh
+        await until(lambda: fa.cache_info().joined == 1, WAIT)
+        if how == "invalidate":
+            assert await fb.acache_invalidate("k")
+        elif how == "clear":
+            await fb.acache_clear()
+        else:
+            await fb.acache_prime("primed", "k")
+        hold.set()
+        try:
+            got: Any = await joined
+        except TimeoutError as exc:
+            got = exc
+        assert got == "v" or isinstance(got, TimeoutError)  # it began before the invalidation
+        await until(lambda: fa.queue._engine.live == 0, WAIT)
+        if how == "prime":
+            assert await fb.acache_peek("k") == "primed"
+            assert await fa("k") == "primed"
+        else:
+            assert await fb.acache_peek("k") is MISSING
+            assert await fb("k") == "k#1"
+            assert await fa("k") == "k#1"

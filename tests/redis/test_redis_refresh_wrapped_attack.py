@@ -1,6 +1,9 @@
 """Refresh-ahead with the result policy through RedisCache, attacked across two caches on one
-namespace: a background refresh that waited for a slot looks at the entry again, and finds
-what the other process left meanwhile (a remembered error is never refreshed ahead)."""
+namespace: a background refresh that waited for a slot looks at the entry again and finds what
+the other process left meanwhile (a remembered error is never refreshed ahead); a background
+refresh while Redis stalls or is down ends within the cache's timeouts, logged, with nothing
+remembered over the fresh value; a refresh a caller joined, failing after an invalidation, clear
+or prime in the other process, keeps nothing."""
 
 from __future__ import annotations
 

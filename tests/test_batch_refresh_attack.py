@@ -1,6 +1,6 @@
 """Refresh-ahead in bulk with the per-key result policy, attacked: a batch function's keys
 being a fresh value due, a remembered error and a stale value served, looked up together, and
-an invalidation of one key while their refresh runs."""
+an invalidation or a prime of one key while their refresh runs (the refresh then failing)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,10 @@ def lifetimes(value: str) -> float:
     return 100.0 if value.startswith("1#") else 30.0
 
 
-async def test_only_the_fresh_key_due_is_refreshed_beside_an_error_and_a_stale_value() -> None:
+@pytest.mark.parametrize("how", ["invalidate", "prime"])
+async def test_only_the_fresh_key_due_is_refreshed_beside_an_error_and_a_stale_value(
+    how: str,
+) -> None:
     g, clock = GatedBatch(), Clock()
     load = worker_queue.batch(
         cache={},
@@ -61,11 +64,19 @@ async def test_only_the_fresh_key_due_is_refreshed_beside_an_error_and_a_stale_v
     await settle()
     assert g.calls[3] == [1]
     assert len(g.calls) == 4
-    assert load.cache_invalidate(1)  # while its refresh runs: nothing of it is kept
-    g.release(3)
+    # While its refresh runs: nothing of it is kept.
+    if how == "invalidate":
+        assert load.cache_invalidate(1)
+    else:
+        load.cache_prime("1#p", 1)
+    if how == "prime":  # and the refresh fails: neither stale nor remembered over the prime
+        g.release(3, lambda keys, n: {1: LookupError("late")})
+    else:
+        g.release(3)
     await settle()
-    assert load.cache_peek(1) is MISSING
+    assert load.cache_peek(1) == ("1#p" if how == "prime" else MISSING)
     assert load.cache_peek(2) == CachedError(LookupError, ("gone",))
     assert load.cache_peek(3) == "3#0"
     info = load.cache_info()
-    assert (info.refreshes, info.refresh_failures, info.stale, info.uncached) == (1, 0, 1, 0)
+    failed = 1 if how == "prime" else 0
+    assert (info.refreshes, info.refresh_failures, info.stale, info.uncached) == (1, failed, 1, 0)

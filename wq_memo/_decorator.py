@@ -714,8 +714,11 @@ async def _refresh_across(
     await table.hold(flight)  # a spare slot already, unless a caller joined it in line
     if flight.waited and flight.background and refresher is not None and dating is not None:
         value = await dating(k)
-        if value is not MISSING and not refresher.entry_due(k):
-            return value  # type: ignore[no-any-return]
+        if type(value) is Raised or (value is not MISSING and not refresher.entry_due(k)):
+            # Refreshed meanwhile, or (another process's miss having failed after the entry
+            # expired) a remembered error, which is never refreshed ahead: raised to a caller
+            # who joined, nothing computed.
+            return value  # type: ignore[return-value]
     refreshed, value = await store.fenced_refresh(k, compute, flight)
     if refreshed:
         return value  # type: ignore[return-value]

@@ -147,7 +147,9 @@ async def test_a_failing_refresh_leaves_a_fresh_value_not_a_remembered_error(
     source = Source()
     a, b = make_redis_cache(ttl=100), make_redis_cache(ttl=100)
     fa = _memoized(a, source, cache_errors={TimeoutError: 5.0}, refresh_backoff=1000)
-    fb = _memoized(b, Source(), cache_errors={TimeoutError: 5.0})
+    # Not due in the other process (refresh_after 45): it reads the entry and refreshes
+    # nothing, neither racing the peek below nor running past the test.
+    fb = _memoized(b, Source(), cache_errors={TimeoutError: 5.0}, refresh_after=45)
     names = _names(a, "k")
     data = ValueCodec(None, lambda: time.time() - 40).dumps(names.value, "v")
     sync_redis.set(names.value, data, px=10_000)  # a plain value (no stale window), due
@@ -159,6 +161,7 @@ async def test_a_failing_refresh_leaves_a_fresh_value_not_a_remembered_error(
         assert await fb("k") == "v"
         assert await fb.acache_peek("k") == "v"
     assert source.calls == 1
+    assert fb.cache_info().refreshes == 0
 
 
 async def test_a_remembered_error_is_raised_in_both_and_never_refreshed_ahead(

@@ -151,7 +151,9 @@ async def test_collections_while_the_loop_stores_and_expires_fail_nothing(
         if r.name.startswith("wq_memo") or "Callback failed" in r.getMessage()
     ]
     assert failures == []
-    assert len(exporter.exports) >= 10, f"the reader collected {len(exporter.exports)} times"
+    # A few collections are enough for the race to have run; a starved reader thread (a loaded
+    # machine) may manage no more than that within WAIT seconds.
+    assert len(exporter.exports) >= 3, f"the reader collected {len(exporter.exports)} times"
     info = f.cache_info()
     assert info.hits + info.misses == calls
 

@@ -106,6 +106,7 @@ __all__ = (
     "batch_decorator",
     "batches_now",
     "check",
+    "holdings_now",
 )
 
 K = TypeVar("K", bound=Hashable)
@@ -867,6 +868,22 @@ def batches_now(batched: object) -> tuple[int, int, int]:
         return (0, 0, 0)
     waiting = len(line.slots.line) + len(line.slots.refresh_line)
     return (int(line.gathered is not None), waiting, len(line.running))
+
+
+def holdings_now(batched: object) -> set[tuple[bytes, bytes]]:
+    """The Redis locks the running batches of a batch function hold, as (lock name, token)
+    (for tests)."""
+    batcher: _Batcher[Any, Any] = batched._batcher  # type: ignore[attr-defined]
+    line = batcher._line
+    if line is None:
+        return set()
+    held: set[tuple[bytes, bytes]] = set()
+    for batch in line.running:
+        for entry in batch.entries.values():
+            claim: Any = entry.claim
+            if _holds(claim):
+                held.add((claim.names.lock, claim.token))
+    return held
 
 
 def check(batched: object) -> None:

@@ -6,7 +6,13 @@ batch function waits on its gate until a rule answers it, per key, with a value,
 exception as the value) or no value at all, or makes the whole call raise. Other rules
 invalidate, prime or clear through either process, end the lease of a key a batch is computing
 (its lock is gone), or cancel callers. The machine owns its event loop and runs it after each
-rule until every caller is either in a batch under way or waiting for the other process.
+rule until the fleet is still: no batch waits to start, every batch running in either process is
+a call of its batch function waiting for its answer (its claims and its stores answered), and
+every caller is in one or waits for a key whose lock in Redis a running batch of the other
+process holds. That state does not depend on timing, and no rule's draws or preconditions
+depend on which process won a race for a key (a rule with nothing to act on does nothing), so
+runs replay the same under any load. The lease and the wait are long enough never to end on
+their own.
 
 Per key, a *generation* ends with an invalidation, a prime, a clear, a lease that ends, or a
 computation that fails. Checked after every step:
@@ -24,7 +30,6 @@ computation that fails. Checked after every step:
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -36,7 +41,6 @@ from hypothesis.stateful import (
     RuleBasedStateMachine,
     initialize,
     invariant,
-    precondition,
     rule,
     run_state_machine_as_test,
 )
@@ -46,7 +50,7 @@ pytest.importorskip("redis.asyncio")
 from redis_names import delete_namespace
 
 from wq_memo import worker_queue
-from wq_memo._batch import batches_now
+from wq_memo._batch import batches_now, holdings_now
 from wq_memo._batch import check as check_batches
 from wq_memo.backends import CallKey
 from wq_memo.backends._redis_keys import KeyNames, key_names
@@ -131,7 +135,7 @@ class RedisBatchMachine(RuleBasedStateMachine):
         self.loop = asyncio.new_event_loop()
         self.namespace = f"wq_memo_test_batch_machine_{uuid.uuid4().hex[:12]}"
         self.caches = [
-            RedisCache(self.url, namespace=self.namespace, secret=SECRET, lease=5, wait=30)
+            RedisCache(self.url, namespace=self.namespace, secret=SECRET, lease=600, wait=3600)
             for _ in PROCESSES
         ]
         self.codec = ValueCodec(SECRET)
@@ -192,42 +196,53 @@ class RedisBatchMachine(RuleBasedStateMachine):
     # -- running the loop --------------------------------------------------------------------------
 
     def waiting(self, process: int, key: str) -> bool:
+        """Whether a computation of key in process waits for news of it (none received)."""
         sub = self.caches[process]._subscriptions.current
         if sub is None or sub.dead:
             return False
         ch = sub._channels.get(self.names(key).channel)
-        return ch is not None and any(w.waiting for w in ch.watches)
+        return ch is not None and any(w.waiting and not w.event.is_set() for w in ch.watches)
 
-    def settled(self) -> bool:
-        for load in self.loads:
-            gathered, waiting, _ = batches_now(load)
+    async def settled(self) -> bool:
+        holdings = []
+        for process, load in enumerate(self.loads):
+            gathered, waiting, running = batches_now(load)
             if gathered or waiting:
                 return False  # a batch has yet to start
+            calls = sum(1 for c in self.calls if c.process == process and not c.gate.is_set())
+            if running != calls:
+                return False  # a batch claims, or stores and unlocks, or ends
+            holdings.append(holdings_now(load))
         computing = {
             (c.process, comp.key) for c in self.calls if not c.gate.is_set() for comp in c.comps
         }
+        client = self.caches[0]._conn.link().client
         for caller in self.callers:
             if caller.task.done():
                 continue
-            where = (caller.process, caller.key)
-            if where not in computing and not self.waiting(*where):
+            process, key = where = (caller.process, caller.key)
+            if where in computing:
+                continue
+            if not self.waiting(*where):
                 return False
+            lock = self.names(key).lock
+            if (lock, await client.get(lock)) not in holdings[1 - process]:
+                return False  # the holder is done: the waiter is about to hear of it
         return True
 
     def settle(self) -> None:
-        """Run the loop until every batch running waits for its answer, every caller is in one
-        or waits for the other process, and nothing moved for 50 ms."""
-        deadline = time.monotonic() + 15
-        quiet: float | None = None
-        while True:
-            self.loop.run_until_complete(asyncio.sleep(0.002))
-            if not self.settled():
-                quiet = None
-            elif quiet is None:
-                quiet = time.monotonic()
-            elif time.monotonic() - quiet >= 0.05:
-                break
-            assert time.monotonic() < deadline, "the callers never settled"
+        """Run the loop until the fleet is still (see the module docstring)."""
+
+        async def still() -> None:
+            async with asyncio.timeout(20):
+                # Polled: the state spans two processes' batches, pub/sub and Redis itself.
+                while not await self.settled():  # noqa: ASYNC110
+                    await asyncio.sleep(0.001)
+
+        try:
+            self.loop.run_until_complete(still())
+        except TimeoutError:
+            raise AssertionError("the callers never settled") from None
         for caller in self.callers:
             if caller.task.done() and not caller.checked:
                 caller.checked = True
@@ -285,7 +300,6 @@ class RedisBatchMachine(RuleBasedStateMachine):
     def running(self) -> list[Call]:
         return [c for c in self.calls if not c.gate.is_set()]
 
-    @precondition(lambda self: self.running())
     @rule(
         pick=st.integers(0, 9),
         plans=st.lists(st.sampled_from(PLANS), min_size=3, max_size=3),
@@ -294,7 +308,10 @@ class RedisBatchMachine(RuleBasedStateMachine):
     def answer(self, pick: int, plans: list[str], whole: bool) -> None:
         """A call of a batch function ends: per key a value, a failure or nothing; or it
         raises."""
-        call = self.running()[pick % len(self.running())]
+        running = self.running()
+        if not running:
+            return
+        call = running[pick % len(running)]
         call.whole = whole and pick % 3 == 0
         for comp, plan in zip(call.comps, plans, strict=False):
             comp.outcome = "fail" if call.whole else plan
@@ -336,12 +353,14 @@ class RedisBatchMachine(RuleBasedStateMachine):
             if comp.generation == self.generation[comp.key]
         ]
 
-    @precondition(lambda self: self.holding())
     @rule(pick=st.integers(0, 9))
     def lease_ends(self, pick: int) -> None:
         """The lease of a key a batch computes runs out (the batch stalled): Redis drops its
         lock. Waiters would notice when the lease ends; here they are told at once."""
-        comp = self.holding()[pick % len(self.holding())]
+        holding = self.holding()
+        if not holding:
+            return
+        comp = holding[pick % len(holding)]
         names = self.names(comp.key)
         self.end_generation(comp.key)
 
@@ -353,22 +372,25 @@ class RedisBatchMachine(RuleBasedStateMachine):
         self.loop.run_until_complete(expire())
         self.settle()
 
-    @precondition(lambda self: self.holding())
     @rule(pick=st.integers(0, 9), keys=st.lists(st.sampled_from(KEYS), max_size=2))
     def load_held_elsewhere(self, pick: int, keys: list[str]) -> None:
         """Callers in one process load a key a batch of the other computes (with others)."""
-        comp = self.holding()[pick % len(self.holding())]
+        holding = self.holding()
+        if not holding:
+            return
+        comp = holding[pick % len(holding)]
         process = 1 - comp.process
         for key in [comp.key, *keys]:
             task = self.loop.create_task(self.loads[process](key))
             self.callers.append(Caller(len(self.callers), key, process, task))
         self.settle()
 
-    @precondition(lambda self: any(not c.task.done() for c in self.callers))
     @rule(pick=st.integers(0, 9))
     def cancel(self, pick: int) -> None:
         """A caller leaves."""
         pending = [c for c in self.callers if not c.task.done()]
+        if not pending:
+            return
         pending[pick % len(pending)].task.cancel()
         self.settle()
 

@@ -128,11 +128,12 @@ async def test_collections_while_the_loop_stores_and_expires_fail_nothing(
             # Entries expire all the time, so that a collection reading the cache's size would
             # delete them from under the loop's stores. The race runs for 200 collections, or
             # for WAIT seconds if the reader's thread collects more slowly than that (a loaded
-            # machine, a large heap left by earlier tests): a length of run, not a deadline.
+            # machine, a large heap left by earlier tests), and until one collection at least:
+            # a length of run, not a deadline.
             loop = asyncio.get_running_loop()
             until = loop.time() + WAIT
             async with asyncio.timeout(WAIT * 4):  # a call that hangs fails the test
-                while len(exporter.exports) < 200 and loop.time() < until:
+                while (len(exporter.exports) < 200 and loop.time() < until) or not exporter.exports:
                     for i in range(200):
                         assert await f(i) == i
                         clock.now += 0.01
@@ -151,9 +152,10 @@ async def test_collections_while_the_loop_stores_and_expires_fail_nothing(
         if r.name.startswith("wq_memo") or "Callback failed" in r.getMessage()
     ]
     assert failures == []
-    # A few collections are enough for the race to have run; a starved reader thread (a loaded
-    # machine) may manage no more than that within WAIT seconds.
-    assert len(exporter.exports) >= 3, f"the reader collected {len(exporter.exports)} times"
+    # The race ran while the reader collected at least once (the loop goes on until it has, or
+    # the timeout fails the test); its thread, starved of the GIL by the busy loop, managed a
+    # single collection in WAIT seconds in one CI run, and 4 on a loaded machine.
+    assert exporter.exports, "the reader never collected"
     info = f.cache_info()
     assert info.hits + info.misses == calls
 

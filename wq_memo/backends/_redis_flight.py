@@ -383,10 +383,6 @@ class SingleFlight:
     def lease_ms(self) -> int:
         return self._lease_ms
 
-    def lost(self, names: KeyNames, lease: Lease, when: str) -> None:
-        """This holder's lock on the key was found gone ``when``: counted and logged."""
-        self._lost(names, lease, when)
-
     def scripts(self, link: Link) -> Scripts:
         """The scripts registered on link's client (registered on first use)."""
         scripts = self._scripts
@@ -730,12 +726,12 @@ class SingleFlight:
                 if lease.ended:
                     return
                 if not int(held):
-                    self._lost(names, lease, "renewing its lease")
+                    self.lost(names, lease, "renewing its lease")
                     return
                 lease.expires = sent + self._lease
             await asyncio.sleep(self._lease / 3)
 
-    def _lost(self, names: KeyNames, lease: Lease, when: str) -> None:
+    def lost(self, names: KeyNames, lease: Lease, when: str) -> None:
         if not self._exclusive:
             return  # without single flight, the last computation to start is the one stored
         if not lease.lost:
@@ -799,7 +795,7 @@ class SingleFlight:
     def finished(self, names: KeyNames, args: list[bytes | int], result: Any, lease: Lease) -> None:
         """FINISH's reply to a store: a lost lock is counted and logged."""
         if args[1] == Outcome.STORE.value and result == Finished.LOST:
-            self._lost(names, lease, "storing its result")
+            self.lost(names, lease, "storing its result")
 
     async def _finish_once(
         self, names: KeyNames, args: list[bytes | int], again: bytes, lease: Lease
